@@ -1,0 +1,175 @@
+"""The one interface every analyzer implements: ``analyze(image) -> AnalysisResult``.
+
+An analyzer travels with its preprocessing, label names, which labels are
+malignant, calibration and report wording (all in its model folder's
+``config.json``), like a timm model travels with its pretrained config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..ml.imageio import ImageLoadError, LoadedImage, load_image
+
+STATUS_OK = "ok"
+STATUS_UNCERTAIN = "uncertain"
+STATUS_OOD = "out_of_domain"
+STATUS_ERROR = "error"
+STATUSES = (STATUS_OK, STATUS_UNCERTAIN, STATUS_OOD, STATUS_ERROR)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    version: str
+    sha256: str  # combined digest of the model files that produced the result
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass
+class AnalysisResult:
+    analyzer_id: str
+    status: str
+    model: ModelInfo | None = None
+    label: str | None = None
+    label_display: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    confidence: float | None = None
+    malignant: bool | None = None
+    malignant_probability: float | None = None
+    cells: list[dict] = field(default_factory=list)
+    mask: np.ndarray | None = None  # instance labels (H, W) int32 at the input image size
+    heatmap: np.ndarray | None = None  # Grad-CAM (H, W) float32 in [0, 1] at the input image size
+    ood_score: float | None = None
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+    image_size: tuple[int, int] | None = None  # (width, height)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cell_count(self) -> int:
+        return len(self.cells)
+
+    def to_dict(self, include_arrays: bool = False) -> dict[str, Any]:
+        d = {
+            "analyzer": self.analyzer_id,
+            "status": self.status,
+            "label": self.label,
+            "label_display": self.label_display,
+            "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
+            "confidence": None if self.confidence is None else round(float(self.confidence), 6),
+            "malignant": self.malignant,
+            "malignant_probability": None if self.malignant_probability is None else round(float(self.malignant_probability), 6),
+            "cell_count": self.cell_count,
+            "cells": self.cells,
+            "ood_score": None if self.ood_score is None else round(float(self.ood_score), 4),
+            "messages": list(self.messages),
+            "error": self.error,
+            "image_size": list(self.image_size) if self.image_size else None,
+            "model": self.model.to_dict() if self.model else None,
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+        }
+        if include_arrays:
+            d["mask"] = self.mask
+            d["heatmap"] = self.heatmap
+        return d
+
+    @classmethod
+    def failed(cls, analyzer_id: str, message: str, model: ModelInfo | None = None) -> "AnalysisResult":
+        return cls(analyzer_id=analyzer_id, status=STATUS_ERROR, error=message, model=model, messages=[message])
+
+
+class Analyzer:
+    """Base class. Subclasses implement :meth:`_analyze_rgb`."""
+
+    id: str = ""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        cfg_path = self.model_dir / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"analyzer {self.id}: no config.json in {self.model_dir}")
+        self.config: dict = json.loads(cfg_path.read_text())
+        self.name: str = self.config["name"]
+        self.version: str = self.config["version"]
+        self.modality: str = self.config["modality"]
+        self.labels: list[str] = list(self.config["labels"])
+        self.display_names: dict[str, str] = dict(self.config.get("display_names", {}))
+        self.malignant_labels: set[str] = set(self.config.get("malignant_labels", []))
+        self.report_wording: dict = dict(self.config.get("report_wording", {}))
+        self.model_info = ModelInfo(self.id, self.version, self._digest())
+
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self.config.get("files", [])) + ["config.json"]:
+            p = self.model_dir / name
+            h.update(name.encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"id": self.id, "name": self.name, "version": self.version, "modality": self.modality,
+                "labels": self.labels, "display_names": self.display_names,
+                "malignant_labels": sorted(self.malignant_labels), "sha256": self.model_info.sha256}
+
+    def analyze(self, image) -> AnalysisResult:
+        """``image``: path, bytes, file object, RGB uint8 array or LoadedImage. Never raises on bad input."""
+        try:
+            if isinstance(image, LoadedImage):
+                rgb = image.rgb
+            elif isinstance(image, np.ndarray):
+                rgb = _array_to_rgb(image)
+            else:
+                rgb = load_image(image).rgb
+        except ImageLoadError as exc:
+            return AnalysisResult.failed(self.id, str(exc), self.model_info)
+        return self._analyze_rgb(rgb)
+
+    def _analyze_rgb(self, rgb: np.ndarray) -> AnalysisResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ImageLoadError(f"Expected an (H, W, 3) image array, got shape {arr.shape}.")
+    if arr.shape[2] == 4:
+        arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        if a.max() <= 1.0:
+            a = a * 255.0
+        arr = np.clip(a, 0, 255).astype(np.uint8)
+    if min(arr.shape[:2]) < 16:
+        raise ImageLoadError(f"The image is {arr.shape[1]}x{arr.shape[0]} pixels; at least 16x16 is needed.")
+    return np.ascontiguousarray(arr)
+
+
+class SessionPool:
+    """ONNX Runtime sessions loaded once per process; ``run`` is safe from many threads."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path, threads: int = 2):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, {self.input_name: x})))

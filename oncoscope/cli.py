@@ -1,0 +1,207 @@
+"""Command line: ``oncoscope serve|train|evaluate|predict|bench|data|db|users``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_DATA = os.environ.get("ONCOSCOPE_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
+
+
+@click.group()
+@click.version_option(package_name="oncoscope")
+def main() -> None:
+    """Oncoscope: AI decision support for cancer screening in medical images."""
+
+
+# ----------------------------------------------------------------------------- data
+@main.group()
+def data() -> None:
+    """Dataset tooling: audits and split manifests."""
+
+
+@data.command("audit")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--subdir", default=None, help="Sub-folder holding the class folders (e.g. Original).")
+@click.option("--threshold", default=10, show_default=True, help="Near-duplicate perceptual-hash distance (bits).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def data_audit(directory, subdir, threshold, as_json):
+    """Report class counts, sizes, corrupt files, exact and near duplicates."""
+    from .ml.data import audit
+
+    if subdir is None and (Path(directory) / "Original").is_dir():
+        subdir = "Original"
+    rep = audit(directory, subdir, threshold=threshold, progress=sys.stderr.isatty())
+    click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.to_text())
+
+
+@data.command("split")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Manifest JSON to write.")
+@click.option("--subdir", default=None)
+@click.option("--name", default=None, help="Dataset name recorded in the manifest.")
+@click.option("--val", "val_frac", default=0.15, show_default=True)
+@click.option("--test", "test_frac", default=0.15, show_default=True)
+@click.option("--run-length", default=30, show_default=True, help="Contiguous file numbers held out together.")
+@click.option("--threshold", default=10, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_split(directory, out_path, subdir, name, val_frac, test_frac, run_length, threshold, seed):
+    """Write a group- and block-aware train/val/test split manifest."""
+    from .ml.data import make_split, save_manifest
+
+    if subdir is None and (Path(directory) / "Original").is_dir():
+        subdir = "Original"
+    m = make_split(directory, subdir, val_frac=val_frac, test_frac=test_frac, run_length=run_length,
+                   threshold=threshold, seed=seed, dataset_name=name)
+    save_manifest(m, out_path)
+    click.echo(json.dumps(m["counts"]))
+
+
+# ----------------------------------------------------------------------------- train
+@main.command()
+@click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
+@click.option("--data", "data_root", default=None, help="Dataset folder (default: ../shared/datasets/<dataset>).")
+@click.option("--stage", type=click.Choice(["all", "classifier", "calibrate", "segmenter", "export"]), default="all",
+              show_default=True)
+@click.option("--work", default="runs", show_default=True, help="Folder for checkpoints and logs.")
+@click.option("--out", default=None, help="Model folder to write (default: the shipped oncoscope/models/<id>).")
+@click.option("--epochs", default=None, type=int)
+@click.option("--seed", default=0, show_default=True)
+def train(analyzer_id, data_root, stage, work, out, epochs, seed):
+    """Train an analyzer's models from scratch and export them to ONNX."""
+    from .ml import pipeline
+
+    pipeline.run_training(analyzer_id, data_root=data_root, stage=stage, work=work, out=out, epochs=epochs, seed=seed,
+                          command=" ".join(["oncoscope", *sys.argv[1:]]))
+
+
+# ----------------------------------------------------------------------------- predict
+def _expand(paths: tuple[str, ...]):
+    """Yield files: directories recursively (image extensions only), files as given."""
+    from .ml.imageio import IMAGE_EXTENSIONS
+
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for f in sorted(path.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    yield str(f)
+        else:
+            yield p
+
+
+def predict_record(analyzer, path: str) -> dict:
+    """One output record of the predict contract; never raises."""
+    try:
+        res = analyzer.analyze(path)
+        d = res.to_dict()
+    except Exception as exc:  # noqa: BLE001 - the contract is one line per input, whatever happens
+        d = {"status": "error", "error": f"internal error: {exc.__class__.__name__}: {exc}", "label": None,
+             "probabilities": {}, "cells": [], "cell_count": 0}
+    rec = {"path": path, "label": d.get("label"), "probabilities": d.get("probabilities", {}), "status": d["status"],
+           "cells": d.get("cells", []), "error": d.get("error")}
+    rec.update({k: v for k, v in d.items() if k not in rec})
+    return rec
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input, one per line (JSON Lines).")
+@click.option("--model-dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Use models from this folder instead of the shipped ones.")
+def predict(paths, analyzer_id, as_json, model_dir):
+    """Analyse images (files or directories, recursively) without a database."""
+    from .analyzers import registry
+
+    try:
+        an = registry.get(analyzer_id, Path(model_dir) if model_dir else None)
+    except (KeyError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in _expand(paths):
+        rec = predict_record(an, path)
+        if as_json:
+            click.echo(json.dumps(rec))
+        else:
+            if rec["status"] == "error":
+                click.echo(f"{path}: ERROR {rec['error']}")
+            else:
+                probs = ", ".join(f"{k} {v:.3f}" for k, v in rec["probabilities"].items())
+                click.echo(f"{path}: {rec['label']} [{rec['status']}] {probs}; {rec.get('cell_count', 0)} cells")
+
+
+# ----------------------------------------------------------------------------- evaluate
+@main.command()
+@click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
+@click.option("--data", "data_root", default=None, help="Dataset folder (default: ../shared/datasets/<dataset>).")
+@click.option("--model-dir", default=None, type=click.Path(file_okay=False),
+              help="Model folder to evaluate and write the card into (default: the shipped one).")
+@click.option("--bootstrap", default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the model card JSON.")
+def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
+    """Evaluate on the committed test split; write the model card, metrics and plots."""
+    from .ml.pipeline import DEFAULT_DATASETS, RECIPES, model_dir as default_model_dir
+
+    if analyzer_id not in RECIPES:
+        raise click.ClickException(f"no evaluation recipe for {analyzer_id!r}")
+    root = Path(data_root) if data_root else DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
+    if not root.is_dir():
+        raise click.ClickException(f"dataset not found at {root}; pass --data")
+    from .ml.evaluate import evaluate_smear
+
+    out = Path(model_dir) if model_dir else default_model_dir(analyzer_id)
+    card = evaluate_smear(out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(card, indent=1))
+    else:
+        for t in card["targets"]:
+            click.echo(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']} (goal {t['goal']})")
+        click.echo(f"model card written to {out / 'model_card.md'}")
+
+
+# ----------------------------------------------------------------------------- bench
+@main.command()
+@click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--runs", default=100, show_default=True, help="Timed analyses.")
+@click.option("--baseline-runs", default=5, show_default=True, help="Timed runs of each baseline model.")
+@click.option("--no-baselines", is_flag=True, help="Skip the VGG16/U-Net comparison (needs torch).")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--data", "data_root", default=None)
+def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root):
+    """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net."""
+    from .ml.bench import run_bench
+    from .ml.pipeline import DEFAULT_DATASETS, RECIPES
+
+    root = Path(data_root) if data_root else (DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
+                                              if analyzer_id in RECIPES else None)
+    out = run_bench(analyzer_id, runs=runs, baseline_runs=baseline_runs, data_root=root, threads=threads,
+                    include_baselines=not no_baselines)
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(json.dumps(out, indent=1))
+
+
+# ----------------------------------------------------------------------------- serve
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--threads", default=4, show_default=True, type=int)
+def serve(host, port, threads):
+    """Serve the web application with waitress (a production WSGI server)."""
+    from waitress import serve as waitress_serve
+
+    from .web import create_app
+
+    app = create_app()
+    click.echo(f"oncoscope serving on http://{host}:{port}/")
+    waitress_serve(app, host=host, port=port, threads=threads)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

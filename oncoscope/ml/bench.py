@@ -1,0 +1,132 @@
+"""``oncoscope bench``: latency, memory and compute figures of the shipped analyzer,
+against the approach of typical Keras apps (VGG16 classifier + U-Net at 256 px)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _images(analyzer_id: str, n: int, data_root: Path | None) -> tuple[list[np.ndarray], str]:
+    from .imageio import load_image
+
+    if analyzer_id == "smear-all" and data_root and (Path(data_root) / "Original").is_dir():
+        from .data import load_manifest, manifest_samples
+        from .pipeline import RECIPES
+
+        m = load_manifest(RECIPES["smear-all"]["manifest"])
+        test = manifest_samples(m, "test")
+        step = max(1, len(test) // n)
+        picks = test[::step][:n]
+        return [load_image(Path(data_root) / "Original" / s.path).rgb for s in picks], f"{len(picks)} test-split smears"
+    from .synthetic import smear_like
+
+    return [smear_like(i)[0] for i in range(n)], f"{n} generated smear-like images (dataset not found)"
+
+
+def analyzer_latency(analyzer, images: list[np.ndarray], runs: int) -> dict:
+    for im in images[:3]:  # warm-up
+        analyzer.analyze(im)
+    times, parts = [], {}
+    k = 0
+    while len(times) < runs:
+        im = images[k % len(images)]
+        k += 1
+        t0 = time.perf_counter()
+        r = analyzer.analyze(im)
+        times.append((time.perf_counter() - t0) * 1e3)
+        for name, v in r.timings_ms.items():
+            parts.setdefault(name, []).append(v)
+    return {"runs": runs, "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
+            "mean_ms": float(np.mean(times)),
+            "stages_p50_ms": {k: round(float(np.median(v)), 2) for k, v in parts.items()}}
+
+
+def memory_probe(analyzer_id: str, n: int = 20) -> dict:
+    """Run in a fresh process: load the analyzer, analyse n images, report peak RSS."""
+    import resource
+
+    from ..analyzers import registry
+    from .synthetic import smear_like
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    an = registry.get(analyzer_id)
+    for i in range(n):
+        an.analyze(smear_like(i, size=224)[0])
+    an.analyze(smear_like(99, size=1024)[0])  # a larger field too
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_rss_mb": round(peak, 1), "interpreter_rss_mb": round(base, 1), "torch_imported": "torch" in sys.modules}
+
+
+def run_bench(analyzer_id: str = "smear-all", runs: int = 100, baseline_runs: int = 5, data_root: Path | None = None,
+              threads: int = 2, include_baselines: bool = True) -> dict:
+    from ..analyzers import registry
+    from .bench_baselines import baseline_report, measure_matmul_gflops, onnx_flops
+
+    an = registry.get(analyzer_id)
+    images, source = _images(analyzer_id, 50, data_root)
+    lat = analyzer_latency(an, images, runs)
+    # Model-only time at batch 1 (for compute utilisation)
+    x = an.preprocess(images[0])[0]
+    for _ in range(3):
+        an.classifier.run(x)
+    tc = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        an.classifier.run(x)
+        tc.append(time.perf_counter() - t0)
+    ts = []
+    if an.segmenter is not None:
+        for _ in range(30):
+            t0 = time.perf_counter()
+            an.segmenter.run(x)
+            ts.append(time.perf_counter() - t0)
+    size = an.size
+    flops_c = onnx_flops(an.model_dir / "classifier.onnx", {"image": [1, 3, size, size]})
+    flops_s = onnx_flops(an.model_dir / "segmenter.onnx", {"image": [1, 3, size, size]}) if ts else 0
+    mm = measure_matmul_gflops(threads=threads)
+    compute = {
+        "matmul_gflops_per_s": round(mm, 1),
+        "classifier_gflops": round(flops_c / 1e9, 3),
+        "segmenter_gflops": round(flops_s / 1e9, 3),
+        "classifier_ms_p50": round(1e3 * float(np.median(tc)), 2),
+        "segmenter_ms_p50": round(1e3 * float(np.median(ts)), 2) if ts else None,
+        "classifier_achieved_gflops_per_s": round(flops_c / 1e9 / float(np.median(tc)), 1),
+        "segmenter_achieved_gflops_per_s": round(flops_s / 1e9 / float(np.median(ts)), 1) if ts else None,
+        "note": "FLOPs = 2 x multiply-accumulates of Conv/Gemm/MatMul at batch 1; matmul rate = best float32 1024^3 "
+                "torch matmul with the same thread count",
+    }
+    # Memory in a clean process (no torch, as in serving)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", "import json;from oncoscope.ml.bench import memory_probe;"
+                           f"print(json.dumps(memory_probe({analyzer_id!r})))"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    memory = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
+    out = {
+        "analyzer": analyzer_id,
+        "model": an.model_info.to_dict(),
+        "machine": {"cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+        "images": source,
+        "full_analysis": lat,
+        "memory": memory,
+        "compute": compute,
+    }
+    if include_baselines:
+        base = baseline_report(threads=threads, runs=baseline_runs)
+        out["baseline_keras_style"] = base
+        out["speedup_vs_baseline"] = round(base["combined_p50_ms"] / lat["p50_ms"], 1)
+        out["baseline_gflops"] = round(base["vgg16"]["gflops"] + base["keras_unet"]["gflops"], 2)
+        out["our_gflops"] = round((flops_c + flops_s) / 1e9, 3)
+    out["targets"] = {
+        "p50_le_60ms": lat["p50_ms"] <= 60.0,
+        "peak_rss_le_600mb": bool(memory.get("peak_rss_mb", 1e9) <= 600),
+    }
+    return out

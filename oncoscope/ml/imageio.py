@@ -1,0 +1,208 @@
+"""Safe image loading.
+
+Every image that enters oncoscope (uploads, CLI paths, datasets) goes through
+:func:`load_image`. It never raises anything but :class:`ImageLoadError`, whose
+message is written for the person who supplied the file.
+
+Handled: truncated and corrupt files, zero-byte files, non-images, decompression
+bombs, absurd dimensions, palette/grayscale/RGBA/CMYK/16-bit modes, EXIF
+orientation and animated images (the first frame is used).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Limits. A 20000x20000 image is 400 MP: refuse it before decoding.
+MAX_PIXELS = 64_000_000  # ~8000 x 8000
+MIN_SIDE = 16
+MAX_FILE_BYTES = 100 * 1024 * 1024
+
+# Never let Pillow silently accept truncated data.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageLoadError(ValueError):
+    """The input cannot be used as an image. ``str(err)`` is user-facing."""
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An RGB uint8 array (H, W, 3) plus what we learnt while decoding it."""
+
+    rgb: np.ndarray
+    original_mode: str
+    original_size: tuple[int, int]  # (width, height) before any EXIF rotation
+    format: str | None
+    exif_transposed: bool
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png_crcs(data: bytes) -> None:
+    """Refuse a PNG whose chunk checksums do not match.
+
+    Pillow verifies the CRC of the chunks before the image data but skips those of
+    IDAT (and later) chunks, so a PNG damaged there could load without complaint.
+    Truncation is left to the decoder, which reports it.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return
+    pos, n = len(_PNG_SIGNATURE), len(data)
+    while pos + 12 <= n:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > n:
+            return
+        ctype = data[pos + 4:pos + 8]
+        if zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            name = ctype.decode("latin-1") if ctype.isalpha() else "?"
+            raise ImageLoadError(f"The PNG file is corrupt (checksum error in the {name} chunk).")
+        if ctype == b"IEND":
+            return
+        pos = end + 4
+
+
+def _open(source) -> tuple[Image.Image, str | None]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageLoadError("The file is empty (0 bytes).")
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageLoadError(f"The file is too large ({len(data) / 1e6:.0f} MB; limit {MAX_FILE_BYTES / 1e6:.0f} MB).")
+        _check_png_crcs(data)
+        fp = io.BytesIO(data)
+    elif isinstance(source, (str, os.PathLike)):
+        try:
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                raise ImageLoadError("The path is a folder, not an image file.")
+            size = os.path.getsize(path)
+            if size == 0:
+                raise ImageLoadError("The file is empty (0 bytes).")
+            if size > MAX_FILE_BYTES:
+                raise ImageLoadError(
+                    f"The file is too large ({size / 1e6:.0f} MB; limit {MAX_FILE_BYTES / 1e6:.0f} MB).")
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_FILE_BYTES + 1)  # the bytes branch below re-checks the size
+        except ImageLoadError:
+            raise
+        except OSError as exc:
+            raise ImageLoadError(f"Cannot read the file: {exc.strerror or exc}.") from None
+        except (ValueError, TypeError):  # e.g. an embedded NUL byte in the path
+            raise ImageLoadError("Cannot read the file: the path is not valid.") from None
+        return _open(data)
+    elif hasattr(source, "read"):
+        try:
+            data = source.read()
+        except Exception as exc:  # noqa: BLE001 - closed file, failing stream, ...
+            raise ImageLoadError(f"Cannot read the file ({exc.__class__.__name__}).") from None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            # A text-mode file would otherwise have its *content* taken for a path.
+            raise ImageLoadError("The file must be opened in binary mode.")
+        return _open(data)
+    else:
+        raise ImageLoadError(f"Unsupported input type {type(source).__name__}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own bomb check fires before ours for very large images (e.g. 20000x20000).
+        raise ImageLoadError(
+            f"The image has too many pixels to be processed safely (the limit is {MAX_PIXELS / 1e6:.0f} megapixels). "
+            "Please upload a smaller field of view."
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError("The file is not a recognised image format (JPEG, PNG, TIFF, BMP, WebP, GIF).") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
+        raise ImageLoadError(f"The image could not be opened: {exc.__class__.__name__}.") from None
+    return img, img.format
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = np.percentile(arr, [0.5, 99.5]) if arr.size else (0.0, 1.0)
+        if hi <= lo:
+            hi = lo + 1.0
+        arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0) * 255.0
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "CMYK":
+        return img.convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> LoadedImage:
+    """Decode ``source`` (path, bytes or file object) to an RGB uint8 array.
+
+    Raises :class:`ImageLoadError` with a clear message on any problem.
+    """
+    img, fmt = _open(source)
+    try:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageLoadError(
+                f"The image is {width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels. "
+                "Please upload a smaller field of view."
+            )
+        if min(width, height) < min_side:
+            raise ImageLoadError(f"The image is {width}x{height} pixels; at least {min_side}x{min_side} is needed.")
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        original_mode = img.mode
+        try:
+            img.load()
+        except Exception as exc:  # noqa: BLE001 - truncated/corrupt data
+            raise ImageLoadError(f"The image data is corrupt or truncated ({exc.__class__.__name__}).") from None
+        transposed = False
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - malformed EXIF is ignored, not fatal
+            orientation = 1
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            try:
+                img = ImageOps.exif_transpose(img)
+                transposed = True
+            except Exception:  # noqa: BLE001
+                transposed = False
+        try:
+            rgb = np.ascontiguousarray(np.asarray(_to_rgb(img), dtype=np.uint8))
+        except Exception as exc:  # noqa: BLE001
+            raise ImageLoadError(f"The image could not be converted to RGB ({exc.__class__.__name__}).") from None
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ImageLoadError("The image could not be converted to RGB.")
+        return LoadedImage(rgb=rgb, original_mode=original_mode, original_size=(width, height), format=fmt,
+                           exif_transposed=transposed)
+    finally:
+        try:
+            img.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int], resample=Image.BILINEAR) -> np.ndarray:
+    """Resize an RGB uint8 array to ``size`` (square int or (w, h))."""
+    if isinstance(size, int):
+        size = (size, size)
+    if rgb.shape[1] == size[0] and rgb.shape[0] == size[1]:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(size, resample), dtype=np.uint8)
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}

@@ -1,0 +1,139 @@
+"""Generated images: non-smear inputs for the out-of-domain evaluation, and
+smear-like fields for tests and benchmarks when no dataset is present."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+KINDS = ("noise", "flat", "text", "gradient", "checkerboard", "photo", "shapes", "grayscale_noise")
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def noise(seed: int, size: int = 224) -> np.ndarray:
+    r = _rng(seed)
+    if r.random() < 0.5:
+        return r.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return np.clip(r.normal(128, r.uniform(10, 80), (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def flat(seed: int, size: int = 224) -> np.ndarray:
+    r = _rng(seed)
+    a = np.empty((size, size, 3), np.uint8)
+    a[:] = r.integers(0, 256, 3)
+    # a little sensor noise so it is not exactly constant
+    return np.clip(a + r.normal(0, 3, a.shape), 0, 255).astype(np.uint8)
+
+
+def text(seed: int, size: int = 224) -> np.ndarray:
+    r = _rng(seed)
+    bg = tuple(int(v) for v in r.integers(180, 256, 3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=int(r.integers(12, 28)))
+    words = ["Patient", "report", "glucose", "mg/dL", "hemoglobin", "Invoice", "TOTAL", "2026", "scan", "page"]
+    y = 4
+    while y < size - 20:
+        line = " ".join(r.choice(words, int(r.integers(2, 5))))
+        d.text((int(r.integers(0, 20)), y), line, fill=tuple(int(v) for v in r.integers(0, 90, 3)), font=font)
+        y += int(r.integers(16, 34))
+    return np.asarray(img)
+
+
+def gradient(seed: int, size: int = 224) -> np.ndarray:
+    r = _rng(seed)
+    c0, c1 = r.integers(0, 256, 3), r.integers(0, 256, 3)
+    t = np.linspace(0, 1, size)[None, :, None]
+    a = (c0 * (1 - t) + c1 * t) * np.ones((size, 1, 1))
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def checkerboard(seed: int, size: int = 224) -> np.ndarray:
+    r = _rng(seed)
+    k = int(r.integers(4, 40))
+    yy, xx = np.mgrid[:size, :size]
+    m = ((yy // k + xx // k) % 2).astype(bool)
+    a = np.empty((size, size, 3), np.uint8)
+    a[m] = r.integers(0, 256, 3)
+    a[~m] = r.integers(0, 256, 3)
+    return a
+
+
+def photo(seed: int, size: int = 224) -> np.ndarray:
+    """A synthetic outdoor 'photo': sky gradient, sun, hills, trees, blur."""
+    r = _rng(seed)
+    img = Image.new("RGB", (size, size))
+    d = ImageDraw.Draw(img)
+    sky0, sky1 = np.array([90, 150, 230]) + r.integers(-30, 30, 3), np.array([200, 220, 250]) + r.integers(-20, 5, 3)
+    for y in range(size):
+        t = y / size
+        d.line([(0, y), (size, y)], fill=tuple(int(v) for v in np.clip(sky0 * (1 - t) + sky1 * t, 0, 255)))
+    sx, sy, sr = int(r.integers(20, size - 20)), int(r.integers(10, size // 3)), int(r.integers(8, 25))
+    d.ellipse([sx - sr, sy - sr, sx + sr, sy + sr], fill=(255, 230, 120))
+    for _ in range(int(r.integers(2, 4))):
+        base = int(r.integers(size // 2, size))
+        pts = [(0, size)] + [(x, base - int(r.integers(0, size // 4))) for x in range(0, size + 1, size // 6)] + [(size, size)]
+        d.polygon(pts, fill=tuple(int(v) for v in (r.integers(20, 90), r.integers(90, 170), r.integers(20, 80))))
+    for _ in range(int(r.integers(0, 6))):
+        x, y = int(r.integers(0, size)), int(r.integers(size // 2, size))
+        d.rectangle([x - 2, y, x + 2, y + 20], fill=(90, 60, 30))
+        d.ellipse([x - 10, y - 18, x + 10, y + 4], fill=(30, int(r.integers(90, 140)), 40))
+    return np.asarray(img.filter(ImageFilter.GaussianBlur(0.8)))
+
+
+def shapes(seed: int, size: int = 224) -> np.ndarray:
+    r = _rng(seed)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in r.integers(0, 256, 3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(r.integers(3, 12))):
+        x0, y0 = r.integers(0, size, 2)
+        w, h = r.integers(10, size // 2, 2)
+        fill = tuple(int(v) for v in r.integers(0, 256, 3))
+        (d.ellipse if r.random() < 0.5 else d.rectangle)([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=fill)
+    return np.asarray(img)
+
+
+def grayscale_noise(seed: int, size: int = 224) -> np.ndarray:
+    r = _rng(seed)
+    g = Image.fromarray(r.integers(0, 256, (size // 8, size // 8), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    return np.asarray(g.convert("RGB"))
+
+
+GENERATORS = {k: globals()[k] for k in KINDS}
+
+
+def non_smear_images(n_per_kind: int = 20, seed: int = 0, size: int = 224):
+    """Yield (kind, rgb) pairs for every generator."""
+    for k, fn in GENERATORS.items():
+        for i in range(n_per_kind):
+            yield k, fn(seed * 100003 + i, size)
+
+
+def smear_like(seed: int, size: int = 224, n_wbc: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A crude smear-like field: pale background, pink red-cell rings, purple white cells.
+
+    Returns (rgb, wbc_mask). Used by tests and benchmarks; not a substitute for real data.
+    """
+    r = _rng(seed)
+    bg = np.array([235, 228, 240]) + r.integers(-10, 10, 3)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(size * size / 700)):
+        x, y = r.integers(0, size, 2)
+        rad = int(r.integers(7, 11))
+        d.ellipse([int(x - rad), int(y - rad), int(x + rad), int(y + rad)], outline=(200, 160, 190), width=3,
+                  fill=(225, 200, 220))
+    mask = Image.new("L", (size, size), 0)
+    dm = ImageDraw.Draw(mask)
+    for _ in range(n_wbc if n_wbc is not None else int(r.integers(1, 5))):
+        x, y = r.integers(20, size - 20, 2)
+        rad = int(r.integers(12, 18))
+        box = [int(x - rad), int(y - rad), int(x + rad), int(y + rad)]
+        d.ellipse(box, fill=(int(r.integers(90, 140)), int(r.integers(50, 90)), int(r.integers(150, 200))))
+        dm.ellipse(box, fill=255)
+    rgb = np.asarray(img.filter(ImageFilter.GaussianBlur(1.0)))
+    rgb = np.clip(rgb + r.normal(0, 3, rgb.shape), 0, 255).astype(np.uint8)
+    return rgb, np.asarray(mask) > 127

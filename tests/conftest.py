@@ -1,0 +1,29 @@
+"""Shared fixtures. Dataset-dependent tests skip with a clear message when ../shared is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("ONCOSCOPE_DATA", REPO.parent / "shared" / "datasets"))
+ALL_DATA = DATASETS / "all-taleqani"
+MODELS = REPO / "oncoscope" / "models"
+
+
+@pytest.fixture(scope="session")
+def all_data() -> Path:
+    if not (ALL_DATA / "Original").is_dir():
+        pytest.skip(f"ALL dataset not found at {ALL_DATA} (set ONCOSCOPE_DATA or place ../shared/datasets)")
+    return ALL_DATA
+
+
+@pytest.fixture(scope="session")
+def smear_analyzer():
+    from oncoscope.analyzers import registry
+
+    if "smear-all" not in registry.available():
+        pytest.fail("the shipped smear-all model is missing from oncoscope/models/smear-all")
+    return registry.get("smear-all")

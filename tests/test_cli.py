@@ -1,0 +1,96 @@
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from oncoscope.cli import main
+from oncoscope.ml import synthetic
+
+REQUIRED = {"path", "label", "probabilities", "status", "cells", "error"}
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.fromarray(synthetic.smear_like(0)[0]).save(tmp_path / "a" / "field1.jpg")
+    Image.fromarray(synthetic.smear_like(1)[0]).save(tmp_path / "a" / "b" / "field2.png")
+    Image.fromarray(synthetic.text(0)).save(tmp_path / "a" / "b" / "letter.png")
+    (tmp_path / "a" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")  # not an image extension: skipped in directories
+    (tmp_path / "a" / "fake.jpg").write_text("text pretending to be a jpeg")
+    buf = io.BytesIO()
+    Image.fromarray(synthetic.smear_like(2)[0]).save(buf, "JPEG")
+    (tmp_path / "a" / "cut.jpg").write_bytes(buf.getvalue()[:3000])
+    return tmp_path
+
+
+def run_predict(*args):
+    res = CliRunner().invoke(main, ["predict", "--json", *args])
+    assert res.exit_code == 0, res.output
+    return [json.loads(line) for line in res.output.strip().splitlines()]
+
+
+def test_predict_directory_recursively_one_json_line_each(image_dir):
+    recs = run_predict(str(image_dir / "a"))
+    names = sorted(Path(r["path"]).name for r in recs)
+    assert names == ["cut.jpg", "empty.jpg", "fake.jpg", "field1.jpg", "field2.png", "letter.png"]
+    for r in recs:
+        assert REQUIRED <= set(r)
+        assert r["status"] in ("ok", "uncertain", "out_of_domain", "error")
+    by = {Path(r["path"]).name: r for r in recs}
+    for bad in ("cut.jpg", "empty.jpg", "fake.jpg"):
+        assert by[bad]["status"] == "error" and by[bad]["error"] and by[bad]["label"] is None
+    assert by["letter.png"]["status"] == "out_of_domain"
+    good = by["field1.jpg"]
+    assert set(good["probabilities"]) == {"Benign", "Early", "Pre", "Pro"}
+    assert isinstance(good["cells"], list)
+
+
+def test_predict_missing_file_and_analyzer_option(tmp_path):
+    (rec,) = run_predict("--analyzer", "smear-all", str(tmp_path / "nope.png"))
+    assert rec["status"] == "error" and "Cannot read" in rec["error"]
+
+
+def test_predict_unknown_analyzer(tmp_path):
+    res = CliRunner().invoke(main, ["predict", "--analyzer", "nope", "--json", str(tmp_path)])
+    assert res.exit_code != 0 and "unknown analyzer" in res.output
+
+
+def test_console_script_installed():
+    exe = Path(sys.executable).parent / "oncoscope"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for cmd in ("serve", "train", "evaluate", "predict", "bench", "data"):
+        assert cmd in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_json_without_baselines():
+    res = CliRunner().invoke(main, ["bench", "--json", "--no-baselines", "--runs", "10"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["full_analysis"]["p50_ms"] > 0
+    assert out["memory"]["peak_rss_mb"] > 0 and out["memory"]["torch_imported"] is False
+    assert out["compute"]["classifier_gflops"] > 0 and out["compute"]["matmul_gflops_per_s"] > 0
+
+
+def test_data_audit_and_split_on_generated_dataset(tmp_path):
+    for c in ("A", "B"):
+        (tmp_path / c).mkdir()
+        for i in range(1, 13):
+            Image.fromarray(synthetic.photo(i + (100 if c == "B" else 0))).save(tmp_path / c / f"img-{c}-{i:03d}.jpg")
+    res = CliRunner().invoke(main, ["data", "audit", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["counts"] == {"A": 12, "B": 12}
+    out = tmp_path / "split.json"
+    res = CliRunner().invoke(main, ["data", "split", str(tmp_path), "--out", str(out), "--run-length", "4"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    assert len(m["files"]) == 24 and {v["split"] for v in m["files"].values()} <= {"train", "val", "test"}
