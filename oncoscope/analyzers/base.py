@@ -52,7 +52,8 @@ class AnalysisResult:
     ood_score: float | None = None
     messages: list[str] = field(default_factory=list)
     error: str | None = None
-    image_size: tuple[int, int] | None = None  # (width, height)
+    image_size: tuple[int, int] | None = None  # (width, height) of the input
+    analysis_scale: float = 1.0  # input pixels per mask/heatmap pixel (1.0 unless the input was very large)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -75,6 +76,7 @@ class AnalysisResult:
             "messages": list(self.messages),
             "error": self.error,
             "image_size": list(self.image_size) if self.image_size else None,
+            "analysis_scale": self.analysis_scale,
             "model": self.model.to_dict() if self.model else None,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }

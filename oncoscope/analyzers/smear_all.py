@@ -42,6 +42,9 @@ def pad_to_square(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     return out, (top, left)
 
 
+MAX_WORKING_SIDE = 4096
+
+
 class SmearAllAnalyzer(Analyzer):
     id = "smear-all"
 
@@ -122,8 +125,19 @@ class SmearAllAnalyzer(Analyzer):
     def _analyze_rgb(self, rgb: np.ndarray) -> AnalysisResult:
         t = {}
         t0 = time.perf_counter()
+        oh, ow = rgb.shape[:2]
+        res = AnalysisResult(analyzer_id=self.id, status=STATUS_OK, model=self.model_info, image_size=(ow, oh))
+        # Very large fields are analysed at a working size (the networks see self.size px anyway);
+        # masks/heatmaps are returned at that size and cell measurements in original pixels.
+        back = 1.0
+        if max(oh, ow) > MAX_WORKING_SIDE:
+            back = max(oh, ow) / MAX_WORKING_SIDE
+            rgb = np.asarray(Image.fromarray(rgb).resize((max(1, round(ow / back)), max(1, round(oh / back))),
+                                                         Image.BILINEAR))
+            res.messages.append(f"Large image: masks and heatmap are at {rgb.shape[1]}x{rgb.shape[0]} px; "
+                                "cell measurements are in original pixels.")
+        res.analysis_scale = back
         h, w = rgb.shape[:2]
-        res = AnalysisResult(analyzer_id=self.id, status=STATUS_OK, model=self.model_info, image_size=(w, h))
         gray_std = float(rgb.reshape(-1, 3).mean(axis=1).std())
         if gray_std < self.blank_std:
             res.status = STATUS_OOD
@@ -137,7 +151,8 @@ class SmearAllAnalyzer(Analyzer):
         probs = out["probabilities"][0]
         ood = float(out["ood_score"][0]) if "ood_score" in out else None
         status, msgs, p_mal, malignant = self.decide(probs, ood)
-        res.status, res.messages, res.ood_score = status, msgs, ood
+        res.status, res.ood_score = status, ood
+        res.messages = msgs + res.messages
         res.probabilities = {l: float(p) for l, p in zip(self.labels, probs)}
         res.confidence = float(probs.max())
         if status == STATUS_OOD:
@@ -157,12 +172,13 @@ class SmearAllAnalyzer(Analyzer):
             # Labels back to the original image: nearest upscale of the square, then crop the padding.
             big = np.asarray(Image.fromarray(labels_small).resize((side, side), Image.NEAREST))
             res.mask = np.ascontiguousarray(big[top:top + h, left:left + w]).astype(np.int32)
-            cells = measure(labels_small, (scale, scale))
-            for c in cells:  # shift into original coordinates
+            cells = measure(labels_small, (scale * back, scale * back))
+            for c in cells:  # shift into original image coordinates
                 x0, y0, x1, y1 = c.bbox
                 d = c.to_dict()
-                d["bbox"] = [max(0, x0 - left), max(0, y0 - top), min(w, x1 - left), min(h, y1 - top)]
-                d["centroid"] = [round(c.centroid[0] - left, 1), round(c.centroid[1] - top, 1)]
+                tb, lb = top * back, left * back
+                d["bbox"] = [max(0, round(x0 - lb)), max(0, round(y0 - tb)), min(ow, round(x1 - lb)), min(oh, round(y1 - tb))]
+                d["centroid"] = [round(c.centroid[0] - lb, 1), round(c.centroid[1] - tb, 1)]
                 res.cells.append(d)
             t["postprocess"] = (time.perf_counter() - t3) * 1e3
         t4 = time.perf_counter()

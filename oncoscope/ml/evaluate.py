@@ -58,10 +58,6 @@ def _classify(analyzer, rgbs: list[np.ndarray], batch: int = 32) -> tuple[np.nda
     return np.concatenate(probs), np.concatenate(ood)
 
 
-def _statuses(analyzer, probs, ood) -> list[str]:
-    return [analyzer.decide(p, float(o) if analyzer.ood_threshold is not None else None)[0] for p, o in zip(probs, ood)]
-
-
 def _round(obj, nd=4):
     if isinstance(obj, float):
         return None if np.isnan(obj) else round(obj, nd)

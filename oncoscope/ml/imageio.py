@@ -163,10 +163,11 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
             )
         if min(width, height) < min_side:
             raise ImageLoadError(f"The image is {width}x{height} pixels; at least {min_side}x{min_side} is needed.")
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
-        original_mode = img.mode
         try:
+            # Counting frames parses every frame (GIF) or IFD (TIFF): corrupt ones raise here.
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            original_mode = img.mode
             img.load()
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data
             raise ImageLoadError(f"The image data is corrupt or truncated ({exc.__class__.__name__}).") from None

@@ -98,7 +98,7 @@ def _augment_pair(x_u8, m, g, size):
     return C.normalise(x), mt
 
 
-def train_segmenter(root: Path, recipe: dict, out_dir: Path, seed: int = 0, epochs: int = 18, size: int | None = None,
+def train_segmenter(root: Path, recipe: dict, out_dir: Path, seed: int = 0, epochs: int = 12, size: int | None = None,
                     batch_size: int = 16, threads: int = 2) -> dict:
     import torch
     from monai.losses import DiceCELoss
@@ -138,7 +138,7 @@ def train_segmenter(root: Path, recipe: dict, out_dir: Path, seed: int = 0, epoc
             loss.backward()
             opt.step()
             sched.step()
-            tl += float(loss) * len(idx)
+            tl += loss.item() * len(idx)
         net.eval()
         with torch.no_grad():
             probs = []

@@ -127,7 +127,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            run_loss += float(loss) * len(idx)
+            run_loss += loss.item() * len(idx)
             seen += len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             if bar is not None:
