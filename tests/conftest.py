@@ -27,3 +27,15 @@ def smear_analyzer():
     if "smear-all" not in registry.available():
         pytest.fail("the shipped smear-all model is missing from oncoscope/models/smear-all")
     return registry.get("smear-all")
+
+
+@pytest.fixture(scope="session")
+def geometry_analyzer():
+    """A separate smear-all instance with the out-of-domain gate off, so pipeline geometry
+    (masks, heatmaps, coordinates) is exercised on generated images, which the real gate
+    rightly rejects as not being blood smears."""
+    from oncoscope.analyzers import registry
+
+    an = registry.get("smear-all", model_dir=MODELS / "smear-all")
+    an.ood_threshold = None
+    return an

@@ -43,6 +43,7 @@ def pad_to_square(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 MAX_WORKING_SIDE = 4096
+SEG_MAX_SIDE = 448
 
 
 class SmearAllAnalyzer(Analyzer):
@@ -70,6 +71,7 @@ class SmearAllAnalyzer(Analyzer):
             self.ood_means = st["means"].astype(np.float64)
             self.ood_precision = st["precision"].astype(np.float64)
             self.ood_threshold = float(ood["threshold"])
+            self.ood_input = ood.get("input", "embedding")
         seg = self.config.get("segmenter", {})
         self.seg_threshold = float(seg.get("threshold", 0.5))
         self.seg_min_area = int(seg.get("min_area_px", 60))
@@ -84,7 +86,7 @@ class SmearAllAnalyzer(Analyzer):
         return np.ascontiguousarray(x, dtype=np.float32), offset, sq.shape[0]
 
     def ood_score(self, embedding: np.ndarray) -> np.ndarray:
-        """Minimum Mahalanobis distance (shared covariance) to the class means; (N,)."""
+        """Minimum Mahalanobis distance (shared covariance) to the reference means; (N,)."""
         e = embedding.astype(np.float64)
         d = e[:, None, :] - self.ood_means[None]  # (N, C, D)
         m = np.einsum("ncd,de,nce->nc", d, self.ood_precision, d)
@@ -94,7 +96,7 @@ class SmearAllAnalyzer(Analyzer):
         out = self.classifier.run(x)
         out["probabilities"] = softmax(out["logits"].astype(np.float64) / self.temperature)
         if self.ood_threshold is not None:
-            out["ood_score"] = self.ood_score(out["embedding"])
+            out["ood_score"] = self.ood_score(out[self.ood_input])
         return out
 
     def decide(self, probs: np.ndarray, ood_score: float | None) -> tuple[str, list[str], float, bool]:
@@ -162,15 +164,22 @@ class SmearAllAnalyzer(Analyzer):
         res.label = self.labels[k]
         res.label_display = self.display_names.get(res.label, res.label)
         res.malignant, res.malignant_probability = malignant, p_mal
-        scale = side / self.size
         if self.segmenter is not None:
             t2 = time.perf_counter()
             prob = self.segment(x)[0]
             t["segment"] = (time.perf_counter() - t2) * 1e3
             t3 = time.perf_counter()
-            labels_small = postprocess(prob, self.seg_threshold, self.seg_min_area, self.seg_min_distance)
-            # Labels back to the original image: nearest upscale of the square, then crop the padding.
-            big = np.asarray(Image.fromarray(labels_small).resize((side, side), Image.NEAREST))
+            # Threshold the probability map at (up to) SEG_MAX_SIDE px rather than at model size:
+            # boundaries follow the input more closely. Size parameters are defined at model size.
+            res_px = min(side, SEG_MAX_SIDE)
+            f = res_px / self.size
+            prob_r = prob if res_px == self.size else np.asarray(
+                Image.fromarray(prob.astype(np.float32), "F").resize((res_px, res_px), Image.BILINEAR))
+            labels_small = postprocess(prob_r, self.seg_threshold, max(1, round(self.seg_min_area * f * f)),
+                                       max(1, round(self.seg_min_distance * f)))
+            scale = side / res_px
+            big = labels_small if res_px == side else np.asarray(
+                Image.fromarray(labels_small).resize((side, side), Image.NEAREST))
             res.mask = np.ascontiguousarray(big[top:top + h, left:left + w]).astype(np.int32)
             cells = measure(labels_small, (scale * back, scale * back))
             for c in cells:  # shift into original image coordinates

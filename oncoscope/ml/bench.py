@@ -49,20 +49,34 @@ def analyzer_latency(analyzer, images: list[np.ndarray], runs: int) -> dict:
             "stages_p50_ms": {k: round(float(np.median(v)), 2) for k, v in parts.items()}}
 
 
-def memory_probe(analyzer_id: str, n: int = 20) -> dict:
-    """Run in a fresh process: load the analyzer, analyse n images, report peak RSS."""
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; ``ru_maxrss`` survives exec on Linux, so it is not used)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_probe(analyzer_id: str, n: int = 20) -> dict:
+    """Run in a fresh process: load the analyzer, analyse n images, report peak RSS."""
     from ..analyzers import registry
     from .synthetic import smear_like
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     an = registry.get(analyzer_id)
+    loaded = peak_rss_mb()
     for i in range(n):
         an.analyze(smear_like(i, size=224)[0])
-    an.analyze(smear_like(99, size=1024)[0])  # a larger field too
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"peak_rss_mb": round(peak, 1), "interpreter_rss_mb": round(base, 1), "torch_imported": "torch" in sys.modules}
+    an.analyze(smear_like(99, size=2048)[0])  # a large field too
+    peak = peak_rss_mb()
+    return {"peak_rss_mb": round(peak, 1), "after_imports_mb": round(base, 1), "after_model_load_mb": round(loaded, 1),
+            "torch_imported": "torch" in sys.modules}
 
 
 def run_bench(analyzer_id: str = "smear-all", runs: int = 100, baseline_runs: int = 5, data_root: Path | None = None,

@@ -274,6 +274,30 @@ def _dims(type_proto: Any) -> list[int] | None:
     return out
 
 
+def _runtime_shapes(model: Any, path: Any) -> dict[str, list[int]]:
+    """Shapes of every intermediate tensor from one ONNX Runtime pass on zero inputs
+    (at the static input shapes already written into ``model``)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    full = onnx.load(str(path))
+    names = {o for n in full.graph.node for o in n.output if o}
+    existing = {o.name for o in full.graph.output}
+    for name in sorted(names - existing):
+        full.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {}
+    init = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        feeds[inp.name] = np.zeros(dims, dtype=np.float32)
+    outs = sess.run(None, feeds)
+    return {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), outs) if hasattr(v, "shape")}
+
+
 def onnx_flops(path_or_model: Any, input_shapes: dict[str, list[int]] | None = None) -> int:
     """Multiply-add FLOPs (2 per MAC) of an ONNX model's main graph.
 
@@ -349,6 +373,12 @@ def onnx_flops(path_or_model: Any, input_shapes: dict[str, list[int]] | None = N
             for a in node.attribute:
                 if a.name == "value":
                     shapes[node.output[0]] = [int(d) for d in a.t.dims]
+
+    if any(shapes.get(o) is None for n in g.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+           for o in list(n.input[:2]) + list(n.output[:1])) and not isinstance(path_or_model, onnx.ModelProto):
+        # Static inference cannot follow data-dependent shapes (e.g. "same" padding computed
+        # at run time): fill the gaps with the real shapes from one ONNX Runtime pass.
+        shapes.update({k: v for k, v in _runtime_shapes(model, path_or_model).items() if shapes.get(k) is None})
 
     def need(name: str, node: Any) -> list[int]:
         s = shapes.get(name)

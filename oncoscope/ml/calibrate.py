@@ -3,12 +3,14 @@ models and the analyzer's own preprocessing (so what is calibrated is exactly
 what is served):
 
 * temperature scaling (minimise validation NLL);
-* out-of-domain detector: class means + Ledoit-Wolf shared covariance of the
-  training embeddings; threshold = 99.5th percentile of validation smears' score;
+* out-of-domain detector: mean + Ledoit-Wolf covariance of the training images'
+  ``ood_features`` (channel mean/std of an intermediate feature map); score =
+  Mahalanobis distance; threshold = 99.5th percentile of validation smears;
 * ``uncertain_below``: the lowest top-probability threshold at which validation
   predictions above it are >= 99% accurate;
-* ``malignant_threshold``: the highest threshold on P(malignant) that keeps
-  validation malignant sensitivity >= 99.5% (at most 0.5).
+* ``malignant_threshold``: the operating point on P(malignant): the lowest
+  threshold (0.05-0.5) at which validation specificity is >= 98%, i.e. the
+  most sensitive call that keeps false alarms on benign smears rare.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ def embed_split(analyzer, root: Path, samples, batch: int = 32) -> dict[str, np.
         xs = [analyzer.preprocess(load_image(root / s.path).rgb)[0] for s in chunk]
         out = analyzer.classifier.run(np.concatenate(xs))
         logits.append(out["logits"])
-        embs.append(out["embedding"])
+        embs.append(out[OOD_INPUT])
         ys.extend(analyzer.labels.index(s.label) for s in chunk)
-    return {"logits": np.concatenate(logits).astype(np.float64), "embedding": np.concatenate(embs).astype(np.float64),
+    return {"logits": np.concatenate(logits).astype(np.float64), "ood": np.concatenate(embs).astype(np.float64),
             "y": np.array(ys)}
 
 
@@ -49,13 +51,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(r.x))
 
 
-def fit_ood(emb: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+OOD_INPUT = "ood_features"
+
+
+def fit_ood(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One Gaussian (mean, Ledoit-Wolf precision) over all in-domain training images."""
     from sklearn.covariance import LedoitWolf
 
-    means = np.stack([emb[y == c].mean(axis=0) for c in range(n_classes)])
-    centred = emb - means[y]
-    lw = LedoitWolf().fit(centred)
-    return means, lw.precision_
+    mean = feats.mean(axis=0, keepdims=True)
+    lw = LedoitWolf().fit(feats - mean)
+    return mean, lw.precision_
 
 
 def choose_uncertain(probs: np.ndarray, y: np.ndarray, target_acc: float = 0.99) -> float:
@@ -68,11 +73,11 @@ def choose_uncertain(probs: np.ndarray, y: np.ndarray, target_acc: float = 0.99)
     return 0.95
 
 
-def choose_malignant_threshold(p_mal: np.ndarray, is_mal: np.ndarray, target_sens: float = 0.995) -> float:
-    for t in np.arange(0.50, 0.049, -0.01):
-        if (p_mal[is_mal] >= t).mean() >= target_sens:
+def choose_malignant_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_spec: float = 0.98) -> float:
+    for t in np.arange(0.05, 0.501, 0.01):
+        if (p_mal[~is_mal] < t).mean() >= min_spec:
             return round(float(t), 2)
-    return 0.05
+    return 0.5
 
 
 def calibrate_smear(root: Path, recipe: dict, work_dir: Path, model_dir: Path) -> dict:
@@ -90,9 +95,9 @@ def calibrate_smear(root: Path, recipe: dict, work_dir: Path, model_dir: Path) -
     va = embed_split(an, base, manifest_samples(manifest, "val"))
     n = len(an.labels)
     temp = fit_temperature(va["logits"], va["y"])
-    means, precision = fit_ood(tr["embedding"], tr["y"], n)
+    means, precision = fit_ood(tr["ood"])
     np.savez_compressed(model_dir / "ood.npz", means=means.astype(np.float32), precision=precision.astype(np.float32))
-    d = va["embedding"][:, None, :] - means[None]
+    d = va["ood"][:, None, :] - means[None]
     va_scores = np.sqrt(np.einsum("ncd,de,nce->nc", d, precision, d).min(axis=1))
     ood_thr = float(np.quantile(va_scores, 0.995))
     probs = softmax(va["logits"] / temp)
@@ -105,11 +110,15 @@ def calibrate_smear(root: Path, recipe: dict, work_dir: Path, model_dir: Path) -
         "temperature": round(temp, 4),
         "uncertain_below": unc,
         "malignant_threshold": mal_thr,
-        "ood": {"method": "mahalanobis-ledoit-wolf on pooled embedding", "stats": "ood.npz", "threshold": round(ood_thr, 3),
+        "ood": {"method": "Mahalanobis distance (Ledoit-Wolf covariance) of the channel mean/std of MBConv block "
+                          "10's feature map", "input": OOD_INPUT, "stats": "ood.npz", "threshold": round(ood_thr, 3),
                 "threshold_rule": "99.5th percentile of validation smears"},
         "fitted_on": {"manifest": Path(recipe["manifest"]).name, "split": "val", "n": int(len(va["y"])),
                       "ood_reference_split": "train", "ood_reference_n": int(len(tr["y"]))},
         "val_accuracy_uncalibrated": float((va["logits"].argmax(1) == va["y"]).mean()),
+        "val_malignant_sensitivity_at_threshold": float((p_mal[is_mal] >= mal_thr).mean()),
+        "val_benign_specificity_at_threshold": float((p_mal[~is_mal] < mal_thr).mean()),
+        "val_confident_fraction": float((probs.max(1) >= unc).mean()),
     }
     cfg["calibration"] = cal
     cfg["files"] = sorted(set(cfg.get("files", [])) | {"ood.npz"})

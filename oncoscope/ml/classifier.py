@@ -76,17 +76,34 @@ class SmearClassifier(nn.Module):
         return self
 
 
+OOD_BLOCK = 10  # MBConv block whose feature statistics feed the out-of-domain detector
+
+
 class ExportWrapper(nn.Module):
-    """What goes into ONNX: normalised NCHW float input -> (logits, features, embedding)."""
+    """What goes into ONNX: normalised NCHW float input ->
+    (logits, features, embedding, ood_features).
+
+    ``ood_features`` are the per-channel mean and standard deviation of the
+    output of MBConv block ``OOD_BLOCK``: feature statistics that separate
+    stained smears from radiographs, MR, text, photos and noise far better than
+    the fine-tuned embedding (measured; see the model card).
+    """
 
     def __init__(self, model: SmearClassifier):
         super().__init__()
         self.model = model
 
     def forward(self, x):
-        f = self.model.feature_map(x)
+        b = self.model.backbone
+        h = b._swish(b._bn0(b._conv_stem(x)))
+        stats = None
+        for i, block in enumerate(b._blocks):
+            h = block(h)
+            if i == OOD_BLOCK:
+                stats = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
+        f = self.model.cam_layer(b._swish(b._bn1(b._conv_head(h))))
         emb = f.mean(dim=(2, 3))
-        return self.model.head(emb), f, emb
+        return self.model.head(emb), f, emb, stats
 
 
 # --------------------------------------------------------------------------------------

@@ -133,14 +133,17 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
     }
 
     # Shortcut tests: scale-bar corner masked; colour jitter (3 fixed seeds).
-    pm, _ = _classify(an, [mask_corner_np(r) for r in rgbs])
+    othr = an.ood_threshold if an.ood_threshold is not None else np.inf
+    pm, om = _classify(an, [mask_corner_np(r) for r in rgbs])
     masked = M.classification_metrics(pm, y, labels, mal, thr)
-    jit_acc, jit_metrics = [], None
+    masked_flagged = float((om > othr).mean())
+    jit_acc, jit_metrics, jit_flagged = [], None, []
     for seed in (1, 2, 3):
         rng = np.random.default_rng(seed)
-        pj, _ = _classify(an, [colour_jitter_np(r, rng) for r in rgbs])
+        pj, oj = _classify(an, [colour_jitter_np(r, rng) for r in rgbs])
         mj = M.classification_metrics(pj, y, labels, mal, thr)
         jit_acc.append(mj["accuracy"])
+        jit_flagged.append(float((oj > othr).mean()))
         jit_metrics = jit_metrics or mj
     # Grayscale version (stain-free): how much does colour alone carry?
     pg, _ = _classify(an, [np.repeat(r.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8) for r in rgbs])
@@ -150,9 +153,10 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
     seg = {"classes_evaluated": list(SEG_CLASSES), "per_class": {}, "excluded": {}}
     all_d, all_i = [], []
     seg_root = Path(data_root) / recipe["segmented_subdir"]
+    per_image = []  # (dice, index, reference) for the disagreement figure
     for cls in labels:
         ds, ious, n_unusable = [], [], 0
-        for s, r in zip(test, results):
+        for idx, (s, r) in enumerate(zip(test, results)):
             if s.label != cls:
                 continue
             ref = derive_reference_mask(load_image(seg_root / s.path).rgb)
@@ -162,6 +166,8 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
             pred = (r.mask > 0) if r.mask is not None else np.zeros_like(ref)
             ds.append(dice(pred, ref))
             ious.append(iou(pred, ref))
+            if cls in SEG_CLASSES:
+                per_image.append((ds[-1], idx, ref))
         entry = {"n": len(ds), "n_unusable_reference": n_unusable,
                  "dice": float(np.mean(ds)) if ds else None, "iou": float(np.mean(ious)) if ious else None,
                  "dice_median": float(np.median(ds)) if ds else None}
@@ -240,11 +246,13 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
         "shortcuts": {
             "scale_bar_masked": {"accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
                                  "malignant_vs_benign": masked["malignant_vs_benign"], "ece": masked["ece"],
-                                 "accuracy_drop_points": 100 * (main["accuracy"] - masked["accuracy"])},
+                                 "accuracy_drop_points": 100 * (main["accuracy"] - masked["accuracy"]),
+                                 "flagged_out_of_domain": masked_flagged},
             "colour_jitter": {"accuracy_per_seed": jit_acc, "accuracy_mean": float(np.mean(jit_acc)),
                               "macro_f1_seed1": jit_metrics["macro_f1"],
                               "malignant_vs_benign_seed1": jit_metrics["malignant_vs_benign"],
-                              "accuracy_drop_points": 100 * (main["accuracy"] - float(np.mean(jit_acc)))},
+                              "accuracy_drop_points": 100 * (main["accuracy"] - float(np.mean(jit_acc))),
+                              "flagged_out_of_domain_per_seed": jit_flagged},
             "grayscale_accuracy": gray_acc,
         },
         "segmentation": seg,
@@ -257,6 +265,7 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
     card["targets"] = targets
     if write:
         _plots(Path(model_dir), card, probs, y, labels, mal, test, rgbs, results)
+        _disagreement_plot(Path(model_dir), per_image, test, rgbs, results)
         (Path(model_dir) / "model_card.json").write_text(json.dumps(card, indent=1))
         (Path(model_dir) / "model_card.md").write_text(render_markdown(card))
     return card
@@ -357,6 +366,34 @@ def _plots(out: Path, card, probs, y, labels, mal, test, rgbs, results) -> None:
     plt.close(fig)
 
 
+def _disagreement_plot(out: Path, per_image, test, rgbs, results, n: int = 4) -> None:
+    """Lowest-Dice test images: red = reference only, blue = prediction only, green = both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worst = sorted(per_image, key=lambda t: t[0])[:n]
+    fig, axes = plt.subplots(len(worst), 2, figsize=(5, 2.5 * len(worst)))
+    for row, (d, i, ref) in enumerate(worst):
+        pred = results[i].mask > 0 if results[i].mask is not None else np.zeros_like(ref)
+        vis = rgbs[i].copy()
+        vis[ref & ~pred] = [230, 30, 30]
+        vis[pred & ~ref] = [30, 60, 230]
+        both = pred & ref
+        vis[both] = (0.5 * vis[both] + [0, 110, 0]).astype(np.uint8)
+        axes[row, 0].imshow(rgbs[i])
+        axes[row, 0].set_title(test[i].path, fontsize=6)
+        axes[row, 1].imshow(vis)
+        axes[row, 1].set_title(f"Dice {d:.2f} [{results[i].status}] (blue: model only, red: reference only)",
+                               fontsize=6)
+        for a in axes[row]:
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "segmentation_disagreements.png", dpi=100)
+    plt.close(fig)
+
+
 def _fmt(v, pct=False):
     if v is None:
         return "n/a"
@@ -427,7 +464,9 @@ def render_markdown(card: dict) -> str:
           f"(drop {sh['scale_bar_masked']['accuracy_drop_points']:.2f} points), malignant sensitivity "
           f"{_fmt(sh['scale_bar_masked']['malignant_vs_benign']['sensitivity'], True)}.",
           f"- Colour jitter (3 seeds): accuracy {', '.join(_fmt(v, True) for v in sh['colour_jitter']['accuracy_per_seed'])} "
-          f"(drop {sh['colour_jitter']['accuracy_drop_points']:.2f} points).",
+          f"(drop {sh['colour_jitter']['accuracy_drop_points']:.2f} points); flagged out-of-domain: "
+          f"{', '.join(_fmt(v, True) for v in sh['colour_jitter']['flagged_out_of_domain_per_seed'])} (strong jitter "
+          "moves some smears outside the stain range seen in training: they are referred, not diagnosed).",
           f"- Grayscale input: accuracy {_fmt(sh['grayscale_accuracy'], True)}.", "",
           "## Cell segmentation",
           "Reference masks are derived from the dataset's `Segmented/` images: foreground = max(RGB) > 30, 3x3 opening, "
@@ -440,7 +479,11 @@ def render_markdown(card: dict) -> str:
     for k, v in seg["excluded"].items():
         L.append(f"\n{k}: excluded ({v['n_unusable_reference']} unusable references; on the {v['n']} usable ones "
                  f"Dice {_fmt(v['dice'])}, for information).")
-    L += ["", "![overlays](sample_overlays.png)", "", "## Out-of-domain detection",
+    L += ["", "Where the model and the reference disagree most (lowest-Dice test fields), the extra 'model only' regions "
+          "are mostly dark-purple white cells that the dataset's colour threshold left out of its reference; Benign "
+          "Dice is therefore a lower bound on agreement with a careful human outline.", "",
+          "![disagreements](segmentation_disagreements.png)", "", "![overlays](sample_overlays.png)", "",
+          "## Out-of-domain detection",
           f"Threshold {ood['threshold']}; test smears flagged: {_fmt(ood['test_smears_flagged'], True)}; "
           f"non-smear images flagged: {_fmt(ood['non_smear_flagged'], True)} of {ood['non_smear_n']}.", "",
           "| source | n | flagged |", "|---|---|---|"]

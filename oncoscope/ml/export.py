@@ -20,9 +20,9 @@ def export_classifier(model, path: Path, image_size: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (dummy,), str(path), input_names=["image"],
-                          output_names=["logits", "features", "embedding"], opset_version=17,
+                          output_names=["logits", "features", "embedding", "ood_features"], opset_version=17,
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"},
-                                        "embedding": {0: "batch"}}, dynamo=False)
+                                        "embedding": {0: "batch"}, "ood_features": {0: "batch"}}, dynamo=False)
 
 
 def export_segmenter(net, path: Path, image_size: int) -> None:

@@ -33,7 +33,7 @@ def model_and_session(tmp_path_factory):
 def test_onnx_cam_equals_torch_gradcam(model_and_session, class_idx):
     model, sess = model_and_session
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(class_idx))
-    logits, feats, emb = sess.run(None, {"image": x.numpy()})
+    logits, feats = sess.run(["logits", "features"], {"image": x.numpy()})
     np.testing.assert_allclose(logits, model(x).detach().numpy(), atol=1e-4)
     w = model.head.weight.detach().numpy()
 
