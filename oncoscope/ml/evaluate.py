@@ -450,10 +450,18 @@ def render_markdown(card: dict) -> str:
          f"| malignant sensitivity | {_fmt(mb['sensitivity'], True)}{c('malignant_vs_benign.sensitivity')} |",
          f"| malignant specificity | {_fmt(mb['specificity'], True)}{c('malignant_vs_benign.specificity')} |",
          f"| malignant ROC AUC | {_fmt(mb['roc_auc'])}{c('malignant_vs_benign.roc_auc', False)} |", "",
+         f"The malignant call is P(Early + Pre + Pro) >= {mb['threshold']}, the operating point fixed on validation "
+         "(lowest threshold with validation specificity >= 98%). A field whose top class and malignant call disagree "
+         "is reported *uncertain* and referred, never silently called malignant.", "",
          "| class | n | sensitivity | specificity | ROC AUC |", "|---|---|---|---|---|"]
     for k, v in m["per_class"].items():
         L.append(f"| {k} | {v['n']} | {_fmt(v['sensitivity'], True)}{c(f'per_class.{k}.sensitivity')} | "
                  f"{_fmt(v['specificity'], True)}{c(f'per_class.{k}.specificity')} | {_fmt(v['roc_auc'])} |")
+    n_err = round(m["n"] * (1 - m["accuracy"]))
+    if n_err == 0:
+        L += ["", f"No test image was misclassified, so resampling cannot show spread: by the rule of three the 95% "
+              f"upper bound on the error rate is 3/{m['n']} = {300 / m['n']:.1f}% (and 3/{mb['n_benign']} = "
+              f"{300 / mb['n_benign']:.1f}% on benign fields alone)."]
     s = card["test"]["selective"]
     L += ["", f"Status on test smears: ok {_fmt(s['fraction_ok'], True)}, uncertain {_fmt(s['fraction_uncertain'], True)}, "
           f"out-of-domain {_fmt(s['fraction_out_of_domain'], True)}; accuracy when ok {_fmt(s['accuracy_when_ok'], True)}; "
@@ -471,7 +479,7 @@ def render_markdown(card: dict) -> str:
           "## Cell segmentation",
           "Reference masks are derived from the dataset's `Segmented/` images: foreground = max(RGB) > 30, 3x3 opening, "
           "hole filling, radius-2 opening, components < 80 px dropped; references covering < 0.5% or > 60% of the "
-          "image are unusable. Pro-B references are near-empty, so Pro-B is excluded from training and from Dice.",
+          "image are unusable. Pro-B references are near-empty, so Pro-B is excluded from training and from Dice.", "",
           "| class | n | Dice | IoU |", "|---|---|---|---|"]
     for k, v in seg["per_class"].items():
         L.append(f"| {k} | {v['n']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} |")

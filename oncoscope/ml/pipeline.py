@@ -113,6 +113,6 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
     record.setdefault("commands", []).append(command)
     record["dataset_root"] = str(root)
     record["total_minutes_last_run"] = round((time.time() - t0) / 60, 2)
-    record["reproduce"] = f"oncoscope train --analyzer {analyzer_id} --data {root}"
+    record["reproduce"] = f"oncoscope train --analyzer {analyzer_id}" + (f" --data {data_root}" if data_root else "")
     record_path.write_text(json.dumps(record, indent=1))
     (out_dir / "training_record.json").write_text(json.dumps(record, indent=1))
