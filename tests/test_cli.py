@@ -94,3 +94,28 @@ def test_data_audit_and_split_on_generated_dataset(tmp_path):
     assert res.exit_code == 0, res.output
     m = json.loads(out.read_text())
     assert len(m["files"]) == 24 and {v["split"] for v in m["files"].values()} <= {"train", "val", "test"}
+
+
+def test_predict_awkward_images_never_crash(tmp_path):
+    """Modes, EXIF rotation, tiny, giant and bomb inputs through the CLI contract."""
+    from tests.ml.test_imageio import fake_png
+
+    rgb = synthetic.smear_like(7)[0]
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb[:, :200]).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(rgb[:10, :10]).save(tmp_path / "tiny.png")
+    (tmp_path / "giant.png").write_bytes(fake_png(20000, 20000))
+    (tmp_path / "bomb.png").write_bytes(fake_png(30000, 30000))
+    recs = {Path(r["path"]).name: r for r in run_predict(str(tmp_path))}
+    assert len(recs) == 8
+    for name in ("cmyk.jpg", "rgba.png", "gray.png", "sixteen.png", "rotated.jpg"):
+        assert recs[name]["status"] != "error", (name, recs[name]["error"])
+    assert recs["rotated.jpg"]["image_size"] == [224, 200]  # EXIF orientation 6 applied
+    assert recs["tiny.png"]["status"] == "error" and "10x10" in recs["tiny.png"]["error"]
+    for name in ("giant.png", "bomb.png"):
+        assert recs[name]["status"] == "error" and "megapixel" in recs[name]["error"]
