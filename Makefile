@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: venv
+	$(BIN)/oncoscope db upgrade
 	$(BIN)/oncoscope serve --host $(HOST) --port $(PORT)
 
 test: venv

@@ -187,20 +187,87 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
         click.echo(json.dumps(out, indent=1))
 
 
-# ----------------------------------------------------------------------------- serve
+# ----------------------------------------------------------------------------- serve / db / users
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--threads", default=4, show_default=True, type=int)
+@click.option("--threads", default=8, show_default=True, type=int)
 def serve(host, port, threads):
     """Serve the web application with waitress (a production WSGI server)."""
     from waitress import serve as waitress_serve
 
+    from .config import Settings
+    from .store import migrate
     from .web import create_app
 
-    app = create_app()
-    click.echo(f"oncoscope serving on http://{host}:{port}/")
-    waitress_serve(app, host=host, port=port, threads=threads)
+    st = Settings.from_env()
+    if migrate.current(st.database_url) is None:
+        raise click.ClickException("the database has no schema yet: run `oncoscope db upgrade` first")
+    app = create_app(settings=st)
+    click.echo(f"oncoscope serving on http://{host}:{port}/ (instance {st.home})")
+    waitress_serve(app, host=host, port=port, threads=threads, max_request_body_size=st.max_upload_mb * 1024 * 1024 * 20)
+
+
+@main.group()
+def db():
+    """Database schema migrations (Alembic)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision):
+    """Create or upgrade the schema."""
+    from .config import Settings
+    from .store import migrate
+
+    st = Settings.from_env()
+    migrate.upgrade(st.database_url, revision)
+    click.echo(f"database at revision {migrate.current(st.database_url)}")
+
+
+@db.command("downgrade")
+@click.option("--revision", default="-1", show_default=True)
+def db_downgrade(revision):
+    """Step the schema back (default: one migration)."""
+    from .config import Settings
+    from .store import migrate
+
+    st = Settings.from_env()
+    migrate.downgrade(st.database_url, revision)
+    click.echo(f"database at revision {migrate.current(st.database_url)}")
+
+
+@db.command("current")
+def db_current():
+    from .config import Settings
+    from .store import migrate
+
+    click.echo(migrate.current(Settings.from_env().database_url) or "empty")
+
+
+@main.group()
+def users():
+    """User accounts."""
+
+
+@users.command("create")
+@click.option("--email", required=True)
+@click.option("--name", required=True)
+@click.option("--role", type=click.Choice(["doctor", "admin"]), default="doctor", show_default=True)
+@click.password_option(help="Password (prompted when omitted).")
+def users_create(email, name, role, password):
+    """Create a user account."""
+    from .config import Settings
+    from .store import users as user_store
+    from .store.db import make_engine, make_session_factory, session_scope
+
+    st = Settings.from_env()
+    with session_scope(make_session_factory(make_engine(st.database_url))) as s:
+        try:
+            u = user_store.create_user(s, email, name, password, role)
+        except user_store.AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"created {u.role} {u.email}")
 
 
 if __name__ == "__main__":  # pragma: no cover

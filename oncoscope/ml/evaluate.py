@@ -244,11 +244,11 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
                  "n_clusters": int(len(np.unique(clusters))), "selective": selective,
                  "reliability": M.reliability(probs, y)},
         "shortcuts": {
-            "scale_bar_masked": {"accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
+            "scale_bar_masked": {"metrics": masked, "accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
                                  "malignant_vs_benign": masked["malignant_vs_benign"], "ece": masked["ece"],
                                  "accuracy_drop_points": 100 * (main["accuracy"] - masked["accuracy"]),
                                  "flagged_out_of_domain": masked_flagged},
-            "colour_jitter": {"accuracy_per_seed": jit_acc, "accuracy_mean": float(np.mean(jit_acc)),
+            "colour_jitter": {"metrics_seed1": jit_metrics, "accuracy_per_seed": jit_acc, "accuracy_mean": float(np.mean(jit_acc)),
                               "macro_f1_seed1": jit_metrics["macro_f1"],
                               "malignant_vs_benign_seed1": jit_metrics["malignant_vs_benign"],
                               "accuracy_drop_points": 100 * (main["accuracy"] - float(np.mean(jit_acc))),
@@ -476,6 +476,14 @@ def render_markdown(card: dict) -> str:
           f"{', '.join(_fmt(v, True) for v in sh['colour_jitter']['flagged_out_of_domain_per_seed'])} (strong jitter "
           "moves some smears outside the stain range seen in training: they are referred, not diagnosed).",
           f"- Grayscale input: accuracy {_fmt(sh['grayscale_accuracy'], True)}.", "",
+          "| condition | accuracy | macro F1 | ECE | malignant sens | malignant spec |", "|---|---|---|---|---|---|",
+          f"| as captured | {_fmt(m['accuracy'], True)} | {_fmt(m['macro_f1'])} | {_fmt(m['ece'])} | "
+          f"{_fmt(mb['sensitivity'], True)} | {_fmt(mb['specificity'], True)} |",
+          *[f"| {name} | {_fmt(x['accuracy'], True)} | {_fmt(x['macro_f1'])} | {_fmt(x['ece'])} | "
+            f"{_fmt(x['malignant_vs_benign']['sensitivity'], True)} | {_fmt(x['malignant_vs_benign']['specificity'], True)} |"
+            for name, x in (("scale-bar corner masked", sh["scale_bar_masked"]["metrics"]),
+                            ("colour jitter (seed 1)", sh["colour_jitter"]["metrics_seed1"]))],
+          "", "Per-class figures for both conditions are in `model_card.json` (`shortcuts`).", "",
           "## Cell segmentation",
           "Reference masks are derived from the dataset's `Segmented/` images: foreground = max(RGB) > 30, 3x3 opening, "
           "hole filling, radius-2 opening, components < 80 px dropped; references covering < 0.5% or > 60% of the "

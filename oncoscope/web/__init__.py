@@ -1,27 +1,124 @@
-"""Flask application factory. The clinical application (accounts, patients, cases,
-review) is built on this in later milestones; today it serves the analyzers."""
+"""Flask application factory."""
 
 from __future__ import annotations
 
-from flask import Flask
+import datetime as dt
+
+from flask import Flask, g, render_template, request, session
+from flask_login import LoginManager, current_user, logout_user
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from sqlalchemy.exc import OperationalError, InterfaceError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from ..config import Settings
+from ..store.db import make_engine, make_session_factory
+from ..store.files import FileStore
+
+csrf = CSRFProtect()
+login_manager = LoginManager()
 
 
-def create_app(config: dict | None = None) -> Flask:
+def create_app(config: dict | None = None, settings: Settings | None = None, start_workers: bool = True) -> Flask:
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=25 * 1024 * 1024)
+    settings = settings or Settings.from_env()
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024 * 20,  # whole multi-file request; per file below
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=_secure_cookies(),
+        REMEMBER_COOKIE_HTTPONLY=True,
+        WTF_CSRF_TIME_LIMIT=None,
+        PERMANENT_SESSION_LIFETIME=dt.timedelta(minutes=settings.session_idle_minutes),
+    )
     if config:
         app.config.update(config)
-    from .views import bp
+    engine = make_engine(settings.database_url)
+    app.extensions["oncoscope"] = {
+        "settings": settings,
+        "engine": engine,
+        "sessions": make_session_factory(engine),
+        "files": FileStore(settings.images_dir),
+    }
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please sign in to continue."
+    login_manager.session_protection = "strong"
 
-    app.register_blueprint(bp)
+    from . import admin, auth, cases, patients, views
+
+    for bp in (views.bp, auth.bp, patients.bp, cases.bp, admin.bp):
+        app.register_blueprint(bp)
+
+    from .helpers import db_session_teardown, load_user
+
+    login_manager.user_loader(load_user)
+    app.teardown_appcontext(db_session_teardown)
+
+    @app.before_request
+    def _idle_timeout():
+        session.permanent = True
+        if current_user.is_authenticated:
+            now = dt.datetime.now(dt.timezone.utc).timestamp()
+            last = session.get("seen", now)
+            if now - last > settings.session_idle_minutes * 60:
+                logout_user()
+                session.clear()
+                g.session_expired = True
+            else:
+                session["seen"] = now
 
     @app.after_request
-    def security_headers(resp):
+    def _security_headers(resp):
         resp.headers.setdefault("Content-Security-Policy",
-                                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
+                                "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+                                "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=()")
+        if request.endpoint and request.endpoint != "static":
+            resp.headers.setdefault("Cache-Control", "no-store")
         return resp
 
+    @app.errorhandler(CSRFError)
+    def _csrf(_e):
+        return render_template("error.html", title="Form expired",
+                               message="The form expired or was sent from elsewhere. Reload the page and try again."), 400
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_e):
+        return render_template("error.html", title="Upload too large",
+                               message=f"Each image may be at most {settings.max_upload_mb} MB."), 413
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def _db_down(_e):
+        return render_template("error.html", title="Database unavailable",
+                               message="The database is not answering. Nothing was saved; please retry in a moment."), 503
+
+    @app.errorhandler(403)
+    def _forbidden(_e):
+        return render_template("error.html", title="Not allowed", message="You do not have access to this page."), 403
+
+    @app.errorhandler(404)
+    def _not_found(_e):
+        return render_template("error.html", title="Not found", message="There is nothing at this address."), 404
+
+    @app.errorhandler(500)
+    def _server_error(_e):
+        return render_template("error.html", title="Something went wrong",
+                               message="The server could not complete the request. Nothing was stored."), 500
+
+    if start_workers and not app.config.get("TESTING_NO_WORKERS"):
+        from ..jobs import start_worker_pool
+
+        start_worker_pool(app)
     return app
+
+
+def _secure_cookies() -> bool:
+    import os
+
+    return os.environ.get("ONCOSCOPE_SECURE_COOKIES", "0").lower() in ("1", "true", "yes")

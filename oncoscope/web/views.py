@@ -1,29 +1,44 @@
-"""Thin views over the analyzer registry (no ML here: analyzers do the work)."""
+"""Home dashboards, health check, analyzer pages."""
 
 from __future__ import annotations
 
-import base64
 import json
 
-from flask import Blueprint, abort, jsonify, render_template, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, abort, jsonify, redirect, render_template, send_file, url_for
+from flask_login import current_user, login_required
+from sqlalchemy import func, select
 
 from ..analyzers import registry
-from ..analyzers.render import heatmap_overlay, mask_overlay, png_bytes
-from ..ml.imageio import ImageLoadError, load_image
+from ..store import cases as case_store
+from ..store.db import ping
+from ..store.models import Case, User
+from .helpers import db, ext, me
 
 bp = Blueprint("main", __name__)
 
+PLOTS = {"confusion_matrix.png", "roc.png", "reliability.png", "sample_overlays.png", "segmentation_disagreements.png"}
 
-def _card(analyzer_id: str) -> dict | None:
+
+def model_card(analyzer_id: str) -> dict | None:
     path = registry.MODELS_DIR / analyzer_id / "model_card.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def validation_summary(analyzer_id: str) -> str:
+    card = model_card(analyzer_id)
+    if not card:
+        return "No validation figures recorded."
+    m = card["test"]["metrics"]
+    mb = m["malignant_vs_benign"]
+    return (f"Test split (n={m['n']}, slide blocks held out): accuracy {100 * m['accuracy']:.1f}%, "
+            f"malignant sensitivity {100 * mb['sensitivity']:.1f}%, specificity {100 * mb['specificity']:.1f}%, "
+            f"ECE {m['ece']:.3f}")
+
+
 @bp.get("/healthz")
 def healthz():
-    status = {"app": "ok", "analyzers": {}}
-    ok = True
+    status = {"app": "ok", "database": "ok" if ping(ext()["engine"]) else "unavailable", "analyzers": {}}
+    ok = status["database"] == "ok"
     for aid in registry.available():
         try:
             registry.get(aid)
@@ -31,60 +46,71 @@ def healthz():
         except Exception as exc:  # noqa: BLE001 - report, do not crash
             status["analyzers"][aid] = f"error: {exc.__class__.__name__}"
             ok = False
-    return jsonify(status), (200 if ok and status["analyzers"] else 503)
+    ok = ok and bool(status["analyzers"])
+    return jsonify(status), (200 if ok else 503)
 
 
 @bp.get("/")
-def index():
-    analyzers = []
-    for aid in registry.available():
-        an = registry.get(aid)
-        analyzers.append({"info": an.describe(), "card": _card(aid)})
-    return render_template("index.html", analyzers=analyzers, title="Analyzers")
+def home():
+    from ..store.users import has_users
+
+    if not has_users(db()):
+        return redirect(url_for("auth.setup"))
+    if not current_user.is_authenticated:
+        return redirect(url_for("auth.login"))
+    s, u = db(), me()
+    counts = case_store.counts_by_status(s, u)
+    pending = case_store.history(s, u, status="ready", per_page=10)
+    recent = case_store.history(s, u, per_page=10)
+    ctx = {"counts": counts, "pending": pending.items, "recent": recent.items, "title": "Home"}
+    if u.is_admin:
+        ctx["n_users"] = s.scalar(select(func.count(User.id)).where(User.is_active.is_(True)))
+        ctx["volume"] = case_store.volume_per_day(s, 14)
+        ctx["failed"] = case_store.failed_jobs(s, 20)
+        ctx["analyzers"] = [{"info": registry.get(a).describe(), "summary": validation_summary(a)}
+                            for a in registry.available()]
+        return render_template("home_admin.html", **ctx)
+    return render_template("home_doctor.html", **ctx)
 
 
-@bp.route("/try/<analyzer_id>", methods=["GET", "POST"])
-def try_analyzer(analyzer_id: str):
+@bp.get("/analyzers/<analyzer_id>")
+@login_required
+def analyzer(analyzer_id: str):
     if analyzer_id not in registry.available():
         abort(404)
     an = registry.get(analyzer_id)
-    result, images, error = None, None, None
-    if request.method == "POST":
-        f = request.files.get("image")
-        if f is None or not f.filename:
-            error = "Choose an image file to analyse."
-        else:
-            try:
-                loaded = load_image(f.read())
-            except ImageLoadError as exc:
-                error = str(exc)
-            else:
-                result = an.analyze(loaded)
-                if result.status == "error":
-                    error = result.error
-                else:
-                    enc = lambda a: "data:image/png;base64," + base64.b64encode(png_bytes(a)).decode()  # noqa: E731
-                    images = {"original": enc(loaded.rgb)}
-                    if result.mask is not None:
-                        images["cells"] = enc(mask_overlay(loaded.rgb, result.mask))
-                    if result.heatmap is not None:
-                        images["heatmap"] = enc(heatmap_overlay(loaded.rgb, result.heatmap))
-    return render_template("try.html", analyzer=an.describe(), result=result, images=images, error=error,
-                           title=f"Try {an.id}"), (400 if error else 200)
+    card = model_card(analyzer_id)
+    plots = [p for p in sorted(PLOTS) if (registry.MODELS_DIR / analyzer_id / p).exists()]
+    return render_template("analyzer.html", info=an.describe(), card=card, plots=plots,
+                           summary=validation_summary(analyzer_id), title=an.name)
 
 
-@bp.app_errorhandler(RequestEntityTooLarge)
-def too_large(_exc):
-    return render_template("error.html", title="File too large",
-                           message="The upload is larger than the 25 MB limit."), 413
+@bp.get("/analyzers/<analyzer_id>/plots/<name>")
+@login_required
+def analyzer_plot(analyzer_id: str, name: str):
+    if analyzer_id not in registry.available() or name not in PLOTS:
+        abort(404)
+    path = registry.MODELS_DIR / analyzer_id / name
+    if not path.exists():
+        abort(404)
+    return send_file(path, mimetype="image/png", max_age=3600)
 
 
-@bp.app_errorhandler(404)
-def not_found(_exc):
-    return render_template("error.html", title="Not found", message="There is nothing at this address."), 404
+@bp.app_template_filter("pct")
+def pct(v) -> str:
+    return "–" if v is None else f"{100 * float(v):.1f}%"
 
 
-@bp.app_errorhandler(500)
-def server_error(_exc):
-    return render_template("error.html", title="Something went wrong",
-                           message="The server could not complete the request. Nothing was stored."), 500
+@bp.app_template_filter("dtfmt")
+def dtfmt(v) -> str:
+    return "–" if v is None else v.strftime("%Y-%m-%d %H:%M") + " UTC"
+
+
+@bp.app_context_processor
+def _inject():
+    return {"analyzer_names": {a: registry.get(a).name for a in registry.available()},
+            "case_count": lambda status: None}
+
+
+def case_link(c: Case) -> str:
+    return url_for("cases.view", case_id=c.id)

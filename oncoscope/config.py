@@ -1,0 +1,101 @@
+"""Settings from the environment (one place for every configurable value).
+
+* ``ONCOSCOPE_HOME``: instance folder (SQLite file, images, secret key); default ``./instance``.
+* ``DATABASE_URL``: SQLAlchemy URL; default SQLite in the instance folder.
+* ``ONCOSCOPE_SECRET_KEY``: optional; otherwise a key is generated once per instance and kept
+  in ``<home>/secret_key`` (mode 0600). Weak or well-known keys are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WEAK_KEYS = {"", "dev", "secret", "changeme", "change-me", "default", "development", "test", "password", "flask"}
+
+
+class SettingsError(RuntimeError):
+    pass
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _secret_key(home: Path) -> str:
+    env = os.environ.get("ONCOSCOPE_SECRET_KEY")
+    if env is not None:
+        if env.strip().lower() in WEAK_KEYS or len(env) < 32:
+            raise SettingsError("ONCOSCOPE_SECRET_KEY is too weak: use at least 32 random characters "
+                                "(or unset it to let oncoscope generate one)")
+        return env
+    path = home / "secret_key"
+    if path.exists():
+        key = path.read_text().strip()
+        if len(key) >= 32:
+            return key
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+@dataclass
+class Settings:
+    home: Path
+    database_url: str
+    secret_key: str = field(repr=False)
+    max_upload_mb: int = 25
+    session_idle_minutes: int = 30
+    login_max_failures: int = 5
+    login_lock_minutes: int = 15
+    analysis_workers: int = 2
+    job_max_attempts: int = 3
+    clinic_name: str = "Oncoscope clinic"
+    page_size: int = 25
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        home = Path(overrides.pop("home", None) or os.environ.get("ONCOSCOPE_HOME") or Path.cwd() / "instance").resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        url = overrides.pop("database_url", None) or os.environ.get("DATABASE_URL") or f"sqlite:///{home / 'oncoscope.db'}"
+        if url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url[len("postgres://"):]
+        elif url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        elif url.startswith("mysql://") or url.startswith("mariadb://"):
+            url = "mysql+pymysql://" + url.split("://", 1)[1]
+        s = cls(
+            home=home,
+            database_url=url,
+            secret_key=overrides.pop("secret_key", None) or _secret_key(home),
+            max_upload_mb=_int("ONCOSCOPE_MAX_UPLOAD_MB", 25),
+            session_idle_minutes=_int("ONCOSCOPE_SESSION_IDLE_MINUTES", 30),
+            login_max_failures=_int("ONCOSCOPE_LOGIN_MAX_FAILURES", 5),
+            login_lock_minutes=_int("ONCOSCOPE_LOGIN_LOCK_MINUTES", 15),
+            analysis_workers=_int("ONCOSCOPE_ANALYSIS_WORKERS", 2),
+            clinic_name=os.environ.get("ONCOSCOPE_CLINIC_NAME", "Oncoscope clinic"),
+        )
+        for k, v in overrides.items():
+            if not hasattr(s, k):
+                raise SettingsError(f"unknown setting {k!r}")
+            setattr(s, k, v)
+        s.images_dir.mkdir(parents=True, exist_ok=True)
+        return s

@@ -1,0 +1,179 @@
+"""SQLAlchemy 2 models. Portable across SQLite, PostgreSQL and MariaDB/MySQL:
+explicit string lengths, JSON columns, naive UTC datetimes."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (JSON, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+ROLES = ("admin", "doctor")
+JOB_STATUSES = ("queued", "running", "done", "failed", "retried")
+CASE_STATUSES = ("open", "analysing", "ready", "signed")
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    role: Mapped[str] = mapped_column(String(20), nullable=False, default="doctor")
+    password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    session_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    failed_logins: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class PatientAccess(Base):
+    """Which doctors may see a patient (assigned or shared by an admin or the creator)."""
+
+    __tablename__ = "patient_access"
+
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    granted_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    __table_args__ = (Index("ix_patients_family_given", "family_name", "given_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mrn: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    family_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    given_name: Mapped[str] = mapped_column(String(100), nullable=False, default="")
+    birth_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    sex: Mapped[str] = mapped_column(String(16), nullable=False, default="unknown")
+    notes: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+
+    cases: Mapped[list["Case"]] = relationship(back_populates="patient", order_by="Case.created_at.desc()")
+    doctors: Mapped[list[User]] = relationship(secondary="patient_access", viewonly=True)
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.family_name}, {self.given_name}".strip(", ")
+
+
+class Case(Base):
+    __tablename__ = "cases"
+    __table_args__ = (Index("ix_cases_created", "created_at"), Index("ix_cases_status", "status"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), nullable=False, index=True)
+    analyzer_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    clinical_note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="open")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    final_diagnosis: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="cases")
+    images: Mapped[list["CaseImage"]] = relationship(back_populates="case", order_by="CaseImage.id")
+    reviews: Mapped[list["Review"]] = relationship(back_populates="case", order_by="Review.version")
+    created_by: Mapped[User | None] = relationship()
+
+    @property
+    def current_review(self) -> "Review | None":
+        return self.reviews[-1] if self.reviews else None
+
+
+class CaseImage(Base):
+    """An uploaded image, stored by content hash; the user's file name is metadata only."""
+
+    __tablename__ = "case_images"
+    __table_args__ = (UniqueConstraint("case_id", "sha256", name="uq_case_image_sha"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    original_filename: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    content_type: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    uploaded_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+    case: Mapped[Case] = relationship(back_populates="images")
+    analysis: Mapped["Analysis | None"] = relationship(back_populates="image", uselist=False)
+
+
+class Analysis(Base):
+    """One analyzer run on one image: the job state and, when done, the AI result."""
+
+    __tablename__ = "analyses"
+    __table_args__ = (Index("ix_analyses_job", "job_status", "queued_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("case_images.id", ondelete="CASCADE"), nullable=False, unique=True)
+    analyzer_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    job_status: Mapped[str] = mapped_column(String(20), nullable=False, default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # result
+    model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result_status: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    label: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    malignant: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    malignant_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    cell_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cells: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    messages: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    timings_ms: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+    image: Mapped[CaseImage] = relationship(back_populates="analysis")
+
+
+class Review(Base):
+    """A signed diagnosis. Signing freezes the case; an amendment adds version n+1 and keeps n."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (UniqueConstraint("case_id", "version", name="uq_review_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    ai_label: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ai_status: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    final_diagnosis: Mapped[str] = mapped_column(String(64), nullable=False)
+    agrees_with_ai: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    override_reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    uncertainty_note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    comment: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    amendment_reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    signed_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    signed_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    content_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+
+    case: Mapped[Case] = relationship(back_populates="reviews")
+    signed_by: Mapped[User] = relationship()

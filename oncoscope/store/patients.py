@@ -1,0 +1,114 @@
+"""Patients and who may see them. Every read goes through ``visible_patients`` so the
+object-level rule lives in one place: admins see all, doctors see patients assigned to them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import Select, exists, func, or_, select
+from sqlalchemy.orm import Session
+
+from .models import Patient, PatientAccess, User
+
+
+class PatientError(ValueError):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class Page:
+    items: list
+    page: int
+    pages: int
+    total: int
+
+
+def visible_patients(user: User) -> Select:
+    q = select(Patient)
+    if not user.is_admin:
+        q = q.where(exists().where(PatientAccess.patient_id == Patient.id, PatientAccess.user_id == user.id))
+    return q
+
+
+def can_see(s: Session, user: User, patient_id: int) -> bool:
+    return s.scalar(visible_patients(user).with_only_columns(Patient.id).where(Patient.id == patient_id)) is not None
+
+
+def get_visible(s: Session, user: User, patient_id: int) -> Patient | None:
+    return s.scalar(visible_patients(user).where(Patient.id == patient_id))
+
+
+def search(s: Session, user: User, text: str = "", page: int = 1, per_page: int = 25) -> Page:
+    q = visible_patients(user)
+    t = (text or "").strip()
+    if t:
+        like = f"%{t.replace('%', '').replace('_', '')}%"
+        q = q.where(or_(Patient.mrn == t, Patient.mrn.like(f"{t}%"), Patient.family_name.like(like),
+                        Patient.given_name.like(like)))
+    total = s.scalar(q.with_only_columns(func.count(Patient.id)).order_by(None))
+    pages = max(1, math.ceil(total / per_page))
+    page = min(max(1, page), pages)
+    items = list(s.scalars(q.order_by(Patient.family_name, Patient.given_name, Patient.id)
+                           .offset((page - 1) * per_page).limit(per_page)))
+    return Page(items, page, pages, total)
+
+
+def _clean(values: dict) -> dict:
+    mrn = (values.get("mrn") or "").strip()
+    family = (values.get("family_name") or "").strip()
+    if not mrn:
+        raise PatientError("Enter the medical record number.", "mrn")
+    if len(mrn) > 64:
+        raise PatientError("At most 64 characters.", "mrn")
+    if not family:
+        raise PatientError("Enter the family name.", "family_name")
+    if len(family) > 100 or len((values.get("given_name") or "")) > 100:
+        raise PatientError("Names are limited to 100 characters.", "family_name")
+    bd = values.get("birth_date")
+    if isinstance(bd, str) and bd:
+        try:
+            bd = dt.date.fromisoformat(bd)
+        except ValueError:
+            raise PatientError("Use the date format YYYY-MM-DD.", "birth_date") from None
+    if bd and (bd > dt.date.today() or bd.year < 1880):
+        raise PatientError("The birth date is not plausible.", "birth_date")
+    sex = values.get("sex") or "unknown"
+    if sex not in ("female", "male", "other", "unknown"):
+        raise PatientError("Choose a value from the list.", "sex")
+    return {"mrn": mrn, "family_name": family, "given_name": (values.get("given_name") or "").strip(),
+            "birth_date": bd or None, "sex": sex, "notes": (values.get("notes") or "")[:5000]}
+
+
+def create(s: Session, creator: User, values: dict) -> Patient:
+    v = _clean(values)
+    if s.scalar(select(Patient.id).where(Patient.mrn == v["mrn"])):
+        raise PatientError("A patient with this MRN already exists.", "mrn")
+    p = Patient(created_by_id=creator.id, **v)
+    s.add(p)
+    s.flush()
+    if not creator.is_admin:
+        s.add(PatientAccess(patient_id=p.id, user_id=creator.id))
+    return p
+
+
+def update(s: Session, patient: Patient, values: dict) -> Patient:
+    v = _clean(values)
+    if v["mrn"] != patient.mrn and s.scalar(select(Patient.id).where(Patient.mrn == v["mrn"], Patient.id != patient.id)):
+        raise PatientError("A patient with this MRN already exists.", "mrn")
+    for k, val in v.items():
+        setattr(patient, k, val)
+    return patient
+
+
+def set_doctors(s: Session, patient: Patient, doctor_ids: list[int]) -> None:
+    wanted = set(doctor_ids)
+    valid = set(s.scalars(select(User.id).where(User.id.in_(wanted), User.role == "doctor")))
+    current = set(s.scalars(select(PatientAccess.user_id).where(PatientAccess.patient_id == patient.id)))
+    for uid in current - valid:
+        s.delete(s.get(PatientAccess, (patient.id, uid)))
+    for uid in valid - current:
+        s.add(PatientAccess(patient_id=patient.id, user_id=uid))

@@ -1,0 +1,102 @@
+"""Accounts: argon2 hashing, login throttling, session versioning."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .models import ROLES, User, utcnow
+
+_hasher = PasswordHasher()
+MIN_PASSWORD = 10
+# Verify against this when the user does not exist, so timing does not reveal which emails exist.
+_DUMMY_HASH = _hasher.hash("not-a-real-password-0000")
+
+
+class AccountError(ValueError):
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def password_problem(pw: str) -> str | None:
+    if len(pw) < MIN_PASSWORD:
+        return f"Use at least {MIN_PASSWORD} characters."
+    if len(pw) > 256:
+        return "Use at most 256 characters."
+    if pw.lower() == pw and pw.isalpha():
+        return "Mix letters with digits or symbols, or use a longer passphrase."
+    return None
+
+
+def normalise_email(email: str) -> str:
+    return (email or "").strip().lower()
+
+
+def has_users(s: Session) -> bool:
+    return s.scalar(select(func.count(User.id))) > 0
+
+
+def create_user(s: Session, email: str, name: str, password: str, role: str = "doctor") -> User:
+    email = normalise_email(email)
+    if "@" not in email or len(email) > 255:
+        raise AccountError("Enter a valid email address.", "email")
+    if not name.strip():
+        raise AccountError("Enter a name.", "name")
+    if role not in ROLES:
+        raise AccountError("Unknown role.", "role")
+    problem = password_problem(password)
+    if problem:
+        raise AccountError(problem, "password")
+    if s.scalar(select(User.id).where(User.email == email)):
+        raise AccountError("A user with this email already exists.", "email")
+    u = User(email=email, name=name.strip()[:200], role=role, password_hash=_hasher.hash(password))
+    s.add(u)
+    s.flush()
+    return u
+
+
+def set_password(s: Session, user: User, password: str) -> None:
+    problem = password_problem(password)
+    if problem:
+        raise AccountError(problem, "password")
+    user.password_hash = _hasher.hash(password)
+    user.session_version += 1  # logs out every existing session
+    user.failed_logins = 0
+    user.locked_until = None
+
+
+def authenticate(s: Session, email: str, password: str, max_failures: int, lock_minutes: int) -> User:
+    """Return the user or raise AccountError with a message that does not reveal which part was wrong."""
+    generic = AccountError("Email or password is incorrect.")
+    user = s.scalar(select(User).where(User.email == normalise_email(email)))
+    now = utcnow()
+    if user is None:
+        try:
+            _hasher.verify(_DUMMY_HASH, password or "x")
+        except VerificationError:
+            pass
+        raise generic
+    if user.locked_until and user.locked_until > now:
+        mins = max(1, int((user.locked_until - now).total_seconds() // 60) + 1)
+        raise AccountError(f"Too many failed attempts. Try again in {mins} minute{'s' if mins > 1 else ''}.")
+    try:
+        _hasher.verify(user.password_hash, password or "")
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        user.failed_logins += 1
+        if user.failed_logins >= max_failures:
+            user.locked_until = now + dt.timedelta(minutes=lock_minutes)
+            user.failed_logins = 0
+        raise generic from None
+    if not user.is_active:
+        raise AccountError("This account is deactivated. Ask your administrator.")
+    if _hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = _hasher.hash(password)
+    user.failed_logins = 0
+    user.locked_until = None
+    user.last_login_at = now
+    return user

@@ -1,0 +1,82 @@
+"""Administration: user accounts."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from sqlalchemy import select
+
+from ..store import users as user_store
+from ..store.models import User
+from .forms import EmptyForm, ResetPasswordForm, RoleForm, UserForm
+from .helpers import admin_required, db, me
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+def _user_or_404(user_id: int) -> User:
+    u = db().get(User, user_id)
+    if u is None:
+        abort(404)
+    return u
+
+
+@bp.route("/users", methods=["GET", "POST"])
+@admin_required
+def users():
+    s = db()
+    form = UserForm()
+    if form.validate_on_submit():
+        try:
+            u = user_store.create_user(s, form.email.data, form.name.data, form.password.data, form.role.data)
+            s.commit()
+        except user_store.AccountError as exc:
+            s.rollback()
+            getattr(form, exc.field or "email").errors.append(str(exc))
+        else:
+            flash(f"Account created for {u.name}. Give them the initial password securely.", "ok")
+            return redirect(url_for("admin.users"))
+    rows = list(s.scalars(select(User).order_by(User.is_active.desc(), User.name)))
+    return render_template("admin/users.html", users=rows, form=form, action=EmptyForm(), title="Users")
+
+
+@bp.post("/users/<int:user_id>/active")
+@admin_required
+def toggle_active(user_id: int):
+    u = _user_or_404(user_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    if u.id == me().id:
+        flash("You cannot deactivate your own account.", "error")
+    else:
+        u.is_active = not u.is_active
+        u.session_version += 1
+        db().commit()
+        flash(f"{u.name} {'re-activated' if u.is_active else 'deactivated'}.", "ok")
+    return redirect(url_for("admin.users"))
+
+
+@bp.route("/users/<int:user_id>", methods=["GET", "POST"])
+@admin_required
+def edit_user(user_id: int):
+    u = _user_or_404(user_id)
+    pw_form, role_form = ResetPasswordForm(prefix="pw"), RoleForm(prefix="role", obj=u)
+    s = db()
+    if pw_form.password.data and pw_form.validate_on_submit():
+        try:
+            user_store.set_password(s, u, pw_form.password.data)
+            s.commit()
+        except user_store.AccountError as exc:
+            pw_form.password.errors.append(str(exc))
+        else:
+            flash(f"Password reset for {u.name}; their sessions were signed out.", "ok")
+            return redirect(url_for("admin.users"))
+    elif role_form.role.data and role_form.validate_on_submit() and not pw_form.password.data:
+        if u.id == me().id and role_form.role.data != "admin":
+            flash("You cannot remove your own administrator role.", "error")
+        else:
+            u.role = role_form.role.data
+            u.session_version += 1
+            s.commit()
+            flash(f"{u.name} is now {'an administrator' if u.role == 'admin' else 'a doctor'}.", "ok")
+            return redirect(url_for("admin.users"))
+    return render_template("admin/user.html", user=u, pw_form=pw_form, role_form=role_form, title=u.name)

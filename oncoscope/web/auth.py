@@ -1,0 +1,103 @@
+"""First-run setup, sign in / out, password change."""
+
+from __future__ import annotations
+
+from flask import Blueprint, flash, g, redirect, render_template, request, session, url_for
+from flask_login import current_user, login_required, login_user, logout_user
+
+from ..store import users as user_store
+from .forms import LoginForm, PasswordForm, SetupForm
+from .helpers import LoginUser, db, me, settings
+
+bp = Blueprint("auth", __name__)
+
+
+def _safe_next(target: str | None) -> str:
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("main.home")
+
+
+@bp.route("/setup", methods=["GET", "POST"])
+def setup():
+    s = db()
+    if user_store.has_users(s):
+        return redirect(url_for("auth.login"))
+    form = SetupForm()
+    if form.validate_on_submit():
+        try:
+            u = user_store.create_user(s, form.email.data, form.name.data, form.password.data, role="admin")
+            s.commit()
+        except user_store.AccountError as exc:
+            s.rollback()
+            getattr(form, exc.field or "email").errors.append(str(exc))
+        else:
+            login_user(LoginUser(u))
+            session["seen"] = __import__("time").time()
+            flash("Administrator account created. Next: create accounts for your doctors.", "ok")
+            return redirect(url_for("admin.users"))
+    return render_template("auth/setup.html", form=form, title="First-run setup")
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    s = db()
+    if not user_store.has_users(s):
+        return redirect(url_for("auth.setup"))
+    if current_user.is_authenticated:
+        return redirect(url_for("main.home"))
+    form = LoginForm()
+    error = None
+    if g.get("session_expired"):
+        error = "Your session expired after inactivity. Please sign in again."
+    if form.validate_on_submit():
+        st = settings()
+        try:
+            u = user_store.authenticate(s, form.email.data, form.password.data, st.login_max_failures,
+                                        st.login_lock_minutes)
+        except user_store.AccountError as exc:
+            s.commit()  # keep the failure counter
+            error = str(exc)
+        else:
+            s.commit()
+            session.clear()
+            login_user(LoginUser(u))
+            session["seen"] = __import__("time").time()
+            return redirect(_safe_next(request.args.get("next")))
+    return render_template("auth/login.html", form=form, error=error, title="Sign in"), (401 if error and request.method == "POST" else 200)
+
+
+@bp.post("/logout")
+@login_required
+def logout():
+    logout_user()
+    session.clear()
+    flash("You are signed out.", "ok")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+@login_required
+def change_password():
+    form = PasswordForm()
+    if form.validate_on_submit():
+        s = db()
+        u = me()
+        try:
+            user_store.authenticate(s, u.email, form.current.data, settings().login_max_failures,
+                                    settings().login_lock_minutes)
+        except user_store.AccountError:
+            s.commit()
+            form.current.errors.append("The current password is not correct.")
+        else:
+            try:
+                user_store.set_password(s, u, form.password.data)
+            except user_store.AccountError as exc:
+                form.password.errors.append(str(exc))
+            else:
+                s.commit()
+                logout_user()
+                session.clear()
+                flash("Password changed. Every session was signed out; sign in with the new password.", "ok")
+                return redirect(url_for("auth.login"))
+    return render_template("auth/password.html", form=form, title="Change password")

@@ -1,0 +1,238 @@
+"""Cases: create with uploads, result page, job status polling, image files, sign-off, PDF report, history."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from flask import (Blueprint, Response, abort, flash, jsonify, redirect, render_template, request, send_file,
+                   session, url_for)
+from flask_login import login_required
+from sqlalchemy import select
+
+from ..analyzers import registry
+from ..store import cases as case_store
+from ..store import patients as patient_store
+from ..store.models import CaseImage, User
+from .forms import CaseForm, EmptyForm, SignForm
+from .helpers import db, ext, files, int_arg, me, settings
+
+bp = Blueprint("cases", __name__)
+
+IMAGE_KINDS = {"original", "thumb", "cells", "heatmap", "heatmap-layer"}
+
+
+def _case_or_404(case_id: int):
+    c = case_store.get_visible(db(), me(), case_id)
+    if c is None:
+        abort(404)
+    return c
+
+
+def _uploads() -> list[tuple[str, bytes]]:
+    limit = settings().max_upload_mb * 1024 * 1024
+    out = []
+    for f in request.files.getlist("images"):
+        if not f or not f.filename:
+            continue
+        data = f.stream.read(limit + 1)
+        out.append((f.filename, data))
+    return out
+
+
+def _report_outcome(outcome) -> None:
+    if outcome.added:
+        flash(f"{len(outcome.added)} image{'s' if len(outcome.added) > 1 else ''} queued for analysis.", "ok")
+    for name in outcome.duplicates:
+        flash(f"{name}: already in this case (not added twice).", "info")
+    for name, msg in outcome.errors:
+        flash(f"{name}: not added. {msg}", "error")
+
+
+def _notify_workers() -> None:
+    pool = ext().get("workers")
+    if pool is not None:
+        pool.notify()
+
+
+@bp.route("/patients/<int:patient_id>/cases/new", methods=["GET", "POST"])
+@login_required
+def new(patient_id: int):
+    s = db()
+    patient = patient_store.get_visible(s, me(), patient_id)
+    if patient is None:
+        abort(404)
+    form = CaseForm()
+    form.analyzer_id.choices = [(a, registry.get(a).name) for a in registry.available()]
+    if request.method == "GET":
+        form.analyzer_id.data = "smear-all" if "smear-all" in registry.available() else None
+    submission = request.form.get("submission_id") or uuid.uuid4().hex
+    done = session.get("submissions", {})
+    if request.method == "POST" and submission in done:  # a double-clicked / resent form
+        return redirect(url_for("cases.view", case_id=done[submission]))
+    if form.validate_on_submit():
+        try:
+            case = case_store.create_case(s, me(), patient, form.analyzer_id.data, form.clinical_note.data or "")
+            outcome = case_store.add_images(s, files(), case, me(), _uploads(),
+                                            settings().max_upload_mb * 1024 * 1024)
+            s.commit()
+        except case_store.CaseError as exc:
+            s.rollback()
+            getattr(form, exc.field or "analyzer_id").errors.append(str(exc))
+        else:
+            done = dict(list(done.items())[-20:])
+            done[submission] = case.id
+            session["submissions"] = done
+            _report_outcome(outcome)
+            _notify_workers()
+            return redirect(url_for("cases.view", case_id=case.id))
+    return render_template("cases/new.html", form=form, patient=patient, submission_id=submission,
+                           max_mb=settings().max_upload_mb, title="New case")
+
+
+@bp.get("/cases/<int:case_id>")
+@login_required
+def view(case_id: int):
+    c = _case_or_404(case_id)
+    an = registry.get(c.analyzer_id) if c.analyzer_id in registry.available() else None
+    agg = case_store.aggregate(c)
+    sign_form = None
+    if an is not None:
+        sign_form = SignForm()
+        sign_form.final_diagnosis.choices = case_store.diagnosis_options(an)
+        if agg.label and not sign_form.final_diagnosis.data:
+            sign_form.final_diagnosis.data = agg.label
+    return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form,
+                           upload_form=EmptyForm(), max_mb=settings().max_upload_mb,
+                           title=f"Case {c.id}")
+
+
+@bp.post("/cases/<int:case_id>/images")
+@login_required
+def upload(case_id: int):
+    c = _case_or_404(case_id)
+    s = db()
+    form = EmptyForm()
+    wants_json = request.accept_mimetypes.best == "application/json"
+    if not form.validate_on_submit():
+        if wants_json:
+            return jsonify({"error": "The form expired; reload the page."}), 400
+        abort(400)
+    try:
+        outcome = case_store.add_images(s, files(), c, me(), _uploads(), settings().max_upload_mb * 1024 * 1024)
+        s.commit()
+    except case_store.CaseError as exc:
+        s.rollback()
+        if wants_json:
+            return jsonify({"error": str(exc)}), 409
+        flash(str(exc), "error")
+        return redirect(url_for("cases.view", case_id=c.id))
+    _notify_workers()
+    if wants_json:
+        return jsonify({"added": [i.id for i in outcome.added], "duplicates": outcome.duplicates,
+                        "errors": [{"file": n, "message": m} for n, m in outcome.errors]}), \
+            (200 if outcome.added or outcome.duplicates else 422)
+    _report_outcome(outcome)
+    return redirect(url_for("cases.view", case_id=c.id))
+
+
+@bp.get("/cases/<int:case_id>/status.json")
+@login_required
+def status(case_id: int):
+    c = _case_or_404(case_id)
+    return jsonify({"case": c.id, "status": c.status,
+                    "images": [{"id": i.id, "job": i.analysis.job_status if i.analysis else None,
+                                "result": i.analysis.result_status if i.analysis else None} for i in c.images]})
+
+
+@bp.get("/cases/<int:case_id>/images/<int:image_id>/<kind>.png")
+@login_required
+def image(case_id: int, image_id: int, kind: str):
+    c = _case_or_404(case_id)
+    img = db().scalar(select(CaseImage).where(CaseImage.id == image_id, CaseImage.case_id == c.id))
+    if img is None or kind not in IMAGE_KINDS:
+        abort(404)
+    store = files()
+    if kind == "original":
+        from ..ml.imageio import load_image
+        from ..analyzers.render import png_bytes
+
+        rgb = load_image(store.path(img.sha256)).rgb
+        return Response(png_bytes(rgb), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    name = kind if kind == "thumb" else f"{kind}-{c.analyzer_id}"
+    if not store.exists(img.sha256, name):
+        abort(404)
+    return send_file(store.path(img.sha256, name), mimetype="image/png", max_age=3600)
+
+
+@bp.post("/cases/<int:case_id>/images/<int:image_id>/retry")
+@login_required
+def retry(case_id: int, image_id: int):
+    c = _case_or_404(case_id)
+    img = db().scalar(select(CaseImage).where(CaseImage.id == image_id, CaseImage.case_id == c.id))
+    if img is None or img.analysis is None or not EmptyForm().validate_on_submit():
+        abort(404)
+    case_store.retry_failed(db(), img.analysis)
+    db().commit()
+    _notify_workers()
+    return redirect(url_for("cases.view", case_id=c.id))
+
+
+@bp.post("/cases/<int:case_id>/sign")
+@login_required
+def sign(case_id: int):
+    c = _case_or_404(case_id)
+    an = registry.get(c.analyzer_id)
+    form = SignForm()
+    form.final_diagnosis.choices = case_store.diagnosis_options(an)
+    s = db()
+    if form.validate_on_submit():
+        try:
+            r = case_store.sign(s, c, me(), form.final_diagnosis.data, [k for k, _ in form.final_diagnosis.choices],
+                                comment=form.comment.data, override_reason=form.override_reason.data,
+                                uncertainty_note=form.uncertainty_note.data,
+                                amendment_reason=form.amendment_reason.data)
+            s.commit()
+        except case_store.CaseError as exc:
+            s.rollback()
+            getattr(form, exc.field or "final_diagnosis").errors.append(str(exc))
+        else:
+            flash(f"Case signed (version {r.version}).", "ok")
+            return redirect(url_for("cases.view", case_id=c.id))
+    c = _case_or_404(case_id)
+    return render_template("cases/view.html", case=c, analyzer=an, agg=case_store.aggregate(c), sign_form=form,
+                           upload_form=EmptyForm(), max_mb=settings().max_upload_mb, title=f"Case {c.id}"), 400
+
+
+@bp.get("/cases/<int:case_id>/report.pdf")
+@login_required
+def report(case_id: int):
+    from ..reports.case_report import case_report_pdf
+
+    c = _case_or_404(case_id)
+    pdf = case_report_pdf(c, files(), settings().clinic_name)
+    name = f"oncoscope-case-{c.id}" + (f"-v{c.current_review.version}" if c.current_review else "-draft") + ".pdf"
+    return Response(pdf, mimetype="application/pdf",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@bp.get("/cases/")
+@login_required
+def history():
+    s, u = db(), me()
+    args = request.args
+
+    def _date(v):
+        try:
+            return dt.date.fromisoformat(v) if v else None
+        except ValueError:
+            return None
+
+    filters = {"status": args.get("status", "")[:20], "diagnosis": args.get("diagnosis", "")[:64],
+               "doctor_id": int_arg(args.get("doctor"), 0, 0) or None, "date_from": _date(args.get("from")),
+               "date_to": _date(args.get("to")), "text": args.get("q", "")[:100]}
+    page = case_store.history(s, u, page=int_arg(args.get("page")), per_page=settings().page_size, **filters)
+    doctors = list(s.scalars(select(User).where(User.role == "doctor").order_by(User.name))) if u.is_admin else []
+    labels = sorted({l for a in registry.available() for l in registry.get(a).labels} | {case_store.NONDIAGNOSTIC})
+    return render_template("cases/history.html", page=page, filters=filters, args=args, doctors=doctors,
+                           labels=labels, title="Case history")

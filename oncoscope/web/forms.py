@@ -1,0 +1,76 @@
+"""Flask-WTF forms: CSRF on every form, validation messages shown next to fields."""
+
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from wtforms import (BooleanField, DateField, EmailField, PasswordField, SelectField, SelectMultipleField,
+                     StringField, TextAreaField)
+from wtforms.validators import DataRequired, EqualTo, Length, Optional, Regexp
+
+Email = lambda: Regexp(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", message="Enter a valid email address.")  # noqa: E731
+
+
+class SetupForm(FlaskForm):
+    name = StringField("Your name", validators=[DataRequired(), Length(max=200)])
+    email = EmailField("Email", validators=[DataRequired(), Email(), Length(max=255)])
+    password = PasswordField("Password", validators=[DataRequired(), Length(min=10, max=256)])
+    confirm = PasswordField("Repeat password", validators=[DataRequired(), EqualTo("password", "Passwords differ.")])
+
+
+class LoginForm(FlaskForm):
+    email = EmailField("Email", validators=[DataRequired(), Length(max=255)])
+    password = PasswordField("Password", validators=[DataRequired(), Length(max=256)])
+
+
+class PasswordForm(FlaskForm):
+    current = PasswordField("Current password", validators=[DataRequired()])
+    password = PasswordField("New password", validators=[DataRequired(), Length(min=10, max=256)])
+    confirm = PasswordField("Repeat new password", validators=[DataRequired(), EqualTo("password", "Passwords differ.")])
+
+
+class UserForm(FlaskForm):
+    name = StringField("Name", validators=[DataRequired(), Length(max=200)])
+    email = EmailField("Email", validators=[DataRequired(), Email(), Length(max=255)])
+    role = SelectField("Role", choices=[("doctor", "Doctor"), ("admin", "Administrator")])
+    password = PasswordField("Initial password", validators=[DataRequired(), Length(min=10, max=256)])
+
+
+class ResetPasswordForm(FlaskForm):
+    password = PasswordField("New password", validators=[DataRequired(), Length(min=10, max=256)])
+
+
+class RoleForm(FlaskForm):
+    role = SelectField("Role", choices=[("doctor", "Doctor"), ("admin", "Administrator")])
+
+
+class EmptyForm(FlaskForm):
+    """For POST-only buttons (CSRF token only)."""
+
+
+class PatientForm(FlaskForm):
+    mrn = StringField("Medical record number (MRN)", validators=[DataRequired(), Length(max=64)])
+    family_name = StringField("Family name", validators=[DataRequired(), Length(max=100)])
+    given_name = StringField("Given name", validators=[Optional(), Length(max=100)])
+    birth_date = DateField("Birth date", validators=[Optional()])
+    sex = SelectField("Sex", choices=[("unknown", "Unknown"), ("female", "Female"), ("male", "Male"), ("other", "Other")])
+    notes = TextAreaField("Notes", validators=[Optional(), Length(max=5000)])
+
+
+class AssignForm(FlaskForm):
+    doctors = SelectMultipleField("Doctors who may see this patient", coerce=int)
+
+
+class CaseForm(FlaskForm):
+    analyzer_id = SelectField("Analyzer", validators=[DataRequired()])
+    clinical_note = TextAreaField("Clinical note", validators=[Optional(), Length(max=5000)])
+
+
+class SignForm(FlaskForm):
+    final_diagnosis = SelectField("Final diagnosis", validators=[DataRequired()])
+    override_reason = TextAreaField("Reason for overriding the AI result", validators=[Optional(), Length(max=5000)])
+    uncertainty_note = TextAreaField("Note for signing an uncertain / out-of-domain result",
+                                     validators=[Optional(), Length(max=5000)])
+    comment = TextAreaField("Comment for the report", validators=[Optional(), Length(max=10000)])
+    amendment_reason = TextAreaField("Reason for the amendment", validators=[Optional(), Length(max=5000)])
+    confirm = BooleanField("I have reviewed the images and take responsibility for this diagnosis",
+                           validators=[DataRequired("Confirm that you reviewed the case.")])

@@ -1,0 +1,95 @@
+"""Request-scoped helpers shared by the blueprints (no SQL in templates, thin views)."""
+
+from __future__ import annotations
+
+from functools import wraps
+
+from flask import abort, current_app, g, session
+from flask_login import current_user, login_required
+from sqlalchemy.orm import Session
+
+from ..config import Settings
+from ..store.files import FileStore
+
+
+def ext() -> dict:
+    return current_app.extensions["oncoscope"]
+
+
+def settings() -> Settings:
+    return ext()["settings"]
+
+
+def files() -> FileStore:
+    return ext()["files"]
+
+
+def db() -> Session:
+    if "db" not in g:
+        g.db = ext()["sessions"]()
+    return g.db
+
+
+def db_session_teardown(exc=None) -> None:
+    s = g.pop("db", None)
+    if s is not None:
+        if exc is not None:
+            s.rollback()
+        s.close()
+
+
+class LoginUser:
+    """What Flask-Login keeps: the user row plus the session version it was issued for."""
+
+    def __init__(self, user):
+        self.user = user
+        self.id = user.id
+
+    is_authenticated = True
+    is_anonymous = False
+
+    @property
+    def is_active(self):
+        return self.user.is_active
+
+    def get_id(self) -> str:
+        return f"{self.user.id}:{self.user.session_version}"
+
+    def __getattr__(self, name):
+        return getattr(self.user, name)
+
+
+def load_user(token: str):
+    from ..store.models import User
+
+    try:
+        uid, ver = (int(x) for x in token.split(":"))
+    except ValueError:
+        return None
+    user = db().get(User, uid)
+    if user is None or not user.is_active or user.session_version != ver:
+        return None  # password changed / deactivated: every session ends
+    return LoginUser(user)
+
+
+def me():
+    """The signed-in User row."""
+    return current_user.user
+
+
+def admin_required(view):
+    @wraps(view)
+    @login_required
+    def wrapper(*a, **kw):
+        if not current_user.is_admin:
+            abort(403)
+        return view(*a, **kw)
+
+    return wrapper
+
+
+def int_arg(value, default: int = 1, lo: int = 1, hi: int = 10_000) -> int:
+    try:
+        return max(lo, min(hi, int(value)))
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,98 @@
+"""Patients: search, create, edit, view with the case timeline, assignment to doctors."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_login import login_required
+from sqlalchemy import select
+
+from ..store import patients as patient_store
+from ..store.models import User
+from .forms import AssignForm, PatientForm
+from .helpers import admin_required, db, int_arg, me, settings
+
+bp = Blueprint("patients", __name__, url_prefix="/patients")
+
+
+def _patient_or_404(patient_id: int):
+    p = patient_store.get_visible(db(), me(), patient_id)
+    if p is None:
+        abort(404)  # same answer whether it does not exist or is someone else's
+    return p
+
+
+@bp.get("/")
+@login_required
+def index():
+    q = request.args.get("q", "")[:100]
+    page = patient_store.search(db(), me(), q, int_arg(request.args.get("page")), settings().page_size)
+    return render_template("patients/index.html", page=page, q=q, title="Patients")
+
+
+@bp.route("/new", methods=["GET", "POST"])
+@login_required
+def new():
+    form = PatientForm()
+    if form.validate_on_submit():
+        s = db()
+        try:
+            p = patient_store.create(s, me(), form.data)
+            s.commit()
+        except patient_store.PatientError as exc:
+            s.rollback()
+            getattr(form, exc.field or "mrn").errors.append(str(exc))
+        else:
+            flash(f"Patient {p.display_name} created.", "ok")
+            return redirect(url_for("patients.view", patient_id=p.id))
+    return render_template("patients/form.html", form=form, patient=None, title="New patient")
+
+
+@bp.get("/<int:patient_id>")
+@login_required
+def view(patient_id: int):
+    p = _patient_or_404(patient_id)
+    assign = None
+    if me().is_admin:
+        assign = AssignForm()
+        assign.doctors.choices = _doctor_choices()
+        assign.doctors.data = [d.id for d in p.doctors]
+    return render_template("patients/view.html", patient=p, assign=assign, title=p.display_name)
+
+
+@bp.route("/<int:patient_id>/edit", methods=["GET", "POST"])
+@login_required
+def edit(patient_id: int):
+    p = _patient_or_404(patient_id)
+    form = PatientForm(obj=p)
+    if form.validate_on_submit():
+        s = db()
+        try:
+            patient_store.update(s, p, form.data)
+            s.commit()
+        except patient_store.PatientError as exc:
+            s.rollback()
+            getattr(form, exc.field or "mrn").errors.append(str(exc))
+        else:
+            flash("Patient updated.", "ok")
+            return redirect(url_for("patients.view", patient_id=p.id))
+    return render_template("patients/form.html", form=form, patient=p, title=f"Edit {p.display_name}")
+
+
+def _doctor_choices():
+    return [(u.id, f"{u.name} ({u.email})") for u in
+            db().scalars(select(User).where(User.role == "doctor", User.is_active.is_(True)).order_by(User.name))]
+
+
+@bp.post("/<int:patient_id>/doctors")
+@admin_required
+def assign(patient_id: int):
+    p = _patient_or_404(patient_id)
+    form = AssignForm()
+    form.doctors.choices = _doctor_choices()
+    if form.validate_on_submit():
+        patient_store.set_doctors(db(), p, form.doctors.data or [])
+        db().commit()
+        flash("Access updated.", "ok")
+    else:
+        flash("Choose doctors from the list.", "error")
+    return redirect(url_for("patients.view", patient_id=p.id))
