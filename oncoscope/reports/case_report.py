@@ -80,7 +80,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
                   "validation_summary": validation_summary(case.analyzer_id)},
         "images": images,
         "aggregate": {"ai_label": names.get(agg.label, agg.label) if agg.label else None, "ai_status": agg.status,
-                      "text": agg.text},
+                      "text": (f"{names.get(agg.label, agg.label)}: " if agg.label else "") + agg.text},
         "review": review,
         "disclaimer": wording.get("disclaimer", "AI output is decision support only and must be confirmed by a "
                                                "qualified person."),

@@ -187,7 +187,7 @@ def aggregate(case: Case) -> Aggregate:
     uncertain = any(a.result_status == "uncertain" for a in usable) or len({a.label for a in usable}) > 1 \
         or len(usable) < len(done)
     status = "uncertain" if uncertain else "ok"
-    text = f"{label} by mean probability over {len(usable)} of {total} field{'s' if total > 1 else ''}"
+    text = f"mean probability over {len(usable)} of {total} field{'s' if total > 1 else ''}"
     if len({a.label for a in usable}) > 1:
         text += " (fields disagree)"
     return Aggregate(label, status, mean, len(usable), total, text + ".")

@@ -1,0 +1,174 @@
+"""End-to-end in Chromium: first-run setup -> admin creates a doctor -> doctor signs in -> creates a
+patient -> uploads a smear -> sees the result -> overrides and signs -> downloads the PDF.
+Screenshots are kept in test-artifacts/e2e/."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "e2e"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SMEAR = REPO.parent / "shared" / "datasets" / "all-taleqani" / "Original" / "Pre" / "WBC-Malignant-Pre-154.jpg"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Chromium not installed (make test installs Debian's chromium)")
+    pytest.importorskip("playwright")
+    home = tmp_path_factory.mktemp("instance")
+    env = dict(os.environ, ONCOSCOPE_HOME=str(home), ONCOSCOPE_ANALYSIS_WORKERS="1")
+    env.pop("DATABASE_URL", None)
+    exe = str(Path(sys.executable).parent / "oncoscope")
+    subprocess.run([exe, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
+    port = _free_port()
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([exe, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(base + "/healthz", timeout=1)
+            break
+        except Exception:  # noqa: BLE001
+            time.sleep(0.25)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + (home / "server.log").read_text()[-2000:])
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
+            "--disable-gpu", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def smear_file(tmp_path) -> Path:
+    if SMEAR.exists():
+        return SMEAR
+    from oncoscope.ml.synthetic import smear_like
+
+    p = tmp_path / "field.png"
+    Image.fromarray(smear_like(0)[0]).save(p)
+    return p
+
+
+def test_full_clinical_workflow(server, browser, tmp_path):
+    ctx = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+    # 1. first-run setup
+    page.goto(server + "/")
+    assert page.url.endswith("/setup")
+    shot(page, "01-setup")
+    page.fill("#name", "Ada Admin")
+    page.fill("#email", "admin@clinic.test")
+    page.fill("#password", "Admin-pass-2026")
+    page.fill("#confirm", "Admin-pass-2026")
+    page.click("main button[type=submit]")
+    page.wait_for_url("**/admin/users")
+
+    # 2. admin creates a doctor
+    page.fill("#name", "Dr Hema Tologist")
+    page.fill("#email", "doctor@clinic.test")
+    page.select_option("#role", "doctor")
+    page.fill("#password", "Doctor-pass-2026")
+    page.click("main form[novalidate] button[type=submit]")
+    assert page.locator("text=Account created for Dr Hema Tologist").is_visible()
+    shot(page, "02-admin-users")
+    page.goto(server + "/")
+    shot(page, "03-admin-home")
+    page.click("text=Sign out")
+
+    # 3. doctor signs in
+    page.fill("#email", "doctor@clinic.test")
+    page.fill("#password", "Doctor-pass-2026")
+    page.click("main button[type=submit]")
+    page.wait_for_url(server + "/")
+    shot(page, "04-doctor-home")
+
+    # 4. creates a patient (first with a validation error shown next to the field)
+    page.click("nav.mainnav >> text=Patients")
+    page.click("text=New patient")
+    page.fill("#mrn", "E2E-0001")
+    page.click("main button[type=submit]")
+    assert page.locator("#family_name-err").is_visible()
+    page.fill("#family_name", "Testpatient")
+    page.fill("#given_name", "Maria")
+    page.fill("#birth_date", "1975-04-12")
+    page.select_option("#sex", "female")
+    page.click("main button[type=submit]")
+    page.wait_for_selector("h1:has-text('Testpatient, Maria')")
+
+    # 5. uploads a smear image to a new case
+    page.click("text=New case")
+    page.set_input_files("#images", str(smear_file(tmp_path)))
+    shot(page, "05-new-case")
+    page.click("main button[type=submit]")
+    page.wait_for_selector("section.field-result .viewer img", timeout=60_000)  # page reloads itself when done
+    page.wait_for_load_state("networkidle")
+    shot(page, "06-case-result")
+    assert page.locator("table.probs").is_visible() or page.locator(".banner.warn").is_visible()
+
+    # 6. overrides the AI diagnosis and signs
+    ai = page.locator("#final_diagnosis").input_value()
+    options = [o for o in page.locator("#final_diagnosis option").evaluate_all("els => els.map(e => e.value)")]
+    other = next(o for o in options if o != ai and o != "Nondiagnostic")
+    page.select_option("#final_diagnosis", other)
+    page.fill("#override_reason", "Blast morphology reviewed at the microscope.")
+    if page.locator("#uncertainty_note").count():
+        page.fill("#uncertainty_note", "Reviewed despite the AI warning.")
+    page.fill("#comment", "Flow cytometry requested.")
+    page.check("#confirm")
+    page.click("main button:text-is('Sign')")
+    page.wait_for_selector("text=Case signed")
+    shot(page, "07-signed")
+
+    # 7. downloads the PDF
+    with page.expect_download() as dl:
+        page.click("text=Download PDF report")
+    pdf = dl.value.path()
+    from pypdf import PdfReader
+
+    text = "".join(p.extract_text() for p in PdfReader(pdf).pages)
+    assert "Testpatient" in text
+    display = {"Benign": "Benign (hematogone)", "Early": "Early Pre-B ALL", "Pre": "Pre-B ALL", "Pro": "Pro-B ALL"}
+    assert display[other] in text
+    shutil.copy(pdf, ARTIFACTS / "08-report.pdf")
+    assert not [e for e in errors if "Content Security Policy" in e], errors
+    ctx.close()
