@@ -172,8 +172,17 @@ def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
 @click.option("--no-baselines", is_flag=True, help="Skip the VGG16/U-Net comparison (needs torch).")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--data", "data_root", default=None)
-def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root):
-    """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net."""
+@click.option("--web", "web", is_flag=True, help="Web benchmark: 10k patients / 50k analyses, 8 concurrent uploads.")
+@click.option("--patients", "n_patients", default=10_000, show_default=True, help="--web: patients to seed.")
+@click.option("--analyses", "n_analyses", default=50_000, show_default=True, help="--web: analyses to seed.")
+def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root, web, n_patients, n_analyses):
+    """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net (or the web app with --web)."""
+    if web:
+        from .webbench import run_web_bench
+
+        out = run_web_bench(n_patients, n_analyses, images=_bench_images(data_root))
+        click.echo(json.dumps(out) if as_json else json.dumps(out, indent=1))
+        return
     from .ml.bench import run_bench
     from .ml.pipeline import DEFAULT_DATASETS, RECIPES
 
@@ -185,6 +194,15 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
         click.echo(json.dumps(out))
     else:
         click.echo(json.dumps(out, indent=1))
+
+
+def _bench_images(data_root) -> list[bytes] | None:
+    """Real test-split smears for the upload benchmark when the dataset is present."""
+    from .ml.pipeline import DEFAULT_DATASETS
+
+    root = Path(data_root) if data_root else DEFAULT_DATASETS / "all-taleqani"
+    files = sorted((root / "Original").rglob("*.jpg"))[::300][:8] if (root / "Original").is_dir() else []
+    return [f.read_bytes() for f in files] or None
 
 
 # ----------------------------------------------------------------------------- serve / db / users

@@ -8,13 +8,12 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy.orm import Session, joinedload
 
 from ..ml.imageio import ImageLoadError, load_image
 from .files import FileStore
-from .models import Analysis, Case, CaseImage, Patient, Review, User, utcnow
-from .patients import visible_patients
+from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
 
 NONDIAGNOSTIC = "Nondiagnostic"
 
@@ -28,8 +27,10 @@ class CaseError(ValueError):
 # ----------------------------------------------------------------------------- access
 def visible_cases(user: User):
     """Cases of patients the user may see (the one object-level rule, reused)."""
-    pats = visible_patients(user).with_only_columns(Patient.id)
-    return select(Case).where(Case.patient_id.in_(pats))
+    if user.is_admin:
+        return select(Case)
+    return select(Case).where(exists().where(PatientAccess.patient_id == Case.patient_id,
+                                             PatientAccess.user_id == user.id))
 
 
 def get_visible(s: Session, user: User, case_id: int) -> Case | None:
@@ -250,7 +251,7 @@ def history(s: Session, user: User, *, status: str = "", diagnosis: str = "", do
             per_page: int = 25):
     from .patients import Page
 
-    q = visible_cases(user).join(Patient, Patient.id == Case.patient_id)
+    q = visible_cases(user)
     if status:
         q = q.where(Case.status == status)
     if diagnosis:
@@ -262,12 +263,14 @@ def history(s: Session, user: User, *, status: str = "", diagnosis: str = "", do
     if date_to:
         q = q.where(Case.created_at < dt.datetime.combine(date_to + dt.timedelta(days=1), dt.time()))
     if text:
-        q = q.where(or_(Patient.mrn == text.strip(), Patient.family_name.like(f"%{text.strip()}%")))
+        t = text.strip().replace("%", "").replace("_", "")
+        matching = select(Patient.id).where(or_(Patient.mrn == t, Patient.family_name.like(f"%{t}%")))
+        q = q.where(Case.patient_id.in_(matching))
     total = s.scalar(q.with_only_columns(func.count(Case.id)).order_by(None))
     pages = max(1, -(-total // per_page))
     page = min(max(1, page), pages)
-    items = list(s.scalars(q.order_by(Case.created_at.desc(), Case.id.desc()).offset((page - 1) * per_page)
-                           .limit(per_page)))
+    items = list(s.scalars(q.options(joinedload(Case.patient)).order_by(Case.created_at.desc(), Case.id.desc())
+                           .offset((page - 1) * per_page).limit(per_page)))
     return Page(items, page, pages, total)
 
 

@@ -47,6 +47,7 @@ class PatientAccess(Base):
     """Which doctors may see a patient (assigned or shared by an admin or the creator)."""
 
     __tablename__ = "patient_access"
+    __table_args__ = (Index("ix_patient_access_user", "user_id", "patient_id"),)
 
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)

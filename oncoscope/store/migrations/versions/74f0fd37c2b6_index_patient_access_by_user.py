@@ -1,0 +1,31 @@
+"""index patient access by user
+
+Revision ID: 74f0fd37c2b6
+Revises: be07c4e7575e
+Create Date: 2026-11-22 06:18:28.848957
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '74f0fd37c2b6'
+down_revision = 'be07c4e7575e'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("patient_access", schema=None) as batch_op:
+        batch_op.create_index("ix_patient_access_user", ["user_id", "patient_id"], unique=False)
+
+
+def downgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name in ("mysql", "mariadb"):
+        # MariaDB dropped its implicit foreign-key index when ours was created; the foreign key
+        # on user_id needs some index, so make sure a plain one exists before dropping ours.
+        names = {ix["name"] for ix in sa.inspect(bind).get_indexes("patient_access")}
+        if "ix_patient_access_user_fk" not in names:
+            op.create_index("ix_patient_access_user_fk", "patient_access", ["user_id"])
+    with op.batch_alter_table("patient_access", schema=None) as batch_op:
+        batch_op.drop_index("ix_patient_access_user")
