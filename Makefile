@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test venv train evaluate bench clean
+.PHONY: run test venv browser train evaluate bench clean
 
 venv: $(STAMP)
 
@@ -24,8 +24,16 @@ run: venv
 	$(BIN)/oncoscope db upgrade
 	$(BIN)/oncoscope serve --host $(HOST) --port $(PORT)
 
-test: venv
+test: venv browser
 	bash scripts/test.sh
+
+# Debian's Chromium for the Playwright end-to-end test (Playwright's own browser download is not used).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "WARNING: could not install chromium; the browser test will be skipped"; \
+	  else echo "WARNING: chromium not installed and not root; the browser test will be skipped"; fi; }
 
 train: venv
 	$(BIN)/oncoscope train --analyzer smear-all

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -82,7 +83,7 @@ def authenticate(s: Session, email: str, password: str, max_failures: int, lock_
             pass
         raise generic
     if user.locked_until and user.locked_until > now:
-        mins = max(1, int((user.locked_until - now).total_seconds() // 60) + 1)
+        mins = max(1, math.ceil((user.locked_until - now).total_seconds() / 60))
         raise AccountError(f"Too many failed attempts. Try again in {mins} minute{'s' if mins > 1 else ''}.")
     try:
         _hasher.verify(user.password_hash, password or "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flask import Flask, g, render_template, request, session
+from flask import Flask, flash, g, render_template, request, session
 from flask_login import LoginManager, current_user, logout_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import OperationalError, InterfaceError
@@ -65,7 +65,7 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
             if now - last > settings.session_idle_minutes * 60:
                 logout_user()
                 session.clear()
-                g.session_expired = True
+                flash("Your session expired after inactivity. Please sign in again.", "info")
             else:
                 session["seen"] = now
 
@@ -95,6 +95,7 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
     def _db_down(_e):
+        g._login_user = login_manager.anonymous_user()  # the page must not ask the database who is signed in
         return render_template("error.html", title="Database unavailable",
                                message="The database is not answering. Nothing was saved; please retry in a moment."), 503
 

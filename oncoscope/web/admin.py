@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from sqlalchemy import select
 
 from ..store import users as user_store
@@ -61,22 +61,24 @@ def edit_user(user_id: int):
     u = _user_or_404(user_id)
     pw_form, role_form = ResetPasswordForm(prefix="pw"), RoleForm(prefix="role", obj=u)
     s = db()
-    if pw_form.password.data and pw_form.validate_on_submit():
-        try:
-            user_store.set_password(s, u, pw_form.password.data)
-            s.commit()
-        except user_store.AccountError as exc:
-            pw_form.password.errors.append(str(exc))
-        else:
-            flash(f"Password reset for {u.name}; their sessions were signed out.", "ok")
-            return redirect(url_for("admin.users"))
-    elif role_form.role.data and role_form.validate_on_submit() and not pw_form.password.data:
+    if "pw-password" in request.form:  # the reset form was sent (an empty password is an error, not a role change)
+        if pw_form.validate_on_submit():
+            try:
+                user_store.set_password(s, u, pw_form.password.data)
+                s.commit()
+            except user_store.AccountError as exc:
+                pw_form.password.errors.append(str(exc))
+            else:
+                flash(f"Password reset for {u.name}; their sessions were signed out.", "ok")
+                return redirect(url_for("admin.users"))
+    elif "role-role" in request.form and role_form.validate_on_submit():
         if u.id == me().id and role_form.role.data != "admin":
             flash("You cannot remove your own administrator role.", "error")
         else:
-            u.role = role_form.role.data
-            u.session_version += 1
-            s.commit()
+            if role_form.role.data != u.role:  # only a real change signs the user out
+                u.role = role_form.role.data
+                u.session_version += 1
+                s.commit()
             flash(f"{u.name} is now {'an administrator' if u.role == 'admin' else 'a doctor'}.", "ok")
             return redirect(url_for("admin.users"))
     return render_template("admin/user.html", user=u, pw_form=pw_form, role_form=role_form, title=u.name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
 from ..store import users as user_store
@@ -13,7 +13,8 @@ bp = Blueprint("auth", __name__)
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    if (target and target.startswith("/") and not target.startswith("//") and "\\" not in target
+            and not any(ord(ch) < 32 or ord(ch) == 127 for ch in target)):  # browsers drop tab/newline: "/\t/x" -> "//x"
         return target
     return url_for("main.home")
 
@@ -47,9 +48,7 @@ def login():
     if current_user.is_authenticated:
         return redirect(url_for("main.home"))
     form = LoginForm()
-    error = None
-    if g.get("session_expired"):
-        error = "Your session expired after inactivity. Please sign in again."
+    error = None  # (an idle-expired session is reported by a flash message)
     if form.validate_on_submit():
         st = settings()
         try:

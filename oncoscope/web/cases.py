@@ -100,8 +100,9 @@ def view(case_id: int):
     if an is not None:
         sign_form = SignForm()
         sign_form.final_diagnosis.choices = case_store.diagnosis_options(an)
-        if agg.label and not sign_form.final_diagnosis.data:
-            sign_form.final_diagnosis.data = agg.label
+        if not sign_form.final_diagnosis.data:
+            current = c.current_review
+            sign_form.final_diagnosis.data = current.final_diagnosis if current else agg.label
     return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form,
                            upload_form=EmptyForm(), max_mb=settings().max_upload_mb,
                            title=f"Case {c.id}")
@@ -172,6 +173,9 @@ def retry(case_id: int, image_id: int):
     img = db().scalar(select(CaseImage).where(CaseImage.id == image_id, CaseImage.case_id == c.id))
     if img is None or img.analysis is None or not EmptyForm().validate_on_submit():
         abort(404)
+    if c.status == "signed":  # re-queuing would reopen a signed case (and unfreeze its uploads)
+        flash("This case is signed; its analyses cannot be re-run. Amend it or open a new case.", "error")
+        return redirect(url_for("cases.view", case_id=c.id))
     case_store.retry_failed(db(), img.analysis)
     db().commit()
     _notify_workers()
@@ -195,7 +199,10 @@ def sign(case_id: int):
             s.commit()
         except case_store.CaseError as exc:
             s.rollback()
-            getattr(form, exc.field or "final_diagnosis").errors.append(str(exc))
+            if exc.field:
+                getattr(form, exc.field).errors.append(str(exc))
+            else:  # not about one field, and the form is not shown while images are pending
+                flash(str(exc), "error")
         else:
             flash(f"Case signed (version {r.version}).", "ok")
             return redirect(url_for("cases.view", case_id=c.id))

@@ -170,5 +170,10 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     display = {"Benign": "Benign (hematogone)", "Early": "Early Pre-B ALL", "Pre": "Pre-B ALL", "Pro": "Pro-B ALL"}
     assert display[other] in text
     shutil.copy(pdf, ARTIFACTS / "08-report.pdf")
+    page.goto(server + "/cases/")
+    shot(page, "09-history")
+    page.goto(server + "/patients/?q=Testp")
+    assert page.locator("text=E2E-0001").is_visible()
+    shot(page, "10-patients")
     assert not [e for e in errors if "Content Security Policy" in e], errors
     ctx.close()

@@ -18,6 +18,7 @@ rejected", which is what an authorised empty submission gets.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from .conftest import (ACCOUNTS, CASE_A_ID, IMAGE_A_ID, IMAGE_B_ID, PATIENT_A, PATIENT_A_ID, SPARE, AppFactory,
@@ -119,9 +120,9 @@ def world(seed_homes, tmp_path_factory):
         from oncoscope.store.models import CaseImage
 
         for img in s.query(CaseImage):
-            thumb = __import__("numpy").zeros((8, 8, 3), "uint8")
+            placeholder = np.zeros((8, 8, 3), np.uint8)
             for name in ("cells", "heatmap", "heatmap-layer"):
-                store.put_png(img.sha256, f"{name}-smear-all", thumb)
+                store.put_png(img.sha256, f"{name}-smear-all", placeholder)
     cookies = {}
     for role in ROLES[1:]:
         c = app.test_client()

@@ -17,6 +17,13 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("patient_access", schema=None) as batch_op:
         batch_op.create_index("ix_patient_access_user", ["user_id", "patient_id"], unique=False)
+    bind = op.get_bind()
+    if bind.dialect.name in ("mysql", "mariadb"):
+        # A downgrade (below) leaves this plain foreign-key index behind; ours covers user_id, so
+        # drop it again: otherwise a downgrade + upgrade leaves a schema that differs from the models.
+        names = {ix["name"] for ix in sa.inspect(bind).get_indexes("patient_access")}
+        if "ix_patient_access_user_fk" in names:
+            op.drop_index("ix_patient_access_user_fk", table_name="patient_access")
 
 
 def downgrade() -> None:
