@@ -71,20 +71,38 @@ def set_password(s: Session, user: User, password: str) -> None:
     user.locked_until = None
 
 
+# Failed attempts for emails that have no account, so they are throttled (and answered) exactly
+# like real accounts and the lock message does not reveal which emails exist. Per process, bounded.
+_unknown_failures: dict[str, tuple[int, dt.datetime | None]] = {}
+_UNKNOWN_CAP = 10_000
+
+
+def _lock_message(until: dt.datetime, now: dt.datetime) -> AccountError:
+    mins = max(1, math.ceil((until - now).total_seconds() / 60))
+    return AccountError(f"Too many failed attempts. Try again in {mins} minute{'s' if mins > 1 else ''}.")
+
+
 def authenticate(s: Session, email: str, password: str, max_failures: int, lock_minutes: int) -> User:
     """Return the user or raise AccountError with a message that does not reveal which part was wrong."""
     generic = AccountError("Email or password is incorrect.")
-    user = s.scalar(select(User).where(User.email == normalise_email(email)))
+    key = normalise_email(email)
+    user = s.scalar(select(User).where(User.email == key))
     now = utcnow()
     if user is None:
+        count, until = _unknown_failures.get(key, (0, None))
+        if until and until > now:
+            raise _lock_message(until, now)
         try:
             _hasher.verify(_DUMMY_HASH, password or "x")
         except VerificationError:
             pass
+        count += 1
+        if len(_unknown_failures) >= _UNKNOWN_CAP:
+            _unknown_failures.clear()
+        _unknown_failures[key] = (0, now + dt.timedelta(minutes=lock_minutes)) if count >= max_failures else (count, None)
         raise generic
     if user.locked_until and user.locked_until > now:
-        mins = max(1, math.ceil((user.locked_until - now).total_seconds() / 60))
-        raise AccountError(f"Too many failed attempts. Try again in {mins} minute{'s' if mins > 1 else ''}.")
+        raise _lock_message(user.locked_until, now)
     try:
         _hasher.verify(user.password_hash, password or "")
     except (VerifyMismatchError, VerificationError, InvalidHashError):

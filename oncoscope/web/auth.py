@@ -69,6 +69,11 @@ def login():
 @bp.post("/logout")
 @login_required
 def logout():
+    # Sessions live in a signed cookie: bumping the version makes every copy of it (this
+    # browser's and any other) invalid, so a copied cookie cannot outlive the sign-out.
+    u = me()
+    u.session_version += 1
+    db().commit()
     logout_user()
     session.clear()
     flash("You are signed out.", "ok")

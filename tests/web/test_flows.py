@@ -779,3 +779,29 @@ def test_settings_defaults_and_bad_values(tmp_path, monkeypatch):
     monkeypatch.delenv("ONCOSCOPE_MAX_UPLOAD_MB")
     with pytest.raises(SettingsError, match="unknown setting"):
         Settings.from_env(home=tmp_path, no_such_setting=1)
+
+
+def test_lockout_message_does_not_reveal_which_emails_exist(app):
+    from tests.web.conftest import DOC_A
+
+    c = app.test_client()
+    answers = []
+    for email in (DOC_A.email, "nobody-here@clinic.test"):
+        for _ in range(5):
+            c.post("/login", data={"email": email, "password": "wrong-password-1"})
+        answers.append(c.post("/login", data={"email": email, "password": "wrong-password-1"}).data.decode())
+    assert all("Too many failed attempts" in t for t in answers), answers
+
+
+def test_logout_invalidates_copied_session_cookie(app):
+    from tests.web.conftest import DOC_A, login
+
+    a = app.test_client()
+    assert login(a, DOC_A).status_code == 302
+    cookie = a.get_cookie("session")
+    assert cookie is not None and a.get("/patients/").status_code == 200
+    thief = app.test_client()
+    thief.set_cookie("session", cookie.value)
+    assert thief.get("/patients/").status_code == 200
+    a.post("/logout")
+    assert thief.get("/patients/").status_code == 302  # the copied cookie no longer works
