@@ -46,9 +46,9 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     login_manager.login_message = "Please sign in to continue."
     login_manager.session_protection = "strong"
 
-    from . import admin, auth, cases, patients, views
+    from . import admin, api, auth, cases, patients, views
 
-    for bp in (views.bp, auth.bp, patients.bp, cases.bp, admin.bp):
+    for bp in (views.bp, auth.bp, patients.bp, cases.bp, admin.bp, api.bp):
         app.register_blueprint(bp)
 
     from .helpers import db_session_teardown, load_user
@@ -89,6 +89,10 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_e):
+        if request.path.startswith("/api/"):
+            from .api import error_response
+
+            return error_response(413, "too_large", f"The request is too large (images up to {settings.max_upload_mb} MB).")
         return render_template("error.html", title="Upload too large",
                                message=f"Each image may be at most {settings.max_upload_mb} MB."), 413
 
@@ -96,19 +100,40 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     @app.errorhandler(InterfaceError)
     def _db_down(_e):
         g._login_user = login_manager.anonymous_user()  # the page must not ask the database who is signed in
+        if request.path.startswith("/api/"):
+            from .api import error_response
+
+            return error_response(503, "database_unavailable", "The database is not answering. Nothing was saved.")
         return render_template("error.html", title="Database unavailable",
                                message="The database is not answering. Nothing was saved; please retry in a moment."), 503
 
+    def _api_json(status: int, code: str, message: str):
+        from .api import error_response
+
+        return error_response(status, code, message)
+
     @app.errorhandler(403)
     def _forbidden(_e):
+        if request.path.startswith("/api/"):
+            return _api_json(403, "forbidden", "Your role does not allow this.")
         return render_template("error.html", title="Not allowed", message="You do not have access to this page."), 403
 
     @app.errorhandler(404)
     def _not_found(_e):
+        if request.path.startswith("/api/"):
+            return _api_json(404, "not_found", "There is nothing at this address.")
         return render_template("error.html", title="Not found", message="There is nothing at this address."), 404
+
+    @app.errorhandler(405)
+    def _method(_e):
+        if request.path.startswith("/api/"):
+            return _api_json(405, "method_not_allowed", f"{request.method} is not allowed here.")
+        return render_template("error.html", title="Not allowed", message="This action is not available here."), 405
 
     @app.errorhandler(500)
     def _server_error(_e):
+        if request.path.startswith("/api/"):
+            return _api_json(500, "internal_error", "The server could not complete the request. Nothing was stored.")
         return render_template("error.html", title="Something went wrong",
                                message="The server could not complete the request. Nothing was stored."), 500
 

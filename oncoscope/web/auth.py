@@ -105,3 +105,34 @@ def change_password():
                 flash("Password changed. Every session was signed out; sign in with the new password.", "ok")
                 return redirect(url_for("auth.login"))
     return render_template("auth/password.html", form=form, title="Change password")
+
+
+@bp.route("/account/tokens", methods=["GET", "POST"])
+@login_required
+def tokens():
+    from ..store import tokens as token_store
+    from .forms import EmptyForm, TokenForm
+
+    form = TokenForm()
+    new_token = None
+    s = db()
+    if form.validate_on_submit():
+        _t, new_token = token_store.create(s, me(), form.name.data, form.expires_in_days.data)
+        s.commit()
+        form = TokenForm(formdata=None)
+    return render_template("auth/tokens.html", form=form, tokens=token_store.for_user(s, me()), new_token=new_token,
+                           action=EmptyForm(), title="API tokens")
+
+
+@bp.post("/account/tokens/<int:token_id>/revoke")
+@login_required
+def revoke_token(token_id: int):
+    from ..store import tokens as token_store
+    from .forms import EmptyForm
+
+    if not EmptyForm().validate_on_submit():
+        return redirect(url_for("auth.tokens"))
+    if token_store.revoke(db(), me(), token_id):
+        db().commit()
+        flash("Token revoked.", "ok")
+    return redirect(url_for("auth.tokens"))

@@ -74,3 +74,11 @@ class SignForm(FlaskForm):
     amendment_reason = TextAreaField("Reason for the amendment", validators=[Optional(), Length(max=5000)])
     confirm = BooleanField("I have reviewed the images and take responsibility for this diagnosis",
                            validators=[DataRequired("Confirm that you reviewed the case.")])
+
+
+class TokenForm(FlaskForm):
+    from wtforms import IntegerField
+    from wtforms.validators import NumberRange
+
+    name = StringField("Name (what uses it)", validators=[DataRequired(), Length(max=100)])
+    expires_in_days = IntegerField("Expires after (days)", validators=[Optional(), NumberRange(1, 3650)])

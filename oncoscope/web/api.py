@@ -1,0 +1,532 @@
+"""REST API ``/api/v1``: thin JSON endpoints over the same store functions and object-level
+rules as the web pages. The OpenAPI 3.1 document is generated from the route declarations
+below (``@api(...)``), so code and document cannot drift apart."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from functools import wraps
+
+from flask import Blueprint, Response, g, jsonify, render_template, request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from .. import __version__
+from ..analyzers import registry
+from ..store import cases as case_store
+from ..store import patients as patient_store
+from ..store import tokens as token_store
+from ..store.models import IdempotencyRecord
+from . import csrf
+from .helpers import db, files, settings
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+csrf.exempt(bp)
+
+PATHS: dict[str, dict] = {}
+
+
+# ----------------------------------------------------------------------------- errors
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None):
+    resp = jsonify({"error": {"code": code, "message": message, "field": field}})
+    resp.status_code = status
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="oncoscope"'
+    return resp
+
+
+@bp.errorhandler(ApiError)
+def _api_error(e: ApiError):
+    return error_response(e.status, e.code, e.message, e.field)
+
+
+# ----------------------------------------------------------------------------- schemas
+def _obj(props: dict, required: list[str] | None = None, **kw) -> dict:
+    d = {"type": "object", "properties": props, **kw}
+    if required:
+        d["required"] = required
+    return d
+
+
+STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+NSTR = {"type": ["string", "null"]}
+NINT = {"type": ["integer", "null"]}
+NNUM = {"type": ["number", "null"]}
+DATETIME = {"type": ["string", "null"], "format": "date-time"}
+SCHEMAS: dict[str, dict] = {
+    "Error": _obj({"error": _obj({"code": STR, "message": STR, "field": NSTR}, ["code", "message", "field"])},
+                  ["error"]),
+    "Patient": _obj({"id": INT, "mrn": STR, "family_name": STR, "given_name": STR,
+                     "birth_date": {"type": ["string", "null"], "format": "date"},
+                     "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]}, "notes": STR,
+                     "created_at": DATETIME, "updated_at": DATETIME},
+                    ["id", "mrn", "family_name", "given_name", "birth_date", "sex"]),
+    "PatientInput": _obj({"mrn": {"type": "string", "minLength": 1, "maxLength": 64},
+                          "family_name": {"type": "string", "minLength": 1, "maxLength": 100},
+                          "given_name": {"type": "string", "maxLength": 100},
+                          "birth_date": {"type": ["string", "null"], "format": "date"},
+                          "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
+                          "notes": {"type": "string", "maxLength": 5000}}, ["mrn", "family_name"],
+                         additionalProperties=False),
+    "PatientPatch": _obj({"mrn": {"type": "string", "minLength": 1, "maxLength": 64},
+                          "family_name": {"type": "string", "minLength": 1, "maxLength": 100},
+                          "given_name": {"type": "string", "maxLength": 100},
+                          "birth_date": {"type": ["string", "null"], "format": "date"},
+                          "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
+                          "notes": {"type": "string", "maxLength": 5000}}, additionalProperties=False),
+    "Analysis": _obj({"image_id": INT, "filename": STR, "width": INT, "height": INT, "sha256": STR,
+                      "job_status": {"type": "string", "enum": ["queued", "running", "done", "failed", "retried"]},
+                      "attempts": INT, "result_status": NSTR, "label": NSTR, "confidence": NNUM,
+                      "malignant": {"type": ["boolean", "null"]}, "malignant_probability": NNUM,
+                      "probabilities": {"type": ["object", "null"], "additionalProperties": NUM},
+                      "cell_count": NINT, "cells": {"type": ["array", "null"], "items": {"type": "object"}},
+                      "messages": {"type": ["array", "null"], "items": STR},
+                      "model_version": NSTR, "model_sha256": NSTR, "finished_at": DATETIME},
+                     ["image_id", "job_status"]),
+    "Review": _obj({"version": INT, "final_diagnosis": STR, "agrees_with_ai": BOOL, "ai_label": NSTR,
+                    "ai_status": NSTR, "override_reason": STR, "uncertainty_note": STR, "comment": STR,
+                    "amendment_reason": STR, "signed_by": STR, "signed_at": DATETIME, "content_sha256": STR},
+                   ["version", "final_diagnosis", "agrees_with_ai", "signed_by", "signed_at"]),
+    "Case": _obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "clinical_note": STR,
+                  "created_at": DATETIME, "final_diagnosis": NSTR,
+                  "aggregate": _obj({"label": NSTR, "status": STR, "probabilities": {"type": "object"},
+                                     "text": STR}),
+                  "images": {"type": "array", "items": {"$ref": "#/components/schemas/Analysis"}},
+                  "reviews": {"type": "array", "items": {"$ref": "#/components/schemas/Review"}}},
+                 ["id", "patient_id", "analyzer_id", "status", "images", "reviews"]),
+    "CaseInput": _obj({"analyzer_id": STR, "clinical_note": {"type": "string", "maxLength": 5000}}, ["analyzer_id"],
+                      additionalProperties=False),
+    "SignInput": _obj({"final_diagnosis": STR, "override_reason": STR, "uncertainty_note": STR, "comment": STR,
+                       "amendment_reason": STR}, ["final_diagnosis"], additionalProperties=False),
+    "UploadResult": _obj({"added": {"type": "array", "items": INT}, "duplicates": {"type": "array", "items": STR},
+                          "errors": {"type": "array", "items": _obj({"file": STR, "message": STR})},
+                          "case": {"$ref": "#/components/schemas/Case"}}, ["added", "duplicates", "errors"]),
+    "Analyzer": _obj({"id": STR, "name": STR, "version": STR, "modality": STR, "labels": {"type": "array", "items": STR},
+                      "display_names": {"type": "object", "additionalProperties": STR},
+                      "malignant_labels": {"type": "array", "items": STR}, "sha256": STR,
+                      "validation_summary": STR}, ["id", "name", "version", "labels"]),
+}
+
+
+def _page_schema(item: str) -> dict:
+    return _obj({"items": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}}, "page": INT,
+                 "per_page": INT, "pages": INT, "total": INT}, ["items", "page", "per_page", "pages", "total"])
+
+
+SCHEMAS["PatientPage"] = _page_schema("Patient")
+SCHEMAS["CasePage"] = _page_schema("Case")
+SCHEMAS["AnalyzerList"] = _obj({"items": {"type": "array", "items": {"$ref": "#/components/schemas/Analyzer"}}},
+                               ["items"])
+
+
+# ----------------------------------------------------------------------------- route declaration
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _err(desc: str) -> dict:
+    return {"description": desc, "content": {"application/json": {"schema": _ref("Error")}}}
+
+
+def api(path: str, method: str, *, summary: str, tag: str, response: str | None = None, status: int = 200,
+        body: str | None = None, multipart: bool = False, query: list[dict] | None = None,
+        media: str = "application/json", idempotent_key: bool = False, public: bool = False):
+    """Register a Flask route and its OpenAPI operation in one place."""
+
+    def deco(fn):
+        flask_path = path
+        params = []
+        for seg in [p for p in path.split("/") if p.startswith("{")]:
+            name = seg[1:-1]
+            flask_path = flask_path.replace(seg, f"<int:{name}>")
+            params.append({"name": name, "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}})
+        params += query or []
+        if idempotent_key:
+            params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                           "schema": {"type": "string", "maxLength": 128},
+                           "description": "Retries with the same key replay the first answer instead of acting twice."})
+        op = {"summary": summary, "tags": [tag], "operationId": fn.__name__, "parameters": params, "responses": {}}
+        if not public:
+            op["security"] = [{"bearer": []}]
+            op["responses"]["401"] = _err("Missing, invalid, revoked or expired token")
+        if params and any(p["in"] == "path" for p in params):
+            op["responses"]["404"] = _err("Not found, or not visible to this user")
+        if body:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+            op["responses"]["422"] = _err("Validation error (see error.field)")
+        if multipart:
+            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _obj(
+                {"images": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"}}},
+                ["images"])}}}
+            op["responses"]["409"] = _err("The case is signed")
+            op["responses"]["422"] = _err("No image could be used")
+        ok = {"description": "OK"}
+        if media == "application/json":
+            if response:
+                ok["content"] = {"application/json": {"schema": _ref(response)}}
+            if method == "GET":
+                op["responses"]["304"] = {"description": "Not modified (If-None-Match)"}
+        else:
+            ok["content"] = {media: {"schema": {"type": "string"}}}
+        op["responses"][str(status)] = ok
+        PATHS.setdefault(path, {})[method.lower()] = op
+
+        @wraps(fn)
+        def wrapper(*a, **kw):
+            if not public:
+                _authenticate()
+            if idempotent_key and request.headers.get("Idempotency-Key"):
+                return _idempotent(lambda: _finish(fn(*a, **kw), status, media))
+            return _finish(fn(*a, **kw), status, media)
+
+        bp.add_url_rule(flask_path, endpoint=fn.__name__, view_func=wrapper, methods=[method])
+        return fn
+
+    return deco
+
+
+def _finish(result, status: int, media: str):
+    if isinstance(result, Response):
+        return result
+    if media != "application/json":
+        return result
+    body = json.dumps(result, sort_keys=True, default=str)
+    resp = Response(body, status=status, mimetype="application/json")
+    if request.method == "GET":
+        etag = hashlib.sha256(body.encode()).hexdigest()[:32]
+        resp.set_etag(etag, weak=True)
+        if request.if_none_match and request.if_none_match.contains_weak(etag):
+            return Response(status=304, headers={"ETag": resp.headers["ETag"]})
+    return resp
+
+
+def _authenticate() -> None:
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer "):
+        raise ApiError(401, "unauthenticated", "Send a personal API token: 'Authorization: Bearer <token>'.")
+    t = token_store.verify(db(), auth[7:].strip())
+    if t is None:
+        raise ApiError(401, "invalid_token", "The token is invalid, revoked or expired.")
+    db().commit()
+    g.api_user = t.user
+
+
+def _idempotent(run):
+    key = request.headers["Idempotency-Key"][:128]
+    s = db()
+    fp = _fingerprint()
+    rec = s.scalar(select(IdempotencyRecord).where(IdempotencyRecord.user_id == g.api_user.id,
+                                                   IdempotencyRecord.key == key))
+    if rec is not None:
+        if rec.request_fingerprint != fp:
+            raise ApiError(422, "idempotency_key_reused", "This Idempotency-Key was used for a different request.",
+                           "Idempotency-Key")
+        resp = Response(json.dumps(rec.response, sort_keys=True), status=rec.status_code, mimetype="application/json")
+        resp.headers["Idempotent-Replayed"] = "true"
+        return resp
+    resp = run()
+    if resp.status_code < 500:
+        try:
+            s.add(IdempotencyRecord(user_id=g.api_user.id, key=key, request_fingerprint=fp,
+                                    status_code=resp.status_code, response=json.loads(resp.get_data() or b"null")))
+            s.commit()
+        except IntegrityError:  # a concurrent retry stored it first: its answer stands
+            s.rollback()
+    return resp
+
+
+def _fingerprint() -> str:
+    """What the request asks for, independent of transport details (multipart boundaries, key order)."""
+    h = hashlib.sha256(f"{request.method} {request.path}\n".encode())
+    if request.files:
+        for field, f in sorted(request.files.items(multi=True), key=lambda kv: (kv[0], kv[1].filename or "")):
+            pos = f.stream.tell()
+            h.update(f"{field}:{f.filename}:".encode() + hashlib.sha256(f.stream.read()).digest())
+            f.stream.seek(pos)
+        for k, v in sorted(request.form.items(multi=True)):
+            h.update(f"{k}={v}\n".encode())
+    else:
+        data = request.get_json(silent=True)
+        h.update(json.dumps(data, sort_keys=True).encode() if data is not None else request.get_data())
+    return h.hexdigest()
+
+
+def _json_body() -> dict:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "Send a JSON object with Content-Type: application/json.")
+    return data
+
+
+def _page_args() -> tuple[int, int]:
+    def num(name, default, hi):
+        raw = request.args.get(name)
+        if raw is None:
+            return default
+        try:
+            v = int(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", f"{name} must be an integer.", name) from None
+        if v < 1 or v > hi:
+            raise ApiError(400, "invalid_parameter", f"{name} must be between 1 and {hi}.", name)
+        return v
+
+    return num("page", 1, 100_000), num("per_page", 25, 100)
+
+
+PAGE_PARAMS = [{"name": "page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100000}},
+               {"name": "per_page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}}]
+
+
+# ----------------------------------------------------------------------------- serialisation
+def _iso(t):
+    return t.replace(tzinfo=dt.timezone.utc).isoformat() if isinstance(t, dt.datetime) else (t.isoformat() if t else None)
+
+
+def patient_json(p) -> dict:
+    return {"id": p.id, "mrn": p.mrn, "family_name": p.family_name, "given_name": p.given_name,
+            "birth_date": p.birth_date.isoformat() if p.birth_date else None, "sex": p.sex, "notes": p.notes,
+            "created_at": _iso(p.created_at), "updated_at": _iso(p.updated_at)}
+
+
+def case_json(c) -> dict:
+    agg = case_store.aggregate(c)
+    images = []
+    for i in c.images:
+        a = i.analysis
+        images.append({"image_id": i.id, "filename": i.original_filename, "width": i.width, "height": i.height,
+                       "sha256": i.sha256, "job_status": a.job_status if a else "queued",
+                       "attempts": a.attempts if a else 0, "result_status": a.result_status if a else None,
+                       "label": a.label if a else None, "confidence": a.confidence if a else None,
+                       "malignant": a.malignant if a else None,
+                       "malignant_probability": a.malignant_probability if a else None,
+                       "probabilities": a.probabilities if a else None, "cell_count": a.cell_count if a else None,
+                       "cells": a.cells if a else None, "messages": a.messages if a else None,
+                       "model_version": a.model_version if a else None, "model_sha256": a.model_sha256 if a else None,
+                       "finished_at": _iso(a.finished_at) if a else None})
+    return {"id": c.id, "patient_id": c.patient_id, "analyzer_id": c.analyzer_id, "status": c.status,
+            "clinical_note": c.clinical_note, "created_at": _iso(c.created_at), "final_diagnosis": c.final_diagnosis,
+            "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
+                          "text": agg.text},
+            "images": images,
+            "reviews": [{"version": r.version, "final_diagnosis": r.final_diagnosis, "agrees_with_ai": r.agrees_with_ai,
+                         "ai_label": r.ai_label, "ai_status": r.ai_status, "override_reason": r.override_reason,
+                         "uncertainty_note": r.uncertainty_note, "comment": r.comment,
+                         "amendment_reason": r.amendment_reason, "signed_by": r.signed_by.name,
+                         "signed_at": _iso(r.signed_at), "content_sha256": r.content_sha256} for r in c.reviews]}
+
+
+def _patient_or_404(pid: int):
+    p = patient_store.get_visible(db(), g.api_user, pid)
+    if p is None:
+        raise ApiError(404, "not_found", f"No patient {pid} visible to you.")
+    return p
+
+
+def _case_or_404(cid: int):
+    c = case_store.get_visible(db(), g.api_user, cid)
+    if c is None:
+        raise ApiError(404, "not_found", f"No case {cid} visible to you.")
+    return c
+
+
+def _notify():
+    from .helpers import ext
+
+    pool = ext().get("workers")
+    if pool is not None:
+        pool.notify()
+
+
+# ----------------------------------------------------------------------------- endpoints
+@api("/analyzers", "GET", summary="List analyzers with a summary of their validation", tag="analyzers",
+     response="AnalyzerList")
+def list_analyzers():
+    from .views import validation_summary
+
+    return {"items": [dict(registry.get(a).describe(), validation_summary=validation_summary(a))
+                      for a in registry.available()]}
+
+
+@api("/patients", "GET", summary="List or search patients (name or MRN)", tag="patients", response="PatientPage",
+     query=[{"name": "q", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 100}}] + PAGE_PARAMS)
+def list_patients():
+    page, per_page = _page_args()
+    res = patient_store.search(db(), g.api_user, request.args.get("q", "")[:100], page, per_page)
+    return {"items": [patient_json(p) for p in res.items], "page": res.page, "per_page": per_page,
+            "pages": res.pages, "total": res.total}
+
+
+@api("/patients", "POST", summary="Create a patient", tag="patients", response="Patient", status=201,
+     body="PatientInput", idempotent_key=True)
+def create_patient():
+    data = _json_body()
+    unknown = set(data) - set(SCHEMAS["PatientInput"]["properties"])
+    if unknown:
+        raise ApiError(422, "unknown_field", f"Unknown field {sorted(unknown)[0]!r}.", sorted(unknown)[0])
+    s = db()
+    try:
+        p = patient_store.create(s, g.api_user, {k: v for k, v in data.items() if isinstance(v, (str, type(None)))})
+        s.commit()
+    except patient_store.PatientError as exc:
+        s.rollback()
+        raise ApiError(409 if "already exists" in str(exc) else 422,
+                       "conflict" if "already exists" in str(exc) else "invalid", str(exc), exc.field) from None
+    return patient_json(p)
+
+
+@api("/patients/{patient_id}", "GET", summary="Get a patient", tag="patients", response="Patient")
+def get_patient(patient_id: int):
+    return patient_json(_patient_or_404(patient_id))
+
+
+@api("/patients/{patient_id}", "PATCH", summary="Update a patient", tag="patients", response="Patient",
+     body="PatientPatch")
+def update_patient(patient_id: int):
+    p = _patient_or_404(patient_id)
+    data = _json_body()
+    unknown = set(data) - set(SCHEMAS["PatientPatch"]["properties"])
+    if unknown:
+        raise ApiError(422, "unknown_field", f"Unknown field {sorted(unknown)[0]!r}.", sorted(unknown)[0])
+    merged = {k: getattr(p, k) for k in ("mrn", "family_name", "given_name", "birth_date", "sex", "notes")}
+    merged.update({k: v for k, v in data.items() if isinstance(v, (str, type(None)))})
+    s = db()
+    try:
+        patient_store.update(s, p, merged)
+        s.commit()
+    except patient_store.PatientError as exc:
+        s.rollback()
+        raise ApiError(409 if "already exists" in str(exc) else 422,
+                       "conflict" if "already exists" in str(exc) else "invalid", str(exc), exc.field) from None
+    return patient_json(p)
+
+
+@api("/patients/{patient_id}/cases", "GET", summary="List a patient's cases", tag="cases", response="CasePage",
+     query=PAGE_PARAMS)
+def list_patient_cases(patient_id: int):
+    p = _patient_or_404(patient_id)
+    page, per_page = _page_args()
+    items = p.cases
+    total = len(items)
+    pages = max(1, -(-total // per_page))
+    chunk = items[(page - 1) * per_page: page * per_page]
+    return {"items": [case_json(c) for c in chunk], "page": page, "per_page": per_page, "pages": pages,
+            "total": total}
+
+
+@api("/patients/{patient_id}/cases", "POST", summary="Create a case (then upload images to it)", tag="cases",
+     response="Case", status=201, body="CaseInput", idempotent_key=True)
+def create_case(patient_id: int):
+    p = _patient_or_404(patient_id)
+    data = _json_body()
+    if not isinstance(data.get("analyzer_id"), str):
+        raise ApiError(422, "invalid", "analyzer_id is required.", "analyzer_id")
+    note = data.get("clinical_note", "")
+    if not isinstance(note, str):
+        raise ApiError(422, "invalid", "clinical_note must be a string.", "clinical_note")
+    s = db()
+    try:
+        c = case_store.create_case(s, g.api_user, p, data["analyzer_id"], note)
+        s.commit()
+    except case_store.CaseError as exc:
+        s.rollback()
+        raise ApiError(422, "invalid", str(exc), exc.field) from None
+    return case_json(c)
+
+
+@api("/cases/{case_id}", "GET", summary="Get a case: job status, AI results, reviews", tag="cases", response="Case")
+def get_case(case_id: int):
+    return case_json(_case_or_404(case_id))
+
+
+@api("/cases/{case_id}/images", "POST", summary="Upload one or more images (multipart field 'images')",
+     tag="cases", response="UploadResult", multipart=True, idempotent_key=True)
+def upload_images(case_id: int):
+    c = _case_or_404(case_id)
+    limit = settings().max_upload_mb * 1024 * 1024
+    uploads = [(f.filename or "image", f.stream.read(limit + 1)) for f in request.files.getlist("images") if f]
+    if not uploads:
+        raise ApiError(422, "no_files", "Send the images as multipart/form-data field 'images'.", "images")
+    s = db()
+    try:
+        out = case_store.add_images(s, files(), c, g.api_user, uploads, limit)
+        s.commit()
+    except case_store.CaseError as exc:
+        s.rollback()
+        raise ApiError(409, "case_signed", str(exc)) from None
+    _notify()
+    body = {"added": [i.id for i in out.added], "duplicates": out.duplicates,
+            "errors": [{"file": n, "message": m} for n, m in out.errors], "case": case_json(c)}
+    if not out.added and not out.duplicates:
+        return Response(json.dumps(body, sort_keys=True), status=422, mimetype="application/json")
+    return body
+
+
+@api("/cases/{case_id}/sign", "POST", summary="Sign (or amend) the diagnosis", tag="cases", response="Case",
+     body="SignInput")
+def sign_case(case_id: int):
+    c = _case_or_404(case_id)
+    data = _json_body()
+    for k, v in data.items():
+        if k not in SCHEMAS["SignInput"]["properties"]:
+            raise ApiError(422, "unknown_field", f"Unknown field {k!r}.", k)
+        if not isinstance(v, str):
+            raise ApiError(422, "invalid", f"{k} must be a string.", k)
+    an = registry.get(c.analyzer_id)
+    labels = [k for k, _ in case_store.diagnosis_options(an)]
+    s = db()
+    try:
+        case_store.sign(s, c, g.api_user, data.get("final_diagnosis", ""), labels, comment=data.get("comment", ""),
+                        override_reason=data.get("override_reason", ""),
+                        uncertainty_note=data.get("uncertainty_note", ""),
+                        amendment_reason=data.get("amendment_reason", ""))
+        s.commit()
+    except case_store.CaseError as exc:
+        s.rollback()
+        raise ApiError(422, "invalid", str(exc), exc.field) from None
+    return case_json(c)
+
+
+@api("/cases/{case_id}/report.pdf", "GET", summary="The PDF report", tag="reports", media="application/pdf")
+def case_report(case_id: int):
+    from ..reports.case_report import case_report_pdf
+
+    c = _case_or_404(case_id)
+    pdf = case_report_pdf(c, files(), settings().clinic_name)
+    return Response(pdf, mimetype="application/pdf",
+                    headers={"Content-Disposition": f'attachment; filename="oncoscope-case-{c.id}.pdf"'})
+
+
+# ----------------------------------------------------------------------------- the document
+def openapi_document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "info": {"title": "oncoscope API", "version": __version__,
+                 "description": "Patients, cases, AI analyses, sign-off and reports. Authenticate with a personal "
+                                "API token created on the account page: `Authorization: Bearer <token>`. Errors have "
+                                "the shape `{\"error\": {\"code\", \"message\", \"field\"}}`."},
+        "servers": [{"url": "/api/v1"}],
+        "paths": PATHS,
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "Personal API token (osk_...)"}}},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    return jsonify(openapi_document())
+
+
+@bp.get("/docs")
+def docs():
+    return render_template("api_docs.html", spec=openapi_document(), title="API documentation")
