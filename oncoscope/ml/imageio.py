@@ -6,7 +6,8 @@ message is written for the person who supplied the file.
 
 Handled: truncated and corrupt files, zero-byte files, non-images, decompression
 bombs, absurd dimensions, palette/grayscale/RGBA/CMYK/16-bit modes, EXIF
-orientation and animated images (the first frame is used).
+orientation and animated images (the first frame is used). DICOM Part-10 files
+(``DICM`` at byte 128) are decoded by :func:`oncoscope.reports.dicom_io.read_dicom`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class LoadedImage:
     original_size: tuple[int, int]  # (width, height) before any EXIF rotation
     format: str | None
     exif_transposed: bool
+    dicom: object | None = None  # DICOM metadata (a DicomImage without pixels) when format == "DICOM"
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -79,6 +81,8 @@ def _open(source) -> tuple[Image.Image, str | None]:
         if len(data) > MAX_FILE_BYTES:
             raise ImageLoadError(f"The file is too large ({len(data) / 1e6:.0f} MB; limit {MAX_FILE_BYTES / 1e6:.0f} MB).")
         _check_png_crcs(data)
+        if data[128:132] == b"DICM":  # DICOM Part-10: decoded by load_image via read_dicom
+            return data, "DICOM"
         fp = io.BytesIO(data)
     elif isinstance(source, (str, os.PathLike)):
         try:
@@ -154,6 +158,8 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
     Raises :class:`ImageLoadError` with a clear message on any problem.
     """
     img, fmt = _open(source)
+    if fmt == "DICOM":
+        return _load_dicom(img, max_pixels, min_side)
     try:
         width, height = img.size
         if width * height > max_pixels:
@@ -195,6 +201,14 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
             img.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _load_dicom(data: bytes, max_pixels: int, min_side: int) -> LoadedImage:
+    from ..reports.dicom_io import read_dicom  # pydicom is imported only for DICOM input
+
+    d = read_dicom(data, max_pixels=max_pixels, min_side=min_side)
+    return LoadedImage(rgb=d.rgb, original_mode=d.photometric, original_size=(d.rgb.shape[1], d.rgb.shape[0]),
+                       format="DICOM", exif_transposed=False, dicom=d.without_pixels())
 
 
 def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int], resample=Image.BILINEAR) -> np.ndarray:

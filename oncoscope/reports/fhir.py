@@ -56,7 +56,7 @@ OBS_DISPLAY = {
     "ai-class": "AI class of the image",
     "ai-probability": "AI class probabilities of the image",
     "cell-count": "Cells detected in the image",
-    "ai-status": "AI result status of the image",
+    "ai-status": "AI result status",
     "ai-aggregate": "AI call for the case",
     "final-diagnosis": "Final diagnosis",
     "ai-vs-final": "Final diagnosis agrees with the AI call",
@@ -230,7 +230,8 @@ def case_bundle(case, pdf: bytes, base_url: str = "urn:oncoscope", images: dict[
             identifier=[{"system": IMAGE_SHA_SYSTEM, "value": img.sha256}],
             status="completed",
             type={"coding": [{"system": MEDIA_TYPE, "code": "image", "display": "Image"}], "text": "Image"},
-            modality={"coding": [{"system": MODALITY_SYSTEM, "code": modality}], "text": modality} if modality else None,
+            modality=({"coding": [{"system": MODALITY_SYSTEM, "code": modality}], "text": modality}
+                      if modality else None),
             subject=subject,
             createdDateTime=_instant(img.created_at),
             height=img.height,

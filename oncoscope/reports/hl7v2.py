@@ -164,7 +164,8 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
     }))
 
     notes = [("comment", review.comment), ("override", review.override_reason),
-             ("uncertainty", review.uncertainty_note), ("amendment", review.amendment_reason if review.version > 1 else ""),
+             ("uncertainty", review.uncertainty_note),
+             ("amendment", review.amendment_reason if review.version > 1 else ""),
              ("disclaimer", analyzer.report_wording.get("disclaimer") or DEFAULT_DISCLAIMER)]
     n_nte = 0
     for kind, text in notes:

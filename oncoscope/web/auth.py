@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
 from ..store import users as user_store
@@ -132,7 +132,8 @@ def revoke_token(token_id: int):
 
     if not EmptyForm().validate_on_submit():
         return redirect(url_for("auth.tokens"))
-    if token_store.revoke(db(), me(), token_id):
-        db().commit()
-        flash("Token revoked.", "ok")
+    if not token_store.revoke(db(), me(), token_id):
+        abort(404)  # not yours, unknown or already revoked
+    db().commit()
+    flash("Token revoked.", "ok")
     return redirect(url_for("auth.tokens"))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import (BooleanField, DateField, EmailField, PasswordField, SelectField, SelectMultipleField,
-                     StringField, TextAreaField)
-from wtforms.validators import DataRequired, EqualTo, Length, Optional, Regexp
+from wtforms import (BooleanField, DateField, EmailField, IntegerField, PasswordField, SelectField,
+                     SelectMultipleField, StringField, TextAreaField)
+from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, Regexp
 
 Email = lambda: Regexp(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", message="Enter a valid email address.")  # noqa: E731
 
@@ -77,8 +77,5 @@ class SignForm(FlaskForm):
 
 
 class TokenForm(FlaskForm):
-    from wtforms import IntegerField
-    from wtforms.validators import NumberRange
-
     name = StringField("Name (what uses it)", validators=[DataRequired(), Length(max=100)])
     expires_in_days = IntegerField("Expires after (days)", validators=[Optional(), NumberRange(1, 3650)])

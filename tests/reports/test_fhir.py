@@ -317,3 +317,16 @@ def test_original_pngs_from_the_file_store(world, analyzer):
         b = np.asarray(Image.open(io.BytesIO(pngs[k])).convert("RGB"))
         assert np.array_equal(a, b)
     assert hashlib.sha256(pngs[case.images[0].id]).hexdigest() == case.images[0].sha256
+
+
+def test_embeds_the_real_signed_pdf_report(world, analyzer):
+    from oncoscope.reports.case_report import case_report_pdf
+
+    case, pngs = make_case(world, analyzer)
+    case_store.sign(world.s, case, world.doctor, "Pre", world.valid)
+    pdf = case_report_pdf(case, world.store, "Test Clinic")
+    b = case_bundle(case, pdf, images=original_pngs(case, world.store))
+    (dr,) = entries(b, "DiagnosticReport")
+    data = base64.b64decode(dr["presentedForm"][0]["data"])
+    assert data == pdf and data.startswith(b"%PDF")
+    assert json.loads(Bundle.model_validate(b).model_dump_json()) == b

@@ -1,0 +1,218 @@
+"""REST API: token authentication, object-level authorization, error shape, ETags, idempotency,
+and the generated OpenAPI document."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import pytest
+
+from oncoscope.store import tokens as token_store
+from oncoscope.store.models import ApiToken, User
+from tests.web.conftest import (ACCOUNTS, CASE_A_ID, CASE_B_ID, PATIENT_A_ID, PATIENT_B_ID, png_bytes,
+                                sessions_of)
+
+
+@pytest.fixture()
+def tok(app):
+    """tok("doc_a") -> a fresh bearer token for that account."""
+    made = {}
+
+    def _make(key: str, **kw) -> str:
+        s = sessions_of(app)()
+        try:
+            u = s.get(User, ACCOUNTS[key].id)
+            t, secret = token_store.create(s, u, f"test-{key}", **kw)
+            s.commit()
+            made[secret] = t.id
+            return secret
+        finally:
+            s.close()
+
+    return _make
+
+
+def h(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def assert_error(r, status: int, code: str | None = None):
+    assert r.status_code == status, (r.status_code, r.data[:300])
+    body = r.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    if code:
+        assert body["error"]["code"] == code
+
+
+ROUTES = [
+    ("GET", "/api/v1/patients"),
+    ("GET", f"/api/v1/patients/{PATIENT_A_ID}"),
+    ("GET", f"/api/v1/patients/{PATIENT_A_ID}/cases"),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}"),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}/report.pdf"),
+    ("GET", "/api/v1/analyzers"),
+]
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+def test_no_token_or_bad_token_is_401(app, method, path):
+    c = app.test_client()
+    assert_error(c.open(path, method=method), 401, "unauthenticated")
+    assert_error(c.open(path, method=method, headers=h("osk_deadbeef_nope")), 401, "invalid_token")
+    assert c.open(path, method=method).headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+def test_owner_and_admin_allowed_other_doctor_gets_404(app, tok, method, path):
+    c = app.test_client()
+    assert c.open(path, method=method, headers=h(tok("doc_a"))).status_code == 200
+    assert c.open(path, method=method, headers=h(tok("admin"))).status_code == 200
+    r = c.open(path, method=method, headers=h(tok("doc_b")))
+    if "patients/" in path or "cases/" in path:
+        assert_error(r, 404, "not_found")
+    else:
+        assert r.status_code == 200
+
+
+def test_revoked_and_expired_tokens_refused_and_last_used_recorded(app, tok):
+    c = app.test_client()
+    t = tok("doc_a")
+    assert c.get("/api/v1/patients", headers=h(t)).status_code == 200
+    s = sessions_of(app)()
+    row = s.query(ApiToken).filter(ApiToken.name == "test-doc_a").one()
+    assert row.last_used_at is not None and row.token_hash != t and t not in str(row.__dict__)
+    token_store.revoke(s, s.get(User, ACCOUNTS["doc_a"].id), row.id)
+    s.commit()
+    assert_error(c.get("/api/v1/patients", headers=h(t)), 401, "invalid_token")
+    t2 = tok("doc_a", expires_in_days=1)
+    row2 = s.query(ApiToken).filter(ApiToken.revoked_at.is_(None)).one()
+    row2.expires_at = dt.datetime(2000, 1, 1)
+    s.commit()
+    s.close()
+    assert_error(c.get("/api/v1/patients", headers=h(t2)), 401, "invalid_token")
+
+
+def test_doctor_list_only_shows_own_patients(app, tok):
+    c = app.test_client()
+    ids = {p["id"] for p in c.get("/api/v1/patients", headers=h(tok("doc_a"))).get_json()["items"]}
+    assert PATIENT_A_ID in ids and PATIENT_B_ID not in ids
+    ids = {p["id"] for p in c.get("/api/v1/patients", headers=h(tok("admin"))).get_json()["items"]}
+    assert {PATIENT_A_ID, PATIENT_B_ID} <= ids
+
+
+def test_create_patient_validation_and_conflict(app, tok):
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    assert_error(c.post("/api/v1/patients", json={"family_name": "X"}, headers=t), 422)
+    r = c.post("/api/v1/patients", json={"mrn": "API-1", "family_name": "Apitest", "birth_date": "1990-01-02"}, headers=t)
+    assert r.status_code == 201 and r.get_json()["birth_date"] == "1990-01-02"
+    assert_error(c.post("/api/v1/patients", json={"mrn": "API-1", "family_name": "Again"}, headers=t), 409, "conflict")
+    assert_error(c.post("/api/v1/patients", json={"mrn": "API-2", "family_name": "X", "evil": 1}, headers=t), 422,
+                 "unknown_field")
+    assert_error(c.post("/api/v1/patients", data="not json", headers=t), 400, "invalid_json")
+    r = c.patch(f"/api/v1/patients/{r.get_json()['id']}", json={"given_name": "Zoë"}, headers=t)
+    assert r.status_code == 200 and r.get_json()["given_name"] == "Zoë"
+
+
+def test_pagination_bounds(app, tok):
+    c = app.test_client()
+    t = h(tok("admin"))
+    r = c.get("/api/v1/patients?per_page=1&page=2", headers=t).get_json()
+    assert r["page"] == 2 and r["per_page"] == 1 and len(r["items"]) == 1 and r["total"] >= 2
+    assert_error(c.get("/api/v1/patients?per_page=1000", headers=t), 400, "invalid_parameter")
+    assert_error(c.get("/api/v1/patients?page=x", headers=t), 400, "invalid_parameter")
+
+
+def test_etag_and_if_none_match(app, tok):
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    r = c.get(f"/api/v1/cases/{CASE_A_ID}", headers=t)
+    etag = r.headers["ETag"]
+    assert c.get(f"/api/v1/cases/{CASE_A_ID}", headers=dict(t, **{"If-None-Match": etag})).status_code == 304
+    c.patch(f"/api/v1/patients/{PATIENT_A_ID}", json={"notes": "changed"}, headers=t)
+    r2 = c.get(f"/api/v1/patients/{PATIENT_A_ID}", headers=dict(t, **{"If-None-Match": etag}))
+    assert r2.status_code == 200
+
+
+def test_idempotent_upload_never_duplicates(app, tok):
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    cid = c.post(f"/api/v1/patients/{PATIENT_A_ID}/cases", json={"analyzer_id": "smear-all"}, headers=t).get_json()["id"]
+    data = png_bytes(7)
+    hk = dict(t, **{"Idempotency-Key": "upload-1"})
+
+    def send(key_headers):
+        return c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(data), "f.png")},
+                      headers=key_headers, content_type="multipart/form-data")
+
+    first, again = send(hk), send(hk)
+    assert first.status_code == 200 and again.status_code == 200
+    assert again.headers.get("Idempotent-Replayed") == "true" and again.get_json() == first.get_json()
+    case = c.get(f"/api/v1/cases/{cid}", headers=t).get_json()
+    assert len(case["images"]) == 1
+    # the same key for a different request is refused
+    other = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(png_bytes(8)), "g.png")},
+                   headers=hk, content_type="multipart/form-data")
+    assert_error(other, 422, "idempotency_key_reused")
+    # without a key, the same image is still not stored twice (content hash)
+    r = send(t)
+    assert r.get_json()["duplicates"] == ["f.png"]
+
+
+def test_upload_errors_and_signed_case(app, tok, pool):
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    cid = c.post(f"/api/v1/patients/{PATIENT_A_ID}/cases", json={"analyzer_id": "smear-all"}, headers=t).get_json()["id"]
+    assert_error(c.post(f"/api/v1/cases/{cid}/images", data={}, headers=t, content_type="multipart/form-data"), 422)
+    r = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(b"junk"), "x.jpg")}, headers=t,
+               content_type="multipart/form-data")
+    assert r.status_code == 422 and r.get_json()["errors"][0]["file"] == "x.jpg"
+    c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(png_bytes(3)), "ok.png")}, headers=t,
+           content_type="multipart/form-data")
+    while pool.run_one():
+        pass
+    case = c.get(f"/api/v1/cases/{cid}", headers=t).get_json()
+    assert case["status"] == "ready" and case["images"][0]["job_status"] == "done"
+    # generated images are out of domain: signing needs a note
+    assert_error(c.post(f"/api/v1/cases/{cid}/sign", json={"final_diagnosis": "Benign"}, headers=t), 422)
+    r = c.post(f"/api/v1/cases/{cid}/sign", json={"final_diagnosis": "Nondiagnostic",
+                                                 "uncertainty_note": "not a smear"}, headers=t)
+    assert r.status_code == 200 and r.get_json()["status"] == "signed"
+    r = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(png_bytes(4)), "late.png")}, headers=t,
+               content_type="multipart/form-data")
+    assert_error(r, 409, "case_signed")
+
+
+def test_unknown_paths_and_methods_are_json(app, tok):
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    assert_error(c.get("/api/v1/nothing-here", headers=t), 404, "not_found")
+    assert_error(c.delete(f"/api/v1/cases/{CASE_A_ID}", headers=t), 405, "method_not_allowed")
+    assert_error(c.get("/api/v1/cases/999999", headers=t), 404, "not_found")
+
+
+def test_openapi_document_matches_routes(app):
+    c = app.test_client()
+    doc = c.get("/api/v1/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.1")
+    rules = {(r.rule.replace("<int:", "{").replace(">", "}"), m) for r in app.url_map.iter_rules()
+             if r.rule.startswith("/api/v1/") and r.endpoint not in ("api.openapi_json", "api.docs")
+             for m in r.methods - {"HEAD", "OPTIONS"}}
+    documented = {("/api/v1" + p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
+    assert rules == documented
+    for p, ops in doc["paths"].items():
+        for m, op in ops.items():
+            for resp in op["responses"].values():
+                for media in resp.get("content", {}).values():
+                    ref = media["schema"].get("$ref")
+                    if ref:
+                        assert ref.split("/")[-1] in doc["components"]["schemas"]
+    assert c.get("/api/v1/docs").status_code == 200
+
+
+def test_csrf_not_required_for_api_but_token_is(app, tok):
+    app.config["WTF_CSRF_ENABLED"] = True
+    c = app.test_client()
+    r = c.post("/api/v1/patients", json={"mrn": "CSRF-1", "family_name": "Token"}, headers=h(tok("doc_a")))
+    assert r.status_code == 201
