@@ -461,6 +461,15 @@ def _private_scheme_item():
     return item
 
 
+def _pin_times(ds, when: dt.datetime) -> None:
+    """Replace the wall-clock times highdicom writes by ``when`` (reproducible output)."""
+    ds.ContentDate, ds.ContentTime = _da(when), _tm(when)
+    ds.InstanceCreationDate, ds.InstanceCreationTime = _da(when), _tm(when)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = _dt(when)
+
+
 def _to_bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -567,7 +576,7 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
                             _code(review.final_diagnosis, show(review.final_diagnosis)), contains)
     final.ObservationDateTime = _dt(review.signed_at)
     items.append(final)
-    items.append(TextContentItem(_code("FINAL-DIAGNOSIS-TEXT", "Final diagnosis (text)"),
+    items.append(TextContentItem(_code("FINAL-DX-TEXT", "Final diagnosis (text)"),
                                  show(review.final_diagnosis), contains))
     items.append(CodeContentItem(_code("AGREES-WITH-AI", "Final diagnosis agrees with AI"),
                                  codes.SCT.Yes if review.agrees_with_ai else codes.SCT.No, contains))
@@ -619,14 +628,12 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
             series_description="oncoscope signed result", manufacturer_model_name=model_id[:64],
             software_versions=f"oncoscope {_package_version()}",
         )
-    for kw in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence",
-               "ContributingEquipmentSequence"):
+    for kw in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
         if kw in sr:
             del sr[kw]
     signed = review.signed_at
     sr.VerifyingObserverSequence[0].VerificationDateTime = _dt(signed)
-    sr.ContentDate, sr.ContentTime = _da(signed), _tm(signed)
-    sr.InstanceCreationDate, sr.InstanceCreationTime = _da(signed), _tm(signed)
+    _pin_times(sr, signed)
     sr.SeriesDate, sr.SeriesTime = _da(signed), _tm(signed)
     sr.CodingSchemeIdentificationSequence = [_private_scheme_item()]
     return _to_bytes(sr)
@@ -650,6 +657,7 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
     """Wrap an RGB uint8 image in a DICOM Secondary Capture (highdicom ``SCImage``), deterministically:
     the same pixels in the same study give the same UIDs. ``case`` (ORM Case) supplies the patient
     and the study UID when given. Returns the pydicom Dataset."""
+    from highdicom import SpecimenDescription
     from highdicom.sc import SCImage
 
     rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
@@ -662,9 +670,13 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
         study_uid = study_uid or case_study_uid(case)
     digest = hashlib.sha256(rgb.tobytes() + repr(rgb.shape).encode()).hexdigest()
     study_uid = study_uid or _uid("sc-study", digest)
+    # A smear field is a slide: SLIDE coordinates, with the image digest standing in for the slide id.
+    specimen = SpecimenDescription(specimen_id=f"field-{digest[:12]}", specimen_uid=_uid("specimen", study_uid, digest),
+                                   specimen_short_description="Peripheral blood smear field")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc = SCImage(pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8, coordinate_system=None,
+        sc = SCImage(pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="SLIDE",
+                     container_identifier=f"field-{digest[:12]}", specimen_descriptions=[specimen],
                      study_instance_uid=study_uid, series_instance_uid=_uid("sc-series", study_uid),
                      series_number=901, sop_instance_uid=_uid("sc", study_uid, digest), instance_number=1,
                      manufacturer="oncoscope", patient_id=patient_id or "", patient_name=patient_name or None,
@@ -698,7 +710,8 @@ def _source_dataset(source, case=None, study_uid: str | None = None):
 
 
 def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = None, model_id: str = "oncoscope",
-                model_version: str = "", segment_label: str = SEG_LABEL) -> bytes:
+                model_version: str = "", segment_label: str = SEG_LABEL,
+                created_at: dt.datetime | None = None) -> bytes:
     """A binary DICOM Segmentation (one segment, "White blood cell") of ``mask`` (> 0 is foreground;
     instance labels are fine) as Part-10 bytes.
 
@@ -708,6 +721,8 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
     for the patient and study). The mask must match the image the pipeline saw: the source frame size,
     or the total pixel matrix of a TILED_FULL slide. A mask computed on a downscaled copy (same aspect)
     is enlarged by nearest neighbour. Multi-frame sources other than tiled slides are not supported.
+    UIDs are derived from the source instance, the mask and the model; ``created_at`` (e.g. the
+    analysis' finish time) fixes the content and creation date/time, so the bytes are reproducible.
     """
     import highdicom as hd
     from highdicom.seg import Segmentation, SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription
@@ -742,6 +757,12 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
             instance_number=1, manufacturer="oncoscope", manufacturer_model_name=model_id[:64],
             software_versions=(model_version or _package_version())[:64], device_serial_number="0",
             omit_empty_frames=False, content_label="CELLS", **kwargs)
+    dim_uid = _uid("seg-dimensions", seg.SOPInstanceUID)  # highdicom draws a random one
+    for kw in ("DimensionIndexSequence", "DimensionOrganizationSequence"):
+        for item in seg.get(kw, []):
+            item.DimensionOrganizationUID = dim_uid
+    if created_at is not None:
+        _pin_times(seg, created_at)
     return _to_bytes(seg)
 
 

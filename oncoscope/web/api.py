@@ -505,6 +505,42 @@ def case_report(case_id: int):
                     headers={"Content-Disposition": f'attachment; filename="oncoscope-case-{c.id}.pdf"'})
 
 
+@api("/cases/{case_id}/fhir", "GET", summary="FHIR R4 Bundle of a signed case (DiagnosticReport, Observations, "
+     "Media, Patient, Device, Practitioner)", tag="reports", media="application/fhir+json")
+def case_fhir(case_id: int):
+    c = _case_or_404(case_id)
+    return fhir_response(c)
+
+
+@api("/cases/{case_id}/hl7", "GET", summary="HL7 v2.5.1 ORU^R01 message of a signed case", tag="reports",
+     media="application/hl7-v2")
+def case_hl7(case_id: int):
+    c = _case_or_404(case_id)
+    return hl7_response(c)
+
+
+def fhir_response(c) -> Response:
+    from ..reports.case_report import case_report_pdf
+    from ..reports.fhir import case_bundle, original_pngs
+
+    if c.current_review is None:
+        raise ApiError(409, "not_signed", "Only signed cases can be exported.")
+    pdf = case_report_pdf(c, files(), settings().clinic_name)
+    bundle = case_bundle(c, pdf, base_url=request.host_url.rstrip("/"), images=original_pngs(c, files()))
+    return Response(json.dumps(bundle, sort_keys=True), mimetype="application/fhir+json",
+                    headers={"Content-Disposition": f'attachment; filename="oncoscope-case-{c.id}-fhir.json"'})
+
+
+def hl7_response(c) -> Response:
+    from ..reports.hl7v2 import oru_r01
+
+    if c.current_review is None:
+        raise ApiError(409, "not_signed", "Only signed cases can be exported.")
+    msg = oru_r01(c, registry.get(c.analyzer_id))
+    return Response(msg, mimetype="application/hl7-v2",
+                    headers={"Content-Disposition": f'attachment; filename="oncoscope-case-{c.id}.hl7"'})
+
+
 # ----------------------------------------------------------------------------- the document
 def openapi_document() -> dict:
     return {

@@ -223,6 +223,21 @@ def report(case_id: int):
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
+@bp.get("/cases/<int:case_id>/export/<fmt>")
+@login_required
+def export(case_id: int, fmt: str):
+    """Downloads for hospital systems: FHIR R4 bundle or HL7 v2 ORU^R01 (signed cases only)."""
+    from .api import fhir_response, hl7_response
+
+    c = _case_or_404(case_id)
+    if fmt not in ("fhir", "hl7"):
+        abort(404)
+    if c.current_review is None:
+        flash("Only signed cases can be exported.", "error")
+        return redirect(url_for("cases.view", case_id=c.id))
+    return fhir_response(c) if fmt == "fhir" else hl7_response(c)
+
+
 @bp.get("/cases/")
 @login_required
 def history():

@@ -79,7 +79,10 @@ def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2", *, b
 
 def to_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    if ds.file_meta.TransferSyntaxUID.is_private:  # pydicom needs to be told how to encode the dataset
+        ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    else:
+        ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
 
@@ -421,7 +424,7 @@ def test_case_to_sr_round_trip(signed_case):
     assert nums["Probability of Pre-B ALL"] == pytest.approx(0.7)  # last field wins in this dict
     assert nums["White blood cell count"] in (12, 9)
     final = [it for it in _walk(ds.ContentSequence)
-             if it.ConceptNameCodeSequence[0].CodeValue == "22637-3"][0]
+             if it.ConceptNameCodeSequence[0].get("CodeValue") == "22637-3"][0]
     assert final.ConceptCodeSequence[0].CodeValue == "Pre"
     # highdicom can parse it back, and the export is deterministic
     import highdicom as hd
@@ -473,13 +476,15 @@ def _mask(rows=40, cols=48) -> np.ndarray:
 
 def test_mask_to_seg_for_dicom_source():
     src = make_dicom(colour(), "RGB", sop_class=VL_MICROSCOPIC, modality="SM")
-    data = mask_to_seg(to_bytes(src), _mask(), model_id="smear-all", model_version="1.0.0")
+    when = dt.datetime(2026, 1, 2, 10, 0)
+    data = mask_to_seg(to_bytes(src), _mask(), model_id="smear-all", model_version="1.0.0", created_at=when)
     ds = pydicom.dcmread(io.BytesIO(data))
     assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
     got, src_uids = _seg_mask(data)
     assert src_uids == [src.SOPInstanceUID]
     assert np.array_equal(got.astype(bool), _mask() > 0)
-    assert mask_to_seg(src, _mask(), model_id="smear-all", model_version="1.0.0") == data  # Dataset source too
+    again = mask_to_seg(src, _mask(), model_id="smear-all", model_version="1.0.0", created_at=when)
+    assert again == data  # a Dataset source gives the same, reproducible bytes
 
 
 def test_mask_to_seg_for_png_source_wraps_a_secondary_capture(signed_case):

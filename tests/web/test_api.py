@@ -216,3 +216,22 @@ def test_csrf_not_required_for_api_but_token_is(app, tok):
     c = app.test_client()
     r = c.post("/api/v1/patients", json={"mrn": "CSRF-1", "family_name": "Token"}, headers=h(tok("doc_a")))
     assert r.status_code == 201
+
+
+def test_fhir_and_hl7_exports_of_a_signed_case(app, tok, pool):
+    from fhir.resources.R4B.bundle import Bundle
+
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    assert_error(c.get(f"/api/v1/cases/{CASE_A_ID}/fhir", headers=t), 409, "not_signed")
+    r = c.post(f"/api/v1/cases/{CASE_A_ID}/sign", json={"final_diagnosis": "Nondiagnostic",
+                                                        "uncertainty_note": "generated test image"}, headers=t)
+    assert r.status_code == 200, r.get_json()
+    r = c.get(f"/api/v1/cases/{CASE_A_ID}/fhir", headers=t)
+    assert r.status_code == 200 and r.mimetype == "application/fhir+json"
+    bundle = Bundle.model_validate(r.get_json())
+    kinds = {e.resource.get_resource_type() for e in bundle.entry}
+    assert {"DiagnosticReport", "Patient", "Observation", "Media", "Device"} <= kinds
+    msg = c.get(f"/api/v1/cases/{CASE_A_ID}/hl7", headers=t).get_data(as_text=True)
+    assert msg.startswith("MSH|^~\\&|") and "ORU^R01" in msg
+    assert c.get(f"/api/v1/cases/{CASE_A_ID}/fhir", headers=h(tok("doc_b"))).status_code == 404

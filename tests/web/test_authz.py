@@ -62,6 +62,8 @@ MATRIX: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("POST", f"/cases/{C}/images/{I}/retry"): (302, 302, 404, 302),  # job is not failed: no-op
     ("POST", f"/cases/{C}/sign"): (302, 400, 404, 400),  # empty form: rejected by the view
     ("GET", f"/cases/{C}/report.pdf"): (302, 200, 404, 200),
+    ("GET", f"/cases/{C}/export/fhir"): (302, 302, 404, 302),  # case 1 is unsigned: back to the case page
+    ("GET", f"/cases/{C}/export/hl7"): (302, 302, 404, 302),
     # administration
     ("GET", "/admin/users"): (302, 403, 403, 200),
     ("POST", "/admin/users"): (302, 403, 403, 200),  # empty form: re-rendered
