@@ -114,7 +114,9 @@ def predict_record(analyzer, path: str) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input, one per line (JSON Lines).")
 @click.option("--model-dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Use models from this folder instead of the shipped ones.")
-def predict(paths, analyzer_id, as_json, model_dir):
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
+              help="Write one CSV row per image (research use). Resumable: paths already in the file are skipped.")
+def predict(paths, analyzer_id, as_json, model_dir, csv_path):
     """Analyse images (files or directories, recursively) without a database."""
     from .analyzers import registry
 
@@ -122,6 +124,9 @@ def predict(paths, analyzer_id, as_json, model_dir):
         an = registry.get(analyzer_id, Path(model_dir) if model_dir else None)
     except (KeyError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    if csv_path:
+        _predict_csv(an, list(_expand(paths)), Path(csv_path))
+        return
     for path in _expand(paths):
         rec = predict_record(an, path)
         if as_json:
@@ -132,6 +137,37 @@ def predict(paths, analyzer_id, as_json, model_dir):
             else:
                 probs = ", ".join(f"{k} {v:.3f}" for k, v in rec["probabilities"].items())
                 click.echo(f"{path}: {rec['label']} [{rec['status']}] {probs}; {rec.get('cell_count', 0)} cells")
+
+
+def _predict_csv(an, files: list[str], out: Path) -> None:
+    import csv
+
+    from tqdm import tqdm
+
+    cols = (["path", "status", "label", "confidence", "malignant", "malignant_probability", "cell_count", "ood_score"]
+            + [f"p_{l}" for l in an.labels] + ["model_version", "model_sha256", "error"])
+    done: set[str] = set()
+    if out.exists() and out.stat().st_size:
+        with open(out, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != cols:
+                raise click.ClickException(f"{out} has different columns (another analyzer?); use a new file")
+            done = {row["path"] for row in reader}
+    todo = [f for f in files if f not in done]
+    new_file = not out.exists() or out.stat().st_size == 0
+    with open(out, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        if new_file:
+            w.writeheader()
+        for path in tqdm(todo, desc="analysing", unit="img", disable=not sys.stderr.isatty()):
+            rec = predict_record(an, path)
+            row = {k: rec.get(k) for k in cols if not k.startswith("p_")}
+            row.update({f"p_{l}": rec["probabilities"].get(l) for l in an.labels})
+            row["model_version"] = (rec.get("model") or {}).get("version")
+            row["model_sha256"] = (rec.get("model") or {}).get("sha256")
+            w.writerow(row)
+            fh.flush()  # a crash loses at most the image in progress
+    click.echo(f"{len(todo)} analysed, {len(files) - len(todo)} already in {out}", err=True)
 
 
 # ----------------------------------------------------------------------------- evaluate

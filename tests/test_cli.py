@@ -119,3 +119,28 @@ def test_predict_awkward_images_never_crash(tmp_path):
     assert recs["tiny.png"]["status"] == "error" and "10x10" in recs["tiny.png"]["error"]
     for name in ("giant.png", "bomb.png"):
         assert recs[name]["status"] == "error" and "megapixel" in recs[name]["error"]
+
+
+def test_predict_csv_is_resumable(tmp_path):
+    import csv
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(synthetic.smear_like(i)[0]).save(d / f"f{i}.png")
+    (d / "bad.png").write_bytes(b"nope")
+    out = tmp_path / "out.csv"
+    res = CliRunner().invoke(main, ["predict", str(d), "--csv", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"ok", "uncertain", "out_of_domain", "error"}
+    assert next(r for r in rows if r["path"].endswith("bad.png"))["error"]
+    # resume: drop the last row as if interrupted, add a new image, run again
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n")
+    Image.fromarray(synthetic.smear_like(9)[0]).save(d / "f9.png")
+    res = CliRunner().invoke(main, ["predict", str(d), "--csv", str(out)])
+    assert "2 analysed, 3 already" in res.output
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 5 and len({r["path"] for r in rows}) == 5
+    assert set(rows[0]) >= {"path", "status", "label", "p_Benign", "p_Pro", "model_sha256"}
