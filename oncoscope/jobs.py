@@ -35,6 +35,12 @@ class WorkerPool:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        # Load every analyzer (ONNX sessions) now, not inside the first user's job.
+        for aid in registry.available():
+            try:
+                registry.get(aid)
+            except Exception:  # noqa: BLE001 - reported by /healthz; jobs for it will fail and be retried
+                log.exception("could not load analyzer %s", aid)
         with session_scope(self.sessions) as s:
             case_store.requeue_stale(s, older_than=datetime.timedelta(0))
         for i in range(self.n):

@@ -46,7 +46,7 @@ class FileStore:
         import io
 
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "PNG")
+        Image.fromarray(arr).save(buf, "PNG", compress_level=1)  # fast; these are working images
         path = self._dir(sha) / f"{name}.png"
         self._atomic_write(path, buf.getvalue())
         return path
