@@ -62,6 +62,8 @@ class Settings:
     job_max_attempts: int = 3
     clinic_name: str = "Oncoscope clinic"
     page_size: int = 25
+    hl7_host: str = ""
+    hl7_port: int = 0
 
     @property
     def images_dir(self) -> Path:
@@ -92,6 +94,8 @@ class Settings:
             login_lock_minutes=_int("ONCOSCOPE_LOGIN_LOCK_MINUTES", 15),
             analysis_workers=_int("ONCOSCOPE_ANALYSIS_WORKERS", 2),
             clinic_name=os.environ.get("ONCOSCOPE_CLINIC_NAME", "Oncoscope clinic"),
+            hl7_host=os.environ.get("ONCOSCOPE_HL7_HOST", ""),
+            hl7_port=_int("ONCOSCOPE_HL7_PORT", 0),
         )
         for k, v in overrides.items():
             if not hasattr(s, k):

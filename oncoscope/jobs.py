@@ -95,6 +95,8 @@ class WorkerPool:
         result = analyzer.analyze(loaded)
         if result.mask is not None:
             self.files.put_png(img.sha256, f"cells-{a.analyzer_id}", mask_overlay(loaded.rgb, result.mask))
+            # binary cell mask at the analysed size (DICOM SEG export)
+            self.files.put_png(img.sha256, f"mask-{a.analyzer_id}", ((result.mask > 0) * 255).astype("uint8"))
         if result.heatmap is not None:
             self.files.put_png(img.sha256, f"heatmap-{a.analyzer_id}", heatmap_overlay(loaded.rgb, result.heatmap))
             self.files.put_png(img.sha256, f"heatmap-layer-{a.analyzer_id}", heatmap_rgba(result.heatmap))

@@ -123,6 +123,7 @@ def _page_schema(item: str) -> dict:
 
 SCHEMAS["PatientPage"] = _page_schema("Patient")
 SCHEMAS["CasePage"] = _page_schema("Case")
+SCHEMAS["Hl7SendResult"] = _obj({"sent": BOOL, "ack": STR}, ["sent", "ack"])
 SCHEMAS["AnalyzerList"] = _obj({"items": {"type": "array", "items": {"$ref": "#/components/schemas/Analyzer"}}},
                                ["items"])
 
@@ -517,6 +518,77 @@ def case_fhir(case_id: int):
 def case_hl7(case_id: int):
     c = _case_or_404(case_id)
     return hl7_response(c)
+
+
+@api("/cases/{case_id}/dicom-sr", "GET", summary="DICOM Comprehensive SR of a signed case", tag="reports",
+     media="application/dicom")
+def case_dicom_sr(case_id: int):
+    return dicom_sr_response(_case_or_404(case_id))
+
+
+@api("/cases/{case_id}/images/{image_id}/dicom-seg", "GET", summary="DICOM SEG of an image's cell mask",
+     tag="reports", media="application/dicom")
+def image_dicom_seg(case_id: int, image_id: int):
+    return dicom_seg_response(_case_or_404(case_id), image_id)
+
+
+@api("/cases/{case_id}/hl7/send", "POST", summary="Send the ORU^R01 message to the configured HL7 destination (MLLP)",
+     tag="reports", response="Hl7SendResult")
+def case_hl7_send(case_id: int):
+    ok, detail = send_hl7(_case_or_404(case_id))
+    if not ok:
+        raise ApiError(502 if detail != "no_destination" else 409,
+                       "hl7_not_configured" if detail == "no_destination" else "hl7_send_failed",
+                       "No HL7 destination is configured (ONCOSCOPE_HL7_HOST/PORT)." if detail == "no_destination"
+                       else detail)
+    return {"sent": True, "ack": detail}
+
+
+def send_hl7(c) -> tuple[bool, str]:
+    from ..reports.hl7v2 import HL7SendError, oru_r01, send_mllp
+
+    st = settings()
+    if c.current_review is None:
+        raise ApiError(409, "not_signed", "Only signed cases can be exported.")
+    if not st.hl7_host or not st.hl7_port:
+        return False, "no_destination"
+    try:
+        ack = send_mllp(oru_r01(c, registry.get(c.analyzer_id)), st.hl7_host, st.hl7_port)
+    except HL7SendError as exc:
+        return False, str(exc)
+    return True, ack
+
+
+def dicom_sr_response(c) -> Response:
+    from ..reports.dicom_io import case_to_sr
+
+    if c.current_review is None:
+        raise ApiError(409, "not_signed", "Only signed cases can be exported.")
+    data = case_to_sr(c, registry.get(c.analyzer_id), institution=settings().clinic_name)
+    return Response(data, mimetype="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="oncoscope-case-{c.id}-sr.dcm"'})
+
+
+def dicom_seg_response(c, image_id: int) -> Response:
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from ..reports.dicom_io import case_study_uid, mask_to_seg
+
+    img = next((i for i in c.images if i.id == image_id), None)
+    if img is None:
+        raise ApiError(404, "not_found", f"No image {image_id} in case {c.id}.")
+    store = files()
+    name = f"mask-{c.analyzer_id}"
+    if not store.exists(img.sha256, name):
+        raise ApiError(409, "no_mask", "This image has no cell mask (not analysed, or out of domain).")
+    mask = np.asarray(PILImage.open(store.path(img.sha256, name))) > 127
+    a = img.analysis
+    data = mask_to_seg(store.path(img.sha256).read_bytes(), mask, case=c, study_uid=case_study_uid(c),
+                       model_id=c.analyzer_id, model_version=(a.model_version if a else "") or "",
+                       created_at=a.finished_at if a else None)
+    return Response(data, mimetype="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="oncoscope-case-{c.id}-image-{img.id}-seg.dcm"'})
 
 
 def fhir_response(c) -> Response:

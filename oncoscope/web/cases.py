@@ -227,15 +227,52 @@ def report(case_id: int):
 @login_required
 def export(case_id: int, fmt: str):
     """Downloads for hospital systems: FHIR R4 bundle or HL7 v2 ORU^R01 (signed cases only)."""
-    from .api import fhir_response, hl7_response
+    from .api import dicom_sr_response, fhir_response, hl7_response
 
     c = _case_or_404(case_id)
-    if fmt not in ("fhir", "hl7"):
+    makers = {"fhir": fhir_response, "hl7": hl7_response, "dicom-sr": dicom_sr_response}
+    if fmt not in makers:
         abort(404)
     if c.current_review is None:
         flash("Only signed cases can be exported.", "error")
         return redirect(url_for("cases.view", case_id=c.id))
-    return fhir_response(c) if fmt == "fhir" else hl7_response(c)
+    return makers[fmt](c)
+
+
+@bp.get("/cases/<int:case_id>/images/<int:image_id>/seg.dcm")
+@login_required
+def export_seg(case_id: int, image_id: int):
+    from .api import ApiError, dicom_seg_response
+
+    c = _case_or_404(case_id)
+    try:
+        return dicom_seg_response(c, image_id)
+    except ApiError as exc:
+        if exc.status == 404:
+            abort(404)
+        flash(exc.message, "error")
+        return redirect(url_for("cases.view", case_id=c.id))
+
+
+@bp.post("/cases/<int:case_id>/hl7/send")
+@login_required
+def send_hl7(case_id: int):
+    from .api import send_hl7 as do_send
+
+    c = _case_or_404(case_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    if c.current_review is None:
+        flash("Only signed cases can be sent.", "error")
+    else:
+        ok, detail = do_send(c)
+        if ok:
+            flash("HL7 result sent; the receiving system acknowledged it.", "ok")
+        elif detail == "no_destination":
+            flash("No HL7 destination is configured (ONCOSCOPE_HL7_HOST / ONCOSCOPE_HL7_PORT).", "error")
+        else:
+            flash(f"Sending failed: {detail}", "error")
+    return redirect(url_for("cases.view", case_id=c.id))
 
 
 @bp.get("/cases/")

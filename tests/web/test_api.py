@@ -235,3 +235,88 @@ def test_fhir_and_hl7_exports_of_a_signed_case(app, tok, pool):
     msg = c.get(f"/api/v1/cases/{CASE_A_ID}/hl7", headers=t).get_data(as_text=True)
     assert msg.startswith("MSH|^~\\&|") and "ORU^R01" in msg
     assert c.get(f"/api/v1/cases/{CASE_A_ID}/fhir", headers=h(tok("doc_b"))).status_code == 404
+
+
+def _mllp_listener(code="AA"):
+    """A one-connection-at-a-time MLLP server answering every message with an ACK."""
+    import socket
+    import threading
+
+    from oncoscope.reports.hl7v2 import ack_for
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(10)
+    received = []
+
+    def run():
+        try:
+            while True:
+                conn, _ = srv.accept()
+                with conn:
+                    buf = b""
+                    while b"\x1c\r" not in buf:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                    msg = buf.strip(b"\x0b").split(b"\x1c")[0].decode()
+                    received.append(msg)
+                    conn.sendall(b"\x0b" + ack_for(msg, code).encode() + b"\x1c\r")
+        except OSError:
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv, received
+
+
+def test_dicom_sr_seg_and_hl7_send(make_app, tok, gate_off):
+    import pydicom
+
+    srv, received = _mllp_listener()
+    try:
+        app = make_app(hl7_host="127.0.0.1", hl7_port=srv.getsockname()[1])
+        from oncoscope.jobs import WorkerPool
+
+        ext = app.extensions["oncoscope"]
+        pool = WorkerPool(ext["sessions"], ext["files"], 1, 3)
+        c = app.test_client()
+        s = sessions_of(app)()
+        t, secret = token_store.create(s, s.get(User, ACCOUNTS["doc_a"].id), "t")
+        s.commit()
+        s.close()
+        hh = h(secret)
+        cid = c.post(f"/api/v1/patients/{PATIENT_A_ID}/cases", json={"analyzer_id": "smear-all"}, headers=hh).get_json()["id"]
+        up = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(png_bytes(11)), "f.png")}, headers=hh,
+                    content_type="multipart/form-data").get_json()
+        while pool.run_one():
+            pass
+        case = c.get(f"/api/v1/cases/{cid}", headers=hh).get_json()
+        assert case["images"][0]["cell_count"] is not None  # gate off: segmented
+        assert_error(c.get(f"/api/v1/cases/{cid}/dicom-sr", headers=hh), 409, "not_signed")
+        label = case["aggregate"]["label"]
+        body = {"final_diagnosis": label}
+        if case["aggregate"]["status"] != "ok":
+            body["uncertainty_note"] = "test"
+        assert c.post(f"/api/v1/cases/{cid}/sign", json=body, headers=hh).status_code == 200
+        sr = c.get(f"/api/v1/cases/{cid}/dicom-sr", headers=hh)
+        ds = pydicom.dcmread(io.BytesIO(sr.data))
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and ds.PatientID == "MRN-A-0001"
+        seg = c.get(f"/api/v1/cases/{cid}/images/{up['added'][0]}/dicom-seg", headers=hh)
+        assert seg.status_code == 200
+        sds = pydicom.dcmread(io.BytesIO(seg.data))
+        assert sds.Modality == "SEG"
+        r = c.post(f"/api/v1/cases/{cid}/hl7/send", headers=hh)
+        assert r.status_code == 200 and r.get_json()["sent"] is True
+        assert len(received) == 1 and received[0].startswith("MSH|") and "ORU^R01" in received[0]
+        # a second app without a destination refuses clearly
+        app2 = make_app()
+        s2 = sessions_of(app2)()
+        _t2, secret2 = token_store.create(s2, s2.get(User, ACCOUNTS["doc_a"].id), "t2")
+        s2.commit()
+        s2.close()
+        assert_error(app2.test_client().post(f"/api/v1/cases/{cid}/hl7/send", headers=h(secret2)), 409,
+                     "hl7_not_configured")
+    finally:
+        srv.close()

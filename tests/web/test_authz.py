@@ -64,6 +64,8 @@ MATRIX: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", f"/cases/{C}/report.pdf"): (302, 200, 404, 200),
     ("GET", f"/cases/{C}/export/fhir"): (302, 302, 404, 302),  # case 1 is unsigned: back to the case page
     ("GET", f"/cases/{C}/export/hl7"): (302, 302, 404, 302),
+    ("GET", f"/cases/{C}/images/{I}/seg.dcm"): (302, 302, 404, 302),  # no stored mask: back to the case page
+    ("POST", f"/cases/{C}/hl7/send"): (302, 302, 404, 302),  # unsigned: flash and back
     # administration
     ("GET", "/admin/users"): (302, 403, 403, 200),
     ("POST", "/admin/users"): (302, 403, 403, 200),  # empty form: re-rendered
