@@ -72,6 +72,11 @@ def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: li
         except ImageLoadError as exc:
             out.errors.append((name, str(exc)))
             continue
+        meta = getattr(loaded, "dicom", None)
+        if meta is not None and meta.patient_id and meta.patient_id.strip() != case.patient.mrn:
+            out.errors.append((name, f"this DICOM belongs to patient ID {meta.patient_id!r}, not to "
+                                     f"{case.patient.display_name} (MRN {case.patient.mrn}); nothing was added"))
+            continue
         sha = hashlib.sha256(data).hexdigest()
         if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
             out.duplicates.append(name)
@@ -81,6 +86,12 @@ def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: li
         img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
                         width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
                         uploaded_by_id=user.id)
+        if meta is not None:
+            img.dicom_patient_id = (meta.patient_id or "")[:64] or None
+            img.dicom_study_uid = (meta.study_uid or "")[:64] or None
+            img.dicom_series_uid = (meta.series_uid or "")[:64] or None
+            img.dicom_sop_uid = (meta.sop_instance_uid or "")[:64] or None
+            img.modality = (meta.modality or "")[:16] or None
         s.add(img)
         s.flush()
         s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
@@ -195,6 +206,12 @@ def aggregate(case: Case) -> Aggregate:
 
 
 # ----------------------------------------------------------------------------- sign-off
+def dicom_study_uid(case: Case) -> str | None:
+    """The study UID of the case's DICOM images, when they came from one study."""
+    uids = {i.dicom_study_uid for i in case.images if i.dicom_study_uid}
+    return uids.pop() if len(uids) == 1 else None
+
+
 def diagnosis_options(analyzer) -> list[tuple[str, str]]:
     return [(l, analyzer.display_names.get(l, l)) for l in analyzer.labels] + [(NONDIAGNOSTIC, "Non-diagnostic sample")]
 

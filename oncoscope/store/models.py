@@ -117,6 +117,12 @@ class CaseImage(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
     uploaded_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    # DICOM uploads keep their identifiers (exports reuse the study UID)
+    dicom_patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dicom_study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dicom_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dicom_sop_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
     case: Mapped[Case] = relationship(back_populates="images")
     analysis: Mapped["Analysis | None"] = relationship(back_populates="image", uselist=False)

@@ -564,7 +564,8 @@ def dicom_sr_response(c) -> Response:
 
     if c.current_review is None:
         raise ApiError(409, "not_signed", "Only signed cases can be exported.")
-    data = case_to_sr(c, registry.get(c.analyzer_id), institution=settings().clinic_name)
+    data = case_to_sr(c, registry.get(c.analyzer_id), study_uid=case_store.dicom_study_uid(c),
+                      institution=settings().clinic_name)
     return Response(data, mimetype="application/dicom",
                     headers={"Content-Disposition": f'attachment; filename="oncoscope-case-{c.id}-sr.dcm"'})
 
@@ -584,7 +585,8 @@ def dicom_seg_response(c, image_id: int) -> Response:
         raise ApiError(409, "no_mask", "This image has no cell mask (not analysed, or out of domain).")
     mask = np.asarray(PILImage.open(store.path(img.sha256, name))) > 127
     a = img.analysis
-    data = mask_to_seg(store.path(img.sha256).read_bytes(), mask, case=c, study_uid=case_study_uid(c),
+    data = mask_to_seg(store.path(img.sha256).read_bytes(), mask, case=c,
+                       study_uid=img.dicom_study_uid or case_store.dicom_study_uid(c) or case_study_uid(c),
                        model_id=c.analyzer_id, model_version=(a.model_version if a else "") or "",
                        created_at=a.finished_at if a else None)
     return Response(data, mimetype="application/dicom",

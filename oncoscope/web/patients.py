@@ -44,7 +44,43 @@ def new():
         else:
             flash(f"Patient {p.display_name} created.", "ok")
             return redirect(url_for("patients.view", patient_id=p.id))
-    return render_template("patients/form.html", form=form, patient=None, title="New patient")
+    from .forms import EmptyForm
+
+    return render_template("patients/form.html", form=form, patient=None, dicom_form=EmptyForm(), title="New patient")
+
+
+@bp.post("/from-dicom")
+@login_required
+def from_dicom():
+    """Pre-fill the new-patient form from a DICOM file's patient module (nothing is stored)."""
+    from ..ml.imageio import ImageLoadError, load_image
+    from .forms import EmptyForm
+
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    f = request.files.get("dicom")
+    form = PatientForm(formdata=None)
+    try:
+        loaded = load_image(f.read() if f else b"")
+        meta = loaded.dicom
+        if meta is None:
+            raise ImageLoadError("This file is an image but not DICOM: there is no patient information in it.")
+    except ImageLoadError as exc:
+        flash(f"Could not read patient data: {exc}", "error")
+        return redirect(url_for("patients.new"))
+    existing = patient_store.search(db(), me(), meta.patient_id or "", 1, 1) if meta.patient_id else None
+    if existing and existing.items and existing.items[0].mrn == meta.patient_id:
+        flash(f"A patient with MRN {meta.patient_id} already exists.", "info")
+        return redirect(url_for("patients.view", patient_id=existing.items[0].id))
+    family, _, given = (meta.patient_name or "").partition(", ")
+    form.mrn.data, form.family_name.data, form.given_name.data = meta.patient_id, family, given
+    if meta.birth_date:
+        import datetime as dt
+
+        form.birth_date.data = dt.date.fromisoformat(meta.birth_date)
+    form.sex.data = meta.sex_word
+    flash("Pre-filled from the DICOM file: check the values, then save.", "info")
+    return render_template("patients/form.html", form=form, patient=None, dicom_form=EmptyForm(), title="New patient")
 
 
 @bp.get("/<int:patient_id>")

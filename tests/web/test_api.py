@@ -320,3 +320,49 @@ def test_dicom_sr_seg_and_hl7_send(make_app, tok, gate_off):
                      "hl7_not_configured")
     finally:
         srv.close()
+
+
+def _dicom_bytes(patient_id: str, name: str = "Doe^Jane") -> bytes:
+    from tests.reports.test_dicom import colour, make_dicom, to_bytes
+
+    ds = make_dicom(colour(64, 64), "RGB")
+    ds.PatientID = patient_id
+    ds.PatientName = name
+    ds.PatientBirthDate = "19800203"
+    ds.PatientSex = "F"
+    return to_bytes(ds)
+
+
+def test_dicom_upload_keeps_uids_and_refuses_another_patients_file(app, tok):
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    cid = c.post(f"/api/v1/patients/{PATIENT_A_ID}/cases", json={"analyzer_id": "smear-all"}, headers=t).get_json()["id"]
+    other = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(_dicom_bytes("SOMEONE-ELSE")), "x.dcm")},
+                   headers=t, content_type="multipart/form-data")
+    assert other.status_code == 422 and "belongs to patient ID 'SOMEONE-ELSE'" in other.get_json()["errors"][0]["message"]
+    ok = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(_dicom_bytes("MRN-A-0001")), "y.dcm")},
+                headers=t, content_type="multipart/form-data")
+    assert ok.status_code == 200 and len(ok.get_json()["added"]) == 1
+    s = sessions_of(app)()
+    from oncoscope.store.models import CaseImage
+
+    img = s.get(CaseImage, ok.get_json()["added"][0])
+    assert img.content_type == "DICOM" and img.dicom_study_uid and img.dicom_patient_id == "MRN-A-0001"
+    s.close()
+
+
+def test_new_patient_prefilled_from_dicom(app):
+    from tests.web.conftest import DOC_A, login
+
+    app.config["WTF_CSRF_ENABLED"] = False
+    c = app.test_client()
+    login(c, DOC_A)
+    r = c.post("/patients/from-dicom", data={"dicom": (io.BytesIO(_dicom_bytes("NEW-777", "Kowalski^Anna")), "a.dcm")},
+               content_type="multipart/form-data")
+    assert r.status_code == 200
+    html = r.data.decode()
+    assert 'value="NEW-777"' in html and 'value="Kowalski"' in html and 'value="Anna"' in html
+    assert 'value="1980-02-03"' in html
+    r = c.post("/patients/from-dicom", data={"dicom": (io.BytesIO(png_bytes(1)), "a.png")},
+               content_type="multipart/form-data")
+    assert r.status_code == 302

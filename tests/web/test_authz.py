@@ -47,6 +47,7 @@ MATRIX: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", "/patients/"): (302, 200, 200, 200),
     ("GET", "/patients/new"): (302, 200, 200, 200),
     ("POST", "/patients/new"): (302, 200, 200, 200),  # empty form: re-rendered with errors
+    ("POST", "/patients/from-dicom"): (302, 302, 302, 302),  # no file: message and back to the form
     ("GET", f"/patients/{P}"): (302, 200, 404, 200),
     ("GET", f"/patients/{P}/edit"): (302, 200, 404, 200),
     ("POST", f"/patients/{P}/edit"): (302, 302, 404, 302),  # same values saved again
