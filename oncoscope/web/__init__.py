@@ -9,6 +9,7 @@ from flask_login import LoginManager, current_user, logout_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import OperationalError, InterfaceError
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.routing import IntegerConverter
 
 from ..config import Settings
 from ..store.db import make_engine, make_session_factory
@@ -20,6 +21,7 @@ login_manager = LoginManager()
 
 def create_app(config: dict | None = None, settings: Settings | None = None, start_workers: bool = True) -> Flask:
     app = Flask(__name__)
+    app.url_map.converters["int"] = BoundedInt  # ids beyond the database's integer range are simply not found
     settings = settings or Settings.from_env()
     app.config.update(
         SECRET_KEY=settings.secret_key,
@@ -142,6 +144,18 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
 
         start_worker_pool(app)
     return app
+
+
+class BoundedInt(IntegerConverter):
+    """``<int:...>`` whose values beyond 2**31-1 (the INTEGER range every supported database shares)
+    become 0, an id no row has: the object lookups then answer 404 like any unknown id."""
+
+    def to_python(self, value: str) -> int:
+        v = super().to_python(value)
+        return v if v <= MAX_ID else 0
+
+
+MAX_ID = 2**31 - 1
 
 
 def _secure_cookies() -> bool:

@@ -102,10 +102,15 @@ SCHEMAS: dict[str, dict] = {
                   "images": {"type": "array", "items": {"$ref": "#/components/schemas/Analysis"}},
                   "reviews": {"type": "array", "items": {"$ref": "#/components/schemas/Review"}}},
                  ["id", "patient_id", "analyzer_id", "status", "images", "reviews"]),
-    "CaseInput": _obj({"analyzer_id": STR, "clinical_note": {"type": "string", "maxLength": 5000}}, ["analyzer_id"],
+    "CaseInput": _obj({"analyzer_id": {"type": "string", "maxLength": 64},
+                       "clinical_note": {"type": "string", "maxLength": 5000}}, ["analyzer_id"],
                       additionalProperties=False),
-    "SignInput": _obj({"final_diagnosis": STR, "override_reason": STR, "uncertainty_note": STR, "comment": STR,
-                       "amendment_reason": STR}, ["final_diagnosis"], additionalProperties=False),
+    "SignInput": _obj({"final_diagnosis": {"type": "string", "maxLength": 64},
+                       "override_reason": {"type": "string", "maxLength": 5000},
+                       "uncertainty_note": {"type": "string", "maxLength": 5000},
+                       "comment": {"type": "string", "maxLength": 10000},
+                       "amendment_reason": {"type": "string", "maxLength": 5000}}, ["final_diagnosis"],
+                      additionalProperties=False),
     "UploadResult": _obj({"added": {"type": "array", "items": INT}, "duplicates": {"type": "array", "items": STR},
                           "errors": {"type": "array", "items": _obj({"file": STR, "message": STR})},
                           "case": {"$ref": "#/components/schemas/Case"}}, ["added", "duplicates", "errors"]),
@@ -139,7 +144,8 @@ def _err(desc: str) -> dict:
 
 def api(path: str, method: str, *, summary: str, tag: str, response: str | None = None, status: int = 200,
         body: str | None = None, multipart: bool = False, query: list[dict] | None = None,
-        media: str = "application/json", idempotent_key: bool = False, public: bool = False):
+        media: str = "application/json", idempotent_key: bool = False, public: bool = False,
+        errors: dict[int, str] | None = None):
     """Register a Flask route and its OpenAPI operation in one place."""
 
     def deco(fn):
@@ -148,7 +154,8 @@ def api(path: str, method: str, *, summary: str, tag: str, response: str | None 
         for seg in [p for p in path.split("/") if p.startswith("{")]:
             name = seg[1:-1]
             flask_path = flask_path.replace(seg, f"<int:{name}>")
-            params.append({"name": name, "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}})
+            params.append({"name": name, "in": "path", "required": True,
+                           "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}})
         params += query or []
         if idempotent_key:
             params.append({"name": "Idempotency-Key", "in": "header", "required": False,
@@ -163,12 +170,23 @@ def api(path: str, method: str, *, summary: str, tag: str, response: str | None 
         if body:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
             op["responses"]["422"] = _err("Validation error (see error.field)")
+            op["responses"]["400"] = _err("The body is not a JSON object")
+        if query:
+            op["responses"]["400"] = _err("Invalid query parameter (see error.field)")
+        if idempotent_key:
+            op["responses"].setdefault("400", _err("Invalid Idempotency-Key"))
+            op["responses"].setdefault("422", _err("Idempotency-Key reused for a different request"))
+        for code, desc in (errors or {}).items():
+            op["responses"][str(code)] = _err(desc)
         if multipart:
             op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _obj(
                 {"images": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"}}},
                 ["images"])}}}
             op["responses"]["409"] = _err("The case is signed")
-            op["responses"]["422"] = _err("No image could be used")
+            op["responses"]["422"] = {"description": "No image could be used (per-file reasons in errors), or no "
+                                                     "files / a reused Idempotency-Key (Error shape)",
+                                      "content": {"application/json": {"schema": {"oneOf": [_ref("UploadResult"),
+                                                                                            _ref("Error")]}}}}
         ok = {"description": "OK"}
         if media == "application/json":
             if response:
@@ -221,7 +239,9 @@ def _authenticate() -> None:
 
 
 def _idempotent(run):
-    key = request.headers["Idempotency-Key"][:128]
+    key = request.headers["Idempotency-Key"]
+    if len(key) > 128 or not key.strip():
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-128 characters.", "Idempotency-Key")
     s = db()
     fp = _fingerprint()
     rec = s.scalar(select(IdempotencyRecord).where(IdempotencyRecord.user_id == g.api_user.id,
@@ -248,11 +268,11 @@ def _fingerprint() -> str:
     """What the request asks for, independent of transport details (multipart boundaries, key order)."""
     h = hashlib.sha256(f"{request.method} {request.path}\n".encode())
     if request.files:
-        for field, f in sorted(request.files.items(multi=True), key=lambda kv: (kv[0], kv[1].filename or "")):
+        for field, f in sorted(request.files.items(multi=True), key=lambda kv: (kv[0] or "", kv[1].filename or "")):
             pos = f.stream.tell()
             h.update(f"{field}:{f.filename}:".encode() + hashlib.sha256(f.stream.read()).digest())
             f.stream.seek(pos)
-        for k, v in sorted(request.form.items(multi=True)):
+        for k, v in sorted(request.form.items(multi=True), key=lambda kv: (kv[0] or "", kv[1] or "")):
             h.update(f"{k}={v}\n".encode())
     else:
         data = request.get_json(silent=True)
@@ -264,6 +284,32 @@ def _json_body() -> dict:
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "Send a JSON object with Content-Type: application/json.")
+    return data
+
+
+def _validate_fields(data: dict, schema_name: str) -> dict:
+    """Strict validation against the documented schema: unknown fields, wrong types, lengths, enums."""
+    sch = SCHEMAS[schema_name]
+    props = sch["properties"]
+    for k, v in data.items():
+        if k not in props:
+            raise ApiError(422, "unknown_field", f"Unknown field {k!r}.", k)
+        spec = props[k]
+        types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+        if v is None and "null" not in types:
+            raise ApiError(422, "invalid", f"{k} may not be null.", k)
+        if v is not None and not isinstance(v, str):
+            raise ApiError(422, "invalid", f"{k} must be a string.", k)
+        if isinstance(v, str):
+            if len(v) > spec.get("maxLength", 10_000):
+                raise ApiError(422, "too_long", f"{k} is limited to {spec['maxLength']} characters.", k)
+            if len(v) < spec.get("minLength", 0):
+                raise ApiError(422, "invalid", f"{k} may not be empty.", k)
+            if "enum" in spec and v not in spec["enum"]:
+                raise ApiError(422, "invalid", f"{k} must be one of {', '.join(spec['enum'])}.", k)
+    for k in sch.get("required", []):
+        if k not in data:
+            raise ApiError(422, "missing", f"{k} is required.", k)
     return data
 
 
@@ -361,21 +407,21 @@ def list_analyzers():
      query=[{"name": "q", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 100}}] + PAGE_PARAMS)
 def list_patients():
     page, per_page = _page_args()
-    res = patient_store.search(db(), g.api_user, request.args.get("q", "")[:100], page, per_page)
+    q = request.args.get("q", "")
+    if len(q) > 100:
+        raise ApiError(400, "invalid_parameter", "q is limited to 100 characters.", "q")
+    res = patient_store.search(db(), g.api_user, q, page, per_page)
     return {"items": [patient_json(p) for p in res.items], "page": res.page, "per_page": per_page,
             "pages": res.pages, "total": res.total}
 
 
 @api("/patients", "POST", summary="Create a patient", tag="patients", response="Patient", status=201,
-     body="PatientInput", idempotent_key=True)
+     body="PatientInput", idempotent_key=True, errors={409: "A patient with this MRN already exists"})
 def create_patient():
-    data = _json_body()
-    unknown = set(data) - set(SCHEMAS["PatientInput"]["properties"])
-    if unknown:
-        raise ApiError(422, "unknown_field", f"Unknown field {sorted(unknown)[0]!r}.", sorted(unknown)[0])
+    data = _validate_fields(_json_body(), "PatientInput")
     s = db()
     try:
-        p = patient_store.create(s, g.api_user, {k: v for k, v in data.items() if isinstance(v, (str, type(None)))})
+        p = patient_store.create(s, g.api_user, data)
         s.commit()
     except patient_store.PatientError as exc:
         s.rollback()
@@ -390,15 +436,12 @@ def get_patient(patient_id: int):
 
 
 @api("/patients/{patient_id}", "PATCH", summary="Update a patient", tag="patients", response="Patient",
-     body="PatientPatch")
+     body="PatientPatch", errors={409: "A patient with this MRN already exists"})
 def update_patient(patient_id: int):
     p = _patient_or_404(patient_id)
-    data = _json_body()
-    unknown = set(data) - set(SCHEMAS["PatientPatch"]["properties"])
-    if unknown:
-        raise ApiError(422, "unknown_field", f"Unknown field {sorted(unknown)[0]!r}.", sorted(unknown)[0])
+    data = _validate_fields(_json_body(), "PatientPatch")
     merged = {k: getattr(p, k) for k in ("mrn", "family_name", "given_name", "birth_date", "sex", "notes")}
-    merged.update({k: v for k, v in data.items() if isinstance(v, (str, type(None)))})
+    merged.update(data)
     s = db()
     try:
         patient_store.update(s, p, merged)
@@ -427,12 +470,8 @@ def list_patient_cases(patient_id: int):
      response="Case", status=201, body="CaseInput", idempotent_key=True)
 def create_case(patient_id: int):
     p = _patient_or_404(patient_id)
-    data = _json_body()
-    if not isinstance(data.get("analyzer_id"), str):
-        raise ApiError(422, "invalid", "analyzer_id is required.", "analyzer_id")
+    data = _validate_fields(_json_body(), "CaseInput")
     note = data.get("clinical_note", "")
-    if not isinstance(note, str):
-        raise ApiError(422, "invalid", "clinical_note must be a string.", "clinical_note")
     s = db()
     try:
         c = case_store.create_case(s, g.api_user, p, data["analyzer_id"], note)
@@ -475,12 +514,7 @@ def upload_images(case_id: int):
      body="SignInput")
 def sign_case(case_id: int):
     c = _case_or_404(case_id)
-    data = _json_body()
-    for k, v in data.items():
-        if k not in SCHEMAS["SignInput"]["properties"]:
-            raise ApiError(422, "unknown_field", f"Unknown field {k!r}.", k)
-        if not isinstance(v, str):
-            raise ApiError(422, "invalid", f"{k} must be a string.", k)
+    data = _validate_fields(_json_body(), "SignInput")
     an = registry.get(c.analyzer_id)
     labels = [k for k, _ in case_store.diagnosis_options(an)]
     s = db()
@@ -507,33 +541,36 @@ def case_report(case_id: int):
 
 
 @api("/cases/{case_id}/fhir", "GET", summary="FHIR R4 Bundle of a signed case (DiagnosticReport, Observations, "
-     "Media, Patient, Device, Practitioner)", tag="reports", media="application/fhir+json")
+     "Media, Patient, Device, Practitioner)", tag="reports", media="application/fhir+json",
+     errors={409: "The case is not signed"})
 def case_fhir(case_id: int):
     c = _case_or_404(case_id)
     return fhir_response(c)
 
 
 @api("/cases/{case_id}/hl7", "GET", summary="HL7 v2.5.1 ORU^R01 message of a signed case", tag="reports",
-     media="application/hl7-v2")
+     media="application/hl7-v2", errors={409: "The case is not signed"})
 def case_hl7(case_id: int):
     c = _case_or_404(case_id)
     return hl7_response(c)
 
 
 @api("/cases/{case_id}/dicom-sr", "GET", summary="DICOM Comprehensive SR of a signed case", tag="reports",
-     media="application/dicom")
+     media="application/dicom", errors={409: "The case is not signed"})
 def case_dicom_sr(case_id: int):
     return dicom_sr_response(_case_or_404(case_id))
 
 
 @api("/cases/{case_id}/images/{image_id}/dicom-seg", "GET", summary="DICOM SEG of an image's cell mask",
-     tag="reports", media="application/dicom")
+     tag="reports", media="application/dicom", errors={409: "The image has no cell mask"})
 def image_dicom_seg(case_id: int, image_id: int):
     return dicom_seg_response(_case_or_404(case_id), image_id)
 
 
 @api("/cases/{case_id}/hl7/send", "POST", summary="Send the ORU^R01 message to the configured HL7 destination (MLLP)",
-     tag="reports", response="Hl7SendResult")
+     tag="reports", response="Hl7SendResult",
+     errors={409: "The case is not signed, or no HL7 destination is configured",
+             502: "The receiving system refused the message or could not be reached"})
 def case_hl7_send(case_id: int):
     ok, detail = send_hl7(_case_or_404(case_id))
     if not ok:

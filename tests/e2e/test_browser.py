@@ -126,13 +126,13 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     page.click("nav.mainnav >> text=Patients")
     page.click("text=New patient")
     page.fill("#mrn", "E2E-0001")
-    page.click("main button[type=submit]")
+    page.click("main form[novalidate] button[type=submit]")
     assert page.locator("#family_name-err").is_visible()
     page.fill("#family_name", "Testpatient")
     page.fill("#given_name", "Maria")
     page.fill("#birth_date", "1975-04-12")
     page.select_option("#sex", "female")
-    page.click("main button[type=submit]")
+    page.click("main form[novalidate] button[type=submit]")
     page.wait_for_selector("h1:has-text('Testpatient, Maria')")
 
     # 5. uploads a smear image to a new case

@@ -366,3 +366,24 @@ def test_new_patient_prefilled_from_dicom(app):
     r = c.post("/patients/from-dicom", data={"dicom": (io.BytesIO(png_bytes(1)), "a.png")},
                content_type="multipart/form-data")
     assert r.status_code == 302
+
+
+@pytest.mark.parametrize("path", ["/patients/9223372036854775808", "/cases/99999999999999999999",
+                                  "/cases/1/images/9223372036854775808/original.png"])
+def test_ids_beyond_the_database_range_are_404_not_500(app, path):
+    from tests.web.conftest import DOC_A, login
+
+    c = app.test_client()
+    login(c, DOC_A)
+    assert c.get(path).status_code == 404
+
+
+def test_idempotency_fingerprint_survives_nameless_form_fields(app, tok):
+    c = app.test_client()
+    t = dict(h(tok("doc_a")), **{"Idempotency-Key": "odd-form"})
+    body = (b'--B\r\nContent-Disposition: form-data; name="\\\\"\r\n\r\nx\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\ny\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="images"; filename="f.png"\r\n\r\n' + png_bytes(5) +
+            b'\r\n--B--\r\n')
+    r = c.post(f"/api/v1/cases/{CASE_A_ID}/images", data=body, headers=t, content_type="multipart/form-data; boundary=B")
+    assert r.status_code < 500

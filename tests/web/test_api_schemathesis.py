@@ -12,9 +12,14 @@ documented request schema), they are sent with a bearer token, and each response
   ``string`` of their own media type, get every check but this one),
 * ``response_headers_conformance``.
 
+The doctor run adds a negative pass (requests that violate the documented request schema): those
+must still get a documented status (a 4xx listed for the operation) and never a 5xx. Rejection of
+every invalid input (``negative_data_rejection``) is not enforced: the app truncates over-long text.
+
 Path ids are drawn both from the generator and from the seeded objects (visible and invisible to
-the caller), so the 200 / 404 / 409 branches are all reached. Failures are collected across all
-operations (not stopped at the first) and reported together, one reproduction per distinct failure.
+the caller) plus one id past int64, so the 200 / 404 / 409 branches are all reached. Failures are
+collected across all operations (not stopped at the first) and reported together, one (shortest)
+reproduction per distinct failure. Generation is derandomized: the same examples on every run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis import checks as st_checks
 from schemathesis.core import NotSet
 
@@ -39,6 +45,9 @@ from tests.web.conftest import (ACCOUNTS, CASE_A_ID, CASE_B_ID, IMAGE_A_ID, IMAG
 pytestmark = pytest.mark.slow
 
 OPENAPI = "/api/v1/openapi.json"
+# Path ids are documented as integers >= 1 with no maximum, so this is valid input too (and larger than
+# any SQLite INTEGER); the generator reaches such values only now and then, so it is pinned as well.
+BEYOND_INT64 = 2**63
 
 CHECKS = [st_checks.not_a_server_error, st_checks.status_code_conformance, st_checks.content_type_conformance,
           st_checks.response_headers_conformance, st_checks.response_schema_conformance]
@@ -75,12 +84,11 @@ class Collector:
         old = self.findings.get(key)
         if old is None:
             self.findings[key] = f
-        else:  # keep the shortest reproduction
+        elif len(f.request) < len(old.request):  # keep the shortest reproduction
             f.count = old.count + 1
-            if len(f.request) < len(old.request):
-                self.findings[key] = f
-            else:
-                old.count += 1
+            self.findings[key] = f
+        else:
+            old.count += 1
 
     def report(self) -> str:
         lines = []
@@ -113,16 +121,28 @@ def _body_text(response) -> str:
     return f"<{ct}, {len(response.content)} bytes>"
 
 
-def _strategy(op, ids: dict[str, list[int]], bodies: dict[str, list]):
-    """Generated cases for ``op``, plus the same with path ids pinned to seeded objects, plus (where given)
-    known-good bodies, so that the success branches of sign / create case / upload are reached too."""
+def _app_traceback(exc: BaseException) -> str:
+    """The app's own frames of an exception (where to fix it), then the exception itself."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/oncoscope/" in f.filename.replace("\\", "/")]
+    where = "".join(traceback.format_list(frames[-4:]))
+    return f"{where}{type(exc).__name__}: {exc}"
+
+
+def _strategy(op, mode: GenerationMode, ids: dict[str, list[int]], bodies: dict[str, list]):
+    """Generated cases for ``op``, plus the same with path ids pinned to seeded objects, plus (positive mode,
+    where given) known-good bodies, so that the success branches of sign / create case / upload are reached."""
     names = [p.name for p in op.path_parameters]
     n = max([len(ids.get(name, [1])) for name in names], default=0)
     pinned = [{name: ids.get(name, [1])[i % len(ids.get(name, [1]))] for name in names} for i in range(n)]
-    strategies = [op.as_strategy()] + [op.as_strategy(path_parameters=p) for p in pinned]
-    for body in bodies.get(op.label, []):
-        strategies += [op.as_strategy(path_parameters=p, body=body) for p in pinned or [None]]
-    return st.one_of(strategies)
+    seeded = [op.as_strategy(mode, path_parameters=p) for p in pinned]
+    if mode == GenerationMode.POSITIVE:
+        for body in bodies.get(op.label, []):
+            seeded += [op.as_strategy(mode, path_parameters=p, body=body) for p in pinned or [None]]
+    free = op.as_strategy(mode)  # about half of the examples are left entirely to the generator
+    if not seeded:
+        return free
+    seeded_st = st.one_of(seeded)
+    return st.booleans().flatmap(lambda use_seed: seeded_st if use_seed else free)  # one_of would flatten
 
 
 def _good_bodies(client, token: str) -> dict[str, list]:
@@ -132,7 +152,8 @@ def _good_bodies(client, token: str) -> dict[str, list]:
         "POST /cases/{case_id}/sign": [{"final_diagnosis": label, "override_reason": "r", "uncertainty_note": "u",
                                         "amendment_reason": "a"}],
         "POST /patients/{patient_id}/cases": [{"analyzer_id": "smear-all", "clinical_note": "n"}],
-        "POST /cases/{case_id}/images": [{"images": [png_bytes(11)]}, {"images": [png_bytes(12), b"not an image"]}],
+        "POST /cases/{case_id}/images": [{"images": [png_bytes(11)]}, {"images": [png_bytes(12), b"not an image"]},
+                                         {"images": [b"not an image"]}],
     }
 
 
@@ -143,29 +164,31 @@ def _json_success(op) -> bool:
     return media <= {"application/json"}
 
 
-def run_schemathesis(app, token: str, ids: dict[str, list[int]], max_examples: int) -> Collector:
+def run_schemathesis(app, token: str, ids: dict[str, list[int]], max_examples: int,
+                     mode: GenerationMode = GenerationMode.POSITIVE, out: Collector | None = None) -> Collector:
+    """One schemathesis pass over every operation of the live document; findings go to ``out``."""
     schema = schemathesis.openapi.from_wsgi(OPENAPI, app)
     bodies = _good_bodies(app.test_client(), token)
     auth = {"Authorization": f"Bearer {token}"}
-    out = Collector()
+    out = out if out is not None else Collector()
     operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) >= 10, [o.label for o in operations]
 
     for op in operations:
         checks = CHECKS if _json_success(op) else CHECKS_NON_JSON
-        seen = out.calls.setdefault(op.label, {})
+        seen = out.calls.setdefault(f"{mode.value:8} {op.label}", {})
+        label = f"{op.label} ({mode.value} data)"
 
         @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
                   phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck))
-        @given(case=_strategy(op, ids, bodies))
+        @given(case=_strategy(op, mode, ids, bodies))
         def test(case):
             try:
                 response = case.call(headers=auth)
             except Exception as exc:  # an exception escaping the WSGI app = a 500 in production
-                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-6))
-                out.add((op.label, "exception", type(exc).__name__, str(exc)[:120]),
-                        Finding(op.label, f"unhandled {type(exc).__name__} (would be a 500)", tb[-2500:],
+                out.add((label, "exception", type(exc).__name__, str(exc)[:120]),
+                        Finding(label, f"unhandled {type(exc).__name__} (would be a 500)", _app_traceback(exc),
                                 _describe_request(case), None, ""))
                 return
             seen[response.status_code] = seen.get(response.status_code, 0) + 1
@@ -173,12 +196,12 @@ def run_schemathesis(app, token: str, ids: dict[str, list[int]], max_examples: i
                 case.validate_response(response, checks=checks, headers=auth)
             except schemathesis.errors.FailureGroup as group:
                 for failure in group.exceptions:
-                    out.add((op.label, type(failure).__name__, failure._unique_key, response.status_code),
-                            Finding(op.label, f"{failure.title} [{type(failure).__name__}]", failure.message,
+                    out.add((label, type(failure).__name__, failure._unique_key, response.status_code),
+                            Finding(label, f"{failure.title} [{type(failure).__name__}]", failure.message,
                                     _describe_request(case), response.status_code, _body_text(response)))
             except AssertionError as failure:
-                out.add((op.label, type(failure).__name__, str(failure)[:200], response.status_code),
-                        Finding(op.label, type(failure).__name__, str(failure), _describe_request(case),
+                out.add((label, type(failure).__name__, str(failure)[:200], response.status_code),
+                        Finding(label, type(failure).__name__, str(failure), _describe_request(case),
                                 response.status_code, _body_text(response)))
 
         test()
@@ -224,9 +247,12 @@ def test_schemathesis_doctor(make_app):
     c = app.test_client()
     _sign(c, token, CASE_A_ID)  # case 1 signed: exports answer 200, sign needs an amendment reason
     unsigned = _new_case(c, token, PATIENT_A_ID, with_image=False)  # unsigned, empty: exports answer 409
-    ids = {"patient_id": [PATIENT_A_ID, PATIENT_B_ID, PATIENT_A_ID], "case_id": [CASE_A_ID, CASE_B_ID, unsigned],
-           "image_id": [IMAGE_A_ID, IMAGE_B_ID, IMAGE_A_ID]}
+    ids = {"patient_id": [PATIENT_A_ID, PATIENT_B_ID, PATIENT_A_ID, BEYOND_INT64],
+           "case_id": [CASE_A_ID, CASE_B_ID, unsigned, BEYOND_INT64],
+           "image_id": [IMAGE_A_ID, IMAGE_B_ID, IMAGE_A_ID, BEYOND_INT64]}
     out = run_schemathesis(app, token, ids, max_examples=25)
+    # Schema-violating requests too: they must be answered with a documented 4xx, never a 5xx.
+    run_schemathesis(app, token, ids, max_examples=15, mode=GenerationMode.NEGATIVE, out=out)
     _assert_clean(out, "doctor")
 
 
@@ -236,7 +262,8 @@ def test_schemathesis_admin(make_app):
     token = _token(app, "admin")
     c = app.test_client()
     queued = _new_case(c, token, PATIENT_B_ID, with_image=True)  # analysis queued (no workers): cannot sign
-    ids = {"patient_id": [PATIENT_A_ID, PATIENT_B_ID, PATIENT_B_ID], "case_id": [CASE_A_ID, CASE_B_ID, queued],
-           "image_id": [IMAGE_A_ID, IMAGE_B_ID, IMAGE_B_ID + 1]}
+    ids = {"patient_id": [PATIENT_A_ID, PATIENT_B_ID, PATIENT_B_ID, BEYOND_INT64],
+           "case_id": [CASE_A_ID, CASE_B_ID, queued, BEYOND_INT64],
+           "image_id": [IMAGE_A_ID, IMAGE_B_ID, IMAGE_B_ID + 1, BEYOND_INT64]}
     out = run_schemathesis(app, token, ids, max_examples=10)
     _assert_clean(out, "admin")
