@@ -128,6 +128,9 @@ def _page_schema(item: str) -> dict:
 
 SCHEMAS["PatientPage"] = _page_schema("Patient")
 SCHEMAS["CasePage"] = _page_schema("Case")
+SCHEMAS["DoctorList"] = _obj({"doctor_ids": {"type": "array", "maxItems": 1000,
+                                               "items": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}}},
+                             ["doctor_ids"], additionalProperties=False)
 SCHEMAS["Hl7SendResult"] = _obj({"sent": BOOL, "ack": STR}, ["sent", "ack"])
 SCHEMAS["AnalyzerList"] = _obj({"items": {"type": "array", "items": {"$ref": "#/components/schemas/Analyzer"}}},
                                ["items"])
@@ -480,6 +483,78 @@ def create_case(patient_id: int):
         s.rollback()
         raise ApiError(422, "invalid", str(exc), exc.field) from None
     return case_json(c)
+
+
+@api("/cases", "GET", summary="Case history with filters (status, final diagnosis, doctor, dates, patient)",
+     tag="cases", response="CasePage",
+     query=[{"name": "status", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": ["open", "analysing", "ready", "signed"]}},
+            {"name": "diagnosis", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 64}},
+            {"name": "doctor", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}},
+            {"name": "from", "in": "query", "required": False, "schema": {"type": "string", "format": "date"}},
+            {"name": "to", "in": "query", "required": False, "schema": {"type": "string", "format": "date"}},
+            {"name": "q", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 100}}]
+     + PAGE_PARAMS)
+def list_cases():
+    page, per_page = _page_args()
+    a = request.args
+
+    def date(name):
+        v = a.get(name)
+        if not v:
+            return None
+        try:
+            return dt.date.fromisoformat(v)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", f"{name} must be a date (YYYY-MM-DD).", name) from None
+
+    status = a.get("status", "")
+    if status and status not in ("open", "analysing", "ready", "signed"):
+        raise ApiError(400, "invalid_parameter", "status must be open, analysing, ready or signed.", "status")
+    doctor = a.get("doctor")
+    if doctor is not None and (not doctor.isdigit() or not 1 <= int(doctor) <= 2**31 - 1):
+        raise ApiError(400, "invalid_parameter", "doctor must be a user id.", "doctor")
+    q, diagnosis = a.get("q", ""), a.get("diagnosis", "")
+    if len(q) > 100 or len(diagnosis) > 64:
+        raise ApiError(400, "invalid_parameter", "q or diagnosis is too long.", "q" if len(q) > 100 else "diagnosis")
+    res = case_store.history(db(), g.api_user, status=status, diagnosis=diagnosis,
+                             doctor_id=int(doctor) if doctor else None, date_from=date("from"), date_to=date("to"),
+                             text=q, page=page, per_page=per_page)
+    return {"items": [case_json(c) for c in res.items], "page": res.page, "per_page": per_page, "pages": res.pages,
+            "total": res.total}
+
+
+@api("/cases/{case_id}/images/{image_id}/retry", "POST", summary="Re-queue a failed analysis", tag="cases",
+     response="Case", errors={409: "The analysis has not failed, or the case is signed"})
+def retry_analysis(case_id: int, image_id: int):
+    c = _case_or_404(case_id)
+    img = next((i for i in c.images if i.id == image_id), None)
+    if img is None or img.analysis is None:
+        raise ApiError(404, "not_found", f"No image {image_id} in case {c.id}.")
+    if c.status == "signed" or img.analysis.job_status != "failed":
+        raise ApiError(409, "not_failed", "Only failed analyses of unsigned cases can be retried.")
+    case_store.retry_failed(db(), img.analysis)
+    db().commit()
+    _notify()
+    return case_json(c)
+
+
+@api("/patients/{patient_id}/doctors", "PUT", summary="Set which doctors may see a patient (administrators)",
+     tag="patients", response="DoctorList", body="DoctorList", errors={403: "Administrators only"})
+def set_patient_doctors(patient_id: int):
+    if not g.api_user.is_admin:
+        raise ApiError(403, "forbidden", "Only administrators assign patients.")
+    p = _patient_or_404(patient_id)
+    data = _json_body()
+    ids = data.get("doctor_ids")
+    if set(data) - {"doctor_ids"} or not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 2**31 - 1 for i in ids) or len(ids) > 1000:
+        raise ApiError(422, "invalid", "Send {\"doctor_ids\": [user ids]}.", "doctor_ids")
+    patient_store.set_doctors(db(), p, ids)
+    db().commit()
+    db().refresh(p)
+    return {"doctor_ids": sorted(d.id for d in p.doctors)}
 
 
 @api("/cases/{case_id}", "GET", summary="Get a case: job status, AI results, reviews", tag="cases", response="Case")

@@ -387,3 +387,41 @@ def test_idempotency_fingerprint_survives_nameless_form_fields(app, tok):
             b'\r\n--B--\r\n')
     r = c.post(f"/api/v1/cases/{CASE_A_ID}/images", data=body, headers=t, content_type="multipart/form-data; boundary=B")
     assert r.status_code < 500
+
+
+def test_history_retry_and_assignment_endpoints(app, tok, pool, monkeypatch):
+    from oncoscope.analyzers import registry
+
+    c = app.test_client()
+    doc, admin = h(tok("doc_a")), h(tok("admin"))
+    r = c.get("/api/v1/cases?status=ready", headers=doc).get_json()
+    assert all(x["status"] == "ready" for x in r["items"]) and {"page", "total"} <= set(r)
+    assert_error(c.get("/api/v1/cases?from=yesterday", headers=doc), 400, "invalid_parameter")
+    assert {x["id"] for x in c.get("/api/v1/cases", headers=h(tok("doc_b"))).get_json()["items"]}.isdisjoint({CASE_A_ID})
+    # a failing analyzer -> failed job -> retry via the API
+    cid = c.post(f"/api/v1/patients/{PATIENT_A_ID}/cases", json={"analyzer_id": "smear-all"}, headers=doc).get_json()["id"]
+    iid = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(png_bytes(21)), "f.png")}, headers=doc,
+                 content_type="multipart/form-data").get_json()["added"][0]
+    an = registry.get("smear-all")
+    monkeypatch.setattr(an, "analyze", lambda *_a, **_k: (_ for _ in ()).throw(RuntimeError("boom")))
+    s = sessions_of(app)()
+    from oncoscope.store.models import Analysis
+
+    for _ in range(3):
+        pool.run_one()
+        a = s.query(Analysis).filter_by(image_id=iid).one()
+        s.refresh(a)
+        a.queued_at = dt.datetime(2000, 1, 1)
+        s.commit()
+    s.close()
+    monkeypatch.undo()
+    assert c.get(f"/api/v1/cases/{cid}", headers=doc).get_json()["images"][0]["job_status"] == "failed"
+    r = c.post(f"/api/v1/cases/{cid}/images/{iid}/retry", headers=doc)
+    assert r.status_code == 200 and r.get_json()["images"][0]["job_status"] == "retried"
+    assert_error(c.post(f"/api/v1/cases/{cid}/images/{iid}/retry", headers=doc), 409, "not_failed")
+    # assignment: admin only, and it changes what doctor B sees
+    assert_error(c.put(f"/api/v1/patients/{PATIENT_A_ID}/doctors", json={"doctor_ids": [3]}, headers=doc), 403)
+    r = c.put(f"/api/v1/patients/{PATIENT_A_ID}/doctors", json={"doctor_ids": [2, 3]}, headers=admin)
+    assert r.status_code == 200 and r.get_json()["doctor_ids"] == [2, 3]
+    assert c.get(f"/api/v1/patients/{PATIENT_A_ID}", headers=h(tok("doc_b"))).status_code == 200
+    assert_error(c.put(f"/api/v1/patients/{PATIENT_A_ID}/doctors", json={"doctor_ids": ["x"]}, headers=admin), 422)
