@@ -144,3 +144,21 @@ def test_predict_csv_is_resumable(tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 5 and len({r["path"] for r in rows}) == 5
     assert set(rows[0]) >= {"path", "status", "label", "p_Benign", "p_Pro", "model_sha256"}
+
+
+def test_db_upgrade_and_users_create(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONCOSCOPE_HOME", str(tmp_path / "inst"))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    r = CliRunner().invoke(main, ["db", "upgrade"])
+    assert r.exit_code == 0 and "database at revision" in r.output, r.output
+    r = CliRunner().invoke(main, ["users", "create", "--email", "Lab@Clinic.test", "--name", "Lab Lead", "--role", "admin",
+                                  "--password", "Strong-pass-2026"])
+    assert r.exit_code == 0 and "created admin lab@clinic.test" in r.output, r.output
+    r = CliRunner().invoke(main, ["users", "create", "--email", "lab@clinic.test", "--name", "Again",
+                                  "--password", "Strong-pass-2026"])
+    assert r.exit_code != 0 and "already exists" in r.output
+    r = CliRunner().invoke(main, ["users", "create", "--email", "x@clinic.test", "--name", "Weak", "--password", "short"])
+    assert r.exit_code != 0 and "at least 10" in r.output
+    r = CliRunner().invoke(main, ["db", "downgrade"])
+    assert r.exit_code == 0
+    assert (tmp_path / "inst" / "secret_key").exists()

@@ -374,6 +374,12 @@ def case_json(c) -> dict:
                          "signed_at": _iso(r.signed_at), "content_sha256": r.content_sha256} for r in c.reviews]}
 
 
+def _patient_error(exc) -> ApiError:
+    """A duplicate MRN is a conflict (409); anything else is invalid input (422)."""
+    dup = "already exists" in str(exc)
+    return ApiError(409 if dup else 422, "conflict" if dup else "invalid", str(exc), exc.field)
+
+
 def _patient_or_404(pid: int):
     p = patient_store.get_visible(db(), g.api_user, pid)
     if p is None:
@@ -428,8 +434,7 @@ def create_patient():
         s.commit()
     except patient_store.PatientError as exc:
         s.rollback()
-        raise ApiError(409 if "already exists" in str(exc) else 422,
-                       "conflict" if "already exists" in str(exc) else "invalid", str(exc), exc.field) from None
+        raise _patient_error(exc) from None
     return patient_json(p)
 
 
@@ -451,8 +456,7 @@ def update_patient(patient_id: int):
         s.commit()
     except patient_store.PatientError as exc:
         s.rollback()
-        raise ApiError(409 if "already exists" in str(exc) else 422,
-                       "conflict" if "already exists" in str(exc) else "invalid", str(exc), exc.field) from None
+        raise _patient_error(exc) from None
     return patient_json(p)
 
 
