@@ -46,17 +46,20 @@ def data_audit(directory, subdir, threshold, as_json):
 @click.option("--name", default=None, help="Dataset name recorded in the manifest.")
 @click.option("--val", "val_frac", default=0.15, show_default=True)
 @click.option("--test", "test_frac", default=0.15, show_default=True)
-@click.option("--run-length", default=30, show_default=True, help="Contiguous file numbers held out together.")
+@click.option("--run-length", default=30, show_default=True,
+              help="Contiguous file numbers held out together (0: off).")
+@click.option("--group-regex", default=None,
+              help=r"Files whose names share this regex's first group stay together, e.g. '^(.*?)\.rf\.'.")
 @click.option("--threshold", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def data_split(directory, out_path, subdir, name, val_frac, test_frac, run_length, threshold, seed):
+def data_split(directory, out_path, subdir, name, val_frac, test_frac, run_length, group_regex, threshold, seed):
     """Write a group- and block-aware train/val/test split manifest."""
     from .ml.data import make_split, save_manifest
 
     if subdir is None and (Path(directory) / "Original").is_dir():
         subdir = "Original"
     m = make_split(directory, subdir, val_frac=val_frac, test_frac=test_frac, run_length=run_length,
-                   threshold=threshold, seed=seed, dataset_name=name)
+                   threshold=threshold, seed=seed, dataset_name=name, group_regex=group_regex)
     save_manifest(m, out_path)
     click.echo(json.dumps(m["counts"]))
 

@@ -251,15 +251,28 @@ def audit(root: str | os.PathLike, subdir: str | None = None, threshold: int = 1
 
 def make_split(root: str | os.PathLike, subdir: str | None = None, *, val_frac: float = 0.15, test_frac: float = 0.15,
                run_length: int = 30, threshold: int = 10, seed: int = 0, progress: bool = False,
-               dataset_name: str | None = None) -> dict:
-    """Build a split manifest (a dict ready for JSON) as described in the module docstring."""
+               dataset_name: str | None = None, group_regex: str | None = None) -> dict:
+    """Build a split manifest (a dict ready for JSON) as described in the module docstring.
+
+    ``group_regex``: files whose names give the same first capture group are one unit (e.g.
+    ``^(.*?)\.rf\.`` keeps every augmented copy of one radiograph together); ``run_length=0``
+    turns the file-number runs off.
+    """
     classes, facts = scan(root, subdir, progress=progress)
     groups = near_duplicate_groups(facts, threshold)
     # Units: (class, run of file numbers). Files without a number form their own unit per group.
     unit_of: list[tuple] = []
+    rx = re.compile(group_regex) if group_regex else None
     for f, g in zip(facts, groups):
+        if rx is not None:
+            m = rx.search(Path(f.sample.path).name)
+            unit_of.append((f.sample.label, "k:" + (m.group(1) if m else f.sample.path)))
+            continue
         n = f.sample.number
-        unit_of.append((f.sample.label, (n - 1) // run_length) if n is not None else (f.sample.label, f"g{g}"))
+        if run_length > 0 and n is not None:
+            unit_of.append((f.sample.label, (n - 1) // run_length))
+        else:
+            unit_of.append((f.sample.label, f"g{g}"))
     units = sorted(set(unit_of), key=lambda u: (u[0], str(u[1])))
     uidx = {u: i for i, u in enumerate(units)}
     uf = _UnionFind(len(units))
@@ -309,7 +322,7 @@ def make_split(root: str | os.PathLike, subdir: str | None = None, *, val_frac: 
         "dataset": dataset_name or Path(root).name,
         "subdir": subdir,
         "classes": classes,
-        "params": {"val_frac": val_frac, "test_frac": test_frac, "run_length": run_length,
+        "params": {"val_frac": val_frac, "test_frac": test_frac, "run_length": run_length, "group_regex": group_regex,
                    "near_dup_threshold_bits": threshold, "seed": seed, "hash": "phash-dct-64"},
         "counts": counts,
         "n_near_duplicate_groups": len({g for g in groups if groups.count(g) > 1}) if len(groups) < 20000 else None,

@@ -408,3 +408,46 @@ def test_committed_manifest_matches_dataset():
     # counts per split/class
     counts = Counter((v["split"], v["label"]) for v in files.values())
     assert m["counts"] == {s: {c: counts[(s, c)] for c in m["classes"]} for s in SPLITS}
+
+
+def test_group_regex_keeps_augmented_copies_together(tmp_path):
+    """Roboflow-style names: every `<stem>.rf.<hash>` copy of one radiograph stays on one side."""
+    from PIL import Image as _Image
+
+    from oncoscope.ml.data import make_split
+
+    rng = np.random.default_rng(0)
+    for cls in ("cancer", "normal"):
+        (tmp_path / cls).mkdir()
+        for stem in range(12):
+            for copy in range(3):  # different pixels per copy (rotated/augmented), same source stem
+                arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                _Image.fromarray(arr).save(tmp_path / cls / f"{cls}{stem}_jpg.rf.{rng.integers(1e9):x}.jpg")
+    m = make_split(tmp_path, run_length=0, group_regex=r"^(.*?)\.rf\.", val_frac=0.2, test_frac=0.2, seed=1)
+    sides: dict[str, set] = {}
+    for path, v in m["files"].items():
+        stem = Path(path).name.split(".rf.")[0]
+        sides.setdefault(stem, set()).add(v["split"])
+    assert len(sides) == 24 and all(len(s) == 1 for s in sides.values())
+    assert {v["split"] for v in m["files"].values()} == {"train", "val", "test"}
+    assert m["params"]["group_regex"] == r"^(.*?)\.rf\."
+
+
+@pytest.mark.dataset
+@pytest.mark.parametrize("name,regex", [("bone-xray", r"^(.*?)\.rf\."), ("brain-mri", None)])
+def test_committed_radiology_manifests_do_not_leak(name, regex):
+    import re
+
+    from oncoscope.ml.data import MANIFEST_DIR, load_manifest, verify_manifest
+
+    root = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / name
+    if not root.is_dir():
+        pytest.skip(f"dataset not found at {root} (needs ../shared/datasets/{name} next to the repo)")
+    m = load_manifest(MANIFEST_DIR / f"{name}.json")
+    assert verify_manifest(m, root, check_hashes=False) == []
+    groups: dict = {}
+    for path, v in m["files"].items():
+        groups.setdefault(("g", v["group"]), set()).add(v["split"])
+        if regex:
+            groups.setdefault(("stem", re.search(regex, Path(path).name).group(1)), set()).add(v["split"])
+    assert all(len(s) == 1 for s in groups.values())
