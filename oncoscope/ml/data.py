@@ -252,7 +252,7 @@ def audit(root: str | os.PathLike, subdir: str | None = None, threshold: int = 1
 def make_split(root: str | os.PathLike, subdir: str | None = None, *, val_frac: float = 0.15, test_frac: float = 0.15,
                run_length: int = 30, threshold: int = 10, seed: int = 0, progress: bool = False,
                dataset_name: str | None = None, group_regex: str | None = None) -> dict:
-    """Build a split manifest (a dict ready for JSON) as described in the module docstring.
+    r"""Build a split manifest (a dict ready for JSON) as described in the module docstring.
 
     ``group_regex``: files whose names give the same first capture group are one unit (e.g.
     ``^(.*?)\.rf\.`` keeps every augmented copy of one radiograph together); ``run_length=0``
