@@ -753,6 +753,15 @@ def openapi_json():
     return jsonify(openapi_document())
 
 
+@bp.app_template_filter("backticks")
+def _backticks(text: str):
+    """`code` spans -> <code>, everything else escaped (for the docs page)."""
+    from markupsafe import Markup, escape
+
+    parts = str(text).split("`")
+    return Markup("".join(f"<code>{escape(p)}</code>" if i % 2 else str(escape(p)) for i, p in enumerate(parts)))
+
+
 @bp.get("/docs")
 def docs():
     return render_template("api_docs.html", spec=openapi_document(), title="API documentation")
