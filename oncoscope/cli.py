@@ -274,23 +274,22 @@ def db():
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision):
     """Create or upgrade the schema."""
-    from .config import Settings
-    from .store import migrate
-
-    st = Settings.from_env()
-    migrate.upgrade(st.database_url, revision)
-    click.echo(f"database at revision {migrate.current(st.database_url)}")
+    _migrate("upgrade", revision)
 
 
 @db.command("downgrade")
 @click.option("--revision", default="-1", show_default=True)
 def db_downgrade(revision):
     """Step the schema back (default: one migration)."""
+    _migrate("downgrade", revision)
+
+
+def _migrate(direction: str, revision: str) -> None:
     from .config import Settings
     from .store import migrate
 
     st = Settings.from_env()
-    migrate.downgrade(st.database_url, revision)
+    getattr(migrate, direction)(st.database_url, revision)
     click.echo(f"database at revision {migrate.current(st.database_url)}")
 
 

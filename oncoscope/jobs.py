@@ -41,8 +41,11 @@ class WorkerPool:
                 registry.get(aid)
             except Exception:  # noqa: BLE001 - reported by /healthz; jobs for it will fail and be retried
                 log.exception("could not load analyzer %s", aid)
-        with session_scope(self.sessions) as s:
-            case_store.requeue_stale(s, older_than=datetime.timedelta(0))
+        try:
+            with session_scope(self.sessions) as s:
+                case_store.requeue_stale(s, older_than=datetime.timedelta(0))
+        except Exception:  # noqa: BLE001 - database not migrated yet / down: workers start anyway and retry
+            log.exception("could not requeue stale jobs at start-up")
         for i in range(self.n):
             t = threading.Thread(target=self._loop, name=f"oncoscope-worker-{i}", daemon=True)
             t.start()
@@ -107,13 +110,6 @@ def start_worker_pool(app) -> WorkerPool:
     ext = app.extensions["oncoscope"]
     st = ext["settings"]
     pool = WorkerPool(ext["sessions"], ext["files"], st.analysis_workers, st.job_max_attempts)
-    try:
-        pool.start()
-    except Exception:  # noqa: BLE001 - database not migrated yet / down: workers start anyway and retry
-        log.exception("could not requeue stale jobs at start-up")
-        for i in range(pool.n):
-            t = threading.Thread(target=pool._loop, name=f"oncoscope-worker-{i}", daemon=True)
-            t.start()
-            pool.threads.append(t)
+    pool.start()
     ext["workers"] = pool
     return pool

@@ -7,9 +7,9 @@ malignant, calibration and report wording (all in its model folder's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,23 @@ class Analyzer:
             h.update(hashlib.sha256(p.read_bytes()).digest())
         return h.hexdigest()
 
+    @functools.cached_property
+    def model_card(self) -> dict | None:
+        """The evaluation card shipped beside the weights (read once per analyzer instance)."""
+        path = self.model_dir / "model_card.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def validation_summary(self) -> str:
+        """One line of the card's test figures, for pages, API and reports."""
+        card = self.model_card
+        if not card:
+            return "No validation figures recorded."
+        m = card["test"]["metrics"]
+        mb = m["malignant_vs_benign"]
+        return (f"Test split (n={m['n']}, slide blocks held out): accuracy {100 * m['accuracy']:.1f}%, "
+                f"malignant sensitivity {100 * mb['sensitivity']:.1f}%, specificity {100 * mb['specificity']:.1f}%, "
+                f"ECE {m['ece']:.3f}")
+
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "modality": self.modality,
                 "labels": self.labels, "display_names": self.display_names,
@@ -159,8 +176,6 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
 
 class SessionPool:
     """ONNX Runtime sessions loaded once per process; ``run`` is safe from many threads."""
-
-    _lock = threading.Lock()
 
     def __init__(self, path: Path, threads: int = 2):
         import onnxruntime as ort

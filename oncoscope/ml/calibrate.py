@@ -93,7 +93,6 @@ def calibrate_smear(root: Path, recipe: dict, work_dir: Path, model_dir: Path) -
     an = registry.get("smear-all", model_dir=model_dir)
     tr = embed_split(an, base, manifest_samples(manifest, "train"))
     va = embed_split(an, base, manifest_samples(manifest, "val"))
-    n = len(an.labels)
     temp = fit_temperature(va["logits"], va["y"])
     means, precision = fit_ood(tr["ood"])
     np.savez_compressed(model_dir / "ood.npz", means=means.astype(np.float32), precision=precision.astype(np.float32))

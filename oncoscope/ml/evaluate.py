@@ -115,7 +115,6 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
         results.append(an.analyze(rgbs[i]))
         times.append((time.perf_counter() - t0) * 1e3)
     probs = np.array([[r.probabilities[l] for l in labels] for r in results])
-    ood = np.array([r.ood_score if r.ood_score is not None else 0.0 for r in results])
     statuses = [r.status for r in results]
 
     main = M.classification_metrics(probs, y, labels, mal, thr)

@@ -7,7 +7,6 @@ so regenerating the report of a signed case gives the same content.
 from __future__ import annotations
 
 from ..analyzers import registry
-from ..analyzers.render import png_bytes
 from ..ml.imageio import load_image
 from ..store.cases import aggregate
 from ..store.files import FileStore
@@ -34,8 +33,6 @@ def _small_png(store: FileStore, sha: str, name: str, side: int = 512) -> bytes 
 
 
 def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
-    from ..web.views import validation_summary
-
     an = registry.get(case.analyzer_id) if case.analyzer_id in registry.available() else None
     names = an.display_names if an else {}
     p = case.patient
@@ -77,7 +74,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
                  "analyzer_id": case.analyzer_id, "clinical_note": case.clinical_note},
         "model": {"id": case.analyzer_id, "version": a0.model_version if a0 else (an.version if an else ""),
                   "sha256": a0.model_sha256 if a0 else (an.model_info.sha256 if an else ""),
-                  "validation_summary": validation_summary(case.analyzer_id)},
+                  "validation_summary": an.validation_summary() if an else "No validation figures recorded."},
         "images": images,
         "aggregate": {"ai_label": names.get(agg.label, agg.label) if agg.label else None, "ai_status": agg.status,
                       "text": (f"{names.get(agg.label, agg.label)}: " if agg.label else "") + agg.text},

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, joinedload
 from ..ml.imageio import ImageLoadError, load_image
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
+from .patients import like_text
 
 NONDIAGNOSTIC = "Nondiagnostic"
 
@@ -146,7 +147,7 @@ def store_result(s: Session, a: Analysis, result) -> None:
     a.job_status = "done"
     a.finished_at = utcnow()
     a.last_error = None
-    _refresh_case_status(s, a.image.case)
+    _refresh_case_status(a.image.case)
 
 
 def fail_job(s: Session, a: Analysis, message: str, max_attempts: int) -> None:
@@ -157,7 +158,7 @@ def fail_job(s: Session, a: Analysis, message: str, max_attempts: int) -> None:
     else:
         a.job_status = "failed"
         a.finished_at = utcnow()
-        _refresh_case_status(s, a.image.case)
+        _refresh_case_status(a.image.case)
 
 
 def retry_failed(s: Session, a: Analysis) -> None:
@@ -166,7 +167,7 @@ def retry_failed(s: Session, a: Analysis) -> None:
         a.image.case.status = "analysing"
 
 
-def _refresh_case_status(s: Session, case: Case) -> None:
+def _refresh_case_status(case: Case) -> None:
     if case.status == "signed":
         return
     states = [i.analysis.job_status for i in case.images if i.analysis is not None]
@@ -280,7 +281,7 @@ def history(s: Session, user: User, *, status: str = "", diagnosis: str = "", do
     if date_to:
         q = q.where(Case.created_at < dt.datetime.combine(date_to + dt.timedelta(days=1), dt.time()))
     if text:
-        t = text.strip().replace("%", "").replace("_", "")
+        t = like_text(text)
         matching = select(Patient.id).where(or_(Patient.mrn == t, Patient.family_name.like(f"%{t}%")))
         q = q.where(Case.patient_id.in_(matching))
     total = s.scalar(q.with_only_columns(func.count(Case.id)).order_by(None))

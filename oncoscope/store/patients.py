@@ -34,19 +34,20 @@ def visible_patients(user: User) -> Select:
     return q
 
 
-def can_see(s: Session, user: User, patient_id: int) -> bool:
-    return s.scalar(visible_patients(user).with_only_columns(Patient.id).where(Patient.id == patient_id)) is not None
-
-
 def get_visible(s: Session, user: User, patient_id: int) -> Patient | None:
     return s.scalar(visible_patients(user).where(Patient.id == patient_id))
+
+
+def like_text(text: str) -> str:
+    """User text for a LIKE pattern: trimmed, with the wildcards % and _ removed."""
+    return (text or "").strip().replace("%", "").replace("_", "")
 
 
 def search(s: Session, user: User, text: str = "", page: int = 1, per_page: int = 25) -> Page:
     q = visible_patients(user)
     t = (text or "").strip()
     if t:
-        like = f"%{t.replace('%', '').replace('_', '')}%"
+        like = f"%{like_text(t)}%"
         q = q.where(or_(Patient.mrn == t, Patient.mrn.like(f"{t}%"), Patient.family_name.like(like),
                         Patient.given_name.like(like)))
     total = s.scalar(q.with_only_columns(func.count(Patient.id)).order_by(None))

@@ -84,6 +84,11 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
             resp.headers.setdefault("Cache-Control", "no-store")
         return resp
 
+    def _api_json(status: int, code: str, message: str):
+        from .api import error_response
+
+        return error_response(status, code, message)
+
     @app.errorhandler(CSRFError)
     def _csrf(_e):
         return render_template("error.html", title="Form expired",
@@ -92,9 +97,7 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_e):
         if request.path.startswith("/api/"):
-            from .api import error_response
-
-            return error_response(413, "too_large", f"The request is too large (images up to {settings.max_upload_mb} MB).")
+            return _api_json(413, "too_large", f"The request is too large (images up to {settings.max_upload_mb} MB).")
         return render_template("error.html", title="Upload too large",
                                message=f"Each image may be at most {settings.max_upload_mb} MB."), 413
 
@@ -103,16 +106,9 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     def _db_down(_e):
         g._login_user = login_manager.anonymous_user()  # the page must not ask the database who is signed in
         if request.path.startswith("/api/"):
-            from .api import error_response
-
-            return error_response(503, "database_unavailable", "The database is not answering. Nothing was saved.")
+            return _api_json(503, "database_unavailable", "The database is not answering. Nothing was saved.")
         return render_template("error.html", title="Database unavailable",
                                message="The database is not answering. Nothing was saved; please retry in a moment."), 503
-
-    def _api_json(status: int, code: str, message: str):
-        from .api import error_response
-
-        return error_response(status, code, message)
 
     @app.errorhandler(403)
     def _forbidden(_e):

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from ..store import users as user_store
 from ..store.models import User
 from .forms import EmptyForm, ResetPasswordForm, RoleForm, UserForm
-from .helpers import admin_required, db, me
+from .helpers import admin_required, db, field_error, me
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -31,7 +31,7 @@ def users():
             s.commit()
         except user_store.AccountError as exc:
             s.rollback()
-            getattr(form, exc.field or "email").errors.append(str(exc))
+            field_error(form, exc, "email")
         else:
             flash(f"Account created for {u.name}. Give them the initial password securely.", "ok")
             return redirect(url_for("admin.users"))

@@ -406,9 +406,7 @@ def _notify():
 @api("/analyzers", "GET", summary="List analyzers with a summary of their validation", tag="analyzers",
      response="AnalyzerList")
 def list_analyzers():
-    from .views import validation_summary
-
-    return {"items": [dict(registry.get(a).describe(), validation_summary=validation_summary(a))
+    return {"items": [dict(registry.get(a).describe(), validation_summary=registry.get(a).validation_summary())
                       for a in registry.available()]}
 
 

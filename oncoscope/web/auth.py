@@ -7,7 +7,7 @@ from flask_login import current_user, login_required, login_user, logout_user
 
 from ..store import users as user_store
 from .forms import LoginForm, PasswordForm, SetupForm
-from .helpers import LoginUser, db, me, settings
+from .helpers import LoginUser, db, field_error, me, settings
 
 bp = Blueprint("auth", __name__)
 
@@ -31,7 +31,7 @@ def setup():
             s.commit()
         except user_store.AccountError as exc:
             s.rollback()
-            getattr(form, exc.field or "email").errors.append(str(exc))
+            field_error(form, exc, "email")
         else:
             login_user(LoginUser(u))
             session["seen"] = __import__("time").time()

@@ -15,7 +15,7 @@ from ..store import cases as case_store
 from ..store import patients as patient_store
 from ..store.models import CaseImage, User
 from .forms import CaseForm, EmptyForm, SignForm
-from .helpers import db, ext, files, int_arg, me, settings
+from .helpers import db, ext, field_error, files, int_arg, me, settings
 
 bp = Blueprint("cases", __name__)
 
@@ -78,7 +78,7 @@ def new(patient_id: int):
             s.commit()
         except case_store.CaseError as exc:
             s.rollback()
-            getattr(form, exc.field or "analyzer_id").errors.append(str(exc))
+            field_error(form, exc, "analyzer_id")
         else:
             done = dict(list(done.items())[-20:])
             done[submission] = case.id
@@ -90,14 +90,11 @@ def new(patient_id: int):
                            max_mb=settings().max_upload_mb, title="New case")
 
 
-@bp.get("/cases/<int:case_id>")
-@login_required
-def view(case_id: int):
-    c = _case_or_404(case_id)
+def _case_page(c, sign_form: SignForm | None = None, status: int = 200):
+    """The case page; ``sign_form`` carries a rejected submission, else a fresh pre-filled form is made."""
     an = registry.get(c.analyzer_id) if c.analyzer_id in registry.available() else None
     agg = case_store.aggregate(c)
-    sign_form = None
-    if an is not None:
+    if sign_form is None and an is not None:
         sign_form = SignForm()
         sign_form.final_diagnosis.choices = case_store.diagnosis_options(an)
         if not sign_form.final_diagnosis.data:
@@ -105,7 +102,13 @@ def view(case_id: int):
             sign_form.final_diagnosis.data = current.final_diagnosis if current else agg.label
     return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form,
                            upload_form=EmptyForm(), max_mb=settings().max_upload_mb,
-                           title=f"Case {c.id}")
+                           title=f"Case {c.id}"), status
+
+
+@bp.get("/cases/<int:case_id>")
+@login_required
+def view(case_id: int):
+    return _case_page(_case_or_404(case_id))
 
 
 @bp.post("/cases/<int:case_id>/images")
@@ -200,15 +203,13 @@ def sign(case_id: int):
         except case_store.CaseError as exc:
             s.rollback()
             if exc.field:
-                getattr(form, exc.field).errors.append(str(exc))
+                field_error(form, exc, exc.field)
             else:  # not about one field, and the form is not shown while images are pending
                 flash(str(exc), "error")
         else:
             flash(f"Case signed (version {r.version}).", "ok")
             return redirect(url_for("cases.view", case_id=c.id))
-    c = _case_or_404(case_id)
-    return render_template("cases/view.html", case=c, analyzer=an, agg=case_store.aggregate(c), sign_form=form,
-                           upload_form=EmptyForm(), max_mb=settings().max_upload_mb, title=f"Case {c.id}"), 400
+    return _case_page(_case_or_404(case_id), form, 400)
 
 
 @bp.get("/cases/<int:case_id>/report.pdf")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import wraps
 
-from flask import abort, current_app, g, session
+from flask import abort, current_app, g
 from flask_login import current_user, login_required
 from sqlalchemy.orm import Session
 
@@ -86,6 +86,11 @@ def admin_required(view):
         return view(*a, **kw)
 
     return wrapper
+
+
+def field_error(form, exc, default: str) -> None:
+    """Show a store-layer validation error next to its field (``exc.field``), else next to ``default``."""
+    getattr(form, getattr(exc, "field", None) or default).errors.append(str(exc))
 
 
 def int_arg(value, default: int = 1, lo: int = 1, hi: int = 10_000) -> int:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from ..store import patients as patient_store
 from ..store.models import User
 from .forms import AssignForm, PatientForm
-from .helpers import admin_required, db, int_arg, me, settings
+from .helpers import admin_required, db, field_error, int_arg, me, settings
 
 bp = Blueprint("patients", __name__, url_prefix="/patients")
 
@@ -40,7 +40,7 @@ def new():
             s.commit()
         except patient_store.PatientError as exc:
             s.rollback()
-            getattr(form, exc.field or "mrn").errors.append(str(exc))
+            field_error(form, exc, "mrn")
         else:
             flash(f"Patient {p.display_name} created.", "ok")
             return redirect(url_for("patients.view", patient_id=p.id))
@@ -107,7 +107,7 @@ def edit(patient_id: int):
             s.commit()
         except patient_store.PatientError as exc:
             s.rollback()
-            getattr(form, exc.field or "mrn").errors.append(str(exc))
+            field_error(form, exc, "mrn")
         else:
             flash("Patient updated.", "ok")
             return redirect(url_for("patients.view", patient_id=p.id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from flask import Blueprint, abort, jsonify, redirect, render_template, send_file, url_for
 from flask_login import current_user, login_required
@@ -11,28 +10,12 @@ from sqlalchemy import func, select
 from ..analyzers import registry
 from ..store import cases as case_store
 from ..store.db import ping
-from ..store.models import Case, User
+from ..store.models import User
 from .helpers import db, ext, me
 
 bp = Blueprint("main", __name__)
 
 PLOTS = {"confusion_matrix.png", "roc.png", "reliability.png", "sample_overlays.png", "segmentation_disagreements.png"}
-
-
-def model_card(analyzer_id: str) -> dict | None:
-    path = registry.MODELS_DIR / analyzer_id / "model_card.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def validation_summary(analyzer_id: str) -> str:
-    card = model_card(analyzer_id)
-    if not card:
-        return "No validation figures recorded."
-    m = card["test"]["metrics"]
-    mb = m["malignant_vs_benign"]
-    return (f"Test split (n={m['n']}, slide blocks held out): accuracy {100 * m['accuracy']:.1f}%, "
-            f"malignant sensitivity {100 * mb['sensitivity']:.1f}%, specificity {100 * mb['specificity']:.1f}%, "
-            f"ECE {m['ece']:.3f}")
 
 
 @bp.get("/healthz")
@@ -67,7 +50,7 @@ def home():
         ctx["n_users"] = s.scalar(select(func.count(User.id)).where(User.is_active.is_(True)))
         ctx["volume"] = case_store.volume_per_day(s, 14)
         ctx["failed"] = case_store.failed_jobs(s, 20)
-        ctx["analyzers"] = [{"info": registry.get(a).describe(), "summary": validation_summary(a)}
+        ctx["analyzers"] = [{"info": registry.get(a).describe(), "summary": registry.get(a).validation_summary()}
                             for a in registry.available()]
         return render_template("home_admin.html", **ctx)
     return render_template("home_doctor.html", **ctx)
@@ -79,10 +62,10 @@ def analyzer(analyzer_id: str):
     if analyzer_id not in registry.available():
         abort(404)
     an = registry.get(analyzer_id)
-    card = model_card(analyzer_id)
+    card = an.model_card
     plots = [p for p in sorted(PLOTS) if (registry.MODELS_DIR / analyzer_id / p).exists()]
     return render_template("analyzer.html", info=an.describe(), card=card, plots=plots,
-                           summary=validation_summary(analyzer_id), title=an.name)
+                           summary=an.validation_summary(), title=an.name)
 
 
 @bp.get("/analyzers/<analyzer_id>/plots/<name>")
@@ -108,9 +91,4 @@ def dtfmt(v) -> str:
 
 @bp.app_context_processor
 def _inject():
-    return {"analyzer_names": {a: registry.get(a).name for a in registry.available()},
-            "case_count": lambda status: None}
-
-
-def case_link(c: Case) -> str:
-    return url_for("cases.view", case_id=c.id)
+    return {"analyzer_names": {a: registry.get(a).name for a in registry.available()}}

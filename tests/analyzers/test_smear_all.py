@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from oncoscope.analyzers import registry
-from oncoscope.analyzers.base import STATUSES, AnalysisResult
+from oncoscope.analyzers.base import AnalysisResult
 from oncoscope.ml import synthetic
 
 

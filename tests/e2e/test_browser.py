@@ -4,7 +4,6 @@ Screenshots are kept in test-artifacts/e2e/."""
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket

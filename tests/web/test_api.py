@@ -10,7 +10,7 @@ import pytest
 
 from oncoscope.store import tokens as token_store
 from oncoscope.store.models import ApiToken, User
-from tests.web.conftest import (ACCOUNTS, CASE_A_ID, CASE_B_ID, PATIENT_A_ID, PATIENT_B_ID, png_bytes,
+from tests.web.conftest import (ACCOUNTS, CASE_A_ID, PATIENT_A_ID, PATIENT_B_ID, png_bytes,
                                 sessions_of)
 
 
