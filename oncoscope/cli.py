@@ -139,7 +139,8 @@ def predict(paths, analyzer_id, as_json, model_dir, csv_path):
                 click.echo(f"{path}: ERROR {rec['error']}")
             else:
                 probs = ", ".join(f"{k} {v:.3f}" for k, v in rec["probabilities"].items())
-                click.echo(f"{path}: {rec['label']} [{rec['status']}] {probs}; {rec.get('cell_count', 0)} cells")
+                cells = f"; {rec['cell_count']} cells" if rec.get("cell_count") is not None else ""
+                click.echo(f"{path}: {rec['label']} [{rec['status']}] {probs}{cells}")
 
 
 def _predict_csv(an, files: list[str], out: Path) -> None:
@@ -190,10 +191,15 @@ def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
     root = Path(data_root) if data_root else DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
     if not root.is_dir():
         raise click.ClickException(f"dataset not found at {root}; pass --data")
-    from .ml.evaluate import evaluate_smear
-
     out = Path(model_dir) if model_dir else default_model_dir(analyzer_id)
-    card = evaluate_smear(out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
+    if "segmented_subdir" in RECIPES[analyzer_id]:
+        from .ml.evaluate import evaluate_smear
+
+        card = evaluate_smear(out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
+    else:
+        from .ml.evaluate_classifier import evaluate_classifier
+
+        card = evaluate_classifier(analyzer_id, out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
     if as_json:
         click.echo(json.dumps(card, indent=1))
     else:

@@ -39,3 +39,40 @@ def geometry_analyzer():
     an = registry.get("smear-all", model_dir=MODELS / "smear-all")
     an.ood_threshold = None
     return an
+
+
+def dataset_dir(name: str, probe: str | None = None) -> Path:
+    """A dataset folder, or skip with a message saying where it was looked for."""
+    folder = DATASETS / name
+    if not (folder / (probe or "")).is_dir():
+        pytest.skip(f"{name} dataset not found at {folder} (set ONCOSCOPE_DATA or place ../shared/datasets)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bone_data() -> Path:
+    return dataset_dir("bone-xray", "cancer")
+
+
+@pytest.fixture(scope="session")
+def brain_data() -> Path:
+    return dataset_dir("brain-mri", "glioma")
+
+
+@pytest.fixture(scope="session", params=["bone-xray", "brain-mri"])
+def radiology_analyzer(request):
+    from oncoscope.analyzers import registry
+
+    if request.param not in registry.available():
+        pytest.fail(f"the shipped {request.param} model is missing from oncoscope/models/{request.param}")
+    return registry.get(request.param)
+
+
+@pytest.fixture(scope="session")
+def radiology_geometry(radiology_analyzer):
+    """The same analyzer with the out-of-domain gate off (generated images are rightly out of domain)."""
+    from oncoscope.analyzers import registry
+
+    an = registry.get(radiology_analyzer.id, model_dir=MODELS / radiology_analyzer.id)
+    an.ood_threshold = None
+    return an

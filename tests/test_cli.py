@@ -52,6 +52,26 @@ def test_predict_directory_recursively_one_json_line_each(image_dir):
     assert isinstance(good["cells"], list)
 
 
+@pytest.mark.parametrize("analyzer_id,labels", [("bone-xray", {"cancer", "normal"}),
+                                                ("brain-mri", {"glioma", "meningioma", "notumor", "pituitary"})])
+def test_predict_radiology_same_contract(image_dir, analyzer_id, labels):
+    Image.fromarray(synthetic.radiograph_like(0)).save(image_dir / "a" / "xray.png")
+    recs = run_predict("--analyzer", analyzer_id, str(image_dir / "a"))
+    by = {Path(r["path"]).name: r for r in recs}
+    assert len(recs) == 7
+    for r in recs:
+        assert REQUIRED <= set(r) and r["status"] in ("ok", "uncertain", "out_of_domain", "error")
+        assert r["cells"] == [] and r.get("cell_count") in (None, 0)
+    for bad in ("cut.jpg", "empty.jpg", "fake.jpg"):
+        assert by[bad]["status"] == "error" and by[bad]["error"]
+    assert by["letter.png"]["status"] == "out_of_domain" and by["letter.png"]["label"] is None
+    assert set(by["xray.png"]["probabilities"]) == labels
+    assert by["xray.png"]["model"]["id"] == analyzer_id and by["xray.png"]["cell_count"] is None
+    # the human-readable form does not invent a cell count
+    res = CliRunner().invoke(main, ["predict", "--analyzer", analyzer_id, str(image_dir / "a" / "xray.png")])
+    assert res.exit_code == 0 and "cells" not in res.output
+
+
 def test_predict_missing_file_and_analyzer_option(tmp_path):
     (rec,) = run_predict("--analyzer", "smear-all", str(tmp_path / "nope.png"))
     assert rec["status"] == "error" and "Cannot read" in rec["error"]

@@ -55,10 +55,11 @@ class AnalysisResult:
     image_size: tuple[int, int] | None = None  # (width, height) of the input
     analysis_scale: float = 1.0  # input pixels per mask/heatmap pixel (1.0 unless the input was very large)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    counts_cells: bool = True  # False for analyzers without cell segmentation: cell_count is then None
 
     @property
-    def cell_count(self) -> int:
-        return len(self.cells)
+    def cell_count(self) -> int | None:
+        return len(self.cells) if self.counts_cells else None
 
     def to_dict(self, include_arrays: bool = False) -> dict[str, Any]:
         d = {
@@ -108,6 +109,13 @@ class Analyzer:
         self.display_names: dict[str, str] = dict(self.config.get("display_names", {}))
         self.malignant_labels: set[str] = set(self.config.get("malignant_labels", []))
         self.report_wording: dict = dict(self.config.get("report_wording", {}))
+        # What the analyzer expects to see, what its positive call is called, and what an image is
+        # called in its field (used in messages, pages and reports: no analyzer-specific text elsewhere).
+        self.input_description: str = self.config.get("input_description", "image")
+        self.positive_term: str = self.config.get("positive_term", "malignancy")
+        self.image_noun: str = self.config.get("image_noun", "Image")
+        # DICOM modalities accepted (empty: any); a DICOM file of another modality is out of domain.
+        self.dicom_modalities: list[str] = list(self.config.get("dicom_modalities", []))
         self.model_info = ModelInfo(self.id, self.version, self._digest())
 
     def _digest(self) -> str:
@@ -131,27 +139,44 @@ class Analyzer:
             return "No validation figures recorded."
         m = card["test"]["metrics"]
         mb = m["malignant_vs_benign"]
-        return (f"Test split (n={m['n']}, slide blocks held out): accuracy {100 * m['accuracy']:.1f}%, "
-                f"malignant sensitivity {100 * mb['sensitivity']:.1f}%, specificity {100 * mb['specificity']:.1f}%, "
+        held_out = card.get("data", {}).get("held_out", "slide blocks held out")
+        term = "malignant" if self.positive_term == "malignancy" else self.positive_term
+        return (f"Test split (n={m['n']}, {held_out}): accuracy {100 * m['accuracy']:.1f}%, "
+                f"{term} sensitivity {100 * mb['sensitivity']:.1f}%, specificity {100 * mb['specificity']:.1f}%, "
                 f"ECE {m['ece']:.3f}")
 
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "modality": self.modality,
                 "labels": self.labels, "display_names": self.display_names,
-                "malignant_labels": sorted(self.malignant_labels), "sha256": self.model_info.sha256}
+                "malignant_labels": sorted(self.malignant_labels), "positive_term": self.positive_term,
+                "input_description": self.input_description, "dicom_modalities": self.dicom_modalities,
+                "sha256": self.model_info.sha256}
+
+    def modality_mismatch(self, loaded: LoadedImage) -> str | None:
+        """Why a DICOM file's declared modality rules it out for this analyzer (None when it does not)."""
+        meta = loaded.dicom
+        modality = getattr(meta, "modality", "") if meta is not None else ""
+        if not modality or not self.dicom_modalities or modality in self.dicom_modalities:
+            return None
+        return (f"This DICOM file is modality {modality}; {self.name} reads {self.input_description}s "
+                f"(DICOM modality {', '.join(self.dicom_modalities)}). No diagnosis is given.")
 
     def analyze(self, image) -> AnalysisResult:
         """``image``: path, bytes, file object, RGB uint8 array or LoadedImage. Never raises on bad input."""
         try:
-            if isinstance(image, LoadedImage):
-                rgb = image.rgb
-            elif isinstance(image, np.ndarray):
-                rgb = _array_to_rgb(image)
-            else:
-                rgb = load_image(image).rgb
+            if isinstance(image, np.ndarray):
+                return self._analyze_rgb(_array_to_rgb(image))
+            loaded = image if isinstance(image, LoadedImage) else load_image(image)
         except ImageLoadError as exc:
-            return AnalysisResult.failed(self.id, str(exc), self.model_info)
-        return self._analyze_rgb(rgb)
+            failed = AnalysisResult.failed(self.id, str(exc), self.model_info)
+            failed.counts_cells = getattr(self, "counts_cells", True)
+            return failed
+        why = self.modality_mismatch(loaded)
+        if why:
+            h, w = loaded.rgb.shape[:2]
+            return AnalysisResult(analyzer_id=self.id, status=STATUS_OOD, model=self.model_info, messages=[why],
+                                  image_size=(w, h), counts_cells=getattr(self, "counts_cells", True))
+        return self._analyze_rgb(loaded.rgb)
 
     def _analyze_rgb(self, rgb: np.ndarray) -> AnalysisResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -13,6 +13,8 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 # id -> (module, class name). Adding an analyzer = one line here + its module + its model folder.
 _SPECS: dict[str, tuple[str, str]] = {
     "smear-all": ("oncoscope.analyzers.smear_all", "SmearAllAnalyzer"),
+    "bone-xray": ("oncoscope.analyzers.bone_xray", "BoneXrayAnalyzer"),
+    "brain-mri": ("oncoscope.analyzers.brain_mri", "BrainMriAnalyzer"),
 }
 
 _instances: dict[str, Analyzer] = {}

@@ -2,7 +2,8 @@
 models and the analyzer's own preprocessing (so what is calibrated is exactly
 what is served):
 
-* temperature scaling (minimise validation NLL);
+* temperature scaling (minimise validation NLL), with per-class logit offsets
+  for recipes trained with a class-weighted loss (``calibrate_bias``);
 * out-of-domain detector: mean + Ledoit-Wolf covariance of the training images'
   ``ood_features`` (channel mean/std of an intermediate feature map); score =
   Mahalanobis distance; threshold = 99.5th percentile of validation smears;
@@ -24,18 +25,19 @@ from .data import load_manifest, manifest_samples
 from .imageio import load_image
 
 
-def embed_split(analyzer, root: Path, samples, batch: int = 32) -> dict[str, np.ndarray]:
-    """Run the analyzer's classifier over samples; returns logits, embedding, labels."""
-    logits, embs, ys = [], [], []
+def embed_split(analyzer, root: Path, samples, batch: int = 32, labelled: bool = True) -> dict[str, np.ndarray]:
+    """Run the analyzer's classifier over samples: logits, OOD features, embedding and labels."""
+    logits, oods, embs, ys = [], [], [], []
     for i in range(0, len(samples), batch):
         chunk = samples[i:i + batch]
         xs = [analyzer.preprocess(load_image(root / s.path).rgb)[0] for s in chunk]
-        out = analyzer.classifier.run(np.concatenate(xs))
+        out = analyzer.run_network(np.concatenate(xs))
         logits.append(out["logits"])
-        embs.append(out[OOD_INPUT])
-        ys.extend(analyzer.labels.index(s.label) for s in chunk)
-    return {"logits": np.concatenate(logits).astype(np.float64), "ood": np.concatenate(embs).astype(np.float64),
-            "y": np.array(ys)}
+        oods.append(out[OOD_INPUT])
+        embs.append(out["embedding"])
+        ys.extend(analyzer.labels.index(s.label) if labelled else -1 for s in chunk)
+    return {"logits": np.concatenate(logits).astype(np.float64), "ood": np.concatenate(oods).astype(np.float64),
+            "embedding": np.concatenate(embs).astype(np.float64), "y": np.array(ys)}
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -49,6 +51,28 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
     r = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(r.x))
+
+
+def fit_temperature_and_bias(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Temperature plus one offset per class (minimise validation NLL).
+
+    The offsets undo the prior shift of a class-weighted loss (trained as if the classes were
+    balanced; served on the validation class mix); the first class's offset is fixed at 0."""
+    from scipy.optimize import minimize
+
+    k = logits.shape[1]
+
+    def nll(params):
+        z = logits / np.exp(params[0])
+        z = z + np.concatenate([[0.0], params[1:]])
+        z = z - z.max(axis=1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return -lp[np.arange(len(y)), y].mean()
+
+    t0 = np.log(fit_temperature(logits, y))
+    r = minimize(nll, np.concatenate([[t0], np.zeros(k - 1)]), method="L-BFGS-B",
+                 bounds=[(np.log(0.05), np.log(20.0))] + [(-10.0, 10.0)] * (k - 1))
+    return float(np.exp(r.x[0])), np.concatenate([[0.0], r.x[1:]])
 
 
 OOD_INPUT = "ood_features"
@@ -80,38 +104,120 @@ def choose_malignant_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_spec: 
     return 0.5
 
 
-def calibrate_smear(root: Path, recipe: dict, work_dir: Path, model_dir: Path) -> dict:
+def choose_sensitive_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_sens: float) -> float:
+    """The highest threshold (0.05-0.5) at which validation sensitivity is still >= ``min_sens``
+    (screening: a missed cancer costs more than a referral)."""
+    best = 0.05
+    for t in np.arange(0.05, 0.501, 0.01):
+        if (p_mal[is_mal] >= t).mean() >= min_sens:
+            best = round(float(t), 2)
+    return best
+
+
+def gate_features(split: dict) -> np.ndarray:
+    """What the modality gate reads (from :func:`embed_split`): block-10 channel statistics and the
+    pooled embedding (the analyzer concatenates the same two network outputs)."""
+    return np.concatenate([split["ood"], split["embedding"]], axis=1)
+
+
+def _foreign_samples(name: str, split: str, n: int, seed: int = 0):
+    """Up to ``n`` images of another analyzer's dataset split (root, samples)."""
+    from .pipeline import DEFAULT_DATASETS, RECIPES
+
+    r = RECIPES[name]
+    root = DEFAULT_DATASETS / r["dataset"]
+    base = root / r["subdir"] if r.get("subdir") else root
+    samples = manifest_samples(load_manifest(r["manifest"]), split)
+    if len(samples) > n:
+        idx = np.random.default_rng(seed).choice(len(samples), n, replace=False)
+        samples = [samples[i] for i in sorted(idx)]
+    return base, samples
+
+
+def fit_gate(an, tr: dict, va: dict, negatives: list[str], n_train: int = 600, n_val: int = 200) -> tuple[dict, dict]:
+    """Modality gate: logistic regression, own training images against other analyzers' *training*
+    images (never their test images, on which it is evaluated). Threshold: 99.5th percentile of
+    the foreign probability on own validation images."""
+    from sklearn.linear_model import LogisticRegression
+
+    neg_tr, neg_va = [], {}
+    for name in negatives:
+        base, samples = _foreign_samples(name, "train", n_train)
+        neg_tr.append(gate_features(embed_split(an, base, samples, labelled=False)))
+        base, samples = _foreign_samples(name, "val", n_val, seed=1)
+        neg_va[name] = gate_features(embed_split(an, base, samples, labelled=False))
+    pos = gate_features(tr)
+    x = np.concatenate([pos, *neg_tr])
+    y = np.concatenate([np.zeros(len(pos)), np.ones(len(x) - len(pos))])
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    clf = LogisticRegression(C=0.05, class_weight="balanced", max_iter=2000).fit((x - mean) / scale, y)
+    coef, intercept = clf.coef_[0], float(clf.intercept_[0])
+
+    def p_foreign(f):
+        return 1.0 / (1.0 + np.exp(-(((f - mean) / scale) @ coef + intercept)))
+
+    own_val = p_foreign(gate_features(va))
+    thr = float(min(0.99, max(0.5, np.quantile(own_val, 0.995))))
+    stats = {"gate_mean": mean.astype(np.float32), "gate_scale": scale.astype(np.float32),
+             "gate_coef": coef.astype(np.float32), "gate_intercept": np.float32(intercept)}
+    info = {"method": "logistic regression on block-10 channel statistics + pooled embedding: own training images "
+                      "against other analyzers' training images", "negatives": negatives,
+            "n_train": {"own": int(len(pos)), "foreign": int(len(x) - len(pos))},
+            "threshold": round(thr, 4), "threshold_rule": "99.5th percentile (at least 0.5) of own validation images",
+            "val_own_flagged": float((own_val > thr).mean()),
+            "val_foreign_flagged": {k: float((p_foreign(v) > thr).mean()) for k, v in neg_va.items()}}
+    return stats, info
+
+
+def calibrate(analyzer_id: str, root: Path, recipe: dict, work_dir: Path, model_dir: Path) -> dict:
     from ..analyzers import registry
-    from ..analyzers.smear_all import softmax
+    from ..analyzers.classification import softmax
 
     manifest = load_manifest(recipe["manifest"])
-    base = Path(root) / recipe["subdir"]
+    base = Path(root) / recipe["subdir"] if recipe.get("subdir") else Path(root)
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("calibration", None)
     cfg_path.write_text(json.dumps(cfg, indent=1))
-    an = registry.get("smear-all", model_dir=model_dir)
+    an = registry.get(analyzer_id, model_dir=model_dir)
     tr = embed_split(an, base, manifest_samples(manifest, "train"))
     va = embed_split(an, base, manifest_samples(manifest, "val"))
-    temp = fit_temperature(va["logits"], va["y"])
+    bias = None
+    if recipe.get("calibrate_bias"):
+        temp, bias = fit_temperature_and_bias(va["logits"], va["y"])
+    else:
+        temp = fit_temperature(va["logits"], va["y"])
     means, precision = fit_ood(tr["ood"])
-    np.savez_compressed(model_dir / "ood.npz", means=means.astype(np.float32), precision=precision.astype(np.float32))
+    gate_stats, gate_info = fit_gate(an, tr, va, recipe["ood_gate_negatives"]) if recipe.get("ood_gate_negatives") \
+        else ({}, None)
+    np.savez_compressed(model_dir / "ood.npz", means=means.astype(np.float32), precision=precision.astype(np.float32),
+                        **gate_stats)
     d = va["ood"][:, None, :] - means[None]
     va_scores = np.sqrt(np.einsum("ncd,de,nce->nc", d, precision, d).min(axis=1))
     ood_thr = float(np.quantile(va_scores, 0.995))
-    probs = softmax(va["logits"] / temp)
+    probs = softmax(va["logits"] / temp + (bias if bias is not None else 0.0))
     unc = choose_uncertain(probs, va["y"])
     mal_idx = [i for i, l in enumerate(an.labels) if l in an.malignant_labels]
     p_mal = probs[:, mal_idx].sum(axis=1)
     is_mal = np.isin(va["y"], mal_idx)
-    mal_thr = choose_malignant_threshold(p_mal, is_mal)
+    rule = recipe.get("operating_point", {"rule": "specificity", "min": 0.98})
+    if rule["rule"] == "sensitivity":
+        mal_thr = choose_sensitive_threshold(p_mal, is_mal, rule["min"])
+        rule_text = (f"highest threshold (0.05-0.5) with validation {an.positive_term} sensitivity >= {rule['min']}")
+    else:
+        mal_thr = choose_malignant_threshold(p_mal, is_mal, rule["min"])
+        rule_text = f"lowest threshold (0.05-0.5) with validation specificity >= {rule['min']}"
+    noun = recipe.get("val_noun", "images")
     cal = {
         "temperature": round(temp, 4),
+        **({"class_bias": [round(float(b), 4) for b in bias]} if bias is not None else {}),
         "uncertain_below": unc,
         "malignant_threshold": mal_thr,
+        **({"malignant_threshold_rule": rule_text} if "operating_point" in recipe else {}),
         "ood": {"method": "Mahalanobis distance (Ledoit-Wolf covariance) of the channel mean/std of MBConv block "
                           "10's feature map", "input": OOD_INPUT, "stats": "ood.npz", "threshold": round(ood_thr, 3),
-                "threshold_rule": "99.5th percentile of validation smears"},
+                "threshold_rule": f"99.5th percentile of validation {noun}",
+                **({"gate": gate_info} if gate_info else {})},
         "fitted_on": {"manifest": Path(recipe["manifest"]).name, "split": "val", "n": int(len(va["y"])),
                       "ood_reference_split": "train", "ood_reference_n": int(len(tr["y"]))},
         "val_accuracy_uncalibrated": float((va["logits"].argmax(1) == va["y"]).mean()),

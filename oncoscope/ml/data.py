@@ -364,14 +364,21 @@ def verify_manifest(manifest: dict, root: str | os.PathLike, check_hashes: bool 
 
 
 def load_arrays(root: str | os.PathLike, samples: list[Sample], classes: list[str], size: int | None = None,
-                subdir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load samples into a uint8 (N, H, W, 3) array and int64 labels (images resized to ``size``)."""
-    from .imageio import resize_rgb
+                subdir: str | None = None, pad: bool = False, gray: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Load samples into a uint8 (N, H, W, 3) array and int64 labels (images resized to ``size``).
+
+    ``gray``: luminance replicated to 3 channels; ``pad``: pad to square first (aspect preserved).
+    """
+    from .imageio import pad_to_square, resize_rgb, to_gray3
 
     base = Path(root) / subdir if subdir else Path(root)
     xs, ys = [], []
     for s in samples:
         rgb = load_image(base / s.path).rgb
+        if gray:
+            rgb = to_gray3(rgb)
+        if pad:
+            rgb = pad_to_square(rgb)[0]
         if size:
             rgb = resize_rgb(rgb, size)
         xs.append(rgb)

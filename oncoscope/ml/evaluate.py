@@ -78,6 +78,58 @@ def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
     return files
 
 
+def load_test_split(manifest: dict, base: Path, labels: list[str]):
+    """The manifest's test samples, checked against its checksums, decoded; (samples, rgbs, y)."""
+    test = manifest_samples(manifest, "test")
+    mismatched = [s.path for s in test if sha256_file(base / s.path) != manifest["files"][s.path]["sha256"]]
+    if mismatched:
+        raise RuntimeError(f"{len(mismatched)} test files differ from the manifest, e.g. {mismatched[:3]}")
+    return test, [load_image(base / s.path).rgb for s in test], np.array([labels.index(s.label) for s in test])
+
+
+def analyze_timed(an, rgbs: list[np.ndarray], progress: bool):
+    """Full analysis of every image through the served analyzer; (results, milliseconds)."""
+    results, times = [], []
+    it = range(len(rgbs))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="test split", unit="img")
+    for i in it:
+        t0 = time.perf_counter()
+        results.append(an.analyze(rgbs[i]))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return results, times
+
+
+def selective_stats(st: np.ndarray, correct: np.ndarray) -> dict:
+    """What the ok / uncertain / out-of-domain statuses do to accuracy on the test split."""
+    ok = st == "ok"
+    return {
+        "fraction_ok": float(ok.mean()), "fraction_uncertain": float((st == "uncertain").mean()),
+        "fraction_out_of_domain": float((st == "out_of_domain").mean()),
+        "accuracy_when_ok": float(correct[ok].mean()) if ok.any() else None,
+        "accuracy_when_uncertain": float(correct[st == "uncertain"].mean()) if (st == "uncertain").any() else None,
+        "errors_referred_to_review": int((~correct & ~ok).sum()), "errors_total": int((~correct).sum()),
+    }
+
+
+def flagged_fraction(an, files) -> dict:
+    """Share of images (paths or arrays) the analyzer reports out of domain."""
+    flagged = [an.analyze(f).status == "out_of_domain" for f in files]
+    return {"n": len(flagged), "flagged": float(np.mean(flagged))}
+
+
+def generated_sources(an) -> dict:
+    """Out-of-domain results on the generated non-images (noise, text, photos, ...), per kind."""
+    from .synthetic import non_smear_images
+
+    by_kind: dict[str, list] = {}
+    for kind, img in non_smear_images(n_per_kind=25, seed=7):
+        by_kind.setdefault(kind, []).append(img)
+    return {f"generated:{kind}": flagged_fraction(an, imgs) for kind, imgs in by_kind.items()}
+
+
 # ----------------------------------------------------------------------------- main entry
 def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None = None, n_boot: int = 1000,
                    n_ood_per_dataset: int = 300, progress: bool = True, write: bool = True) -> dict:
@@ -95,41 +147,17 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
     labels = an.labels
     mal = [labels.index(l) for l in sorted(an.malignant_labels)]
     thr = an.malignant_threshold
-    # Data checksums: every test file must match the manifest.
-    mismatched = [s.path for s in test if sha256_file(base / s.path) != manifest["files"][s.path]["sha256"]]
-    if mismatched:
-        raise RuntimeError(f"{len(mismatched)} test files differ from the manifest, e.g. {mismatched[:3]}")
-    rgbs = [load_image(base / s.path).rgb for s in test]
-    y = np.array([labels.index(s.label) for s in test])
+    test, rgbs, y = load_test_split(manifest, base, labels)
     clusters = np.array([manifest["files"][s.path]["block"] for s in test])
 
     # Full analysis of every test image (classification + segmentation + heatmap), timed.
-    results, times = [], []
-    it = range(len(test))
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="test split", unit="img")
-    for i in it:
-        t0 = time.perf_counter()
-        results.append(an.analyze(rgbs[i]))
-        times.append((time.perf_counter() - t0) * 1e3)
+    results, times = analyze_timed(an, rgbs, progress)
     probs = np.array([[r.probabilities[l] for l in labels] for r in results])
-    statuses = [r.status for r in results]
+    st = np.array([r.status for r in results])
 
     main = M.classification_metrics(probs, y, labels, mal, thr)
     ci = M.bootstrap_ci(probs, y, clusters, labels, mal, thr, n_boot=n_boot)
-    # Uncertain / OOD behaviour on test smears
-    st = np.array(statuses)
-    ok = st == "ok"
-    correct = probs.argmax(1) == y
-    selective = {
-        "fraction_ok": float(ok.mean()), "fraction_uncertain": float((st == "uncertain").mean()),
-        "fraction_out_of_domain": float((st == "out_of_domain").mean()),
-        "accuracy_when_ok": float(correct[ok].mean()) if ok.any() else None,
-        "accuracy_when_uncertain": float(correct[st == "uncertain"].mean()) if (st == "uncertain").any() else None,
-        "errors_referred_to_review": int((~correct & ~ok).sum()), "errors_total": int((~correct).sum()),
-    }
+    selective = selective_stats(st, probs.argmax(1) == y)
 
     # Shortcut tests: scale-bar corner masked; colour jitter (3 fixed seeds).
     othr = an.ood_threshold if an.ood_threshold is not None else np.inf
@@ -185,8 +213,6 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
                               "zero_cells_fraction": float(np.mean(np.array(counts) == 0))}
 
     # Out-of-domain: other datasets + generated images.
-    from .synthetic import non_smear_images
-
     ood_eval = {"threshold": an.ood_threshold, "test_smears_flagged": float((st == "out_of_domain").mean()), "sources": {}}
     datasets_dir = Path(datasets_dir) if datasets_dir else Path(data_root).parent
     for name in ("bone-xray", "brain-mri"):
@@ -194,14 +220,8 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
         if not folder.is_dir():
             ood_eval["sources"][name] = {"skipped": f"not found at {folder}"}
             continue
-        files = _sample_files(folder, n_ood_per_dataset, seed=0)
-        flagged = [an.analyze(f).status == "out_of_domain" for f in files]
-        ood_eval["sources"][name] = {"n": len(files), "flagged": float(np.mean(flagged))}
-    by_kind: dict[str, list[bool]] = {}
-    for kind, img in non_smear_images(n_per_kind=25, seed=7):
-        by_kind.setdefault(kind, []).append(an.analyze(img).status == "out_of_domain")
-    for kind, fl in by_kind.items():
-        ood_eval["sources"][f"generated:{kind}"] = {"n": len(fl), "flagged": float(np.mean(fl))}
+        ood_eval["sources"][name] = flagged_fraction(an, _sample_files(folder, n_ood_per_dataset, seed=0))
+    ood_eval["sources"].update(generated_sources(an))
     tot_n = sum(v.get("n", 0) for v in ood_eval["sources"].values())
     tot_f = sum(v.get("n", 0) * v.get("flagged", 0) for v in ood_eval["sources"].values())
     ood_eval["non_smear_flagged"] = float(tot_f / tot_n) if tot_n else None
@@ -291,7 +311,8 @@ def _targets(card: dict) -> list[dict]:
     return [{"target": a, "goal": b, "measured": c, "met": bool(d)} for a, b, c, d in rows]
 
 
-def _plots(out: Path, card, probs, y, labels, mal, test, rgbs, results) -> None:
+def metric_plots(out: Path, card, probs, y, labels, mal, positive: str = "malignant") -> None:
+    """confusion_matrix.png, roc.png (one-vs-rest + the positive call) and reliability.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,7 +339,7 @@ def _plots(out: Path, card, probs, y, labels, mal, test, rgbs, results) -> None:
         ax.plot(fpr, tpr, label=f"{l} (AUC {M.roc_auc(probs[:, c], y == c):.3f})")
     pm = probs[:, mal].sum(1)
     fpr, tpr = M.roc_curve(pm, np.isin(y, mal))
-    ax.plot(fpr, tpr, "k--", label=f"malignant (AUC {M.roc_auc(pm, np.isin(y, mal)):.3f})")
+    ax.plot(fpr, tpr, "k--", label=f"{positive} (AUC {M.roc_auc(pm, np.isin(y, mal)):.3f})")
     ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -345,6 +366,14 @@ def _plots(out: Path, card, probs, y, labels, mal, test, rgbs, results) -> None:
     fig.savefig(out / "reliability.png", dpi=110)
     plt.close(fig)
 
+
+def _plots(out: Path, card, probs, y, labels, mal, test, rgbs, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric_plots(out, card, probs, y, labels, mal)
     # Sample overlays: two per class, original | cells | Grad-CAM.
     from ..analyzers.render import heatmap_overlay, mask_overlay
 

@@ -59,11 +59,10 @@ def check_onnx_matches_torch(torch_fn, onnx_path: Path, x: np.ndarray, atol: flo
     return err
 
 
-def export_smear(work_dir: Path, out_dir: Path, recipe: dict) -> None:
-    """Write classifier.onnx, segmenter.onnx and head weights into the model folder."""
+def export_models(work_dir: Path, out_dir: Path, recipe: dict) -> None:
+    """Write classifier.onnx, head weights and (for analyzers that segment) segmenter.onnx into the model folder."""
     import torch
 
-    from .segmentation import load_segmenter
     from .train_classifier import load_best
 
     size = recipe["image_size"]
@@ -75,17 +74,21 @@ def export_smear(work_dir: Path, out_dir: Path, recipe: dict) -> None:
         err_c = check_onnx_matches_torch(lambda t: model(t), out_dir / "classifier.onnx", x)
     np.savez(out_dir / "head.npz", weight=model.head.weight.detach().numpy().astype(np.float32),
              bias=model.head.bias.detach().numpy().astype(np.float32))
-    net, sck = load_segmenter(work_dir / "segmenter")
-    export_segmenter(net, out_dir / "segmenter.onnx", size)
-    with torch.no_grad():
-        err_s = check_onnx_matches_torch(lambda t: torch.sigmoid(net(t))[:, 0], out_dir / "segmenter.onnx", x)
-    info = {"classes": ck["classes"], "classifier_epoch": ck["epoch"], "segmenter_epoch": sck["epoch"],
-            "onnx_max_abs_error": {"classifier": err_c, "segmenter": err_s}}
+    info = {"classes": ck["classes"], "classifier_epoch": ck["epoch"], "onnx_max_abs_error": {"classifier": err_c}}
+    parts = ["classifier"]
+    if "segmented_subdir" in recipe:
+        from .segmentation import load_segmenter
+
+        net, sck = load_segmenter(work_dir / "segmenter")
+        export_segmenter(net, out_dir / "segmenter.onnx", size)
+        with torch.no_grad():
+            err_s = check_onnx_matches_torch(lambda t: torch.sigmoid(net(t))[:, 0], out_dir / "segmenter.onnx", x)
+        info["segmenter_epoch"] = sck["epoch"]
+        info["onnx_max_abs_error"]["segmenter"] = err_s
+        parts.append("segmenter")
     (work_dir / "export.json").write_text(json.dumps(info, indent=1))
-    for name in ("history.json", "train.log"):
-        src = work_dir / "classifier" / name
-        if src.exists():
-            shutil.copy(src, out_dir / f"classifier_{name}")
-        src = work_dir / "segmenter" / name
-        if src.exists():
-            shutil.copy(src, out_dir / f"segmenter_{name}")
+    for part in parts:
+        for name in ("history.json", "train.log"):
+            src = work_dir / part / name
+            if src.exists():
+                shutil.copy(src, out_dir / f"{part}_{name}")

@@ -220,4 +220,27 @@ def resize_rgb(rgb: np.ndarray, size: int | tuple[int, int], resample=Image.BILI
     return np.asarray(Image.fromarray(rgb).resize(size, resample), dtype=np.uint8)
 
 
+def pad_to_square(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad with the median border colour; returns the square image and the (top, left) offset."""
+    h, w = rgb.shape[:2]
+    if h == w:
+        return rgb, (0, 0)
+    s = max(h, w)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    colour = np.median(border, axis=0).astype(np.uint8)
+    out = np.empty((s, s, 3), np.uint8)
+    out[:] = colour
+    top, left = (s - h) // 2, (s - w) // 2
+    out[top:top + h, left:left + w] = rgb
+    return out, (top, left)
+
+
+def to_gray3(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luminance replicated into three channels (radiology models see grayscale only)."""
+    if rgb.ndim == 3 and rgb.shape[2] == 3 and (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return rgb
+    y = np.asarray(Image.fromarray(rgb).convert("L"))
+    return np.repeat(y[:, :, None], 3, axis=2)
+
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}

@@ -137,3 +137,20 @@ def smear_like(seed: int, size: int = 224, n_wbc: int | None = None) -> tuple[np
     rgb = np.asarray(img.filter(ImageFilter.GaussianBlur(1.0)))
     rgb = np.clip(rgb + r.normal(0, 3, rgb.shape), 0, 255).astype(np.uint8)
     return rgb, np.asarray(mask) > 127
+
+
+def radiograph_like(seed: int, width: int = 240, height: int = 320) -> np.ndarray:
+    """A crude grayscale radiograph: dark background, a soft-tissue band and two bright long bones
+    with darker marrow. For tests and benchmarks of the radiology pipeline; not real data."""
+    r = _rng(seed)
+    img = Image.new("L", (width, height), int(r.integers(5, 25)))
+    d = ImageDraw.Draw(img)
+    cx = width // 2 + int(r.integers(-10, 10))
+    d.rectangle([cx - width // 4, 0, cx + width // 4, height], fill=int(r.integers(60, 90)))
+    for off in (-width // 9, width // 9):
+        w = width // 14
+        d.rectangle([cx + off - w, height // 10, cx + off + w, height - height // 10], fill=int(r.integers(190, 230)))
+        d.rectangle([cx + off - w // 3, height // 8, cx + off + w // 3, height - height // 8], fill=int(r.integers(120, 150)))
+    gray = np.asarray(img.filter(ImageFilter.GaussianBlur(2.0)), dtype=np.float64)
+    gray = np.clip(gray + r.normal(0, 4, gray.shape), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)

@@ -38,6 +38,11 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     max_minutes: float = 40.0
+    augment: str = "smear"  # "smear" (colour, any-angle rotation, scale-bar masking) or "radiology"
+    max_angle: float = 20.0  # radiology only
+    zoom_span: float = 0.3  # radiology only: zoom 0.85 to 0.85 + span (zooming in crops film labels and markers)
+    gray: bool = False  # luminance replicated to 3 channels
+    pad: bool = False  # pad to square before resizing (aspect preserved)
 
 
 def seed_everything(seed: int) -> None:
@@ -74,8 +79,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     classes = manifest["classes"]
     _log(out, f"config {json.dumps(asdict(cfg))}")
     t0 = time.time()
-    xtr, ytr = load_arrays(cfg.data_root, manifest_samples(manifest, "train"), classes, size=224, subdir=cfg.subdir)
-    xva, yva = load_arrays(cfg.data_root, manifest_samples(manifest, "val"), classes, size=224, subdir=cfg.subdir)
+    kw = dict(size=224, subdir=cfg.subdir, pad=cfg.pad, gray=cfg.gray)
+    xtr, ytr = load_arrays(cfg.data_root, manifest_samples(manifest, "train"), classes, **kw)
+    xva, yva = load_arrays(cfg.data_root, manifest_samples(manifest, "val"), classes, **kw)
     _log(out, f"loaded train {len(xtr)} val {len(xva)} images in {time.time() - t0:.0f}s")
 
     model = C.SmearClassifier(len(classes), pretrained=True)
@@ -119,7 +125,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         te = time.time()
         for step in it:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = C.augment(xtr_t[idx], g, cfg.image_size)
+            if cfg.augment == "radiology":
+                xb = C.augment_radiology(xtr_t[idx], g, cfg.image_size, cfg.max_angle, cfg.zoom_span)
+            else:
+                xb = C.augment(xtr_t[idx], g, cfg.image_size)
             yb = ytr_t[idx]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, weight=weights)

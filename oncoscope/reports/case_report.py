@@ -41,7 +41,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
         a = img.analysis
         done = a is not None and a.job_status == "done"
         images.append({
-            "title": f"Field {i} - {img.original_filename}",
+            "title": f"{an.image_noun if an else 'Image'} {i} - {img.original_filename}",
             "original_png": _small_png(store, img.sha256, "original"),
             "cells_png": _small_png(store, img.sha256, f"cells-{case.analyzer_id}") if done else None,
             "heatmap_png": _small_png(store, img.sha256, f"heatmap-{case.analyzer_id}") if done else None,
@@ -49,6 +49,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
             "ai_status": (a.result_status if done else ("error" if a and a.job_status == "failed" else "pending")),
             "probabilities": {names.get(k, k): v for k, v in (a.probabilities or {}).items()} if done else {},
             "cell_count": a.cell_count if done else None,
+            "counts_cells": an.counts_cells if an else True,
             "messages": list(a.messages or []) if done else ([a.last_error.splitlines()[0]] if a and a.last_error else []),
         })
     agg = aggregate(case)

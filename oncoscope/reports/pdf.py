@@ -374,11 +374,9 @@ def _image_section(index: int, img: dict) -> list[Flowable]:
     label = _s(img.get("ai_label")).strip()
     count = img.get("cell_count")
     count_text = "not available" if count is None else _s(count)
-    summary = _p(
-        f"AI suggestion: <b>{_esc(label) if label else 'none'}</b>"
-        f"&nbsp;&nbsp;&nbsp;&nbsp;Cells detected: <b>{escape(count_text)}</b>",
-        "body", markup=True,
-    )
+    cells_text = (f"&nbsp;&nbsp;&nbsp;&nbsp;Cells detected: <b>{escape(count_text)}</b>"
+                  if img.get("counts_cells", True) else "")
+    summary = _p(f"AI suggestion: <b>{_esc(label) if label else 'none'}</b>{cells_text}", "body", markup=True)
     body: list[Flowable] = [summary, Spacer(1, 3), _prob_table(img.get("probabilities")), Spacer(1, 4)]
     body += _status_block(img.get("ai_status"), img.get("messages"), "AI")
     # Keep the title, pictures and result together where they fit; KeepTogether still

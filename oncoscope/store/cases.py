@@ -193,16 +193,16 @@ def aggregate(case: Case) -> Aggregate:
         return Aggregate(None, "pending", {}, 0, total, "No analysed images yet.")
     if not usable:
         st = "out_of_domain" if any(a.result_status == "out_of_domain" for a in done) else "error"
-        return Aggregate(None, st, {}, 0, total, "No field could be analysed as a valid image for this analyzer.")
+        return Aggregate(None, st, {}, 0, total, "No image could be analysed as a valid image for this analyzer.")
     labels = list(usable[0].probabilities)
     mean = {k: float(np.mean([a.probabilities[k] for a in usable])) for k in labels}
     label = max(mean, key=mean.get)
     uncertain = any(a.result_status == "uncertain" for a in usable) or len({a.label for a in usable}) > 1 \
         or len(usable) < len(done)
     status = "uncertain" if uncertain else "ok"
-    text = f"mean probability over {len(usable)} of {total} field{'s' if total > 1 else ''}"
+    text = f"mean probability over {len(usable)} of {total} image{'s' if total > 1 else ''}"
     if len({a.label for a in usable}) > 1:
-        text += " (fields disagree)"
+        text += " (images disagree)"
     return Aggregate(label, status, mean, len(usable), total, text + ".")
 
 

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "e2e"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SMEAR = REPO.parent / "shared" / "datasets" / "all-taleqani" / "Original" / "Pre" / "WBC-Malignant-Pre-154.jpg"
+XRAY_DIR = REPO.parent / "shared" / "datasets" / "bone-xray" / "cancer"
 
 
 def _free_port() -> int:
@@ -82,6 +83,21 @@ def smear_file(tmp_path) -> Path:
 
     p = tmp_path / "field.png"
     Image.fromarray(smear_like(0)[0]).save(p)
+    return p
+
+
+def xray_file(tmp_path) -> Path:
+    """A test-split cancer radiograph when the dataset is present, else a generated one."""
+    import json
+
+    manifest = json.loads((REPO / "oncoscope" / "ml" / "splits" / "bone-xray.json").read_text())
+    test = sorted(p for p, v in manifest["files"].items() if v["split"] == "test" and v["label"] == "cancer")
+    if XRAY_DIR.is_dir() and test:
+        return XRAY_DIR.parent / test[len(test) // 2]
+    from oncoscope.ml.synthetic import radiograph_like
+
+    p = tmp_path / "knee.png"
+    Image.fromarray(radiograph_like(0)).save(p)
     return p
 
 
@@ -174,5 +190,18 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     page.goto(server + "/patients/?q=Testp")
     assert page.locator("text=E2E-0001").is_visible()
     shot(page, "10-patients")
+
+    # 8. the same patient, a bone radiograph: the same pages, with no cell panel
+    page.click("main a:has-text('Testpatient')")
+    page.wait_for_selector("h1:has-text('Testpatient, Maria')")
+    page.click("text=New case")
+    page.select_option("#analyzer_id", "bone-xray")
+    page.set_input_files("#images", str(xray_file(tmp_path)))
+    page.click("main button[type=submit]")
+    page.wait_for_selector("section.field-result .viewer img", timeout=60_000)
+    page.wait_for_load_state("networkidle")
+    shot(page, "11-bone-xray-case")
+    assert page.locator("section.field-result h2:has-text('Radiograph 1')").is_visible()
+    assert page.locator("text=Cells:").count() == 0
     assert not [e for e in errors if "Content Security Policy" in e], errors
     ctx.close()

