@@ -106,7 +106,7 @@ RECIPES = {
         "dataset": "brain-mri",
         "subdir": None,
         "manifest": MANIFEST_DIR / "brain-mri.json",
-        "image_size": 176,
+        "image_size": 224,
         "epochs": 12,
         "train": {"augment": "radiology", "max_angle": 15.0, "gray": True, "pad": True, "freeze_blocks": 5},
         "operating_point": {"rule": "sensitivity", "min": 0.995},
