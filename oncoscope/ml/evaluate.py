@@ -11,6 +11,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -130,34 +131,46 @@ def generated_sources(an) -> dict:
     return {f"generated:{kind}": flagged_fraction(an, imgs) for kind, imgs in by_kind.items()}
 
 
-# ----------------------------------------------------------------------------- main entry
-def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None = None, n_boot: int = 1000,
-                   n_ood_per_dataset: int = 300, progress: bool = True, write: bool = True) -> dict:
+def run_test_split(analyzer_id: str, model_dir: Path, data_root: Path, cluster_key: str, n_boot: int,
+                   progress: bool) -> SimpleNamespace:
+    """Every test image through the served analyzer (checksums verified first), timed; metrics with
+    bootstrap intervals over the manifest's ``cluster_key`` ("block" or "group"); status figures."""
     from ..analyzers import registry
-    from .segmentation import SEG_CLASSES, derive_reference_mask, usable
-    from .cells import dice, iou
     from .pipeline import RECIPES
 
-    t_start = time.time()
-    recipe = RECIPES["smear-all"]
-    an = registry.get("smear-all", model_dir=model_dir)
+    recipe = RECIPES[analyzer_id]
+    an = registry.get(analyzer_id, model_dir=model_dir)
     manifest = load_manifest(recipe["manifest"])
-    base = Path(data_root) / recipe["subdir"]
-    test = manifest_samples(manifest, "test")
+    base = Path(data_root) / recipe["subdir"] if recipe.get("subdir") else Path(data_root)
     labels = an.labels
     mal = [labels.index(l) for l in sorted(an.malignant_labels)]
     thr = an.malignant_threshold
     test, rgbs, y = load_test_split(manifest, base, labels)
-    clusters = np.array([manifest["files"][s.path]["block"] for s in test])
-
-    # Full analysis of every test image (classification + segmentation + heatmap), timed.
+    clusters = np.array([manifest["files"][s.path][cluster_key] for s in test])
     results, times = analyze_timed(an, rgbs, progress)
+    # Out-of-domain test images carry probabilities too: the metrics are of the classifier itself;
+    # `selective` shows what the statuses add on top.
     probs = np.array([[r.probabilities[l] for l in labels] for r in results])
     st = np.array([r.status for r in results])
+    return SimpleNamespace(
+        an=an, recipe=recipe, manifest=manifest, base=base, labels=labels, mal=mal, thr=thr, test=test, rgbs=rgbs,
+        y=y, clusters=clusters, results=results, times=times, probs=probs, st=st,
+        main=M.classification_metrics(probs, y, labels, mal, thr),
+        ci=M.bootstrap_ci(probs, y, clusters, labels, mal, thr, n_boot=n_boot),
+        selective=selective_stats(st, probs.argmax(1) == y))
 
-    main = M.classification_metrics(probs, y, labels, mal, thr)
-    ci = M.bootstrap_ci(probs, y, clusters, labels, mal, thr, n_boot=n_boot)
-    selective = selective_stats(st, probs.argmax(1) == y)
+
+# ----------------------------------------------------------------------------- main entry
+def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None = None, n_boot: int = 1000,
+                   n_ood_per_dataset: int = 300, progress: bool = True, write: bool = True) -> dict:
+    from .segmentation import SEG_CLASSES, derive_reference_mask, usable
+    from .cells import dice, iou
+
+    t_start = time.time()
+    ev = run_test_split("smear-all", model_dir, data_root, "block", n_boot, progress)
+    an, recipe, manifest, labels, mal, thr = ev.an, ev.recipe, ev.manifest, ev.labels, ev.mal, ev.thr
+    test, rgbs, y, clusters, results, times = ev.test, ev.rgbs, ev.y, ev.clusters, ev.results, ev.times
+    probs, st, main, ci, selective = ev.probs, ev.st, ev.main, ev.ci, ev.selective
 
     # Shortcut tests: scale-bar corner masked; colour jitter (3 fixed seeds).
     othr = an.ood_threshold if an.ood_threshold is not None else np.inf

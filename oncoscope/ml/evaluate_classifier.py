@@ -21,8 +21,7 @@ from PIL import Image
 
 from . import metrics as M
 from .data import load_manifest
-from .evaluate import (_classify, _fmt, _round, analyze_timed, flagged_fraction, generated_sources,
-                       load_test_split, metric_plots, selective_stats)
+from .evaluate import _classify, _fmt, _round, flagged_fraction, generated_sources, metric_plots, run_test_split
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,30 +68,14 @@ OOD_SOURCES = {
 def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, datasets_dir: Path | None = None,
                         n_boot: int = 1000, n_ood_per_dataset: int = 300, progress: bool = True,
                         write: bool = True) -> dict:
-    from ..analyzers import registry
-    from .pipeline import RECIPES
 
     t_start = time.time()
-    recipe = RECIPES[analyzer_id]
-    an = registry.get(analyzer_id, model_dir=model_dir)
-    manifest = load_manifest(recipe["manifest"])
-    base = Path(data_root) / recipe["subdir"] if recipe.get("subdir") else Path(data_root)
-    labels = an.labels
-    mal = [labels.index(l) for l in sorted(an.malignant_labels)]
-    thr = an.malignant_threshold
-    test, rgbs, y = load_test_split(manifest, base, labels)
-    clusters = np.array([manifest["files"][s.path]["group"] for s in test])
-    results, times = analyze_timed(an, rgbs, progress)
-    # Out-of-domain test images carry probabilities too: the metrics are of the classifier itself;
-    # `selective` shows what the statuses add on top.
-    probs = np.array([[r.probabilities[l] for l in labels] for r in results])
-    st = np.array([r.status for r in results])
-
-    main = M.classification_metrics(probs, y, labels, mal, thr)
-    ci = M.bootstrap_ci(probs, y, clusters, labels, mal, thr, n_boot=n_boot)
+    ev = run_test_split(analyzer_id, model_dir, data_root, "group", n_boot, progress)
+    an, recipe, manifest, labels, mal, thr = ev.an, ev.recipe, ev.manifest, ev.labels, ev.mal, ev.thr
+    test, rgbs, y, clusters, results, times = ev.test, ev.rgbs, ev.y, ev.clusters, ev.results, ev.times
+    probs, st, main, ci, selective = ev.probs, ev.st, ev.main, ev.ci, ev.selective
     is_mal = np.isin(y, mal)
     missed = is_mal & (probs[:, mal].sum(1) < thr)
-    selective = selective_stats(st, probs.argmax(1) == y)
     selective["positives_missed"] = int(missed.sum())
     selective["positives_missed_but_referred"] = int((missed & (st != "ok")).sum())
 
