@@ -152,6 +152,13 @@ class Analyzer:
                 "input_description": self.input_description, "dicom_modalities": self.dicom_modalities,
                 "sha256": self.model_info.sha256}
 
+    def interpretation(self, label: str | None) -> str | None:
+        """The analyzer's report sentence for an AI label (its ``report_wording``), or None."""
+        if label not in self.labels:
+            return None
+        template = self.report_wording.get("malignant" if label in self.malignant_labels else "benign")
+        return template.format(label=self.display_names.get(label, label)) if template else None
+
     def modality_mismatch(self, loaded: LoadedImage) -> str | None:
         """Why a DICOM file's declared modality rules it out for this analyzer (None when it does not)."""
         meta = loaded.dicom

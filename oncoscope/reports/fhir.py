@@ -263,7 +263,8 @@ def case_bundle(case, pdf: bytes, base_url: str = "urn:oncoscope", images: dict[
     agg = aggregate(case)
     ai_status = review.ai_status or agg.status
     agg_fields = {"derivedFrom": class_refs, "device": device_ref(None), "effectiveDateTime": signed_at,
-                  "issued": signed_at, "note": [{"text": agg.text}]}
+                  "issued": signed_at,
+                  "note": [{"text": t} for t in (agg.text, an.interpretation(agg.label) if an else None) if t]}
     agg_components = [{"code": {"coding": [{"system": OBS_SYSTEM, "code": "ai-status",
                                             "display": OBS_DISPLAY["ai-status"]}], "text": "AI status"},
                        "valueString": ai_status}]

@@ -394,6 +394,9 @@ def _aggregate_section(agg: dict) -> list[Flowable]:
     text = _s(agg.get("text")).strip()
     if text:
         out += [_p(text), Spacer(1, 3)]
+    interpretation = _s(agg.get("interpretation")).strip()
+    if interpretation:
+        out += [_p(f"AI interpretation (to be confirmed): {interpretation}"), Spacer(1, 3)]
     out += _status_block(agg.get("ai_status"), [], "Aggregate AI")
     return out
 
@@ -620,6 +623,7 @@ def render_case_report(data: dict) -> bytes:
         ("Analyzer", case.get("analyzer_name"), "Analyzer ID", case.get("analyzer_id")),
     ]))
     story.append(Spacer(1, 4))
+    story += _field("Examination", case.get("finding"))
     story += _field("Clinical note", case.get("clinical_note"))
 
     # Per-image AI results

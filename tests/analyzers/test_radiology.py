@@ -41,6 +41,10 @@ def test_analyzer_declares_its_contract(radiology_analyzer):
     assert set(d["display_names"]) == set(exp["labels"])
     wording = an.report_wording
     assert {"finding", "malignant", "benign", "disclaimer"} <= set(wording)
+    positive = exp["malignant"][0]
+    assert an.display_names[positive] in an.interpretation(positive)
+    negative = next(l for l in exp["labels"] if l not in exp["malignant"])
+    assert an.interpretation(negative) == wording["benign"] and an.interpretation(None) is None
     cal = an.config["calibration"]
     assert cal["temperature"] > 0 and 0 < cal["malignant_threshold"] <= 0.5
     assert an.ood_threshold is not None and an.gray

@@ -55,8 +55,11 @@ def test_radiology_case_end_to_end(app, client_for, tok, monkeypatch, analyzer_i
     img = api_case["images"][0]
     assert img["cell_count"] is None and img["label"] in an.labels
 
-    # sign with the AI's label (an uncertain result needs a note)
+    # the analyzer's own report wording for its call is shown
     label = img["label"]
+    sentence = an.interpretation(label)
+    assert sentence and sentence.replace("'", "&#39;") in page
+    # sign with the AI's label (an uncertain result needs a note)
     r = sign(c, cid, final_diagnosis=label, uncertainty_note="reviewed by a radiologist")
     assert r.status_code == 302, r.data[:500]
     assert "Case signed (version 1)." in flashes(c.get(f"/cases/{cid}").data)
@@ -66,12 +69,17 @@ def test_radiology_case_end_to_end(app, client_for, tok, monkeypatch, analyzer_i
     pdf = c.get(f"/cases/{cid}/report.pdf")
     text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.data)).pages)
     assert f"{noun} 1" in text and "Cells detected" not in text
+    flat = " ".join(text.split())
+    assert sentence[:40] in flat and an.report_wording["finding"][:40] in flat
     assert an.display_names[label] in text
     assert an.report_wording["disclaimer"].split(";")[0][:40] in " ".join(text.split())
 
     bundle = json.loads(c.get(f"/cases/{cid}/export/fhir").data)
     codes = [cd["code"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
              for cd in e["resource"]["code"]["coding"]]
+    notes = [n["text"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+             for n in e["resource"].get("note") or []]
+    assert sentence in notes
     assert "cell-count" not in codes and "ai-aggregate" in codes
     hl7 = c.get(f"/cases/{cid}/export/hl7").data.decode()
     assert "CELL-COUNT" not in hl7 and "OBX" in hl7
