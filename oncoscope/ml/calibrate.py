@@ -127,6 +127,8 @@ def _foreign_samples(name: str, split: str, n: int, seed: int = 0):
     r = RECIPES[name]
     root = DEFAULT_DATASETS / r["dataset"]
     base = root / r["subdir"] if r.get("subdir") else root
+    if not base.is_dir():
+        raise SystemExit(f"the modality gate is fitted against {name}'s training images, expected at {base}")
     samples = manifest_samples(load_manifest(r["manifest"]), split)
     if len(samples) > n:
         idx = np.random.default_rng(seed).choice(len(samples), n, replace=False)
