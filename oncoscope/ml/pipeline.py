@@ -92,8 +92,8 @@ RECIPES = {
             "positive_term": "bone malignancy",
             "report_wording": {
                 "finding": "Bone radiograph, automated screening for bone malignancy",
-                "malignant": "Radiographic appearance suggestive of a bone malignancy ({label}); "
-                             "correlate with clinical findings and cross-sectional imaging.",
+                "malignant": "Radiographic appearance suggestive of a bone malignancy; correlate with clinical "
+                             "findings and cross-sectional imaging.",
                 "benign": "No radiographic features of a bone malignancy detected by the model.",
                 "disclaimer": "AI output is decision support only and must be confirmed by a radiologist; "
                               "histopathology is the reference standard.",
@@ -144,7 +144,7 @@ RECIPES = {
             "positive_term": "brain tumour",
             "report_wording": {
                 "finding": "Brain MR slice, automated tumour detection and typing",
-                "malignant": "Appearance suggestive of an intracranial tumour, most consistent with {label}.",
+                "malignant": "Appearance suggestive of an intracranial tumour (most likely: {label}).",
                 "benign": "No intracranial tumour detected by the model on this slice.",
                 "disclaimer": "AI output is decision support only and must be confirmed by a neuroradiologist; "
                               "a single slice cannot exclude a lesion elsewhere.",

@@ -42,7 +42,7 @@ def test_analyzer_declares_its_contract(radiology_analyzer):
     wording = an.report_wording
     assert {"finding", "malignant", "benign", "disclaimer"} <= set(wording)
     positive = exp["malignant"][0]
-    assert an.display_names[positive] in an.interpretation(positive)
+    assert an.interpretation(positive) == wording["malignant"].format(label=an.display_names[positive])
     negative = next(l for l in exp["labels"] if l not in exp["malignant"])
     assert an.interpretation(negative) == wording["benign"] and an.interpretation(None) is None
     cal = an.config["calibration"]
