@@ -121,6 +121,27 @@ def flagged_fraction(an, files) -> dict:
     return {"n": len(flagged), "flagged": float(np.mean(flagged))}
 
 
+def pooled_flagged(sources: dict) -> tuple[float | None, int]:
+    """Fraction flagged over all sources together, and how many images that is."""
+    n = sum(v.get("n", 0) for v in sources.values())
+    flagged = sum(v.get("n", 0) * v.get("flagged", 0) for v in sources.values())
+    return (float(flagged / n) if n else None), n
+
+
+def training_files(model_dir: Path) -> tuple[dict, Path]:
+    """The training record shipped beside the weights, and where the classifier's history is."""
+    rec_path = Path(model_dir) / "training_record.json"
+    return (json.loads(rec_path.read_text()) if rec_path.exists() else {}), Path(model_dir) / "classifier_history.json"
+
+
+def card_header(an, t_start: float) -> dict:
+    """What every model card starts with: the analyzer (with its digest), when, how long, and where."""
+    return {"analyzer": an.describe(), "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "evaluation_seconds": round(time.time() - t_start, 1),
+            "environment": {"python": platform.python_version(), "machine": platform.machine(),
+                            "onnxruntime": __import__("onnxruntime").__version__}}
+
+
 def generated_sources(an) -> dict:
     """Out-of-domain results on the generated non-images (noise, text, photos, ...), per kind."""
     from .synthetic import non_smear_images
@@ -235,22 +256,13 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
             continue
         ood_eval["sources"][name] = flagged_fraction(an, _sample_files(folder, n_ood_per_dataset, seed=0))
     ood_eval["sources"].update(generated_sources(an))
-    tot_n = sum(v.get("n", 0) for v in ood_eval["sources"].values())
-    tot_f = sum(v.get("n", 0) * v.get("flagged", 0) for v in ood_eval["sources"].values())
-    ood_eval["non_smear_flagged"] = float(tot_f / tot_n) if tot_n else None
-    ood_eval["non_smear_n"] = tot_n
+    ood_eval["non_smear_flagged"], ood_eval["non_smear_n"] = pooled_flagged(ood_eval["sources"])
 
     # Training record (command, minutes) travels with the model.
-    rec_path = Path(model_dir) / "training_record.json"
-    training = json.loads(rec_path.read_text()) if rec_path.exists() else {}
-    history_path = Path(model_dir) / "classifier_history.json"
+    training, history_path = training_files(model_dir)
     cfg = an.config
     card = {
-        "analyzer": an.describe(),
-        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "evaluation_seconds": round(time.time() - t_start, 1),
-        "environment": {"python": platform.python_version(), "machine": platform.machine(),
-                        "onnxruntime": __import__("onnxruntime").__version__},
+        **card_header(an, t_start),
         "data": {
             "dataset": manifest["dataset"],
             "citation": "Aria M., Ghaderzadeh M. et al., Acute Lymphoblastic Leukemia (ALL) image dataset, Kaggle 2021; "
@@ -444,8 +456,22 @@ def _fmt(v, pct=False):
     return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
 
 
-def render_markdown(card: dict) -> str:
+def ci_text(ci: dict):
+    """c(key, pct) -> " (lo to hi)" for a metric's bootstrap interval, "" when there is none."""
+    def c(key, pct=True):
+        v = ci.get(key)
+        return f" ({_fmt(v[0], pct)} to {_fmt(v[1], pct)})" if v else ""
+    return c
+
+
+def md_header(card: dict) -> list[str]:
     a = card["analyzer"]
+    return [f"# Model card: {a['id']} v{a['version']}", "", f"**{a['name']}**", "",
+            "Decision support only: the output must be confirmed by a qualified person.", "",
+            f"Model files sha256 (combined): `{a['sha256']}`  ", f"Generated {card['generated']}.", ""]
+
+
+def render_markdown(card: dict) -> str:
     m = card["test"]["metrics"]
     ci = card["test"]["ci95_cluster_bootstrap"]
     mb = m["malignant_vs_benign"]
@@ -454,14 +480,8 @@ def render_markdown(card: dict) -> str:
     ood = card["out_of_domain"]
     cal = card["calibration"] or {}
 
-    def c(key, pct=True):
-        v = ci.get(key)
-        return f" ({_fmt(v[0], pct)} to {_fmt(v[1], pct)})" if v else ""
-
-    L = [f"# Model card: {a['id']} v{a['version']}", "", f"**{a['name']}**", "",
-         "Decision support only: the output must be confirmed by a qualified person.", "",
-         f"Model files sha256 (combined): `{a['sha256']}`  ", f"Generated {card['generated']}.", "",
-         "## Intended use",
+    c = ci_text(ci)
+    L = [*md_header(card), "## Intended use",
          "Pre-classify a 100x peripheral blood smear field (as captured in the Taleqani dataset, ~224 px fields) into "
          "Benign (hematogone), Early Pre-B, Pre-B or Pro-B ALL, count and measure white cells, and show a Grad-CAM "
          "heatmap. Not validated on other microscopes, stains, magnifications or patient populations.", "",

@@ -12,7 +12,6 @@ dataset, generated images). Every figure goes through the served ONNX analyzer.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from PIL import Image
 
 from . import metrics as M
 from .data import load_manifest
-from .evaluate import _classify, _fmt, _round, flagged_fraction, generated_sources, metric_plots, run_test_split
+from .evaluate import (_classify, _fmt, _round, card_header, ci_text, md_header, flagged_fraction, generated_sources, metric_plots, pooled_flagged,
+                       run_test_split, training_files)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,22 +99,13 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
         files = foreign_test_files(other, datasets_dir, n_ood_per_dataset)
         ood_eval["sources"][name] = flagged_fraction(an, files) if files else {"skipped": f"{other} data not found"}
     ood_eval["sources"].update(generated_sources(an))
-    tot_n = sum(v.get("n", 0) for v in ood_eval["sources"].values())
-    tot_f = sum(v.get("n", 0) * v.get("flagged", 0) for v in ood_eval["sources"].values())
-    ood_eval["foreign_flagged"] = float(tot_f / tot_n) if tot_n else None
-    ood_eval["foreign_n"] = tot_n
+    ood_eval["foreign_flagged"], ood_eval["foreign_n"] = pooled_flagged(ood_eval["sources"])
 
-    rec_path = Path(model_dir) / "training_record.json"
-    training = json.loads(rec_path.read_text()) if rec_path.exists() else {}
-    history_path = Path(model_dir) / "classifier_history.json"
+    training, history_path = training_files(model_dir)
     tr = recipe.get("train", {})
     mpath = Path(manifest["_path"])
     card = {
-        "analyzer": an.describe(),
-        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "evaluation_seconds": round(time.time() - t_start, 1),
-        "environment": {"python": platform.python_version(), "machine": platform.machine(),
-                        "onnxruntime": __import__("onnxruntime").__version__},
+        **card_header(an, t_start),
         "data": {
             "dataset": manifest["dataset"],
             "citation": recipe["citation"],
@@ -232,14 +223,8 @@ def render_markdown(card: dict, positive: str) -> str:
     ood = card["out_of_domain"]
     tr = card["training"]
 
-    def c(key, pct=True):
-        v = ci.get(key)
-        return f" ({_fmt(v[0], pct)} to {_fmt(v[1], pct)})" if v else ""
-
-    L = [f"# Model card: {a['id']} v{a['version']}", "", f"**{a['name']}**", "",
-         "Decision support only: the output must be confirmed by a qualified person.", "",
-         f"Model files sha256 (combined): `{a['sha256']}`  ", f"Generated {card['generated']}.", "",
-         "## Intended use",
+    c = ci_text(ci)
+    L = [*md_header(card), "## Intended use",
          f"Screen a single {a['input_description']} and suggest one of: "
          + ", ".join(a["display_names"].get(l, l) for l in a["labels"])
          + f"; the {positive} call is P({' + '.join(a['malignant_labels'])}). A Grad-CAM heatmap shows which region "
