@@ -69,6 +69,8 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
     wording = an.report_wording if an else {}
     return {
         "clinic": {"name": clinic_name, "address": ""},
+        # microscopy is a laboratory report, imaging a radiology report (from the analyzer's modality)
+        "report_kind": "Radiology report" if an and an.modality.startswith("radiology/") else "Laboratory report",
         "patient": {"name": p.display_name, "mrn": p.mrn, "birth_date": p.birth_date.isoformat() if p.birth_date else None,
                     "sex": p.sex},
         "case": {"id": case.id, "created_at": _fmt(case.created_at), "analyzer_name": an.name if an else case.analyzer_id,

@@ -499,6 +499,7 @@ class _Furniture:
             self.case_line += " · DRAFT — NOT SIGNED"
         self.draft = not review
         self.disclaimer = _short_disclaimer(_s(data.get("disclaimer")))
+        self.kind = _s(data.get("report_kind")).strip() or "Laboratory report"
 
     def header(self, canv: Canvas, _doc: Any = None) -> None:
         canv.saveState()
@@ -506,11 +507,11 @@ class _Furniture:
         right = PAGE_W - MARGIN_X
         canv.setFillColor(INK)
         canv.setFont("Helvetica-Bold", 9.5)
-        label_w = stringWidth("Laboratory report", "Helvetica-Bold", 9.5)
+        label_w = stringWidth(self.kind, "Helvetica-Bold", 9.5)
         canv.setFont("Helvetica-Bold", 13)
         canv.drawString(MARGIN_X, top, _truncate(self.clinic_name, "Helvetica-Bold", 13, FRAME_W - label_w - 12 * mm))
         canv.setFont("Helvetica-Bold", 9.5)
-        canv.drawRightString(right, top + 1, "Laboratory report")
+        canv.drawRightString(right, top + 1, self.kind)
         canv.setFillColor(MUTED)
         half = FRAME_W / 2 - 4 * mm
         if self.clinic_address:
@@ -596,7 +597,7 @@ def render_case_report(data: dict) -> bytes:
         rightMargin=MARGIN_X,
         topMargin=HEADER_H,
         bottomMargin=FOOTER_H + 2 * mm,
-        title=f"Laboratory report — case {_s(case.get('id'))}",
+        title=f"{furniture.kind} — case {_s(case.get('id'))}",
         author=_s(clinic.get("name")),
         subject=f"{_s(case.get('analyzer_name'))} — AI-assisted analysis",
         creator="oncoscope",

@@ -68,7 +68,7 @@ def test_radiology_case_end_to_end(app, client_for, tok, monkeypatch, analyzer_i
 
     pdf = c.get(f"/cases/{cid}/report.pdf")
     text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf.data)).pages)
-    assert f"{noun} 1" in text and "Cells detected" not in text
+    assert f"{noun} 1" in text and "Cells detected" not in text and "Radiology report" in text
     flat = " ".join(text.split())
     assert sentence[:40] in flat and an.report_wording["finding"][:40] in flat
     assert an.display_names[label] in text
