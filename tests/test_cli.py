@@ -86,7 +86,7 @@ def test_console_script_installed():
     exe = Path(sys.executable).parent / "oncoscope"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    for cmd in ("serve", "train", "evaluate", "predict", "bench", "data"):
+    for cmd in ("serve", "train", "evaluate", "predict", "bench", "data", "backup", "restore"):
         assert cmd in out.stdout
 
 

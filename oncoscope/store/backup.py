@@ -1,0 +1,165 @@
+"""``oncoscope backup`` / ``oncoscope restore``: database rows and image files in one checksummed archive.
+
+The backup is logical (one JSON Lines file per table), so it restores on any supported database,
+e.g. from SQLite into PostgreSQL. Rows are read in one read transaction (a consistent snapshot;
+REPEATABLE READ on PostgreSQL and MariaDB). Images are content-addressed and never change once
+written, so copying them after the snapshot can only add files no row refers to yet.
+
+A restore checks every checksum before it writes anything, refuses a database or image folder that
+already holds data, creates the current schema, inserts the rows in one transaction (columns added
+by later migrations take their defaults) and copies the images.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from sqlalchemy import Date, DateTime, func, select, text
+
+from .models import Base
+
+FORMAT = 1
+
+
+class BackupError(Exception):
+    """The archive is unreadable, damaged, or the target is not empty."""
+
+
+def _encode(value):
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    return value
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def create_backup(database_url: str, images_dir: Path, out: Path) -> dict:
+    """Write ``out`` (a .tar.gz) and return its manifest."""
+    from .db import make_engine
+
+    engine = make_engine(database_url)
+    tables: dict[str, dict] = {}
+    payload: dict[str, bytes] = {}
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name in ("postgresql", "mysql", "mariadb"):
+                conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+            elif engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN")  # pysqlite does not open a transaction for reads by itself
+            revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            for table in Base.metadata.sorted_tables:
+                rows = conn.execute(select(table).order_by(*table.primary_key.columns)).mappings().all()
+                data = "".join(json.dumps({k: _encode(v) for k, v in r.items()}, sort_keys=True) + "\n"
+                               for r in rows).encode()
+                payload[f"db/{table.name}.jsonl"] = data
+                tables[table.name] = {"rows": len(rows), "sha256": _sha(data)}
+            conn.rollback()
+    finally:
+        engine.dispose()
+    images = {}
+    root = Path(images_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")) if root.is_dir() else []
+    manifest = {"format": FORMAT, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "alembic_revision": revision, "database_dialect": engine.dialect.name, "tables": tables,
+                "images": images}
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name, data in payload.items():
+            _add(tar, name, data)
+        for p in files:
+            data = p.read_bytes()
+            rel = p.relative_to(root).as_posix()
+            images[rel] = _sha(data)
+            _add(tar, f"images/{rel}", data)
+        _add(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    tmp.replace(out)  # a crash never leaves a half-written archive under the final name
+    return manifest
+
+
+def _read_archive(archive: Path) -> tuple[dict, dict[str, bytes]]:
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = {}
+            for m in tar.getmembers():
+                if not m.isfile() or m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise BackupError(f"unexpected entry in the archive: {m.name!r}")
+                members[m.name] = tar.extractfile(m).read()
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise BackupError(f"cannot read {archive}: {exc}") from None
+    if "manifest.json" not in members:
+        raise BackupError("the archive has no manifest.json: not an oncoscope backup")
+    manifest = json.loads(members["manifest.json"])
+    if manifest.get("format") != FORMAT:
+        raise BackupError(f"unsupported backup format {manifest.get('format')!r}")
+    for name, t in manifest["tables"].items():
+        if _sha(members.get(f"db/{name}.jsonl", b"")) != t["sha256"]:
+            raise BackupError(f"checksum mismatch for table {name}: the archive is damaged")
+    for rel, sha in manifest["images"].items():
+        if _sha(members.get(f"images/{rel}", b"")) != sha:
+            raise BackupError(f"checksum mismatch for image file {rel}: the archive is damaged")
+    return manifest, members
+
+
+def _decode(table, row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        col = table.columns[k]
+        if v is not None and isinstance(col.type, DateTime):
+            v = dt.datetime.fromisoformat(v)
+        elif v is not None and isinstance(col.type, Date):
+            v = dt.date.fromisoformat(v)
+        out[k] = v
+    return out
+
+
+def restore_backup(database_url: str, images_dir: Path, archive: Path) -> dict:
+    """Restore ``archive`` into an empty database and image folder; returns the manifest."""
+    from . import migrate
+    from .db import make_engine
+
+    manifest, members = _read_archive(Path(archive))  # every checksum verified before anything is written
+    images_dir = Path(images_dir)
+    if images_dir.is_dir() and any(images_dir.iterdir()):
+        raise BackupError(f"the image folder {images_dir} is not empty: restore needs an empty instance")
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            have = set(engine.dialect.get_table_names(conn))
+            for table in Base.metadata.sorted_tables:
+                if table.name in have and conn.execute(select(func.count()).select_from(table)).scalar():
+                    raise BackupError(f"the database already holds data (table {table.name}): restore needs an "
+                                      "empty database")
+        migrate.upgrade(database_url, "head")
+        with engine.begin() as conn:
+            for table in Base.metadata.sorted_tables:
+                if table.name not in manifest["tables"]:
+                    continue
+                rows = [_decode(table, json.loads(line)) for line in
+                        members[f"db/{table.name}.jsonl"].decode().splitlines() if line]
+                if rows:
+                    conn.execute(table.insert(), rows)
+                if engine.dialect.name == "postgresql" and "id" in table.columns and rows:
+                    conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
+                                      f"(SELECT MAX(id) FROM {table.name}))"))
+    finally:
+        engine.dispose()
+    for rel in manifest["images"]:
+        dest = images_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(members[f"images/{rel}"])
+    return manifest
