@@ -87,14 +87,17 @@ class AnalysisResult:
         return d
 
     @classmethod
-    def failed(cls, analyzer_id: str, message: str, model: ModelInfo | None = None) -> "AnalysisResult":
-        return cls(analyzer_id=analyzer_id, status=STATUS_ERROR, error=message, model=model, messages=[message])
+    def failed(cls, analyzer_id: str, message: str, model: ModelInfo | None = None,
+               counts_cells: bool = True) -> "AnalysisResult":
+        return cls(analyzer_id=analyzer_id, status=STATUS_ERROR, error=message, model=model, messages=[message],
+                   counts_cells=counts_cells)
 
 
 class Analyzer:
     """Base class. Subclasses implement :meth:`_analyze_rgb`."""
 
     id: str = ""
+    counts_cells: bool = True  # whether results carry a cell count (analyzers that segment cells)
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
@@ -175,14 +178,12 @@ class Analyzer:
                 return self._analyze_rgb(_array_to_rgb(image))
             loaded = image if isinstance(image, LoadedImage) else load_image(image)
         except ImageLoadError as exc:
-            failed = AnalysisResult.failed(self.id, str(exc), self.model_info)
-            failed.counts_cells = getattr(self, "counts_cells", True)
-            return failed
+            return AnalysisResult.failed(self.id, str(exc), self.model_info, self.counts_cells)
         why = self.modality_mismatch(loaded)
         if why:
             h, w = loaded.rgb.shape[:2]
             return AnalysisResult(analyzer_id=self.id, status=STATUS_OOD, model=self.model_info, messages=[why],
-                                  image_size=(w, h), counts_cells=getattr(self, "counts_cells", True))
+                                  image_size=(w, h), counts_cells=self.counts_cells)
         return self._analyze_rgb(loaded.rgb)
 
     def _analyze_rgb(self, rgb: np.ndarray) -> AnalysisResult:  # pragma: no cover - abstract

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..ml import cam as cam_mod
+from ..ml.calibrate import gate_features, gate_probability
 from ..ml.imageio import pad_to_square, to_gray3
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
 
@@ -93,10 +94,7 @@ class ImageClassifierAnalyzer(Analyzer):
 
     def foreign_probability(self, out: dict[str, np.ndarray]) -> np.ndarray:
         """The modality gate's probability that each image belongs to another analyzer; (N,)."""
-        g = self.gate
-        f = np.concatenate([out[self.ood_input], out["embedding"]], axis=1).astype(np.float64)
-        z = ((f - g["gate_mean"]) / g["gate_scale"]) @ g["gate_coef"] + g["gate_intercept"]
-        return 1.0 / (1.0 + np.exp(-z))
+        return gate_probability(gate_features(out[self.ood_input], out["embedding"]), self.gate)
 
     def run_network(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The classifier's raw outputs (logits averaged over test-time augmentation, if any)."""

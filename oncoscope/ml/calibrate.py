@@ -114,10 +114,16 @@ def choose_sensitive_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_sens: 
     return best
 
 
-def gate_features(split: dict) -> np.ndarray:
-    """What the modality gate reads (from :func:`embed_split`): block-10 channel statistics and the
-    pooled embedding (the analyzer concatenates the same two network outputs)."""
-    return np.concatenate([split["ood"], split["embedding"]], axis=1)
+def gate_features(ood_features: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    """What the modality gate reads: block-10 channel statistics and the pooled embedding."""
+    return np.concatenate([ood_features, embedding], axis=1).astype(np.float64)
+
+
+def gate_probability(features: np.ndarray, gate: dict) -> np.ndarray:
+    """The modality gate's probability that each image belongs to another analyzer; (N,).
+    ``gate``: gate_mean, gate_scale, gate_coef, gate_intercept (as stored in ood.npz)."""
+    z = ((features - gate["gate_mean"]) / gate["gate_scale"]) @ gate["gate_coef"] + gate["gate_intercept"]
+    return 1.0 / (1.0 + np.exp(-z))
 
 
 def _foreign_samples(name: str, split: str, n: int, seed: int = 0):
@@ -145,20 +151,19 @@ def fit_gate(an, tr: dict, va: dict, negatives: list[str], n_train: int = 600, n
     neg_tr, neg_va = [], {}
     for name in negatives:
         base, samples = _foreign_samples(name, "train", n_train)
-        neg_tr.append(gate_features(embed_split(an, base, samples, labelled=False)))
+        e = embed_split(an, base, samples, labelled=False)
+        neg_tr.append(gate_features(e["ood"], e["embedding"]))
         base, samples = _foreign_samples(name, "val", n_val, seed=1)
-        neg_va[name] = gate_features(embed_split(an, base, samples, labelled=False))
-    pos = gate_features(tr)
+        e = embed_split(an, base, samples, labelled=False)
+        neg_va[name] = gate_features(e["ood"], e["embedding"])
+    pos = gate_features(tr["ood"], tr["embedding"])
     x = np.concatenate([pos, *neg_tr])
     y = np.concatenate([np.zeros(len(pos)), np.ones(len(x) - len(pos))])
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
     clf = LogisticRegression(C=0.05, class_weight="balanced", max_iter=2000).fit((x - mean) / scale, y)
     coef, intercept = clf.coef_[0], float(clf.intercept_[0])
-
-    def p_foreign(f):
-        return 1.0 / (1.0 + np.exp(-(((f - mean) / scale) @ coef + intercept)))
-
-    own_val = p_foreign(gate_features(va))
+    fitted = {"gate_mean": mean, "gate_scale": scale, "gate_coef": coef, "gate_intercept": intercept}
+    own_val = gate_probability(gate_features(va["ood"], va["embedding"]), fitted)
     thr = float(min(0.99, max(0.5, np.quantile(own_val, 0.995))))
     stats = {"gate_mean": mean.astype(np.float32), "gate_scale": scale.astype(np.float32),
              "gate_coef": coef.astype(np.float32), "gate_intercept": np.float32(intercept)}
@@ -167,7 +172,7 @@ def fit_gate(an, tr: dict, va: dict, negatives: list[str], n_train: int = 600, n
             "n_train": {"own": int(len(pos)), "foreign": int(len(x) - len(pos))},
             "threshold": round(thr, 4), "threshold_rule": "99.5th percentile (at least 0.5) of own validation images",
             "val_own_flagged": float((own_val > thr).mean()),
-            "val_foreign_flagged": {k: float((p_foreign(v) > thr).mean()) for k, v in neg_va.items()}}
+            "val_foreign_flagged": {k: float((gate_probability(v, fitted) > thr).mean()) for k, v in neg_va.items()}}
     return stats, info
 
 
