@@ -218,10 +218,24 @@ def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
 @click.option("--threads", default=2, show_default=True)
 @click.option("--data", "data_root", default=None)
 @click.option("--web", "web", is_flag=True, help="Web benchmark: 10k patients / 50k analyses, 8 concurrent uploads.")
-@click.option("--patients", "n_patients", default=10_000, show_default=True, help="--web: patients to seed.")
-@click.option("--analyses", "n_analyses", default=50_000, show_default=True, help="--web: analyses to seed.")
-def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root, web, n_patients, n_analyses):
-    """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net (or the web app with --web)."""
+@click.option("--patients", "n_patients", default=10_000, show_default=True, help="--web/--load: patients to seed.")
+@click.option("--analyses", "n_analyses", default=50_000, show_default=True, help="--web/--load: analyses to seed.")
+@click.option("--load", "load", is_flag=True,
+              help="Load test: simulated doctors (browse, search, upload, review) against `oncoscope serve`.")
+@click.option("--users", default=50, show_default=True, help="--load: concurrent simulated users.")
+@click.option("--duration", default=120.0, show_default=True, help="--load: seconds of load.")
+@click.option("--database-url", default=None, help="--load: database (default: SQLite in a fresh instance; "
+              "PostgreSQL gets its own scratch database, dropped afterwards).")
+def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root, web, n_patients, n_analyses,
+          load, users, duration, database_url):
+    """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net (or the web app with --web / --load)."""
+    if load:
+        from .loadbench import format_report, run_load
+
+        out = run_load(users=users, duration_s=duration, database_url=database_url, patients=n_patients,
+                       analyses=n_analyses, progress=None if as_json else lambda m: click.echo(m, err=True))
+        click.echo(json.dumps(out) if as_json else format_report(out))
+        return
     if web:
         from .webbench import run_web_bench
 
@@ -314,9 +328,12 @@ def backup(archive):
     from .config import Settings
     from .store.backup import create_backup
 
+    from .store.audit import record_system
+
     st = Settings.from_env()
     m = create_backup(st.database_url, st.images_dir, Path(archive))
     rows = sum(t["rows"] for t in m["tables"].values())
+    record_system(st, "backup.create", archive=str(Path(archive).resolve()), rows=rows, images=len(m["images"]))
     click.echo(f"{archive}: {rows} rows in {len(m['tables'])} tables, {len(m['images'])} image files "
                f"(schema {m['alembic_revision']})")
 
@@ -333,7 +350,10 @@ def restore(archive):
         m = restore_backup(st.database_url, st.images_dir, Path(archive))
     except BackupError as exc:
         raise click.ClickException(str(exc)) from None
+    from .store.audit import record_system
+
     rows = sum(t["rows"] for t in m["tables"].values())
+    record_system(st, "backup.restore", archive=str(Path(archive).resolve()), rows=rows, images=len(m["images"]))
     click.echo(f"restored {rows} rows and {len(m['images'])} image files from {archive}")
 
 
@@ -360,6 +380,86 @@ def users_create(email, name, role, password):
         except user_store.AccountError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"created {u.role} {u.email}")
+    from .store.audit import record_system
+
+    record_system(st, "user.create_cli", email=email, role=role)
+
+
+@main.group()
+def audit():
+    """The audit trail: verify the hash chain, export entries."""
+
+
+@audit.command("verify")
+@click.option("--checkpoints", type=click.Path(dir_okay=False), default=None,
+              help="JSON file of {seq: hash} seen by earlier runs; checked, then the current head is added. "
+                   "Keep it outside the database host to detect a rewritten chain.")
+@click.option("--json", "as_json", is_flag=True)
+def audit_verify(checkpoints, as_json):
+    """Recompute the hash chain; exit status 1 when any entry was altered, removed or inserted."""
+    from .config import Settings
+    from .store import audit as audit_store
+    from .store.db import make_engine, make_session_factory
+
+    st = Settings.from_env()
+    cp_path = Path(checkpoints) if checkpoints else None
+    cps = {int(k): v for k, v in json.loads(cp_path.read_text()).items()} if cp_path and cp_path.exists() else {}
+    engine = make_engine(st.database_url)
+    try:
+        s = make_session_factory(engine)()
+        try:
+            rep = audit_store.verify(s, cps)
+        finally:
+            s.close()
+    finally:
+        engine.dispose()
+    if rep.ok and cp_path is not None and rep.head_seq:
+        cps[rep.head_seq] = rep.head_hash
+        cp_path.write_text(json.dumps({str(k): v for k, v in sorted(cps.items())}, indent=1))
+    audit_store.record_system(st, "audit.verify", "success" if rep.ok else "failure", entries=rep.entries,
+                              first_bad_seq=rep.first_bad_seq)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict(), indent=2))
+    elif rep.ok:
+        click.echo(f"audit trail intact: {rep.entries} entries, head #{rep.head_seq} {rep.head_hash}")
+    else:
+        click.echo(f"AUDIT TRAIL BROKEN ({len(rep.problems)} problems; first at entry {rep.first_bad_seq}):", err=True)
+        for p in rep.problems[:20]:
+            click.echo(f"  {p}", err=True)
+    if not rep.ok:
+        sys.exit(1)
+
+
+@audit.command("export")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--since", default=None, help="first day (YYYY-MM-DD)")
+@click.option("--until", default=None, help="last day (YYYY-MM-DD)")
+def audit_export(out, since, until):
+    """Write entries (oldest first, with their hashes) to a CSV file."""
+    import datetime as dt
+
+    from .config import Settings
+    from .store import audit as audit_store
+    from .store.db import make_engine, make_session_factory
+
+    st = Settings.from_env()
+    f = audit_store.AuditFilter(date_from=dt.date.fromisoformat(since) if since else None,
+                                date_to=dt.date.fromisoformat(until) if until else None)
+    engine = make_engine(st.database_url)
+    n = 0
+    try:
+        s = make_session_factory(engine)()
+        try:
+            with open(out, "w", newline="", encoding="utf-8") as fh:
+                for chunk in audit_store.export_csv(s, f):
+                    fh.write(chunk)
+                    n += chunk.count("\n")
+        finally:
+            s.close()
+    finally:
+        engine.dispose()
+    audit_store.record_system(st, "audit.export_cli", file=str(Path(out).resolve()), since=since, until=until)
+    click.echo(f"{out}: {max(0, n - 1)} entries")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,12 +26,44 @@ from pathlib import Path
 import numpy as np
 
 
+DOCTOR_PASSWORD = "Bench-doctor-pass-1"
+ADMIN_EMAIL, ADMIN_PASSWORD = "admin@bench.test", "Bench-admin-pass-1"
+CSRF_RE = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
+
+
+def doctor_email(i: int) -> str:
+    return f"doc{i}@bench.test"
+
+
 def _p(values, q):
     return round(float(np.percentile(values, q)), 2)
 
 
-def seed(settings, n_patients: int = 10_000, n_analyses: int = 50_000, seed: int = 0) -> dict:
-    from sqlalchemy import insert
+def csrf_token(html: str) -> str | None:
+    """The CSRF token of the first form in a page (every form of a session carries a valid one)."""
+    m = CSRF_RE.search(html)
+    return m.group(1) if m else None
+
+
+def smear_images(n: int, fmt: str = "JPEG", first_seed: int = 0) -> list[bytes]:
+    """``n`` generated smear-like fields (``oncoscope.ml.synthetic``), encoded as ``fmt``; never dataset files."""
+    from PIL import Image
+
+    from .ml.synthetic import smear_like
+
+    out = []
+    for i in range(first_seed, first_seed + n):
+        buf = io.BytesIO()
+        Image.fromarray(smear_like(i)[0]).save(buf, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+        out.append(buf.getvalue())
+    return out
+
+
+def seed(settings, n_patients: int = 10_000, n_analyses: int = 50_000, seed: int = 0, n_doctors: int = 4) -> dict:
+    """Bulk-load a large instance: one admin, ``n_doctors`` doctors (``doctor_email(i)`` /
+    ``DOCTOR_PASSWORD``), patients assigned round-robin to the doctors, cases with analysed images
+    (rows only: the image files do not exist)."""
+    from sqlalchemy import insert, text
 
     from .store import users as user_store
     from .store.db import make_engine, make_session_factory, session_scope
@@ -41,9 +73,9 @@ def seed(settings, n_patients: int = 10_000, n_analyses: int = 50_000, seed: int
     eng = make_engine(settings.database_url)
     sf = make_session_factory(eng)
     with session_scope(sf) as s:
-        admin = user_store.create_user(s, "admin@bench.test", "Bench Admin", "Bench-admin-pass-1", "admin")
-        docs = [user_store.create_user(s, f"doc{i}@bench.test", f"Doctor {i}", "Bench-doctor-pass-1", "doctor")
-                for i in range(4)]
+        admin = user_store.create_user(s, ADMIN_EMAIL, "Bench Admin", ADMIN_PASSWORD, "admin")
+        docs = [user_store.create_user(s, doctor_email(i), f"Doctor {i}", DOCTOR_PASSWORD, "doctor")
+                for i in range(n_doctors)]
         admin_id, doc_ids = admin.id, [d.id for d in docs]
     families = ["Smith", "Garcia", "Nguyen", "Kowalski", "Okafor", "Rossi", "Haddad", "Schmidt", "Tanaka", "Silva",
                 "Novak", "Ahmed", "Johansson", "Dubois", "Moreau", "Ivanova", "Kim", "Lopez", "Müller", "Singh"]
@@ -83,6 +115,10 @@ def seed(settings, n_patients: int = 10_000, n_analyses: int = 50_000, seed: int
         for k in range(0, n_analyses, 5000):
             c.execute(insert(CaseImage), imgs[k:k + 5000])
             c.execute(insert(Analysis), ans[k:k + 5000])
+        if eng.dialect.name == "postgresql":  # explicit ids do not advance the sequences: the app's inserts would collide
+            for table in ("patients", "cases", "case_images", "analyses"):
+                c.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                               f"(SELECT COALESCE(max(id), 1) FROM {table}))"))
     eng.dispose()
     return {"patients": n_patients, "cases": n_analyses // 2, "analyses": n_analyses,
             "seed_seconds": round(time.perf_counter() - t0, 1)}
@@ -96,8 +132,7 @@ def _login(client, email, password):
 def time_pages(app, repeats: int = 60) -> dict:
     rng = random.Random(1)
     out = {}
-    for who, email, pw in (("doctor", "doc0@bench.test", "Bench-doctor-pass-1"),
-                           ("admin", "admin@bench.test", "Bench-admin-pass-1")):
+    for who, email, pw in (("doctor", doctor_email(0), DOCTOR_PASSWORD), ("admin", ADMIN_EMAIL, ADMIN_PASSWORD)):
         client = app.test_client()
         _login(client, email, pw)
         pages = {
@@ -140,8 +175,7 @@ class _Client:
             return e
 
     def csrf(self, path):
-        html = self.get(path).read().decode()
-        return re.search(r'name="csrf_token"[^>]*value="([^"]+)"', html).group(1)
+        return csrf_token(self.get(path).read().decode())
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -149,7 +183,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _multipart(fields: dict, files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+def multipart_body(fields: dict, files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type (``files``: (field, file name, bytes))."""
     b = uuid.uuid4().hex
     out = io.BytesIO()
     for k, v in fields.items():
@@ -192,8 +227,8 @@ def concurrent_uploads(settings, images: list[bytes], n_clients: int = 8) -> dic
         html = c.get("/patients/").read().decode()
         pid = re.search(r'href="/patients/(\d+)"', html).group(1)
         tok = c.csrf(f"/patients/{pid}/cases/new")
-        body, ctype = _multipart({"csrf_token": tok, "analyzer_id": "smear-all", "submission_id": uuid.uuid4().hex},
-                                 [("images", f"field{i}.jpg", images[i % len(images)])])
+        body, ctype = multipart_body({"csrf_token": tok, "analyzer_id": "smear-all", "submission_id": uuid.uuid4().hex},
+                                     [("images", f"field{i}.jpg", images[i % len(images)])])
         barrier.wait()
         t0 = time.perf_counter()
         r = c.post(f"/patients/{pid}/cases/new", body, ctype)
@@ -242,15 +277,7 @@ def run_web_bench(n_patients: int = 10_000, n_analyses: int = 50_000, images: li
         app = create_app({"WTF_CSRF_ENABLED": False}, settings=st, start_workers=False)
         pages = time_pages(app)
         if images is None:
-            from PIL import Image
-
-            from .ml.synthetic import smear_like
-
-            images = []
-            for i in range(8):
-                buf = io.BytesIO()
-                Image.fromarray(smear_like(i)[0]).save(buf, "JPEG", quality=92)
-                images.append(buf.getvalue())
+            images = smear_images(8, "JPEG")
         uploads = concurrent_uploads(st, images)
     return {"seeded": seeded, "pages_server_ms": pages, "concurrent_uploads": uploads,
             "targets": {"pages_p95_le_50ms": pages["max_p95_ms"] <= 50,

@@ -110,6 +110,9 @@ def _read_archive(archive: Path) -> tuple[dict, dict[str, bytes]]:
         if _sha(members.get(f"db/{name}.jsonl", b"")) != t["sha256"]:
             raise BackupError(f"checksum mismatch for table {name}: the archive is damaged")
     for rel, sha in manifest["images"].items():
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts or "\\" in rel:  # restore writes images_dir / rel
+            raise BackupError(f"unexpected image path in the manifest: {rel!r}")
         if _sha(members.get(f"images/{rel}", b"")) != sha:
             raise BackupError(f"checksum mismatch for image file {rel}: the archive is damaged")
     return manifest, members

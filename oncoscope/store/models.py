@@ -217,3 +217,48 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int] = mapped_column(Integer, nullable=False)
     response: Mapped[dict] = mapped_column(JSON, nullable=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class AuditEvent(Base):
+    """One entry of the append-only audit trail (who, what, which record, when, from where, outcome).
+
+    Each entry carries the SHA-256 of its content chained to the previous entry's hash, so a changed,
+    removed or inserted entry breaks the chain (``oncoscope audit verify``). The database refuses
+    UPDATE and DELETE on this table (triggers created by the migration). No foreign keys: entries
+    outlive the users and records they mention."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_at", "at"), Index("ix_audit_actor", "actor"),
+                      Index("ix_audit_patient", "patient_id"), Index("ix_audit_action", "action"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False, unique=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False)
+    actor_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    actor: Mapped[str] = mapped_column(String(255), nullable=False)
+    actor_role: Mapped[str] = mapped_column(String(20), nullable=False, default="")
+    channel: Mapped[str] = mapped_column(String(8), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    method: Mapped[str] = mapped_column(String(8), nullable=False, default="")
+    path: Mapped[str] = mapped_column(String(500), nullable=False, default="")
+    resource_type: Mapped[str] = mapped_column(String(32), nullable=False, default="")
+    resource_id: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    patient_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ip: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    user_agent: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    details: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class AuditHead(Base):
+    """The chain's head (one row): last sequence number and hash. Appending locks this row, so
+    entries from every web process and worker form one chain in one order."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)

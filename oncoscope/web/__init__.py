@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flask import Flask, flash, g, render_template, request, session
+from flask import Flask, flash, g, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user, logout_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import OperationalError, InterfaceError
@@ -53,10 +53,19 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     for bp in (views.bp, auth.bp, patients.bp, cases.bp, admin.bp, api.bp):
         app.register_blueprint(bp)
 
+    from . import audit
     from .helpers import db_session_teardown, load_user
 
     login_manager.user_loader(load_user)
     app.teardown_appcontext(db_session_teardown)
+
+    @login_manager.unauthorized_handler
+    def _sign_in_first():
+        audit.denied()
+        if request.blueprint == "api":
+            return _api_json(401, "unauthenticated", "Sign in first.")
+        flash(login_manager.login_message, "info")
+        return redirect(url_for("auth.login", next=request.full_path if request.query_string else request.path))
 
     @app.before_request
     def _idle_timeout():
@@ -135,6 +144,7 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
         return render_template("error.html", title="Something went wrong",
                                message="The server could not complete the request. Nothing was stored."), 500
 
+    audit.init_app(app)  # after the other hooks: its after_request runs first and sees the final answer
     if start_workers and not app.config.get("TESTING_NO_WORKERS"):
         from ..jobs import start_worker_pool
 

@@ -1,14 +1,18 @@
-"""Administration: user accounts."""
+"""Administration: user accounts and the audit trail."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+import datetime as dt
+
+from flask import Blueprint, Response, abort, flash, redirect, render_template, request, stream_with_context, url_for
 from sqlalchemy import select
 
+from ..store import audit as audit_store
 from ..store import users as user_store
 from ..store.models import User
 from .forms import EmptyForm, ResetPasswordForm, RoleForm, UserForm
-from .helpers import admin_required, db, field_error, me
+from . import audit
+from .helpers import admin_required, db, field_error, int_arg, me
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -33,6 +37,7 @@ def users():
             s.rollback()
             field_error(form, exc, "email")
         else:
+            audit.subject(resource=("user", u.id), email=u.email, role=u.role)
             flash(f"Account created for {u.name}. Give them the initial password securely.", "ok")
             return redirect(url_for("admin.users"))
     rows = list(s.scalars(select(User).order_by(User.is_active.desc(), User.name)))
@@ -82,3 +87,42 @@ def edit_user(user_id: int):
             flash(f"{u.name} is now {'an administrator' if u.role == 'admin' else 'a doctor'}.", "ok")
             return redirect(url_for("admin.users"))
     return render_template("admin/user.html", user=u, pw_form=pw_form, role_form=role_form, title=u.name)
+
+
+def _audit_filter() -> audit_store.AuditFilter:
+    a = request.args
+
+    def _date(v):
+        try:
+            return dt.date.fromisoformat(v) if v else None
+        except ValueError:
+            return None
+
+    pid = a.get("patient", "").strip()
+    outcome = a.get("outcome", "")
+    return audit_store.AuditFilter(
+        actor=a.get("actor", "")[:255], action=a.get("action", "")[:64],
+        outcome=outcome if outcome in audit_store.OUTCOMES else "",
+        patient_id=int(pid) if pid.isdigit() and int(pid) < 2**31 else None,
+        resource=a.get("resource", "")[:100], ip=a.get("ip", "")[:64],
+        date_from=_date(a.get("from")), date_to=_date(a.get("to")))
+
+
+@bp.get("/audit")
+@admin_required
+def audit_log():
+    f = _audit_filter()
+    page = audit_store.search(db(), f, int_arg(request.args.get("page")), 50)
+    actions = sorted({a for m in audit.ACTIONS.values() for a in m.values()} | set(audit_store.SYSTEM_ACTIONS))
+    return render_template("admin/audit.html", page=page, f=f, args=request.args, actions=actions,
+                           outcomes=audit_store.OUTCOMES, title="Audit trail")
+
+
+@bp.get("/audit.csv")
+@admin_required
+def audit_csv():
+    f = _audit_filter()
+    s = db()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Response(stream_with_context(audit_store.export_csv(s, f)), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="oncoscope-audit-{stamp}.csv"'})

@@ -19,7 +19,7 @@ from ..store import cases as case_store
 from ..store import patients as patient_store
 from ..store import tokens as token_store
 from ..store.models import IdempotencyRecord
-from . import csrf
+from . import audit, csrf
 from .helpers import db, files, settings
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -385,6 +385,7 @@ def _patient_or_404(pid: int):
     p = patient_store.get_visible(db(), g.api_user, pid)
     if p is None:
         raise ApiError(404, "not_found", f"No patient {pid} visible to you.")
+    audit.subject(patient_id=p.id)
     return p
 
 
@@ -392,6 +393,7 @@ def _case_or_404(cid: int):
     c = case_store.get_visible(db(), g.api_user, cid)
     if c is None:
         raise ApiError(404, "not_found", f"No case {cid} visible to you.")
+    audit.subject(patient_id=c.patient_id)
     return c
 
 
@@ -419,6 +421,7 @@ def list_patients():
     if len(q) > 100:
         raise ApiError(400, "invalid_parameter", "q is limited to 100 characters.", "q")
     res = patient_store.search(db(), g.api_user, q, page, per_page)
+    audit.subject(shown_patients=[p.id for p in res.items])
     return {"items": [patient_json(p) for p in res.items], "page": res.page, "per_page": per_page,
             "pages": res.pages, "total": res.total}
 
@@ -434,6 +437,7 @@ def create_patient():
     except patient_store.PatientError as exc:
         s.rollback()
         raise _patient_error(exc) from None
+    audit.subject(patient_id=p.id, resource=("patient", p.id))
     return patient_json(p)
 
 
@@ -485,6 +489,7 @@ def create_case(patient_id: int):
     except case_store.CaseError as exc:
         s.rollback()
         raise ApiError(422, "invalid", str(exc), exc.field) from None
+    audit.subject(resource=("case", c.id))
     return case_json(c)
 
 
@@ -524,6 +529,7 @@ def list_cases():
     res = case_store.history(db(), g.api_user, status=status, diagnosis=diagnosis,
                              doctor_id=int(doctor) if doctor else None, date_from=date("from"), date_to=date("to"),
                              text=q, page=page, per_page=per_page)
+    audit.subject(shown_cases=[c.id for c in res.items])
     return {"items": [case_json(c) for c in res.items], "page": res.page, "per_page": per_page, "pages": res.pages,
             "total": res.total}
 

@@ -6,6 +6,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, s
 from flask_login import current_user, login_required, login_user, logout_user
 
 from ..store import users as user_store
+from . import audit
 from .forms import LoginForm, PasswordForm, SetupForm
 from .helpers import LoginUser, db, field_error, me, settings
 
@@ -23,6 +24,8 @@ def _safe_next(target: str | None) -> str:
 def setup():
     s = db()
     if user_store.has_users(s):
+        if request.method == "POST":
+            audit.note("denied", reason="first-run setup is closed: accounts exist")
         return redirect(url_for("auth.login"))
     form = SetupForm()
     if form.validate_on_submit():
@@ -34,6 +37,7 @@ def setup():
             field_error(form, exc, "email")
         else:
             login_user(LoginUser(u))
+            audit.subject(resource=("user", u.id))
             session["seen"] = __import__("time").time()
             flash("Administrator account created. Next: create accounts for your doctors.", "ok")
             return redirect(url_for("admin.users"))
@@ -46,6 +50,7 @@ def login():
     if not user_store.has_users(s):
         return redirect(url_for("auth.setup"))
     if current_user.is_authenticated:
+        audit.note(reason="already signed in")
         return redirect(url_for("main.home"))
     form = LoginForm()
     error = None  # (an idle-expired session is reported by a flash message)
@@ -57,8 +62,10 @@ def login():
         except user_store.AccountError as exc:
             s.commit()  # keep the failure counter
             error = str(exc)
+            audit.note("failure", email=form.email.data, reason=error)
         else:
             s.commit()
+            audit.note(actor=u, email=u.email)
             session.clear()
             login_user(LoginUser(u))
             session["seen"] = __import__("time").time()
@@ -92,6 +99,7 @@ def change_password():
                                     settings().login_lock_minutes)
         except user_store.AccountError:
             s.commit()
+            audit.note("failure", reason="current password not correct")
             form.current.errors.append("The current password is not correct.")
         else:
             try:
@@ -119,6 +127,8 @@ def tokens():
     if form.validate_on_submit():
         _t, new_token = token_store.create(s, me(), form.name.data, form.expires_in_days.data)
         s.commit()
+        audit.note("success", label=_t.name, prefix=_t.prefix)
+        audit.subject(resource=("api_token", _t.id))
         form = TokenForm(formdata=None)
     return render_template("auth/tokens.html", form=form, tokens=token_store.for_user(s, me()), new_token=new_token,
                            action=EmptyForm(), title="API tokens")

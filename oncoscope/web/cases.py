@@ -15,6 +15,7 @@ from ..store import cases as case_store
 from ..store import patients as patient_store
 from ..store.models import CaseImage, User
 from .forms import CaseForm, EmptyForm, SignForm
+from . import audit
 from .helpers import db, ext, field_error, files, int_arg, me, settings
 
 bp = Blueprint("cases", __name__)
@@ -26,6 +27,7 @@ def _case_or_404(case_id: int):
     c = case_store.get_visible(db(), me(), case_id)
     if c is None:
         abort(404)
+    audit.subject(patient_id=c.patient_id)
     return c
 
 
@@ -41,6 +43,8 @@ def _uploads() -> list[tuple[str, bytes]]:
 
 
 def _report_outcome(outcome) -> None:
+    audit.subject(images_added=len(outcome.added), images_duplicate=len(outcome.duplicates),
+                  images_refused=len(outcome.errors))
     if outcome.added:
         flash(f"{len(outcome.added)} image{'s' if len(outcome.added) > 1 else ''} queued for analysis.", "ok")
     for name in outcome.duplicates:
@@ -62,6 +66,7 @@ def new(patient_id: int):
     patient = patient_store.get_visible(s, me(), patient_id)
     if patient is None:
         abort(404)
+    audit.subject(patient_id=patient.id)
     form = CaseForm()
     form.analyzer_id.choices = [(a, registry.get(a).name) for a in registry.available()]
     if request.method == "GET":
@@ -69,6 +74,7 @@ def new(patient_id: int):
     submission = request.form.get("submission_id") or uuid.uuid4().hex
     done = session.get("submissions", {})
     if request.method == "POST" and submission in done:  # a double-clicked / resent form
+        audit.subject(resource=("case", done[submission]), resent_form=True)
         return redirect(url_for("cases.view", case_id=done[submission]))
     if form.validate_on_submit():
         try:
@@ -83,6 +89,8 @@ def new(patient_id: int):
             done = dict(list(done.items())[-20:])
             done[submission] = case.id
             session["submissions"] = done
+            audit.subject(resource=("case", case.id), images_added=len(outcome.added),
+                          images_refused=len(outcome.errors))
             _report_outcome(outcome)
             _notify_workers()
             return redirect(url_for("cases.view", case_id=case.id))
@@ -166,7 +174,10 @@ def image(case_id: int, image_id: int, kind: str):
     name = kind if kind == "thumb" else f"{kind}-{c.analyzer_id}"
     if not store.exists(img.sha256, name):
         abort(404)
-    return send_file(store.path(img.sha256, name), mimetype="image/png", max_age=3600)
+    resp = send_file(store.path(img.sha256, name), mimetype="image/png", max_age=3600)
+    resp.cache_control.public = False  # patient images: never in a shared (proxy) cache, like original.png
+    resp.cache_control.private = True
+    return resp
 
 
 @bp.post("/cases/<int:case_id>/images/<int:image_id>/retry")
@@ -292,6 +303,7 @@ def history():
                "doctor_id": int_arg(args.get("doctor"), 0, 0) or None, "date_from": _date(args.get("from")),
                "date_to": _date(args.get("to")), "text": args.get("q", "")[:100]}
     page = case_store.history(s, u, page=int_arg(args.get("page")), per_page=settings().page_size, **filters)
+    audit.subject(shown_cases=[c.id for c in page.items])
     doctors = list(s.scalars(select(User).where(User.role == "doctor").order_by(User.name))) if u.is_admin else []
     labels = sorted({l for a in registry.available() for l in registry.get(a).labels} | {case_store.NONDIAGNOSTIC})
     return render_template("cases/history.html", page=page, filters=filters, args=args, doctors=doctors,

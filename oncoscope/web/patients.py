@@ -9,6 +9,7 @@ from sqlalchemy import select
 from ..store import patients as patient_store
 from ..store.models import User
 from .forms import AssignForm, PatientForm
+from . import audit
 from .helpers import admin_required, db, field_error, int_arg, me, settings
 
 bp = Blueprint("patients", __name__, url_prefix="/patients")
@@ -18,6 +19,7 @@ def _patient_or_404(patient_id: int):
     p = patient_store.get_visible(db(), me(), patient_id)
     if p is None:
         abort(404)  # same answer whether it does not exist or is someone else's
+    audit.subject(patient_id=p.id)
     return p
 
 
@@ -26,6 +28,7 @@ def _patient_or_404(patient_id: int):
 def index():
     q = request.args.get("q", "")[:100]
     page = patient_store.search(db(), me(), q, int_arg(request.args.get("page")), settings().page_size)
+    audit.subject(shown_patients=[p.id for p in page.items])
     return render_template("patients/index.html", page=page, q=q, title="Patients")
 
 
@@ -42,6 +45,7 @@ def new():
             s.rollback()
             field_error(form, exc, "mrn")
         else:
+            audit.subject(patient_id=p.id, resource=("patient", p.id))
             flash(f"Patient {p.display_name} created.", "ok")
             return redirect(url_for("patients.view", patient_id=p.id))
     from .forms import EmptyForm

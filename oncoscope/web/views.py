@@ -11,6 +11,7 @@ from ..analyzers import registry
 from ..store import cases as case_store
 from ..store.db import ping
 from ..store.models import User
+from . import audit
 from .helpers import db, ext, me
 
 bp = Blueprint("main", __name__)
@@ -40,12 +41,14 @@ def home():
     if not has_users(db()):
         return redirect(url_for("auth.setup"))
     if not current_user.is_authenticated:
+        audit.denied()
         return redirect(url_for("auth.login"))
     s, u = db(), me()
     counts = case_store.counts_by_status(s, u)
     pending = case_store.history(s, u, status="ready", per_page=10)
     recent = case_store.history(s, u, per_page=10)
     ctx = {"counts": counts, "pending": pending.items, "recent": recent.items, "title": "Home"}
+    audit.subject(shown_cases=sorted({c.id for c in pending.items + recent.items}))
     if u.is_admin:
         ctx["n_users"] = s.scalar(select(func.count(User.id)).where(User.is_active.is_(True)))
         ctx["volume"] = case_store.volume_per_day(s, 14)

@@ -73,6 +73,8 @@ MATRIX: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", f"/admin/users/{SPARE.id}"): (302, 403, 403, 200),
     ("POST", f"/admin/users/{SPARE.id}"): (302, 403, 403, 302),  # role stays "doctor"
     ("POST", f"/admin/users/{SPARE.id}/active"): (302, 403, 403, 302),  # toggles the spare account
+    ("GET", "/admin/audit"): (302, 403, 403, 200),
+    ("GET", "/admin/audit.csv"): (302, 403, 403, 200),
     # analyzer pages
     ("GET", "/analyzers/smear-all"): (302, 200, 200, 200),
     ("GET", "/analyzers/smear-all/plots/roc.png"): (302, 200, 200, 200),

@@ -1,0 +1,222 @@
+"""Audit trail, web side: every request to a route that touches accounts or patient data leaves
+exactly one entry, written after the response is known (so its outcome is the real one).
+
+``ACTIONS`` is the one catalogue: each endpoint and method maps to an action name. A route that is
+not in ``ACTIONS`` must be in ``EXEMPT`` (static files, health check, API description, the empty
+sign-in forms); a test checks that every route is one or the other.
+
+Views add what only they know through ``subject(...)`` (the patient a case belongs to, the id of a
+record just created, the records listed on a page) and ``note(...)`` (the outcome of a sign-in, the
+e-mail address tried). The outcome otherwise follows from the status code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, render_template, request
+from flask_login import current_user
+
+log = logging.getLogger("oncoscope.audit")
+
+ACTIONS: dict[str, dict[str, str]] = {
+    # authentication and accounts
+    "auth.setup": {"POST": "auth.setup"},
+    "auth.login": {"POST": "auth.login"},
+    "auth.logout": {"POST": "auth.logout"},
+    "auth.change_password": {"GET": "auth.password_form", "POST": "auth.password_change"},
+    "auth.tokens": {"GET": "auth.token_list", "POST": "auth.token_create"},
+    "auth.revoke_token": {"POST": "auth.token_revoke"},
+    "admin.users": {"GET": "admin.user_list", "POST": "admin.user_create"},
+    "admin.edit_user": {"GET": "admin.user_view", "POST": "admin.user_update"},
+    "admin.toggle_active": {"POST": "admin.user_active"},
+    "admin.audit_log": {"GET": "audit.search"},
+    "admin.audit_csv": {"GET": "audit.export"},
+    # pages
+    "main.home": {"GET": "dashboard.view"},
+    "main.analyzer": {"GET": "analyzer.view"},
+    "main.analyzer_plot": {"GET": "analyzer.plot"},
+    # patients
+    "patients.index": {"GET": "patient.list"},
+    "patients.new": {"GET": "patient.new_form", "POST": "patient.create"},
+    "patients.from_dicom": {"POST": "patient.create_from_dicom"},
+    "patients.view": {"GET": "patient.view"},
+    "patients.edit": {"GET": "patient.edit_form", "POST": "patient.update"},
+    "patients.assign": {"POST": "patient.assign_doctors"},
+    # cases, images, reports
+    "cases.history": {"GET": "case.list"},
+    "cases.new": {"GET": "case.new_form", "POST": "case.create"},
+    "cases.view": {"GET": "case.view"},
+    "cases.status": {"GET": "case.status"},
+    "cases.upload": {"POST": "case.upload"},
+    "cases.image": {"GET": "image.download"},
+    "cases.retry": {"POST": "analysis.retry"},
+    "cases.sign": {"POST": "case.sign"},
+    "cases.report": {"GET": "report.pdf"},
+    "cases.export": {"GET": "report.export"},
+    "cases.export_seg": {"GET": "report.dicom_seg"},
+    "cases.send_hl7": {"POST": "report.hl7_send"},
+    # JSON API
+    "api.list_analyzers": {"GET": "analyzer.list"},
+    "api.list_patients": {"GET": "patient.list"},
+    "api.create_patient": {"POST": "patient.create"},
+    "api.get_patient": {"GET": "patient.view"},
+    "api.update_patient": {"PATCH": "patient.update"},
+    "api.set_patient_doctors": {"PUT": "patient.assign_doctors"},
+    "api.list_patient_cases": {"GET": "case.list"},
+    "api.create_case": {"POST": "case.create"},
+    "api.list_cases": {"GET": "case.list"},
+    "api.get_case": {"GET": "case.view"},
+    "api.upload_images": {"POST": "case.upload"},
+    "api.retry_analysis": {"POST": "analysis.retry"},
+    "api.sign_case": {"POST": "case.sign"},
+    "api.case_report": {"GET": "report.pdf"},
+    "api.case_fhir": {"GET": "report.fhir"},
+    "api.case_hl7": {"GET": "report.hl7"},
+    "api.case_dicom_sr": {"GET": "report.dicom_sr"},
+    "api.image_dicom_seg": {"GET": "report.dicom_seg"},
+    "api.case_hl7_send": {"POST": "report.hl7_send"},
+}
+
+# Routes that show no account or patient data (with the reason, for the completeness test).
+EXEMPT: dict[tuple[str, str], str] = {
+    ("static", "GET"): "style sheets and scripts",
+    ("main.healthz", "GET"): "health check for load balancers; no data",
+    ("api.openapi_json", "GET"): "API description; no data",
+    ("api.docs", "GET"): "API documentation page; no data",
+    ("auth.login", "GET"): "the empty sign-in form (each sign-in attempt is audited)",
+    ("auth.setup", "GET"): "the empty first-run form (account creation is audited)",
+}
+
+# view argument -> record type, most specific first
+RESOURCES = (("image_id", "image"), ("token_id", "api_token"), ("user_id", "user"), ("case_id", "case"),
+             ("patient_id", "patient"), ("analyzer_id", "analyzer"))
+QUERY_KEYS = ("q", "status", "diagnosis", "doctor", "from", "to", "page", "per_page", "fmt", "actor", "action",
+              "outcome", "patient", "resource", "ip", "patient_id")
+
+
+def action_for(endpoint: str | None, method: str) -> str | None:
+    if not endpoint:
+        return None
+    return ACTIONS.get(endpoint, {}).get("GET" if method == "HEAD" else method)
+
+
+def subject(patient_id: int | None = None, resource: tuple[str, object] | None = None, **details) -> None:
+    """What the request touched, known only inside the view."""
+    a = g.setdefault("audit", {})
+    if patient_id is not None:
+        a["patient_id"] = patient_id
+    if resource is not None:
+        a["resource"] = resource
+    a.setdefault("details", {}).update(details)
+
+
+def note(outcome: str | None = None, actor=None, **details) -> None:
+    """Set the outcome (e.g. a failed sign-in answers 200 with the form) or the actor explicitly."""
+    a = g.setdefault("audit", {})
+    if outcome:
+        a["outcome"] = outcome
+    if actor is not None:
+        a["actor"] = actor
+    a.setdefault("details", {}).update(details)
+
+
+def denied() -> None:
+    """Mark the request as refused before the view ran (sign-in required, wrong role)."""
+    note("denied")
+
+
+def _outcome(status: int, method: str, html: bool) -> str:
+    if status >= 500:
+        return "error"
+    if status in (401, 403, 404):
+        return "denied"  # 404 is also the answer for records the user may not see
+    if status >= 400:
+        return "rejected"
+    if html and method not in ("GET", "HEAD") and status == 200:
+        return "rejected"  # a form sent back with its errors
+    return "success"
+
+
+def _actor_fields(user) -> dict:
+    if user is None:
+        return {"actor_id": None, "actor": "anonymous", "actor_role": ""}
+    return {"actor_id": user.id, "actor": user.email, "actor_role": user.role}
+
+
+def _current_user_row():
+    api_user = g.get("api_user")
+    if api_user is not None:
+        return api_user
+    try:
+        if current_user.is_authenticated:
+            return current_user.user
+    except Exception:  # noqa: BLE001 - e.g. the database is down: the actor captured earlier stands
+        return None
+    return None
+
+
+def init_app(app: Flask) -> None:
+    from ..store.audit import AuditLog
+
+    ext = app.extensions["oncoscope"]
+    ext["audit"] = AuditLog(ext["sessions"], ext["settings"].home / "audit-spool.jsonl")
+
+    @app.before_request
+    def _audit_start():
+        if action_for(request.endpoint, request.method) is None:
+            return
+        g.audit_actor = None
+        try:
+            if current_user.is_authenticated:
+                g.audit_actor = current_user.user
+        except Exception:  # noqa: BLE001 - database down: the request will answer 503 and be audited as such
+            pass
+
+    @app.after_request
+    def _audit_finish(resp):
+        action = action_for(request.endpoint, request.method)
+        if action is None:
+            return resp
+        a = g.get("audit", {})
+        sess = g.get("db")
+        if sess is not None:
+            try:
+                sess.rollback()  # whatever the view meant to keep is committed; never hold a lock here
+            except Exception:  # noqa: BLE001
+                pass
+        user = a.get("actor") or _current_user_row() or g.get("audit_actor")
+        kind, rid = a.get("resource") or (None, None)
+        details = dict(a.get("details", {}))
+        if kind is None:
+            for arg, name in RESOURCES:
+                if request.view_args and arg in request.view_args:
+                    kind, rid = name, request.view_args[arg]
+                    break
+        for arg, name in RESOURCES:
+            if request.view_args and arg in request.view_args and name != kind:
+                details.setdefault(f"{name}_id", request.view_args[arg])
+        for k in QUERY_KEYS:
+            if k in request.args:
+                details.setdefault(f"query_{k}", request.args.get(k))
+        patient_id = a.get("patient_id")
+        if patient_id is None and kind == "patient":
+            patient_id = rid
+        html = resp.mimetype == "text/html"
+        try:
+            ext["audit"].record(
+                **_actor_fields(user), channel="api" if request.blueprint == "api" else "web", action=action,
+                method=request.method, path=request.path, resource_type=kind or "", resource_id=rid if rid is not None else "",
+                patient_id=patient_id, outcome=a.get("outcome") or _outcome(resp.status_code, request.method, html),
+                status_code=resp.status_code, ip=request.remote_addr or "",
+                user_agent=request.headers.get("User-Agent", ""), details=details)
+        except Exception:  # noqa: BLE001 - neither the database nor the spool took the entry: fail closed
+            log.exception("audit entry could not be written; refusing the response")
+            if request.blueprint == "api":
+                from .api import error_response
+
+                return error_response(503, "audit_unavailable", "The audit trail cannot be written; nothing was shown.")
+            return app.make_response((render_template(
+                "error.html", title="Audit trail unavailable",
+                message="This access could not be recorded, so it was refused. Please retry in a moment."), 503))
+        return resp
