@@ -285,6 +285,30 @@ def serve(host, port, threads):
     waitress_serve(app, host=host, port=port, threads=threads, max_request_body_size=st.max_upload_mb * 1024 * 1024 * 20)
 
 
+@main.command()
+@click.option("--burst", is_flag=True, help="Exit when the queue is empty (for scripts and tests).")
+@click.option("--reconcile-every", default=5.0, show_default=True,
+              help="Seconds between reconciler rounds (stale leases re-queued, due retries and lost messages re-sent).")
+def worker(burst, reconcile_every):
+    """Run analyses from the Redis queue (scaled-out mode; needs ONCOSCOPE_QUEUE_URL)."""
+    import logging
+
+    from .config import Settings
+    from .jobs import run_worker
+    from .store import migrate
+
+    st = Settings.from_env()
+    if not st.queue_url:
+        raise click.ClickException("set ONCOSCOPE_QUEUE_URL (e.g. redis://127.0.0.1:6379/0); without it "
+                                   "`oncoscope serve` runs the analyses itself and needs no worker")
+    if migrate.current(st.database_url) is None:
+        raise click.ClickException("the database has no schema yet: run `oncoscope db upgrade` first")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    click.echo(f"oncoscope worker: queue {st.queue_url}, database {st.database_url.split('@')[-1]}, "
+               f"images {st.images_dir}")
+    run_worker(st, burst=burst, reconcile_every=reconcile_every)
+
+
 @main.group()
 def db():
     """Database schema migrations (Alembic)."""

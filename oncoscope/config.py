@@ -3,7 +3,14 @@
 * ``ONCOSCOPE_HOME``: instance folder (SQLite file, images, secret key); default ``./instance``.
 * ``DATABASE_URL``: SQLAlchemy URL; default SQLite in the instance folder.
 * ``ONCOSCOPE_SECRET_KEY``: optional; otherwise a key is generated once per instance and kept
-  in ``<home>/secret_key`` (mode 0600). Weak or well-known keys are refused.
+  in ``<home>/secret_key`` (mode 0600). Weak or well-known keys are refused. Several web servers
+  behind one load balancer must share it.
+* ``ONCOSCOPE_IMAGES_DIR``: image store; default ``<home>/images``. Scaled out, a directory every
+  web server and worker mounts (NFS, CephFS, ...).
+* ``ONCOSCOPE_QUEUE_URL``: ``redis://host:6379/0`` switches analyses from the in-process worker pool
+  to an RQ queue run by ``oncoscope worker`` processes. ``ONCOSCOPE_JOB_LEASE_SECONDS`` (default
+  300): a job running longer is presumed to have lost its worker and is run again.
+  ``ONCOSCOPE_JOB_TIMEOUT_SECONDS`` (default 120): a single analysis is stopped after this.
 """
 
 from __future__ import annotations
@@ -64,10 +71,14 @@ class Settings:
     page_size: int = 25
     hl7_host: str = ""
     hl7_port: int = 0
+    queue_url: str = ""
+    job_lease_seconds: int = 300
+    job_timeout_seconds: int = 120
+    images_path: Path | None = None
 
     @property
     def images_dir(self) -> Path:
-        return self.home / "images"
+        return self.images_path or self.home / "images"
 
     @property
     def is_sqlite(self) -> bool:
@@ -96,10 +107,19 @@ class Settings:
             clinic_name=os.environ.get("ONCOSCOPE_CLINIC_NAME", "Oncoscope clinic"),
             hl7_host=os.environ.get("ONCOSCOPE_HL7_HOST", ""),
             hl7_port=_int("ONCOSCOPE_HL7_PORT", 0),
+            queue_url=os.environ.get("ONCOSCOPE_QUEUE_URL", ""),
+            job_lease_seconds=_int("ONCOSCOPE_JOB_LEASE_SECONDS", 300),
+            job_timeout_seconds=_int("ONCOSCOPE_JOB_TIMEOUT_SECONDS", 120),
+            images_path=Path(os.environ["ONCOSCOPE_IMAGES_DIR"]).resolve() if os.environ.get("ONCOSCOPE_IMAGES_DIR")
+            else None,
         )
         for k, v in overrides.items():
             if not hasattr(s, k):
                 raise SettingsError(f"unknown setting {k!r}")
             setattr(s, k, v)
+        if s.queue_url and not s.queue_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("ONCOSCOPE_QUEUE_URL must be a Redis URL (redis://host:6379/0)")
+        if s.job_timeout_seconds >= s.job_lease_seconds:
+            raise SettingsError("ONCOSCOPE_JOB_LEASE_SECONDS must be longer than ONCOSCOPE_JOB_TIMEOUT_SECONDS")
         s.images_dir.mkdir(parents=True, exist_ok=True)
         return s

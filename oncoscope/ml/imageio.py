@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 64_000_000  # ~8000 x 8000
 MIN_SIDE = 16
 MAX_FILE_BYTES = 100 * 1024 * 1024
+# Work bounds for files that are small but expensive to parse (only the first frame is used):
+MAX_TIFF_PAGES = 1000  # Pillow walks the IFD chain in quadratic time: 100 000 pages (11 MB) took minutes
+MAX_JPEG_SCANS = 500  # each progressive scan re-processes the whole image: thousands of tiny scans take minutes
+# The formats we accept; Pillow would otherwise try every decoder it has (PSD, TGA, PCX, ICO, EPS, ...).
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
 
 # Never let Pillow silently accept truncated data.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -73,6 +79,48 @@ def _check_png_crcs(data: bytes) -> None:
         pos = end + 4
 
 
+def _tiff_pages(data: bytes, limit: int) -> int:
+    """How many pages (IFDs) a TIFF or BigTIFF file chains together, counting at most ``limit + 1``.
+    A chain that loops or points outside the file ends there (the decoder reports real damage)."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 16:
+        return 0
+    version = int.from_bytes(data[2:4], "little" if order == "<" else "big")
+    if version not in (42, 43):
+        return 0
+    big = version == 43
+    off_size, count_size, entry_size = (8, 8, 20) if big else (4, 2, 12)
+    fmt = {2: "H", 4: "I", 8: "Q"}
+
+    def num(pos: int, size: int) -> int | None:
+        if pos < 0 or pos + size > len(data):
+            return None
+        return struct.unpack_from(order + fmt[size], data, pos)[0]
+
+    offset, seen, pages = num(8 if big else 4, off_size), set(), 0
+    while offset and offset not in seen and pages <= limit:
+        n = num(offset, count_size)
+        if n is None:
+            break
+        seen.add(offset)
+        pages += 1
+        offset = num(offset + count_size + n * entry_size, off_size)
+    return pages
+
+
+def _check_work_bounds(data: bytes) -> None:
+    """Refuse small files that would take minutes to parse: TIFFs with thousands of pages and
+    progressive JPEGs with thousands of scans (both would be parsed before any pixel limit applies)."""
+    if data[:2] in (b"II", b"MM") and _tiff_pages(data, MAX_TIFF_PAGES) > MAX_TIFF_PAGES:
+        raise ImageLoadError(f"The TIFF file has more than {MAX_TIFF_PAGES} pages; upload the page to analyse "
+                             "as a single image.")
+    # In JPEG data 0xFF is always followed by a stuffed 0x00 or a marker, so this counts SOS markers
+    # (plus those of embedded thumbnails; a normal progressive JPEG has about ten).
+    if data[:2] == b"\xff\xd8" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise ImageLoadError(f"The JPEG file has more than {MAX_JPEG_SCANS} scans and would take too long to "
+                             "decode; save it again as a baseline JPEG or PNG.")
+
+
 def _open(source) -> tuple[Image.Image, str | None]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -81,6 +129,7 @@ def _open(source) -> tuple[Image.Image, str | None]:
         if len(data) > MAX_FILE_BYTES:
             raise ImageLoadError(f"The file is too large ({len(data) / 1e6:.0f} MB; limit {MAX_FILE_BYTES / 1e6:.0f} MB).")
         _check_png_crcs(data)
+        _check_work_bounds(data)
         if data[128:132] == b"DICM":  # DICOM Part-10: decoded by load_image via read_dicom
             return data, "DICOM"
         fp = io.BytesIO(data)
@@ -118,7 +167,7 @@ def _open(source) -> tuple[Image.Image, str | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(fp, formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own bomb check fires before ours for very large images (e.g. 20000x20000).
         raise ImageLoadError(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import AuditEvent, AuditHead, utcnow
@@ -149,8 +149,9 @@ class AuditLog:
                 finally:
                     s.close()
                 return True
-            except SQLAlchemyError as exc:
-                log.warning("audit database unavailable (%s); entry spooled to %s", exc.__class__.__name__, self.spool)
+            except Exception as exc:  # noqa: BLE001 - any failure to reach the database: keep the entry on disk
+                log.warning("audit database unavailable (%s: %s); entry spooled to %s", exc.__class__.__name__,
+                            str(exc)[:200], self.spool)
                 self._spool(e)
                 return False
 

@@ -15,6 +15,7 @@ from ..ml.imageio import ImageLoadError, load_image
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
 from .patients import like_text
+from .text import UNSTORABLE_MESSAGE, clean_filename, unstorable
 
 NONDIAGNOSTIC = "Nondiagnostic"
 
@@ -44,6 +45,8 @@ def create_case(s: Session, user: User, patient: Patient, analyzer_id: str, note
 
     if analyzer_id not in registry.available():
         raise CaseError("Choose an analyzer from the list.", "analyzer_id")
+    if unstorable(note):
+        raise CaseError(f"The clinical note {UNSTORABLE_MESSAGE}", "clinical_note")
     c = Case(patient_id=patient.id, analyzer_id=analyzer_id, clinical_note=(note or "")[:5000], created_by_id=user.id)
     s.add(c)
     s.flush()
@@ -55,6 +58,7 @@ class UploadOutcome:
     added: list[CaseImage] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (file name, message)
+    new_files: list[str] = field(default_factory=list)  # content hashes first written by this upload
 
 
 def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: list[tuple[str, bytes]],
@@ -63,43 +67,62 @@ def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: li
     if case.status == "signed":
         raise CaseError("This case is signed; amend it to change the diagnosis. Images cannot be added.")
     out = UploadOutcome()
-    for name, data in uploads:
-        name = (name or "image").replace("\\", "/").rsplit("/", 1)[-1][:255]
-        if len(data) > max_bytes:
-            out.errors.append((name, f"larger than the {max_bytes // (1024 * 1024)} MB limit"))
-            continue
-        try:
-            loaded = load_image(data)
-        except ImageLoadError as exc:
-            out.errors.append((name, str(exc)))
-            continue
-        meta = getattr(loaded, "dicom", None)
-        if meta is not None and meta.patient_id and meta.patient_id.strip() != case.patient.mrn:
-            out.errors.append((name, f"this DICOM belongs to patient ID {meta.patient_id!r}, not to "
-                                     f"{case.patient.display_name} (MRN {case.patient.mrn}); nothing was added"))
-            continue
-        sha = hashlib.sha256(data).hexdigest()
-        if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
-            out.duplicates.append(name)
-            continue
-        store.put_original(data)
-        store.put_thumbnail(sha, loaded.rgb)
-        img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
-                        width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
-                        uploaded_by_id=user.id)
-        if meta is not None:
-            img.dicom_patient_id = (meta.patient_id or "")[:64] or None
-            img.dicom_study_uid = (meta.study_uid or "")[:64] or None
-            img.dicom_series_uid = (meta.series_uid or "")[:64] or None
-            img.dicom_sop_uid = (meta.sop_instance_uid or "")[:64] or None
-            img.modality = (meta.modality or "")[:16] or None
-        s.add(img)
-        s.flush()
-        s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
-        out.added.append(img)
+    try:
+        for name, data in uploads:
+            name = clean_filename(name)  # metadata only: the file is stored by content hash
+            if len(data) > max_bytes:
+                out.errors.append((name, f"larger than the {max_bytes // (1024 * 1024)} MB limit"))
+                continue
+            try:
+                loaded = load_image(data)
+            except ImageLoadError as exc:
+                out.errors.append((name, str(exc)))
+                continue
+            meta = getattr(loaded, "dicom", None)
+            if meta is not None and meta.patient_id and meta.patient_id.strip() != case.patient.mrn:
+                out.errors.append((name, f"this DICOM belongs to patient ID {meta.patient_id!r}, not to "
+                                         f"{case.patient.display_name} (MRN {case.patient.mrn}); nothing was added"))
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
+                out.duplicates.append(name)
+                continue
+            if not store.exists(sha):
+                out.new_files.append(sha)
+            store.put_original(data)
+            store.put_thumbnail(sha, loaded.rgb)
+            img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
+                            width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
+                            uploaded_by_id=user.id)
+            if meta is not None:
+                img.dicom_patient_id = (meta.patient_id or "")[:64] or None
+                img.dicom_study_uid = (meta.study_uid or "")[:64] or None
+                img.dicom_series_uid = (meta.series_uid or "")[:64] or None
+                img.dicom_sop_uid = (meta.sop_instance_uid or "")[:64] or None
+                img.modality = (meta.modality or "")[:16] or None
+            s.add(img)
+            s.flush()
+            s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
+            out.added.append(img)
+    except BaseException:
+        for sha in out.new_files:  # nothing half-stored: the files of a failed upload go too
+            store.discard(sha)
+        raise
     if out.added:
         case.status = "analysing"
     return out
+
+
+def commit_upload(s: Session, store: FileStore, outcome: UploadOutcome | None) -> None:
+    """Commit an upload; when the commit fails (database down, constraint), remove the files this
+    upload wrote first, so a refused upload leaves nothing behind, then re-raise."""
+    try:
+        s.commit()
+    except BaseException:
+        s.rollback()
+        for sha in (outcome.new_files if outcome else []):
+            store.discard(sha)
+        raise
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -121,13 +144,49 @@ def claim_next_job(s: Session, worker: str) -> Analysis | None:
     return None
 
 
+def claim_job(s: Session, analysis_id: int, worker: str) -> Analysis | None:
+    """Atomically take one given job if it is due and nobody holds it (the queue may deliver a
+    message twice, or after the job was done: then this returns None and nothing happens)."""
+    now = utcnow()
+    res = s.execute(update(Analysis).where(Analysis.id == analysis_id,
+                                           Analysis.job_status.in_(("queued", "retried")), Analysis.queued_at <= now)
+                    .values(job_status="running", started_at=now, worker=worker[:100],
+                            attempts=Analysis.attempts + 1))
+    s.commit()
+    return s.get(Analysis, analysis_id) if res.rowcount == 1 else None
+
+
+def still_holds(s: Session, a: Analysis, worker: str, attempt: int) -> bool:
+    """Fencing: is this worker's claim still the current one? (Its lease may have expired and the
+    job been handed to another worker.) Locks the row until commit where the database can."""
+    row = s.execute(select(Analysis.job_status, Analysis.worker, Analysis.attempts)
+                    .where(Analysis.id == a.id).with_for_update()).one_or_none()
+    return row is not None and tuple(row) == ("running", worker[:100], attempt)
+
+
 def requeue_stale(s: Session, older_than: dt.timedelta = dt.timedelta(minutes=5)) -> int:
-    """Jobs left 'running' by a worker that died are queued again."""
+    """Jobs left 'running' by a worker that died (its lease ran out) are queued again."""
     res = s.execute(update(Analysis).where(Analysis.job_status == "running",
                                            Analysis.started_at < utcnow() - older_than)
-                    .values(job_status="retried", worker=None))
+                    .values(job_status="retried", worker=None, queued_at=utcnow(), enqueued_at=None))
     s.commit()
     return res.rowcount
+
+
+def due_for_dispatch(s: Session, redeliver_after: dt.timedelta, limit: int = 500) -> list[int]:
+    """Due jobs that were never handed to the queue, or handed over so long ago that the message
+    must have been lost (e.g. Redis restarted without persistence)."""
+    now = utcnow()
+    q = (select(Analysis.id).where(Analysis.job_status.in_(("queued", "retried")), Analysis.queued_at <= now,
+                                   or_(Analysis.enqueued_at.is_(None), Analysis.enqueued_at < now - redeliver_after))
+         .order_by(Analysis.queued_at, Analysis.id).limit(limit))
+    return list(s.scalars(q))
+
+
+def mark_enqueued(s: Session, ids: list[int]) -> None:
+    if ids:
+        s.execute(update(Analysis).where(Analysis.id.in_(ids)).values(enqueued_at=utcnow()))
+        s.commit()
 
 
 def store_result(s: Session, a: Analysis, result) -> None:
@@ -155,6 +214,7 @@ def fail_job(s: Session, a: Analysis, message: str, max_attempts: int) -> None:
     if a.attempts < max_attempts:
         a.job_status = "retried"
         a.queued_at = utcnow() + dt.timedelta(seconds=2 ** a.attempts)  # backoff
+        a.enqueued_at = None
     else:
         a.job_status = "failed"
         a.finished_at = utcnow()
@@ -163,7 +223,7 @@ def fail_job(s: Session, a: Analysis, message: str, max_attempts: int) -> None:
 
 def retry_failed(s: Session, a: Analysis) -> None:
     if a.job_status == "failed":
-        a.job_status, a.attempts, a.queued_at = "retried", 0, utcnow()
+        a.job_status, a.attempts, a.queued_at, a.enqueued_at = "retried", 0, utcnow(), None
         a.image.case.status = "analysing"
 
 
@@ -237,6 +297,10 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
         raise CaseError("Wait until every image is analysed before signing.")
     if final_diagnosis not in valid_labels:
         raise CaseError("Choose a diagnosis from the list.", "final_diagnosis")
+    for k, v in (("override_reason", override_reason), ("uncertainty_note", uncertainty_note), ("comment", comment),
+                 ("amendment_reason", amendment_reason)):
+        if unstorable(v):
+            raise CaseError(f"The text {UNSTORABLE_MESSAGE}", k)
     agg = aggregate(case)
     agrees = agg.label is not None and final_diagnosis == agg.label
     override_reason, uncertainty_note = (override_reason or "").strip(), (uncertainty_note or "").strip()

@@ -56,6 +56,12 @@ class FileStore:
         img.thumbnail((THUMB_SIDE, THUMB_SIDE))
         return self.put_png(sha, "thumb", np.asarray(img))
 
+    def discard(self, sha: str) -> None:
+        """Remove everything stored for one image (an upload whose database commit failed)."""
+        import shutil
+
+        shutil.rmtree(self._dir(sha), ignore_errors=True)
+
     def path(self, sha: str, name: str = "original") -> Path:
         p = self._dir(sha) / (name if name == "original" else f"{name}.png")
         return p

@@ -144,6 +144,9 @@ class Analysis(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # scaled-out mode: when the job was last handed to the queue (Redis); a job still queued long
+    # after this is handed over again (a lost message costs a delay, never the job)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     # result
     model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     model_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)

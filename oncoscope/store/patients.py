@@ -11,6 +11,7 @@ from sqlalchemy import Select, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Patient, PatientAccess, User
+from .text import UNSTORABLE_MESSAGE, storable, unstorable
 
 
 class PatientError(ValueError):
@@ -39,13 +40,13 @@ def get_visible(s: Session, user: User, patient_id: int) -> Patient | None:
 
 
 def like_text(text: str) -> str:
-    """User text for a LIKE pattern: trimmed, with the wildcards % and _ removed."""
-    return (text or "").strip().replace("%", "").replace("_", "")
+    """User text for a LIKE pattern: trimmed, with the wildcards % and _ (and unstorable characters) removed."""
+    return storable(text).strip().replace("%", "").replace("_", "")
 
 
 def search(s: Session, user: User, text: str = "", page: int = 1, per_page: int = 25) -> Page:
     q = visible_patients(user)
-    t = (text or "").strip()
+    t = storable(text).strip()
     if t:
         like = f"%{like_text(t)}%"
         q = q.where(or_(Patient.mrn == t, Patient.mrn.like(f"{t}%"), Patient.family_name.like(like),
@@ -58,7 +59,13 @@ def search(s: Session, user: User, text: str = "", page: int = 1, per_page: int 
     return Page(items, page, pages, total)
 
 
+_LABELS = {"mrn": "The MRN", "family_name": "The family name", "given_name": "The given name", "notes": "The notes"}
+
+
 def _clean(values: dict) -> dict:
+    for k, label in _LABELS.items():
+        if unstorable(values.get(k)):
+            raise PatientError(f"{label} {UNSTORABLE_MESSAGE}", k)
     mrn = (values.get("mrn") or "").strip()
     family = (values.get("family_name") or "").strip()
     if not mrn:

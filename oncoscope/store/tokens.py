@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .models import ApiToken, User, utcnow
+from .text import storable
 
 PREFIX = "osk_"
 
@@ -19,7 +20,7 @@ def _hash(token: str) -> str:
 
 
 def create(s: Session, user: User, name: str, expires_in_days: int | None = None) -> tuple[ApiToken, str]:
-    name = (name or "").strip()[:100] or "API token"
+    name = storable(name).strip()[:100] or "API token"
     prefix = secrets.token_hex(4)
     token = f"{PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
     t = ApiToken(user_id=user.id, name=name, prefix=prefix, token_hash=_hash(token),

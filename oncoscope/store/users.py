@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .models import ROLES, User, utcnow
+from .text import UNSTORABLE_MESSAGE, unstorable
 
 _hasher = PasswordHasher()
 MIN_PASSWORD = 10
@@ -38,11 +39,27 @@ def normalise_email(email: str) -> str:
     return (email or "").strip().lower()
 
 
+def sign_in_subject(s: Session, email: str) -> dict:
+    """How a sign-in attempt names its account in the audit trail: the address of an existing
+    account, else only a short hash of what was typed (which may be a password typed in the wrong box)."""
+    import hashlib
+
+    key = normalise_email(email)
+    user = s.scalar(select(User).where(User.email == key)) if key and not unstorable(key) else None
+    if user is not None:
+        return {"email": user.email, "account_id": user.id}
+    return {"unknown_account": hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]}
+
+
 def has_users(s: Session) -> bool:
     return s.scalar(select(func.count(User.id))) > 0
 
 
 def create_user(s: Session, email: str, name: str, password: str, role: str = "doctor") -> User:
+    if unstorable(email):
+        raise AccountError(f"The email address {UNSTORABLE_MESSAGE}", "email")
+    if unstorable(name):
+        raise AccountError(f"The name {UNSTORABLE_MESSAGE}", "name")
     email = normalise_email(email)
     if "@" not in email or len(email) > 255:
         raise AccountError("Enter a valid email address.", "email")
@@ -86,7 +103,7 @@ def authenticate(s: Session, email: str, password: str, max_failures: int, lock_
     """Return the user or raise AccountError with a message that does not reveal which part was wrong."""
     generic = AccountError("Email or password is incorrect.")
     key = normalise_email(email)
-    user = s.scalar(select(User).where(User.email == key))
+    user = s.scalar(select(User).where(User.email == key)) if not unstorable(key) else None  # no such account
     now = utcnow()
     if user is None:
         count, until = _unknown_failures.get(key, (0, None))

@@ -279,13 +279,22 @@ def _fingerprint() -> str:
         for k, v in sorted(request.form.items(multi=True), key=lambda kv: (kv[0] or "", kv[1] or "")):
             h.update(f"{k}={v}\n".encode())
     else:
-        data = request.get_json(silent=True)
+        data = _request_json()
         h.update(json.dumps(data, sort_keys=True).encode() if data is not None else request.get_data())
     return h.hexdigest()
 
 
+def _request_json():
+    """The parsed JSON body, or None when there is none or it does not parse (nesting deeper than
+    the parser goes, e.g. 100 000 '[', raises RecursionError rather than a ValueError)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
+
+
 def _json_body() -> dict:
-    data = request.get_json(silent=True)
+    data = _request_json()
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "Send a JSON object with Content-Type: application/json.")
     return data
@@ -582,7 +591,7 @@ def upload_images(case_id: int):
     s = db()
     try:
         out = case_store.add_images(s, files(), c, g.api_user, uploads, limit)
-        s.commit()
+        case_store.commit_upload(s, files(), out)
     except case_store.CaseError as exc:
         s.rollback()
         raise ApiError(409, "case_signed", str(exc)) from None

@@ -169,7 +169,7 @@ def init_app(app: Flask) -> None:
         g.audit_actor = None
         try:
             if current_user.is_authenticated:
-                g.audit_actor = current_user.user
+                g.audit_actor = _actor_fields(current_user.user)  # plain values: they survive a rollback
         except Exception:  # noqa: BLE001 - database down: the request will answer 503 and be audited as such
             pass
 
@@ -179,13 +179,18 @@ def init_app(app: Flask) -> None:
         if action is None:
             return resp
         a = g.get("audit", {})
+        try:  # read the actor before the rollback below expires the ORM objects
+            user = a.get("actor") or _current_user_row()
+            actor = _actor_fields(user) if user is not None else None
+        except Exception:  # noqa: BLE001 - e.g. the database went away during the request
+            actor = None
+        actor = actor or g.get("audit_actor") or _actor_fields(None)
         sess = g.get("db")
         if sess is not None:
             try:
                 sess.rollback()  # whatever the view meant to keep is committed; never hold a lock here
             except Exception:  # noqa: BLE001
                 pass
-        user = a.get("actor") or _current_user_row() or g.get("audit_actor")
         kind, rid = a.get("resource") or (None, None)
         details = dict(a.get("details", {}))
         if kind is None:
@@ -205,7 +210,7 @@ def init_app(app: Flask) -> None:
         html = resp.mimetype == "text/html"
         try:
             ext["audit"].record(
-                **_actor_fields(user), channel="api" if request.blueprint == "api" else "web", action=action,
+                **actor, channel="api" if request.blueprint == "api" else "web", action=action,
                 method=request.method, path=request.path, resource_type=kind or "", resource_id=rid if rid is not None else "",
                 patient_id=patient_id, outcome=a.get("outcome") or _outcome(resp.status_code, request.method, html),
                 status_code=resp.status_code, ip=request.remote_addr or "",

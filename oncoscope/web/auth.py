@@ -62,7 +62,7 @@ def login():
         except user_store.AccountError as exc:
             s.commit()  # keep the failure counter
             error = str(exc)
-            audit.note("failure", email=form.email.data, reason=error)
+            audit.note("failure", reason=error, **user_store.sign_in_subject(s, form.email.data))
         else:
             s.commit()
             audit.note(actor=u, email=u.email)

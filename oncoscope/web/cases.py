@@ -81,7 +81,7 @@ def new(patient_id: int):
             case = case_store.create_case(s, me(), patient, form.analyzer_id.data, form.clinical_note.data or "")
             outcome = case_store.add_images(s, files(), case, me(), _uploads(),
                                             settings().max_upload_mb * 1024 * 1024)
-            s.commit()
+            case_store.commit_upload(s, files(), outcome)
         except case_store.CaseError as exc:
             s.rollback()
             field_error(form, exc, "analyzer_id")
@@ -132,7 +132,7 @@ def upload(case_id: int):
         abort(400)
     try:
         outcome = case_store.add_images(s, files(), c, me(), _uploads(), settings().max_upload_mb * 1024 * 1024)
-        s.commit()
+        case_store.commit_upload(s, files(), outcome)
     except case_store.CaseError as exc:
         s.rollback()
         if wants_json:
@@ -291,7 +291,8 @@ def send_hl7(case_id: int):
 @login_required
 def history():
     s, u = db(), me()
-    args = request.args
+    from werkzeug.datastructures import MultiDict  # only the filters: the pager passes these to url_for as keywords
+    args = MultiDict([(k, v) for k, v in request.args.items(multi=True) if k in ("status", "diagnosis", "doctor", "from", "to", "q")])
 
     def _date(v):
         try:

@@ -31,6 +31,16 @@ def healthz():
             status["analyzers"][aid] = f"error: {exc.__class__.__name__}"
             ok = False
     ok = ok and bool(status["analyzers"])
+    runner = ext().get("workers")
+    if runner is not None and hasattr(runner, "queued"):
+        # scaled out: uploads still succeed while Redis is away (jobs wait in the database), so a
+        # missing queue is reported here but does not take this web server out of the load balancer
+        try:
+            status["queue"] = {"mode": "redis", "state": "ok", "waiting": runner.queued()}
+        except Exception as exc:  # noqa: BLE001 - report, do not crash
+            status["queue"] = {"mode": "redis", "state": f"unavailable: {exc.__class__.__name__}"}
+    else:
+        status["queue"] = {"mode": "in-process", "state": "ok" if runner is not None else "not started"}
     return jsonify(status), (200 if ok else 503)
 
 

@@ -1,0 +1,457 @@
+"""Fault scenarios for ``oncoscope bench --load`` (and the scale-out tests).
+
+* ``kill_worker_scenario``: scaled-out mode (RQ + Redis + PostgreSQL). N analyses are queued, an
+  ``oncoscope worker`` process is killed with SIGKILL while it holds a job, a new worker is started:
+  every analysis must end with exactly one result, none lost, none analysed into two results.
+* ``pg_outage_scenario``: a private PostgreSQL server (its own data directory and port, so nothing
+  else on the machine is disturbed) is stopped in the middle of uploads through the API and started
+  again: while it is down every answer must be a clear 503, nothing may be stored half-way (no image
+  row without its analysis or file, no file without its row), and uploads must work again when it
+  returns, with every accepted image analysed and the audit trail intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from .loadbench import free_port, instance_env, oncoscope_cmd, scratch_database
+
+PG_BIN = Path("/usr/lib/postgresql")
+
+
+# ----------------------------------------------------------------------------- building blocks
+def generated_pngs(n: int, seed: int = 0, side: int = 192) -> list[bytes]:
+    """Distinct smear-like PNGs (generated; never dataset images)."""
+    import numpy as np
+    from PIL import Image
+
+    from .ml import synthetic
+
+    out = []
+    for i in range(n):
+        rgb = np.array(synthetic.smear_like(seed * 100_000 + i % 50, side)[0], dtype="uint8")
+        rgb[0, 0] = [i % 256, (i // 256) % 256, 7]  # distinct content -> distinct image
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def queue_analyses(settings, n: int, seed: int = 0) -> list[int]:
+    """A doctor, a patient and one case holding ``n`` new images: ``n`` queued analyses (ids)."""
+    from .store import cases as case_store
+    from .store import patients as patient_store
+    from .store import users as user_store
+    from .store.db import make_engine, make_session_factory
+    from .store.files import FileStore
+    from .store.models import Analysis, CaseImage
+
+    engine = make_engine(settings.database_url)
+    try:
+        s = make_session_factory(engine)()
+        try:
+            tag = uuid.uuid4().hex[:8]
+            u = user_store.create_user(s, f"fault-{tag}@clinic.test", "Fault Bench", "fault-bench-password-1")
+            p = patient_store.create(s, u, {"mrn": f"FAULT-{tag}", "family_name": "Fault", "given_name": "Bench"})
+            c = case_store.create_case(s, u, p, "smear-all")
+            out = case_store.add_images(s, FileStore(settings.images_dir), c, u,
+                                        [(f"f{i}.png", b) for i, b in enumerate(generated_pngs(n, seed))], 50 * 2**20)
+            s.commit()
+            ids = [i.id for i in out.added]
+            return list(s.scalars(Analysis.__table__.select().with_only_columns(Analysis.id)
+                                  .where(Analysis.image_id.in_(ids)).order_by(Analysis.id)))
+        finally:
+            s.close()
+    finally:
+        engine.dispose()
+
+
+def analysis_rows(database_url: str, ids: list[int]) -> list[dict]:
+    from sqlalchemy import select
+
+    from .store.db import make_engine
+    from .store.models import Analysis
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(
+                select(Analysis.id, Analysis.image_id, Analysis.job_status, Analysis.result_status, Analysis.attempts,
+                       Analysis.worker).where(Analysis.id.in_(ids)))]
+    finally:
+        engine.dispose()
+
+
+class WorkerProcess:
+    """``oncoscope worker`` in a subprocess (own session; log in the instance folder)."""
+
+    def __init__(self, env: dict, log_path: Path, reconcile_every: float = 1.0):
+        self.env, self.log_path, self.reconcile_every = env, Path(log_path), reconcile_every
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([*oncoscope_cmd(), "worker", "--reconcile-every", str(self.reconcile_every)],
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind (what a crash or OOM kill does)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def redis_reachable(url: str) -> Exception | None:
+    try:
+        from .jobs import redis_connection
+
+        redis_connection(url).ping()
+        return None
+    except Exception as exc:  # noqa: BLE001 - report why
+        return exc
+
+
+def _clear_queue(redis_url: str) -> None:
+    """Start from an empty queue: drop this queue's keys only (never FLUSHDB on a shared Redis)."""
+    from rq import Queue
+
+    from .jobs import QUEUE_NAME, redis_connection
+
+    conn = redis_connection(redis_url)
+    from rq.serializers import JSONSerializer
+
+    q = Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)
+    q.empty()
+    for reg in (q.started_job_registry, q.failed_job_registry, q.finished_job_registry):
+        for jid in reg.get_job_ids():
+            with contextlib.suppress(Exception):
+                reg.remove(jid, delete_job=True)
+
+
+# ----------------------------------------------------------------------------- scenario 1: kill a worker
+def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+                         redis_url: str = "redis://127.0.0.1:6379/0", lease_s: int = 6, timeout_s: float = 300,
+                         kill_after: float = 0.3) -> dict:
+    from .config import Settings
+    from .jobs import QueueDispatcher
+    from .store import migrate
+    from .store.db import make_engine, make_session_factory
+
+    if (exc := redis_reachable(redis_url)) is not None:
+        raise RuntimeError(f"Redis at {redis_url} does not answer: {exc}")
+    t0 = time.monotonic()
+    with scratch_database(database_url) as url, tempfile.TemporaryDirectory(prefix="oncoscope-kill-") as tmp:
+        home = Path(tmp)
+        env = instance_env(home, url, {"ONCOSCOPE_QUEUE_URL": redis_url, "ONCOSCOPE_JOB_LEASE_SECONDS": lease_s,
+                                       "ONCOSCOPE_JOB_TIMEOUT_SECONDS": max(1, lease_s - 2)})
+        migrate.upgrade(url)
+        st = Settings.from_env(home=home, database_url=url, queue_url=redis_url, job_lease_seconds=lease_s,
+                               job_timeout_seconds=max(1, lease_s - 2))
+        ids = queue_analyses(st, n)
+        _clear_queue(redis_url)
+        engine = make_engine(url)
+        try:
+            dispatched = QueueDispatcher(make_session_factory(engine), st).dispatch_due()
+        finally:
+            engine.dispose()
+        first = WorkerProcess(env, home / "worker-1.log").start()
+        second = None
+        victim_job = None
+        done_at_kill = 0
+        try:
+            # wait until a good part is done, then kill the worker while it holds a job
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                rows = analysis_rows(url, ids)
+                done = sum(r["job_status"] == "done" for r in rows)
+                mine = [r for r in rows if r["job_status"] == "running" and f":{first.pid}:" in (r["worker"] or "")]
+                if done >= n * kill_after and mine:
+                    first.kill()
+                    victim_job, done_at_kill = mine[0]["id"], done
+                    break
+                if first.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited early: {first.log_tail()}")
+                time.sleep(0.01)
+            else:
+                raise RuntimeError(f"the worker made no progress: {first.log_tail()}")
+            victim_state = next(r for r in analysis_rows(url, [victim_job]))
+            killed_at = time.monotonic()
+            second = WorkerProcess(env, home / "worker-2.log").start()
+            while time.monotonic() < deadline:
+                rows = analysis_rows(url, ids)
+                if all(r["job_status"] in ("done", "failed") for r in rows):
+                    break
+                time.sleep(0.25)
+            recovered_s = time.monotonic() - killed_at
+            rows = analysis_rows(url, ids)
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
+        victim_final = next(r for r in rows if r["id"] == victim_job)
+        done = [r for r in rows if r["job_status"] == "done"]
+        rep = {
+            "scenario": "kill a worker mid-queue", "analyses": n, "dispatched": dispatched,
+            "done_when_killed": done_at_kill, "killed_while_running_job": victim_job,
+            "victim_state_after_kill": victim_state["job_status"], "victim_attempts": victim_final["attempts"],
+            "results": len(done), "failed": sum(r["job_status"] == "failed" for r in rows),
+            "result_rows_per_image": max((sum(1 for r in rows if r["image_id"] == x["image_id"]) for x in rows),
+                                         default=0),
+            "distinct_images": len({r["image_id"] for r in rows}),
+            "rerun_after_kill": sum(r["attempts"] > 1 for r in rows),
+            "recovery_s": round(recovered_s, 1), "lease_s": lease_s, "total_s": round(time.monotonic() - t0, 1),
+            "database": "postgresql", "queue": "rq+redis",
+        }
+        rep["targets_met"] = {"all_results": rep["results"] == n, "no_duplicates":
+                              rep["result_rows_per_image"] == 1 and rep["distinct_images"] == n,
+                              "killed_mid_job": rep["victim_state_after_kill"] == "running"}
+        return rep
+
+
+# ----------------------------------------------------------------------------- scenario 2: stop PostgreSQL
+class PrivatePostgres:
+    """A throwaway PostgreSQL server: own data directory, port and socket directory."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.sock = self.root / "sock"
+        self.port = free_port()
+        versions = sorted(PG_BIN.glob("*/bin/pg_ctl"))
+        if not versions:
+            raise RuntimeError("PostgreSQL server binaries (pg_ctl, initdb) not found under /usr/lib/postgresql")
+        self.bin = versions[-1].parent
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {p.stdout[-800:]}{p.stderr[-800:]}")
+
+    def init(self) -> "PrivatePostgres":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sock.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            shutil.chown(self.sock, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        return self
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-w", "-t", "60", "-o",
+                  f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        """``immediate``: the server is gone at once, connections cut (like a crash or a pulled cable)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+
+def _api(base: str, method: str, path: str, token: str, body=None, files=None, key: str | None = None,
+         timeout: float = 30) -> tuple[int, dict]:
+    from .webbench import multipart_body
+
+    headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if files is not None:
+        data, ctype = multipart_body({}, files)
+        headers["Content-Type"] = ctype
+    elif body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if key:
+        headers["Idempotency-Key"] = key
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"raw": raw[:200].decode(errors="replace")}
+
+
+def pg_outage_scenario(uploaders: int = 4, before_s: float = 6, outage_s: float = 8, after_s: float = 10,
+                       timeout_s: float = 180) -> dict:
+    from sqlalchemy import func, select
+
+    from .config import Settings
+    from .loadbench import Server
+    from .store import audit as audit_store
+    from .store import migrate
+    from .store import tokens as token_store
+    from .store import users as user_store
+    from .store.db import make_engine, make_session_factory
+    from .store.models import Analysis, CaseImage
+
+    with tempfile.TemporaryDirectory(prefix="oncoscope-pgdown-") as tmp:
+        root = Path(tmp)
+        if os.geteuid() == 0:
+            os.chmod(root, 0o755)
+        pg = PrivatePostgres(root / "pg").init()
+        pg.start()
+        home = root / "home"
+        try:
+            migrate.upgrade(pg.url)
+            st = Settings.from_env(home=home, database_url=pg.url)
+            engine = make_engine(pg.url)
+            with make_session_factory(engine)() as s:
+                u = user_store.create_user(s, "uploader@clinic.test", "Uploader", "uploader-password-123")
+                s.commit()
+                _t, token = token_store.create(s, u, "fault bench")
+                s.commit()
+            engine.dispose()
+            env = instance_env(home, pg.url, {"ONCOSCOPE_JOB_LEASE_SECONDS": 20, "ONCOSCOPE_JOB_TIMEOUT_SECONDS": 10})
+            images = generated_pngs(400, seed=11)
+            log: list[tuple[float, str, int, str]] = []  # (t, step, status, error code)
+            lock = threading.Lock()
+            stop = threading.Event()
+            counter = iter(range(10**6))
+            with Server(env) as server:
+                t0 = time.monotonic()
+
+                def uploader(k: int):
+                    while not stop.is_set():
+                        i = next(counter)
+                        step = "patient"
+                        try:
+                            code, body = _api(server.base, "POST", "/api/v1/patients", token,
+                                              {"mrn": f"PG-{k}-{i}", "family_name": "Outage", "given_name": f"N{i}"},
+                                              key=f"p-{k}-{i}")
+                            if code == 201:
+                                step = "case"
+                                code, body = _api(server.base, "POST", f"/api/v1/patients/{body['id']}/cases", token,
+                                                  {"analyzer_id": "smear-all"}, key=f"c-{k}-{i}")
+                            if code == 201:
+                                step = "upload"
+                                code, body = _api(server.base, "POST", f"/api/v1/cases/{body['id']}/images", token,
+                                                  files=[("images", f"u{i}.png", images[i % len(images)])],
+                                                  key=f"u-{k}-{i}")
+                            err = (body.get("error") or {}).get("code", "") if isinstance(body, dict) else ""
+                        except Exception as exc:  # noqa: BLE001 - a connection error is a failure to report
+                            code, err = -1, f"{exc.__class__.__name__}: {exc}"
+                        with lock:
+                            log.append((time.monotonic() - t0, step, code, err))
+                        time.sleep(0.05)
+
+                threads = [threading.Thread(target=uploader, args=(k,), daemon=True) for k in range(uploaders)]
+                for t in threads:
+                    t.start()
+                time.sleep(before_s)
+                t_down = time.monotonic() - t0
+                pg.stop("immediate")
+                time.sleep(outage_s)
+                t_up = time.monotonic() - t0
+                pg.start()
+                time.sleep(after_s)
+                stop.set()
+                for t in threads:
+                    t.join(60)
+                problems = server.log_problems()
+                text = server.log_tail(10**7)
+                i = text.find("audit entry could not be written")
+                problems["audit_failure"] = text[i:i + 4000] if i >= 0 else ""
+                # every accepted image analysed (bounded wait)
+                engine = make_engine(pg.url)
+                deadline = time.monotonic() + timeout_s
+                try:
+                    while time.monotonic() < deadline:
+                        with engine.connect() as c:
+                            pending = c.scalar(select(func.count(Analysis.id)).where(
+                                Analysis.job_status.in_(("queued", "running", "retried"))))
+                        if not pending:
+                            break
+                        time.sleep(0.5)
+                    with engine.connect() as c:
+                        n_images = c.scalar(select(func.count(CaseImage.id)))
+                        n_analyses = c.scalar(select(func.count(Analysis.id)))
+                        n_done = c.scalar(select(func.count(Analysis.id)).where(Analysis.job_status == "done"))
+                        orphan_images = c.scalar(select(func.count(CaseImage.id)).where(
+                            ~CaseImage.id.in_(select(Analysis.image_id))))
+                        shas = set(c.scalars(select(CaseImage.sha256)))
+                    # one more request drains any audit entries spooled during the outage
+                    _api(server.base, "GET", "/api/v1/analyzers", token)
+                    with make_session_factory(engine)() as s:
+                        audit = audit_store.verify(s)
+                finally:
+                    engine.dispose()
+            files_on_disk = {p.name for p in st.images_dir.glob("*/*/*") if p.is_dir()}
+            spool = home / "audit-spool.jsonl"
+        finally:
+            with contextlib.suppress(Exception):
+                pg.stop("fast")
+        during = [e for e in log if t_down + 0.5 < e[0] < t_up]
+        before = [e for e in log if e[0] < t_down]
+        after = [e for e in log if e[0] > t_up]
+        ok_after = [e for e in after if e[2] in (200, 201) and e[1] == "upload"]
+        bad_during = [e for e in during if not (e[2] == 503 and e[3] == "database_unavailable")]
+        unexpected = [e for e in log if e[2] not in (200, 201, 503) or (e[2] == 503 and e[3] != "database_unavailable")]
+        first_ok_after = min((e[0] for e in ok_after), default=None)
+        rep = {
+            "scenario": "stop PostgreSQL during uploads", "uploaders": uploaders,
+            "requests": len(log), "before": len(before), "during_outage": len(during), "after": len(after),
+            "during_503_database_unavailable": sum(1 for e in during if e[2] == 503), "during_other": len(bad_during),
+            "unexpected_answers": len(unexpected), "unexpected_examples": unexpected[:5],
+            "uploads_accepted": sum(1 for e in log if e[1] == "upload" and e[2] in (200, 201)),
+            "recovery_s": round(first_ok_after - t_up, 1) if first_ok_after is not None else None,
+            "images": n_images, "analyses": n_analyses, "analysed": n_done,
+            "image_rows_without_analysis": orphan_images,
+            "files_without_row": len(files_on_disk - shas), "rows_without_file": len(shas - files_on_disk),
+            "audit_chain_ok": audit.ok, "audit_entries": audit.entries,
+            "audit_spool_left": spool.exists() and spool.stat().st_size > 0,
+            "outage_s": outage_s, "server_tracebacks": problems.get("tracebacks", 0),
+            "server_first_tracebacks": problems.get("first_tracebacks", [])[:2],
+            "audit_failure": problems.get("audit_failure", "")[-3000:],
+        }
+        rep["targets_met"] = {
+            "clear_503_during_outage": rep["during_503_database_unavailable"] > 0 and rep["during_other"] == 0,
+            "no_partial_records": orphan_images == 0 and rep["files_without_row"] == 0 and rep["rows_without_file"] == 0
+            and n_images == n_analyses,
+            "recovered": rep["recovery_s"] is not None and n_done == n_analyses,
+            "audit_intact": audit.ok and not rep["audit_spool_left"],
+            "no_other_errors": rep["unexpected_answers"] == 0,
+        }
+        return rep
