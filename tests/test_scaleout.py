@@ -170,6 +170,13 @@ def test_scaled_out_upload_to_result_through_redis_and_two_workers(redis_url, pg
     assert r.status_code == 200 and len(r.get_json()["added"]) == 4, r.data[:300]
     health = c.get("/healthz").get_json()
     assert health["queue"]["mode"] == "redis" and health["queue"]["waiting"] == 4  # no worker yet: waiting in Redis
+    # what Redis holds is JSON (an analysis id), never a pickle a worker would have to trust
+    import zlib
+
+    q = ext["workers"].queue
+    for jid in q.job_ids:
+        data = json.loads(zlib.decompress(q.connection.hget(f"rq:job:{jid}", "data")))
+        assert data[0] == "oncoscope.jobs.rq_job" and isinstance(data[2][0], int), data
     env = instance_env(home, pg_url, {"ONCOSCOPE_QUEUE_URL": redis_url, "ONCOSCOPE_JOB_LEASE_SECONDS": 20,
                                       "ONCOSCOPE_JOB_TIMEOUT_SECONDS": 10})
     workers = [faultbench.WorkerProcess(env, tmp_path / f"w{i}.log").start() for i in range(2)]

@@ -198,15 +198,17 @@ def init_app(app: Flask) -> None:
                 if request.view_args and arg in request.view_args:
                     kind, rid = name, request.view_args[arg]
                     break
+        patient_id = a.get("patient_id")
+        if patient_id is None and kind == "patient":
+            patient_id = rid
+        if patient_id is None and request.view_args and "patient_id" in request.view_args:
+            patient_id = request.view_args["patient_id"]  # the record the URL names (even when refused)
         for arg, name in RESOURCES:
-            if request.view_args and arg in request.view_args and name != kind:
+            if request.view_args and arg in request.view_args and name not in (kind, "patient"):
                 details.setdefault(f"{name}_id", request.view_args[arg])
         for k in QUERY_KEYS:
             if k in request.args:
                 details.setdefault(f"query_{k}", request.args.get(k))
-        patient_id = a.get("patient_id")
-        if patient_id is None and kind == "patient":
-            patient_id = rid
         html = resp.mimetype == "text/html"
         try:
             ext["audit"].record(

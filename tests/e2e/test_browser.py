@@ -203,5 +203,20 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     shot(page, "11-bone-xray-case")
     assert page.locator("section.field-result h2:has-text('Radiograph 1')").is_visible()
     assert page.locator("text=Cells:").count() == 0
+
+    # 9. the administrator reads the audit trail: the doctor's views, uploads and sign-off are there
+    page.click("text=Sign out")
+    page.fill("#email", "admin@clinic.test")
+    page.fill("#password", "Admin-pass-2026")
+    page.click("main button[type=submit]")
+    page.click("nav.mainnav >> text=Audit")
+    page.fill("#actor", "doctor@clinic.test")
+    page.click("main form.filters button[type=submit]")
+    page.wait_for_selector("table.audit tbody tr")
+    shot(page, "12-audit-trail")
+    body = page.inner_text("table.audit")
+    for action in ("auth.login", "case.create", "case.sign", "report.pdf", "image.download"):
+        assert action in body, action
+    assert "Doctor-pass-2026" not in page.content()
     assert not [e for e in errors if "Content Security Policy" in e], errors
     ctx.close()
