@@ -223,18 +223,28 @@ def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
 @click.option("--load", "load", is_flag=True,
               help="Load test: simulated doctors (browse, search, upload, review) against `oncoscope serve`.")
 @click.option("--users", default=50, show_default=True, help="--load: concurrent simulated users.")
+@click.option("--faults/--no-faults", default=True, show_default=True,
+              help="--load: then kill a worker mid-queue (Redis + PostgreSQL) and stop PostgreSQL during uploads.")
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, help="--load --faults: the queue.")
 @click.option("--duration", default=120.0, show_default=True, help="--load: seconds of load.")
 @click.option("--database-url", default=None, help="--load: database (default: SQLite in a fresh instance; "
               "PostgreSQL gets its own scratch database, dropped afterwards).")
 def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root, web, n_patients, n_analyses,
-          load, users, duration, database_url):
+          load, users, faults, redis_url, duration, database_url):
     """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net (or the web app with --web / --load)."""
     if load:
         from .loadbench import format_report, run_load
 
+        say = None if as_json else (lambda m: click.echo(m, err=True))
         out = run_load(users=users, duration_s=duration, database_url=database_url, patients=n_patients,
-                       analyses=n_analyses, progress=None if as_json else lambda m: click.echo(m, err=True))
-        click.echo(json.dumps(out) if as_json else format_report(out))
+                       analyses=n_analyses, progress=say)
+        text = format_report(out)
+        if faults:
+            from .faultbench import format_faults, run_faults
+
+            out["faults"] = run_faults(database_url, redis_url, progress=say)
+            text += "\n" + format_faults(out["faults"])
+        click.echo(json.dumps(out) if as_json else text)
         return
     if web:
         from .webbench import run_web_bench
@@ -269,20 +279,23 @@ def _bench_images(data_root) -> list[bytes] | None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--threads", default=8, show_default=True, type=int)
-def serve(host, port, threads):
+@click.option("--processes", default=None, type=int,
+              help="Server processes sharing the port (default: ONCOSCOPE_WEB_PROCESSES, else 2 on a machine "
+                   "with 2 or more cores). Python runs one thread at a time per process.")
+def serve(host, port, threads, processes):
     """Serve the web application with waitress (a production WSGI server)."""
-    from waitress import serve as waitress_serve
-
     from .config import Settings
     from .store import migrate
-    from .web import create_app
+    from .web.serving import serve as run_server
 
     st = Settings.from_env()
     if migrate.current(st.database_url) is None:
         raise click.ClickException("the database has no schema yet: run `oncoscope db upgrade` first")
-    app = create_app(settings=st)
-    click.echo(f"oncoscope serving on http://{host}:{port}/ (instance {st.home})")
-    waitress_serve(app, host=host, port=port, threads=threads, max_request_body_size=st.max_upload_mb * 1024 * 1024 * 20)
+    if processes is None:
+        processes = int(os.environ.get("ONCOSCOPE_WEB_PROCESSES") or min(2, os.cpu_count() or 1))
+    click.echo(f"oncoscope serving on http://{host}:{port}/ (instance {st.home}, {processes} process"
+               f"{'es' if processes > 1 else ''} x {threads} threads)")
+    run_server(st, host, port, threads, max(1, processes))
 
 
 @main.command()

@@ -57,7 +57,7 @@ def queue_analyses(settings, n: int, seed: int = 0) -> list[int]:
     from .store import users as user_store
     from .store.db import make_engine, make_session_factory
     from .store.files import FileStore
-    from .store.models import Analysis, CaseImage
+    from .store.models import Analysis
 
     engine = make_engine(settings.database_url)
     try:
@@ -455,3 +455,47 @@ def pg_outage_scenario(uploaders: int = 4, before_s: float = 6, outage_s: float 
             "no_other_errors": rep["unexpected_answers"] == 0,
         }
         return rep
+
+
+# ----------------------------------------------------------------------------- both, for the CLI
+def run_faults(database_url: str | None = None, redis_url: str = "redis://127.0.0.1:6379/0", n: int = 100,
+               progress=None) -> dict:
+    """Both scenarios; one that cannot run here (no Redis, no PostgreSQL) says why instead."""
+    say = progress or (lambda _m: None)
+    pg = database_url if database_url and database_url.startswith("postgresql") \
+        else "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    out: dict = {}
+    say(f"fault 1/2: {n} queued analyses, a worker killed with SIGKILL mid-queue, then restarted ...")
+    try:
+        out["kill_worker"] = kill_worker_scenario(n=n, database_url=pg, redis_url=redis_url)
+    except Exception as exc:  # noqa: BLE001 - reported, the other scenario still runs
+        out["kill_worker"] = {"skipped": f"{exc.__class__.__name__}: {exc}"[:500]}
+    say("fault 2/2: PostgreSQL stopped during uploads, then started again ...")
+    try:
+        out["postgres_outage"] = pg_outage_scenario()
+    except Exception as exc:  # noqa: BLE001
+        out["postgres_outage"] = {"skipped": f"{exc.__class__.__name__}: {exc}"[:500]}
+    return out
+
+
+def format_faults(rep: dict) -> str:
+    lines = []
+    k = rep.get("kill_worker", {})
+    if "skipped" in k:
+        lines.append(f"kill a worker: not run ({k['skipped']})")
+    else:
+        lines.append(f"kill a worker: {k['results']}/{k['analyses']} results, {k['result_rows_per_image']} per image, "
+                     f"killed after {k['done_when_killed']} (job {k['killed_while_running_job']} was "
+                     f"{k['victim_state_after_kill']}, re-run: attempts {k['victim_attempts']}), "
+                     f"all done {k['recovery_s']} s after the kill; targets {k['targets_met']}")
+    p = rep.get("postgres_outage", {})
+    if "skipped" in p:
+        lines.append(f"stop PostgreSQL: not run ({p['skipped']})")
+    else:
+        lines.append(f"stop PostgreSQL ({p['outage_s']} s): {p['during_outage']} requests during the outage, "
+                     f"{p['during_503_database_unavailable']} answered 503 database_unavailable, {p['during_other']} "
+                     f"otherwise; uploads working again {p['recovery_s']} s after restart; {p['images']} images, "
+                     f"{p['analysed']} analysed, {p['image_rows_without_analysis']} rows without analysis, "
+                     f"{p['files_without_row']} files without row; audit chain ok {p['audit_chain_ok']}; "
+                     f"targets {p['targets_met']}")
+    return "\n".join(lines)

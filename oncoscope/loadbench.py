@@ -21,6 +21,7 @@ The pieces are separate so fault scenarios (kill a worker, stop the database) ca
 from __future__ import annotations
 
 import contextlib
+import html as htmllib
 import http.client
 import http.cookies
 import json
@@ -77,6 +78,8 @@ class Recorder:
         self.uploads: dict[int, dict] = {}  # case id -> {"user", "t_post", "t_result"}
         self.signed = 0
         self.reconnects = 0
+        self.ramp_s = 0.0  # sign-ins spread over the first seconds
+        self.elapsed_s: float | None = None
         self._lock = threading.Lock()
 
     def add(self, sample: Sample) -> None:
@@ -88,6 +91,10 @@ class Recorder:
     def error(self, message: str) -> None:
         with self._lock:
             self.errors.append(message)
+
+    def count(self, attr: str) -> None:
+        with self._lock:
+            setattr(self, attr, getattr(self, attr) + 1)
 
 
 class FlowAbort(Exception):
@@ -143,7 +150,7 @@ class Browser:
                 self.close()
                 if fresh or attempt:
                     raise
-                self.rec.reconnects += 1  # the server closed an idle keep-alive connection: a browser retries
+                self.rec.count("reconnects")  # the server closed an idle keep-alive connection: a browser retries
                 continue
             except BaseException:
                 self.close()
@@ -213,12 +220,6 @@ _SUBMISSION = re.compile(r'name="submission_id" value="([^"]+)"')
 _SELECT = re.compile(r'<select[^>]*name="final_diagnosis"[^>]*>(.*?)</select>', re.S)
 _OPTION = re.compile(r'<option([^>]*)value="([^"]*)"')
 _CASE_STATUS = re.compile(r'data-case-status="([a-z_]+)"')
-
-
-def _unescape(s: str) -> str:
-    import html
-
-    return html.unescape(s)
 
 
 def unique_png(png: bytes, tag: str) -> bytes:
@@ -306,7 +307,7 @@ class SimUser:
 
     def _learn(self, html: str) -> None:
         for pid, name, mrn in _PATIENT_ROW.findall(html):
-            self.patients[int(pid)] = (_unescape(name), _unescape(mrn))
+            self.patients[int(pid)] = (htmllib.unescape(name), htmllib.unescape(mrn))
         for cid in _CASE_LINK.findall(html)[:30]:
             self.cases_seen.append(int(cid))
         del self.cases_seen[:-200]
@@ -463,7 +464,7 @@ class SimUser:
         r = self.page(name, f"/cases/{cid}")
         if cid in self.my_cases:  # seeded cases have rows but no image files: only fetch what exists
             for src in dict.fromkeys(_IMG.findall(r.text)):
-                src = _unescape(src)
+                src = htmllib.unescape(src)
                 if src in self.b.cache:
                     continue
                 self.b.cache.add(src)
@@ -502,8 +503,7 @@ class SimUser:
         if 'name="uncertainty_note"' in html:
             fields["uncertainty_note"] = "Reviewed manually: the AI result is not confident (load test)."
         r = self.b.post_form("case_sign", f"/cases/{cid}/sign", fields)
-        with self.sh.rec._lock:
-            self.sh.rec.signed += 1
+        self.sh.rec.count("signed")
         self.follow(r, "case_view")
 
 
@@ -516,8 +516,9 @@ def run_users(host: str, port: int, accounts: list[tuple[str, str]], duration_s:
     rec = rec or Recorder()
     stop = stop or threading.Event()
     images = images or smear_images(16, "PNG", first_seed=seed)
-    ramp = min(10.0, duration_s / 10) if ramp_s is None else ramp_s
-    rec.ramp_s = ramp  # type: ignore[attr-defined]
+    # 50 doctors do not all sign in within the same few seconds: spread sign-ins over the first quarter
+    ramp = min(30.0, duration_s / 4) if ramp_s is None else ramp_s
+    rec.ramp_s = ramp
     sh = Shared(host, port, rec, rec.t0 + duration_s, stop, images, tuple(think_s), dict(mix or DEFAULT_MIX))
     users = [SimUser(i, email, pw, sh, seed) for i, (email, pw) in enumerate(accounts)]
     threads = [threading.Thread(target=u.run, args=(ramp * i / max(1, len(users)),), name=f"sim-user-{i}",
@@ -533,7 +534,7 @@ def run_users(host: str, port: int, accounts: list[tuple[str, str]], duration_s:
     except BaseException:
         stop.set()
         raise
-    rec.elapsed_s = time.monotonic() - rec.t0  # type: ignore[attr-defined]
+    rec.elapsed_s = time.monotonic() - rec.t0
     return rec
 
 
@@ -628,6 +629,38 @@ def prepare_instance(home: Path, database_url: str | None = None, *, users: int 
                     seeded, img_max, case_max)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the bench process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; stop() is the normal way
+        pass
+
+
+def _pdeathsig_ok() -> bool:
+    # The signal follows the *thread* that started the child: only tie it to the main thread's life.
+    return sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """While active (main thread only), SIGTERM raises SystemExit so ``finally`` blocks stop the server."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Server:
     """``oncoscope serve`` as a subprocess on loopback (own process group, log in the instance folder).
     Use as a context manager, or call ``stop()``: it is always safe to call again."""
@@ -650,7 +683,8 @@ class Server:
             cmd += ["--threads", str(self.threads)]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # Ctrl-C reaches the bench, which stops it
+                                     start_new_session=True,  # Ctrl-C reaches the bench, which stops it
+                                     preexec_fn=_die_with_parent if _pdeathsig_ok() else None)
         t_end = time.monotonic() + timeout_s
         while time.monotonic() < t_end:
             if self.proc.poll() is not None:
@@ -669,17 +703,25 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def sample(self) -> None:
-        """Read peak RSS and CPU time from /proc (Linux; silently nothing elsewhere)."""
+        """Peak RSS (sum over the server's processes: ``serve`` forks one per core) and CPU time."""
         if not self.alive():
             return
         try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-            m = re.search(r"VmHWM:\s+(\d+) kB", status)
-            if m:
-                self.peak_rss_mb = round(int(m.group(1)) / 1024, 1)
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            self.cpu_s = round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)
-        except (OSError, ValueError, IndexError):
+            import psutil
+
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+            rss, cpu = 0.0, 0.0
+            for p in procs:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                m = re.search(r"VmHWM:\s+(\d+) kB", status)
+                rss += int(m.group(1)) / 1024 if m else 0.0
+                t = p.cpu_times()
+                cpu += t.user + t.system
+            self.peak_rss_mb = round(max(rss, self.peak_rss_mb or 0.0), 1)
+            self.cpu_s = round(cpu, 1)
+            self.processes = len(procs)
+        except Exception:  # noqa: BLE001 - measurement only, never fatal
             pass
 
     def stop(self, timeout_s: float = 15) -> None:
@@ -797,7 +839,7 @@ def _stats(values: list[float]) -> dict:
 
 def summarize(rec: Recorder, check: dict, *, users: int, duration_s: float, database_url: str, server: Server | None,
               page_p95_target_ms: float = 300.0, extra: dict | None = None) -> dict:
-    elapsed = getattr(rec, "elapsed_s", None) or max((s.t for s in rec.samples), default=0.0)
+    elapsed = rec.elapsed_s or max((s.t for s in rec.samples), default=0.0)
     by_kind: dict[str, list[float]] = {}
     by_name: dict[str, list[float]] = {}
     for s in rec.samples:
@@ -816,7 +858,7 @@ def summarize(rec: Recorder, check: dict, *, users: int, duration_s: float, data
                       f"{check['waited_s']} s, {check['failed']} failed, {check['no_job']} without a job)")
     seen = [u["t_result"] - u["t_post"] for u in rec.uploads.values() if u["t_result"] is not None]
     page = _stats(by_kind.get(PAGE, []))
-    ramp = getattr(rec, "ramp_s", 0.0)
+    ramp = rec.ramp_s
     steady = [s.ms for s in rec.samples if s.kind == PAGE and s.status and s.t >= ramp + 5]
     status_counts: dict[str, int] = {}
     for s in rec.samples:
@@ -874,7 +916,7 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
         home = Path(tmp.name)
     server = None
     try:
-        with scratch_database(database_url) as url:
+        with sigterm_as_exit(), scratch_database(database_url) as url:
             say(f"seeding {max(patients, users)} patients, {analyses} analyses, {users} doctors in {home}")
             inst = prepare_instance(home, url, users=users, patients=patients, analyses=analyses, seed=seed,
                                     extra_env=extra_env)
@@ -898,6 +940,10 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
             rep = summarize(rec, check, users=users, duration_s=duration_s, database_url=inst.database_url,
                             server=server, extra={"think_s": list(think_s), "seeded": inst.seeded,
                                                   "cpu": cpu_usage(cpu_before, cpu_after, rec.elapsed_s)})
+            if cpu_before["server"] is not None and cpu_after["server"] is not None and rec.samples:
+                # during the run only (not start-up or the final wait)
+                rep["server"]["cpu_ms_per_request"] = round(
+                    1e3 * (cpu_after["server"] - cpu_before["server"]) / len(rec.samples), 1)
             rep["load_average"] = {"before": [round(x, 2) for x in load_before],
                                    "after": [round(x, 2) for x in load_after]}
             if keep_home:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest

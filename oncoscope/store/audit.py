@@ -28,8 +28,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import AuditEvent, AuditHead, utcnow
@@ -104,26 +104,46 @@ def entry_hash(prev_hash: str, entry: dict) -> str:
     return hashlib.sha256(f"{prev_hash}\n{canon}".encode()).hexdigest()
 
 
-def append(s: Session, event: dict) -> AuditEvent:
-    """Append one entry in its own transaction (commits). ``s`` must not hold other pending work."""
+_HEAD = AuditHead.__table__
+_EVENTS = AuditEvent.__table__
+
+
+def append(s: Session, event: dict) -> dict:
+    """Append one entry in its own transaction (commits) and return it. ``s`` must hold no other
+    pending work. Core statements, not ORM objects: this runs once per audited request."""
     e = normalise(event)
+    returning = s.get_bind().dialect.name in ("postgresql", "sqlite")  # MariaDB has no UPDATE ... RETURNING
+    bump = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1)
     for _ in range(10):
         try:
-            if s.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)).rowcount == 0:
-                s.add(AuditHead(id=1, seq=1, hash=GENESIS))  # the very first entry; a racing twin retries
-                s.flush()
-            seq, prev = s.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
+            if returning:
+                head = s.execute(bump.returning(_HEAD.c.seq, _HEAD.c.hash)).first()
+            else:
+                head = s.execute(select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)) \
+                    .first() if s.execute(bump).rowcount else None
+            if head is None:  # the very first entry; a racing twin gets IntegrityError and retries
+                s.execute(insert(_HEAD).values(id=1, seq=1, hash=GENESIS))
+                head = (1, GENESIS)
+            seq, prev = head
             row = dict(e, seq=seq, prev_hash=prev)
             row["hash"] = entry_hash(prev, row)
-            ev = AuditEvent(**row)
-            s.add(ev)
-            s.flush()
-            s.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=row["hash"]))
+            s.execute(insert(_EVENTS).values(**row))
+            s.execute(update(_HEAD).where(_HEAD.c.id == 1).values(hash=row["hash"]))
             s.commit()
-            return ev
-        except IntegrityError:
+            return row
+        except (IntegrityError, OperationalError) as exc:
             s.rollback()
+            if isinstance(exc, OperationalError) and not _is_deadlock(exc):
+                raise  # the database is down: the caller spools the entry
     raise RuntimeError("could not append to the audit trail (head row contention)")
+
+
+def _is_deadlock(exc: OperationalError) -> bool:
+    """Two first-ever appends racing on MariaDB (gap locks), or a PostgreSQL deadlock/serialization
+    failure: safe to retry."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "args", [None])[0] if orig is not None else None
+    return code in (1213, 1205) or getattr(orig, "sqlstate", None) in ("40P01", "40001")
 
 
 class AuditLog:
@@ -140,20 +160,22 @@ class AuditLog:
         neither worked (the caller must then refuse to hand out the data)."""
         e = normalise(event)
         e["at"] = e["at"].isoformat()
-        with self._lock:
+        try:
+            if self.spool.exists() and self.spool.stat().st_size:
+                with self._lock:  # entries kept while the database was away go in first, in order
+                    self._drain()
+            s = self.sessions()
             try:
-                self._drain()
-                s = self.sessions()
-                try:
-                    append(s, e)
-                finally:
-                    s.close()
-                return True
-            except Exception as exc:  # noqa: BLE001 - any failure to reach the database: keep the entry on disk
-                log.warning("audit database unavailable (%s: %s); entry spooled to %s", exc.__class__.__name__,
-                            str(exc)[:200], self.spool)
+                append(s, e)
+            finally:
+                s.close()
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the database: keep the entry on disk
+            log.warning("audit database unavailable (%s: %s); entry spooled to %s", exc.__class__.__name__,
+                        str(exc)[:200], self.spool)
+            with self._lock:
                 self._spool(e)
-                return False
+            return False
 
     def _spool(self, e: dict) -> None:
         line = json.dumps(e, sort_keys=True) + "\n"
@@ -167,7 +189,7 @@ class AuditLog:
 
     def _drain(self) -> int:
         if not self.spool.exists() or self.spool.stat().st_size == 0:
-            return 0
+            return 0  # (another thread drained it meanwhile)
         fd = os.open(self.spool, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -8,14 +8,14 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from ..ml.imageio import ImageLoadError, load_image
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
 from .patients import like_text
-from .text import UNSTORABLE_MESSAGE, clean_filename, unstorable
+from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
 
 NONDIAGNOSTIC = "Nondiagnostic"
 
@@ -31,8 +31,9 @@ def visible_cases(user: User):
     """Cases of patients the user may see (the one object-level rule, reused)."""
     if user.is_admin:
         return select(Case)
-    return select(Case).where(exists().where(PatientAccess.patient_id == Case.patient_id,
-                                             PatientAccess.user_id == user.id))
+    # uncorrelated IN (see visible_patients): counts per status went from 13.6 to 0.3 ms on 25k cases
+    return select(Case).where(Case.patient_id.in_(select(PatientAccess.patient_id)
+                                                  .where(PatientAccess.user_id == user.id)))
 
 
 def get_visible(s: Session, user: User, case_id: int) -> Case | None:
@@ -94,12 +95,12 @@ def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: li
             img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
                             width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
                             uploaded_by_id=user.id)
-            if meta is not None:
-                img.dicom_patient_id = (meta.patient_id or "")[:64] or None
-                img.dicom_study_uid = (meta.study_uid or "")[:64] or None
-                img.dicom_series_uid = (meta.series_uid or "")[:64] or None
-                img.dicom_sop_uid = (meta.sop_instance_uid or "")[:64] or None
-                img.modality = (meta.modality or "")[:16] or None
+            if meta is not None:  # identifiers as the file has them, less NUL (PostgreSQL refuses it in text)
+                img.dicom_patient_id = storable(meta.patient_id)[:64] or None
+                img.dicom_study_uid = storable(meta.study_uid)[:64] or None
+                img.dicom_series_uid = storable(meta.series_uid)[:64] or None
+                img.dicom_sop_uid = storable(meta.sop_instance_uid)[:64] or None
+                img.modality = storable(meta.modality)[:16] or None
             s.add(img)
             s.flush()
             s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
@@ -342,7 +343,7 @@ def history(s: Session, user: User, *, status: str = "", diagnosis: str = "", do
         q = q.where(Case.created_by_id == doctor_id)
     if date_from:
         q = q.where(Case.created_at >= dt.datetime.combine(date_from, dt.time()))
-    if date_to:
+    if date_to and date_to < dt.date.max:  # (up to 9999-12-31 is no bound: the day after does not exist)
         q = q.where(Case.created_at < dt.datetime.combine(date_to + dt.timedelta(days=1), dt.time()))
     if text:
         t = like_text(text)

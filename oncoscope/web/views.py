@@ -40,7 +40,9 @@ def healthz():
         except Exception as exc:  # noqa: BLE001 - report, do not crash
             status["queue"] = {"mode": "redis", "state": f"unavailable: {exc.__class__.__name__}"}
     else:
-        status["queue"] = {"mode": "in-process", "state": "ok" if runner is not None else "not started"}
+        elsewhere = ext().get("workers_in")
+        status["queue"] = {"mode": "in-process", "state": "ok" if runner is not None else
+                           f"run by {elsewhere}" if elsewhere else "not started"}
     return jsonify(status), (200 if ok else 503)
 
 

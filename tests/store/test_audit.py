@@ -11,7 +11,7 @@ import threading
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import delete, func, select, text, update
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from oncoscope.store import audit as audit_store
 from oncoscope.store import migrate
