@@ -25,6 +25,8 @@ import socket
 import threading
 import traceback
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from .analyzers import registry
 from .analyzers.render import heatmap_overlay, heatmap_rgba, mask_overlay
 from .ml.imageio import load_image
@@ -154,7 +156,10 @@ class WorkerPool:
                 if first:
                     self._sweep()
                 did = self.run_one(name)
-            except Exception:  # noqa: BLE001 - e.g. database briefly down: wait and retry
+            except (OperationalError, InterfaceError) as exc:  # the database is away: one line, wait, retry
+                log.warning("analysis worker: database unavailable (%s); retrying", exc.__class__.__name__)
+                did = False
+            except Exception:  # noqa: BLE001 - anything else: keep the traceback, keep the worker alive
                 log.exception("worker loop error")
                 did = False
             if not did:
