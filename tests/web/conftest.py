@@ -107,6 +107,17 @@ def sessions_of(app):
     return app.extensions["oncoscope"]["sessions"]
 
 
+def q(app, stmt):
+    """Run a query in a fresh session (sees what the app committed)."""
+    with sessions_of(app)() as s:
+        return s.execute(stmt).all()
+
+
+def one(app, stmt):
+    with sessions_of(app)() as s:
+        return s.scalar(stmt)
+
+
 def files_of(app):
     return app.extensions["oncoscope"]["files"]
 

@@ -20,23 +20,13 @@ from oncoscope.store import users as user_store
 from oncoscope.store.models import Analysis, Case, CaseImage, Patient, Review, User, utcnow
 
 from .conftest import (ADMIN, CASE_A_ID, DOC_A, DOC_B, PATIENT_A, PATIENT_A_ID, PATIENT_B, PATIENT_B_ID, SPARE,
-                       field_errors, files_of, flashes, login, png_bytes, pool_for, sessions_of)
+                       field_errors, files_of, flashes, login, one, png_bytes, pool_for, q, sessions_of)
 
 P = PATIENT_A_ID
 MULTIPART = "multipart/form-data"
 
 
 # ----------------------------------------------------------------------------- helpers
-def q(app, stmt):
-    """Run a query in a fresh session (sees what the app committed)."""
-    with sessions_of(app)() as s:
-        return s.execute(stmt).all()
-
-
-def one(app, stmt):
-    with sessions_of(app)() as s:
-        return s.scalar(stmt)
-
 
 def update_row(app, model, pk, **values):
     with sessions_of(app)() as s:

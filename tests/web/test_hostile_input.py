@@ -52,7 +52,7 @@ from oncoscope.store.models import (Analysis, ApiToken, Case, CaseImage, Patient
 from oncoscope.store.text import clean_filename
 
 from .conftest import (ADMIN, CASE_A_ID, DOC_A, PATIENT_A_ID, PATIENT_B_ID, SPARE, files_of, flashes, login,
-                       sessions_of)
+                       one, q, sessions_of)
 
 
 def fuzz(n: int):
@@ -118,15 +118,6 @@ def injection_text():
 
 
 # ============================================================================ properties
-def q(app, stmt):
-    with sessions_of(app)() as s:
-        return s.execute(stmt).all()
-
-
-def one(app, stmt):
-    with sessions_of(app)() as s:
-        return s.scalar(stmt)
-
 
 def stored_files(app) -> set[str]:
     root = files_of(app).root
