@@ -225,19 +225,20 @@ def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
 @click.option("--users", default=50, show_default=True, help="--load: concurrent simulated users.")
 @click.option("--faults/--no-faults", default=True, show_default=True,
               help="--load: then kill a worker mid-queue (Redis + PostgreSQL) and stop PostgreSQL during uploads.")
-@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, help="--load --faults: the queue.")
+@click.option("--redis-url", default="redis://127.0.0.1:6379/0", show_default=True, help="--load: the queue (--scaled, --faults).")
+@click.option("--scaled", is_flag=True, help="--load: analyses through Redis to separate `oncoscope worker` processes.")
 @click.option("--duration", default=120.0, show_default=True, help="--load: seconds of load.")
 @click.option("--database-url", default=None, help="--load: database (default: SQLite in a fresh instance; "
               "PostgreSQL gets its own scratch database, dropped afterwards).")
 def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root, web, n_patients, n_analyses,
-          load, users, faults, redis_url, duration, database_url):
+          load, users, faults, redis_url, scaled, duration, database_url):
     """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net (or the web app with --web / --load)."""
     if load:
         from .loadbench import format_report, run_load
 
         say = None if as_json else (lambda m: click.echo(m, err=True))
         out = run_load(users=users, duration_s=duration, database_url=database_url, patients=n_patients,
-                       analyses=n_analyses, progress=say)
+                       analyses=n_analyses, progress=say, queue_url=redis_url if scaled else None)
         text = format_report(out)
         if faults:
             from .faultbench import format_faults, run_faults

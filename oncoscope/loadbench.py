@@ -906,10 +906,15 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
              seed: int = 0, extra_env: dict | None = None, *, patients: int = 10_000, analyses: int = 50_000,
              server_threads: int | None = None, ramp_s: float | None = None, mix: dict | None = None,
              analysis_wait_s: float = 120, keep_home: bool = False, home: Path | None = None,
-             progress=None) -> dict:
+             progress=None, queue_url: str | None = None, workers: int = 2) -> dict:
     """Fresh instance + real server + ``users`` simulated doctors for ``duration_s``; returns the report.
-    ``database_url``: None = SQLite in the instance; PostgreSQL gets its own scratch database."""
+    ``database_url``: None = SQLite in the instance; PostgreSQL gets its own scratch database.
+    ``queue_url``: scaled-out mode: the server hands analyses to Redis and ``workers`` separate
+    ``oncoscope worker`` processes run them."""
     say = progress or (lambda _msg: None)
+    if queue_url:
+        extra_env = dict(extra_env or {}, ONCOSCOPE_QUEUE_URL=queue_url)
+    worker_procs: list = []
     tmp = None
     if home is None:
         tmp = tempfile.TemporaryDirectory(prefix="oncoscope-load-")
@@ -924,6 +929,12 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
             server = Server(inst.env, threads=server_threads)
             say(f"starting oncoscope serve on {server.base}")
             server.start()
+            if queue_url:
+                from .faultbench import WorkerProcess, _clear_queue
+
+                _clear_queue(queue_url)
+                worker_procs = [WorkerProcess(inst.env, home / f"worker-{i}.log").start() for i in range(workers)]
+                say(f"started {workers} oncoscope worker processes on {queue_url}")
             load_before = os.getloadavg()
             server.sample()
             cpu_before = {"machine": machine_cpu_s(), "server": server.cpu_s, "bench": time.process_time()}
@@ -937,6 +948,8 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
             check = wait_for_analyses(inst.database_url, inst.first_run_image_id, analysis_wait_s)
             server.sample()
             server.stop()
+            for w in worker_procs:
+                w.stop()
             rep = summarize(rec, check, users=users, duration_s=duration_s, database_url=inst.database_url,
                             server=server, extra={"think_s": list(think_s), "seeded": inst.seeded,
                                                   "cpu": cpu_usage(cpu_before, cpu_after, rec.elapsed_s)})
@@ -944,6 +957,8 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
                 # during the run only (not start-up or the final wait)
                 rep["server"]["cpu_ms_per_request"] = round(
                     1e3 * (cpu_after["server"] - cpu_before["server"]) / len(rec.samples), 1)
+            rep["queue"] = {"mode": "redis", "url": queue_url, "workers": workers} if queue_url else \
+                {"mode": "in-process"}
             rep["load_average"] = {"before": [round(x, 2) for x in load_before],
                                    "after": [round(x, 2) for x in load_after]}
             if keep_home:
@@ -952,6 +967,8 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
     finally:
         if server is not None:
             server.stop()
+        for w in worker_procs:
+            w.stop()
         if tmp is not None and not keep_home:
             tmp.cleanup()
 

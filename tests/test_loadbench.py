@@ -39,3 +39,20 @@ def test_small_load_run(monkeypatch):
     assert {"dashboard", "case_upload", "case_view", "case_status", "login"} <= set(rep["actions"])
     assert rep["page_ms"]["p95"] is not None and rep["page_ms"]["count"] > 0
     assert rep["targets_met"]["errors_0"] and rep["targets_met"]["all_uploads_analysed"]
+
+
+def test_small_scaled_out_load_run(monkeypatch):
+    """The same flow with analyses going through Redis to two separate `oncoscope worker` processes."""
+    from oncoscope.faultbench import redis_reachable
+
+    url = "redis://127.0.0.1:6379/15"
+    if (exc := redis_reachable(url)) is not None:
+        pytest.skip(f"Redis at {url} does not answer ({exc.__class__.__name__}): scaled-out load run skipped")
+    for k in ("DATABASE_URL", "ONCOSCOPE_HOME", "ONCOSCOPE_QUEUE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    mix = dict(DEFAULT_MIX, upload_case=30, review_pending=10)
+    rep = run_load(users=3, duration_s=10, think_s=(0.2, 0.6), patients=60, analyses=40, mix=mix,
+                   analysis_wait_s=60, queue_url=url, workers=2)
+    assert rep["queue"] == {"mode": "redis", "url": url, "workers": 2}
+    assert rep["errors"]["count"] == 0, rep["errors"]
+    assert rep["uploads"] > 0 and rep["uploads_analysed"] == rep["uploads"] == rep["uploads_accepted_by_clients"]
