@@ -437,20 +437,13 @@ def audit_verify(checkpoints, as_json):
     """Recompute the hash chain; exit status 1 when any entry was altered, removed or inserted."""
     from .config import Settings
     from .store import audit as audit_store
-    from .store.db import make_engine, make_session_factory
+    from .store.db import standalone_session
 
     st = Settings.from_env()
     cp_path = Path(checkpoints) if checkpoints else None
     cps = {int(k): v for k, v in json.loads(cp_path.read_text()).items()} if cp_path and cp_path.exists() else {}
-    engine = make_engine(st.database_url)
-    try:
-        s = make_session_factory(engine)()
-        try:
-            rep = audit_store.verify(s, cps)
-        finally:
-            s.close()
-    finally:
-        engine.dispose()
+    with standalone_session(st.database_url) as s:
+        rep = audit_store.verify(s, cps)
     if rep.ok and cp_path is not None and rep.head_seq:
         cps[rep.head_seq] = rep.head_hash
         cp_path.write_text(json.dumps({str(k): v for k, v in sorted(cps.items())}, indent=1))
@@ -478,26 +471,17 @@ def audit_export(out, since, until):
 
     from .config import Settings
     from .store import audit as audit_store
-    from .store.db import make_engine, make_session_factory
+    from .store.db import standalone_session
 
     st = Settings.from_env()
     f = audit_store.AuditFilter(date_from=dt.date.fromisoformat(since) if since else None,
                                 date_to=dt.date.fromisoformat(until) if until else None)
-    engine = make_engine(st.database_url)
-    n = 0
-    try:
-        s = make_session_factory(engine)()
-        try:
-            with open(out, "w", newline="", encoding="utf-8") as fh:
-                for chunk in audit_store.export_csv(s, f):
-                    fh.write(chunk)
-                    n += chunk.count("\n")
-        finally:
-            s.close()
-    finally:
-        engine.dispose()
+    with standalone_session(st.database_url) as s, open(out, "w", newline="", encoding="utf-8") as fh:
+        n = audit_store.count(s, f)  # (rows, not lines: a detail may hold a line break)
+        for chunk in audit_store.export_csv(s, f):
+            fh.write(chunk)
     audit_store.record_system(st, "audit.export_cli", file=str(Path(out).resolve()), since=since, until=until)
-    click.echo(f"{out}: {max(0, n - 1)} entries")
+    click.echo(f"{out}: {n} entries")
 
 
 if __name__ == "__main__":  # pragma: no cover

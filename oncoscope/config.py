@@ -81,6 +81,11 @@ class Settings:
         return self.images_path or self.home / "images"
 
     @property
+    def audit_spool(self) -> Path:
+        """Audit entries kept here while the database does not answer (see store/audit.py)."""
+        return self.home / "audit-spool.jsonl"
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

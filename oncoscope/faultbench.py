@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -27,7 +26,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .loadbench import free_port, instance_env, oncoscope_cmd, scratch_database
+from .loadbench import OncoscopeProcess, free_port, instance_env, scratch_database
 
 PG_BIN = Path("/usr/lib/postgresql")
 
@@ -55,28 +54,22 @@ def queue_analyses(settings, n: int, seed: int = 0) -> list[int]:
     from .store import cases as case_store
     from .store import patients as patient_store
     from .store import users as user_store
-    from .store.db import make_engine, make_session_factory
+    from sqlalchemy import select
+
+    from .store.db import standalone_session
     from .store.files import FileStore
     from .store.models import Analysis
 
-    engine = make_engine(settings.database_url)
-    try:
-        s = make_session_factory(engine)()
-        try:
-            tag = uuid.uuid4().hex[:8]
-            u = user_store.create_user(s, f"fault-{tag}@clinic.test", "Fault Bench", "fault-bench-password-1")
-            p = patient_store.create(s, u, {"mrn": f"FAULT-{tag}", "family_name": "Fault", "given_name": "Bench"})
-            c = case_store.create_case(s, u, p, "smear-all")
-            out = case_store.add_images(s, FileStore(settings.images_dir), c, u,
-                                        [(f"f{i}.png", b) for i, b in enumerate(generated_pngs(n, seed))], 50 * 2**20)
-            s.commit()
-            ids = [i.id for i in out.added]
-            return list(s.scalars(Analysis.__table__.select().with_only_columns(Analysis.id)
-                                  .where(Analysis.image_id.in_(ids)).order_by(Analysis.id)))
-        finally:
-            s.close()
-    finally:
-        engine.dispose()
+    with standalone_session(settings.database_url) as s:
+        tag = uuid.uuid4().hex[:8]
+        u = user_store.create_user(s, f"fault-{tag}@clinic.test", "Fault Bench", "fault-bench-password-1")
+        p = patient_store.create(s, u, {"mrn": f"FAULT-{tag}", "family_name": "Fault", "given_name": "Bench"})
+        c = case_store.create_case(s, u, p, "smear-all")
+        out = case_store.add_images(s, FileStore(settings.images_dir), c, u,
+                                    [(f"f{i}.png", b) for i, b in enumerate(generated_pngs(n, seed))], 50 * 2**20)
+        s.commit()
+        ids = [i.id for i in out.added]
+        return list(s.scalars(select(Analysis.id).where(Analysis.image_id.in_(ids)).order_by(Analysis.id)))
 
 
 def analysis_rows(database_url: str, ids: list[int]) -> list[dict]:
@@ -95,46 +88,16 @@ def analysis_rows(database_url: str, ids: list[int]) -> list[dict]:
         engine.dispose()
 
 
-class WorkerProcess:
-    """``oncoscope worker`` in a subprocess (own session; log in the instance folder)."""
+class WorkerProcess(OncoscopeProcess):
+    """``oncoscope worker`` in a subprocess (log in the instance folder)."""
 
     def __init__(self, env: dict, log_path: Path, reconcile_every: float = 1.0):
-        self.env, self.log_path, self.reconcile_every = env, Path(log_path), reconcile_every
-        self.proc: subprocess.Popen | None = None
+        super().__init__(env, log_path)
+        self.reconcile_every = reconcile_every
 
     def start(self) -> "WorkerProcess":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*oncoscope_cmd(), "worker", "--reconcile-every", str(self.reconcile_every)],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._launch(["worker", "--reconcile-every", str(self.reconcile_every)])
         return self
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up of any kind (what a crash or OOM kill does)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if getattr(self, "_log", None):
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
 
 
 def redis_reachable(url: str) -> Exception | None:
@@ -419,7 +382,7 @@ def pg_outage_scenario(uploaders: int = 4, before_s: float = 6, outage_s: float 
                 finally:
                     engine.dispose()
             files_on_disk = {p.name for p in st.images_dir.glob("*/*/*") if p.is_dir()}
-            spool = home / "audit-spool.jsonl"
+            spool = st.audit_spool
         finally:
             with contextlib.suppress(Exception):
                 pg.stop("fast")

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -140,8 +141,6 @@ class WorkerPool:
     def _sweep(self) -> None:
         """A job whose result could not be written (the database went away mid-job) stays 'running';
         once its lease has run out it is queued again."""
-        import time
-
         if time.monotonic() - self._last_sweep < min(30.0, self.lease.total_seconds() / 2):
             return
         self._last_sweep = time.monotonic()
@@ -276,9 +275,7 @@ def run_worker(settings, burst: bool = False, reconcile_every: float = 5.0) -> N
     t = threading.Thread(target=reconciler, name="oncoscope-reconciler", daemon=True)
     t.start()
     try:
-        from rq.serializers import JSONSerializer
-
-        SimpleWorker([dispatcher.queue], connection=dispatcher.redis, serializer=JSONSerializer,
+        SimpleWorker([dispatcher.queue], connection=dispatcher.redis, serializer=dispatcher.queue.serializer,
                      name=f"{_WORKER['name']}".replace(":", "-")).work(burst=burst, logging_level="WARNING")
     finally:
         stop.set()

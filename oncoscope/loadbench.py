@@ -661,15 +661,62 @@ def sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-class Server:
-    """``oncoscope serve`` as a subprocess on loopback (own process group, log in the instance folder).
-    Use as a context manager, or call ``stop()``: it is always safe to call again."""
+class OncoscopeProcess:
+    """An ``oncoscope`` command in a subprocess: own process group (so Ctrl-C reaches the bench,
+    which stops it), output in a log file, ended when the bench dies. ``stop()`` is always safe to
+    call again."""
+
+    def __init__(self, env: dict, log_path: Path):
+        self.env, self.log_path = env, Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def _launch(self, args: list[str]) -> None:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([*oncoscope_cmd(), *args], env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent if _pdeathsig_ok() else None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: no clean-up of any kind (what a crash or OOM kill does)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 15) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Server(OncoscopeProcess):
+    """``oncoscope serve`` on loopback (log in the instance folder). Use as a context manager, or
+    call ``stop()``."""
 
     def __init__(self, env: dict, host: str = "127.0.0.1", port: int | None = None, threads: int | None = None,
                  log_path: Path | None = None):
-        self.env, self.host, self.port, self.threads = env, host, port or free_port(host), threads
-        self.log_path = Path(log_path or Path(env["ONCOSCOPE_HOME"]) / "server.log")
-        self.proc: subprocess.Popen | None = None
+        super().__init__(env, log_path or Path(env["ONCOSCOPE_HOME"]) / "server.log")
+        self.host, self.port, self.threads = host, port or free_port(host), threads
         self.peak_rss_mb: float | None = None
         self.cpu_s: float | None = None
 
@@ -678,13 +725,10 @@ class Server:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 120) -> "Server":
-        cmd = [*oncoscope_cmd(), "serve", "--host", self.host, "--port", str(self.port)]
+        args = ["serve", "--host", self.host, "--port", str(self.port)]
         if self.threads:
-            cmd += ["--threads", str(self.threads)]
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True,  # Ctrl-C reaches the bench, which stops it
-                                     preexec_fn=_die_with_parent if _pdeathsig_ok() else None)
+            args += ["--threads", str(self.threads)]
+        self._launch(args)
         t_end = time.monotonic() + timeout_s
         while time.monotonic() < t_end:
             if self.proc.poll() is not None:
@@ -698,9 +742,6 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"oncoscope serve did not become healthy in {timeout_s:.0f} s: {self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def sample(self) -> None:
         """Peak RSS (sum over the server's processes: ``serve`` forks one per core) and CPU time."""
@@ -725,25 +766,8 @@ class Server:
             pass
 
     def stop(self, timeout_s: float = 15) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.sample()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        self.sample()  # last reading before it goes
+        super().stop(timeout_s)
 
     def log_problems(self, limit: int = 5) -> dict:
         """Tracebacks and waitress queue warnings in the server log."""

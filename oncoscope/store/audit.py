@@ -110,8 +110,12 @@ _EVENTS = AuditEvent.__table__
 
 def append(s: Session, event: dict) -> dict:
     """Append one entry in its own transaction (commits) and return it. ``s`` must hold no other
-    pending work. Core statements, not ORM objects: this runs once per audited request."""
-    e = normalise(event)
+    pending work."""
+    return _append_normalised(s, normalise(event))
+
+
+def _append_normalised(s: Session, e: dict) -> dict:
+    """Core statements, not ORM objects: this runs once per audited request."""
     returning = s.get_bind().dialect.name in ("postgresql", "sqlite")  # MariaDB has no UPDATE ... RETURNING
     bump = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1)
     for _ in range(10):
@@ -159,14 +163,13 @@ class AuditLog:
         """True when the entry is in the database, False when it was spooled. Raises only when
         neither worked (the caller must then refuse to hand out the data)."""
         e = normalise(event)
-        e["at"] = e["at"].isoformat()
         try:
             if self.spool.exists() and self.spool.stat().st_size:
                 with self._lock:  # entries kept while the database was away go in first, in order
                     self._drain()
             s = self.sessions()
             try:
-                append(s, e)
+                _append_normalised(s, e)
             finally:
                 s.close()
             return True
@@ -178,7 +181,7 @@ class AuditLog:
             return False
 
     def _spool(self, e: dict) -> None:
-        line = json.dumps(e, sort_keys=True) + "\n"
+        line = json.dumps(dict(e, at=e["at"].isoformat()), sort_keys=True) + "\n"
         fd = os.open(self.spool, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -227,7 +230,7 @@ def record_system(settings, action: str, outcome: str = "success", **details) ->
         who = str(os.getuid())
     engine = make_engine(settings.database_url)
     try:
-        AuditLog(make_session_factory(engine), settings.home / "audit-spool.jsonl").record(
+        AuditLog(make_session_factory(engine), settings.audit_spool).record(
             actor=f"cli:{who}@{socket.gethostname()}", channel="cli", action=action, outcome=outcome,
             details=details)
     finally:
@@ -328,11 +331,15 @@ def _query(f: AuditFilter):
     return q
 
 
+def count(s: Session, f: AuditFilter) -> int:
+    return s.scalar(_query(f).with_only_columns(func.count(AuditEvent.id)).order_by(None))
+
+
 def search(s: Session, f: AuditFilter, page: int = 1, per_page: int = 50):
     from .patients import Page
 
     q = _query(f)
-    total = s.scalar(q.with_only_columns(func.count(AuditEvent.id)).order_by(None))
+    total = count(s, f)
     pages = max(1, -(-total // per_page))
     page = min(max(1, page), pages)
     items = list(s.scalars(q.order_by(AuditEvent.seq.desc()).offset((page - 1) * per_page).limit(per_page)))

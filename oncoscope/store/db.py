@@ -45,6 +45,19 @@ def session_scope(factory: sessionmaker[Session]):
         s.close()
 
 
+@contextmanager
+def standalone_session(url: str):
+    """A session on an engine of its own, for work outside the web app (commands, benches);
+    the engine is disposed afterwards. Commits are the caller's."""
+    engine = make_engine(url)
+    s = make_session_factory(engine)()
+    try:
+        yield s
+    finally:
+        s.close()
+        engine.dispose()
+
+
 def ping(engine: Engine) -> bool:
     try:
         with engine.connect() as c:

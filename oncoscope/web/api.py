@@ -20,7 +20,7 @@ from ..store import patients as patient_store
 from ..store import tokens as token_store
 from ..store.models import IdempotencyRecord
 from . import audit, csrf
-from .helpers import db, files, settings
+from .helpers import db, files, notify_workers, settings
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)
@@ -406,14 +406,6 @@ def _case_or_404(cid: int):
     return c
 
 
-def _notify():
-    from .helpers import ext
-
-    pool = ext().get("workers")
-    if pool is not None:
-        pool.notify()
-
-
 # ----------------------------------------------------------------------------- endpoints
 @api("/analyzers", "GET", summary="List analyzers with a summary of their validation", tag="analyzers",
      response="AnalyzerList")
@@ -554,7 +546,7 @@ def retry_analysis(case_id: int, image_id: int):
         raise ApiError(409, "not_failed", "Only failed analyses of unsigned cases can be retried.")
     case_store.retry_failed(db(), img.analysis)
     db().commit()
-    _notify()
+    notify_workers()
     return case_json(c)
 
 
@@ -595,7 +587,7 @@ def upload_images(case_id: int):
     except case_store.CaseError as exc:
         s.rollback()
         raise ApiError(409, "case_signed", str(exc)) from None
-    _notify()
+    notify_workers()
     body = {"added": [i.id for i in out.added], "duplicates": out.duplicates,
             "errors": [{"file": n, "message": m} for n, m in out.errors], "case": case_json(c)}
     if not out.added and not out.duplicates:

@@ -160,7 +160,7 @@ def init_app(app: Flask) -> None:
     from ..store.audit import AuditLog
 
     ext = app.extensions["oncoscope"]
-    ext["audit"] = AuditLog(ext["sessions"], ext["settings"].home / "audit-spool.jsonl")
+    ext["audit"] = AuditLog(ext["sessions"], ext["settings"].audit_spool)
 
     @app.before_request
     def _audit_start():

@@ -16,7 +16,7 @@ from ..store import patients as patient_store
 from ..store.models import CaseImage, User
 from .forms import CaseForm, EmptyForm, SignForm
 from . import audit
-from .helpers import db, ext, field_error, files, int_arg, me, settings
+from .helpers import db, field_error, files, int_arg, me, notify_workers, settings
 
 bp = Blueprint("cases", __name__)
 
@@ -53,12 +53,6 @@ def _report_outcome(outcome) -> None:
         flash(f"{name}: not added. {msg}", "error")
 
 
-def _notify_workers() -> None:
-    pool = ext().get("workers")
-    if pool is not None:
-        pool.notify()
-
-
 @bp.route("/patients/<int:patient_id>/cases/new", methods=["GET", "POST"])
 @login_required
 def new(patient_id: int):
@@ -92,7 +86,7 @@ def new(patient_id: int):
             audit.subject(resource=("case", case.id), images_added=len(outcome.added),
                           images_refused=len(outcome.errors))
             _report_outcome(outcome)
-            _notify_workers()
+            notify_workers()
             return redirect(url_for("cases.view", case_id=case.id))
     return render_template("cases/new.html", form=form, patient=patient, submission_id=submission,
                            max_mb=settings().max_upload_mb, title="New case")
@@ -139,7 +133,7 @@ def upload(case_id: int):
             return jsonify({"error": str(exc)}), 409
         flash(str(exc), "error")
         return redirect(url_for("cases.view", case_id=c.id))
-    _notify_workers()
+    notify_workers()
     if wants_json:
         return jsonify({"added": [i.id for i in outcome.added], "duplicates": outcome.duplicates,
                         "errors": [{"file": n, "message": m} for n, m in outcome.errors]}), \
@@ -192,7 +186,7 @@ def retry(case_id: int, image_id: int):
         return redirect(url_for("cases.view", case_id=c.id))
     case_store.retry_failed(db(), img.analysis)
     db().commit()
-    _notify_workers()
+    notify_workers()
     return redirect(url_for("cases.view", case_id=c.id))
 
 

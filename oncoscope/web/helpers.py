@@ -24,6 +24,13 @@ def files() -> FileStore:
     return ext()["files"]
 
 
+def notify_workers() -> None:
+    """After a commit that queued analyses: wake the in-process pool, or hand the jobs to the queue."""
+    runner = ext().get("workers")
+    if runner is not None:
+        runner.notify()
+
+
 def db() -> Session:
     if "db" not in g:
         g.db = ext()["sessions"]()

@@ -262,18 +262,18 @@ def test_injected_text_in_the_trail_is_escaped_on_the_page(app, client_for):
 
 def test_entry_spooled_when_the_database_refuses_it_then_drained(app, client_for, monkeypatch):
     c = client_for("doc_a")
-    real = audit_store.append
+    real = audit_store._append_normalised
     from sqlalchemy.exc import OperationalError
 
     def down(*a, **kw):
         raise OperationalError("INSERT", {}, Exception("database is down"))
 
-    monkeypatch.setattr(audit_store, "append", down)
+    monkeypatch.setattr(audit_store, "_append_normalised", down)
     r = c.get(f"/patients/{P}")
     assert r.status_code == 200  # the access happened and is on disk in the spool
-    spool = app.extensions["oncoscope"]["settings"].home / "audit-spool.jsonl"
+    spool = app.extensions["oncoscope"]["settings"].audit_spool
     assert "patient.view" in spool.read_text()
-    monkeypatch.setattr(audit_store, "append", real)
+    monkeypatch.setattr(audit_store, "_append_normalised", real)
     before = _last_seq(app)
     assert c.get("/patients/").status_code == 200
     new = _entries_after(app, before)
@@ -288,7 +288,7 @@ def test_no_data_leaves_when_the_access_cannot_be_recorded(app, client_for, monk
     def down(*a, **kw):
         raise OperationalError("INSERT", {}, Exception("database is down"))
 
-    monkeypatch.setattr(audit_store, "append", down)
+    monkeypatch.setattr(audit_store, "_append_normalised", down)
     app.extensions["oncoscope"]["audit"].spool = app.extensions["oncoscope"]["settings"].home / "no" / "spool"
     r = c.get(f"/patients/{P}")
     assert r.status_code == 503 and b"Doe" not in r.data and b"could not be recorded" in r.data
