@@ -359,33 +359,86 @@ def db_current():
     click.echo(migrate.current(Settings.from_env().database_url) or "empty")
 
 
+def _signing_key(st):
+    """The instance's private key, created on first use; says so then, because its public half must be
+    copied to wherever signatures are checked."""
+    from .store import signing
+
+    new = not st.signing_key_file.exists()
+    try:
+        key = signing.signing_key(st.signing_key_file)
+    except signing.SignatureError as exc:
+        raise click.ClickException(str(exc)) from None
+    if new:
+        click.echo(f"created the signing key {st.signing_key_file}; copy {signing.public_path(st.signing_key_file)} "
+                   "(not the key itself) to wherever backups are restored or the audit trail is verified", err=True)
+    return key
+
+
+def _trusted_key(st, path):
+    from .store import signing
+
+    try:
+        return signing.trusted_key(Path(path) if path else st.trusted_key_path, st.signing_key_file)
+    except signing.SignatureError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+TRUSTED_KEY_HELP = ("Public key (PEM) the signatures must verify with (default: ONCOSCOPE_TRUSTED_KEY, else this "
+                    "instance's own signing key).")
+
+
+@main.command("public-key")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write it to this file.")
+def public_key(out):
+    """Print the public half of the instance's signing key (created on first use). Copy it to machines
+    that restore backups or verify the audit trail, and name it there with ONCOSCOPE_TRUSTED_KEY."""
+    from .config import Settings
+    from .store import signing
+
+    pem = signing.public_pem(_signing_key(Settings.from_env()).public_key())
+    if out:
+        Path(out).write_bytes(pem)
+    else:
+        click.echo(pem.decode(), nl=False)
+
+
 @main.command()
 @click.argument("archive", type=click.Path(dir_okay=False))
 def backup(archive):
-    """Back up the database and images into one checksummed .tar.gz archive."""
+    """Back up the database and images into one .tar.gz archive signed with the instance's key."""
     from .config import Settings
+    from .store import signing
+    from .store.audit import record_system
     from .store.backup import create_backup
 
-    from .store.audit import record_system
-
     st = Settings.from_env()
-    m = create_backup(st.database_url, st.images_dir, Path(archive))
+    key = _signing_key(st)
+    m = create_backup(st.database_url, st.images_dir, Path(archive), key)
     rows = sum(t["rows"] for t in m["tables"].values())
     record_system(st, "backup.create", archive=str(Path(archive).resolve()), rows=rows, images=len(m["images"]))
     click.echo(f"{archive}: {rows} rows in {len(m['tables'])} tables, {len(m['images'])} image files "
-               f"(schema {m['alembic_revision']})")
+               f"(schema {m['alembic_revision']}), signed by key {signing.key_id(key.public_key())}")
 
 
 @main.command()
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
-def restore(archive):
-    """Restore a backup into an empty instance (every checksum is verified first)."""
+@click.option("--trusted-key", type=click.Path(exists=True, dir_okay=False), default=None, help=TRUSTED_KEY_HELP)
+@click.option("--check-only", is_flag=True, help="Only verify the signature and every checksum; write nothing.")
+def restore(archive, trusted_key, check_only):
+    """Restore a signed backup into an empty instance (the signature and every checksum are verified first)."""
     from .config import Settings
-    from .store.backup import BackupError, restore_backup
+    from .store.backup import BackupError, check_backup, restore_backup
 
     st = Settings.from_env()
+    key = _trusted_key(st, trusted_key)
     try:
-        m = restore_backup(st.database_url, st.images_dir, Path(archive))
+        if check_only:
+            m, _ = check_backup(Path(archive), key)
+            click.echo(f"{archive}: signature and checksums verified (created {m['created']}, schema "
+                       f"{m['alembic_revision']}); nothing was written")
+            return
+        m = restore_backup(st.database_url, st.images_dir, Path(archive), key)
     except BackupError as exc:
         raise click.ClickException(str(exc)) from None
     from .store.audit import record_system
@@ -423,31 +476,95 @@ def users_create(email, name, role, password):
     record_system(st, "user.create_cli", email=email, role=role)
 
 
+@users.command("token")
+@click.option("--email", required=True, help="The account the token acts as.")
+@click.option("--days", type=click.IntRange(1, 3650), default=None, help="Expires after this many days (default: never).")
+@click.option("--name", "label", default="command line", show_default=True, help="What uses it (shown on the token page).")
+def users_token(email, days, label):
+    """Print a new personal API token for an account (e.g. a service account for a LIS bridge).
+
+    Stored and audited like a token made on the API tokens page: only its hash is kept, the owner
+    sees and can revoke it there, and it is shown only this once."""
+    from sqlalchemy import select
+
+    from .config import Settings
+    from .store import tokens as token_store
+    from .store.audit import record_system
+    from .store.db import standalone_session
+    from .store.models import User
+    from .store.users import normalise_email
+
+    st = Settings.from_env()
+    with standalone_session(st.database_url) as s:
+        user = s.scalar(select(User).where(User.email == normalise_email(email)))
+        if user is None or not user.is_active:
+            raise click.ClickException(f"No active account with the address {email!r}.")
+        t, secret = token_store.create(s, user, label, days)
+        s.commit()
+        made = {"label": t.name, "prefix": t.prefix, "email": user.email,
+                "expires_at": t.expires_at.isoformat() if t.expires_at else None}
+        token_id = t.id
+    record_system(st, "auth.token_create", resource=("api_token", token_id), **made)
+    click.echo(secret)
+    click.echo(f"token {made['prefix']} ({made['label']}) for {made['email']}, "
+               f"{'expires ' + made['expires_at'] if made['expires_at'] else 'no expiry'}: shown only now", err=True)
+
+
 @main.group()
 def audit():
-    """The audit trail: verify the hash chain, export entries."""
+    """The audit trail: verify the hash chain, sign checkpoints of it, export entries."""
 
 
 @audit.command("verify")
 @click.option("--checkpoints", type=click.Path(dir_okay=False), default=None,
-              help="JSON file of {seq: hash} seen by earlier runs; checked, then the current head is added. "
-                   "Keep it outside the database host to detect a rewritten chain.")
+              help="Signed checkpoint file written by `oncoscope audit checkpoint`. Every signature is checked, "
+                   "and every checkpointed entry must still have its signed hash (catches a rewritten chain).")
+@click.option("--trusted-key", type=click.Path(exists=True, dir_okay=False), default=None, help=TRUSTED_KEY_HELP)
 @click.option("--json", "as_json", is_flag=True)
-def audit_verify(checkpoints, as_json):
-    """Recompute the hash chain; exit status 1 when any entry was altered, removed or inserted."""
+def audit_verify(checkpoints, trusted_key, as_json):
+    """Recompute the hash chain (writes nothing but its own audit entry); exit status 1 when any entry
+    was altered, removed or inserted, or a checkpoint is missing, unsigned or signed by another key."""
     from .config import Settings
+    from .store import audit as audit_store
+
+    st = Settings.from_env()
+    if checkpoints:
+        key = _trusted_key(st, trusted_key)
+        _audit_check(st, "audit.verify", lambda s: audit_store.verify_signed(s, Path(checkpoints), key), as_json)
+    else:
+        _audit_check(st, "audit.verify", audit_store.verify, as_json)
+        if not as_json:
+            click.echo("note: without --checkpoints only the unkeyed chain was checked; someone with write access "
+                       "to the database can recompute it", err=True)
+
+
+@audit.command("checkpoint")
+@click.argument("checkpoints", type=click.Path(dir_okay=False))
+def audit_checkpoint(checkpoints):
+    """Verify the chain against CHECKPOINTS, then append its head signed with the instance's key (the
+    file is created on first use). Keep the file on the application host, not beside the backups."""
+    from .config import Settings
+    from .store import audit as audit_store
+
+    st = Settings.from_env()
+    key = _signing_key(st)
+    rep = _audit_check(st, "audit.checkpoint", lambda s: audit_store.checkpoint(s, Path(checkpoints), key), False)
+    click.echo(f"signed checkpoint of entry #{rep.head_seq} added to {checkpoints}" if rep.head_seq
+               else "the audit trail is empty: nothing to checkpoint")
+
+
+def _audit_check(st, action: str, run, as_json: bool):
+    """Run one verification, audit it, print the report; exit 1 unless the trail is intact."""
     from .store import audit as audit_store
     from .store.db import standalone_session
 
-    st = Settings.from_env()
-    cp_path = Path(checkpoints) if checkpoints else None
-    cps = {int(k): v for k, v in json.loads(cp_path.read_text()).items()} if cp_path and cp_path.exists() else {}
-    with standalone_session(st.database_url) as s:
-        rep = audit_store.verify(s, cps)
-    if rep.ok and cp_path is not None and rep.head_seq:
-        cps[rep.head_seq] = rep.head_hash
-        cp_path.write_text(json.dumps({str(k): v for k, v in sorted(cps.items())}, indent=1))
-    audit_store.record_system(st, "audit.verify", "success" if rep.ok else "failure", entries=rep.entries,
+    try:
+        with standalone_session(st.database_url) as s:
+            rep = run(s)
+    except audit_store.CheckpointError as exc:
+        audit_store.record_system(st, action, "failure", error=str(exc))
+        raise click.ClickException(str(exc)) from None
+    audit_store.record_system(st, action, "success" if rep.ok else "failure", entries=rep.entries,
                               first_bad_seq=rep.first_bad_seq)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
@@ -459,6 +576,7 @@ def audit_verify(checkpoints, as_json):
             click.echo(f"  {p}", err=True)
     if not rep.ok:
         sys.exit(1)
+    return rep
 
 
 @audit.command("export")

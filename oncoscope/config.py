@@ -7,6 +7,18 @@
   behind one load balancer must share it.
 * ``ONCOSCOPE_IMAGES_DIR``: image store; default ``<home>/images``. Scaled out, a directory every
   web server and worker mounts (NFS, CephFS, ...).
+* ``ONCOSCOPE_SIGNING_KEY``: the Ed25519 private key (PEM) that signs backups and audit
+  checkpoints; default ``<home>/signing_key``, generated (mode 0600, with ``signing_key.pub``
+  beside it) the first time something is signed. Never copy it to a backup host.
+* ``ONCOSCOPE_TRUSTED_KEY``: the public key (PEM) that restores and ``oncoscope audit verify``
+  accept signatures from; default the public half of this instance's own signing key. Set it on a
+  new machine to the old instance's ``signing_key.pub``.
+* ``ONCOSCOPE_TRUSTED_PROXIES``: how many reverse proxies stand in front of the web server
+  (default 0). With 1 (the TLS proxy the deployment requires), the client address and scheme are
+  taken from the last ``X-Forwarded-For`` / ``X-Forwarded-Proto`` entry that proxy added; with 0 those
+  headers are ignored, so nobody can forge the address the audit trail records.
+* ``ONCOSCOPE_IDEMPOTENCY_HOURS``: how long an API answer sent with an ``Idempotency-Key`` is kept for
+  replays (default 24).
 * ``ONCOSCOPE_QUEUE_URL``: ``redis://host:6379/0`` switches analyses from the in-process worker pool
   to an RQ queue run by ``oncoscope worker`` processes. ``ONCOSCOPE_JOB_LEASE_SECONDS`` (default
   300): a job running longer is presumed to have lost its worker and is run again.
@@ -35,6 +47,11 @@ def _int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _path(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw).resolve() if raw else None
 
 
 def _secret_key(home: Path) -> str:
@@ -75,10 +92,19 @@ class Settings:
     job_lease_seconds: int = 300
     job_timeout_seconds: int = 120
     images_path: Path | None = None
+    signing_key_path: Path | None = None
+    trusted_key_path: Path | None = None
+    trusted_proxies: int = 0
+    idempotency_hours: int = 24
 
     @property
     def images_dir(self) -> Path:
         return self.images_path or self.home / "images"
+
+    @property
+    def signing_key_file(self) -> Path:
+        """Created on first use by store/signing.py, not here: merely reading settings writes no key."""
+        return self.signing_key_path or self.home / "signing_key"
 
     @property
     def audit_spool(self) -> Path:
@@ -115,8 +141,11 @@ class Settings:
             queue_url=os.environ.get("ONCOSCOPE_QUEUE_URL", ""),
             job_lease_seconds=_int("ONCOSCOPE_JOB_LEASE_SECONDS", 300),
             job_timeout_seconds=_int("ONCOSCOPE_JOB_TIMEOUT_SECONDS", 120),
-            images_path=Path(os.environ["ONCOSCOPE_IMAGES_DIR"]).resolve() if os.environ.get("ONCOSCOPE_IMAGES_DIR")
-            else None,
+            images_path=_path("ONCOSCOPE_IMAGES_DIR"),
+            signing_key_path=_path("ONCOSCOPE_SIGNING_KEY"),
+            trusted_key_path=_path("ONCOSCOPE_TRUSTED_KEY"),
+            trusted_proxies=_int("ONCOSCOPE_TRUSTED_PROXIES", 0),
+            idempotency_hours=_int("ONCOSCOPE_IDEMPOTENCY_HOURS", 24),
         )
         for k, v in overrides.items():
             if not hasattr(s, k):
@@ -124,6 +153,10 @@ class Settings:
             setattr(s, k, v)
         if s.queue_url and not s.queue_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("ONCOSCOPE_QUEUE_URL must be a Redis URL (redis://host:6379/0)")
+        if not 0 <= s.trusted_proxies <= 5:
+            raise SettingsError("ONCOSCOPE_TRUSTED_PROXIES must be between 0 and 5")
+        if s.idempotency_hours < 1:
+            raise SettingsError("ONCOSCOPE_IDEMPOTENCY_HOURS must be at least 1")
         if s.job_timeout_seconds >= s.job_lease_seconds:
             raise SettingsError("ONCOSCOPE_JOB_LEASE_SECONDS must be longer than ONCOSCOPE_JOB_TIMEOUT_SECONDS")
         s.images_dir.mkdir(parents=True, exist_ok=True)

@@ -220,6 +220,7 @@ _SUBMISSION = re.compile(r'name="submission_id" value="([^"]+)"')
 _SELECT = re.compile(r'<select[^>]*name="final_diagnosis"[^>]*>(.*?)</select>', re.S)
 _OPTION = re.compile(r'<option([^>]*)value="([^"]*)"')
 _CASE_STATUS = re.compile(r'data-case-status="([a-z_]+)"')
+_REVISION = re.compile(r'name="revision" type="hidden" value="(\d+)"')
 
 
 def unique_png(png: bytes, tag: str) -> bytes:
@@ -489,12 +490,15 @@ class SimUser:
         sel = _SELECT.search(html)
         if sel is None:
             raise ValueError(f"case {cid}: no final diagnosis field on a ready case")
-        options = [(v, "selected" in attrs) for attrs, v in _OPTION.findall(sel.group(1))]
+        options = [(v, "selected" in attrs) for attrs, v in _OPTION.findall(sel.group(1)) if v]  # not "Choose…"
         values = [v for v, _ in options]
         ai = next((v for v, chosen in options if chosen), None)
-        fields = {"csrf_token": self.csrf(html), "confirm": "y", "comment": ""}
-        if ai is None:  # no AI label (out of domain / failed): sign as non-diagnostic with the required note
+        revision = _REVISION.search(html)
+        fields = {"csrf_token": self.csrf(html), "confirm": "y", "comment": "",
+                  "revision": revision.group(1) if revision else ""}
+        if ai is None:  # no AI label (out of domain / failed): non-diagnostic, with the required reason and note
             fields["final_diagnosis"] = "Nondiagnostic" if "Nondiagnostic" in values else values[0]
+            fields["override_reason"] = "No AI call; slide reviewed at the microscope (load test)."
         elif self.rng.random() < 0.9:
             fields["final_diagnosis"] = ai  # agree with the AI
         else:

@@ -76,3 +76,20 @@ def radiology_geometry(radiology_analyzer):
     an = registry.get(radiology_analyzer.id, model_dir=MODELS / radiology_analyzer.id)
     an.ood_threshold = None
     return an
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def any_db_url(request, tmp_path):
+    """A private, migrated database on each supported backend (servers that do not answer: skipped)."""
+    from oncoscope.store import migrate
+
+    from .databases import scratch_database
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'scratch.db'}"
+        migrate.upgrade(url)
+        yield url
+        return
+    with scratch_database(request.param) as url:
+        migrate.upgrade(url)
+        yield url

@@ -8,6 +8,26 @@ Handled: truncated and corrupt files, zero-byte files, non-images, decompression
 bombs, absurd dimensions, palette/grayscale/RGBA/CMYK/16-bit modes, EXIF
 orientation and animated images (the first frame is used). DICOM Part-10 files
 (``DICM`` at byte 128) are decoded by :func:`oncoscope.reports.dicom_io.read_dicom`.
+
+Memory is bounded in bytes, not only in pixels, and from the header alone, before anything is
+decoded (:func:`check_memory`)::
+
+    extra + width * height * max(bpp, CALLER_BPP) <= MAX_DECODE_BYTES
+
+``bpp`` counts every full-size buffer alive at the decoder's peak, per pixel:
+
+* Pillow (:func:`_pillow_bpp`): the decoded image (1 byte for modes 1/L/P, 2 for I;16, 4 for every
+  other mode), the codec's own buffer (JPEG: 2 bytes per DCT coefficient of each component, which
+  libjpeg keeps for the whole image when a file is progressive or has several scans; TIFF: one strip
+  or tile at the raw depth, at least 4 bytes per pixel, so a header declaring huge tiles is refused;
+  WebP: 10, measured 9), and the RGB result (3), or for I;16/I/F the copy and the sorted copy the
+  percentile window needs (2 x the source).
+* DICOM (:func:`oncoscope.reports.dicom_io.read_dicom`), with f = samples x bytes per sample:
+  ``max(f x 4 if the syntax is compressed else f, f x 3 + 3 if greyscale else f + 3)``; ``extra``
+  is the pixel data the parsed dataset holds. A Deflated body is inflated with a cap first.
+
+``CALLER_BPP`` (7) is the RGB result plus the Pillow copy a caller makes of it (thumbnail, resize).
+Conversions to RGB run strip by strip (:func:`fill_by_strips`), so their temporaries stay at a few MB.
 """
 
 from __future__ import annotations
@@ -20,10 +40,17 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Limits. A 20000x20000 image is 400 MP: refuse it before decoding.
-MAX_PIXELS = 64_000_000  # ~8000 x 8000
+MAX_PIXELS = 64_000_000  # ~8000 x 8000; at the default MAX_DECODE_BYTES the memory bound is the tighter one
+# Pixels alone did not bound memory (a 128 kB 16-bit PNG of 7999x7999 took 1.6 GB): bytes do (see above).
+# This admits ~36 MP of PNG/BMP/GIF or uncompressed DICOM, ~25 MP of JPEG, ~23 MP of TIFF, ~15 MP of WebP,
+# and keeps a process's growth per upload under 300 MB with the interpreter's own overhead.
+MAX_DECODE_BYTES = 256_000_000
+RGB_BPP = 3
+CALLER_BPP = RGB_BPP + 4  # a caller's Pillow copy of the RGB result stores 4 bytes per pixel
+STRIP_PIXELS = 1 << 20
 MIN_SIDE = 16
 MAX_FILE_BYTES = 100 * 1024 * 1024
 # Work bounds for files that are small but expensive to parse (only the first frame is used):
@@ -50,6 +77,34 @@ class LoadedImage:
     format: str | None
     exif_transposed: bool
     dicom: object | None = None  # DICOM metadata (a DicomImage without pixels) when format == "DICOM"
+
+
+def check_memory(width: int, height: int, bpp: float, what: str, *, max_bytes: int = MAX_DECODE_BYTES,
+                 extra: int = 0) -> None:
+    """Refuse an image whose decoding would hold more than ``max_bytes`` at once (see the module docstring)."""
+    if memory_needed(width * height, bpp, extra) <= max_bytes:
+        return
+    fits = max(0, max_bytes - extra) / max(bpp, CALLER_BPP) / 1e6
+    advice = (f"Please upload a smaller field of view (at most about {int(fits)} megapixels for this kind of image)."
+              if fits >= 1 else "Its header declares far more data than such an image holds; save it again.")
+    raise ImageLoadError(
+        f"The image is {width}x{height} pixels ({what}); decoding it would need about "
+        f"{memory_needed(width * height, bpp, extra) / 1e6:.0f} MB of memory, more than the {max_bytes / 1e6:.0f} MB "
+        f"allowed for one image. {advice}")
+
+
+def memory_needed(pixels: int, bpp: float, extra: int = 0) -> int:
+    return int(extra + pixels * max(bpp, CALLER_BPP))
+
+
+def fill_by_strips(out: np.ndarray, strip) -> np.ndarray:
+    """``out[rows] = strip(rows)`` for row ranges of about STRIP_PIXELS pixels: conversions run per strip so
+    that their temporaries (floats at 8 bytes per sample) stay at a few MB, not several copies of the image."""
+    height, width = out.shape[:2]
+    step = max(1, STRIP_PIXELS // max(width, 1))
+    for y in range(0, height, step):
+        out[y:y + step] = strip(slice(y, min(height, y + step)))
+    return out
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -157,7 +212,7 @@ def _open(source) -> tuple[Image.Image, str | None]:
         try:
             data = source.read()
         except Exception as exc:  # noqa: BLE001 - closed file, failing stream, ...
-            raise ImageLoadError(f"Cannot read the file ({exc.__class__.__name__}).") from None
+            raise ImageLoadError("The file could not be read. Choose it again and retry.") from None
         if not isinstance(data, (bytes, bytearray, memoryview)):
             # A text-mode file would otherwise have its *content* taken for a path.
             raise ImageLoadError("The file must be opened in binary mode.")
@@ -177,47 +232,132 @@ def _open(source) -> tuple[Image.Image, str | None]:
     except UnidentifiedImageError:
         raise ImageLoadError("The file is not a recognised image format (JPEG, PNG, TIFF, BMP, WebP, GIF).") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
-        raise ImageLoadError(f"The image could not be opened: {exc.__class__.__name__}.") from None
+        raise ImageLoadError("The image could not be opened: the file is damaged or not a supported image.") from None
     return img, img.format
 
 
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_MODE_WORDS = {"1": "1-bit", "L": "8-bit greyscale", "LA": "8-bit greyscale with alpha", "P": "palette colour",
+               "RGB": "8-bit colour", "RGBA": "8-bit colour with alpha", "CMYK": "CMYK colour",
+               "I;16": "16-bit greyscale", "I;16B": "16-bit greyscale", "I": "32-bit greyscale", "F": "32-bit float"}
+
+
+def _pillow_bpp(img: Image.Image, fmt: str | None) -> float:
+    """Bytes per pixel that decoding ``img`` and converting it to RGB hold at their peak."""
+    src = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
+    work = 2 * src if img.mode in _HIGH_DEPTH else 0  # the samples and the sorted copy np.percentile makes
+    return src + _codec_bytes(img, fmt) / max(1, img.width * img.height) + max(RGB_BPP, work)
+
+
+def _codec_bytes(img: Image.Image, fmt: str | None) -> int:
+    """What the codec allocates besides the image: it is freed after decoding, but small blocks stay in
+    the heap, so it is counted as held throughout."""
+    w, h = img.size
+    if fmt == "JPEG":  # every DCT coefficient (2 bytes) if progressive or multi-scan, which the header does not tell
+        layers = getattr(img, "layer", None) or [(0, 1, 1, 0)] * len(img.getbands())
+        hmax, vmax = max(l[1] for l in layers) or 1, max(l[2] for l in layers) or 1
+        return int(2 * w * h * sum(l[1] * l[2] for l in layers) / (hmax * vmax))
+    if fmt == "WEBP":  # libwebp decodes into an RGBA canvas, which Pillow copies out as bytes (9 measured)
+        return 10 * w * h
+    if fmt == "TIFF":  # libtiff reads a whole strip or tile; a header may declare them larger than the image
+        return _tiff_buffer_bytes(img)
+    return 0
+
+
+def _tiff_buffer_bytes(img: Image.Image) -> int:
+    w, h = img.size
+    try:
+        tags = img.tag_v2
+        bits = tags.get(258, (1,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        sample_bits = sum(bits) if len(bits) > 1 else bits[0] * int(tags.get(277, 1))
+        if 322 in tags and 323 in tags:
+            pixels = int(tags[322]) * int(tags[323])
+        else:
+            pixels = w * min(int(tags.get(278, h)), h)
+        return pixels * max(-(-int(sample_bits) // 8), 4)  # RGBA when libtiff converts (YCbCr, old JPEG)
+    except Exception:  # noqa: BLE001 - malformed tags: assume the worst plausible buffer
+        return w * h * 8
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit-per-band image (or a strip of one) as RGB."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = np.percentile(arr, [0.5, 99.5]) if arr.size else (0.0, 1.0)
-        if hi <= lo:
-            hi = lo + 1.0
-        arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0) * 255.0
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode == "CMYK":
-        return img.convert("RGB")
     if mode != "RGB":
         return img.convert("RGB")
     return img
 
 
-def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> LoadedImage:
+def _strip_converter(img: Image.Image):
+    """A function turning a strip of ``img`` into RGB uint8 samples (or grey ones that broadcast to RGB)."""
+    if img.mode not in _HIGH_DEPTH:
+        return lambda strip: np.asarray(_to_rgb(strip), dtype=np.uint8)
+    arr = np.asarray(img)
+    lo, hi = (float(v) for v in np.percentile(arr, [0.5, 99.5])) if arr.size else (0.0, 1.0)
+    del arr
+    if hi <= lo:
+        hi = lo + 1.0
+
+    def grey(strip: Image.Image) -> np.ndarray:
+        unit = np.clip((np.asarray(strip, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+        return (unit * 255.0).astype(np.uint8)[..., None]
+
+    return grey
+
+
+# EXIF orientation -> the upright result seen in the stored pixel order (a view: writing to it fills the result)
+_STORED_ORDER = {2: lambda u: u[:, ::-1], 3: lambda u: u[::-1, ::-1], 4: lambda u: u[::-1],
+                 5: lambda u: u.swapaxes(0, 1), 6: lambda u: np.rot90(u, 1),
+                 7: lambda u: np.rot90(u, 2).swapaxes(0, 1), 8: lambda u: np.rot90(u, -1)}
+
+
+def _rgb_array(img: Image.Image, orientation: int) -> np.ndarray:
+    """``img`` as an upright (H, W, 3) uint8 array, converted strip by strip straight into its final place,
+    so the only full-size arrays are the decoded image and the result."""
+    w, h = img.size
+    upright = np.empty((w, h, 3) if orientation in (5, 6, 7, 8) else (h, w, 3), np.uint8)
+    convert = _strip_converter(img)
+    fill_by_strips(_STORED_ORDER.get(orientation, lambda u: u)(upright),
+                   lambda rows: convert(img.crop((0, rows.start, w, rows.stop))))
+    return upright
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF is ignored, not fatal
+        return 1
+    return orientation if orientation in _STORED_ORDER else 1
+
+
+def check_dimensions(width: int, height: int, max_pixels: int, min_side: int) -> None:
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            f"The image is {width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels. "
+            "Please upload a smaller field of view."
+        )
+    if min(width, height) < min_side:
+        raise ImageLoadError(f"The image is {width}x{height} pixels; at least {min_side}x{min_side} is needed.")
+
+
+def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE,
+               max_bytes: int = MAX_DECODE_BYTES) -> LoadedImage:
     """Decode ``source`` (path, bytes or file object) to an RGB uint8 array.
 
     Raises :class:`ImageLoadError` with a clear message on any problem.
     """
     img, fmt = _open(source)
     if fmt == "DICOM":
-        return _load_dicom(img, max_pixels, min_side)
+        return _load_dicom(img, max_pixels, min_side, max_bytes)
     try:
         width, height = img.size
-        if width * height > max_pixels:
-            raise ImageLoadError(
-                f"The image is {width}x{height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels. "
-                "Please upload a smaller field of view."
-            )
-        if min(width, height) < min_side:
-            raise ImageLoadError(f"The image is {width}x{height} pixels; at least {min_side}x{min_side} is needed.")
+        check_dimensions(width, height, max_pixels, min_side)
+        check_memory(width, height, _pillow_bpp(img, fmt), f"{fmt}, {_MODE_WORDS.get(img.mode, img.mode)}",
+                     max_bytes=max_bytes)
         try:
             # Counting frames parses every frame (GIF) or IFD (TIFF): corrupt ones raise here.
             if getattr(img, "n_frames", 1) > 1:
@@ -225,26 +365,16 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
             original_mode = img.mode
             img.load()
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data
-            raise ImageLoadError(f"The image data is corrupt or truncated ({exc.__class__.__name__}).") from None
-        transposed = False
+            raise ImageLoadError("The image data is corrupt or truncated (an incomplete copy?). Export it again and upload the new file.") from None
+        if img.size != (width, height):  # the memory check used the header's size
+            raise ImageLoadError("The image data does not match its header.")
+        orientation = _orientation(img)
         try:
-            orientation = img.getexif().get(0x0112, 1)
-        except Exception:  # noqa: BLE001 - malformed EXIF is ignored, not fatal
-            orientation = 1
-        if orientation in (2, 3, 4, 5, 6, 7, 8):
-            try:
-                img = ImageOps.exif_transpose(img)
-                transposed = True
-            except Exception:  # noqa: BLE001
-                transposed = False
-        try:
-            rgb = np.ascontiguousarray(np.asarray(_to_rgb(img), dtype=np.uint8))
+            rgb = _rgb_array(img, orientation)
         except Exception as exc:  # noqa: BLE001
-            raise ImageLoadError(f"The image could not be converted to RGB ({exc.__class__.__name__}).") from None
-        if rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise ImageLoadError("The image could not be converted to RGB.")
+            raise ImageLoadError("The image's colour format is not supported. Save it as PNG or JPEG and upload it again.") from None
         return LoadedImage(rgb=rgb, original_mode=original_mode, original_size=(width, height), format=fmt,
-                           exif_transposed=transposed)
+                           exif_transposed=orientation != 1)
     finally:
         try:
             img.close()
@@ -252,10 +382,10 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
             pass
 
 
-def _load_dicom(data: bytes, max_pixels: int, min_side: int) -> LoadedImage:
+def _load_dicom(data: bytes, max_pixels: int, min_side: int, max_bytes: int) -> LoadedImage:
     from ..reports.dicom_io import read_dicom  # pydicom is imported only for DICOM input
 
-    d = read_dicom(data, max_pixels=max_pixels, min_side=min_side)
+    d = read_dicom(data, max_pixels=max_pixels, min_side=min_side, max_bytes=max_bytes)
     return LoadedImage(rgb=d.rgb, original_mode=d.photometric, original_size=(d.rgb.shape[1], d.rgb.shape[0]),
                        format="DICOM", exif_transposed=False, dicom=d.without_pixels())
 

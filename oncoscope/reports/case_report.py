@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..analyzers import registry
 from ..ml.imageio import load_image
-from ..store.cases import aggregate
+from ..store.cases import aggregate, label_names
 from ..store.files import FileStore
 
 
@@ -34,7 +34,7 @@ def _small_png(store: FileStore, sha: str, name: str, side: int = 512) -> bytes 
 
 def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
     an = registry.get(case.analyzer_id) if case.analyzer_id in registry.available() else None
-    names = an.display_names if an else {}
+    names = label_names(an)
     p = case.patient
     images = []
     for i, img in enumerate(case.images, start=1):
@@ -58,7 +58,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
     if r is not None:
         review = {
             "version": r.version, "final_diagnosis": names.get(r.final_diagnosis, r.final_diagnosis),
-            "agrees_with_ai": r.agrees_with_ai, "override_reason": r.override_reason,
+            "agrees_with_ai": r.agrees_with_ai if r.ai_label else None, "override_reason": r.override_reason,
             "uncertainty_note": r.uncertainty_note, "comment": r.comment, "signed_by": r.signed_by.name,
             "signed_at": _fmt(r.signed_at), "amendment_reason": r.amendment_reason,
             "previous_versions": [{"version": o.version, "final_diagnosis": names.get(o.final_diagnosis, o.final_diagnosis),

@@ -7,8 +7,8 @@ Input
     :class:`~oncoscope.ml.imageio.ImageLoadError`, with a message for the person who supplied the file.
 
     Which frame is used
-        * VL whole-slide images stored ``TILED_FULL`` whose total pixel matrix is within the pixel limit:
-          the tiles of the first focal plane / optical path are stitched into the whole level.
+        * VL whole-slide images stored ``TILED_FULL`` whose total pixel matrix is within the pixel and
+          memory limits: the tiles of the first focal plane / optical path are stitched into the whole level.
         * Cross-sectional volumes (modality MR, CT, PT, NM): the middle frame.
         * Everything else (VL microscopy, sparse-tiled slides, cine, secondary capture...): the first frame.
 
@@ -29,12 +29,14 @@ import datetime as dt
 import hashlib
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..ml.imageio import MAX_PIXELS, MIN_SIDE, ImageLoadError
+from ..ml.imageio import (MAX_DECODE_BYTES, MAX_PIXELS, MIN_SIDE, RGB_BPP, ImageLoadError, check_dimensions,
+                          check_memory, fill_by_strips, memory_needed)
 
 # Root of the deterministic UIDs below (pydicom's generate_uid hashes these entropy sources).
 _UID_NS = "oncoscope"
@@ -170,71 +172,95 @@ def _apply_window(x: np.ndarray, c: float, w: float, func: str) -> np.ndarray:
     return np.clip((x - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
 
 
-def _stretch(x: np.ndarray) -> np.ndarray:
-    finite = x[np.isfinite(x)]
+def _stretch(v: np.ndarray, slope: float = 1.0, intercept: float = 0.0):
+    """The 0.5-99.5 percentile stretch of x = v * slope + intercept to [0, 1], as a function of strips of v.
+    The percentiles are taken on v as stored (no float copy of the frame): an affine map commutes with them."""
+    finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
     if finite.size == 0:
-        return np.zeros_like(x, dtype=np.float64)
-    lo, hi = np.percentile(finite, [0.5, 99.5])
+        return lambda s: np.zeros(s.shape)
+    lo, hi = sorted(float(q) * slope + intercept for q in np.percentile(finite, [0.5, 99.5]))
     if hi <= lo:
-        lo, hi = float(finite.min()), float(finite.max())
+        lo, hi = sorted(float(q) * slope + intercept for q in (finite.min(), finite.max()))
     if hi <= lo:
-        return np.zeros_like(x, dtype=np.float64) if lo <= 0 else np.ones_like(x, dtype=np.float64)
-    return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+        return lambda s: np.full(s.shape, 0.0 if lo <= 0 else 1.0)
+    return lambda s: np.clip((np.nan_to_num(s * slope + intercept, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _modality(arr: np.ndarray, ds, index: int) -> tuple[np.ndarray, float, float]:
+    """(v, slope, intercept) such that the modality values are v * slope + intercept."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(arr, ds)), 1.0, 0.0
+    return (arr, *_rescale(ds, index))
+
+
+def _grey_unit(arr: np.ndarray, ds, index: int):
+    """(v, f, window used): f maps strips of v to [0, 1] by the modality LUT (rescale) then the VOI
+    (window, VOI LUT or stretch)."""
+    if arr.dtype.kind == "f":  # Float / Double Float Pixel Data: no LUTs apply
+        return arr, _stretch(arr), None
+    v, slope, intercept = _modality(arr, ds, index)
+    win = _window(ds, index)
+    if win is not None:
+        return v, lambda s: _apply_window(s * slope + intercept, *win), (win[0], win[1])
+    if "VOILUTSequence" in ds:
+        from pydicom.pixels import apply_voi
+
+        top = float(2 ** (int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16) - 1)
+        # input: the modality LUT output
+        return v, lambda s: np.clip(np.asarray(apply_voi(np.rint(s * slope + intercept).astype(np.int64), ds,
+                                                         index=0), dtype=np.float64) / top, 0.0, 1.0), None
+    if int(ds.get("BitsStored", 8) or 8) <= 8 and (slope, intercept) == (1.0, 0.0) \
+            and "ModalityLUTSequence" not in ds and v.size and v.min() >= 0 and v.max() <= 255:
+        return v, lambda s: s / 255.0, None  # 8-bit greyscale: taken as is, not stretched
+    return v, _stretch(v, slope, intercept), None
 
 
 def _grey_to_rgb(arr: np.ndarray, ds, index: int, photometric: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Modality LUT (rescale), VOI (window or stretch) and MONOCHROME1 inversion -> RGB uint8."""
-    used = None
-    if arr.dtype.kind == "f":  # Float / Double Float Pixel Data: no LUTs apply
-        unit = _stretch(arr.astype(np.float64))
-    else:
-        slope, intercept = _rescale(ds, index)
-        has_modality_lut = "ModalityLUTSequence" in ds
-        if has_modality_lut:
-            from pydicom.pixels import apply_modality_lut
+    v, unit, used = _grey_unit(arr, ds, index)
 
-            x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-        else:
-            x = arr.astype(np.float64) * slope + intercept
-        win = _window(ds, index)
-        if win is not None:
-            unit = _apply_window(x, *win)
-            used = (win[0], win[1])
-        elif "VOILUTSequence" in ds:
-            from pydicom.pixels import apply_voi
+    def grey(rows: slice) -> np.ndarray:
+        g = np.rint(unit(v[rows]) * 255.0).astype(np.uint8)
+        return (255 - g if photometric == "MONOCHROME1" else g)[..., None]  # MONOCHROME1: low values are white
 
-            lut = apply_voi(np.rint(x).astype(np.int64), ds, index=0)  # input: the modality LUT output
-            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
-            unit = np.clip(np.asarray(lut, dtype=np.float64) / float(2 ** bits - 1), 0.0, 1.0)
-        elif int(ds.get("BitsStored", 8) or 8) <= 8 and (slope, intercept) == (1.0, 0.0) and not has_modality_lut \
-                and x.size and x.min() >= 0 and x.max() <= 255:
-            unit = x / 255.0  # 8-bit greyscale: taken as is, not stretched
-        else:
-            unit = _stretch(x)
-    grey = np.rint(unit * 255.0).astype(np.uint8)
-    if photometric == "MONOCHROME1":  # low values are white
-        grey = 255 - grey
-    return np.repeat(grey[..., None], 3, axis=2), used
+    return fill_by_strips(np.empty(arr.shape + (3,), np.uint8), grey), used
 
 
-def _colour_to_rgb(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
+def _colour_strip(ds, photometric: str):
+    """A function converting a strip of decoded colour samples to RGB uint8."""
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        rgb = np.asarray(apply_color_lut(arr, ds))
-        if rgb.dtype.itemsize > 1:  # 16-bit LUT entries
-            rgb = np.rint(rgb.astype(np.float64) / 257.0)
-        return np.clip(rgb, 0, 255).astype(np.uint8)
-    if photometric in ("YBR_FULL", "YBR_FULL_422"):  # not converted by the decoder (as_rgb ignored)
-        from pydicom.pixels import convert_color_space
+        def palette(s: np.ndarray) -> np.ndarray:
+            rgb = np.asarray(apply_color_lut(s, ds))
+            if rgb.dtype.itemsize > 1:  # 16-bit LUT entries
+                rgb = np.rint(rgb.astype(np.float64) / 257.0)
+            return np.clip(rgb, 0, 255).astype(np.uint8)
 
-        arr = convert_color_space(arr, photometric, "RGB")
-    if arr.ndim != 3 or arr.shape[-1] != 3:
+        return palette
+    top = float(2 ** int(ds.get("BitsStored", 16) or 16) - 1)
+
+    def colour(s: np.ndarray) -> np.ndarray:
+        if photometric in ("YBR_FULL", "YBR_FULL_422"):  # left to us: pydicom's whole-frame conversion is costly
+            from pydicom.pixels import convert_color_space
+
+            s = convert_color_space(s, photometric, "RGB")
+        if s.dtype.itemsize > 1 or s.dtype.kind == "f":
+            return np.clip(np.rint(s.astype(np.float64) / top * 255.0), 0, 255).astype(np.uint8)
+        return s
+
+    return colour
+
+
+def _colour_to_rgb(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
+    if photometric != "PALETTE COLOR" and (arr.ndim != 3 or arr.shape[-1] != 3):
         raise ImageLoadError(f"The DICOM image has an unexpected shape {tuple(arr.shape)} for {photometric}.")
-    if arr.dtype.itemsize > 1 or arr.dtype.kind == "f":
-        bits = int(ds.get("BitsStored", 16) or 16)
-        return np.clip(np.rint(arr.astype(np.float64) / float(2 ** bits - 1) * 255.0), 0, 255).astype(np.uint8)
-    return arr.astype(np.uint8, copy=False)
+    if photometric in ("RGB", "YBR_ICT", "YBR_RCT") and arr.dtype == np.uint8:
+        return arr
+    convert = _colour_strip(ds, photometric)
+    return fill_by_strips(np.empty(arr.shape[:2] + (3,), np.uint8), lambda rows: convert(arr[rows]))
 
 
 _GREY = ("MONOCHROME1", "MONOCHROME2")
@@ -251,26 +277,104 @@ def _tiled_full(ds) -> tuple[int, int] | None:
     return int(r), int(c)
 
 
-def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> DicomImage:
-    """Decode a DICOM Part-10 file to RGB uint8 plus metadata. Raises only :class:`ImageLoadError`."""
-    import pydicom
+# A Deflated body is inflated at most this far: pydicom inflates all of it before anything can be checked
+# (a 0.5 MB file took 1 GB). The inflated dataset is held twice while it is inflated, then parsed.
+MAX_INFLATED_BYTES = 64_000_000
+
+
+def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE,
+               max_bytes: int = MAX_DECODE_BYTES) -> DicomImage:
+    """Decode a DICOM Part-10 file to RGB uint8 plus metadata. Raises only :class:`ImageLoadError`.
+
+    The transfer syntax, the declared dimensions and the memory they imply are checked before any pixel
+    data is decoded (see :mod:`oncoscope.ml.imageio`)."""
     from pydicom.uid import UID
 
     data = bytes(data)
     if not is_dicom(data):
         raise ImageLoadError("The file is not a DICOM file (no 'DICM' marker at byte 128).")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=False)
-            ds.get("PixelData")  # converts the raw element now, so damage there surfaces here
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad data
-        raise ImageLoadError(f"The DICOM file is corrupt or truncated ({exc.__class__.__name__}).") from None
-
+    ds = _dataset(data)
     try:
         meta = _metadata(ds)
     except Exception as exc:  # noqa: BLE001 - malformed values surface lazily
-        raise ImageLoadError(f"The DICOM file is corrupt: its header cannot be read ({exc.__class__.__name__}).") from None
+        raise ImageLoadError("The DICOM file is corrupt: its header cannot be read.") from None
+    pixel_kw = _pixel_keyword(ds, meta)
+    rows, cols, samples, photometric, frames, bits = _geometry(ds)
+    check_dimensions(cols, rows, max_pixels, 0)
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+    decoder = _decoder(ts)
+    frame_bpp = samples * max(1, -(-bits // 8))
+    # A compressed frame is decoded with about four copies of it alive (RLE, JPEG-LS, JPEG: measured), a
+    # native one with one; then the frame, the modality LUT output and the sorted copy of the percentiles
+    # (greyscale) and the RGB result.
+    bpp = max(frame_bpp * (4 if ts.is_encapsulated else 1), frame_bpp * (3 if samples == 1 else 1) + RGB_BPP)
+    held = len(ds[pixel_kw].value) if isinstance(ds[pixel_kw].value, bytes) else 0
+    tiled = _tiled_full(ds) if frames > 1 else None
+    if tiled and (tiled[0] * tiled[1] > max_pixels or memory_needed(tiled[0] * tiled[1], bpp, held) > max_bytes):
+        tiled = None  # the whole level is too large: fall back to the first tile
+    out_rows, out_cols = tiled if tiled else (rows, cols)
+    check_dimensions(out_cols, out_rows, max_pixels, min_side)
+    check_memory(out_cols, out_rows, bpp, f"DICOM {photometric}, {samples} x {bits}-bit samples", max_bytes=max_bytes,
+                 extra=held)
+    if tiled:
+        index = None
+    elif frames > 1 and meta["modality"] in VOLUME_MODALITIES:
+        index = frames // 2
+    else:
+        index = 0
+    arr, out_pi = _decode(decoder, ds, ts, index, pixel_kw, (rows, cols, frames, tiled))
+    rgb, window = _to_rgb(arr, ds, index or 0, photometric, samples, out_pi)
+    return DicomImage(rgb=rgb, photometric=photometric, frame_count=frames, frame_index=index,
+                      transfer_syntax=str(ts), window=window, **meta)
+
+
+def _dataset(data: bytes):
+    """The parsed file, pixel data included (damage there surfaces here), a Deflated body inflated with a cap."""
+    import pydicom
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fp = io.BytesIO(data)
+            preamble = read_preamble(fp, False)
+            file_meta = _read_file_meta_info(fp)  # what dcmread reads first (its public twin takes only paths)
+            if file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                body = read_dataset(io.BytesIO(_inflate(data[fp.tell():])), is_implicit_VR=False,
+                                    is_little_endian=True)
+                ds = FileDataset(fp, body, preamble, file_meta, is_implicit_VR=False, is_little_endian=True)
+            else:
+                ds = pydicom.dcmread(io.BytesIO(data), force=False)
+            ds.get("PixelData")  # converts the raw element now, so damage there surfaces here
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad data
+        raise ImageLoadError("The DICOM file is corrupt or truncated (an incomplete copy?). Export it again from the PACS.") from None
+    return ds
+
+
+def _inflate(body: bytes, limit: int | None = None) -> bytes:
+    import zlib
+
+    limit = MAX_INFLATED_BYTES if limit is None else limit
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)  # never more than limit + 1 bytes in memory
+    except zlib.error:
+        raise ImageLoadError("The DICOM file is corrupt: its deflated data cannot be inflated.") from None
+    if len(out) > limit:
+        raise ImageLoadError(f"The DICOM file is deflated and would expand to more than {limit / 1e6:.0f} MB. "
+                             "Export it uncompressed or with an image compression (JPEG, JPEG-LS, RLE) and "
+                             "upload it again.")
+    if not inflater.eof:
+        raise ImageLoadError("The DICOM file is corrupt or truncated: its deflated data ends early.")
+    return out
+
+
+def _pixel_keyword(ds, meta: dict) -> str:
+    from pydicom.uid import UID
 
     pixel_kw = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
     if pixel_kw is None:
@@ -280,92 +384,87 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
         else:
             what = f"modality {meta['modality']}, no pixel data" if meta["modality"] else "no pixel data"
         raise ImageLoadError(f"The DICOM file contains no image ({what}); upload a DICOM image instead.")
+    return pixel_kw
 
+
+def _geometry(ds) -> tuple[int, int, int, str, int, int]:
+    """(rows, columns, samples per pixel, photometric interpretation, frames, bits allocated), validated."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         photometric = str(ds.PhotometricInterpretation).strip().upper()
         frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
     except Exception:  # noqa: BLE001 - missing or unreadable Image Pixel attributes
         raise ImageLoadError("The DICOM image is missing required attributes (Rows, Columns, "
                              "Photometric Interpretation).") from None
-    if rows <= 0 or cols <= 0 or frames <= 0:
-        raise ImageLoadError(f"The DICOM image has invalid dimensions ({cols}x{rows}, {frames} frame(s)).")
+    if rows <= 0 or cols <= 0 or frames <= 0 or samples not in (1, 3) or not 1 <= bits <= 64:
+        raise ImageLoadError(f"The DICOM image has invalid dimensions ({cols}x{rows}, {frames} frame(s), "
+                             f"{samples} sample(s) of {bits} bits per pixel).")
     if photometric not in _GREY + _RGB_LIKE:
         raise ImageLoadError(f"The DICOM photometric interpretation {photometric!r} is not supported.")
-    if rows * cols > max_pixels:
-        raise ImageLoadError(f"The image is {cols}x{rows} pixels; the limit is {max_pixels / 1e6:.0f} megapixels. "
-                             "Please upload a smaller field of view.")
+    return rows, cols, samples, photometric, frames, bits
 
-    tiled = _tiled_full(ds) if frames > 1 else None
-    if tiled is not None:
-        t_rows, t_cols = tiled
-        if t_rows * t_cols > max_pixels:
-            tiled = None  # the whole level is too large: fall back to the first tile
-    out_rows, out_cols = tiled if tiled else (rows, cols)
-    if min(out_rows, out_cols) < min_side:
-        raise ImageLoadError(f"The image is {out_cols}x{out_rows} pixels; at least {min_side}x{min_side} is needed.")
 
-    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
-    ts_text = f"{ts.name} ({ts})" if ts.name != str(ts) else str(ts)
+def _ts_text(ts) -> str:
+    return f"{ts.name} ({ts})" if ts.name != str(ts) else str(ts)
+
+
+def _decoder(ts):
     try:
         from pydicom.pixels import get_decoder
 
         decoder = get_decoder(ts)
     except Exception:  # noqa: BLE001 - NotImplementedError for unknown UIDs
-        raise ImageLoadError(f"The DICOM file uses the transfer syntax {ts_text}, which is not supported. "
+        raise ImageLoadError(f"The DICOM file uses the transfer syntax {_ts_text(ts)}, which is not supported. "
                              "Export it uncompressed (or as JPEG/PNG) and upload it again.") from None
     if not decoder.is_available:
-        raise ImageLoadError(f"The DICOM file is compressed with {ts_text}, which cannot be decoded here. "
+        raise ImageLoadError(f"The DICOM file is compressed with {_ts_text(ts)}, which cannot be decoded here. "
                              "Export it uncompressed (or as JPEG/PNG) and upload it again.")
+    return decoder
 
-    if tiled:
-        index = None
-    elif frames > 1 and meta["modality"] in VOLUME_MODALITIES:
-        index = frames // 2
-    else:
-        index = 0
-    opts = {"as_rgb": True}
+
+def _decode(decoder, ds, ts, index: int | None, pixel_kw: str, layout: tuple) -> tuple[np.ndarray, str]:
+    """(the frame ``index``, or the stitched level, as decoded samples; its photometric interpretation)."""
+    rows, cols, frames, tiled = layout
+    opts = {"as_rgb": False}  # colour conversion happens by strips in _to_rgb: pydicom's took ~27 bytes per pixel
     if pixel_kw != "PixelData":
         opts["pixel_keyword"] = pixel_kw
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if tiled:
-                arr, out_pi = _stitch(decoder, ds, rows, cols, frames, tiled, opts)
-            else:
-                arr, info = decoder.as_array(ds, index=index, **opts)
-                out_pi = str(info.get("photometric_interpretation", photometric)).upper()
+                return _stitch(decoder, ds, rows, cols, frames, tiled, opts)
+            arr, info = decoder.as_array(ds, index=index, **opts)
+            return arr, str(info.get("photometric_interpretation", ds.PhotometricInterpretation)).upper()
     except ImageLoadError:
         raise
     except MemoryError:
         raise ImageLoadError("The DICOM image is too large to decode.") from None
     except Exception as exc:  # noqa: BLE001 - codec and length errors
         if ts.is_compressed:
-            raise ImageLoadError(f"The DICOM image data could not be decoded ({ts_text}): the data is corrupt "
+            raise ImageLoadError(f"The DICOM image data could not be decoded ({_ts_text(ts)}): the data is corrupt "
                                  "or uses an unsupported variant of that compression.") from None
-        raise ImageLoadError(f"The DICOM pixel data is corrupt or truncated ({exc.__class__.__name__}).") from None
+        raise ImageLoadError("The DICOM pixel data is corrupt or truncated (an incomplete copy?). Export it again from the PACS.") from None
 
+
+def _to_rgb(arr, ds, index: int, photometric: str, samples: int, out_pi: str):
+    """(RGB uint8 array, window used) from the decoded samples."""
     try:
         arr = np.asarray(arr)
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
-        window = None
         if photometric in _GREY and samples == 1:
             if arr.ndim != 2:
                 raise ImageLoadError(f"The DICOM image has an unexpected shape {tuple(arr.shape)} for {photometric}.")
-            rgb, window = _grey_to_rgb(arr, ds, index or 0, photometric)
-        elif photometric in _GREY:
+            return _grey_to_rgb(arr, ds, index, photometric)
+        if photometric in _GREY:
             raise ImageLoadError(f"The DICOM image is {photometric} with {samples} samples per pixel.")
-        else:
-            rgb = _colour_to_rgb(arr, ds, out_pi if out_pi in _RGB_LIKE else photometric)
+        return np.ascontiguousarray(_colour_to_rgb(arr, ds, out_pi if out_pi in _RGB_LIKE else photometric)), None
     except ImageLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - bad LUTs and the like
-        raise ImageLoadError(f"The DICOM image could not be converted to RGB ({exc.__class__.__name__}).") from None
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    return DicomImage(rgb=rgb, photometric=photometric, frame_count=frames, frame_index=index,
-                      transfer_syntax=str(ts), window=window, **meta)
+        raise ImageLoadError("The DICOM image's colour format is not supported.") from None
 
 
 def _stitch(decoder, ds, rows: int, cols: int, frames: int, total: tuple[int, int], opts: dict):
@@ -422,16 +521,71 @@ def case_study_uid(case) -> str:
     return _uid("study", case.id, created, case.patient.mrn if case.patient else "")
 
 
-def _dicom_person_name(name: str) -> str:
-    """A free-text name (no structure known) as a DICOM PN: everything in the family component."""
-    name = (name or "").replace("^", " ").replace("=", " ").replace("\\", " ").strip()
-    return f"{name[:60]}^" if name else ""
+# PS3.5 6.2: in these VRs "\" separates values, and no control character (bar ESC, meaningless under
+# ISO_IR 192) is allowed; lone surrogates cannot be encoded at all. Maximum lengths in characters.
+_ONE_VALUE_MAX = {"LO": 64, "SH": 16, "UC": None}
+_TEXT_MAX = {"ST": 1024, "LT": 10240, "UT": None}
+_CONTROL = "\x00-\x1f\x7f-\x9f\ud800-\udfff"
+_NOT_IN_ONE_VALUE = re.compile(f"[\\\\%{_CONTROL}]")
+_PN_BREAKS = re.compile(f"[\\\\^={_CONTROL}]")
+_NOT_IN_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # CR, LF, FF are allowed
+
+
+def dicom_value(value, vr: str = "LO") -> str:
+    """``value`` (stored or user text) as one value of a DICOM element of ``vr``: every text this
+    module writes goes through here, so no value can split into several or leak into other components.
+
+    * LO, SH, UC (identifiers, descriptions, codes): ``\\``, control characters and ``%`` itself are
+      written as ``%XX`` (their UTF-8 bytes). Reversible, so two different MRNs never export as the
+      same Patient ID (``B-001\\ZZ`` -> ``B-001%5CZZ``, one value).
+    * PN: ``value`` holds the components (family, given, middle, prefix, suffix), or is one string
+      (the family name). ``^ = \\`` and control characters would move text into another component,
+      component group or value: they become spaces. ``Doe=Smith`` -> ``Doe Smith^``.
+    * ST, LT, UT (free text): control characters other than CR, LF and FF are dropped (tab: space).
+
+    Values are cut to the VR's maximum length.
+    """
+    if vr == "PN":
+        return _person_name_value([value] if isinstance(value, str) or value is None else list(value))
+    text = "" if value is None else str(value)
+    if vr in _TEXT_MAX:
+        return _NOT_IN_TEXT.sub("", text.replace("\t", " "))[:_TEXT_MAX[vr]]
+    limit = _ONE_VALUE_MAX[vr]  # KeyError: no rule written for that VR yet
+    out, n = [], 0
+    for ch in text:
+        piece = ch
+        if _NOT_IN_ONE_VALUE.match(ch):
+            piece = "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        if limit is not None and n + len(piece) > limit:
+            break  # never half an escape
+        out.append(piece)
+        n += len(piece)
+    return "".join(out)
+
+
+def _person_name_value(components: list) -> str:
+    parts = [" ".join(_PN_BREAKS.sub(" ", str(c or "")).split()) for c in components]
+    while len(parts) > 2 and not parts[-1]:
+        parts.pop()
+    if not any(parts):
+        return ""
+    return "^".join(parts + [""] * (2 - len(parts)))[:64]  # "Doe^": a lone name is the family name
 
 
 def _patient_pn(patient) -> str:
-    fam = (patient.family_name or "").replace("^", " ").strip()
-    giv = (patient.given_name or "").replace("^", " ").strip()
-    return f"{fam}^{giv}" if giv else f"{fam}^"
+    return dicom_value((patient.family_name, patient.given_name), "PN")
+
+
+def _text_item(name, value, relationship):
+    from highdicom.sr import TextContentItem
+
+    return TextContentItem(name, dicom_value(value, "UT") or "-", relationship)  # TEXT may not be empty
+
+
+def _pname_item(name, value, relationship):
+    from highdicom.sr import PnameContentItem
+
+    return PnameContentItem(name, dicom_value(value, "PN") or "^", relationship)
 
 
 _SEX_CODE = {"female": "F", "male": "M", "other": "O"}
@@ -452,7 +606,7 @@ def _dt(t) -> str:
 def _code(value: str, meaning: str, scheme: str = _PRIVATE_SCHEME):
     from pydicom.sr.coding import Code
 
-    return Code(str(value)[:64], scheme, (meaning or str(value))[:64])
+    return Code(dicom_value(str(value)[:64], "UC"), scheme, dicom_value(meaning or str(value), "LO"))
 
 
 def _private_scheme_item():
@@ -493,19 +647,18 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     An amended case lists the earlier versions' SR documents as predecessors.
     """
     from highdicom.sr import (CodeContentItem, ComprehensiveSR, ContainerContentItem, DateTimeContentItem,
-                              NumContentItem, PnameContentItem, RelationshipTypeValues, TextContentItem,
-                              UIDRefContentItem)
+                              NumContentItem, RelationshipTypeValues, UIDRefContentItem)
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
     from pydicom.uid import SecondaryCaptureImageStorage
 
-    from ..store.cases import NONDIAGNOSTIC
+    from ..store.cases import label_names
 
     review = case.current_review
     if review is None:
         raise DicomExportError("The case is not signed: only a signed result can be exported.")
     patient = case.patient
-    names = {NONDIAGNOSTIC: "Non-diagnostic sample", **dict(getattr(analyzer, "display_names", {}) or {})}
+    names = label_names(analyzer)
 
     def show(label):
         return names.get(label, label) if label else ""
@@ -522,7 +675,7 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     # -- observers: the signing physician and the AI device
     signer = review.signed_by.name if review.signed_by else ""
     items.append(CodeContentItem(codes.DCM.ObserverType, codes.DCM.Person, obs_ctx))
-    items.append(PnameContentItem(codes.DCM.PersonObserverName, _dicom_person_name(signer) or "^", obs_ctx))
+    items.append(_pname_item(codes.DCM.PersonObserverName, signer, obs_ctx))
     analyses = [i.analysis for i in case.images if i.analysis is not None]
     a0 = next((a for a in analyses if a.model_version), None)
     model_id = case.analyzer_id
@@ -532,27 +685,26 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     items.append(CodeContentItem(codes.DCM.ObserverType, codes.DCM.Device, obs_ctx))
     items.append(UIDRefContentItem(codes.DCM.DeviceObserverUID, _uid("device", model_id, model_version, model_sha),
                                    obs_ctx))
-    items.append(TextContentItem(codes.DCM.DeviceObserverName, model_id, obs_ctx))
-    items.append(TextContentItem(codes.DCM.DeviceObserverManufacturer, "oncoscope", obs_ctx))
-    items.append(TextContentItem(codes.DCM.DeviceObserverModelName,
-                                 getattr(analyzer, "name", None) or model_id, obs_ctx))
+    items.append(_text_item(codes.DCM.DeviceObserverName, model_id, obs_ctx))
+    items.append(_text_item(codes.DCM.DeviceObserverManufacturer, "oncoscope", obs_ctx))
+    items.append(_text_item(codes.DCM.DeviceObserverModelName, getattr(analyzer, "name", None) or model_id, obs_ctx))
     # -- algorithm
-    items.append(TextContentItem(codes.DCM.AlgorithmName, model_id, contains))
-    items.append(TextContentItem(codes.DCM.AlgorithmVersion, model_version or "unknown", contains))
+    items.append(_text_item(codes.DCM.AlgorithmName, model_id, contains))
+    items.append(_text_item(codes.DCM.AlgorithmVersion, model_version or "unknown", contains))
     if model_sha:
-        items.append(TextContentItem(_code("MODEL-SHA256", "Model files SHA-256"), model_sha, contains))
+        items.append(_text_item(_code("MODEL-SHA256", "Model files SHA-256"), model_sha, contains))
 
     # -- one group per image
     no_units, cells_unit = _code("1", "no units", "UCUM"), _code("{cells}", "cells", "UCUM")
     for n, img in enumerate(case.images, start=1):
         a = img.analysis
         group = ContainerContentItem(name=codes.DCM.MeasurementGroup, relationship_type=contains)
-        g = [TextContentItem(codes.DCM.TrackingIdentifier, f"Field {n}: {img.original_filename or img.sha256[:12]}",
-                             contains),
-             TextContentItem(_code("IMAGE-SHA256", "Image file SHA-256"), img.sha256, contains)]
+        g = [_text_item(codes.DCM.TrackingIdentifier, f"Field {n}: {img.original_filename or img.sha256[:12]}",
+                        contains),
+             _text_item(_code("IMAGE-SHA256", "Image file SHA-256"), img.sha256, contains)]
         done = a is not None and a.job_status == "done"
         status = (a.result_status if done else ("error" if a is not None and a.job_status == "failed" else "pending"))
-        g.append(TextContentItem(_code("AI-STATUS", "AI result status"), status or "unknown", contains))
+        g.append(_text_item(_code("AI-STATUS", "AI result status"), status or "unknown", contains))
         if done and a.label:
             g.append(CodeContentItem(codes.DCM.Finding, _code(a.label, show(a.label)), contains))
         if done:
@@ -566,10 +718,10 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
                 g.append(NumContentItem(_code("CELL-COUNT", "White blood cell count"), int(a.cell_count), cells_unit,
                                         relationship_type=contains))
             if a.model_version:
-                g.append(TextContentItem(codes.DCM.AlgorithmVersion, a.model_version, contains))
+                g.append(_text_item(codes.DCM.AlgorithmVersion, a.model_version, contains))
         for m in (a.messages or []) if done else []:
             if str(m).strip():
-                g.append(TextContentItem(_code("AI-MESSAGE", "AI message"), str(m), contains))
+                g.append(_text_item(_code("AI-MESSAGE", "AI message"), str(m), contains))
         group.ContentSequence = g
         items.append(group)
 
@@ -577,14 +729,13 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     if review.ai_label:
         items.append(CodeContentItem(_code("AI-CASE-CLASS", "AI class for the case"),
                                      _code(review.ai_label, show(review.ai_label)), contains))
-    items.append(TextContentItem(_code("AI-CASE-STATUS", "AI status for the case"), review.ai_status or "unknown",
-                                 contains))
+    items.append(_text_item(_code("AI-CASE-STATUS", "AI status for the case"), review.ai_status or "unknown",
+                            contains))
     final = CodeContentItem(_code("22637-3", "Pathology report final diagnosis", "LN"),
                             _code(review.final_diagnosis, show(review.final_diagnosis)), contains)
     final.ObservationDateTime = _dt(review.signed_at)
     items.append(final)
-    items.append(TextContentItem(_code("FINAL-DX-TEXT", "Final diagnosis (text)"),
-                                 show(review.final_diagnosis), contains))
+    items.append(_text_item(_code("FINAL-DX-TEXT", "Final diagnosis (text)"), show(review.final_diagnosis), contains))
     items.append(CodeContentItem(_code("AGREES-WITH-AI", "Final diagnosis agrees with AI"),
                                  codes.SCT.Yes if review.agrees_with_ai else codes.SCT.No, contains))
     for value, code, meaning in ((review.override_reason, "OVERRIDE-REASON", "Reason for overriding the AI"),
@@ -592,20 +743,20 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
                                  (review.comment, "COMMENT", "Comment"),
                                  (review.amendment_reason, "AMENDMENT-REASON", "Reason for the amendment")):
         if value:
-            items.append(TextContentItem(_code(code, meaning), value, contains))
-    items.append(PnameContentItem(_code("SIGNED-BY", "Signed by"), _dicom_person_name(signer) or "^", contains))
+            items.append(_text_item(_code(code, meaning), value, contains))
+    items.append(_pname_item(_code("SIGNED-BY", "Signed by"), signer, contains))
     items.append(DateTimeContentItem(_code("SIGNED-AT", "Signed at (UTC)"), review.signed_at, contains))
-    items.append(TextContentItem(_code("REVIEW-VERSION", "Sign-off version"), str(review.version), contains))
+    items.append(_text_item(_code("REVIEW-VERSION", "Sign-off version"), str(review.version), contains))
     if review.content_sha256:
-        items.append(TextContentItem(_code("REVIEW-SHA256", "Sign-off content SHA-256"), review.content_sha256,
-                                     contains))
+        items.append(_text_item(_code("REVIEW-SHA256", "Sign-off content SHA-256"), review.content_sha256,
+                                contains))
     root.ContentSequence = items
 
     # highdicom takes patient and study from its first evidence item; the case has no DICOM evidence
     # of its own, so a stand-in carries the patient, and is dropped from the evidence lists after.
     stand_in = Dataset()
     stand_in.PatientName = _patient_pn(patient)
-    stand_in.PatientID = patient.mrn
+    stand_in.PatientID = dicom_value(patient.mrn, "LO")
     stand_in.PatientBirthDate = _da(patient.birth_date)
     stand_in.PatientSex = _SEX_CODE.get(patient.sex, "")
     stand_in.StudyInstanceUID = study_uid
@@ -623,18 +774,18 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
         p.SOPClassUID, p.SOPInstanceUID = COMPREHENSIVE_SR_UID, sr_uid(old.version)
         p.StudyInstanceUID, p.SeriesInstanceUID = study_uid, series_uid
         previous.append(p)
-    verifier = _dicom_person_name(signer) or "^"
-    org = (institution or "oncoscope")[:64]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sr = ComprehensiveSR(
             evidence=[stand_in], content=root, series_instance_uid=series_uid, series_number=900,
             sop_instance_uid=sr_uid(review.version), instance_number=review.version, manufacturer="oncoscope",
-            is_complete=True, is_final=True, is_verified=True, institution_name=institution,
-            verifying_observer_name=verifier, verifying_organization=org,
+            is_complete=True, is_final=True, is_verified=True,
+            institution_name=dicom_value(institution, "LO") if institution else None,
+            verifying_observer_name=dicom_value(signer, "PN") or "^",
+            verifying_organization=dicom_value(institution or "oncoscope", "LO"),
             previous_versions=previous or None, specific_character_set="ISO_IR 192",
-            series_description="oncoscope signed result", manufacturer_model_name=model_id[:64],
-            software_versions=f"oncoscope {_package_version()}",
+            series_description="oncoscope signed result", manufacturer_model_name=dicom_value(model_id, "LO"),
+            software_versions=dicom_value(f"oncoscope {_package_version()}", "LO"),
         )
     for kw in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
         if kw in sr:
@@ -662,7 +813,8 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
                              patient_name: str = "", birth_date: dt.date | None = None, sex: str = ""):
     """Wrap an RGB uint8 image in a DICOM Secondary Capture (highdicom ``SCImage``), deterministically:
     the same pixels in the same study give the same UIDs. ``case`` (ORM Case) supplies the patient
-    and the study UID when given. Returns the pydicom Dataset."""
+    and the study UID when given; otherwise ``patient_name`` is ``Family^Given`` or free text (all
+    family name). Returns the pydicom Dataset."""
     from highdicom import SpecimenDescription
     from highdicom.sc import SCImage
 
@@ -674,8 +826,8 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
         patient_id, patient_name = p.mrn, _patient_pn(p)
         birth_date, sex = p.birth_date, _SEX_CODE.get(p.sex, "")
         study_uid = study_uid or case_study_uid(case)
-    elif patient_name and "^" not in patient_name:
-        patient_name = _dicom_person_name(patient_name)
+    else:
+        patient_name = dicom_value((patient_name or "").split("^"), "PN")
     digest = hashlib.sha256(rgb.tobytes() + repr(rgb.shape).encode()).hexdigest()
     study_uid = study_uid or _uid("sc-study", digest)
     # A smear field is a slide: SLIDE coordinates, with the image digest standing in for the slide id.
@@ -687,7 +839,7 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
                      container_identifier=f"field-{digest[:12]}", specimen_descriptions=[specimen],
                      study_instance_uid=study_uid, series_instance_uid=_uid("sc-series", study_uid),
                      series_number=901, sop_instance_uid=_uid("sc", study_uid, digest), instance_number=1,
-                     manufacturer="oncoscope", patient_id=patient_id or "", patient_name=patient_name or None,
+                     manufacturer="oncoscope", patient_id=dicom_value(patient_id, "LO"), patient_name=patient_name or None,
                      patient_birth_date=_da(birth_date) or None, patient_sex=(sex or None),
                      specific_character_set="ISO_IR 192")
     # Deterministic dates: none is known for a plain upload, so the Type 3 capture date/time are dropped.
@@ -711,7 +863,7 @@ def _source_dataset(source, case=None, study_uid: str | None = None):
         try:
             return pydicom.dcmread(io.BytesIO(data))
         except Exception as exc:  # noqa: BLE001
-            raise ImageLoadError(f"The DICOM file is corrupt or truncated ({exc.__class__.__name__}).") from None
+            raise ImageLoadError("The DICOM file is corrupt or truncated (an incomplete copy?). Export it again from the PACS.") from None
     from ..ml.imageio import load_image
 
     return rgb_to_secondary_capture(load_image(data).rgb, case=case, study_uid=study_uid)
@@ -749,9 +901,10 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
     target = tiled or (int(src.Rows), int(src.Columns))
     mask = _fit_mask(mask > 0, target)
     digest = hashlib.sha256(np.packbits(mask).tobytes() + repr(mask.shape).encode()).hexdigest()
-    algo = hd.AlgorithmIdentificationSequence(name=model_id[:64], family=codes.cid7162.ArtificialIntelligence,
-                                              version=(model_version or "unknown")[:64])
-    desc = SegmentDescription(segment_number=1, segment_label=segment_label[:64],
+    algo = hd.AlgorithmIdentificationSequence(name=dicom_value(model_id, "LO"),
+                                              family=codes.cid7162.ArtificialIntelligence,
+                                              version=dicom_value(model_version or "unknown", "LO"))
+    desc = SegmentDescription(segment_number=1, segment_label=dicom_value(segment_label, "LO"),
                               segmented_property_category=codes.SCT.Cell,
                               segmented_property_type=_code("52501007", "White blood cell", "SCT"),
                               algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo)
@@ -764,8 +917,8 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
             source_images=[src], pixel_array=mask.astype(np.uint8), segmentation_type=SegmentationTypeValues.BINARY,
             segment_descriptions=[desc], series_instance_uid=_uid("seg-series", src.StudyInstanceUID, model_id),
             series_number=902, sop_instance_uid=_uid("seg", src.SOPInstanceUID, digest, model_id, model_version),
-            instance_number=1, manufacturer="oncoscope", manufacturer_model_name=model_id[:64],
-            software_versions=(model_version or _package_version())[:64], device_serial_number="0",
+            instance_number=1, manufacturer="oncoscope", manufacturer_model_name=dicom_value(model_id, "LO"),
+            software_versions=dicom_value(model_version or _package_version(), "LO"), device_serial_number="0",
             omit_empty_frames=False, content_label="CELLS", **kwargs)
     dim_uid = _uid("seg-dimensions", seg.SOPInstanceUID)  # highdicom draws a random one
     for kw in ("DimensionIndexSequence", "DimensionOrganizationSequence"):

@@ -37,7 +37,7 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient as FhirPatient
 from fhir.resources.R4B.practitioner import Practitioner
 
-from ..store.cases import NONDIAGNOSTIC, aggregate
+from ..store.cases import aggregate, label_names
 
 OBS_SYSTEM = "urn:oncoscope:observation"
 REPORT_SYSTEM = "urn:oncoscope:report"
@@ -62,7 +62,6 @@ OBS_DISPLAY = {
     "ai-vs-final": "Final diagnosis agrees with the AI call",
 }
 GENDERS = ("female", "male", "other", "unknown")
-NONDIAGNOSTIC_DISPLAY = "Non-diagnostic sample"
 
 
 def label_system(analyzer_id: str) -> str:
@@ -121,8 +120,7 @@ def case_bundle(case, pdf: bytes, base_url: str = "urn:oncoscope", images: dict[
     images = images or {}
     an = _analyzer(case, analyzer)
     aid = case.analyzer_id
-    names = dict(an.display_names) if an else {}
-    names.setdefault(NONDIAGNOSTIC, NONDIAGNOSTIC_DISPLAY)
+    names = label_names(an)
     an_name = an.name if an else aid
     lsys = label_system(aid)
     version = review.version
@@ -285,8 +283,12 @@ def case_bundle(case, pdf: bytes, base_url: str = "urn:oncoscope", images: dict[
     doctor = {"performer": [signer_ref], "effectiveDateTime": signed_at, "issued": signed_at}
     final_ref = observation("final-diagnosis", 0, valueCodeableConcept=label_cc(final),
                             note=[{"text": t} for t in notes] or None, derivedFrom=[aggregate_ref], **doctor)
-    observation("ai-vs-final", 0, valueBoolean=bool(review.agrees_with_ai),
-                note=[{"text": f"Override reason: {review.override_reason}"}] if review.override_reason else None,
+    # with no AI call there is nothing to agree with: not-applicable, never a "false" that reads as an override
+    agreement = {"valueBoolean": bool(review.agrees_with_ai)} if review.ai_label else \
+        {"dataAbsentReason": absent("not-applicable", "no AI call to compare with")}
+    reason = "Override reason" if review.ai_label else "Reason for the diagnosis (no AI call)"
+    observation("ai-vs-final", 0, **agreement,
+                note=[{"text": f"{reason}: {review.override_reason}"}] if review.override_reason else None,
                 derivedFrom=[aggregate_ref, final_ref], **doctor)
 
     # --- DiagnosticReport

@@ -14,9 +14,10 @@ table 0136, or ``NA`` when there was no AI call). AI-derived OBX carry the analy
 model version in OBX-18. Results are final (``F``), or corrected (``C``) when the signed review is an
 amendment (version > 1). Timestamps are the stored naive UTC values, formatted YYYYMMDDHHMMSS.
 
-Every value that comes from users or data is escaped (``| ^ ~ \\ &`` -> ``\\F\\ \\S\\ \\R\\ \\E\\ \\T\\``),
-line breaks become ``\\.br\\`` and other control characters are dropped, so no value can break the
-segment structure or the MLLP framing.
+Every value that comes from users or data is escaped by :func:`escape` (``| ^ ~ \\ &`` -> ``\\F\\ \\S\\
+\\R\\ \\E\\ \\T\\``), line breaks (CR, LF, and NEL / U+2028 / U+2029, which ``str.splitlines`` based
+readers split on) become ``\\.br\\`` and other control characters (C0 and C1) are dropped, so no value
+can break the segment structure or the MLLP framing.
 
 ``send_mllp(message, host, port)`` sends a message over MLLP and returns the ACK; ``ack_for(message)``
 builds an original-mode ACK for a received message (for receivers and tests).
@@ -47,19 +48,20 @@ _NOTE_TYPES = {  # NTE-4 comment type (local codes)
 }
 DEFAULT_DISCLAIMER = "AI output is decision support only and must be confirmed by a qualified person."
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("~", "\\R\\"), ("&", "\\T\\"))
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_LINE_BREAK = re.compile("\r\n|[\r\x85\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 # ----------------------------------------------------------------------------- encoding helpers
 def escape(value) -> str:
     """Escape one data value for use inside a field, component or sub-component.
 
-    Delimiters become escape sequences, CR/LF/CRLF become ``\\.br\\``, other control characters
-    (tab becomes a space) are removed. ``None`` becomes the empty string.
+    Delimiters become escape sequences, line breaks (CR, LF, CRLF, NEL, U+2028, U+2029) become
+    ``\\.br\\``, other control characters (tab becomes a space) are removed. ``None`` becomes "".
     """
     if value is None:
         return ""
-    text = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    text = _LINE_BREAK.sub("\n", str(value)).replace("\t", " ")
     text = _CONTROL.sub("", text)
     for raw, esc in _ESCAPES:
         text = text.replace(raw, esc)
@@ -115,7 +117,7 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
     Raises ``ValueError`` when the case is not signed, the analyzer does not match the case or the
     given control id is unusable.
     """
-    from ..store.cases import NONDIAGNOSTIC, aggregate
+    from ..store.cases import aggregate, label_names
 
     review = case.current_review
     if case.status != "signed" or review is None:
@@ -130,8 +132,7 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
         raise ValueError("control_id must be non-empty text without HL7 delimiters or control characters")
 
     status = "C" if review.version > 1 else "F"
-    names = dict(analyzer.display_names)
-    names.setdefault(NONDIAGNOSTIC, "Non-diagnostic sample")
+    names = label_names(analyzer)
     patient = case.patient
     signer = review.signed_by
     signer_id = str(signer.id) if signer is not None else str(review.signed_by_id)

@@ -420,7 +420,7 @@ def _review_section(review: dict | None) -> list[Flowable]:
 
     version = review.get("version")
     agrees = review.get("agrees_with_ai")
-    agrees_text = "Yes" if agrees is True else "No" if agrees is False else "—"
+    agrees_text = "Yes" if agrees is True else "No" if agrees is False else "— (no AI call)"
     # Diagnosis, signer and signing time stay on one page (KeepTogether still splits if huge).
     out.append(KeepTogether([heading] + _field("Final diagnosis", review.get("final_diagnosis"), "diagnosis") + [_kv_table([
         ("Agrees with AI", agrees_text, "Report version", version),
@@ -428,7 +428,8 @@ def _review_section(review: dict | None) -> list[Flowable]:
     ])]))
     out.append(Spacer(1, 5))
     if _s(review.get("override_reason")).strip() or agrees is False:
-        out += _field("Reason for disagreeing with the AI", review.get("override_reason"))
+        label = "Reason for disagreeing with the AI" if agrees is False else "Reason for the diagnosis"
+        out += _field(label, review.get("override_reason"))
     if _s(review.get("uncertainty_note")).strip():
         out += _field("Uncertainty note", review.get("uncertainty_note"))
     out += _field("Comment", review.get("comment"))

@@ -5,6 +5,16 @@ Every entry is hashed together with the previous entry's hash (a hash chain):
 an entry breaks the chain from that point on, and the head row (last seq and hash) must match the
 last entry, so cutting entries off the end is found too. ``verify`` recomputes the whole chain.
 
+The chain has no key: someone with write access to the database can remove entries and recompute
+every hash and the head, and the chain is consistent again. Signed checkpoints catch that. A
+checkpoint is the head (seq, hash) at some time, signed with the instance's Ed25519 key
+(store/signing.py), which the database never sees. ``verify`` with checkpoints requires every
+entry named by one to still have the signed hash, so a chain rewritten before the latest
+checkpoint fails. Checkpoint file (JSON)::
+
+    {"format": 2, "checkpoints": [{"seq": 41, "hash": "<hex>", "at": "2025-01-31T02:30:00Z",
+                                   "signature": {"algorithm": "ed25519", "key_id": ..., "signature": ...}}]}
+
 Appends lock the head row (``UPDATE audit_head SET seq = seq + 1`` first), which serialises writers
 across threads, processes and machines on every supported database, so there is one chain in one
 order. When the database cannot take an entry (it is down), the entry goes to a local spool file
@@ -32,14 +42,16 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import signing
+from .db import is_retryable
 from .models import AuditEvent, AuditHead, utcnow
 
 log = logging.getLogger("oncoscope.audit")
 
 GENESIS = "0" * 64
 # entries written outside web requests
-SYSTEM_ACTIONS = ("backup.create", "backup.restore", "audit.verify", "audit.export_cli", "user.create_cli",
-                  "user.update_cli")
+SYSTEM_ACTIONS = ("backup.create", "backup.restore", "audit.verify", "audit.checkpoint", "audit.export_cli",
+                  "user.create_cli", "user.update_cli")
 OUTCOMES = ("success", "denied", "failure", "rejected", "error")
 # the columns covered by the hash, in the order they are exported
 HASHED = ("seq", "at", "actor_id", "actor", "actor_role", "channel", "action", "method", "path", "resource_type",
@@ -137,17 +149,9 @@ def _append_normalised(s: Session, e: dict) -> dict:
             return row
         except (IntegrityError, OperationalError) as exc:
             s.rollback()
-            if isinstance(exc, OperationalError) and not _is_deadlock(exc):
+            if isinstance(exc, OperationalError) and not is_retryable(exc):
                 raise  # the database is down: the caller spools the entry
     raise RuntimeError("could not append to the audit trail (head row contention)")
-
-
-def _is_deadlock(exc: OperationalError) -> bool:
-    """Two first-ever appends racing on MariaDB (gap locks), or a PostgreSQL deadlock/serialization
-    failure: safe to retry."""
-    orig = getattr(exc, "orig", None)
-    code = getattr(orig, "args", [None])[0] if orig is not None else None
-    return code in (1213, 1205) or getattr(orig, "sqlstate", None) in ("40P01", "40001")
 
 
 class AuditLog:
@@ -217,7 +221,8 @@ class AuditLog:
             os.close(fd)
 
 
-def record_system(settings, action: str, outcome: str = "success", **details) -> None:
+def record_system(settings, action: str, outcome: str = "success", resource: tuple[str, object] | None = None,
+                  **details) -> None:
     """An entry for work done outside a web request (command line), by the operating-system user."""
     import getpass
     import socket
@@ -232,6 +237,7 @@ def record_system(settings, action: str, outcome: str = "success", **details) ->
     try:
         AuditLog(make_session_factory(engine), settings.audit_spool).record(
             actor=f"cli:{who}@{socket.gethostname()}", channel="cli", action=action, outcome=outcome,
+            resource_type=resource[0] if resource else "", resource_id=resource[1] if resource else "",
             details=details)
     finally:
         engine.dispose()
@@ -292,6 +298,67 @@ def verify(s: Session, checkpoints: dict[int, str] | None = None, batch: int = 2
             problems.append(f"checkpoint entry {seq} no longer has the hash recorded earlier (chain rewritten)")
             first_bad = min(first_bad or seq, seq)
     return VerifyReport(not problems, n, head_seq, head_hash, problems, first_bad)
+
+
+# ----------------------------------------------------------------------------- signed checkpoints
+CHECKPOINT_FORMAT = 2  # 1 was an unsigned {seq: hash} object
+CHECKPOINT_PURPOSE = "audit checkpoint"
+
+
+class CheckpointError(Exception):
+    """The checkpoint file is missing, unreadable, unsigned or not signed by the trusted key."""
+
+
+def _checkpoint_body(cp: dict) -> bytes:
+    return json.dumps({"seq": cp["seq"], "hash": cp["hash"], "at": cp["at"]}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def read_checkpoints(path: Path, trusted: signing.Ed25519PublicKey) -> dict[int, str]:
+    """{seq: hash} from a checkpoint file, after checking every entry's signature."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint file at {path}") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the checkpoint file {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a signed checkpoint file (an unsigned one from an older oncoscope?): "
+                              "start a new one with `oncoscope audit checkpoint`")
+    out: dict[int, str] = {}
+    try:
+        for cp in doc["checkpoints"]:
+            signing.check(trusted, CHECKPOINT_PURPOSE, _checkpoint_body(cp), cp.get("signature"),
+                          f"checkpoint {cp['seq']}")
+            out[int(cp["seq"])] = cp["hash"]
+    except signing.SignatureError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise CheckpointError(f"{path}: malformed checkpoint entry") from None
+    return out
+
+
+def verify_signed(s: Session, path: Path, trusted: signing.Ed25519PublicKey) -> VerifyReport:
+    """``verify`` against the signed checkpoints in ``path`` (which must exist)."""
+    return verify(s, read_checkpoints(path, trusted))
+
+
+def checkpoint(s: Session, path: Path, key: signing.Ed25519PrivateKey) -> VerifyReport:
+    """Verify against the checkpoints already in ``path`` (if any), then, when the chain is intact,
+    append the head signed with ``key``. A broken chain is never signed."""
+    path = Path(path)
+    known = read_checkpoints(path, key.public_key()) if path.exists() else {}
+    rep = verify(s, known)
+    if rep.ok and rep.head_seq:
+        doc = json.loads(path.read_text()) if path.exists() else {"format": CHECKPOINT_FORMAT, "checkpoints": []}
+        cp = {"seq": rep.head_seq, "hash": rep.head_hash,
+              "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
+        cp["signature"] = signing.sign(key, CHECKPOINT_PURPOSE, _checkpoint_body(cp))
+        doc["checkpoints"].append(cp)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(path)  # a crash never leaves a half-written file that would fail every later verify
+    return rep
 
 
 # ----------------------------------------------------------------------------- search and export

@@ -1,13 +1,19 @@
-"""``oncoscope backup`` / ``oncoscope restore``: database rows and image files in one checksummed archive.
+"""``oncoscope backup`` / ``oncoscope restore``: database rows and image files in one signed archive.
 
 The backup is logical (one JSON Lines file per table), so it restores on any supported database,
 e.g. from SQLite into PostgreSQL. Rows are read in one read transaction (a consistent snapshot;
 REPEATABLE READ on PostgreSQL and MariaDB). Images are content-addressed and never change once
 written, so copying them after the snapshot can only add files no row refers to yet.
 
-A restore checks every checksum before it writes anything, refuses a database or image folder that
-already holds data, creates the current schema, inserts the rows in one transaction (columns added
-by later migrations take their defaults) and copies the images.
+``manifest.json`` lists every table and image file with its SHA-256; ``manifest.sig`` is the
+instance's Ed25519 signature of those exact bytes (store/signing.py). Checksums alone prove
+nothing: whoever edits a table can recompute them. The signature cannot be recomputed without the
+private key, which stays on the application host; a restore needs only the public key.
+
+A restore checks the signature against the trusted public key, then every checksum, before it
+writes anything. It refuses a database or image folder that already holds data, creates the
+current schema, inserts the rows in one transaction (columns added by later migrations take their
+defaults) and copies the images.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from pathlib import Path
 
 from sqlalchemy import Date, DateTime, func, select, text
 
+from . import signing
 from .models import Base
 
-FORMAT = 1
+FORMAT = 2  # 2: signed (manifest.sig); format 1 archives are unsigned and refused
+PURPOSE = "backup manifest"
 
 
 class BackupError(Exception):
@@ -47,8 +55,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def create_backup(database_url: str, images_dir: Path, out: Path) -> dict:
-    """Write ``out`` (a .tar.gz) and return its manifest."""
+def create_backup(database_url: str, images_dir: Path, out: Path, key: signing.Ed25519PrivateKey) -> dict:
+    """Write ``out`` (a .tar.gz), its manifest signed with ``key``, and return the manifest."""
     from .db import make_engine
 
     engine = make_engine(database_url)
@@ -86,12 +94,29 @@ def create_backup(database_url: str, images_dir: Path, out: Path) -> dict:
             rel = p.relative_to(root).as_posix()
             images[rel] = _sha(data)
             _add(tar, f"images/{rel}", data)
-        _add(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        _add(tar, "manifest.json", body)
+        _add(tar, "manifest.sig", json.dumps(signing.sign(key, PURPOSE, body)).encode())
     tmp.replace(out)  # a crash never leaves a half-written archive under the final name
     return manifest
 
 
-def _read_archive(archive: Path) -> tuple[dict, dict[str, bytes]]:
+def _check_signature(members: dict[str, bytes], trusted: signing.Ed25519PublicKey) -> None:
+    try:
+        sig = json.loads(members.get("manifest.sig", b"null"))
+    except ValueError:
+        sig = None  # reported as unsigned
+    try:
+        signing.check(trusted, PURPOSE, members["manifest.json"], sig, "the archive")
+    except signing.SignatureError as exc:
+        raise BackupError(str(exc)) from None
+
+
+def check_backup(archive: Path, trusted: signing.Ed25519PublicKey | None) -> tuple[dict, dict[str, bytes]]:
+    """The manifest and members of ``archive`` once its signature (by ``trusted``) and every
+    checksum are verified; writes nothing, so a backup host can check archives with the public key."""
+    if trusted is None:
+        raise BackupError("no trusted public key given: only archives signed by a known key are accepted")
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = {}
@@ -103,6 +128,7 @@ def _read_archive(archive: Path) -> tuple[dict, dict[str, bytes]]:
         raise BackupError(f"cannot read {archive}: {exc}") from None
     if "manifest.json" not in members:
         raise BackupError("the archive has no manifest.json: not an oncoscope backup")
+    _check_signature(members, trusted)  # before the manifest is even parsed
     manifest = json.loads(members["manifest.json"])
     if manifest.get("format") != FORMAT:
         raise BackupError(f"unsupported backup format {manifest.get('format')!r}")
@@ -130,12 +156,14 @@ def _decode(table, row: dict) -> dict:
     return out
 
 
-def restore_backup(database_url: str, images_dir: Path, archive: Path) -> dict:
-    """Restore ``archive`` into an empty database and image folder; returns the manifest."""
+def restore_backup(database_url: str, images_dir: Path, archive: Path,
+                   trusted: signing.Ed25519PublicKey | None = None) -> dict:
+    """Restore ``archive``, which ``trusted`` must have signed, into an empty database and image
+    folder; returns the manifest."""
     from . import migrate
     from .db import make_engine
 
-    manifest, members = _read_archive(Path(archive))  # every checksum verified before anything is written
+    manifest, members = check_backup(archive, trusted)  # signature and checksums before any write
     images_dir = Path(images_dir)
     if images_dir.is_dir() and any(images_dir.iterdir()):
         raise BackupError(f"the image folder {images_dir} is not empty: restore needs an empty instance")

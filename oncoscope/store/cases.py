@@ -8,8 +8,9 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import Session, joinedload, object_session
 
 from ..ml.imageio import ImageLoadError, load_image
 from .files import FileStore
@@ -18,12 +19,16 @@ from .patients import like_text
 from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
 
 NONDIAGNOSTIC = "Nondiagnostic"
+NONDIAGNOSTIC_NAME = "Non-diagnostic sample"
 
 
 class CaseError(ValueError):
-    def __init__(self, message: str, field: str | None = None):
+    """A refused change; ``errors`` lists every (field, message) found, the first as the message."""
+
+    def __init__(self, message: str, field: str | None = None, errors: list[tuple[str | None, str]] | None = None):
         super().__init__(message)
         self.field = field
+        self.errors = errors or [(field, message)]
 
 
 # ----------------------------------------------------------------------------- access
@@ -40,6 +45,37 @@ def get_visible(s: Session, user: User, case_id: int) -> Case | None:
     return s.scalar(visible_cases(user).where(Case.id == case_id))
 
 
+# ----------------------------------------------------------------------------- state changes
+UNSIGNED = ("open", "analysing", "ready")
+
+
+def lock_case(s: Session, case: Case) -> None:
+    """Reload the case row under a row lock (PostgreSQL, MariaDB; SQLite serialises writers anyway),
+    so concurrent uploads and sign-offs of one case take turns, and forget its loaded images."""
+    try:
+        s.refresh(case, with_for_update=True)
+    except InvalidRequestError:  # deleted (an empty case) since it was loaded
+        raise CaseError("This case no longer exists (it was deleted).") from None
+    s.expire(case, ["images", "reviews"])
+
+
+def advance(s: Session, case: Case, status: str, from_statuses: tuple[str, ...],
+            revision: int | None = None, **values) -> bool:
+    """Move the case to ``status`` and bump its revision, only if it is still in ``from_statuses``
+    (and at ``revision`` when given), in one conditional UPDATE checked by its row count: the
+    database, not this process's possibly stale copy, decides who wins a race."""
+    cond = [Case.id == case.id, Case.status.in_(from_statuses)]
+    if revision is not None:
+        cond.append(Case.revision == revision)
+    res = s.execute(update(Case).where(*cond).values(status=status, revision=Case.revision + 1,
+                                                     updated_at=utcnow(), **values)
+                    .execution_options(synchronize_session=False))
+    if res.rowcount != 1:
+        return False
+    s.refresh(case, ["status", "revision", "updated_at", *values])
+    return True
+
+
 # ----------------------------------------------------------------------------- creation and uploads
 def create_case(s: Session, user: User, patient: Patient, analyzer_id: str, note: str = "") -> Case:
     from ..analyzers import registry
@@ -54,6 +90,19 @@ def create_case(s: Session, user: User, patient: Patient, analyzer_id: str, note
     return c
 
 
+def delete_empty_case(s: Session, case: Case) -> None:
+    """Remove a case that holds nothing (no image, no sign-off): e.g. one whose uploads all failed.
+    One conditional DELETE, so an upload landing at the same moment keeps its case."""
+    lock_case(s, case)
+    gone = s.execute(delete(Case).where(Case.id == case.id, Case.status == "open",
+                                        ~exists().where(CaseImage.case_id == Case.id),
+                                        ~exists().where(Review.case_id == Case.id))
+                     .execution_options(synchronize_session=False)).rowcount
+    if not gone:
+        raise CaseError("Only an empty case (no images, never signed) can be deleted.")
+    s.expunge(case)
+
+
 @dataclass
 class UploadOutcome:
     added: list[CaseImage] = field(default_factory=list)
@@ -62,11 +111,18 @@ class UploadOutcome:
     new_files: list[str] = field(default_factory=list)  # content hashes first written by this upload
 
 
+SIGNED_NO_IMAGES = "This case is signed; amend it to change the diagnosis. Images cannot be added."
+
+
 def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: list[tuple[str, bytes]],
                max_bytes: int) -> UploadOutcome:
-    """Validate by content, store by hash, create one queued analysis per new image."""
+    """Validate by content, store by hash, create one queued analysis per new image.
+
+    A signed case never gains images: the case row is locked first (where the database can), and
+    the final conditional UPDATE refuses the whole upload if a sign-off committed meanwhile."""
+    lock_case(s, case)
     if case.status == "signed":
-        raise CaseError("This case is signed; amend it to change the diagnosis. Images cannot be added.")
+        raise CaseError(SIGNED_NO_IMAGES)
     out = UploadOutcome()
     try:
         for name, data in uploads:
@@ -105,12 +161,12 @@ def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: li
             s.flush()
             s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
             out.added.append(img)
+        if out.added and not advance(s, case, "analysing", from_statuses=UNSIGNED):
+            raise CaseError(SIGNED_NO_IMAGES)
     except BaseException:
         for sha in out.new_files:  # nothing half-stored: the files of a failed upload go too
             store.discard(sha)
         raise
-    if out.added:
-        case.status = "analysing"
     return out
 
 
@@ -223,16 +279,23 @@ def fail_job(s: Session, a: Analysis, message: str, max_attempts: int) -> None:
 
 
 def retry_failed(s: Session, a: Analysis) -> None:
-    if a.job_status == "failed":
-        a.job_status, a.attempts, a.queued_at, a.enqueued_at = "retried", 0, utcnow(), None
-        a.image.case.status = "analysing"
+    """Queue a failed analysis again; refused once the case is signed (it would reopen it)."""
+    if a.job_status != "failed":
+        return
+    if not advance(s, a.image.case, "analysing", from_statuses=UNSIGNED):
+        raise CaseError("This case is signed; its analyses cannot be re-run. Amend it or open a new case.")
+    a.job_status, a.attempts, a.queued_at, a.enqueued_at = "retried", 0, utcnow(), None
 
 
 def _refresh_case_status(case: Case) -> None:
-    if case.status == "signed":
-        return
+    """After a job ends: 'ready' once nothing is pending. A conditional UPDATE, so a sign-off that
+    committed meanwhile is never undone by this worker's stale copy of the case."""
+    s = object_session(case)
     states = [i.analysis.job_status for i in case.images if i.analysis is not None]
-    case.status = "analysing" if any(st in ("queued", "running", "retried") for st in states) else "ready"
+    status = "analysing" if any(st in ("queued", "running", "retried") for st in states) else "ready"
+    s.execute(update(Case).where(Case.id == case.id, Case.status.in_(UNSIGNED)).values(status=status)
+              .execution_options(synchronize_session=False))
+    s.refresh(case, ["status"])
 
 
 # ----------------------------------------------------------------------------- aggregate call
@@ -274,8 +337,14 @@ def dicom_study_uid(case: Case) -> str | None:
     return uids.pop() if len(uids) == 1 else None
 
 
+def label_names(analyzer) -> dict[str, str]:
+    """Code -> what people read, for every diagnosis a case can carry (the analyzer may be gone)."""
+    return {**(dict(analyzer.display_names) if analyzer is not None else {}), NONDIAGNOSTIC: NONDIAGNOSTIC_NAME}
+
+
 def diagnosis_options(analyzer) -> list[tuple[str, str]]:
-    return [(l, analyzer.display_names.get(l, l)) for l in analyzer.labels] + [(NONDIAGNOSTIC, "Non-diagnostic sample")]
+    names = label_names(analyzer)
+    return [(l, names.get(l, l)) for l in analyzer.labels] + [(NONDIAGNOSTIC, NONDIAGNOSTIC_NAME)]
 
 
 def _review_hash(case: Case, r: Review) -> str:
@@ -290,42 +359,65 @@ def _review_hash(case: Case, r: Review) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+CASE_CHANGED = ("The case changed while you were reviewing it (an image was added, or someone else signed it). "
+                "Nothing was signed: review it again.")
+
+
 def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels: list[str], comment: str = "",
-         override_reason: str = "", uncertainty_note: str = "", amendment_reason: str = "") -> Review:
+         override_reason: str = "", uncertainty_note: str = "", amendment_reason: str = "",
+         revision: int | None = None) -> Review:
+    """Sign (or amend) the diagnosis of exactly the images the signer reviewed: ``revision`` is the
+    case revision the signer saw (None: the one read now). The review's hash covers that image set."""
+    lock_case(s, case)
+    if revision is not None and revision != case.revision:
+        raise CaseError(CASE_CHANGED)
     if not case.images:
         raise CaseError("Upload at least one image before signing.")
     if any(i.analysis and i.analysis.job_status in ("queued", "running", "retried") for i in case.images):
         raise CaseError("Wait until every image is analysed before signing.")
-    if final_diagnosis not in valid_labels:
-        raise CaseError("Choose a diagnosis from the list.", "final_diagnosis")
-    for k, v in (("override_reason", override_reason), ("uncertainty_note", uncertainty_note), ("comment", comment),
-                 ("amendment_reason", amendment_reason)):
-        if unstorable(v):
-            raise CaseError(f"The text {UNSTORABLE_MESSAGE}", k)
+    texts = _sign_texts(override_reason=override_reason, uncertainty_note=uncertainty_note, comment=comment,
+                        amendment_reason=amendment_reason)
     agg = aggregate(case)
     agrees = agg.label is not None and final_diagnosis == agg.label
-    override_reason, uncertainty_note = (override_reason or "").strip(), (uncertainty_note or "").strip()
-    comment, amendment_reason = (comment or "").strip(), (amendment_reason or "").strip()
-    if not agrees and agg.label is not None and not override_reason:
-        raise CaseError("Give the reason for overriding the AI result.", "override_reason")
-    if agg.status != "ok" and not uncertainty_note:
-        raise CaseError("The AI result is not confident (uncertain, out of domain or failed): "
-                        "add an explicit note to sign anyway.", "uncertainty_note")
     previous = case.current_review
-    if previous is not None and not amendment_reason:
-        raise CaseError("This case is already signed: give the reason for the amendment.", "amendment_reason")
+    problems = sign_problems(case, final_diagnosis, valid_labels, agg=agg, **texts)
+    if problems:  # all of them at once: the signer fixes the form in one pass
+        raise CaseError(problems[0][1], problems[0][0], problems)
+    if not advance(s, case, "signed", from_statuses=("ready", "signed"), revision=case.revision,
+                   final_diagnosis=final_diagnosis):
+        raise CaseError(CASE_CHANGED)
     r = Review(case_id=case.id, version=(previous.version + 1) if previous else 1, ai_label=agg.label,
-               ai_status=agg.status, final_diagnosis=final_diagnosis, agrees_with_ai=agrees,
-               override_reason=override_reason[:5000], uncertainty_note=uncertainty_note[:5000],
-               comment=comment[:10000], amendment_reason=amendment_reason[:5000], signed_by_id=user.id,
-               signed_at=utcnow(), content_sha256="")
+               ai_status=agg.status, final_diagnosis=final_diagnosis, agrees_with_ai=agrees, signed_by_id=user.id,
+               signed_at=utcnow(), content_sha256="", **texts)
     s.add(r)
     case.reviews.append(r)
     r.content_sha256 = _review_hash(case, r)
-    case.status = "signed"
-    case.final_diagnosis = final_diagnosis
     s.flush()
     return r
+
+
+def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], override_reason: str = "",
+                  uncertainty_note: str = "", amendment_reason: str = "", agg: Aggregate | None = None,
+                  **_other) -> list[tuple[str, str]]:
+    """What a sign-off of ``case`` with these answers still lacks, as (field, message) pairs."""
+    agg = agg or aggregate(case)
+    agrees = agg.label is not None and final_diagnosis == agg.label
+    return [(f, msg) for f, msg, bad in (
+        ("final_diagnosis", "Choose a diagnosis from the list.", final_diagnosis not in valid_labels),
+        ("override_reason", "Give the reason for overriding the AI result." if agg.label is not None else
+         "The AI gave no diagnosis: give the reason for yours.", not agrees and not (override_reason or "").strip()),
+        ("uncertainty_note", "The AI result is not confident (uncertain, out of domain or failed): add an explicit "
+         "note to sign anyway.", agg.status != "ok" and not (uncertainty_note or "").strip()),
+        ("amendment_reason", "This case is already signed: give the reason for the amendment.",
+         case.current_review is not None and not (amendment_reason or "").strip())) if bad]
+
+
+def _sign_texts(**texts: str) -> dict[str, str]:
+    limits = {"override_reason": 5000, "uncertainty_note": 5000, "comment": 10000, "amendment_reason": 5000}
+    for k, v in texts.items():
+        if unstorable(v):
+            raise CaseError(f"The text {UNSTORABLE_MESSAGE}", k)
+    return {k: (v or "").strip()[:limits[k]] for k, v in texts.items()}
 
 
 # ----------------------------------------------------------------------------- lists and dashboards
@@ -346,8 +438,8 @@ def history(s: Session, user: User, *, status: str = "", diagnosis: str = "", do
     if date_to and date_to < dt.date.max:  # (up to 9999-12-31 is no bound: the day after does not exist)
         q = q.where(Case.created_at < dt.datetime.combine(date_to + dt.timedelta(days=1), dt.time()))
     if text:
-        t = like_text(text)
-        matching = select(Patient.id).where(or_(Patient.mrn == t, Patient.family_name.like(f"%{t}%")))
+        matching = select(Patient.id).where(or_(Patient.mrn == storable(text).strip(),
+                                                like_text(Patient.family_name, text)))
         q = q.where(Case.patient_id.in_(matching))
     total = s.scalar(q.with_only_columns(func.count(Case.id)).order_by(None))
     pages = max(1, -(-total // per_page))

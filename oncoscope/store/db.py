@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -56,6 +57,14 @@ def standalone_session(url: str):
     finally:
         s.close()
         engine.dispose()
+
+
+def is_retryable(exc: OperationalError) -> bool:
+    """A deadlock or lock-wait timeout (MariaDB gap locks between racing inserts), or a PostgreSQL
+    deadlock/serialization failure: the transaction was rolled back and may simply be run again."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "args", [None])[0] if orig is not None else None
+    return code in (1213, 1205) or getattr(orig, "sqlstate", None) in ("40P01", "40001")
 
 
 def ping(engine: Engine) -> bool:

@@ -33,8 +33,6 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
     is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     session_version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
-    failed_logins: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    locked_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     last_login_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
@@ -90,6 +88,10 @@ class Case(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
     final_diagnosis: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # Bumped by every change of the image set or the signature, always by a conditional UPDATE
+    # (store/cases.py): a sign-off names the revision it reviewed, so an upload that lands in
+    # between makes it fail instead of leaving a signed case with an unreviewed image.
+    revision: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     patient: Mapped[Patient] = relationship(back_populates="cases")
     images: Mapped[list["CaseImage"]] = relationship(back_populates="case", order_by="CaseImage.id")
@@ -189,6 +191,19 @@ class Review(Base):
     signed_by: Mapped[User] = relationship()
 
 
+class LoginThrottle(Base):
+    """Sign-in attempts per e-mail address (hashed), for real and unknown accounts alike, so every
+    web process shares one count and a lock does not reveal which addresses have an account."""
+
+    __tablename__ = "login_throttle"
+    __table_args__ = (Index("ix_login_throttle_updated", "updated_at"),)
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the normalised address
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
 class ApiToken(Base):
     """Personal API token. Only a SHA-256 of the secret is stored; the secret is shown once."""
 
@@ -211,7 +226,8 @@ class IdempotencyRecord(Base):
     """The stored answer to a request sent with an Idempotency-Key, replayed on retries."""
 
     __tablename__ = "idempotency_records"
-    __table_args__ = (UniqueConstraint("user_id", "key", name="uq_idempotency_user_key"),)
+    __table_args__ = (UniqueConstraint("user_id", "key", name="uq_idempotency_user_key"),
+                      Index("ix_idempotency_created", "created_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
@@ -219,6 +235,8 @@ class IdempotencyRecord(Base):
     request_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
     status_code: Mapped[int] = mapped_column(Integer, nullable=False)
     response: Mapped[dict] = mapped_column(JSON, nullable=False)
+    # the patient whose data the stored answer shows: a replay re-checks access to it
+    patient_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import Select, func, or_, select
@@ -41,24 +42,57 @@ def get_visible(s: Session, user: User, patient_id: int) -> Patient | None:
     return s.scalar(visible_patients(user).where(Patient.id == patient_id))
 
 
-def like_text(text: str) -> str:
-    """User text for a LIKE pattern: trimmed, with the wildcards % and _ (and unstorable characters) removed."""
-    return storable(text).strip().replace("%", "").replace("_", "")
+def get_visible_by_mrn(s: Session, user: User, mrn: str) -> Patient | None:
+    return s.scalar(visible_patients(user).where(Patient.mrn == storable(mrn).strip()))
+
+
+# Not backslash: MySQL/MariaDB also treat it as an escape inside string literals, so "ESCAPE '\'"
+# would need backend-specific quoting. "/" (SQLAlchemy's autoescape choice) means the same everywhere.
+LIKE_ESCAPE = "/"
+
+
+def like_text(column, text: str, *, prefix: bool = False):
+    """``column LIKE`` the user's ``text`` taken literally (``%`` and ``_`` match only themselves):
+    anywhere in the column, or at its start with ``prefix``. Trimmed; unstorable characters dropped."""
+    t = storable(text).strip()
+    for ch in (LIKE_ESCAPE, "%", "_"):
+        t = t.replace(ch, LIKE_ESCAPE + ch)
+    return column.like(("" if prefix else "%") + t + "%", escape=LIKE_ESCAPE)
 
 
 def search(s: Session, user: User, text: str = "", page: int = 1, per_page: int = 25) -> Page:
     q = visible_patients(user)
     t = storable(text).strip()
     if t:
-        like = f"%{like_text(t)}%"
-        q = q.where(or_(Patient.mrn == t, Patient.mrn.like(f"{t}%"), Patient.family_name.like(like),
-                        Patient.given_name.like(like)))
+        q = q.where(or_(Patient.mrn == t, like_text(Patient.mrn, t, prefix=True), like_text(Patient.family_name, t),
+                        like_text(Patient.given_name, t)))
     total = s.scalar(q.with_only_columns(func.count(Patient.id)).order_by(None))
     pages = max(1, math.ceil(total / per_page))
     page = min(max(1, page), pages)
     items = list(s.scalars(q.order_by(Patient.family_name, Patient.given_name, Patient.id)
                            .offset((page - 1) * per_page).limit(per_page)))
     return Page(items, page, pages, total)
+
+
+# Characters every export carries verbatim: DICOM LO (no backslash or control characters), HL7 v2
+# CX.1 (none of the delimiters | ^ ~ \ &), FHIR identifier values, CSV (a leading letter or digit is
+# never read as a formula). Hospital MRNs are ASCII letters, digits and these few separators.
+MRN_MAX = 64
+MRN_PATTERN = r"[A-Za-z0-9][A-Za-z0-9 ._/-]*"
+_MRN_CHARS = "letters A-Z, digits, spaces and - . _ / (starting with a letter or digit)"
+MRN_RULE = f"Up to {MRN_MAX} characters: {_MRN_CHARS}."
+_MRN = re.compile(MRN_PATTERN, re.ASCII)
+
+
+def mrn_problem(mrn: str) -> str | None:
+    """Why ``mrn`` (already trimmed) cannot be stored, or None when it can."""
+    if not mrn:
+        return "Enter the medical record number."
+    if len(mrn) > MRN_MAX:
+        return f"At most {MRN_MAX} characters."
+    if not _MRN.fullmatch(mrn):
+        return f"The MRN may contain only {_MRN_CHARS}."
+    return None
 
 
 _LABELS = {"mrn": "The MRN", "family_name": "The family name", "given_name": "The given name", "notes": "The notes"}
@@ -70,10 +104,8 @@ def _clean(values: dict) -> dict:
             raise PatientError(f"{label} {UNSTORABLE_MESSAGE}", k)
     mrn = (values.get("mrn") or "").strip()
     family = (values.get("family_name") or "").strip()
-    if not mrn:
-        raise PatientError("Enter the medical record number.", "mrn")
-    if len(mrn) > 64:
-        raise PatientError("At most 64 characters.", "mrn")
+    if problem := mrn_problem(mrn):
+        raise PatientError(problem, "mrn")
     if not family:
         raise PatientError("Enter the family name.", "family_name")
     if len(family) > 100 or len((values.get("given_name") or "")) > 100:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from .models import ROLES, User, utcnow
+from .db import is_retryable
+from .models import ROLES, LoginThrottle, User, utcnow
 from .text import UNSTORABLE_MESSAGE, unstorable
 
 _hasher = PasswordHasher()
@@ -42,8 +48,6 @@ def normalise_email(email: str) -> str:
 def sign_in_subject(s: Session, email: str) -> dict:
     """How a sign-in attempt names its account in the audit trail: the address of an existing
     account, else only a short hash of what was typed (which may be a password typed in the wrong box)."""
-    import hashlib
-
     key = normalise_email(email)
     user = s.scalar(select(User).where(User.email == key)) if key and not unstorable(key) else None
     if user is not None:
@@ -84,14 +88,16 @@ def set_password(s: Session, user: User, password: str) -> None:
         raise AccountError(problem, "password")
     user.password_hash = _hasher.hash(password)
     user.session_version += 1  # logs out every existing session
-    user.failed_logins = 0
-    user.locked_until = None
+    s.execute(delete(LoginThrottle).where(LoginThrottle.key == _throttle_key(user.email)))
 
 
-# Failed attempts for emails that have no account, so they are throttled (and answered) exactly
-# like real accounts and the lock message does not reveal which emails exist. Per process, bounded.
-_unknown_failures: dict[str, tuple[int, dt.datetime | None]] = {}
-_UNKNOWN_CAP = 10_000
+# ----------------------------------------------------------------------------- sign-in throttling
+# One row per address tried (hashed), real or not, in the database: every web process counts the
+# same attempts, and an unknown address locks exactly like a real one. An attempt is counted, and
+# the count committed, *before* the slow password check, so concurrent guesses cannot all slip in
+# under the limit.
+def _throttle_key(email: str) -> str:
+    return hashlib.sha256(normalise_email(email).encode("utf-8", "replace")).hexdigest()
 
 
 def _lock_message(until: dt.datetime, now: dt.datetime) -> AccountError:
@@ -99,40 +105,87 @@ def _lock_message(until: dt.datetime, now: dt.datetime) -> AccountError:
     return AccountError(f"Too many failed attempts. Try again in {mins} minute{'s' if mins > 1 else ''}.")
 
 
-def authenticate(s: Session, email: str, password: str, max_failures: int, lock_minutes: int) -> User:
-    """Return the user or raise AccountError with a message that does not reveal which part was wrong."""
-    generic = AccountError("Email or password is incorrect.")
-    key = normalise_email(email)
-    user = s.scalar(select(User).where(User.email == key)) if not unstorable(key) else None  # no such account
-    now = utcnow()
-    if user is None:
-        count, until = _unknown_failures.get(key, (0, None))
-        if until and until > now:
-            raise _lock_message(until, now)
+def _count_attempt(s: Session, key: str, now: dt.datetime, window: dt.timedelta) -> int:
+    """Add one attempt for ``key`` atomically (one upsert) and return the count as stored. A count
+    starts again after a lock has expired or after a window without attempts; it is never reset
+    while locked, so attempts already past the lock check when the lock was set still count beyond
+    the limit."""
+    t = LoginThrottle.__table__
+    expired = and_(t.c.locked_until.is_not(None), t.c.locked_until <= now)
+    restart = or_(t.c.updated_at < now - window, expired)
+    # MariaDB evaluates SET left to right: the CASEs must come before the columns they read change
+    bump = [("attempts", case((restart, 1), else_=t.c.attempts + 1)),
+            ("locked_until", case((expired, None), else_=t.c.locked_until)), ("updated_at", now)]
+    dialect = s.get_bind().dialect.name
+    new = {"key": key, "attempts": 1, "updated_at": now}
+    if dialect == "mysql":
+        stmt = mysql_insert(t).values(**new).on_duplicate_key_update(bump)
+    else:
+        stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(t).values(**new) \
+            .on_conflict_do_update(index_elements=[t.c.key], set_=dict(bump))
+    for _ in range(4):
         try:
-            _hasher.verify(_DUMMY_HASH, password or "x")
-        except VerificationError:
-            pass
-        count += 1
-        if len(_unknown_failures) >= _UNKNOWN_CAP:
-            _unknown_failures.clear()
-        _unknown_failures[key] = (0, now + dt.timedelta(minutes=lock_minutes)) if count >= max_failures else (count, None)
-        raise generic
-    if user.locked_until and user.locked_until > now:
-        raise _lock_message(user.locked_until, now)
+            s.execute(stmt)
+            break
+        except OperationalError as exc:  # MariaDB: racing first inserts of one key may deadlock
+            s.rollback()
+            if not is_retryable(exc):
+                raise
+    else:
+        s.execute(stmt)  # the last try: an error now is the caller's
+    return s.scalar(select(t.c.attempts).where(t.c.key == key))
+
+
+def prune_throttle(s: Session, window: dt.timedelta) -> int:
+    """Forget addresses with no attempt within the window and no lock (keeps the table small)."""
+    now = utcnow()
+    res = s.execute(delete(LoginThrottle).where(
+        LoginThrottle.updated_at < now - window,
+        or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < now)))
+    return res.rowcount
+
+
+def _lock(s: Session, key: str, now: dt.datetime, until: dt.datetime) -> None:
+    """Lock from now on; a lock already running is not extended by the attempts it refuses."""
+    s.execute(update(LoginThrottle).where(LoginThrottle.key == key, or_(LoginThrottle.locked_until.is_(None),
+                                                                         LoginThrottle.locked_until <= now))
+              .values(locked_until=until))
+    s.commit()
+
+
+def authenticate(s: Session, email: str, password: str, max_failures: int, lock_minutes: int) -> User:
+    """Return the user or raise AccountError with a message that does not reveal which part was
+    wrong, nor whether the address has an account, nor whether it is deactivated.
+
+    Commits the session: the attempt must be visible to concurrent requests before the password
+    is checked."""
+    generic = AccountError("Email or password is incorrect.")
+    key, now, window = _throttle_key(email), utcnow(), dt.timedelta(minutes=lock_minutes)
+    locked = s.scalar(select(LoginThrottle.locked_until).where(LoginThrottle.key == key))
+    if locked and locked > now:
+        raise _lock_message(locked, now)
+    attempts = _count_attempt(s, key, now, window)
+    if attempts > max_failures:  # earlier attempts still in flight used the allowance up
+        _lock(s, key, now, now + window)
+        locked = s.scalar(select(LoginThrottle.locked_until).where(LoginThrottle.key == key))
+        raise _lock_message(locked or now + window, now)
+    s.commit()
+    if attempts == 1:  # a new address (or a stale count) in the table: the moment to clear old rows
+        prune_throttle(s, window)
+        s.commit()
+    norm = normalise_email(email)
+    user = s.scalar(select(User).where(User.email == norm)) if not unstorable(norm) else None
     try:
-        _hasher.verify(user.password_hash, password or "")
+        _hasher.verify(user.password_hash if user is not None else _DUMMY_HASH, password or "x")
+        verified = user is not None and user.is_active  # a deactivated account answers like a wrong password
     except (VerifyMismatchError, VerificationError, InvalidHashError):
-        user.failed_logins += 1
-        if user.failed_logins >= max_failures:
-            user.locked_until = now + dt.timedelta(minutes=lock_minutes)
-            user.failed_logins = 0
-        raise generic from None
-    if not user.is_active:
-        raise AccountError("This account is deactivated. Ask your administrator.")
+        verified = False
+    if not verified:
+        if attempts >= max_failures:
+            _lock(s, key, now, now + window)
+        raise generic
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
-    user.failed_logins = 0
-    user.locked_until = None
+    s.execute(delete(LoginThrottle).where(LoginThrottle.key == key))
     user.last_login_at = now
     return user

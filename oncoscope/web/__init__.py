@@ -9,6 +9,7 @@ from flask_login import LoginManager, current_user, logout_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import OperationalError, InterfaceError
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 from ..config import Settings
@@ -35,6 +36,8 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     )
     if config:
         app.config.update(config)
+    if settings.trusted_proxies:  # the audited address is the client's, not the proxy's
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     engine = make_engine(settings.database_url)
     app.extensions["oncoscope"] = {
         "settings": settings,
@@ -46,7 +49,8 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please sign in to continue."
-    login_manager.session_protection = "strong"
+    # Flask-Login's own protection does nothing for permanent sessions; _session_checks binds them
+    login_manager.session_protection = None
 
     from . import admin, api, auth, cases, patients, views
 
@@ -54,7 +58,7 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
         app.register_blueprint(bp)
 
     from . import audit
-    from .helpers import db_session_teardown, load_user
+    from .helpers import browser_fingerprint, db_session_teardown, load_user
 
     login_manager.user_loader(load_user)
     app.teardown_appcontext(db_session_teardown)
@@ -68,17 +72,22 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
         return redirect(url_for("auth.login", next=request.full_path if request.query_string else request.path))
 
     @app.before_request
-    def _idle_timeout():
+    def _session_checks():
+        """End a session that was idle too long, or that is presented by another browser (a copied cookie)."""
         session.permanent = True
         if current_user.is_authenticated:
             now = dt.datetime.now(dt.timezone.utc).timestamp()
             last = session.get("seen", now)
-            if now - last > settings.session_idle_minutes * 60:
-                logout_user()
-                session.clear()
-                flash("Your session expired after inactivity. Please sign in again.", "info")
+            if session.get("browser") != browser_fingerprint():
+                message = "Your session was opened in another browser. Please sign in again."
+            elif now - last > settings.session_idle_minutes * 60:
+                message = "Your session expired after inactivity. Please sign in again."
             else:
                 session["seen"] = now
+                return
+            logout_user()
+            session.clear()
+            flash(message, "info")
 
     @app.after_request
     def _security_headers(resp):

@@ -12,7 +12,7 @@ from ..store import users as user_store
 from ..store.models import User
 from .forms import EmptyForm, ResetPasswordForm, RoleForm, UserForm
 from . import audit
-from .helpers import admin_required, db, field_error, int_arg, me
+from .helpers import admin_required, db, int_arg, me, show_errors
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -35,7 +35,7 @@ def users():
             s.commit()
         except user_store.AccountError as exc:
             s.rollback()
-            field_error(form, exc, "email")
+            show_errors(form, exc, "email")
         else:
             audit.subject(resource=("user", u.id), email=u.email, role=u.role)
             flash(f"Account created for {u.name}. Give them the initial password securely.", "ok")
@@ -56,6 +56,7 @@ def toggle_active(user_id: int):
         u.is_active = not u.is_active
         u.session_version += 1
         db().commit()
+        audit.subject(change="reactivated" if u.is_active else "deactivated", email=u.email)
         flash(f"{u.name} {'re-activated' if u.is_active else 'deactivated'}.", "ok")
     return redirect(url_for("admin.users"))
 
@@ -67,7 +68,12 @@ def edit_user(user_id: int):
     pw_form, role_form = ResetPasswordForm(prefix="pw"), RoleForm(prefix="role", obj=u)
     s = db()
     if "pw-password" in request.form:  # the reset form was sent (an empty password is an error, not a role change)
-        if pw_form.validate_on_submit():
+        audit.subject(change="password_reset", email=u.email)
+        if u.id == me().id:  # without the current password, a stolen admin session could take the account
+            audit.note("denied", reason="own password: use the password change form")
+            flash("Change your own password on the Change password page (it asks for your current one).", "error")
+            return redirect(url_for("admin.edit_user", user_id=u.id))
+        elif pw_form.validate_on_submit():
             try:
                 user_store.set_password(s, u, pw_form.password.data)
                 s.commit()
@@ -80,6 +86,7 @@ def edit_user(user_id: int):
         if u.id == me().id and role_form.role.data != "admin":
             flash("You cannot remove your own administrator role.", "error")
         else:
+            audit.subject(change="role", email=u.email, old_role=u.role, new_role=role_form.role.data)
             if role_form.role.data != u.role:  # only a real change signs the user out
                 u.role = role_form.role.data
                 u.session_version += 1

@@ -10,7 +10,7 @@ import json
 from functools import wraps
 
 from flask import Blueprint, Response, g, jsonify, render_template, request
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from .. import __version__
@@ -18,7 +18,7 @@ from ..analyzers import registry
 from ..store import cases as case_store
 from ..store import patients as patient_store
 from ..store import tokens as token_store
-from ..store.models import IdempotencyRecord
+from ..store.models import IdempotencyRecord, utcnow
 from . import audit, csrf
 from .helpers import db, files, notify_workers, settings
 
@@ -61,6 +61,9 @@ NSTR = {"type": ["string", "null"]}
 NINT = {"type": ["integer", "null"]}
 NNUM = {"type": ["number", "null"]}
 DATETIME = {"type": ["string", "null"], "format": "date-time"}
+# the store checks it (after trimming), so invalid MRNs get its message whatever the client validated
+MRN_INPUT = {"type": "string", "minLength": 1, "maxLength": patient_store.MRN_MAX,
+             "pattern": f"^{patient_store.MRN_PATTERN}$", "description": patient_store.MRN_RULE}
 SCHEMAS: dict[str, dict] = {
     "Error": _obj({"error": _obj({"code": STR, "message": STR, "field": NSTR}, ["code", "message", "field"])},
                   ["error"]),
@@ -69,14 +72,14 @@ SCHEMAS: dict[str, dict] = {
                      "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]}, "notes": STR,
                      "created_at": DATETIME, "updated_at": DATETIME},
                     ["id", "mrn", "family_name", "given_name", "birth_date", "sex"]),
-    "PatientInput": _obj({"mrn": {"type": "string", "minLength": 1, "maxLength": 64},
+    "PatientInput": _obj({"mrn": MRN_INPUT,
                           "family_name": {"type": "string", "minLength": 1, "maxLength": 100},
                           "given_name": {"type": "string", "maxLength": 100},
                           "birth_date": {"type": ["string", "null"], "format": "date"},
                           "sex": {"type": "string", "enum": ["female", "male", "other", "unknown"]},
                           "notes": {"type": "string", "maxLength": 5000}}, ["mrn", "family_name"],
                          additionalProperties=False),
-    "PatientPatch": _obj({"mrn": {"type": "string", "minLength": 1, "maxLength": 64},
+    "PatientPatch": _obj({"mrn": MRN_INPUT,
                           "family_name": {"type": "string", "minLength": 1, "maxLength": 100},
                           "given_name": {"type": "string", "maxLength": 100},
                           "birth_date": {"type": ["string", "null"], "format": "date"},
@@ -95,13 +98,13 @@ SCHEMAS: dict[str, dict] = {
                     "ai_status": NSTR, "override_reason": STR, "uncertainty_note": STR, "comment": STR,
                     "amendment_reason": STR, "signed_by": STR, "signed_at": DATETIME, "content_sha256": STR},
                    ["version", "final_diagnosis", "agrees_with_ai", "signed_by", "signed_at"]),
-    "Case": _obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "clinical_note": STR,
+    "Case": _obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "revision": INT, "clinical_note": STR,
                   "created_at": DATETIME, "final_diagnosis": NSTR,
                   "aggregate": _obj({"label": NSTR, "status": STR, "probabilities": {"type": "object"},
                                      "text": STR}),
                   "images": {"type": "array", "items": {"$ref": "#/components/schemas/Analysis"}},
                   "reviews": {"type": "array", "items": {"$ref": "#/components/schemas/Review"}}},
-                 ["id", "patient_id", "analyzer_id", "status", "images", "reviews"]),
+                 ["id", "patient_id", "analyzer_id", "status", "revision", "images", "reviews"]),
     "CaseInput": _obj({"analyzer_id": {"type": "string", "maxLength": 64},
                        "clinical_note": {"type": "string", "maxLength": 5000}}, ["analyzer_id"],
                       additionalProperties=False),
@@ -109,7 +112,11 @@ SCHEMAS: dict[str, dict] = {
                        "override_reason": {"type": "string", "maxLength": 5000},
                        "uncertainty_note": {"type": "string", "maxLength": 5000},
                        "comment": {"type": "string", "maxLength": 10000},
-                       "amendment_reason": {"type": "string", "maxLength": 5000}}, ["final_diagnosis"],
+                       "amendment_reason": {"type": "string", "maxLength": 5000},
+                       "revision": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
+                                    "description": "The case revision the signer reviewed (from the Case). When "
+                                                   "given, signing fails with 409 if images were added or the case "
+                                                   "was signed since."}}, ["final_diagnosis"],
                       additionalProperties=False),
     "UploadResult": _obj({"added": {"type": "array", "items": INT}, "duplicates": {"type": "array", "items": STR},
                           "errors": {"type": "array", "items": _obj({"file": STR, "message": STR})},
@@ -243,25 +250,33 @@ def _authenticate() -> None:
 
 
 def _idempotent(run):
+    """Replay the stored answer to a retried request, once the caller may still see what it shows."""
     key = request.headers["Idempotency-Key"]
     if len(key) > 128 or not key.strip():
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-128 characters.", "Idempotency-Key")
     s = db()
     fp = _fingerprint()
+    expired = utcnow() - dt.timedelta(hours=settings().idempotency_hours)
     rec = s.scalar(select(IdempotencyRecord).where(IdempotencyRecord.user_id == g.api_user.id,
-                                                   IdempotencyRecord.key == key))
+                                                   IdempotencyRecord.key == key, IdempotencyRecord.created_at >= expired))
     if rec is not None:
         if rec.request_fingerprint != fp:
             raise ApiError(422, "idempotency_key_reused", "This Idempotency-Key was used for a different request.",
                            "Idempotency-Key")
+        if rec.patient_id is not None:  # access may have been removed since the first answer
+            audit.subject(patient_id=rec.patient_id)
+            if patient_store.get_visible(s, g.api_user, rec.patient_id) is None:
+                raise ApiError(404, "not_found", "What this request created is no longer visible to you.")
         resp = Response(json.dumps(rec.response, sort_keys=True), status=rec.status_code, mimetype="application/json")
         resp.headers["Idempotent-Replayed"] = "true"
         return resp
     resp = run()
     if resp.status_code < 500:
         try:
+            s.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < expired))
             s.add(IdempotencyRecord(user_id=g.api_user.id, key=key, request_fingerprint=fp,
-                                    status_code=resp.status_code, response=json.loads(resp.get_data() or b"null")))
+                                    status_code=resp.status_code, response=json.loads(resp.get_data() or b"null"),
+                                    patient_id=audit.touched_patient()))
             s.commit()
         except IntegrityError:  # a concurrent retry stored it first: its answer stands
             s.rollback()
@@ -311,6 +326,10 @@ def _validate_fields(data: dict, schema_name: str) -> dict:
         types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
         if v is None and "null" not in types:
             raise ApiError(422, "invalid", f"{k} may not be null.", k)
+        if "integer" in types and v is not None:
+            if not isinstance(v, int) or isinstance(v, bool) or not spec["minimum"] <= v <= spec["maximum"]:
+                raise ApiError(422, "invalid", f"{k} must be an integer from {spec['minimum']} to {spec['maximum']}.", k)
+            continue
         if v is not None and not isinstance(v, str):
             raise ApiError(422, "invalid", f"{k} must be a string.", k)
         if isinstance(v, str):
@@ -373,6 +392,7 @@ def case_json(c) -> dict:
                        "model_version": a.model_version if a else None, "model_sha256": a.model_sha256 if a else None,
                        "finished_at": _iso(a.finished_at) if a else None})
     return {"id": c.id, "patient_id": c.patient_id, "analyzer_id": c.analyzer_id, "status": c.status,
+            "revision": c.revision,
             "clinical_note": c.clinical_note, "created_at": _iso(c.created_at), "final_diagnosis": c.final_diagnosis,
             "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
                           "text": agg.text},
@@ -542,10 +562,14 @@ def retry_analysis(case_id: int, image_id: int):
     img = next((i for i in c.images if i.id == image_id), None)
     if img is None or img.analysis is None:
         raise ApiError(404, "not_found", f"No image {image_id} in case {c.id}.")
-    if c.status == "signed" or img.analysis.job_status != "failed":
+    if img.analysis.job_status != "failed":
         raise ApiError(409, "not_failed", "Only failed analyses of unsigned cases can be retried.")
-    case_store.retry_failed(db(), img.analysis)
-    db().commit()
+    try:
+        case_store.retry_failed(db(), img.analysis)
+        db().commit()
+    except case_store.CaseError:
+        db().rollback()
+        raise ApiError(409, "not_failed", "Only failed analyses of unsigned cases can be retried.") from None
     notify_workers()
     return case_json(c)
 
@@ -596,7 +620,7 @@ def upload_images(case_id: int):
 
 
 @api("/cases/{case_id}/sign", "POST", summary="Sign (or amend) the diagnosis", tag="cases", response="Case",
-     body="SignInput")
+     body="SignInput", errors={409: "Images are still being analysed, or the case changed since the given revision"})
 def sign_case(case_id: int):
     c = _case_or_404(case_id)
     data = _validate_fields(_json_body(), "SignInput")
@@ -607,12 +631,27 @@ def sign_case(case_id: int):
         case_store.sign(s, c, g.api_user, data.get("final_diagnosis", ""), labels, comment=data.get("comment", ""),
                         override_reason=data.get("override_reason", ""),
                         uncertainty_note=data.get("uncertainty_note", ""),
-                        amendment_reason=data.get("amendment_reason", ""))
+                        amendment_reason=data.get("amendment_reason", ""), revision=data.get("revision"))
         s.commit()
     except case_store.CaseError as exc:
         s.rollback()
+        if exc.field is None:  # about the case's state, not the input
+            raise ApiError(409, "case_not_signable", str(exc)) from None
         raise ApiError(422, "invalid", str(exc), exc.field) from None
     return case_json(c)
+
+
+@api("/cases/{case_id}", "DELETE", summary="Delete an empty case (no images, never signed)", tag="cases",
+     status=204, media="text/plain", errors={409: "The case holds images or was signed"})
+def delete_case(case_id: int):
+    c = _case_or_404(case_id)
+    try:
+        case_store.delete_empty_case(db(), c)
+        db().commit()
+    except case_store.CaseError as exc:
+        db().rollback()
+        raise ApiError(409, "not_empty", str(exc)) from None
+    return Response(status=204)
 
 
 @api("/cases/{case_id}/report.pdf", "GET", summary="The PDF report", tag="reports", media="application/pdf")

@@ -52,6 +52,7 @@ ACTIONS: dict[str, dict[str, str]] = {
     "cases.image": {"GET": "image.download"},
     "cases.retry": {"POST": "analysis.retry"},
     "cases.sign": {"POST": "case.sign"},
+    "cases.delete": {"POST": "case.delete"},
     "cases.report": {"GET": "report.pdf"},
     "cases.export": {"GET": "report.export"},
     "cases.export_seg": {"GET": "report.dicom_seg"},
@@ -70,6 +71,7 @@ ACTIONS: dict[str, dict[str, str]] = {
     "api.upload_images": {"POST": "case.upload"},
     "api.retry_analysis": {"POST": "analysis.retry"},
     "api.sign_case": {"POST": "case.sign"},
+    "api.delete_case": {"DELETE": "case.delete"},
     "api.case_report": {"GET": "report.pdf"},
     "api.case_fhir": {"GET": "report.fhir"},
     "api.case_hl7": {"GET": "report.hl7"},
@@ -109,6 +111,11 @@ def subject(patient_id: int | None = None, resource: tuple[str, object] | None =
     if resource is not None:
         a["resource"] = resource
     a.setdefault("details", {}).update(details)
+
+
+def touched_patient() -> int | None:
+    """The patient this request has touched so far (set by ``subject``), if any."""
+    return g.get("audit", {}).get("patient_id")
 
 
 def note(outcome: str | None = None, actor=None, **details) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
-from flask_login import current_user, login_required, login_user, logout_user
+from flask_login import current_user, login_required, logout_user
 
 from ..store import users as user_store
 from . import audit
 from .forms import LoginForm, PasswordForm, SetupForm
-from .helpers import LoginUser, db, field_error, me, settings
+from .helpers import db, me, settings, show_errors, start_session
 
 bp = Blueprint("auth", __name__)
 
@@ -34,11 +34,10 @@ def setup():
             s.commit()
         except user_store.AccountError as exc:
             s.rollback()
-            field_error(form, exc, "email")
+            show_errors(form, exc, "email")
         else:
-            login_user(LoginUser(u))
+            start_session(u)
             audit.subject(resource=("user", u.id))
-            session["seen"] = __import__("time").time()
             flash("Administrator account created. Next: create accounts for your doctors.", "ok")
             return redirect(url_for("admin.users"))
     return render_template("auth/setup.html", form=form, title="First-run setup")
@@ -66,9 +65,7 @@ def login():
         else:
             s.commit()
             audit.note(actor=u, email=u.email)
-            session.clear()
-            login_user(LoginUser(u))
-            session["seen"] = __import__("time").time()
+            start_session(u)
             return redirect(_safe_next(request.args.get("next")))
     return render_template("auth/login.html", form=form, error=error, title="Sign in"), (401 if error and request.method == "POST" else 200)
 

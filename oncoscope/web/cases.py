@@ -16,7 +16,7 @@ from ..store import patients as patient_store
 from ..store.models import CaseImage, User
 from .forms import CaseForm, EmptyForm, SignForm
 from . import audit
-from .helpers import db, field_error, files, int_arg, me, notify_workers, settings
+from .helpers import db, files, int_arg, me, notify_workers, settings, show_errors
 
 bp = Blueprint("cases", __name__)
 
@@ -71,14 +71,18 @@ def new(patient_id: int):
         audit.subject(resource=("case", done[submission]), resent_form=True)
         return redirect(url_for("cases.view", case_id=done[submission]))
     if form.validate_on_submit():
+        uploads = _uploads()
         try:
             case = case_store.create_case(s, me(), patient, form.analyzer_id.data, form.clinical_note.data or "")
-            outcome = case_store.add_images(s, files(), case, me(), _uploads(),
-                                            settings().max_upload_mb * 1024 * 1024)
+            outcome = case_store.add_images(s, files(), case, me(), uploads, settings().max_upload_mb * 1024 * 1024)
+            if uploads and not outcome.added:  # no usable image: no empty case is left behind
+                msg = "No image could be added, so no case was created."
+                raise case_store.CaseError(msg, None, [(None, msg)] + [(None, f"{n}: {m}") for n, m in outcome.errors])
             case_store.commit_upload(s, files(), outcome)
         except case_store.CaseError as exc:
             s.rollback()
-            field_error(form, exc, "analyzer_id")
+            show_errors(form, exc)
+            audit.note("rejected", images_refused=len(uploads))
         else:
             done = dict(list(done.items())[-20:])
             done[submission] = case.id
@@ -92,16 +96,35 @@ def new(patient_id: int):
                            max_mb=settings().max_upload_mb, title="New case")
 
 
+CHOOSE = ("", "Choose a diagnosis…")
+
+
+def _sign_form(c, an, agg) -> SignForm:
+    """A fresh sign-off form. Pre-selected only with something a person or the AI actually said:
+    an amendment starts from the signed version (its texts too), a first sign-off from the AI's
+    label; with no AI label nothing is chosen and the signer must pick one explicitly."""
+    form = SignForm(formdata=None)
+    form.final_diagnosis.choices = [CHOOSE] + case_store.diagnosis_options(an)
+    current = c.current_review
+    if current is not None:
+        form.final_diagnosis.data = current.final_diagnosis
+        form.override_reason.data = current.override_reason
+        form.uncertainty_note.data = current.uncertainty_note
+        form.comment.data = current.comment
+    else:
+        form.final_diagnosis.data = agg.label or ""
+    form.revision.data = str(c.revision)
+    return form
+
+
 def _case_page(c, sign_form: SignForm | None = None, status: int = 200):
     """The case page; ``sign_form`` carries a rejected submission, else a fresh pre-filled form is made."""
     an = registry.get(c.analyzer_id) if c.analyzer_id in registry.available() else None
     agg = case_store.aggregate(c)
     if sign_form is None and an is not None:
-        sign_form = SignForm()
-        sign_form.final_diagnosis.choices = case_store.diagnosis_options(an)
-        if not sign_form.final_diagnosis.data:
-            current = c.current_review
-            sign_form.final_diagnosis.data = current.final_diagnosis if current else agg.label
+        sign_form = _sign_form(c, an, agg)
+    if sign_form is not None and agg.label is None:
+        sign_form.override_reason.label.text = "Reason for this diagnosis"
     return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form,
                            upload_form=EmptyForm(), max_mb=settings().max_upload_mb,
                            title=f"Case {c.id}"), status
@@ -181,12 +204,14 @@ def retry(case_id: int, image_id: int):
     img = db().scalar(select(CaseImage).where(CaseImage.id == image_id, CaseImage.case_id == c.id))
     if img is None or img.analysis is None or not EmptyForm().validate_on_submit():
         abort(404)
-    if c.status == "signed":  # re-queuing would reopen a signed case (and unfreeze its uploads)
-        flash("This case is signed; its analyses cannot be re-run. Amend it or open a new case.", "error")
-        return redirect(url_for("cases.view", case_id=c.id))
-    case_store.retry_failed(db(), img.analysis)
-    db().commit()
-    notify_workers()
+    try:  # refused once signed: re-queuing would reopen a signed case (and unfreeze its uploads)
+        case_store.retry_failed(db(), img.analysis)
+        db().commit()
+    except case_store.CaseError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+    else:
+        notify_workers()
     return redirect(url_for("cases.view", case_id=c.id))
 
 
@@ -196,25 +221,50 @@ def sign(case_id: int):
     c = _case_or_404(case_id)
     an = registry.get(c.analyzer_id)
     form = SignForm()
-    form.final_diagnosis.choices = case_store.diagnosis_options(an)
+    form.final_diagnosis.choices = [CHOOSE] + case_store.diagnosis_options(an)
     s = db()
     if form.validate_on_submit():
         try:
-            r = case_store.sign(s, c, me(), form.final_diagnosis.data, [k for k, _ in form.final_diagnosis.choices],
+            r = case_store.sign(s, c, me(), form.final_diagnosis.data, [k for k, _ in form.final_diagnosis.choices if k],
                                 comment=form.comment.data, override_reason=form.override_reason.data,
                                 uncertainty_note=form.uncertainty_note.data,
-                                amendment_reason=form.amendment_reason.data)
+                                amendment_reason=form.amendment_reason.data,
+                                revision=int(form.revision.data) if form.revision.data else None)
             s.commit()
         except case_store.CaseError as exc:
             s.rollback()
-            if exc.field:
-                field_error(form, exc, exc.field)
-            else:  # not about one field, and the form is not shown while images are pending
-                flash(str(exc), "error")
+            show_errors(form, exc)
         else:
             flash(f"Case signed (version {r.version}).", "ok")
             return redirect(url_for("cases.view", case_id=c.id))
-    return _case_page(_case_or_404(case_id), form, 400)
+    else:  # the form itself was refused: also say what else the sign-off lacks, all in one pass
+        for field, message in case_store.sign_problems(
+                c, form.final_diagnosis.data or "", [k for k, _ in form.final_diagnosis.choices if k],
+                override_reason=form.override_reason.data, uncertainty_note=form.uncertainty_note.data,
+                amendment_reason=form.amendment_reason.data):
+            if not getattr(form, field).errors:
+                show_errors(form, case_store.CaseError(message, field))
+    c = _case_or_404(case_id)
+    form.revision.data = str(c.revision)  # the page shown now is what the signer reviews next
+    return _case_page(c, form, 400)
+
+
+@bp.post("/cases/<int:case_id>/delete")
+@login_required
+def delete(case_id: int):
+    c = _case_or_404(case_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    patient_id = c.patient_id
+    try:
+        case_store.delete_empty_case(db(), c)
+        db().commit()
+    except case_store.CaseError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("cases.view", case_id=case_id))
+    flash(f"Empty case #{case_id} deleted.", "ok")
+    return redirect(url_for("patients.view", patient_id=patient_id))
 
 
 @bp.get("/cases/<int:case_id>/report.pdf")
@@ -285,7 +335,7 @@ def send_hl7(case_id: int):
 @login_required
 def history():
     s, u = db(), me()
-    from werkzeug.datastructures import MultiDict  # only the filters: the pager passes these to url_for as keywords
+    from werkzeug.datastructures import MultiDict  # only the filters travel on in the pager's links
     args = MultiDict([(k, v) for k, v in request.args.items(multi=True) if k in ("status", "diagnosis", "doctor", "from", "to", "q")])
 
     def _date(v):
@@ -300,6 +350,7 @@ def history():
     page = case_store.history(s, u, page=int_arg(args.get("page")), per_page=settings().page_size, **filters)
     audit.subject(shown_cases=[c.id for c in page.items])
     doctors = list(s.scalars(select(User).where(User.role == "doctor").order_by(User.name))) if u.is_admin else []
-    labels = sorted({l for a in registry.available() for l in registry.get(a).labels} | {case_store.NONDIAGNOSTIC})
+    labels = sorted({(l, n) for a in registry.available() for l, n in case_store.diagnosis_options(registry.get(a))},
+                    key=lambda ln: ln[1])
     return render_template("cases/history.html", page=page, filters=filters, args=args, doctors=doctors,
                            labels=labels, title="Case history")

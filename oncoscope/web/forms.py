@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import (BooleanField, DateField, EmailField, IntegerField, PasswordField, SelectField,
+from wtforms import (BooleanField, DateField, EmailField, HiddenField, IntegerField, PasswordField, SelectField,
                      SelectMultipleField, StringField, TextAreaField)
 from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, Regexp
+
+from ..store.patients import MRN_MAX, MRN_RULE
 
 Email = lambda: Regexp(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", message="Enter a valid email address.")  # noqa: E731
 
@@ -48,7 +50,9 @@ class EmptyForm(FlaskForm):
 
 
 class PatientForm(FlaskForm):
-    mrn = StringField("Medical record number (MRN)", validators=[DataRequired(), Length(max=64)])
+    # the character set is checked by the store (patients.mrn_problem), for the API and pre-fills too
+    mrn = StringField("Medical record number (MRN)", description=MRN_RULE,
+                      validators=[DataRequired(), Length(max=MRN_MAX)])
     family_name = StringField("Family name", validators=[DataRequired(), Length(max=100)])
     given_name = StringField("Given name", validators=[Optional(), Length(max=100)])
     birth_date = DateField("Birth date", validators=[Optional()])
@@ -66,7 +70,7 @@ class CaseForm(FlaskForm):
 
 
 class SignForm(FlaskForm):
-    final_diagnosis = SelectField("Final diagnosis", validators=[DataRequired()])
+    final_diagnosis = SelectField("Final diagnosis", validators=[DataRequired("Choose a diagnosis.")])
     override_reason = TextAreaField("Reason for overriding the AI result", validators=[Optional(), Length(max=5000)])
     uncertainty_note = TextAreaField("Note for signing an uncertain / out-of-domain result",
                                      validators=[Optional(), Length(max=5000)])
@@ -74,6 +78,8 @@ class SignForm(FlaskForm):
     amendment_reason = TextAreaField("Reason for the amendment", validators=[Optional(), Length(max=5000)])
     confirm = BooleanField("I have reviewed the images and take responsibility for this diagnosis",
                            validators=[DataRequired("Confirm that you reviewed the case.")])
+    # the case revision the signer looked at: signing fails if images were added since
+    revision = HiddenField(validators=[Optional(), Regexp(r"^\d{1,9}$")])
 
 
 class TokenForm(FlaskForm):

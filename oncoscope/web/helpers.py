@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from functools import wraps
 
-from flask import abort, current_app, g
-from flask_login import current_user, login_required
+from flask import abort, current_app, g, request, session
+from flask_login import current_user, login_required, login_user
 from sqlalchemy.orm import Session
 
 from ..config import Settings
@@ -79,6 +81,20 @@ def load_user(token: str):
     return LoginUser(user)
 
 
+def browser_fingerprint() -> str:
+    """What ties a session to the browser it was opened in: its user agent. (Not its address:
+    mobile networks and hospital NAT change that legitimately; the audit trail records it.)"""
+    return hashlib.sha256(request.headers.get("User-Agent", "").encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def start_session(user) -> None:
+    """Sign ``user`` in with a new session bound to this browser (anything planted before is dropped)."""
+    session.clear()
+    login_user(LoginUser(user))
+    session["seen"] = time.time()
+    session["browser"] = browser_fingerprint()
+
+
 def me():
     """The signed-in User row."""
     return current_user.user
@@ -95,9 +111,16 @@ def admin_required(view):
     return wrapper
 
 
-def field_error(form, exc, default: str) -> None:
-    """Show a store-layer validation error next to its field (``exc.field``), else next to ``default``."""
-    getattr(form, getattr(exc, "field", None) or default).errors.append(str(exc))
+def show_errors(form, exc, default: str | None = None) -> None:
+    """Every problem a store function found next to its field (``exc.errors``: (field, message)
+    pairs, else ``exc.field``, else ``default``); those about no field go above the form, and the
+    error summary lists them all."""
+    for name, message in getattr(exc, "errors", None) or [(getattr(exc, "field", None) or default, str(exc))]:
+        field = getattr(form, name, None) if name else None
+        if field is not None:
+            field.errors = [*field.errors, message]
+        else:
+            form.form_errors.append(message)
 
 
 def int_arg(value, default: int = 1, lo: int = 1, hi: int = 10_000) -> int:

@@ -10,7 +10,7 @@ from ..store import patients as patient_store
 from ..store.models import User
 from .forms import AssignForm, PatientForm
 from . import audit
-from .helpers import admin_required, db, field_error, int_arg, me, settings
+from .helpers import admin_required, db, int_arg, me, settings, show_errors
 
 bp = Blueprint("patients", __name__, url_prefix="/patients")
 
@@ -43,7 +43,7 @@ def new():
             s.commit()
         except patient_store.PatientError as exc:
             s.rollback()
-            field_error(form, exc, "mrn")
+            show_errors(form, exc, "mrn")
         else:
             audit.subject(patient_id=p.id, resource=("patient", p.id))
             flash(f"Patient {p.display_name} created.", "ok")
@@ -72,12 +72,15 @@ def from_dicom():
     except ImageLoadError as exc:
         flash(f"Could not read patient data: {exc}", "error")
         return redirect(url_for("patients.new"))
-    existing = patient_store.search(db(), me(), meta.patient_id or "", 1, 1) if meta.patient_id else None
-    if existing and existing.items and existing.items[0].mrn == meta.patient_id:
+    existing = patient_store.get_visible_by_mrn(db(), me(), meta.patient_id) if meta.patient_id else None
+    if existing is not None:
         flash(f"A patient with MRN {meta.patient_id} already exists.", "info")
-        return redirect(url_for("patients.view", patient_id=existing.items[0].id))
+        return redirect(url_for("patients.view", patient_id=existing.id))
     family, _, given = (meta.patient_name or "").partition(", ")
     form.mrn.data, form.family_name.data, form.given_name.data = meta.patient_id, family, given
+    problem = patient_store.mrn_problem(meta.patient_id) if meta.patient_id else None
+    if problem:  # shown, not dropped: the person sees what the file says and types the real MRN
+        form.mrn.errors = [f"The Patient ID in this DICOM file cannot be used as the MRN. {problem}"]
     if meta.birth_date:
         import datetime as dt
 
@@ -111,7 +114,7 @@ def edit(patient_id: int):
             s.commit()
         except patient_store.PatientError as exc:
             s.rollback()
-            field_error(form, exc, "mrn")
+            show_errors(form, exc, "mrn")
         else:
             flash("Patient updated.", "ok")
             return redirect(url_for("patients.view", patient_id=p.id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
 
 from flask import Blueprint, abort, jsonify, redirect, render_template, send_file, url_for
 from flask_login import current_user, login_required
@@ -96,7 +97,11 @@ def analyzer_plot(analyzer_id: str, name: str):
 
 @bp.app_template_filter("pct")
 def pct(v) -> str:
-    return "–" if v is None else f"{100 * float(v):.1f}%"
+    """A probability for people: never 100.0% or 0.0%, which a model cannot know."""
+    if v is None:
+        return "–"
+    p = 100 * float(v)
+    return ">99.9%" if p > 99.9 else "<0.1%" if 0 < p < 0.1 else f"{p:.1f}%"
 
 
 @bp.app_template_filter("dtfmt")
@@ -104,6 +109,32 @@ def dtfmt(v) -> str:
     return "–" if v is None else v.strftime("%Y-%m-%d %H:%M") + " UTC"
 
 
-@bp.app_context_processor
-def _inject():
-    return {"analyzer_names": {a: registry.get(a).name for a in registry.available()}}
+# globals, not context: the macros in macros.html (imported without context) use them too
+@bp.app_template_global()
+def label_name(analyzer_id: str, label: str | None) -> str:
+    """A diagnosis code as people read it, whatever page shows it."""
+    if not label:
+        return "–"
+    an = registry.get(analyzer_id) if analyzer_id in registry.available() else None
+    return case_store.label_names(an).get(label, label)
+
+
+@bp.app_template_global()
+def query_url(endpoint: str, args, **changes) -> str:
+    """The page ``endpoint`` with the request's query arguments (changed as given) as a query string.
+    Never as url_for keywords: a query argument named like one of url_for's own (``endpoint``,
+    ``_external``, ``_scheme``) would break the page."""
+    items = [(k, v) for k, v in (args.items(multi=True) if hasattr(args, "getlist") else args.items())
+             if k not in changes and v not in ("", None)]
+    items += [(k, v) for k, v in changes.items() if v not in ("", None)]
+    return url_for(endpoint) + ("?" + urlencode(items) if items else "")
+
+
+@bp.app_template_global()
+def status_name(status: str | None) -> str:
+    return (status or "–").replace("_", " ")
+
+
+@bp.app_template_global()
+def analyzer_name(analyzer_id: str) -> str:
+    return registry.get(analyzer_id).name if analyzer_id in registry.available() else analyzer_id

@@ -163,7 +163,7 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     # 6. overrides the AI diagnosis and signs
     ai = page.locator("#final_diagnosis").input_value()
     options = [o for o in page.locator("#final_diagnosis option").evaluate_all("els => els.map(e => e.value)")]
-    other = next(o for o in options if o != ai and o != "Nondiagnostic")
+    other = next(o for o in options if o not in (ai, "", "Nondiagnostic"))
     page.select_option("#final_diagnosis", other)
     page.fill("#override_reason", "Blast morphology reviewed at the microscope.")
     if page.locator("#uncertainty_note").count():
@@ -219,4 +219,86 @@ def test_full_clinical_workflow(server, browser, tmp_path):
         assert action in body, action
     assert "Doctor-pass-2026" not in page.content()
     assert not [e for e in errors if "Content Security Policy" in e], errors
+    ctx.close()
+
+
+def _sign_in(page, server: str, email: str, password: str) -> None:
+    page.goto(server + "/login")
+    page.fill("#email", email)
+    page.fill("#password", password)
+    page.click("main button[type=submit]")
+    page.wait_for_url(server + "/")
+
+
+def _no_sideways_scroll(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_review_findings_in_the_browser(server, browser, tmp_path):
+    """The findings of the outside review, as a user meets them (runs after the workflow above,
+    which created the doctor and patient E2E-0001): a DICOM pre-fill that saves, a case the AI
+    gave no diagnosis with nothing pre-selected and errors summarised at the top with focus, an
+    amendment that starts from the signed texts, and a phone-width page without sideways scrolling."""
+    from tests.web.test_patients import dicom_file
+
+    ctx = browser.new_context(viewport={"width": 390, "height": 844})
+    page = ctx.new_page()
+    _sign_in(page, server, "doctor@clinic.test", "Doctor-pass-2026")
+
+    # DICOM pre-fill, edited, then saved: the values arrive
+    page.goto(server + "/patients/new")
+    dcm = tmp_path / "scan.dcm"
+    dcm.write_bytes(dicom_file("E2E-DCM-1", "Curie^Marie"))
+    page.set_input_files("input[type=file]", str(dcm))
+    page.click("text=Read patient data")
+    assert page.locator("#mrn").input_value() == "E2E-DCM-1"
+    page.fill("#given_name", "Maria Sklodowska")
+    page.click("main form[novalidate] button[type=submit]")
+    page.wait_for_selector("h1:has-text('Curie, Maria Sklodowska')")
+
+    # a case whose only image is not a smear: no AI label, nothing pre-selected
+    page.click("text=New case")
+    long_name = "field-" + "x" * 120 + ".png"
+    from oncoscope.ml.synthetic import smear_like
+
+    Image.fromarray(smear_like(3)[0]).save(tmp_path / long_name)
+    page.set_input_files("#images", str(tmp_path / long_name))
+    page.click("main button[type=submit]")
+    page.wait_for_selector("section.field-result .viewer img", timeout=60_000)
+    page.wait_for_load_state("networkidle")
+    assert page.locator("#final_diagnosis").input_value() == ""
+    assert _no_sideways_scroll(page), "the case page scrolls sideways at 390 px"
+    shot(page, "13-no-ai-label-390px")
+    page.check("#confirm")
+    page.click("main button:text-is('Sign')")
+    page.wait_for_selector(".error-summary")
+    assert page.evaluate("document.activeElement.classList.contains('error-summary')")
+    summary = page.inner_text(".error-summary")
+    assert "Choose a diagnosis" in summary and "give the reason for yours" in summary
+    shot(page, "14-sign-errors-summary")
+    page.select_option("#final_diagnosis", "Nondiagnostic")
+    page.fill("#override_reason", "Field not interpretable.")
+    page.fill("#uncertainty_note", "Not a smear according to the AI.")
+    page.check("#confirm")
+    page.click("main button:text-is('Sign')")
+    page.wait_for_selector("text=Case signed")
+    assert page.locator("text=The AI gave no diagnosis (out of domain)").is_visible()
+    # the signed diagnosis is the first thing on the page, not below the images
+    assert page.locator("section.signed").bounding_box()["y"] < page.locator("section.field-result").bounding_box()["y"]
+
+    # amending starts from the signed texts
+    assert page.locator("#override_reason").input_value() == "Field not interpretable."
+    assert page.locator("#uncertainty_note").input_value() == "Not a smear according to the AI."
+    page.fill("#amendment_reason", "Second look.")
+    page.check("#confirm")
+    page.click("main button:text-is('Sign amendment')")
+    page.wait_for_selector("text=Case signed (version 2)")
+    page.click("text=Earlier versions")
+    assert page.locator("text=Version 1: Non-diagnostic sample").is_visible()
+    assert page.locator("text=Amended (version 2): Second look.").is_visible()
+    assert _no_sideways_scroll(page)
+    shot(page, "15-amended-390px")
+    for url in ("/", "/cases/", "/patients/"):
+        page.goto(server + url)
+        assert _no_sideways_scroll(page), url
     ctx.close()

@@ -408,6 +408,107 @@ def test_decompression_bomb_refused(monkeypatch, side):
     assert_refused(encode(Image.new("RGB", (side, side)), "PNG"), "pixels")
 
 
+# --------------------------------------------------------------------------- memory (bytes, not pixels)
+# Peak-RSS measurements on crafted files are in test_image_memory.py.
+
+def _tiff_declaring_tiles(side: int, tile: int) -> bytes:
+    """A side x side greyscale TIFF whose header declares tile x tile tiles: libtiff would allocate one."""
+    entries = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1), (322, 4, tile),
+               (323, 4, tile), (324, 4, 200), (325, 4, 10)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", v, 0) if typ == 3 else struct.pack("<I", v))
+        for tag, typ, v in entries) + struct.pack("<I", 0)
+    head = b"II*\0" + struct.pack("<I", 8) + ifd
+    return head.ljust(200, b"\0") + zlib.compress(bytes(100))
+
+
+def test_memory_limit_counts_bytes_not_pixels():
+    # 100x100 pixels each. PNG: the RGB result and a caller's copy, 7 bytes a pixel. WebP: the image (4),
+    # libwebp's canvas and its copy (10) and the result (3).
+    png = encode(Image.new("RGB", (100, 100)), "PNG")
+    webp = encode(Image.new("RGB", (100, 100)), "WEBP", lossless=True)
+    assert load_image(png, max_bytes=100_000).rgb.shape == (100, 100, 3)
+    with pytest.raises(ImageLoadError, match=r"100x100 pixels \(WEBP, 8-bit colour\); decoding it would need"):
+        load_image(webp, max_bytes=100_000)
+    assert load_image(webp, max_bytes=170_000).rgb.shape == (100, 100, 3)
+
+
+def test_16bit_png_within_the_pixel_limit_refused_by_bytes_before_decoding(monkeypatch):
+    """The review's case: a 128 kB 16-bit PNG of 7999x7999 took 1.6 GB and 5 s."""
+    from PIL import ImageFile
+
+    from .test_image_memory import png_of_zeros
+
+    data = png_of_zeros(7999, 7999, 16, 0)
+    assert len(data) < 200_000 and 7999 * 7999 <= imageio.MAX_PIXELS
+
+    def boom(self):
+        raise AssertionError("decoding started")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", boom)
+    msg = assert_refused(data, "7999x7999", "memory", "256 MB")
+    assert "at most about 36 megapixels" in msg
+
+
+def test_tiff_declaring_huge_tiles_refused():
+    assert_refused(_tiff_declaring_tiles(64, 60000), "64x64", "memory", "header declares")
+
+
+def _whole_image_rgb(data: bytes) -> np.ndarray:
+    """The conversion as it was before it ran by strips: the whole image at once, in float64."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode in ("I;16", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = np.percentile(arr, [0.5, 99.5])
+        grey = (np.clip((arr - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def _strip_samples() -> dict[str, bytes]:
+    rng = np.random.default_rng(11)
+    h, w = 47, 61
+    rgba = np.concatenate([noise_rgb(h, w, 2), rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], axis=2)
+    return {
+        "I;16.png": encode(Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)), "PNG"),
+        "I.tif": encode(Image.fromarray(rng.integers(-2**31, 2**31 - 1, (h, w), dtype=np.int32)), "TIFF"),
+        "F.tif": encode(Image.fromarray(rng.normal(0, 100, (h, w)).astype(np.float32)), "TIFF"),
+        "RGBA.png": encode(Image.fromarray(rgba), "PNG"),
+        "LA.png": encode(Image.fromarray(rgba).convert("LA"), "PNG"),
+        "P-transparency.png": encode(Image.fromarray(noise_rgb(h, w, 3)).convert("P"), "PNG", transparency=7),
+        "CMYK.tif": encode(Image.fromarray(noise_rgb(h, w, 4)).convert("CMYK"), "TIFF"),
+        "1.png": encode(Image.fromarray(noise_rgb(h, w, 5)).convert("1"), "PNG"),
+        "L.png": encode(Image.fromarray(noise_rgb(h, w, 6)).convert("L"), "PNG"),
+    }
+
+
+_STRIP_SAMPLES = _strip_samples()
+
+
+@pytest.mark.parametrize("name", sorted(_STRIP_SAMPLES))
+def test_conversion_by_strips_matches_the_whole_image(monkeypatch, name):
+    data = _STRIP_SAMPLES[name]
+    monkeypatch.setattr(imageio, "STRIP_PIXELS", 5 * 61 + 3)  # 5 rows a strip, the last one partial
+    diff = np.abs(load_image(data).rgb.astype(int) - _whole_image_rgb(data))
+    assert diff.max() <= (1 if name == "F.tif" else 0)  # F: percentiles now taken in float32
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_by_strips_matches_pillow(monkeypatch, orientation):
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(noise_rgb(37, 53, orientation)), "PNG", exif=exif.tobytes())
+    monkeypatch.setattr(imageio, "STRIP_PIXELS", 4 * 53)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    result = load_image(data)
+    assert np.array_equal(result.rgb, expected) and result.exif_transposed is (orientation != 1)
+
+
 # --------------------------------------------------------------------------- animation
 
 def test_animated_gif_first_frame():

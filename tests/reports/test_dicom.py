@@ -369,7 +369,7 @@ def signed_case(tmp_path_factory):
                       sex="female")
     s.add_all([user, patient])
     s.flush()
-    case = Case(patient_id=patient.id, analyzer_id="smear-all", created_by_id=user.id,
+    case = Case(patient_id=patient.id, analyzer_id="smear-all", created_by_id=user.id, status="ready",
                 created_at=dt.datetime(2026, 1, 2, 9, 30))
     s.add(case)
     s.flush()
@@ -562,3 +562,108 @@ def test_secondary_capture_without_case_is_deterministic_and_readable():
     assert a.SOPInstanceUID == b.SOPInstanceUID and a.StudyInstanceUID == b.StudyInstanceUID
     d = read_dicom(dicom_io.to_part10(a))
     assert np.array_equal(d.rgb, rgb) and d.patient_id == "P-9" and d.patient_name == "Jane Doe" and d.sex == "F"
+
+
+# ----------------------------------------------------------------------------- identifiers and names in exports
+def _hostile_case(signed_case, mrn: str, family: str, given: str):
+    """A signed case of a patient row as old versions could store it (the ORM, no input validation)."""
+    from oncoscope.store import cases as case_store
+    from oncoscope.store.models import Analysis, Case, CaseImage, Patient
+
+    made = vars(signed_case).setdefault("hostile", {})  # the database lives as long as the module
+    if mrn in made:
+        return made[mrn]
+    s = signed_case.session
+    patient = Patient(mrn=mrn, family_name=family, given_name=given, sex="male")
+    s.add(patient)
+    s.flush()
+    case = Case(patient_id=patient.id, analyzer_id="smear-all", created_by_id=signed_case.user.id, status="ready",
+                created_at=dt.datetime(2026, 1, 3, 9, 0))
+    s.add(case)
+    s.flush()
+    img = CaseImage(case_id=case.id, sha256=f"{patient.id:064x}", original_filename="a\\b\x07.png", width=64,
+                    height=64, size_bytes=100)
+    s.add(img)
+    s.flush()
+    s.add(Analysis(image_id=img.id, analyzer_id="smear-all", job_status="done", result_status="ok", label="Pre",
+                   confidence=0.8, malignant=True, malignant_probability=0.9, probabilities={"Pre": 0.8},
+                   cell_count=3, cells=[], messages=["line\x01one"], model_version="1.0.0", model_sha256="ab" * 32))
+    s.flush()
+    s.refresh(case)
+    case_store.sign(s, case, signed_case.user, "Pre", signed_case.labels, comment="C:\\path\x1b\ttab\nline 2")
+    s.commit()
+    made[mrn] = case
+    return case
+
+
+# (MRN, family, given) as stored -> (Patient ID, family, given) exported
+HOSTILE_PATIENTS = [
+    (("B-001\\ZZ", "Doe", "Jane"), ("B-001%5CZZ", "Doe", "Jane")),  # was two Patient IDs: B-001 and ZZ
+    (("EQ-1", "Doe=Smith", "Jane"), ("EQ-1", "Doe Smith", "Jane")),  # was an ideographic group "Smith^Jane"
+    (("BS-1", "O\\Brien", "Ja^ne\r\n"), ("BS-1", "O Brien", "Ja ne")),  # was a 500 (TypeError in highdicom)
+    (("PC-100%", "Doe", "\x00"), ("PC-100%25", "Doe", "")),
+]
+
+
+def _assert_patient_module(ds, want):
+    want_id, family, given = want
+    assert ds["PatientID"].VM == 1 and ds.PatientID == want_id
+    assert ds["PatientName"].VM == 1
+    pn = ds.PatientName
+    assert pn.components == (str(pn),)  # the alphabetic group only: no ideographic / phonetic group
+    assert (pn.family_name, pn.given_name) == (family, given)
+
+
+@pytest.mark.parametrize("stored,want", HOSTILE_PATIENTS)
+def test_sr_patient_module_of_hostile_identifiers(signed_case, stored, want):
+    case = _hostile_case(signed_case, *stored)
+    ds = pydicom.dcmread(io.BytesIO(case_to_sr(case, ANALYZER)))
+    _assert_patient_module(ds, want)
+    assert ds.PatientID == dicom_io.dicom_value(stored[0], "LO")
+    texts = _texts(ds)
+    assert "C:\\path tab\nline 2" in texts  # free text (UT) keeps its backslash and line break
+    assert "Field 1: a\\b.png" in texts and "lineone" in texts
+    import highdicom as hd
+
+    assert hd.sr.ComprehensiveSR.from_dataset(ds) is not None
+
+
+@pytest.mark.parametrize("stored,want", HOSTILE_PATIENTS)
+def test_seg_and_secondary_capture_patient_module_of_hostile_identifiers(signed_case, stored, want):
+    case = _hostile_case(signed_case, *stored)
+    rgb = colour(seed=5)
+    seg = pydicom.dcmread(io.BytesIO(mask_to_seg(rgb, _mask(), case=case, segment_label="cell\\s")))
+    _assert_patient_module(seg, want)
+    assert seg.SegmentSequence[0]["SegmentLabel"].VM == 1 and seg.SegmentSequence[0].SegmentLabel == "cell%5Cs"
+    _assert_patient_module(rgb_to_secondary_capture(rgb, case=case), want)
+
+
+def test_sr_signer_name_cannot_open_another_component_group(signed_case):
+    case = _hostile_case(signed_case, "SIGNER-1", "Doe", "Jane")
+    signer = case.current_review.signed_by
+    old = signer.name
+    signer.name = "Dr=Evil^Doc\\tor"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(case_to_sr(case, ANALYZER)))
+    finally:
+        signer.name = old
+    observer = ds.VerifyingObserverSequence[0].VerifyingObserverName
+    assert observer.components == ("Dr Evil Doc tor^",) and observer.family_name == "Dr Evil Doc tor"
+    names = [it.PersonName for it in _walk(ds.ContentSequence) if it.ValueType == "PNAME"]
+    assert names and all(str(n) == "Dr Evil Doc tor^" for n in names)
+
+
+def test_dicom_value_rules():
+    v = dicom_io.dicom_value
+    assert v("B-001\\ZZ") == "B-001%5CZZ" and v("50%") == "50%25" and v("a\nb\x7f") == "a%0Ab%7F"
+    assert v("B-001/ZZ") != v("B-001\\ZZ")  # reversible: distinct identifiers stay distinct
+    assert v("\ud800") == "%ED%A0%80" and v(None) == "" and v(12) == "12"
+    assert v("x" * 63 + "\\") == "x" * 63  # cut to 64 characters, never inside an escape
+    assert v("abcdefghijklmno\\", "SH") == "abcdefghijklmno" and len(v("y" * 100, "LO")) == 64
+    assert v(("Doe", "Jane"), "PN") == "Doe^Jane" and v("Jane Doe", "PN") == "Jane Doe^"
+    assert v(("Doe=Smith", "Ja\\ne", "", "", ""), "PN") == "Doe Smith^Ja ne"
+    assert v(("", "Jane"), "PN") == "^Jane" and v(("", ""), "PN") == "" and v(None, "PN") == ""
+    assert v(("  Van   der\tBerg ", None), "PN") == "Van der Berg^"
+    assert v("a\\b\r\n\x0cc\td\x00\x1b", "UT") == "a\\b\r\n\x0cc d" and len(v("z" * 2000, "ST")) == 1024
+    with pytest.raises(KeyError):
+        v("x", "DS")

@@ -285,6 +285,31 @@ def test_unicode_patient_name_survives(world, analyzer):
     assert patient["name"][0]["text"] == f"{FAMILY}, {GIVEN}"
 
 
+def _references(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from ([v] if k == "reference" else _references(v))
+    elif isinstance(node, list):
+        for v in node:
+            yield from _references(v)
+
+
+def test_hostile_identifiers_are_data_not_references(world, analyzer):
+    """JSON carries any text, so the MRN and names go in verbatim; no reference is built from them
+    (an MRN like "x/../Patient/2" must not point anywhere)."""
+    mrn = "B-001\\ZZ|x^y/../Patient/2 #?&=%"  # a row stored before MRNs were restricted
+    world.patient.mrn, world.patient.family_name, world.patient.given_name = mrn, "Doe=Smith^\\|", "Ja\nne"
+    case, _ = make_case(world, analyzer)
+    case_store.sign(world.s, case, world.doctor, "Pre", world.valid)
+    b = json.loads(Bundle.model_validate(case_bundle(case, PDF)).model_dump_json())
+    (patient,) = entries(b, "Patient")
+    assert patient["identifier"][0]["value"] == mrn
+    assert patient["name"][0]["family"] == "Doe=Smith^\\|" and patient["name"][0]["given"] == ["Ja\nne"]
+    refs = list(_references(b))
+    urls = {e["fullUrl"] for e in b["entry"]}
+    assert refs and all(r.startswith("urn:uuid:") and r in urls for r in refs)
+
+
 def test_without_image_bytes_and_out_of_domain_field(world, analyzer):
     case, _ = make_case(world, analyzer, results=(("ok", "Benign", 5), ("out_of_domain", "Pro", None)))
     case_store.sign(world.s, case, world.doctor, NONDIAG := "Nondiagnostic", world.valid,
@@ -306,6 +331,17 @@ def test_without_image_bytes_and_out_of_domain_field(world, analyzer):
     assert dr["conclusionCode"][0]["coding"][0]["code"] == NONDIAG
     assert dr["conclusion"].startswith("Non-diagnostic sample")
     assert any("not a smear" in n["text"] for n in obs(b, "final-diagnosis")[0]["note"])
+
+
+def test_no_ai_call_is_not_reported_as_a_disagreement(world, analyzer):
+    case, _ = make_case(world, analyzer, results=(("out_of_domain", "Pro", None),))
+    case_store.sign(world.s, case, world.doctor, "Benign", world.valid, override_reason="Hematogones at the scope.",
+                    uncertainty_note="Not analysable by the AI.")
+    b = case_bundle(case, PDF)
+    assert json.loads(Bundle.model_validate(b).model_dump_json()) == b
+    (vs,) = obs(b, "ai-vs-final")
+    assert "valueBoolean" not in vs and vs["dataAbsentReason"]["coding"][0]["code"] == "not-applicable"
+    assert vs["note"] == [{"text": "Reason for the diagnosis (no AI call): Hematogones at the scope."}]
 
 
 def test_original_pngs_from_the_file_store(world, analyzer):

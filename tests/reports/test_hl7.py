@@ -248,6 +248,27 @@ def test_free_text_is_escaped_and_round_trips(db, analyzer):
     assert escape("|^~\\&") == "\\F\\\\S\\\\R\\\\E\\\\T\\"
 
 
+def test_identifiers_names_and_comments_stay_in_their_field(db, analyzer):
+    """An MRN stored before MRNs were restricted, names and a comment holding every delimiter and the
+    line breaks that str.splitlines-based readers split on: each value parses back whole, in its field."""
+    mrn = "B-001\\ZZ|x^y~z&w\nq"
+    family, given = "O'Brien|^~\\&\u2028X", "Ja\x85ne\u2029"
+    comment = "a|b^c~d\\e&f\x85g\u2028h\u2029i\x9bj\rk"
+    case = make_case(db, comment=comment, patient={"family_name": family, "given_name": given})
+    case.patient.mrn = mrn
+    db.commit()
+    text = oru_r01(case, analyzer)
+    assert text.splitlines() == text.split("\r")  # no reader finds extra segments
+    msg = hl7.parse(text)
+    pid = msg.segment("PID")
+    assert len(pid) == 9 and len(str(pid(3)).split("^")) == 5 and len(str(pid(5)).split("^")) == 2
+    assert msg.unescape(F(pid, 3, 1), BR) == mrn and F(pid, 3, 5) == "MR"
+    assert msg.unescape(F(pid, 5, 1), BR) == "O'Brien|^~\\&\nX" and msg.unescape(F(pid, 5, 2), BR) == "Ja\nne\n"
+    note = next(n for n in msg.segments("NTE") if F(n, 4, 1) == "COMMENT")
+    assert len(note) == 5 and msg.unescape(F(note, 3), BR) == "a|b^c~d\\e&f\ng\nh\nij\nk"
+    assert escape("\x85\u2028\u2029\x9b") == "\\.br\\\\.br\\\\.br\\"
+
+
 def test_analyzer_mismatch_and_bad_control_id(db, analyzer):
     case = make_case(db)
 

@@ -1,6 +1,7 @@
 """Audit trail storage on every backend: the hash chain, append-only triggers, tamper detection,
-concurrent writers, the spool used when the database is down, secret scrubbing, CSV export and
-`oncoscope audit verify`."""
+concurrent writers, the spool used when the database is down, secret scrubbing, CSV export,
+signed checkpoints (entries removed and the chain recomputed; forged, unsigned or other-key
+checkpoint files) and `oncoscope audit verify` / `audit checkpoint`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import threading
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from oncoscope.store import audit as audit_store
-from oncoscope.store import migrate
+from oncoscope.store import migrate, signing
 from oncoscope.store.db import make_engine, make_session_factory
 from oncoscope.store.models import AuditEvent, AuditHead
 
@@ -47,12 +49,16 @@ def _append(factory, events) -> None:
         s.close()
 
 
-def _verify(factory, **kw):
+def _in_session(factory, fn, *args, **kw):
     s = factory()
     try:
-        return audit_store.verify(s, **kw)
+        return fn(s, *args, **kw)
     finally:
         s.close()
+
+
+def _verify(factory, **kw):
+    return _in_session(factory, audit_store.verify, **kw)
 
 
 def _bypass_triggers(engine):
@@ -150,6 +156,73 @@ def test_checkpoints_catch_a_rewritten_chain(trail):
     assert _verify(factory).ok  # internally consistent...
     rep = _verify(factory, checkpoints=checkpoints)
     assert not rep.ok and any("checkpoint" in p for p in rep.problems)  # ...but not the chain we saw
+
+
+def _rewrite_without(factory, engine, drop) -> None:
+    """An attacker with database rights removes entries and rebuilds a consistent chain and head."""
+    _bypass_triggers(engine)
+    with engine.begin() as c:
+        kept = [dict(r) for r in c.execute(select(AuditEvent.__table__).order_by(AuditEvent.seq)).mappings()
+                if r["seq"] not in drop]
+        c.execute(delete(AuditEvent))
+        c.execute(delete(AuditHead))
+    _append(factory, [{k: e[k] for k in audit_store.HASHED if k != "seq"} for e in kept])
+
+
+def test_signed_checkpoints_catch_entries_removed_and_the_chain_recomputed(trail, tmp_path):
+    factory, engine = trail
+    key = Ed25519PrivateKey.generate()
+    cps = tmp_path / "checkpoints.json"
+    _append(factory, [_event(i) for i in range(1, 11)])
+    assert _in_session(factory, audit_store.checkpoint, cps, key).ok
+    _append(factory, [_event(i) for i in range(11, 16)])
+    assert _in_session(factory, audit_store.checkpoint, cps, key).ok
+    assert [c["seq"] for c in json.loads(cps.read_text())["checkpoints"]] == [10, 15]
+    assert _in_session(factory, audit_store.verify_signed, cps, key.public_key()).ok
+    _rewrite_without(factory, engine, drop=range(3, 6))
+    assert _verify(factory).ok and _verify(factory).entries == 12  # the unkeyed chain is consistent again
+    rep = _in_session(factory, audit_store.verify_signed, cps, key.public_key())
+    assert not rep.ok and rep.first_bad_seq == 10 and any("checkpoint" in p for p in rep.problems), rep.problems
+    before = cps.read_bytes()
+    assert not _in_session(factory, audit_store.checkpoint, cps, key).ok
+    assert cps.read_bytes() == before  # a broken chain is never signed
+
+
+@pytest.mark.parametrize("forgery,message", [
+    ("edited", "changed after it was signed"),
+    ("signed_by_attacker", "signed by another key"),
+    ("signature_removed", "checkpoint 4 is not signed"),
+    ("old_unsigned_format", "not a signed checkpoint file"),
+    ("deleted", "no checkpoint file"),
+])
+def test_forged_unsigned_or_missing_checkpoint_file_is_refused(tmp_path, forgery, message):
+    """The attacker removes an entry, recomputes the chain, and makes the checkpoint file match it."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    key, attacker = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    cps = tmp_path / "checkpoints.json"
+    _append(factory, [_event(i) for i in range(1, 6)])
+    assert _in_session(factory, audit_store.checkpoint, cps, key).ok
+    _rewrite_without(factory, engine, drop={2})
+    doc = json.loads(cps.read_text())
+    cp = doc["checkpoints"][0]
+    cp.update(seq=4, hash=_verify(factory).head_hash)
+    if forgery == "signed_by_attacker":
+        cp["signature"] = signing.sign(attacker, audit_store.CHECKPOINT_PURPOSE, audit_store._checkpoint_body(cp))
+    elif forgery == "signature_removed":
+        del cp["signature"]
+    elif forgery == "old_unsigned_format":
+        doc = {"4": cp["hash"]}
+    cps.write_text(json.dumps(doc))
+    if forgery == "deleted":
+        cps.unlink()
+    elif forgery == "signed_by_attacker":  # control: the forgery is consistent with the rewritten chain
+        assert _in_session(factory, audit_store.verify_signed, cps, attacker.public_key()).ok
+    with pytest.raises(audit_store.CheckpointError, match=message):
+        _in_session(factory, audit_store.verify_signed, cps, key.public_key())
+    engine.dispose()
 
 
 def test_concurrent_writers_form_one_chain(trail):
@@ -275,12 +348,12 @@ def test_cli_verify_exit_status_and_checkpoints(tmp_path, monkeypatch):
                              "--password", "a long enough password"])
     assert r.exit_code == 0, r.output
     cps = tmp_path / "checkpoints.json"
-    r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps)])
+    r = runner.invoke(main, ["audit", "checkpoint", str(cps)])
     assert r.exit_code == 0 and "intact" in r.output, r.output
-    assert json.loads(cps.read_text())  # the head was recorded
+    assert json.loads(cps.read_text())["checkpoints"]  # the head was recorded, signed
     r = runner.invoke(main, ["audit", "verify", "--json"])
     rep = json.loads(r.output)
-    assert rep["ok"] and rep["entries"] == 2  # user.create_cli, then the first verify itself
+    assert rep["ok"] and rep["entries"] == 2  # user.create_cli, then the checkpoint itself
     out = tmp_path / "audit.csv"
     assert runner.invoke(main, ["audit", "export", str(out)]).exit_code == 0
     assert "user.create_cli" in out.read_text() and "a long enough password" not in out.read_text()
@@ -291,6 +364,39 @@ def test_cli_verify_exit_status_and_checkpoints(tmp_path, monkeypatch):
     eng.dispose()
     r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps)])
     assert r.exit_code == 1 and "entry 1" in r.output
+
+
+def test_cli_signed_checkpoints_refuse_a_rewritten_chain_and_another_key(tmp_path, monkeypatch):
+    from oncoscope.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ONCOSCOPE_HOME", str(home))
+    for name in ("DATABASE_URL", "ONCOSCOPE_SIGNING_KEY", "ONCOSCOPE_TRUSTED_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    runner = CliRunner()
+    assert runner.invoke(main, ["db", "upgrade"]).exit_code == 0
+    for who in ("a", "b", "c"):
+        assert runner.invoke(main, ["users", "create", "--email", f"{who}@clinic.test", "--name", who,
+                                    "--password", "a long enough password"]).exit_code == 0
+    cps = tmp_path / "checkpoints.json"
+    r = runner.invoke(main, ["audit", "checkpoint", str(cps)])
+    assert r.exit_code == 0 and "signed checkpoint of entry #3" in r.output, r.output
+    r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps)])
+    assert r.exit_code == 0 and "intact" in r.output, r.output
+    other = tmp_path / "other.pub"
+    other.write_bytes(signing.public_pem(Ed25519PrivateKey.generate().public_key()))
+    r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps), "--trusted-key", str(other)])
+    assert r.exit_code == 1 and "signed by another key" in r.output, r.output
+    r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(tmp_path / "gone.json")])
+    assert r.exit_code == 1 and "no checkpoint file" in r.output, r.output
+    engine = make_engine(f"sqlite:///{home / 'oncoscope.db'}")
+    _rewrite_without(make_session_factory(engine), engine, drop={2})
+    engine.dispose()
+    assert runner.invoke(main, ["audit", "verify"]).exit_code == 0  # control: the unkeyed chain looks intact
+    r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps)])
+    assert r.exit_code == 1 and "checkpoint entry 3" in r.output, r.output
+    before = cps.read_bytes()
+    assert runner.invoke(main, ["audit", "checkpoint", str(cps)]).exit_code == 1 and cps.read_bytes() == before
 
 
 def test_backup_and_restore_are_audited_and_the_chain_survives(tmp_path, monkeypatch):
@@ -306,7 +412,7 @@ def test_backup_and_restore_are_audited_and_the_chain_survives(tmp_path, monkeyp
     r = runner.invoke(main, ["backup", str(tmp_path / "b.tar.gz")])
     assert r.exit_code == 0, r.output
     monkeypatch.setenv("ONCOSCOPE_HOME", str(dst))
-    r = runner.invoke(main, ["restore", str(tmp_path / "b.tar.gz")])
+    r = runner.invoke(main, ["restore", str(tmp_path / "b.tar.gz"), "--trusted-key", str(src / "signing_key.pub")])
     assert r.exit_code == 0, r.output
     eng = make_engine(f"sqlite:///{dst / 'oncoscope.db'}")
     s = make_session_factory(eng)()

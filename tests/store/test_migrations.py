@@ -24,7 +24,8 @@ from sqlalchemy.pool import NullPool
 
 from oncoscope.store import migrate
 from oncoscope.store.db import make_engine, make_session_factory
-from oncoscope.store.models import Analysis, Base, Case, CaseImage, Patient, PatientAccess, Review, User
+from oncoscope.store.models import (Analysis, Base, Case, CaseImage, LoginThrottle, Patient, PatientAccess, Review,
+                                    User)
 
 SERVERS = {
     "postgresql": ("PostgreSQL", os.environ.get("ONCOSCOPE_TEST_PG_URL",
@@ -115,8 +116,9 @@ def _roundtrip(url: str) -> None:
     factory = make_session_factory(engine)
     try:
         with factory() as s:
-            u = User(email="rt@clinic.test", name="Zoë Round-Trip", role="doctor", password_hash="$argon2id$" + "x" * 87,
-                     locked_until=dt.datetime(2026, 1, 2, 3, 4, 5))
+            u = User(email="rt@clinic.test", name="Zoë Round-Trip", role="doctor", password_hash="$argon2id$" + "x" * 87)
+            s.add(LoginThrottle(key="ab" * 32, attempts=3, locked_until=dt.datetime(2026, 1, 2, 3, 4, 5),
+                                updated_at=dt.datetime(2026, 1, 2, 3, 0, 0)))
             p = Patient(mrn="RT-0001", family_name="Øster-Łukasz", given_name="Ana", birth_date=dt.date(1950, 12, 31),
                         sex="female", notes="line one\nline two")
             s.add_all([u, p])
@@ -139,15 +141,17 @@ def _roundtrip(url: str) -> None:
 
         with factory() as s:  # a new session: values come from the database, not the identity map
             u = s.get(User, ids["user"])
-            assert (u.email, u.name, u.role, u.is_active, u.session_version, u.failed_logins) == \
-                ("rt@clinic.test", "Zoë Round-Trip", "doctor", True, 1, 0)
-            assert u.locked_until == dt.datetime(2026, 1, 2, 3, 4, 5) and isinstance(u.created_at, dt.datetime)
+            assert (u.email, u.name, u.role, u.is_active, u.session_version) == \
+                ("rt@clinic.test", "Zoë Round-Trip", "doctor", True, 1)
+            assert isinstance(u.created_at, dt.datetime)
+            t = s.get(LoginThrottle, "ab" * 32)
+            assert (t.attempts, t.locked_until) == (3, dt.datetime(2026, 1, 2, 3, 4, 5))
             p = s.get(Patient, ids["patient"])
             assert (p.family_name, p.birth_date, p.notes, p.created_by_id) == \
                 ("Øster-Łukasz", dt.date(1950, 12, 31), "line one\nline two", u.id)
             assert [d.id for d in p.doctors] == [u.id] and [c.id for c in p.cases] == [ids["case"]]
             c = s.get(Case, ids["case"])
-            assert (c.status, c.final_diagnosis, c.patient.mrn) == ("signed", "Benign", "RT-0001")
+            assert (c.status, c.final_diagnosis, c.patient.mrn, c.revision) == ("signed", "Benign", "RT-0001", 0)
             assert [i.id for i in c.images] == [ids["image"]] and c.current_review.id == ids["review"]
             a = c.images[0].analysis
             assert a.id == ids["analysis"]
@@ -177,6 +181,7 @@ def _roundtrip(url: str) -> None:
                 assert s.scalar(select(func.count()).select_from(model)) == 0, model.__name__
             assert s.get(User, ids["user"]) is not None
             s.execute(delete(User))
+            s.execute(delete(LoginThrottle))
             s.commit()
     finally:
         engine.dispose()

@@ -157,7 +157,7 @@ def test_upload_errors_and_signed_case(app, tok, pool):
     assert case["status"] == "ready" and case["images"][0]["job_status"] == "done"
     # generated images are out of domain: signing needs a note
     assert_error(c.post(f"/api/v1/cases/{cid}/sign", json={"final_diagnosis": "Benign"}, headers=t), 422)
-    r = c.post(f"/api/v1/cases/{cid}/sign", json={"final_diagnosis": "Nondiagnostic",
+    r = c.post(f"/api/v1/cases/{cid}/sign", json={"final_diagnosis": "Nondiagnostic", "override_reason": "no AI call",
                                                  "uncertainty_note": "not a smear"}, headers=t)
     assert r.status_code == 200 and r.get_json()["status"] == "signed"
     r = c.post(f"/api/v1/cases/{cid}/images", data={"images": (io.BytesIO(png_bytes(4)), "late.png")}, headers=t,
@@ -169,7 +169,7 @@ def test_unknown_paths_and_methods_are_json(app, tok):
     c = app.test_client()
     t = h(tok("doc_a"))
     assert_error(c.get("/api/v1/nothing-here", headers=t), 404, "not_found")
-    assert_error(c.delete(f"/api/v1/cases/{CASE_A_ID}", headers=t), 405, "method_not_allowed")
+    assert_error(c.put(f"/api/v1/cases/{CASE_A_ID}", headers=t), 405, "method_not_allowed")
     assert_error(c.get("/api/v1/cases/999999", headers=t), 404, "not_found")
 
 
@@ -205,7 +205,7 @@ def test_fhir_and_hl7_exports_of_a_signed_case(app, tok, pool):
     c = app.test_client()
     t = h(tok("doc_a"))
     assert_error(c.get(f"/api/v1/cases/{CASE_A_ID}/fhir", headers=t), 409, "not_signed")
-    r = c.post(f"/api/v1/cases/{CASE_A_ID}/sign", json={"final_diagnosis": "Nondiagnostic",
+    r = c.post(f"/api/v1/cases/{CASE_A_ID}/sign", json={"final_diagnosis": "Nondiagnostic", "override_reason": "x",
                                                         "uncertainty_note": "generated test image"}, headers=t)
     assert r.status_code == 200, r.get_json()
     r = c.get(f"/api/v1/cases/{CASE_A_ID}/fhir", headers=t)
@@ -406,3 +406,33 @@ def test_history_retry_and_assignment_endpoints(app, tok, pool, monkeypatch):
     assert r.status_code == 200 and r.get_json()["doctor_ids"] == [2, 3]
     assert c.get(f"/api/v1/patients/{PATIENT_A_ID}", headers=h(tok("doc_b"))).status_code == 200
     assert_error(c.put(f"/api/v1/patients/{PATIENT_A_ID}/doctors", json={"doctor_ids": ["x"]}, headers=admin), 422)
+
+
+def test_an_idempotent_replay_rechecks_access_and_records_expire(app, tok):
+    from sqlalchemy import update
+
+    from oncoscope.store.models import IdempotencyRecord
+
+    c = app.test_client()
+    doc, admin = h(tok("doc_a")), h(tok("admin"))
+    hk = dict(doc, **{"Idempotency-Key": "new-patient-1"})
+    body = {"mrn": "IDEM-0001", "family_name": "Replay"}
+    first = c.post("/api/v1/patients", json=body, headers=hk)
+    assert first.status_code == 201
+    pid = first.get_json()["id"]
+    assert c.post("/api/v1/patients", json=body, headers=hk).headers.get("Idempotent-Replayed") == "true"
+    # the administrator gives the patient to another doctor: the replay no longer shows it
+    assert c.put(f"/api/v1/patients/{pid}/doctors", json={"doctor_ids": [ACCOUNTS["doc_b"].id]},
+                 headers=admin).status_code == 200
+    assert_error(c.get(f"/api/v1/patients/{pid}", headers=doc), 404)
+    replay = c.post("/api/v1/patients", json=body, headers=hk)
+    assert_error(replay, 404, "not_found")
+    assert b"IDEM-0001" not in replay.data and b"Replay" not in replay.data
+    # after the retention time a record is gone: the key may be used again
+    with sessions_of(app)() as s:
+        s.execute(update(IdempotencyRecord).values(created_at=dt.datetime(2000, 1, 1)))
+        s.commit()
+    again = c.post("/api/v1/patients", json={"mrn": "IDEM-0002", "family_name": "Later"}, headers=hk)
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
+    with sessions_of(app)() as s:
+        assert s.query(IdempotencyRecord).count() == 1  # the expired record was removed

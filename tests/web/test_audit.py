@@ -112,6 +112,7 @@ API_CALLS = [  # (method, path, json body, endpoint) - harmless for the shared w
     ("GET", f"/api/v1/cases/{C}/dicom-sr", None),
     ("GET", f"/api/v1/cases/{C}/images/{I}/dicom-seg", None),
     ("POST", f"/api/v1/cases/{C}/hl7/send", None),
+    ("DELETE", f"/api/v1/cases/{C}", None),  # case 1 holds an image: refused, nothing deleted
 ]
 
 

@@ -67,6 +67,7 @@ MATRIX: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", f"/cases/{C}/export/hl7"): (302, 302, 404, 302),
     ("GET", f"/cases/{C}/images/{I}/seg.dcm"): (302, 302, 404, 302),  # no stored mask: back to the case page
     ("POST", f"/cases/{C}/hl7/send"): (302, 302, 404, 302),  # unsigned: flash and back
+    ("POST", f"/cases/{C}/delete"): (302, 302, 404, 302),  # holds an image: refused, flash and back
     # administration
     ("GET", "/admin/users"): (302, 403, 403, 200),
     ("POST", "/admin/users"): (302, 403, 403, 200),  # empty form: re-rendered
@@ -106,6 +107,7 @@ NONEXISTENT: dict[tuple[str, str], tuple[int, int, int]] = {  # (doc_a, doc_b, a
     ("POST", f"/cases/{MISSING}/images/{I}/retry"): (404, 404, 404),
     ("POST", f"/cases/{C}/images/{MISSING}/retry"): (404, 404, 404),
     ("POST", f"/cases/{MISSING}/sign"): (404, 404, 404),
+    ("POST", f"/cases/{MISSING}/delete"): (404, 404, 404),
     ("GET", f"/cases/{MISSING}/report.pdf"): (404, 404, 404),
     ("GET", f"/admin/users/{MISSING}"): (403, 403, 404),
     ("POST", f"/admin/users/{MISSING}"): (403, 403, 404),

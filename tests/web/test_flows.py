@@ -13,11 +13,11 @@ import stat
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from oncoscope.config import Settings, SettingsError
 from oncoscope.store import users as user_store
-from oncoscope.store.models import Analysis, Case, CaseImage, Patient, Review, User, utcnow
+from oncoscope.store.models import Analysis, Case, CaseImage, LoginThrottle, Patient, Review, User, utcnow
 
 from .conftest import (ADMIN, CASE_A_ID, DOC_A, DOC_B, PATIENT_A, PATIENT_A_ID, PATIENT_B, PATIENT_B_ID, SPARE,
                        field_errors, files_of, flashes, login, one, png_bytes, pool_for, q, sessions_of)
@@ -135,7 +135,7 @@ def test_login_throttling_locks_after_five_failures_until_the_lock_expires(app, 
     monkeypatch.setattr(user_store, "utcnow", lambda: real_now + dt.timedelta(minutes=15, seconds=1))
     r = login(c, DOC_A)
     assert r.status_code == 302 and c.get("/patients/").status_code == 200
-    assert q(app, select(User.failed_logins, User.locked_until).where(User.id == DOC_A.id)) == [(0, None)]
+    assert q(app, select(LoginThrottle)) == []  # a successful sign-in clears the count
 
 
 def test_lock_can_be_lifted_by_setting_locked_until_in_the_past(app):
@@ -143,8 +143,20 @@ def test_lock_can_be_lifted_by_setting_locked_until_in_the_past(app):
     for _ in range(5):
         login(c, DOC_B.email, "wrong-password-1")
     assert b"Too many failed attempts" in login(c, DOC_B).data
-    update_row(app, User, DOC_B.id, locked_until=utcnow() - dt.timedelta(seconds=1))
+    with sessions_of(app)() as s:
+        s.execute(update(LoginThrottle).values(locked_until=utcnow() - dt.timedelta(seconds=1)))
+        s.commit()
     assert login(c, DOC_B).status_code == 302
+
+
+def test_an_admin_password_reset_lifts_the_lock(app, client_for):
+    c = app.test_client()
+    for _ in range(5):
+        login(c, DOC_B.email, "wrong-password-1")
+    assert b"Too many failed attempts" in login(c, DOC_B).data
+    admin = client_for("admin")
+    assert admin.post(f"/admin/users/{DOC_B.id}", data={"pw-password": "reset-pass-4242!"}).status_code == 302
+    assert login(c, DOC_B.email, "reset-pass-4242!").status_code == 302
 
 
 def test_login_error_does_not_reveal_whether_the_email_exists(app):
@@ -161,11 +173,14 @@ def test_login_error_does_not_reveal_whether_the_email_exists(app):
     assert known.data.replace(DOC_A.email.encode(), b"@") == unknown.data.replace(b"nobody@clinic.test", b"@")
 
 
-def test_deactivated_account_cannot_sign_in(app, client_for):
+def test_deactivated_account_cannot_sign_in_and_the_answer_does_not_confirm_the_password(app, client_for):
     admin = client_for("admin")
     assert admin.post(f"/admin/users/{SPARE.id}/active").status_code == 302
-    r = login(app.test_client(), SPARE)
-    assert r.status_code == 401 and b"deactivated" in r.data
+    right = login(app.test_client(), SPARE)
+    wrong = login(app.test_client(), SPARE.email, "wrong-password-1")
+    assert right.status_code == wrong.status_code == 401
+    assert b"deactivated" not in right.data and b"Email or password is incorrect." in right.data
+    assert right.data == wrong.data  # the right password gets exactly the wrong password's page
 
 
 def test_session_expires_after_idle_time(client_for):
@@ -213,7 +228,8 @@ def test_admin_deactivation_ends_the_users_session(app, client_for):
     r = admin.post(f"/admin/users/{DOC_A.id}/active", follow_redirects=True)
     assert "Dr Alice A deactivated." in flashes(r.data)
     assert doc.get("/patients/").status_code == 302
-    assert b"deactivated" in login(doc, DOC_A).data
+    r = login(doc, DOC_A)  # refused like a wrong password (the answer confirms nothing)
+    assert r.status_code == 401 and b"Email or password is incorrect." in r.data
     r = admin.post(f"/admin/users/{DOC_A.id}/active", follow_redirects=True)
     assert "Dr Alice A re-activated." in flashes(r.data)
     assert login(doc, DOC_A).status_code == 302
@@ -360,6 +376,7 @@ def test_upload_mixed_good_corrupt_and_empty_files(app, client_for):
     msgs = flashes(c.get(f"/cases/{cid}").data)
     assert "2 images queued for analysis." in msgs
     assert any(m.startswith("corrupt.png: not added.") for m in msgs)
+    assert not any(re.search(r"\b\w*(Error|Exception)\b", m) for m in msgs), msgs  # no "(OSError)" for people
     assert "empty.png: not added. The file is empty (0 bytes)." in msgs
 
     rows = q(app, select(CaseImage.original_filename, CaseImage.sha256, Analysis.job_status)
@@ -373,6 +390,40 @@ def test_upload_mixed_good_corrupt_and_empty_files(app, client_for):
     assert files_of(app).path(sha1).read_bytes() == good1
     for bad in (corrupt, b""):
         assert not files_of(app).exists(hashlib.sha256(bad).hexdigest())
+
+
+def test_a_new_case_whose_uploads_all_fail_is_not_created(app, client_for):
+    c = client_for("doc_a")
+    cases_before = one(app, select(func.count(Case.id)))
+    r = new_case(c, P, [("corrupt.png", b"\x89PNG\r\n\x1a\n" + b"junk" * 50), ("empty.png", b"")], note="keep me")
+    assert r.status_code == 200
+    html = r.data.decode()
+    summary = re.search(r'<div class="error-summary"[^>]*>(.*?)</div>', html, re.S).group(1)
+    assert "No image could be added, so no case was created." in summary
+    assert "corrupt.png:" in summary and "empty.png: The file is empty (0 bytes)." in summary
+    assert "keep me" in html  # what was typed is kept for the next try
+    assert one(app, select(func.count(Case.id))) == cases_before
+
+
+def test_an_empty_case_can_be_deleted_and_a_case_with_images_cannot(app, client_for, tok):
+    c = client_for("doc_a")
+    r = c.post(f"/patients/{P}/cases/new", data={"analyzer_id": "smear-all"}, content_type=MULTIPART)
+    cid = case_id_of(r)  # no files at all: an (empty) case, images to follow
+    page = c.get(f"/cases/{cid}").data.decode()
+    assert "Delete this empty case" in page
+    assert client_for("doc_b").post(f"/cases/{cid}/delete").status_code == 404  # not doctor B's patient
+    r = c.post(f"/cases/{cid}/delete", follow_redirects=True)
+    assert f"Empty case #{cid} deleted." in flashes(r.data)
+    assert one(app, select(func.count(Case.id)).where(Case.id == cid)) == 0
+    r = c.post(f"/cases/{CASE_A_ID}/delete", follow_redirects=True)
+    assert "Only an empty case (no images, never signed) can be deleted." in flashes(r.data)
+    assert "Delete this empty case" not in c.get(f"/cases/{CASE_A_ID}").data.decode()
+    h = {"Authorization": f"Bearer {tok('doc_a')}"}
+    api = app.test_client()
+    cid = api.post(f"/api/v1/patients/{P}/cases", json={"analyzer_id": "smear-all"}, headers=h).json["id"]
+    assert api.delete(f"/api/v1/cases/{CASE_A_ID}", headers=h).status_code == 409
+    assert api.delete(f"/api/v1/cases/{cid}", headers=h).status_code == 204
+    assert api.get(f"/api/v1/cases/{cid}", headers=h).status_code == 404
 
 
 def test_upload_json_reports_per_file(app, client_for):
@@ -461,18 +512,85 @@ def test_in_domain_result_shows_label_and_overlays(app, client_for, pool, gate_o
 
 
 # ----------------------------------------------------------------------------- sign-off
-def test_out_of_domain_case_needs_an_uncertainty_note(app, client_for):
+def selected_options(html: bytes, name: str) -> list[str]:
+    select_html = re.search(rf'<select[^>]*name="{name}"[^>]*>(.*?)</select>', html.decode(), re.S).group(1)
+    return re.findall(r'<option selected value="([^"]*)"', select_html) + \
+        re.findall(r'<option value="([^"]*)" selected', select_html)
+
+
+def test_out_of_domain_case_preselects_nothing_and_needs_a_choice_a_reason_and_a_note(app, client_for):
     c = client_for("doc_a")
-    r = sign(c, CASE_A_ID, final_diagnosis="Benign")
+    page = c.get(f"/cases/{CASE_A_ID}").data
+    assert selected_options(page, "final_diagnosis") == [""]  # the placeholder, not the first label
+    assert b"Choose a diagnosis" in page and b'value="Nondiagnostic"' in page and b"Non-diagnostic sample" in page
+    assert b"The AI gave no diagnosis: choose one explicitly" in page
+    r = sign(c, CASE_A_ID, uncertainty_note="n", override_reason="r")  # the form as it comes: nothing chosen
+    assert r.status_code == 400 and field_errors(r.data, "final_diagnosis") == ["Choose a diagnosis."]
+    r = sign(c, CASE_A_ID, final_diagnosis="Benign", uncertainty_note="reviewed manually, smear adequate")
+    assert r.status_code == 400
+    assert field_errors(r.data, "override_reason") == ["The AI gave no diagnosis: give the reason for yours."]
+    r = sign(c, CASE_A_ID, final_diagnosis="Benign", override_reason="hematogones on manual review")
     assert r.status_code == 400
     assert field_errors(r.data, "uncertainty_note")[0].startswith("The AI result is not confident")
     r = sign(c, CASE_A_ID, final_diagnosis="Benign", confirm="")
     assert r.status_code == 400 and field_errors(r.data, "confirm") == ["Confirm that you reviewed the case."]
-    r = sign(c, CASE_A_ID, final_diagnosis="Benign", uncertainty_note="reviewed manually, smear adequate")
+    r = sign(c, CASE_A_ID, final_diagnosis="Benign", uncertainty_note="reviewed manually, smear adequate",
+             override_reason="hematogones on manual review")
     assert r.status_code == 302
     rv = q(app, select(Review.version, Review.ai_label, Review.ai_status, Review.agrees_with_ai,
-                       Review.uncertainty_note).where(Review.case_id == CASE_A_ID))
-    assert rv == [(1, None, "out_of_domain", False, "reviewed manually, smear adequate")]
+                       Review.uncertainty_note, Review.override_reason).where(Review.case_id == CASE_A_ID))
+    assert rv == [(1, None, "out_of_domain", False, "reviewed manually, smear adequate",
+                   "hematogones on manual review")]
+    page = c.get(f"/cases/{CASE_A_ID}").data.decode()
+    assert "The AI gave no diagnosis (out of domain). Reason: hematogones on manual review" in page
+    assert "(none)" not in page and "Overrides the AI result" not in page
+
+
+def test_the_api_also_refuses_a_diagnosis_without_a_reason_when_the_ai_gave_none(app, tok):
+    h = {"Authorization": f"Bearer {tok('doc_a')}"}
+    c = app.test_client()
+    r = c.post(f"/api/v1/cases/{CASE_A_ID}/sign", json={"final_diagnosis": "Benign", "uncertainty_note": "n"}, headers=h)
+    assert r.status_code == 422 and r.json["error"]["field"] == "override_reason"
+    r = c.post(f"/api/v1/cases/{CASE_A_ID}/sign", json={"final_diagnosis": "Nondiagnostic", "uncertainty_note": "n",
+                                                        "override_reason": "stain too pale"}, headers=h)
+    assert r.status_code == 200 and r.json["reviews"][0]["final_diagnosis"] == "Nondiagnostic"
+
+
+def test_signing_a_page_older_than_the_latest_upload_is_refused(app, client_for, pool, tok):
+    c = client_for("doc_a")
+    page = c.get(f"/cases/{CASE_A_ID}").data.decode()
+    seen = re.search(r'name="revision" type="hidden" value="(\d+)"', page).group(1)
+    # another upload lands (and is analysed) while the doctor is still reading the page
+    r = app.test_client().post(f"/api/v1/cases/{CASE_A_ID}/images", headers={"Authorization": f"Bearer {tok('doc_a')}"},
+                               data={"images": (io.BytesIO(png_bytes(21)), "late.png")}, content_type=MULTIPART)
+    assert r.status_code == 200 and r.json["case"]["revision"] == int(seen) + 1
+    while pool.run_one():
+        pass
+    fields = dict(final_diagnosis="Nondiagnostic", override_reason="r", uncertainty_note="n", revision=seen)
+    r = sign(c, CASE_A_ID, **fields)
+    assert r.status_code == 400 and "The case changed while you were reviewing it" in r.data.decode()
+    assert one(app, select(func.count(Review.id)).where(Review.case_id == CASE_A_ID)) == 0
+    # the page shown with the refusal carries the new revision: signing it covers both images
+    now = re.search(r'name="revision" type="hidden" value="(\d+)"', r.data.decode()).group(1)
+    assert sign(c, CASE_A_ID, **dict(fields, revision=now)).status_code == 302
+    api = app.test_client().post(f"/api/v1/cases/{CASE_A_ID}/sign", headers={"Authorization": f"Bearer {tok('doc_a')}"},
+                                 json=dict(fields, revision=int(seen), amendment_reason="a"))
+    assert api.status_code == 409 and api.json["error"]["code"] == "case_not_signable"
+
+
+def test_a_blank_form_is_not_announced_as_invalid(client_for):
+    page = client_for("doc_a").get(f"/cases/{CASE_A_ID}").data.decode()
+    assert 'aria-invalid' not in page and '="None"' not in page
+    assert 'aria-describedby="final_diagnosis-help"' in page  # the help text is read with the field
+
+
+def test_sign_errors_are_summarised_at_the_top_with_links_to_the_fields(client_for):
+    c = client_for("doc_a")
+    html = sign(c, CASE_A_ID, final_diagnosis="Benign").data.decode()
+    summary = re.search(r'<div class="error-summary" role="alert" tabindex="-1"[^>]*>(.*?)</div>', html, re.S)
+    assert summary and html.index("error-summary") < html.index("AI result")  # above the case, not at the bottom
+    assert '<a href="#override_reason">' in summary.group(1) and '<a href="#uncertainty_note">' in summary.group(1)
+    assert 'aria-invalid="true"' in html
 
 
 def test_uncertain_case_needs_an_uncertainty_note(app, client_for, gate_off):
@@ -544,7 +662,9 @@ def test_sign_override_agree_amend_and_report(app, client_for, pool, gate_off):
     assert re.fullmatch(r"[0-9a-f]{64}", rows[1][4]) and rows[1][4] != rows[0][4]
     assert one(app, select(Case.final_diagnosis).where(Case.id == cid)) == other
     page = c.get(f"/cases/{cid}").data.decode()
-    assert "Earlier versions" in page and f"v1: {ai_label}" in page
+    names = {"Benign": "Benign (hematogone)"}
+    assert "Earlier versions" in page and f"Version 1: {names.get(ai_label, ai_label)}, signed by" in page
+    assert "Amended (version 2): second review with haematologist" in page
     r3 = c.get(f"/cases/{cid}/report.pdf")
     assert f'filename="oncoscope-case-{cid}-v2.pdf"' in r3.headers["Content-Disposition"] and r3.data != r1.data
 
@@ -617,8 +737,8 @@ def test_retry_does_not_reopen_a_signed_case(app, client_for, pool, monkeypatch)
         assert pool.run_one()
         update_row(app, Analysis, _job(app, cid)[0], queued_at=utcnow() - dt.timedelta(seconds=1))
     assert _job(app, cid)[1] == "failed"
-    assert sign(c, cid, final_diagnosis="Nondiagnostic", uncertainty_note="analysis failed; slide unusable")\
-        .status_code == 302
+    assert sign(c, cid, final_diagnosis="Nondiagnostic", uncertainty_note="analysis failed; slide unusable",
+                override_reason="no analysis").status_code == 302
     monkeypatch.undo()
     r = c.post(f"/cases/{cid}/images/{_job(app, cid)[4]}/retry", follow_redirects=True)
     assert r.status_code == 200

@@ -522,11 +522,20 @@ def check_upload(app, case_id: int, before: dict) -> set[str]:
 
 # ============================================================================ patients (HTML)
 PATIENT_FIELDS = {"mrn": 64, "family_name": 100, "given_name": 100, "notes": 5000}
+# The documented MRN character set (SECURITY.md, V5), written out here as the oracle's own copy.
+VALID_MRN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/-]{0,63}", re.ASCII)
+
+
+def mrn_text(surrogates: bool = False):
+    """Hostile MRNs (nearly all refused) or valid ones with blanks around, so acceptance is exercised."""
+    valid = st.tuples(st.sampled_from(["", " ", "\t"]), st.from_regex(VALID_MRN, fullmatch=True),
+                      st.sampled_from(["", " "])).map("".join)
+    return st.one_of(hostile_text(64, surrogates), valid)
 
 
 def patient_values(surrogates: bool = False):
     return st.fixed_dictionaries(
-        {k: hostile_text(n, surrogates) for k, n in PATIENT_FIELDS.items()},
+        {k: mrn_text(surrogates) if k == "mrn" else hostile_text(n, surrogates) for k, n in PATIENT_FIELDS.items()},
         optional={"sex": st.one_of(st.sampled_from(["female", "male", "other", "unknown"]), hostile_text(16)),
                   "birth_date": st.one_of(st.sampled_from(["1980-02-03", "2999-01-01", "1700-01-01", "0000-00-00",
                                                            "1980-02-30", "'; --"]), hostile_text(10))})
@@ -549,7 +558,7 @@ def must_reject_patient(v: dict) -> bool:
     """Inputs the patient form / API must refuse, whatever else is wrong."""
     return (any("\x00" in v.get(k, "") for k in PATIENT_FIELDS)
             or any(len(v.get(k, "")) > n for k, n in PATIENT_FIELDS.items())
-            or not v["mrn"].strip() or not v["family_name"].strip())
+            or not VALID_MRN.fullmatch(v["mrn"].strip()) or not v["family_name"].strip())
 
 
 @fuzz(40)
@@ -622,7 +631,8 @@ def json_value(limit: int):
 
 def json_patient():
     return st.one_of(
-        st.fixed_dictionaries({k: hostile_text(n, surrogates=True) for k, n in PATIENT_FIELDS.items()},
+        st.fixed_dictionaries({k: mrn_text(True) if k == "mrn" else hostile_text(n, surrogates=True)
+                               for k, n in PATIENT_FIELDS.items()},
                               optional={"sex": st.sampled_from(["female", "male", "other", "unknown", "<b>"]),
                                         "birth_date": st.one_of(st.none(), st.sampled_from(
                                             ["1980-02-03", "2999-01-01", "x", "1980-02-30"]))}),
@@ -659,6 +669,7 @@ def test_api_patient_create_and_patch(app, tok, body, patch):
     assert r.status_code in ((200, 400, 409, 422) if patch else (201, 400, 409, 422)), r.status_code
     if r.status_code in (200, 201):
         assert not any(isinstance(v, str) and UNSTORABLE.search(v) for v in body.values())
+        assert "mrn" not in body or VALID_MRN.fullmatch(body["mrn"].strip()), f"accepted the MRN {body['mrn']!r}"
         out = r.get_json()
         mrn, family, given, notes, _sex, _birth = patient_row(app, out["id"])
         for k, stored in (("mrn", mrn), ("family_name", family), ("given_name", given)):
@@ -872,6 +883,7 @@ def check_sign(app, before: dict, accepted: bool, v: dict) -> None:
     assert v["final_diagnosis"] in DIAGNOSES
     assert not any(UNSTORABLE.search(v.get(k, "")) for k in SIGN_FIELDS), f"accepted unstorable text {v!r}"
     assert v.get("uncertainty_note", "").strip(), "signed an out-of-domain case without a note"
+    assert v.get("override_reason", "").strip(), "signed a case the AI gave no diagnosis without a reason"
     assert snapshot(app)["rows"]["reviews"] == before["rows"]["reviews"] + 1
     with sessions_of(app)() as s:
         case = s.get(Case, CASE_A_ID)
@@ -1147,8 +1159,13 @@ def test_stored_injection_payloads_are_escaped_everywhere(app, client_for, tok):
     t = tok("doc_a")
     pages: list[tuple[object, str, str]] = []  # (client, url, payload expected there escaped)
     for i, p in enumerate(INJECTIONS):
-        r = doc.post("/patients/new", data={"mrn": f"X{i}-{p}"[:64], "family_name": p, "given_name": p, "notes": p,
-                                            "sex": "unknown"})
+        fields = {"mrn": f"X{i}-{p}"[:64], "family_name": p, "given_name": p, "notes": p, "sex": "unknown"}
+        if not VALID_MRN.fullmatch(fields["mrn"]):  # refused with the form escaped, then a plain MRN
+            r = doc.post("/patients/new", data=fields)
+            assert r.status_code == 200 and b'class="error"' in r.data, (p, r.data[:300])
+            assert_safe_html(r.data, [p], f"refused MRN {p!r}")
+            fields["mrn"] = f"X{i}"
+        r = doc.post("/patients/new", data=fields)
         assert r.status_code == 302, (p, r.data[:300])
         pid = int(r.headers["Location"].rsplit("/", 1)[1])
         body, ctype = multipart({"analyzer_id": "smear-all", "clinical_note": p},

@@ -70,7 +70,8 @@ def _upload_json(c, case_id, files):
 
 def _sign_case_1(c, token: str) -> None:
     r = c.post(f"/api/v1/cases/{CASE_A_ID}/sign", headers=_bearer(token),
-               json={"final_diagnosis": "Nondiagnostic", "uncertainty_note": "generated test image"})
+               json={"final_diagnosis": "Nondiagnostic", "uncertainty_note": "generated test image",
+                     "override_reason": "no AI call"})
     assert r.status_code == 200, r.data[:300]
 
 
@@ -344,7 +345,8 @@ def _post_payloads() -> dict[str, dict]:
         "patients.edit": dict(PATIENT_A, family_name="Forged"),
         "patients.assign": {"doctors": [DOC_A.id, DOC_B.id]},
         "cases.new": {"analyzer_id": "smear-all", "clinical_note": "forged"},
-        "cases.sign": {"final_diagnosis": "Nondiagnostic", "uncertainty_note": "x", "confirm": "y"},
+        "cases.sign": {"final_diagnosis": "Nondiagnostic", "uncertainty_note": "x", "override_reason": "x",
+                       "confirm": "y"},
         "admin.users": {"name": "Evil", "email": "evil@clinic.test", "role": "admin", "password": "evil-password-1"},
         "admin.edit_user": {"role-role": "admin"},
     }
@@ -722,3 +724,51 @@ def test_security_headers_on_every_kind_of_response(app, client_for, tok):
         elif kind not in ("static", "404"):  # (an unmatched URL carries no data)
             assert "no-store" in cc, (kind, cc)
     assert responses["csrf-400"].status_code == 400
+
+
+# ----------------------------------------------------------------------------- issue 11 (outside review)
+def test_a_session_cookie_presented_by_another_browser_is_ended(app, client_for):
+    c = client_for("doc_a")  # signed in with the test client's own user agent
+    assert c.get("/patients/").status_code == 200
+    r = c.get("/patients/", headers={"User-Agent": "Mozilla/5.0 (a copied cookie)"})
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login")
+    page = c.get("/login").data.decode()
+    assert "Your session was opened in another browser" in page
+    assert c.get("/patients/").status_code == 302  # ended for the original browser too
+
+
+def test_a_changed_address_alone_keeps_the_session(client_for):
+    c = client_for("doc_a")
+    assert c.get("/patients/", environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code == 200
+
+
+def _audited_ip(app) -> str:
+    from oncoscope.store.models import AuditEvent
+
+    with sessions_of(app)() as s:
+        return s.scalar(select(AuditEvent.ip).order_by(AuditEvent.seq.desc()).limit(1))
+
+
+def test_the_audited_address_is_the_clients_behind_a_trusted_proxy_only(make_app):
+    forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    direct = make_app()  # no proxy configured: the header is anybody's to forge, so it is ignored
+    login(direct.test_client(), DOC_A.email, "wrong-password-1")
+    direct.test_client().post("/login", data={"email": DOC_A.email, "password": "x"}, headers=forwarded,
+                              environ_base={"REMOTE_ADDR": "10.0.0.2"})
+    assert _audited_ip(direct) == "10.0.0.2"
+    proxied = make_app(trusted_proxies=1)
+    proxied.test_client().post("/login", data={"email": DOC_A.email, "password": "x"},
+                               headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.7", "X-Forwarded-Proto": "https"},
+                               environ_base={"REMOTE_ADDR": "10.0.0.2"})
+    assert _audited_ip(proxied) == "203.0.113.7"  # the entry the one trusted proxy added, not a forged first one
+
+
+@pytest.mark.parametrize("query", ["endpoint=x", "_external=1", "_scheme=javascript", "_anchor=x&page=2",
+                                   "_method=POST", "values=1", "page=2&page=3&actor=%00"])
+def test_audit_and_history_pages_take_any_query_argument(make_app, query):
+    app = make_app(page_size=1)  # every list has several pages: the pager links are drawn
+    admin = app.test_client()
+    login(admin, ADMIN)
+    for url in ("/admin/audit", "/cases/", "/patients/"):
+        r = admin.get(f"{url}?{query}")
+        assert r.status_code == 200, (url, query, r.status_code)

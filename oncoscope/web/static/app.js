@@ -2,6 +2,10 @@
 (function () {
   "use strict";
 
+  // A form sent back with errors: take the reader (and screen reader) to the list of problems.
+  var summary = document.querySelector(".error-summary");
+  if (summary) { summary.focus(); summary.scrollIntoView({ block: "start" }); }
+
   // Drag and drop onto a dropzone fills the linked file input.
   document.querySelectorAll(".dropzone").forEach(function (zone) {
     var input = document.getElementById(zone.dataset.for);

@@ -1,0 +1,124 @@
+"""Patient store: the MRN character set, and search text taken literally (``%`` and ``_`` are not
+wildcards) on every backend: SQLite always, PostgreSQL and MariaDB when their local test servers
+answer (the servers and overrides of tests/store/test_migrations.py; a database of their own there)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, make_url, select, text
+from sqlalchemy.pool import NullPool
+
+from oncoscope.store import cases as case_store
+from oncoscope.store import migrate
+from oncoscope.store import patients as patient_store
+from oncoscope.store.db import make_engine, make_session_factory
+from oncoscope.store.models import Case, Patient, User
+
+from .test_migrations import SERVERS, _drop_everything, _reachable
+
+
+@pytest.mark.parametrize("mrn", ["MRN-A-0001", "0012345", "2023/000123", "AB 12.3_x", "a" * 64, "7"])
+def test_valid_mrns(mrn):
+    assert patient_store.mrn_problem(mrn) is None
+
+
+@pytest.mark.parametrize("mrn,message", [
+    ("B-001\\ZZ", "may contain only"), ("A|B", "may contain only"), ("A^B", "may contain only"),
+    ("A~B", "may contain only"), ("A&B", "may contain only"), ("A=B", "may contain only"),
+    ("A%B", "may contain only"), ("A\nB", "may contain only"), ("A\tB", "may contain only"),
+    ("MRN-Ü-1", "may contain only"), ("１２３", "may contain only"), ("-123", "may contain only"),
+    ("=1+1", "may contain only"), ("/etc", "may contain only"), ("a" * 65, "At most 64"), ("", "Enter"),
+])
+def test_invalid_mrns(mrn, message):
+    assert message in patient_store.mrn_problem(mrn)
+
+
+def _own_database(url: str, name: str = "oncoscope_test_patients") -> str:
+    """``url`` on the same server but database ``name`` (created if missing): test_migrations empties
+    the shared ``test`` database, so a concurrent run there cannot pull tables from under these tests."""
+    u = make_url(url)
+    eng = create_engine(u, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with eng.connect() as c:
+            if u.get_backend_name() != "postgresql":
+                c.execute(text(f"CREATE DATABASE IF NOT EXISTS `{name}`"))
+            elif not c.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}):
+                c.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        eng.dispose()
+    return u.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def session(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'patients.db'}"
+    else:
+        name, url = SERVERS[request.param]
+        problem = _reachable(url)
+        if problem is not None:
+            pytest.skip(f"{name} not reachable at {url}: skipped ({problem.__class__.__name__})")
+        url = _own_database(url)
+        _drop_everything(url)
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    s = make_session_factory(engine)()
+    try:
+        yield s
+    finally:
+        s.close()
+        engine.dispose()
+        if request.param != "sqlite":
+            _drop_everything(url)
+
+
+def _world(s) -> tuple[User, dict[str, int]]:
+    admin = User(email="admin@clinic.test", name="Admin", role="admin", password_hash="x")
+    s.add(admin)
+    s.flush()
+    ids = {}
+    for mrn, family in [("S_1", "Under_score"), ("SX1", "Underxscore"), ("P-1", "Fifty%Off"), ("P-2", "Fifty Off"),
+                        ("SL-1", "Slash/Name"), ("SL-2", "SlashXName")]:
+        p = Patient(mrn=mrn, family_name=family, given_name="")
+        s.add(p)
+        s.flush()
+        s.add(Case(patient_id=p.id, analyzer_id="smear-all", created_by_id=admin.id))
+        ids[family] = p.id
+    s.commit()
+    return admin, ids
+
+
+def _found(page) -> set[str]:
+    return {p.family_name for p in page.items} if page.items and isinstance(page.items[0], Patient) else \
+        {c.patient.family_name for c in page.items}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("_", {"Under_score"}), ("r_s", {"Under_score"}), ("%", {"Fifty%Off"}), ("y%O", {"Fifty%Off"}),
+    ("/", {"Slash/Name"}), ("h/N", {"Slash/Name"}),  # the escape character itself is literal too
+    ("Under", {"Under_score", "Underxscore"}), ("  Fifty ", {"Fifty%Off", "Fifty Off"}),
+])
+def test_search_and_history_take_wildcards_literally(session, text, expected):
+    admin, _ = _world(session)
+    assert _found(patient_store.search(session, admin, text, 1, 100)) == expected
+    assert _found(case_store.history(session, admin, text=text, per_page=100)) == expected
+
+
+def test_mrn_prefix_search_is_literal(session):
+    admin, _ = _world(session)
+    assert _found(patient_store.search(session, admin, "S_", 1, 100)) == {"Under_score"}  # not SX1
+    assert _found(patient_store.search(session, admin, "SX1", 1, 100)) == {"Underxscore"}
+    assert _found(case_store.history(session, admin, text="S_1", per_page=100)) == {"Under_score"}  # exact MRN
+
+
+def test_create_refuses_a_bad_mrn_and_pre_fill_lookup_is_exact(session):
+    admin, ids = _world(session)
+    with pytest.raises(patient_store.PatientError) as exc:
+        patient_store.create(session, admin, {"mrn": "B-001\\ZZ", "family_name": "Doe"})
+    assert exc.value.field == "mrn" and "may contain only" in str(exc.value)
+    session.rollback()
+    p = patient_store.create(session, admin, {"mrn": "  2023/0001 ", "family_name": "Doe"})
+    assert p.mrn == "2023/0001"
+    assert patient_store.get_visible_by_mrn(session, admin, "SX1").id == ids["Underxscore"]
+    assert patient_store.get_visible_by_mrn(session, admin, "S") is None
+    assert session.scalar(select(Patient.id).where(Patient.mrn == "S_1")) == ids["Under_score"]
