@@ -349,6 +349,20 @@ def _migrate(direction: str, revision: str) -> None:
     st = Settings.from_env()
     getattr(migrate, direction)(st.database_url, revision)
     click.echo(f"database at revision {migrate.current(st.database_url)}")
+    if direction == "upgrade":
+        _warn_legacy_mrns(st.database_url)
+
+
+def _warn_legacy_mrns(url: str) -> None:
+    from .store.db import standalone_session
+    from .store.patients import MRN_RULE, legacy_mrns
+
+    with standalone_session(url) as s:
+        bad = legacy_mrns(s)
+    if bad:
+        shown = ", ".join(f"#{pid} {mrn!r}" for pid, mrn in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        click.echo(f"WARNING: {len(bad)} patient(s) have an MRN outside the allowed set ({MRN_RULE}) "
+                   f"and should be corrected on their patient page: {shown}. Exports escape them meanwhile.", err=True)
 
 
 @db.command("current")
@@ -410,11 +424,14 @@ def backup(archive):
     from .config import Settings
     from .store import signing
     from .store.audit import record_system
-    from .store.backup import create_backup
+    from .store.backup import BackupError, create_backup
 
     st = Settings.from_env()
     key = _signing_key(st)
-    m = create_backup(st.database_url, st.images_dir, Path(archive), key)
+    try:
+        m = create_backup(st.database_url, st.images_dir, Path(archive), key)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
     rows = sum(t["rows"] for t in m["tables"].values())
     record_system(st, "backup.create", archive=str(Path(archive).resolve()), rows=rows, images=len(m["images"]))
     click.echo(f"{archive}: {rows} rows in {len(m['tables'])} tables, {len(m['images'])} image files "
@@ -430,13 +447,14 @@ def restore(archive, trusted_key, check_only):
     from .config import Settings
     from .store.backup import BackupError, check_backup, restore_backup
 
-    st = Settings.from_env()
+    st = _key_settings() if check_only else Settings.from_env()
     key = _trusted_key(st, trusted_key)
     try:
         if check_only:
             m, _ = check_backup(Path(archive), key)
-            click.echo(f"{archive}: signature and checksums verified (created {m['created']}, schema "
-                       f"{m['alembic_revision']}); nothing was written")
+            click.echo(f"{archive}: signature and checksums verified; nothing was written\n{_archive_summary(m)}\n"
+                       "An older archive verifies as well as the newest: check that this is the backup you mean "
+                       "to restore.")
             return
         m = restore_backup(st.database_url, st.images_dir, Path(archive), key)
     except BackupError as exc:
@@ -444,8 +462,35 @@ def restore(archive, trusted_key, check_only):
     from .store.audit import record_system
 
     rows = sum(t["rows"] for t in m["tables"].values())
-    record_system(st, "backup.restore", archive=str(Path(archive).resolve()), rows=rows, images=len(m["images"]))
-    click.echo(f"restored {rows} rows and {len(m['images'])} image files from {archive}")
+    record_system(st, "backup.restore", archive=str(Path(archive).resolve()), rows=rows, images=len(m["images"]),
+                  created=m["created"], schema=m["alembic_revision"])
+    click.echo(f"restored {rows} rows and {len(m['images'])} image files from {archive}\n{_archive_summary(m)}")
+
+
+def _key_settings():
+    """Settings that name the key files and nothing else. ``Settings.from_env`` creates the instance
+    folder, its secret key and image folder: a backup host that only checks archives has no instance."""
+    from .config import Settings, _path
+
+    home = Path(os.environ.get("ONCOSCOPE_HOME") or Path.cwd() / "instance").resolve()
+    return Settings(home=home, database_url="", secret_key="", signing_key_path=_path("ONCOSCOPE_SIGNING_KEY"),
+                    trusted_key_path=_path("ONCOSCOPE_TRUSTED_KEY"))
+
+
+def _archive_summary(m: dict) -> str:
+    """What an operator compares with the backup they mean, before restoring (an old signed archive is valid)."""
+    rows = sum(t["rows"] for t in m["tables"].values())
+    return (f"archive created {m['created']} ({_ago(m['created'])}), schema revision {m['alembic_revision']}, "
+            f"{m.get('database_dialect')} database, {rows} rows, {len(m['images'])} image files")
+
+
+def _ago(when: str) -> str:
+    import datetime as dt
+
+    t = dt.datetime.fromisoformat(when)
+    hours = (dt.datetime.now(dt.timezone.utc) - (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))) \
+        .total_seconds() / 3600
+    return f"{hours:.0f} hours ago" if hours < 48 else f"{hours / 24:.0f} days ago"
 
 
 @main.group()
@@ -517,13 +562,15 @@ def audit():
 
 @audit.command("verify")
 @click.option("--checkpoints", type=click.Path(dir_okay=False), default=None,
-              help="Signed checkpoint file written by `oncoscope audit checkpoint`. Every signature is checked, "
-                   "and every checkpointed entry must still have its signed hash (catches a rewritten chain).")
+              help="Signed checkpoint file written by `oncoscope audit checkpoint`. Every signature and the order "
+                   "of the checkpoints are checked, and every checkpointed entry must still have its signed hash "
+                   "(catches a rewritten chain). The newest checkpoint is printed: compare it with the schedule.")
 @click.option("--trusted-key", type=click.Path(exists=True, dir_okay=False), default=None, help=TRUSTED_KEY_HELP)
 @click.option("--json", "as_json", is_flag=True)
 def audit_verify(checkpoints, trusted_key, as_json):
     """Recompute the hash chain (writes nothing but its own audit entry); exit status 1 when any entry
-    was altered, removed or inserted, or a checkpoint is missing, unsigned or signed by another key."""
+    was altered, removed or inserted, or the checkpoint file is missing, empty, unsigned, signed by
+    another key, or has checkpoints removed or reordered."""
     from .config import Settings
     from .store import audit as audit_store
 
@@ -540,17 +587,20 @@ def audit_verify(checkpoints, trusted_key, as_json):
 
 @audit.command("checkpoint")
 @click.argument("checkpoints", type=click.Path(dir_okay=False))
-def audit_checkpoint(checkpoints):
-    """Verify the chain against CHECKPOINTS, then append its head signed with the instance's key (the
-    file is created on first use). Keep the file on the application host, not beside the backups."""
+@click.option("--init", is_flag=True, help="Start CHECKPOINTS (refused when it exists). Run once, when the instance "
+              "is installed: afterwards a missing file is an error, never silently started again.")
+def audit_checkpoint(checkpoints, init):
+    """Verify the chain against CHECKPOINTS, then append its head signed with the instance's key and
+    chained to the previous checkpoint. Keep the file on the application host, not beside the backups."""
     from .config import Settings
     from .store import audit as audit_store
 
     st = Settings.from_env()
     key = _signing_key(st)
-    rep = _audit_check(st, "audit.checkpoint", lambda s: audit_store.checkpoint(s, Path(checkpoints), key), False)
+    rep = _audit_check(st, "audit.checkpoint", lambda s: audit_store.checkpoint(s, Path(checkpoints), key, init),
+                       False)
     click.echo(f"signed checkpoint of entry #{rep.head_seq} added to {checkpoints}" if rep.head_seq
-               else "the audit trail is empty: nothing to checkpoint")
+               else f"signed checkpoint of the empty audit trail (entry #0) added to {checkpoints}")
 
 
 def _audit_check(st, action: str, run, as_json: bool):
@@ -565,7 +615,7 @@ def _audit_check(st, action: str, run, as_json: bool):
         audit_store.record_system(st, action, "failure", error=str(exc))
         raise click.ClickException(str(exc)) from None
     audit_store.record_system(st, action, "success" if rep.ok else "failure", entries=rep.entries,
-                              first_bad_seq=rep.first_bad_seq)
+                              first_bad_seq=rep.first_bad_seq, checkpoint_seq=(rep.checkpoint or {}).get("seq"))
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
     elif rep.ok:
@@ -574,6 +624,10 @@ def _audit_check(st, action: str, run, as_json: bool):
         click.echo(f"AUDIT TRAIL BROKEN ({len(rep.problems)} problems; first at entry {rep.first_bad_seq}):", err=True)
         for p in rep.problems[:20]:
             click.echo(f"  {p}", err=True)
+    if rep.checkpoint and not as_json:  # an older one than the schedule implies: the file was cut short or put back
+        c = rep.checkpoint
+        click.echo(f"newest signed checkpoint: entry #{c['seq']} at {c['at']} ({_ago(c['at'])}), "
+                   f"{c['count']} in the file")
     if not rep.ok:
         sys.exit(1)
     return rep

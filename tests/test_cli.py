@@ -216,3 +216,51 @@ def test_users_token_prints_a_working_token_stored_and_audited_like_the_token_pa
         assert secret not in str(e.details)
     r = CliRunner().invoke(main, ["users", "token", "--email", "nobody@clinic.test"])
     assert r.exit_code != 0 and "No active account" in r.output
+
+
+def test_db_upgrade_warns_about_mrns_from_before_the_mrn_rule(tmp_path, monkeypatch):
+    from oncoscope.store.db import standalone_session
+    from oncoscope.store.models import Patient
+
+    monkeypatch.setenv("ONCOSCOPE_HOME", str(tmp_path / "inst"))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    r = CliRunner().invoke(main, ["db", "upgrade"])
+    assert r.exit_code == 0 and "WARNING" not in r.output
+    with standalone_session(f"sqlite:///{tmp_path / 'inst' / 'oncoscope.db'}") as s:
+        s.add(Patient(mrn="B-001\\ZZ", family_name="Old"))
+        s.commit()
+    r = CliRunner().invoke(main, ["db", "upgrade"])
+    assert r.exit_code == 0 and "WARNING: 1 patient(s) have an MRN outside the allowed set" in r.stderr
+    assert "'B-001\\\\ZZ'" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["read_only_folder", "folder_is_a_file"])
+def test_signing_key_that_cannot_be_created_is_a_clear_error(tmp_path, monkeypatch, where):
+    """ONCOSCOPE_SIGNING_KEY in a folder the service account cannot write (or under a file): a message
+    naming the path and what to do, exit status 1, no traceback."""
+    import os
+
+    from oncoscope.store import signing
+
+    parent = tmp_path / "keys"
+    if where == "folder_is_a_file":
+        parent.write_text("not a folder")
+    else:
+        parent.mkdir()
+        parent.chmod(0o500)
+        real_open = os.open
+
+        def refuse(path, *a, **kw):  # what the kernel answers anyone but root
+            if Path(path).parent == parent:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *a, **kw)
+
+        if os.geteuid() == 0:  # root ignores the mode bits
+            monkeypatch.setattr(signing.os, "open", refuse)
+    key = parent / "signing_key"
+    monkeypatch.setenv("ONCOSCOPE_HOME", str(tmp_path / "inst"))
+    monkeypatch.setenv("ONCOSCOPE_SIGNING_KEY", str(key))
+    r = CliRunner().invoke(main, ["public-key"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert f"cannot create the signing key {key}" in r.output and "ONCOSCOPE_SIGNING_KEY" in r.output, r.output
+    assert "Traceback" not in r.output

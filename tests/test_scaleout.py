@@ -32,9 +32,9 @@ PG_URL = os.environ.get("ONCOSCOPE_TEST_PG_URL", "postgresql+psycopg://postgres@
 
 
 def _pg_reachable() -> Exception | None:
-    from .store.test_migrations import _reachable
+    from .databases import reachable
 
-    return _reachable(PG_URL)
+    return reachable(PG_URL)
 
 
 @pytest.fixture()

@@ -48,6 +48,8 @@ from reportlab.platypus import (
     TableStyle,
 )
 
+from ..vocab import percent
+
 __all__ = ["render_case_report"]
 
 # ----------------------------------------------------------------------------- geometry
@@ -345,7 +347,7 @@ def _prob_table(probabilities: dict | None) -> Flowable:
         top = p is not None and p == best
         rows.append([
             _p(_cell(name), "cellb" if top else "cell"),
-            _p("—" if p is None else f"{100 * p:.1f}%", "cellb" if top else "cell"),
+            _p("—" if p is None else percent(p), "cellb" if top else "cell"),
             _bar(p, top),
         ])
     table = Table(rows, colWidths=[FRAME_W - 22 * mm - 74 * mm, 22 * mm, 74 * mm], hAlign="LEFT", repeatRows=1)

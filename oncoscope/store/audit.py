@@ -10,10 +10,17 @@ every hash and the head, and the chain is consistent again. Signed checkpoints c
 checkpoint is the head (seq, hash) at some time, signed with the instance's Ed25519 key
 (store/signing.py), which the database never sees. ``verify`` with checkpoints requires every
 entry named by one to still have the signed hash, so a chain rewritten before the latest
-checkpoint fails. Checkpoint file (JSON)::
+checkpoint fails. Each checkpoint also signs its place in the file (``index``) and the SHA-256 of
+the previous checkpoint's signature (``prev``; zeros for the first), so checkpoints cannot be
+removed from the start or the middle, or reordered, and an empty file is refused. Checkpoint
+file (JSON)::
 
-    {"format": 2, "checkpoints": [{"seq": 41, "hash": "<hex>", "at": "2025-01-31T02:30:00Z",
-                                   "signature": {"algorithm": "ed25519", "key_id": ..., "signature": ...}}]}
+    {"format": 3, "checkpoints": [{"index": 0, "seq": 41, "hash": "<hex>", "at": "2025-01-31T02:30:00Z",
+                                   "prev": "000...0", "signature": {"algorithm": "ed25519", ...}}, ...]}
+
+The newest checkpoints can still be cut off the end (or an older copy put back) without a
+signature failing: that needs write access to the application host, and ``audit verify`` prints
+the newest checkpoint's entry and time so that an operator can notice it.
 
 Appends lock the head row (``UPDATE audit_head SET seq = seq + 1`` first), which serialises writers
 across threads, processes and machines on every supported database, so there is one chain in one
@@ -252,10 +259,12 @@ class VerifyReport:
     head_hash: str
     problems: list[str] = field(default_factory=list)
     first_bad_seq: int | None = None
+    checkpoint: dict | None = None  # the newest signed checkpoint checked against: seq, at, count
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "entries": self.entries, "head_seq": self.head_seq, "head_hash": self.head_hash,
-                "first_bad_seq": self.first_bad_seq, "problems": self.problems[:20]}
+                "first_bad_seq": self.first_bad_seq, "problems": self.problems[:20],
+                "latest_checkpoint": self.checkpoint}
 
 
 def verify(s: Session, checkpoints: dict[int, str] | None = None, batch: int = 2000) -> VerifyReport:
@@ -266,7 +275,7 @@ def verify(s: Session, checkpoints: dict[int, str] | None = None, batch: int = 2
     first_bad = None
     prev, expected_seq, n = GENESIS, 1, 0
     last_id = 0
-    seen: dict[int, str] = {}
+    seen: dict[int, str] = {0: GENESIS}  # a checkpoint of the empty trail (entry 0) is the chain's start
     while True:
         rows = list(s.scalars(select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)))
         if not rows:
@@ -301,64 +310,110 @@ def verify(s: Session, checkpoints: dict[int, str] | None = None, batch: int = 2
 
 
 # ----------------------------------------------------------------------------- signed checkpoints
-CHECKPOINT_FORMAT = 2  # 1 was an unsigned {seq: hash} object
+CHECKPOINT_FORMAT = 3  # 1: unsigned {seq: hash}; 2: entries signed one by one, so any could be dropped unseen
 CHECKPOINT_PURPOSE = "audit checkpoint"
+INIT_HINT = "`oncoscope audit checkpoint --init FILE`"
 
 
 class CheckpointError(Exception):
-    """The checkpoint file is missing, unreadable, unsigned or not signed by the trusted key."""
+    """The checkpoint file is missing, unreadable, unsigned, not signed by the trusted key, emptied, or
+    has checkpoints removed, inserted or reordered."""
 
 
 def _checkpoint_body(cp: dict) -> bytes:
-    return json.dumps({"seq": cp["seq"], "hash": cp["hash"], "at": cp["at"]}, sort_keys=True,
+    return json.dumps({k: cp[k] for k in ("index", "seq", "hash", "at", "prev")}, sort_keys=True,
                       separators=(",", ":")).encode()
 
 
-def read_checkpoints(path: Path, trusted: signing.Ed25519PublicKey) -> dict[int, str]:
-    """{seq: hash} from a checkpoint file, after checking every entry's signature."""
+def _checkpoint_list(path: Path) -> list:
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint file at {path}") from None
+        raise CheckpointError(f"no checkpoint file at {path}. If this instance has made checkpoints, the file was "
+                              "deleted or moved: find out why and put the newest copy back. A new instance starts "
+                              f"its file once with {INIT_HINT}") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read the checkpoint file {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if fmt == 2:
+        raise CheckpointError(f"{path} is a format 2 checkpoint file, whose checkpoints are not chained (any of them "
+                              f"could be removed unseen): keep it for reference and start a new file with {INIT_HINT}")
+    if fmt != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a signed checkpoint file (an unsigned one from an older oncoscope?): "
-                              "start a new one with `oncoscope audit checkpoint`")
-    out: dict[int, str] = {}
+                              f"start a new file with {INIT_HINT}")
+    if not isinstance(doc.get("checkpoints"), list) or not doc["checkpoints"]:
+        raise CheckpointError(f"{path} holds no checkpoints, but a checkpoint file is never empty (--init signs the "
+                              "first one): it was emptied")
+    return doc["checkpoints"]
+
+
+def read_checkpoints(path: Path, trusted: signing.Ed25519PublicKey) -> list[dict]:
+    """The checkpoints in ``path``, oldest first, once every signature is checked. Each one signs its
+    place in the file and the digest of the previous one's signature, so none can be removed,
+    inserted or moved; only cutting off the newest ones goes unseen here (see docs/deployment.md)."""
+    cps = _checkpoint_list(path)
+    prev = GENESIS
     try:
-        for cp in doc["checkpoints"]:
+        for i, cp in enumerate(cps):
             signing.check(trusted, CHECKPOINT_PURPOSE, _checkpoint_body(cp), cp.get("signature"),
-                          f"checkpoint {cp['seq']}")
-            out[int(cp["seq"])] = cp["hash"]
+                          f"checkpoint {i + 1} (entry {cp['seq']})")
+            if cp["index"] != i or cp["prev"] != prev:
+                raise CheckpointError(f"{path}: checkpoint {i + 1} was signed as number {cp['index'] + 1} after "
+                                      "another one: checkpoints were removed, inserted or reordered")
+            prev = signing.digest(cp["signature"])
     except signing.SignatureError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except (KeyError, TypeError, AttributeError, ValueError):
         raise CheckpointError(f"{path}: malformed checkpoint entry") from None
-    return out
+    return cps
+
+
+def _latest(cps: list[dict]) -> dict | None:
+    """What `audit verify` prints so that an operator notices a file cut short or put back."""
+    return {"seq": cps[-1]["seq"], "at": cps[-1]["at"], "count": len(cps)} if cps else None
+
+
+def _verify_against(s: Session, cps: list[dict]) -> VerifyReport:
+    rep = verify(s, {int(cp["seq"]): cp["hash"] for cp in cps})
+    rep.checkpoint = _latest(cps)
+    return rep
 
 
 def verify_signed(s: Session, path: Path, trusted: signing.Ed25519PublicKey) -> VerifyReport:
-    """``verify`` against the signed checkpoints in ``path`` (which must exist)."""
-    return verify(s, read_checkpoints(path, trusted))
+    """``verify`` against the signed checkpoints in ``path`` (which must exist and hold at least one);
+    the report names the newest checkpoint, so a file cut short shows an old one."""
+    return _verify_against(s, read_checkpoints(path, trusted))
 
 
-def checkpoint(s: Session, path: Path, key: signing.Ed25519PrivateKey) -> VerifyReport:
-    """Verify against the checkpoints already in ``path`` (if any), then, when the chain is intact,
-    append the head signed with ``key``. A broken chain is never signed."""
+def checkpoint(s: Session, path: Path, key: signing.Ed25519PrivateKey, init: bool = False) -> VerifyReport:
+    """Verify against the checkpoints in ``path``, then, when the chain is intact, append the head
+    signed with ``key`` and chained to the previous checkpoint. A broken chain is never signed.
+    Only ``init`` starts a file, and only where none exists: a deleted file is reported, never
+    silently replaced by a new one that would vouch for whatever the chain is now."""
     path = Path(path)
-    known = read_checkpoints(path, key.public_key()) if path.exists() else {}
-    rep = verify(s, known)
-    if rep.ok and rep.head_seq:
-        doc = json.loads(path.read_text()) if path.exists() else {"format": CHECKPOINT_FORMAT, "checkpoints": []}
-        cp = {"seq": rep.head_seq, "hash": rep.head_hash,
-              "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
-        cp["signature"] = signing.sign(key, CHECKPOINT_PURPOSE, _checkpoint_body(cp))
-        doc["checkpoints"].append(cp)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(path)  # a crash never leaves a half-written file that would fail every later verify
+    if init and (path.exists() or path.is_symlink()):
+        raise CheckpointError(f"{path} already exists: --init only starts a new checkpoint file")
+    cps = [] if init else read_checkpoints(path, key.public_key())
+    rep = _verify_against(s, cps)
+    if rep.ok:
+        cps = _write_checkpoint(path, key, cps, rep)
+        rep.checkpoint = _latest(cps)
     return rep
+
+
+def _write_checkpoint(path: Path, key: signing.Ed25519PrivateKey, cps: list[dict], rep: VerifyReport) -> list[dict]:
+    cp = {"index": len(cps), "seq": rep.head_seq, "hash": rep.head_hash,
+          "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+          "prev": signing.digest(cps[-1]["signature"]) if cps else GENESIS}
+    cp["signature"] = signing.sign(key, CHECKPOINT_PURPOSE, _checkpoint_body(cp))
+    cps = [*cps, cp]
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(json.dumps({"format": CHECKPOINT_FORMAT, "checkpoints": cps}, indent=1))
+        tmp.replace(path)  # a crash never leaves a half-written file that would fail every later verify
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the checkpoint file {path}: {exc}") from None
+    return cps
 
 
 # ----------------------------------------------------------------------------- search and export

@@ -32,6 +32,10 @@ class CaseError(ValueError):
 
 
 # ----------------------------------------------------------------------------- access
+class CaseGone(CaseError):
+    """The case was deleted (an empty one) while this request held it."""
+
+
 def visible_cases(user: User):
     """Cases of patients the user may see (the one object-level rule, reused)."""
     if user.is_admin:
@@ -47,6 +51,7 @@ def get_visible(s: Session, user: User, case_id: int) -> Case | None:
 
 # ----------------------------------------------------------------------------- state changes
 UNSIGNED = ("open", "analysing", "ready")
+PENDING = ("queued", "running", "retried")  # job states that keep a case 'analysing'
 
 
 def lock_case(s: Session, case: Case) -> None:
@@ -55,7 +60,7 @@ def lock_case(s: Session, case: Case) -> None:
     try:
         s.refresh(case, with_for_update=True)
     except InvalidRequestError:  # deleted (an empty case) since it was loaded
-        raise CaseError("This case no longer exists (it was deleted).") from None
+        raise CaseGone("This case no longer exists (it was deleted).") from None
     s.expire(case, ["images", "reviews"])
 
 
@@ -118,56 +123,85 @@ def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: li
                max_bytes: int) -> UploadOutcome:
     """Validate by content, store by hash, create one queued analysis per new image.
 
-    A signed case never gains images: the case row is locked first (where the database can), and
-    the final conditional UPDATE refuses the whole upload if a sign-off committed meanwhile."""
-    lock_case(s, case)
+    The slow part (decoding, thumbnails, files) runs first, without any lock. Then the case row is
+    locked (where the database can) for the row writes only, and the final conditional UPDATE
+    refuses the whole upload if a sign-off committed meanwhile: a signed case never gains images."""
     if case.status == "signed":
         raise CaseError(SIGNED_NO_IMAGES)
     out = UploadOutcome()
     try:
-        for name, data in uploads:
-            name = clean_filename(name)  # metadata only: the file is stored by content hash
-            if len(data) > max_bytes:
-                out.errors.append((name, f"larger than the {max_bytes // (1024 * 1024)} MB limit"))
-                continue
-            try:
-                loaded = load_image(data)
-            except ImageLoadError as exc:
-                out.errors.append((name, str(exc)))
-                continue
-            meta = getattr(loaded, "dicom", None)
-            if meta is not None and meta.patient_id and meta.patient_id.strip() != case.patient.mrn:
-                out.errors.append((name, f"this DICOM belongs to patient ID {meta.patient_id!r}, not to "
-                                         f"{case.patient.display_name} (MRN {case.patient.mrn}); nothing was added"))
-                continue
-            sha = hashlib.sha256(data).hexdigest()
-            if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
-                out.duplicates.append(name)
-                continue
-            if not store.exists(sha):
-                out.new_files.append(sha)
-            store.put_original(data)
-            store.put_thumbnail(sha, loaded.rgb)
-            img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
-                            width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
-                            uploaded_by_id=user.id)
-            if meta is not None:  # identifiers as the file has them, less NUL (PostgreSQL refuses it in text)
-                img.dicom_patient_id = storable(meta.patient_id)[:64] or None
-                img.dicom_study_uid = storable(meta.study_uid)[:64] or None
-                img.dicom_series_uid = storable(meta.series_uid)[:64] or None
-                img.dicom_sop_uid = storable(meta.sop_instance_uid)[:64] or None
-                img.modality = storable(meta.modality)[:16] or None
-            s.add(img)
-            s.flush()
-            s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
-            out.added.append(img)
+        ready = [r for r in (_store_file(store, case, name, data, max_bytes, out) for name, data in uploads) if r]
+        lock_case(s, case)
+        if case.status == "signed":
+            raise CaseError(SIGNED_NO_IMAGES)
+        for name, data, loaded in ready:
+            _add_image_row(s, case, user, name, data, loaded, out)
         if out.added and not advance(s, case, "analysing", from_statuses=UNSIGNED):
             raise CaseError(SIGNED_NO_IMAGES)
     except BaseException:
-        for sha in out.new_files:  # nothing half-stored: the files of a failed upload go too
-            store.discard(sha)
+        discard_new_files(s, store, out.new_files)
         raise
     return out
+
+
+def _store_file(store: FileStore, case: Case, name: str, data: bytes, max_bytes: int, out: UploadOutcome):
+    """Check one uploaded file and store it with its thumbnail; (name, data, loaded) or None (reason in out)."""
+    name = clean_filename(name)  # metadata only: the file is stored by content hash
+    if len(data) > max_bytes:
+        out.errors.append((name, f"larger than the {max_bytes // (1024 * 1024)} MB limit"))
+        return None
+    try:
+        loaded = load_image(data)
+    except ImageLoadError as exc:
+        out.errors.append((name, str(exc)))
+        return None
+    meta = loaded.dicom
+    if meta is not None and meta.patient_id and meta.patient_id.strip() != case.patient.mrn:
+        out.errors.append((name, f"this DICOM belongs to patient ID {meta.patient_id!r}, not to "
+                                 f"{case.patient.display_name} (MRN {case.patient.mrn}); nothing was added"))
+        return None
+    sha = hashlib.sha256(data).hexdigest()
+    if not store.exists(sha):
+        out.new_files.append(sha)
+    store.put_original(data)
+    store.put_thumbnail(sha, loaded.rgb)
+    return name, data, loaded
+
+
+def _add_image_row(s: Session, case: Case, user: User, name: str, data: bytes, loaded, out: UploadOutcome) -> None:
+    sha = hashlib.sha256(data).hexdigest()
+    if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
+        out.duplicates.append(name)
+        return
+    img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
+                    width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
+                    uploaded_by_id=user.id)
+    meta = loaded.dicom
+    if meta is not None:  # identifiers as the file has them, less NUL (PostgreSQL refuses it in text)
+        img.dicom_patient_id = storable(meta.patient_id)[:64] or None
+        img.dicom_study_uid = storable(meta.study_uid)[:64] or None
+        img.dicom_series_uid = storable(meta.series_uid)[:64] or None
+        img.dicom_sop_uid = storable(meta.sop_instance_uid)[:64] or None
+        img.modality = storable(meta.modality)[:16] or None
+    s.add(img)
+    s.flush()
+    s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
+    out.added.append(img)
+
+
+def discard_new_files(s: Session, store: FileStore, shas: list[str]) -> None:
+    """Remove the files a refused upload wrote first, so it leaves nothing behind; except a file that
+    a concurrent upload of the same bytes (to another case) has committed a reference to meanwhile."""
+    if not shas:
+        return
+    try:
+        s.rollback()
+        kept = set(s.scalars(select(CaseImage.sha256).where(CaseImage.sha256.in_(shas))))
+    except Exception:  # noqa: BLE001 - the database is away: it took no new reference either
+        kept = set()
+    for sha in shas:
+        if sha not in kept:
+            store.discard(sha)
 
 
 def commit_upload(s: Session, store: FileStore, outcome: UploadOutcome | None) -> None:
@@ -177,8 +211,7 @@ def commit_upload(s: Session, store: FileStore, outcome: UploadOutcome | None) -
         s.commit()
     except BaseException:
         s.rollback()
-        for sha in (outcome.new_files if outcome else []):
-            store.discard(sha)
+        discard_new_files(s, store, outcome.new_files if outcome else [])
         raise
 
 
@@ -288,13 +321,17 @@ def retry_failed(s: Session, a: Analysis) -> None:
 
 
 def _refresh_case_status(case: Case) -> None:
-    """After a job ends: 'ready' once nothing is pending. A conditional UPDATE, so a sign-off that
-    committed meanwhile is never undone by this worker's stale copy of the case."""
+    """After a job ends: 'ready' once nothing is pending. The case row is locked first, so an upload
+    in flight commits before the pending jobs are counted (afresh, not from this worker's copy), and
+    the UPDATE is conditional, so a sign-off that committed meanwhile is never undone."""
     s = object_session(case)
-    states = [i.analysis.job_status for i in case.images if i.analysis is not None]
-    status = "analysing" if any(st in ("queued", "running", "retried") for st in states) else "ready"
-    s.execute(update(Case).where(Case.id == case.id, Case.status.in_(UNSIGNED)).values(status=status)
-              .execution_options(synchronize_session=False))
+    s.execute(select(Case.id).where(Case.id == case.id).with_for_update())
+    # a locking read: MariaDB's plain reads would use this transaction's older snapshot
+    states = s.scalars(select(Analysis.job_status).join(CaseImage, CaseImage.id == Analysis.image_id)
+                       .where(CaseImage.case_id == case.id).with_for_update(read=True))
+    pending = any(st in PENDING for st in states)
+    s.execute(update(Case).where(Case.id == case.id, Case.status.in_(UNSIGNED))
+              .values(status="analysing" if pending else "ready").execution_options(synchronize_session=False))
     s.refresh(case, ["status"])
 
 
@@ -373,7 +410,7 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
         raise CaseError(CASE_CHANGED)
     if not case.images:
         raise CaseError("Upload at least one image before signing.")
-    if any(i.analysis and i.analysis.job_status in ("queued", "running", "retried") for i in case.images):
+    if any(i.analysis and i.analysis.job_status in PENDING for i in case.images):
         raise CaseError("Wait until every image is analysed before signing.")
     texts = _sign_texts(override_reason=override_reason, uncertainty_note=uncertainty_note, comment=comment,
                         amendment_reason=amendment_reason)

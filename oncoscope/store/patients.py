@@ -98,13 +98,15 @@ def mrn_problem(mrn: str) -> str | None:
 _LABELS = {"mrn": "The MRN", "family_name": "The family name", "given_name": "The given name", "notes": "The notes"}
 
 
-def _clean(values: dict) -> dict:
+def _clean(values: dict, stored_mrn: str | None = None) -> dict:
+    """Checked values; ``stored_mrn`` (an update) is accepted unchanged even if older than the MRN rule,
+    so such a patient stays editable (``legacy_mrns`` lists them for correction)."""
     for k, label in _LABELS.items():
         if unstorable(values.get(k)):
             raise PatientError(f"{label} {UNSTORABLE_MESSAGE}", k)
     mrn = (values.get("mrn") or "").strip()
     family = (values.get("family_name") or "").strip()
-    if problem := mrn_problem(mrn):
+    if mrn != stored_mrn and (problem := mrn_problem(mrn)):
         raise PatientError(problem, "mrn")
     if not family:
         raise PatientError("Enter the family name.", "family_name")
@@ -138,12 +140,18 @@ def create(s: Session, creator: User, values: dict) -> Patient:
 
 
 def update(s: Session, patient: Patient, values: dict) -> Patient:
-    v = _clean(values)
+    v = _clean(values, stored_mrn=patient.mrn)
     if v["mrn"] != patient.mrn and s.scalar(select(Patient.id).where(Patient.mrn == v["mrn"], Patient.id != patient.id)):
         raise PatientError("A patient with this MRN already exists.", "mrn")
     for k, val in v.items():
         setattr(patient, k, val)
     return patient
+
+
+def legacy_mrns(s: Session) -> list[tuple[int, str]]:
+    """Patients stored before the MRN rule whose MRN breaks it: (id, MRN). Their exports escape it."""
+    return [(pid, mrn) for pid, mrn in s.execute(select(Patient.id, Patient.mrn).order_by(Patient.id))
+            if mrn_problem(mrn)]
 
 
 def set_doctors(s: Session, patient: Patient, doctor_ids: list[int]) -> None:

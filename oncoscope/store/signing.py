@@ -44,21 +44,31 @@ def signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def _create(path: Path) -> None:
+    try:
+        _write_new_key(path)
+    except OSError as exc:  # e.g. ONCOSCOPE_SIGNING_KEY in a folder the service account cannot write
+        raise SignatureError(
+            f"cannot create the signing key {path} ({exc}). Make {path.parent} writable by the "
+            "account that runs oncoscope, or set ONCOSCOPE_SIGNING_KEY to a writable path (or to the instance's "
+            "existing key)") from None
+
+
+def _write_new_key(path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-        fh.flush()
-        os.fsync(fh.fileno())
     try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.link(tmp, path)  # atomic and refuses to replace: two first uses keep one key, never half a file
         public_path(path).write_bytes(public_pem(key.public_key()))
     except FileExistsError:
-        pass
+        pass  # another process created the key first: that one is used
     finally:
         tmp.unlink()
 
@@ -103,6 +113,12 @@ def _message(purpose: str, data: bytes) -> bytes:
 def sign(key: Ed25519PrivateKey, purpose: str, data: bytes) -> dict:
     return {"algorithm": ALGORITHM, "key_id": key_id(key.public_key()),
             "signature": base64.b64encode(key.sign(_message(purpose, data))).decode()}
+
+
+def digest(sig: dict) -> str:
+    """SHA-256 of a signature's bytes (not of its base64 text, which has more than one spelling): what a
+    later signed document names to chain itself to this one."""
+    return hashlib.sha256(base64.b64decode(sig["signature"], validate=True)).hexdigest()
 
 
 def check(key: Ed25519PublicKey, purpose: str, data: bytes, sig, what: str) -> None:

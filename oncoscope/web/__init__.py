@@ -78,7 +78,9 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
         if current_user.is_authenticated:
             now = dt.datetime.now(dt.timezone.utc).timestamp()
             last = session.get("seen", now)
-            if session.get("browser") != browser_fingerprint():
+            if "browser" not in session:  # opened by a version that did not record the browser
+                message = "Please sign in again."
+            elif session["browser"] != browser_fingerprint():
                 message = "Your session was opened in another browser. Please sign in again."
             elif now - last > settings.session_idle_minutes * 60:
                 message = "Your session expired after inactivity. Please sign in again."

@@ -562,10 +562,10 @@ def retry_analysis(case_id: int, image_id: int):
     img = next((i for i in c.images if i.id == image_id), None)
     if img is None or img.analysis is None:
         raise ApiError(404, "not_found", f"No image {image_id} in case {c.id}.")
-    if img.analysis.job_status != "failed":
-        raise ApiError(409, "not_failed", "Only failed analyses of unsigned cases can be retried.")
     try:
-        case_store.retry_failed(db(), img.analysis)
+        if img.analysis.job_status != "failed":
+            raise case_store.CaseError("not failed")
+        case_store.retry_failed(db(), img.analysis)  # refuses a signed case
         db().commit()
     except case_store.CaseError:
         db().rollback()
@@ -608,6 +608,9 @@ def upload_images(case_id: int):
     try:
         out = case_store.add_images(s, files(), c, g.api_user, uploads, limit)
         case_store.commit_upload(s, files(), out)
+    except case_store.CaseGone as exc:
+        s.rollback()
+        raise ApiError(404, "not_found", str(exc)) from None
     except case_store.CaseError as exc:
         s.rollback()
         raise ApiError(409, "case_signed", str(exc)) from None

@@ -219,17 +219,17 @@ def retry(case_id: int, image_id: int):
 @login_required
 def sign(case_id: int):
     c = _case_or_404(case_id)
-    an = registry.get(c.analyzer_id)
+    options = case_store.diagnosis_options(registry.get(c.analyzer_id))
+    labels = [k for k, _ in options]
     form = SignForm()
-    form.final_diagnosis.choices = [CHOOSE] + case_store.diagnosis_options(an)
+    form.final_diagnosis.choices = [CHOOSE] + options
+    seen = int(form.revision.data) if (form.revision.data or "").isdigit() else None
     s = db()
     if form.validate_on_submit():
         try:
-            r = case_store.sign(s, c, me(), form.final_diagnosis.data, [k for k, _ in form.final_diagnosis.choices if k],
-                                comment=form.comment.data, override_reason=form.override_reason.data,
-                                uncertainty_note=form.uncertainty_note.data,
-                                amendment_reason=form.amendment_reason.data,
-                                revision=int(form.revision.data) if form.revision.data else None)
+            r = case_store.sign(s, c, me(), form.final_diagnosis.data, labels, comment=form.comment.data,
+                                override_reason=form.override_reason.data, uncertainty_note=form.uncertainty_note.data,
+                                amendment_reason=form.amendment_reason.data, revision=seen)
             s.commit()
         except case_store.CaseError as exc:
             s.rollback()
@@ -237,13 +237,15 @@ def sign(case_id: int):
         else:
             flash(f"Case signed (version {r.version}).", "ok")
             return redirect(url_for("cases.view", case_id=c.id))
-    else:  # the form itself was refused: also say what else the sign-off lacks, all in one pass
-        for field, message in case_store.sign_problems(
-                c, form.final_diagnosis.data or "", [k for k, _ in form.final_diagnosis.choices if k],
-                override_reason=form.override_reason.data, uncertainty_note=form.uncertainty_note.data,
-                amendment_reason=form.amendment_reason.data):
-            if not getattr(form, field).errors:
-                show_errors(form, case_store.CaseError(message, field))
+    else:  # the form itself was refused: say everything else the sign-off lacks too, in one pass
+        problems = [(f, m) for f, m in case_store.sign_problems(
+            c, form.final_diagnosis.data or "", labels, override_reason=form.override_reason.data,
+            uncertainty_note=form.uncertainty_note.data, amendment_reason=form.amendment_reason.data)
+            if not getattr(form, f).errors]
+        if seen is not None and seen != c.revision:
+            problems.append((None, case_store.CASE_CHANGED))
+        for field, message in problems:
+            show_errors(form, case_store.CaseError(message, field))
     c = _case_or_404(case_id)
     form.revision.data = str(c.revision)  # the page shown now is what the signer reviews next
     return _case_page(c, form, 400)
@@ -350,7 +352,10 @@ def history():
     page = case_store.history(s, u, page=int_arg(args.get("page")), per_page=settings().page_size, **filters)
     audit.subject(shown_cases=[c.id for c in page.items])
     doctors = list(s.scalars(select(User).where(User.role == "doctor").order_by(User.name))) if u.is_admin else []
-    labels = sorted({(l, n) for a in registry.available() for l, n in case_store.diagnosis_options(registry.get(a))},
-                    key=lambda ln: ln[1])
+    names = {}  # code -> name; one option per code, even where two analyzers share a code
+    for a in registry.available():
+        for code, name in case_store.diagnosis_options(registry.get(a)):
+            names.setdefault(code, name)
+    labels = sorted(names.items(), key=lambda cn: cn[1])
     return render_template("cases/history.html", page=page, filters=filters, args=args, doctors=doctors,
                            labels=labels, title="Case history")

@@ -9,6 +9,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import func, select
 
 from ..analyzers import registry
+from ..vocab import percent
 from ..store import cases as case_store
 from ..store.db import ping
 from ..store.models import User
@@ -95,13 +96,7 @@ def analyzer_plot(analyzer_id: str, name: str):
     return send_file(path, mimetype="image/png", max_age=3600)
 
 
-@bp.app_template_filter("pct")
-def pct(v) -> str:
-    """A probability for people: never 100.0% or 0.0%, which a model cannot know."""
-    if v is None:
-        return "–"
-    p = 100 * float(v)
-    return ">99.9%" if p > 99.9 else "<0.1%" if 0 < p < 0.1 else f"{p:.1f}%"
+bp.add_app_template_filter(percent, "pct")
 
 
 @bp.app_template_filter("dtfmt")

@@ -1,7 +1,8 @@
 """Audit trail storage on every backend: the hash chain, append-only triggers, tamper detection,
 concurrent writers, the spool used when the database is down, secret scrubbing, CSV export,
-signed checkpoints (entries removed and the chain recomputed; forged, unsigned or other-key
-checkpoint files) and `oncoscope audit verify` / `audit checkpoint`."""
+signed checkpoints (entries removed and the chain recomputed; forged, unsigned, other-key, emptied,
+deleted or reordered checkpoint files; only --init starts one) and `oncoscope audit verify` /
+`audit checkpoint`."""
 
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def test_signed_checkpoints_catch_entries_removed_and_the_chain_recomputed(trail
     key = Ed25519PrivateKey.generate()
     cps = tmp_path / "checkpoints.json"
     _append(factory, [_event(i) for i in range(1, 11)])
-    assert _in_session(factory, audit_store.checkpoint, cps, key).ok
+    assert _in_session(factory, audit_store.checkpoint, cps, key, init=True).ok
     _append(factory, [_event(i) for i in range(11, 16)])
     assert _in_session(factory, audit_store.checkpoint, cps, key).ok
     assert [c["seq"] for c in json.loads(cps.read_text())["checkpoints"]] == [10, 15]
@@ -191,12 +192,15 @@ def test_signed_checkpoints_catch_entries_removed_and_the_chain_recomputed(trail
 @pytest.mark.parametrize("forgery,message", [
     ("edited", "changed after it was signed"),
     ("signed_by_attacker", "signed by another key"),
-    ("signature_removed", "checkpoint 4 is not signed"),
+    ("signature_removed", r"checkpoint 1 \(entry 4\) is not signed"),
     ("old_unsigned_format", "not a signed checkpoint file"),
     ("deleted", "no checkpoint file"),
+    ("emptied", "holds no checkpoints"),
+    ("emptied_unchained_format", "not chained"),  # the outside review's forgery: no signature at all
 ])
 def test_forged_unsigned_or_missing_checkpoint_file_is_refused(tmp_path, forgery, message):
-    """The attacker removes an entry, recomputes the chain, and makes the checkpoint file match it."""
+    """The attacker removes an entry, recomputes the chain, and makes the checkpoint file match it
+    (or empties it, deletes it); neither `verify` nor the next `checkpoint` accepts that."""
     url = f"sqlite:///{tmp_path / 'a.db'}"
     migrate.upgrade(url)
     engine = make_engine(url)
@@ -204,7 +208,7 @@ def test_forged_unsigned_or_missing_checkpoint_file_is_refused(tmp_path, forgery
     key, attacker = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     cps = tmp_path / "checkpoints.json"
     _append(factory, [_event(i) for i in range(1, 6)])
-    assert _in_session(factory, audit_store.checkpoint, cps, key).ok
+    assert _in_session(factory, audit_store.checkpoint, cps, key, init=True).ok
     _rewrite_without(factory, engine, drop={2})
     doc = json.loads(cps.read_text())
     cp = doc["checkpoints"][0]
@@ -215,6 +219,8 @@ def test_forged_unsigned_or_missing_checkpoint_file_is_refused(tmp_path, forgery
         del cp["signature"]
     elif forgery == "old_unsigned_format":
         doc = {"4": cp["hash"]}
+    elif forgery.startswith("emptied"):
+        doc = {"format": 2 if forgery == "emptied_unchained_format" else 3, "checkpoints": []}
     cps.write_text(json.dumps(doc))
     if forgery == "deleted":
         cps.unlink()
@@ -222,6 +228,76 @@ def test_forged_unsigned_or_missing_checkpoint_file_is_refused(tmp_path, forgery
         assert _in_session(factory, audit_store.verify_signed, cps, attacker.public_key()).ok
     with pytest.raises(audit_store.CheckpointError, match=message):
         _in_session(factory, audit_store.verify_signed, cps, key.public_key())
+    before = cps.read_bytes() if cps.exists() else None
+    with pytest.raises(audit_store.CheckpointError, match=message):  # the forged chain is never signed
+        _in_session(factory, audit_store.checkpoint, cps, key)
+    assert (cps.read_bytes() if cps.exists() else None) == before  # and a deleted file is not started again
+    engine.dispose()
+
+
+def _three_checkpoints(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    key = Ed25519PrivateKey.generate()
+    cps = tmp_path / "checkpoints.json"
+    for n in range(3):
+        _append(factory, [_event(n * 3 + i) for i in (1, 2, 3)])
+        assert _in_session(factory, audit_store.checkpoint, cps, key, init=n == 0).ok
+    return factory, engine, key, cps
+
+
+@pytest.mark.parametrize("edit", ["first_removed", "middle_removed", "swapped", "duplicated"])
+def test_checkpoints_cannot_be_removed_inserted_or_reordered(tmp_path, edit):
+    """Each checkpoint signs its place and the previous checkpoint's signature digest: a file with
+    signed entries removed from the start or the middle, moved or repeated is refused."""
+    factory, engine, key, cps = _three_checkpoints(tmp_path)
+    doc = json.loads(cps.read_text())
+    assert [c["seq"] for c in doc["checkpoints"]] == [3, 6, 9] and doc["format"] == 3
+    assert _in_session(factory, audit_store.verify_signed, cps, key.public_key()).ok  # control
+    one, two, three = doc["checkpoints"]
+    doc["checkpoints"] = {"first_removed": [two, three], "middle_removed": [one, three], "swapped": [one, three, two],
+                          "duplicated": [one, two, two, three]}[edit]
+    cps.write_text(json.dumps(doc))
+    with pytest.raises(audit_store.CheckpointError, match="removed, inserted or reordered"):
+        _in_session(factory, audit_store.verify_signed, cps, key.public_key())
+    engine.dispose()
+
+
+def test_newest_checkpoint_is_reported_because_a_file_cut_short_still_verifies(tmp_path):
+    """The documented limit: the newest checkpoints cut off the end leave a valid file. `verify`
+    names the newest checkpoint it saw, so an operator can see it is older than the schedule."""
+    factory, engine, key, cps = _three_checkpoints(tmp_path)
+    rep = _in_session(factory, audit_store.verify_signed, cps, key.public_key())
+    assert rep.checkpoint["seq"] == 9 and rep.checkpoint["count"] == 3 and rep.to_dict()["latest_checkpoint"]
+    doc = json.loads(cps.read_text())
+    doc["checkpoints"] = doc["checkpoints"][:1]
+    cps.write_text(json.dumps(doc))
+    rep = _in_session(factory, audit_store.verify_signed, cps, key.public_key())
+    assert rep.ok and (rep.checkpoint["seq"], rep.checkpoint["count"]) == (3, 1)
+    engine.dispose()
+
+
+def test_only_init_starts_a_checkpoint_file(tmp_path):
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    key = Ed25519PrivateKey.generate()
+    cps = tmp_path / "checkpoints.json"
+    with pytest.raises(audit_store.CheckpointError, match="no checkpoint file.*--init"):
+        _in_session(factory, audit_store.checkpoint, cps, key)
+    assert not cps.exists()
+    rep = _in_session(factory, audit_store.checkpoint, cps, key, init=True)  # at installation: the trail is empty
+    assert rep.ok and rep.checkpoint == {"seq": 0, "at": rep.checkpoint["at"], "count": 1}
+    before = cps.read_bytes()
+    with pytest.raises(audit_store.CheckpointError, match="already exists"):
+        _in_session(factory, audit_store.checkpoint, cps, key, init=True)
+    assert cps.read_bytes() == before
+    _append(factory, [_event(1), _event(2)])
+    assert _in_session(factory, audit_store.checkpoint, cps, key).checkpoint["seq"] == 2
+    assert _in_session(factory, audit_store.verify_signed, cps, key.public_key()).ok
     engine.dispose()
 
 
@@ -349,11 +425,15 @@ def test_cli_verify_exit_status_and_checkpoints(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     cps = tmp_path / "checkpoints.json"
     r = runner.invoke(main, ["audit", "checkpoint", str(cps)])
+    assert r.exit_code == 1 and "--init" in r.output and not cps.exists(), r.output
+    r = runner.invoke(main, ["audit", "checkpoint", "--init", str(cps)])
     assert r.exit_code == 0 and "intact" in r.output, r.output
     assert json.loads(cps.read_text())["checkpoints"]  # the head was recorded, signed
     r = runner.invoke(main, ["audit", "verify", "--json"])
     rep = json.loads(r.output)
-    assert rep["ok"] and rep["entries"] == 2  # user.create_cli, then the checkpoint itself
+    assert rep["ok"] and rep["entries"] == 3  # user.create_cli, the refused checkpoint, then the checkpoint itself
+    r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps), "--json"])
+    assert json.loads(r.output)["latest_checkpoint"]["seq"] == 2, r.output  # the head before the checkpoint's entry
     out = tmp_path / "audit.csv"
     assert runner.invoke(main, ["audit", "export", str(out)]).exit_code == 0
     assert "user.create_cli" in out.read_text() and "a long enough password" not in out.read_text()
@@ -379,10 +459,11 @@ def test_cli_signed_checkpoints_refuse_a_rewritten_chain_and_another_key(tmp_pat
         assert runner.invoke(main, ["users", "create", "--email", f"{who}@clinic.test", "--name", who,
                                     "--password", "a long enough password"]).exit_code == 0
     cps = tmp_path / "checkpoints.json"
-    r = runner.invoke(main, ["audit", "checkpoint", str(cps)])
+    r = runner.invoke(main, ["audit", "checkpoint", "--init", str(cps)])
     assert r.exit_code == 0 and "signed checkpoint of entry #3" in r.output, r.output
     r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps)])
     assert r.exit_code == 0 and "intact" in r.output, r.output
+    assert "newest signed checkpoint: entry #3 at 20" in r.output and "1 in the file" in r.output, r.output
     other = tmp_path / "other.pub"
     other.write_bytes(signing.public_pem(Ed25519PrivateKey.generate().public_key()))
     r = runner.invoke(main, ["audit", "verify", "--checkpoints", str(cps), "--trusted-key", str(other)])

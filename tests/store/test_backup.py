@@ -2,7 +2,9 @@
 backed up, restored into an empty instance (SQLite, and PostgreSQL / MariaDB when they answer) and
 compared row by row and file by file; damaged archives and non-empty targets are refused. Archives
 are signed (Ed25519): a forged archive with recomputed checksums, one signed by another key and an
-unsigned one are refused."""
+unsigned one are refused. An archive made at an older schema revision is restored at that revision
+and migrated; unknown revisions and rows that do not match theirs are refused; `--check-only`
+creates nothing."""
 
 from __future__ import annotations
 
@@ -15,18 +17,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, inspect, select, text
 from sqlalchemy.pool import NullPool
 
 from oncoscope.cli import main
 from oncoscope.store import audit as audit_store
-from oncoscope.store import signing
+from oncoscope.store import migrate, signing
 from oncoscope.store.backup import BackupError, create_backup, restore_backup
 from oncoscope.store.db import standalone_session
 from oncoscope.store.models import Base, User
 
 from ..web.conftest import _fast_hashing, seed_homes, sqlite_url  # noqa: F401 - fixtures
-from .test_migrations import APP_TABLES, _tables, db_url  # noqa: F401 - fixture (sqlite, postgresql, mariadb)
+from .test_migrations import APP_TABLES, HEAD, _tables, db_url  # noqa: F401 - fixture (sqlite, postgresql, mariadb)
 
 
 def dump(url: str) -> dict[str, list[tuple]]:
@@ -110,28 +112,40 @@ def _jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
 
 
-def forge(content: dict[str, bytes], drop: range) -> dict[str, bytes]:
-    """What an attacker holding the archive does: drop audit entries, make a doctor an admin, then
-    recompute the hash chain, the head and every manifest checksum."""
-    def rows(name: str) -> list[dict]:
-        return [json.loads(x) for x in content[f"db/{name}.jsonl"].decode().splitlines() if x]
+def _rows(content: dict[str, bytes], name: str) -> list[dict]:
+    return [json.loads(x) for x in content[f"db/{name}.jsonl"].decode().splitlines() if x]
 
-    users = rows("users")
-    next(u for u in users if u["role"] == "doctor")["role"] = "admin"
-    events, prev = [], audit_store.GENESIS
-    for e in (e for e in rows("audit_events") if e["seq"] not in drop):
-        e.update(seq=len(events) + 1, prev_hash=prev)
-        e["hash"] = prev = audit_store.entry_hash(prev, e)
-        events.append(e)
-    head = rows("audit_head")
-    head[0].update(seq=len(events), hash=prev)
+
+def _rewrite(content: dict[str, bytes], tables: dict[str, list | None], key=None, **manifest_changes) -> dict:
+    """The archive with these table dumps replaced (None: left out), their manifest checksums
+    recomputed, and re-signed with ``key`` when given."""
     out = dict(content)
-    manifest = json.loads(content["manifest.json"])
-    for name, data in (("users", users), ("audit_events", events), ("audit_head", head)):
+    manifest = dict(json.loads(content["manifest.json"]), **manifest_changes)
+    for name, data in tables.items():
+        if data is None:
+            del out[f"db/{name}.jsonl"], manifest["tables"][name]
+            continue
         out[f"db/{name}.jsonl"] = _jsonl(data)
         manifest["tables"][name] = {"rows": len(data), "sha256": hashlib.sha256(out[f"db/{name}.jsonl"]).hexdigest()}
     out["manifest.json"] = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    if key is not None:
+        out["manifest.sig"] = json.dumps(signing.sign(key, "backup manifest", out["manifest.json"])).encode()
     return out
+
+
+def forge(content: dict[str, bytes], drop: range) -> dict[str, bytes]:
+    """What an attacker holding the archive does: drop audit entries, make a doctor an admin, then
+    recompute the hash chain, the head and every manifest checksum."""
+    users = _rows(content, "users")
+    next(u for u in users if u["role"] == "doctor")["role"] = "admin"
+    events, prev = [], audit_store.GENESIS
+    for e in (e for e in _rows(content, "audit_events") if e["seq"] not in drop):
+        e.update(seq=len(events) + 1, prev_hash=prev)
+        e["hash"] = prev = audit_store.entry_hash(prev, e)
+        events.append(e)
+    head = _rows(content, "audit_head")
+    head[0].update(seq=len(events), hash=prev)
+    return _rewrite(content, {"users": users, "audit_events": events, "audit_head": head})
 
 
 def _audited_world(world: Path, n: int) -> None:
@@ -262,3 +276,101 @@ def test_cli_refuses_unsigned_old_format_and_other_key_archives(world, tmp_path,
     assert not (fresh / "oncoscope.db").exists()
     r = CliRunner().invoke(main, ["restore", str(archive), *trusted])
     assert r.exit_code == 0, r.output
+
+
+# ----------------------------------------------------------------------------- schema revisions
+OLDER = "d7e8f9a0b1c2"  # the revision before e1f2a3b4c5d6 (see _as_older_schema)
+
+
+def _as_older_schema(content: dict[str, bytes], key) -> dict[str, bytes]:
+    """The archive an oncoscope at schema OLDER wrote: users still had the lockout counters that
+    e1f2a3b4c5d6 dropped, and cases.revision, idempotency_records.patient_id and the login_throttle
+    table did not exist yet."""
+    users = _rows(content, "users")
+    for u in users:
+        u.update(failed_logins=0, locked_until=None)
+    users[1].update(failed_logins=3, locked_until="2026-01-01T10:00:00")
+    cases = [{k: v for k, v in c.items() if k != "revision"} for c in _rows(content, "cases")]
+    idem = [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(content, "idempotency_records")]
+    return _rewrite(content, {"users": users, "cases": cases, "idempotency_records": idem, "login_throttle": None},
+                    key, alembic_revision=OLDER)
+
+
+@pytest.mark.parametrize("target", ["no schema", "empty schema at head"])
+def test_archive_made_at_an_older_schema_is_restored_and_migrated(world, tmp_path, db_url, key, target):  # noqa: F811
+    """Restore creates the archive's schema, inserts the rows, then migrates them like `db upgrade`:
+    the dropped columns go, the added ones take the migration's defaults. (A KeyError before.)"""
+    archive = tmp_path / "new.tar.gz"
+    create_backup(sqlite_url(world), world / "images", archive, key)
+    old = write_archive(tmp_path / "old.tar.gz", _as_older_schema(members(archive), key))
+    if target == "empty schema at head":
+        migrate.upgrade(db_url)  # the operator ran `oncoscope db upgrade` first
+    restore_backup(db_url, tmp_path / "images", old, key.public_key())
+    assert migrate.current(db_url) == HEAD
+    source, restored = dump(sqlite_url(world)), dump(db_url)
+    rev = list(Base.metadata.tables["cases"].columns.keys()).index("revision")
+    assert all(c[rev] == 0 for c in restored["cases"])  # the migration's server default
+    strip = lambda rows: [c[:rev] + c[rev + 1:] for c in rows]  # noqa: E731
+    assert strip(restored.pop("cases")) == strip(source.pop("cases"))
+    assert restored == source and files(world / "images") == files(tmp_path / "images")
+
+
+@pytest.mark.parametrize("change,message", [
+    pytest.param({"alembic_revision": "ffffffffffff"}, "does not know", id="revision_of_a_newer_oncoscope"),
+    pytest.param({"alembic_revision": None}, "does not name the schema revision", id="no_revision"),
+    pytest.param({"users_columns": True}, r"table users in the archive has columns \['failed_logins', 'locked_until'\]",
+                 id="columns_the_revision_does_not_have"),
+    pytest.param({"alembic_revision": OLDER}, r"has tables \['login_throttle'\] that schema revision d7e8f9a0b1c2",
+                 id="table_the_revision_does_not_have"),
+])
+def test_archive_that_does_not_match_a_known_schema_revision_is_refused(world, tmp_path, key, change, message):
+    """Never a KeyError: a revision from a newer oncoscope, none at all, or rows that are not those of
+    the revision the archive names."""
+    archive = tmp_path / "a.tar.gz"
+    create_backup(sqlite_url(world), world / "images", archive, key)
+    content = members(archive)
+    tables = {}
+    if change.pop("users_columns", False):  # what an older oncoscope's users look like, labelled as today's
+        tables["users"] = [dict(u, failed_logins=0, locked_until=None) for u in _rows(content, "users")]
+    bad = write_archive(tmp_path / "bad.tar.gz", _rewrite(content, tables, key, **change))
+    home = tmp_path / "home"
+    home.mkdir()
+    with pytest.raises(BackupError, match=message):
+        restore_backup(sqlite_url(home), home / "images", bad, key.public_key())
+    assert not (home / "images").exists() and _rows_in(sqlite_url(home)) == 0
+
+
+def _rows_in(url: str) -> int:
+    """Rows in the app's tables, whatever the schema revision."""
+    eng = create_engine(url, poolclass=NullPool)
+    try:
+        with eng.connect() as c:
+            return sum(c.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar()
+                       for t in inspect(c).get_table_names() if t != "alembic_version")
+    finally:
+        eng.dispose()
+
+
+def test_backup_refuses_a_database_at_another_schema_revision(tmp_path, key):
+    url = sqlite_url(tmp_path)
+    migrate.upgrade(url, OLDER)
+    with pytest.raises(BackupError, match=f"schema revision {OLDER}, not {HEAD}.*oncoscope db upgrade"):
+        create_backup(url, tmp_path / "images", tmp_path / "b.tar.gz", key)
+    assert not list(tmp_path.glob("b.tar.gz*"))
+
+
+def test_check_only_writes_nothing_and_shows_when_the_archive_was_made(world, tmp_path, monkeypatch):
+    """A backup host has no instance: checking an archive creates no folder, secret key or image
+    folder. The creation time and schema are printed: an older signed archive verifies too."""
+    _cli_env(monkeypatch, world)
+    archive = tmp_path / "a.tar.gz"
+    assert CliRunner().invoke(main, ["backup", str(archive)]).exit_code == 0
+    manifest = json.loads(members(archive)["manifest.json"])
+    host = tmp_path / "backup-host"
+    _cli_env(monkeypatch, host)
+    monkeypatch.setenv("ONCOSCOPE_TRUSTED_KEY", str(world / "signing_key.pub"))
+    r = CliRunner().invoke(main, ["restore", "--check-only", str(archive)])
+    assert r.exit_code == 0 and "nothing was written" in r.output, r.output
+    assert f"archive created {manifest['created']} (0 hours ago), schema revision {HEAD}" in r.output, r.output
+    assert "older archive verifies" in r.output
+    assert not host.exists()

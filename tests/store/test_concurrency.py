@@ -331,3 +331,59 @@ def test_unknown_and_real_addresses_lock_alike_across_server_processes(any_db_ur
     unknown = _answers_over_two_processes(any_db_url, "unknown@clinic.test")
     expected = ["Email or password is incorrect."] * 5 + ["Too many failed attempts. Try again in 15 minutes."]
     assert real == unknown == expected
+
+
+def test_a_refused_upload_keeps_a_file_another_case_committed_meanwhile(factory, tmp_path):
+    case_id, user_id = _ready_case(factory, tmp_path)
+    store = FileStore(tmp_path / "images")
+    shared, lonely = store.put_original(png_bytes(7)), store.put_original(png_bytes(8))
+    with factory() as s:  # the other upload's row for the same bytes, committed
+        s.add(CaseImage(case_id=case_id, sha256=shared, original_filename="other.png", width=1, height=1,
+                        size_bytes=1, uploaded_by_id=user_id))
+        s.commit()
+    with factory() as s:
+        case_store.discard_new_files(s, store, [shared, lonely])
+    assert store.exists(shared) and not store.exists(lonely)
+
+
+def test_a_job_ending_while_an_upload_is_in_flight_leaves_the_case_analysing(factory, tmp_path, monkeypatch):
+    case_id, user_id = _ready_case(factory, tmp_path)
+    with factory() as s:  # the first image's analysis is running again (a retry, say)
+        a = s.scalars(select(Analysis).join(CaseImage).where(CaseImage.case_id == case_id)).one()
+        a.job_status, analysis_id = "running", a.id
+        s.execute(case_store.update(Case).where(Case.id == case_id).values(status="analysing"))
+        s.commit()
+    reached, go = threading.Event(), threading.Event()
+    real = case_store._add_image_row
+
+    def add_row_then_hold(*args):  # the upload holds the case (and its first new row) here
+        real(*args)
+        reached.set()
+        assert go.wait(60)
+
+    monkeypatch.setattr(case_store, "_add_image_row", add_row_then_hold)
+
+    def upload():
+        with factory() as s:
+            out = case_store.add_images(s, FileStore(tmp_path / "images"), s.get(Case, case_id), s.get(User, user_id),
+                                        [("a.png", png_bytes(1))], 10 * 2**20)
+            case_store.commit_upload(s, FileStore(tmp_path / "images"), out)
+
+    def finish_job():
+        with factory() as s:
+            _analysed(s, s.get(Analysis, analysis_id))
+            s.commit()
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert reached.wait(30)
+    worker = threading.Thread(target=finish_job)
+    worker.start()
+    time.sleep(0.5)  # the job's result is written (or waits) while the upload holds the case
+    go.set()
+    uploader.join(60)
+    worker.join(60)
+    with factory() as s:
+        c = s.get(Case, case_id)
+        jobs = sorted(i.analysis.job_status for i in c.images)
+        assert jobs == ["done", "queued"] and c.status == "analysing", (c.status, jobs)

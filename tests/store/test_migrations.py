@@ -5,16 +5,14 @@ schema matches the models), round-trip one row of every model through the ORM (J
 dates, booleans, unicode, constraints, cascades), downgrade one revision at a time down to
 nothing, check the tables are gone, and upgrade again.
 
-PostgreSQL and MariaDB use the ``test`` databases of local servers (override with
-ONCOSCOPE_TEST_PG_URL / ONCOSCOPE_TEST_MYSQL_URL). The app's tables and ``alembic_version`` are
-dropped before and after, so reruns start clean. A server that does not answer within 3 s is
-skipped with a message, never failed.
+PostgreSQL and MariaDB: a scratch database on the local servers for each test (tests/databases.py;
+override the servers with ONCOSCOPE_TEST_PG_URL / ONCOSCOPE_TEST_MYSQL_URL). A server that does not
+answer within 3 s is skipped with a message, never failed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -27,11 +25,8 @@ from oncoscope.store.db import make_engine, make_session_factory
 from oncoscope.store.models import (Analysis, Base, Case, CaseImage, LoginThrottle, Patient, PatientAccess, Review,
                                     User)
 
-SERVERS = {
-    "postgresql": ("PostgreSQL", os.environ.get("ONCOSCOPE_TEST_PG_URL",
-                                                "postgresql+psycopg://postgres@127.0.0.1:5432/test")),
-    "mariadb": ("MariaDB", os.environ.get("ONCOSCOPE_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")),
-}
+from ..databases import scratch_database
+
 APP_TABLES = {t.name for t in Base.metadata.sorted_tables}
 SCRIPT = ScriptDirectory.from_config(migrate.alembic_config("sqlite://"))
 HEAD = SCRIPT.get_current_head()
@@ -48,30 +43,15 @@ def _drop_everything(url: str) -> None:
         eng.dispose()
 
 
-def _reachable(url: str) -> Exception | None:
-    eng = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 3})
-    try:
-        with eng.connect() as c:
-            c.execute(text("SELECT 1"))
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means: skip
-        return exc
-    finally:
-        eng.dispose()
-
-
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def db_url(request, tmp_path):
+    """An empty database: SQLite in a temporary folder, or a scratch database of its own on the
+    local PostgreSQL / MariaDB server (dropped afterwards; a server that does not answer: skipped)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrations.db'}"
         return
-    name, url = SERVERS[request.param]
-    problem = _reachable(url)
-    if problem is not None:
-        pytest.skip(f"{name} not reachable at {url}: skipped ({problem.__class__.__name__})")
-    _drop_everything(url)
-    yield url
-    _drop_everything(url)
+    with scratch_database(request.param) as url:
+        yield url
 
 
 def _tables(url: str) -> set[str]:

@@ -1,20 +1,17 @@
 """Patient store: the MRN character set, and search text taken literally (``%`` and ``_`` are not
 wildcards) on every backend: SQLite always, PostgreSQL and MariaDB when their local test servers
-answer (the servers and overrides of tests/store/test_migrations.py; a database of their own there)."""
+answer (a scratch database each: tests/databases.py)."""
 
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, make_url, select, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import select
 
 from oncoscope.store import cases as case_store
-from oncoscope.store import migrate
 from oncoscope.store import patients as patient_store
 from oncoscope.store.db import make_engine, make_session_factory
 from oncoscope.store.models import Case, Patient, User
 
-from .test_migrations import SERVERS, _drop_everything, _reachable
 
 
 @pytest.mark.parametrize("mrn", ["MRN-A-0001", "0012345", "2023/000123", "AB 12.3_x", "a" * 64, "7"])
@@ -33,43 +30,15 @@ def test_invalid_mrns(mrn, message):
     assert message in patient_store.mrn_problem(mrn)
 
 
-def _own_database(url: str, name: str = "oncoscope_test_patients") -> str:
-    """``url`` on the same server but database ``name`` (created if missing): test_migrations empties
-    the shared ``test`` database, so a concurrent run there cannot pull tables from under these tests."""
-    u = make_url(url)
-    eng = create_engine(u, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with eng.connect() as c:
-            if u.get_backend_name() != "postgresql":
-                c.execute(text(f"CREATE DATABASE IF NOT EXISTS `{name}`"))
-            elif not c.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}):
-                c.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        eng.dispose()
-    return u.set(database=name).render_as_string(hide_password=False)
-
-
-@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
-def session(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'patients.db'}"
-    else:
-        name, url = SERVERS[request.param]
-        problem = _reachable(url)
-        if problem is not None:
-            pytest.skip(f"{name} not reachable at {url}: skipped ({problem.__class__.__name__})")
-        url = _own_database(url)
-        _drop_everything(url)
-    migrate.upgrade(url)
-    engine = make_engine(url)
+@pytest.fixture()
+def session(any_db_url):
+    engine = make_engine(any_db_url)
     s = make_session_factory(engine)()
     try:
         yield s
     finally:
         s.close()
         engine.dispose()
-        if request.param != "sqlite":
-            _drop_everything(url)
 
 
 def _world(s) -> tuple[User, dict[str, int]]:
@@ -122,3 +91,21 @@ def test_create_refuses_a_bad_mrn_and_pre_fill_lookup_is_exact(session):
     assert patient_store.get_visible_by_mrn(session, admin, "SX1").id == ids["Underxscore"]
     assert patient_store.get_visible_by_mrn(session, admin, "S") is None
     assert session.scalar(select(Patient.id).where(Patient.mrn == "S_1")) == ids["Under_score"]
+
+
+def test_a_patient_stored_before_the_mrn_rule_stays_editable_and_is_listed(session):
+    admin = User(email="admin@clinic.test", name="Admin", role="admin", password_hash="x")
+    legacy = Patient(mrn="OLD\\7", family_name="Legacy")  # written before the rule existed
+    session.add_all([admin, legacy])
+    session.commit()
+    assert patient_store.legacy_mrns(session) == [(legacy.id, "OLD\\7")]
+    values = {"mrn": legacy.mrn, "family_name": "Legacy", "given_name": "Lee", "sex": "unknown", "notes": "x"}
+    patient_store.update(session, legacy, values)  # the MRN unchanged: accepted as it is
+    session.commit()
+    assert legacy.given_name == "Lee"
+    with pytest.raises(patient_store.PatientError, match="may contain only"):
+        patient_store.update(session, legacy, dict(values, mrn="OLD|8"))  # a new bad MRN is refused
+    session.rollback()
+    patient_store.update(session, legacy, dict(values, mrn="OLD-7"))  # corrected
+    session.commit()
+    assert patient_store.legacy_mrns(session) == []

@@ -569,6 +569,8 @@ def test_signing_a_page_older_than_the_latest_upload_is_refused(app, client_for,
     fields = dict(final_diagnosis="Nondiagnostic", override_reason="r", uncertainty_note="n", revision=seen)
     r = sign(c, CASE_A_ID, **fields)
     assert r.status_code == 400 and "The case changed while you were reviewing it" in r.data.decode()
+    r = sign(c, CASE_A_ID, **dict(fields, confirm=""))  # refused by the form itself: the change is still said
+    assert r.status_code == 400 and "The case changed while you were reviewing it" in r.data.decode()
     assert one(app, select(func.count(Review.id)).where(Review.case_id == CASE_A_ID)) == 0
     # the page shown with the refusal carries the new revision: signing it covers both images
     now = re.search(r'name="revision" type="hidden" value="(\d+)"', r.data.decode()).group(1)

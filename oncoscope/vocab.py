@@ -1,0 +1,11 @@
+"""Wording shared by every layer: how values are shown to people, the same on pages and in reports."""
+
+from __future__ import annotations
+
+
+def percent(p: float | None) -> str:
+    """A model probability for people: never "100.0%" or "0.0%", which a model cannot know."""
+    if p is None:
+        return "–"
+    v = 100 * float(p)
+    return ">99.9%" if v > 99.9 else "<0.1%" if v < 0.1 else f"{v:.1f}%"
