@@ -23,8 +23,12 @@ decoded (:func:`check_memory`)::
   WebP: 10, measured 9), and the RGB result (3), or for I;16/I/F the copy and the sorted copy the
   percentile window needs (2 x the source).
 * DICOM (:func:`oncoscope.reports.dicom_io.read_dicom`), with f = samples x bytes per sample:
-  ``max(f x 4 if the syntax is compressed else f, f x 3 + 3 if greyscale else f + 3)``; ``extra``
-  is the pixel data the parsed dataset holds. A Deflated body is inflated with a cap first.
+  ``max(decode, f x 3 + 3 if greyscale else f + 3)``, where decode is f for native data, f x 4 for RLE,
+  JPEG and JPEG-LS, and samples x 10 + Pillow's image (4 if RGB, else f) + f for JPEG 2000; ``extra``
+  is the pixel data the parsed dataset holds. A Deflated body is inflated with a cap first. The codecs
+  trust a compressed frame's own header, not the dataset, so every frame to be decoded must declare the
+  dataset's size, samples and at most its depth (and JPEG 2000 a bounded tile, code-block and precinct
+  layout; RLE segments must not expand past the frame) before any is decoded.
 
 ``CALLER_BPP`` (7) is the RGB result plus the Pillow copy a caller makes of it (thumbnail, resize).
 Conversions to RGB run strip by strip (:func:`fill_by_strips`), so their temporaries stay at a few MB.
@@ -163,9 +167,10 @@ def _tiff_pages(data: bytes, limit: int) -> int:
     return pages
 
 
-def _check_work_bounds(data: bytes) -> None:
+def check_work_bounds(data: bytes) -> None:
     """Refuse small files that would take minutes to parse: TIFFs with thousands of pages and
-    progressive JPEGs with thousands of scans (both would be parsed before any pixel limit applies)."""
+    progressive JPEGs with thousands of scans (both would be parsed before any pixel limit applies).
+    Also applied to each JPEG frame of a DICOM file."""
     if data[:2] in (b"II", b"MM") and _tiff_pages(data, MAX_TIFF_PAGES) > MAX_TIFF_PAGES:
         raise ImageLoadError(f"The TIFF file has more than {MAX_TIFF_PAGES} pages; upload the page to analyse "
                              "as a single image.")
@@ -184,7 +189,7 @@ def _open(source) -> tuple[Image.Image, str | None]:
         if len(data) > MAX_FILE_BYTES:
             raise ImageLoadError(f"The file is too large ({len(data) / 1e6:.0f} MB; limit {MAX_FILE_BYTES / 1e6:.0f} MB).")
         _check_png_crcs(data)
-        _check_work_bounds(data)
+        check_work_bounds(data)
         if data[128:132] == b"DICM":  # DICOM Part-10: decoded by load_image via read_dicom
             return data, "DICOM"
         fp = io.BytesIO(data)
@@ -211,7 +216,7 @@ def _open(source) -> tuple[Image.Image, str | None]:
     elif hasattr(source, "read"):
         try:
             data = source.read()
-        except Exception as exc:  # noqa: BLE001 - closed file, failing stream, ...
+        except Exception:  # noqa: BLE001 - closed file, failing stream, ...
             raise ImageLoadError("The file could not be read. Choose it again and retry.") from None
         if not isinstance(data, (bytes, bytearray, memoryview)):
             # A text-mode file would otherwise have its *content* taken for a path.
@@ -231,7 +236,7 @@ def _open(source) -> tuple[Image.Image, str | None]:
         ) from None
     except UnidentifiedImageError:
         raise ImageLoadError("The file is not a recognised image format (JPEG, PNG, TIFF, BMP, WebP, GIF).") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
+    except Exception:  # noqa: BLE001 - Pillow raises many types for bad data
         raise ImageLoadError("The image could not be opened: the file is damaged or not a supported image.") from None
     return img, img.format
 
@@ -364,14 +369,14 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
                 img.seek(0)
             original_mode = img.mode
             img.load()
-        except Exception as exc:  # noqa: BLE001 - truncated/corrupt data
+        except Exception:  # noqa: BLE001 - truncated/corrupt data
             raise ImageLoadError("The image data is corrupt or truncated (an incomplete copy?). Export it again and upload the new file.") from None
         if img.size != (width, height):  # the memory check used the header's size
             raise ImageLoadError("The image data does not match its header.")
         orientation = _orientation(img)
         try:
             rgb = _rgb_array(img, orientation)
-        except Exception as exc:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             raise ImageLoadError("The image's colour format is not supported. Save it as PNG or JPEG and upload it again.") from None
         return LoadedImage(rgb=rgb, original_mode=original_mode, original_size=(width, height), format=fmt,
                            exif_transposed=orientation != 1)

@@ -47,7 +47,9 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
             "heatmap_png": _small_png(store, img.sha256, f"heatmap-{case.analyzer_id}") if done else None,
             "ai_label": names.get(a.label, a.label) if done and a.label else None,
             "ai_status": (a.result_status if done else ("error" if a and a.job_status == "failed" else "pending")),
-            "probabilities": {names.get(k, k): v for k, v in (a.probabilities or {}).items()} if done else {},
+            # an out-of-domain image's class probabilities mean nothing: not printed, as on the case page
+            "probabilities": {names.get(k, k): v for k, v in (a.probabilities or {}).items()}
+            if done and a.result_status != "out_of_domain" else {},
             "cell_count": a.cell_count if done else None,
             "counts_cells": an.counts_cells if an else True,
             "messages": list(a.messages or []) if done else ([a.last_error.splitlines()[0]] if a and a.last_error else []),

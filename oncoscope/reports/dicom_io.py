@@ -30,13 +30,15 @@ import hashlib
 import io
 import math
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..ml.imageio import (MAX_DECODE_BYTES, MAX_PIXELS, MIN_SIDE, RGB_BPP, ImageLoadError, check_dimensions,
-                          check_memory, fill_by_strips, memory_needed)
+                          check_memory, check_work_bounds, fill_by_strips, memory_needed)
+from ..store.text import is_dicom_uid
 
 # Root of the deterministic UIDs below (pydicom's generate_uid hashes these entropy sources).
 _UID_NS = "oncoscope"
@@ -60,17 +62,17 @@ class DicomImage:
 
     rgb: np.ndarray | None = field(repr=False, compare=False)
     patient_name: str  # "Family, Given Middle" (DICOM "^" separators turned into the usual form)
-    patient_id: str
+    patient_id: str  # several values joined by "\\", as DICOM writes them (no MRN has one)
     birth_date: str | None  # ISO date or None
     sex: str  # DICOM code as stored: "F", "M", "O" or ""
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
+    study_uid: str | None  # UIDs: None when absent, multi-valued or not a valid UID (PS3.5 9.1)
+    series_uid: str | None
+    sop_instance_uid: str | None
     modality: str
     photometric: str  # Photometric Interpretation as stored in the file
     frame_count: int
     description: str  # Series Description, else Study Description, else ""
-    sop_class_uid: str = ""
+    sop_class_uid: str | None = None
     transfer_syntax: str = ""
     frame_index: int | None = 0  # the frame used; None when the tiles of a whole-slide level were stitched
     window: tuple[float, float] | None = None  # (center, width) applied, if any
@@ -296,18 +298,14 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
     ds = _dataset(data)
     try:
         meta = _metadata(ds)
-    except Exception as exc:  # noqa: BLE001 - malformed values surface lazily
+    except Exception:  # noqa: BLE001 - malformed values surface lazily
         raise ImageLoadError("The DICOM file is corrupt: its header cannot be read.") from None
     pixel_kw = _pixel_keyword(ds, meta)
     rows, cols, samples, photometric, frames, bits = _geometry(ds)
     check_dimensions(cols, rows, max_pixels, 0)
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
     decoder = _decoder(ts)
-    frame_bpp = samples * max(1, -(-bits // 8))
-    # A compressed frame is decoded with about four copies of it alive (RLE, JPEG-LS, JPEG: measured), a
-    # native one with one; then the frame, the modality LUT output and the sorted copy of the percentiles
-    # (greyscale) and the RGB result.
-    bpp = max(frame_bpp * (4 if ts.is_encapsulated else 1), frame_bpp * (3 if samples == 1 else 1) + RGB_BPP)
+    bpp = _decode_bpp(ts, samples, bits)
     held = len(ds[pixel_kw].value) if isinstance(ds[pixel_kw].value, bytes) else 0
     tiled = _tiled_full(ds) if frames > 1 else None
     if tiled and (tiled[0] * tiled[1] > max_pixels or memory_needed(tiled[0] * tiled[1], bpp, held) > max_bytes):
@@ -322,17 +320,34 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
         index = frames // 2
     else:
         index = 0
+    if ts.is_encapsulated:
+        _check_frames(ds, ts, index, _grid(rows, cols, tiled), (rows, cols, samples, bits))
     arr, out_pi = _decode(decoder, ds, ts, index, pixel_kw, (rows, cols, frames, tiled))
     rgb, window = _to_rgb(arr, ds, index or 0, photometric, samples, out_pi)
     return DicomImage(rgb=rgb, photometric=photometric, frame_count=frames, frame_index=index,
                       transfer_syntax=str(ts), window=window, **meta)
 
 
+def _decode_bpp(ts, samples: int, bits: int) -> float:
+    """Bytes per pixel alive at once while a frame is decoded, then converted (measured). Decoding: a native frame
+    is held once; an RLE, JPEG or JPEG-LS one about four times; JPEG 2000 costs openjpeg ~10 bytes a sample (its
+    32-bit samples, code-blocks and precincts) besides Pillow's image and pydicom's frame. Converting: the frame,
+    the modality LUT output and the sorted copy of the percentiles (greyscale) and the RGB result."""
+    from pydicom.uid import JPEG2000TransferSyntaxes
+
+    frame = samples * max(1, -(-bits // 8))
+    if ts in JPEG2000TransferSyntaxes:
+        decode = samples * 10 + (4 if samples == 3 else frame) + frame  # Pillow keeps RGB in 4 bytes
+    else:
+        decode = frame * (4 if ts.is_encapsulated else 1)
+    return max(decode, frame * (3 if samples == 1 else 1) + RGB_BPP)
+
+
 def _dataset(data: bytes):
     """The parsed file, pixel data included (damage there surfaces here), a Deflated body inflated with a cap."""
     import pydicom
     from pydicom.dataset import FileDataset
-    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.filereader import read_dataset, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     try:
@@ -340,7 +355,7 @@ def _dataset(data: bytes):
             warnings.simplefilter("ignore")
             fp = io.BytesIO(data)
             preamble = read_preamble(fp, False)
-            file_meta = _read_file_meta_info(fp)  # what dcmread reads first (its public twin takes only paths)
+            file_meta = _file_meta(fp)
             if file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
                 body = read_dataset(io.BytesIO(_inflate(data[fp.tell():])), is_implicit_VR=False,
                                     is_little_endian=True)
@@ -350,9 +365,23 @@ def _dataset(data: bytes):
             ds.get("PixelData")  # converts the raw element now, so damage there surfaces here
     except ImageLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad data
+    except Exception:  # noqa: BLE001 - pydicom raises many types for bad data
         raise ImageLoadError("The DICOM file is corrupt or truncated (an incomplete copy?). Export it again from the PACS.") from None
     return ds
+
+
+def _file_meta(fp):
+    """The File Meta group at ``fp``, which tells whether the body is deflated: read with what dcmread reads it
+    with (its public twin takes only paths), or, should a pydicom upgrade drop that private function, the way it
+    reads it: the public read_dataset, Explicit VR Little Endian, up to the first element outside group 2."""
+    from pydicom import filereader
+    from pydicom.dataset import FileMetaDataset
+
+    private = getattr(filereader, "_read_file_meta_info", None)
+    if private is not None:
+        return private(fp)
+    return FileMetaDataset(filereader.read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                                                   stop_when=lambda tag, vr, length: tag.group != 2))
 
 
 def _inflate(body: bytes, limit: int | None = None) -> bytes:
@@ -424,6 +453,217 @@ def _decoder(ts):
     return decoder
 
 
+# ----------------------------------------------------------------------------- encapsulated frames
+# The codecs trust a frame's own header, not the dataset: Pillow decodes a JPEG or JPEG 2000 frame at the size
+# its SOF or SIZ marker gives (pydicom compares it with Rows and Columns only afterwards: a 1.5 kB file declaring
+# 512x512 whose JPEG claimed 8000x8000 took 639 MB), CharLS does the same for JPEG-LS, and an RLE segment expands
+# as far as its runs say. So the header of every frame to be decoded is read first and must match the dataset.
+MAX_J2K_TILES = 1024  # openjpeg allocates ~12 kB a tile before decoding: 175 bytes declaring 62 500 tiles took 755 MB
+# log2 of the smallest JPEG 2000 code-block side, and precinct side in full-size pixels, accepted: openjpeg allocates
+# ~420 bytes a code-block and more a precinct, so a 2000x2000 RGB frame of 4x4 code-blocks took 400 MB (100 bytes a
+# pixel), one of 32x32 precincts 18 bytes a pixel. Encoders default to 64x64 code-blocks and whole-image precincts.
+_J2K_MIN_CODEBLOCK, _J2K_MIN_PRECINCT = 5, 6
+_J2K_MARKERS = frozenset((0xFF50, 0xFF51, 0xFF52, 0xFF53, 0xFF55, 0xFF57, 0xFF58, 0xFF59, 0xFF5C, 0xFF5D, 0xFF5E,
+                          0xFF5F, 0xFF60, 0xFF61, 0xFF63, 0xFF64, 0xFF74, 0xFF75, 0xFF77, 0xFF78, 0xFF90))
+# JPEG start-of-frame markers (T.81 B.1.1.3; C4, C8 and CC are other markers) and JPEG-LS SOF55 (F7)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_JPEG_NO_LENGTH = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM
+
+
+class _BadFrame(Exception):
+    """A frame header that cannot be read or is refused; ``str()`` completes "its frame ..."."""
+
+
+def _check_frames(ds, ts, index: int | None, grid: tuple[int, int], declared: tuple[int, int, int, int]) -> None:
+    """Refuse, before decoding, an encapsulated frame whose header disagrees with ``declared`` (rows, columns,
+    samples, bits allocated): every frame the decoder will be given, found as pydicom's decoder finds them."""
+    from itertools import islice
+
+    from pydicom.encaps import generate_frames, get_frame
+    from pydicom.pixels.decoders.base import DecodeRunner
+
+    problem_in = _frame_check(ts)
+    try:
+        runner = DecodeRunner(ts)
+        runner.set_source(ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runner.validate()
+        where = {"number_of_frames": runner.number_of_frames, "extended_offsets": runner.extended_offsets}
+        frames = (enumerate(islice(generate_frames(runner.src, **where), grid[0] * grid[1])) if index is None
+                  else [(index, get_frame(runner.src, index, **where))])
+        for n, frame in frames:
+            problem = problem_in(frame, *declared)
+            if problem:
+                rows, cols, samples, bits = declared
+                raise ImageLoadError(
+                    f"The DICOM file declares {cols}x{rows} pixels of {samples} x {bits}-bit samples, but its frame "
+                    f"{n + 1} ({_ts_text(ts)}) {problem}. The file is damaged or was altered; export it again from "
+                    "the PACS.")
+    except ImageLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - pydicom's frame lookup on damaged offsets and fragments
+        raise _undecodable(ts) from None
+
+
+def _frame_check(ts):
+    """The function naming what is wrong with a frame of ``ts`` (None: nothing). Syntaxes whose frames we cannot
+    read are refused: their decoder could allocate anything."""
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
+
+    if ts in JPEGTransferSyntaxes or ts in JPEGLSTransferSyntaxes:
+        return lambda frame, *declared: _header_problem(_jpeg_header, frame, *declared)
+    if ts in JPEG2000TransferSyntaxes:
+        return lambda frame, *declared: _header_problem(_j2k_header, frame, *declared)
+    if ts == RLELossless:
+        return _rle_problem
+    raise ImageLoadError(f"The DICOM file is compressed with {_ts_text(ts)}, whose frames cannot be checked "
+                         "before decoding here. Export it uncompressed (or as JPEG/PNG) and upload it again.")
+
+
+def _header_problem(read, frame: bytes, rows: int, cols: int, samples: int, bits: int) -> str | None:
+    """What a JPEG-family frame header says, when that is not what the dataset declares: another size, sample
+    count, or samples wider than Bits Allocated (a narrower one decodes to less)."""
+    try:
+        width, height, components, precision = read(frame)
+    except _BadFrame as exc:
+        return str(exc)
+    except (struct.error, IndexError):
+        return "has a truncated header"
+    if (width, height, components) != (cols, rows, samples) or -(-precision // 8) > -(-bits // 8):
+        return f"declares {width}x{height} pixels of {components} x {precision}-bit samples"
+    return None
+
+
+def _jpeg_header(frame: bytes) -> tuple[int, int, int, int]:
+    """(width, height, components, precision) of a JPEG or JPEG-LS frame. The segments are walked up to the first
+    scan, as libjpeg and CharLS walk them; exactly one start-of-frame is allowed (with two, Pillow would size its
+    image from the last and libjpeg decode the first)."""
+    check_work_bounds(frame)  # thousands of progressive scans: minutes of decoding
+    if frame[:2] != b"\xff\xd8":
+        raise _BadFrame("is not JPEG data")
+    sofs, pos = [], 2
+    while True:
+        if frame[pos] != 0xFF:
+            raise _BadFrame("has a damaged JPEG header")
+        code = frame[pos + 1]
+        if code in (0xDA, 0xD9):  # start of scan, end of image
+            break
+        if code == 0xFF or code in _JPEG_NO_LENGTH:  # fill byte, or a marker without a length
+            pos += 1 if code == 0xFF else 2
+            continue
+        length = int.from_bytes(frame[pos + 2:pos + 4], "big")
+        if code in _JPEG_SOF:
+            sofs.append(frame[pos + 4:pos + 2 + length])
+        elif code == 0xF8 and frame[pos + 4] == 4:  # JPEG-LS LSE type 4: a size beyond the SOF's 16 bits
+            raise _BadFrame("declares its size outside its frame header")
+        pos += 2 + max(length, 2)
+    if len(sofs) != 1:
+        raise _BadFrame(f"has {len(sofs)} JPEG frame headers, not one")
+    precision, height, width, components = struct.unpack_from(">BHHB", sofs[0])
+    return width, height, components, precision
+
+
+def _j2k_header(frame: bytes) -> tuple[int, int, int, int]:
+    """(width, height, components, widest precision) of a JPEG 2000 codestream (SIZ), after checking the tile
+    grid and the code-block and precinct sizes (COD, COC) of the main and every tile-part header: they set how
+    many structures openjpeg allocates."""
+    if frame[:4] != b"\xff\x4f\xff\x51":
+        raise _BadFrame("is not a JPEG 2000 codestream")
+    segments = _j2k_segments(frame)
+    _, siz = next(segments)
+    x1, y1, x0, y0, tw, th, tx0, ty0, csiz = struct.unpack_from(">8IH", siz, 2)
+    if not (tw and th and x1 > x0 and y1 > y0 and tx0 <= x0 and ty0 <= y0):
+        raise _BadFrame("has a damaged JPEG 2000 size marker")
+    if math.ceil((x1 - tx0) / tw) * math.ceil((y1 - ty0) / th) > MAX_J2K_TILES:
+        raise _BadFrame(f"is cut into more than {MAX_J2K_TILES} tiles")
+    for marker, body in segments:
+        if marker == 0xFF51:
+            raise _BadFrame("has two JPEG 2000 size markers")
+        if marker in (0xFF52, 0xFF53):  # COD: Scod, 4 bytes, SPcod; COC: Ccoc (1 or 2 bytes), Scoc, SPcoc
+            at = 0 if marker == 0xFF52 else 1 + (csiz > 256)
+            _check_j2k_coding(body[at], body[at + (5 if marker == 0xFF52 else 1):])
+    precision = max(((siz[36 + 3 * c] & 0x7F) + 1 for c in range(csiz)), default=0)  # Ssiz: depth - 1
+    return x1 - x0, y1 - y0, csiz, precision
+
+
+def _j2k_segments(cs: bytes):
+    """(marker, body) of the segments of the main header and of every tile-part header. Tile data is skipped by
+    its tile-part's length (Psot), as openjpeg skips it; an unknown marker is refused, since openjpeg searches
+    past it for a known one and could find a header we did not read."""
+    pos, tile_part = 2, None
+    while pos + 2 <= len(cs):
+        marker = int.from_bytes(cs[pos:pos + 2], "big")
+        if marker == 0xFFD9:  # end of codestream
+            return
+        if marker == 0xFF93:  # start of data: the tile-part ends Psot bytes after its SOT (0: at the end)
+            if tile_part is None:
+                raise _BadFrame("has a damaged JPEG 2000 tile-part")
+            start, psot = tile_part
+            if not psot:
+                return
+            pos, tile_part = start + psot, None
+            continue
+        if marker not in _J2K_MARKERS:
+            raise _BadFrame(f"has an unknown JPEG 2000 marker {marker:04X}")
+        length = int.from_bytes(cs[pos + 2:pos + 4], "big")
+        body = cs[pos + 4:pos + 2 + length]
+        if marker == 0xFF90:  # SOT: Isot (2), Psot (4), TPsot, TNsot
+            psot = struct.unpack_from(">I", body, 2)[0]
+            if psot and (psot < 14 or pos + psot > len(cs)):
+                raise _BadFrame("has a damaged JPEG 2000 tile-part length")
+            tile_part = (pos, psot)
+        yield marker, body
+        pos += 2 + max(length, 2)
+
+
+def _check_j2k_coding(style: int, sp: bytes) -> None:
+    """SPcod / SPcoc: decomposition levels, code-block width and height exponents (- 2), style, transform, then
+    when bit 0 of ``style`` is set one precinct size byte per resolution, lowest first (log2 width in the low
+    nibble). A precinct of resolution r spans 2^(levels - r) full-size pixels per pixel of its own: encoders
+    halve precincts at each lower resolution, which keeps their count per resolution, and their cost, the same."""
+    levels, xcb, ycb = sp[0], sp[1] + 2, sp[2] + 2
+    precincts = sp[5:6 + levels] if style & 1 else b""
+    if style & 1 and len(precincts) != levels + 1:
+        raise _BadFrame("has a truncated JPEG 2000 coding style")
+    if min(xcb, ycb) < _J2K_MIN_CODEBLOCK or any(
+            min(p & 15, p >> 4) + levels - r < _J2K_MIN_PRECINCT for r, p in enumerate(precincts)):
+        raise _BadFrame(f"uses JPEG 2000 code-blocks under {1 << _J2K_MIN_CODEBLOCK} or precincts under "
+                        f"{1 << _J2K_MIN_PRECINCT} pixels, which take far more memory to decode than the image")
+
+
+def _rle_problem(frame: bytes, rows: int, cols: int, samples: int, bits: int) -> str | None:
+    """RLE frames state no size: each segment must not expand past Rows x Columns bytes (plus a byte a row of the
+    padding pydicom tolerates), which pydicom finds out only after expanding it, up to 64 times its length."""
+    if len(frame) < 64 or not 1 <= int.from_bytes(frame[:4], "little") <= 15:
+        return "has a damaged RLE header"
+    count = int.from_bytes(frame[:4], "little")
+    bounds = [*struct.unpack_from(f"<{count}I", frame, 4), len(frame)]
+    limit = rows * (cols + 1) + 1
+    for k in range(count):  # the slices pydicom decodes
+        if _packbits_length(frame[bounds[k]:bounds[k + 1]], limit) > limit:
+            return f"holds an RLE segment that expands past {cols}x{rows} pixels"
+    return None
+
+
+def _packbits_length(segment: bytes, limit: int) -> int:
+    """How many bytes the PackBits ``segment`` expands to, counting no further than past ``limit`` (0 when it
+    is too short to get there)."""
+    if 64 * len(segment) <= limit:  # a run of 2 bytes expands to at most 128
+        return 0
+    n = pos = 0
+    end = len(segment)
+    while pos < end and n <= limit:
+        h = segment[pos]
+        if h < 128:  # h + 1 literal bytes
+            n, pos = n + h + 1, pos + h + 2
+        elif h > 128:  # the next byte, 257 - h times
+            n, pos = n + 257 - h, pos + 2
+        else:  # no-op
+            pos += 1
+    return n
+
+
 def _decode(decoder, ds, ts, index: int | None, pixel_kw: str, layout: tuple) -> tuple[np.ndarray, str]:
     """(the frame ``index``, or the stitched level, as decoded samples; its photometric interpretation)."""
     rows, cols, frames, tiled = layout
@@ -441,11 +681,16 @@ def _decode(decoder, ds, ts, index: int | None, pixel_kw: str, layout: tuple) ->
         raise
     except MemoryError:
         raise ImageLoadError("The DICOM image is too large to decode.") from None
-    except Exception as exc:  # noqa: BLE001 - codec and length errors
-        if ts.is_compressed:
-            raise ImageLoadError(f"The DICOM image data could not be decoded ({_ts_text(ts)}): the data is corrupt "
-                                 "or uses an unsupported variant of that compression.") from None
-        raise ImageLoadError("The DICOM pixel data is corrupt or truncated (an incomplete copy?). Export it again from the PACS.") from None
+    except Exception:  # noqa: BLE001 - codec and length errors
+        raise _undecodable(ts) from None
+
+
+def _undecodable(ts) -> ImageLoadError:
+    if ts.is_compressed:
+        return ImageLoadError(f"The DICOM image data could not be decoded ({_ts_text(ts)}): the data is corrupt "
+                              "or uses an unsupported variant of that compression.")
+    return ImageLoadError("The DICOM pixel data is corrupt or truncated (an incomplete copy?). Export it again "
+                          "from the PACS.")
 
 
 def _to_rgb(arr, ds, index: int, photometric: str, samples: int, out_pi: str):
@@ -463,13 +708,18 @@ def _to_rgb(arr, ds, index: int, photometric: str, samples: int, out_pi: str):
         return np.ascontiguousarray(_colour_to_rgb(arr, ds, out_pi if out_pi in _RGB_LIKE else photometric)), None
     except ImageLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - bad LUTs and the like
+    except Exception:  # noqa: BLE001 - bad LUTs and the like
         raise ImageLoadError("The DICOM image's colour format is not supported.") from None
+
+
+def _grid(rows: int, cols: int, total: tuple[int, int] | None) -> tuple[int, int]:
+    """(tiles across, tiles down) of a stitched level of ``total`` (rows, columns); (1, 1) for one frame."""
+    return (math.ceil(total[1] / cols), math.ceil(total[0] / rows)) if total else (1, 1)
 
 
 def _stitch(decoder, ds, rows: int, cols: int, frames: int, total: tuple[int, int], opts: dict):
     t_rows, t_cols = total
-    across, down = math.ceil(t_cols / cols), math.ceil(t_rows / rows)
+    across, down = _grid(rows, cols, total)
     if across * down > frames:
         raise ImageLoadError(f"The whole-slide image is inconsistent: {across * down} tiles are needed "
                              f"but it holds {frames} frames.")
@@ -485,20 +735,36 @@ def _stitch(decoder, ds, rows: int, cols: int, frames: int, total: tuple[int, in
     return out[:t_rows, :t_cols], out_pi
 
 
-def _metadata(ds) -> dict:
-    def text(keyword: str) -> str:
-        v = ds.get(keyword)
-        return "" if v is None else str(v).strip()
+def _values(ds, keyword: str) -> list:
+    """The values of an element, none when it is absent (``str()`` of a multi-valued one is a Python list)."""
+    from pydicom.multival import MultiValue
 
+    value = ds.get(keyword)
+    return [] if value is None else list(value) if isinstance(value, MultiValue) else [value]
+
+
+def _metadata(ds) -> dict:
+    def text(keyword: str) -> str:  # several values joined as DICOM writes them
+        return "\\".join(str(v).strip() for v in _values(ds, keyword)).strip()
+
+    def one(keyword: str):
+        values = _values(ds, keyword)
+        return values[0] if len(values) == 1 else None
+
+    def uid(keyword: str) -> str | None:  # one valid UID or None: exports then make their own
+        value = str(one(keyword) or "").replace("\0", "").strip()  # NUL pads a UID; stored identifiers drop it
+        return value if is_dicom_uid(value) else None
+
+    names = _values(ds, "PatientName")
     return {
-        "patient_name": _person_name(ds.get("PatientName")),
-        "patient_id": text("PatientID"),
-        "birth_date": _iso_date(ds.get("PatientBirthDate")),
+        "patient_name": _person_name(names[0] if names else None),
+        "patient_id": text("PatientID"),  # "A\\B": the MRN rule refuses it with its message, and says why
+        "birth_date": _iso_date(one("PatientBirthDate")),
         "sex": text("PatientSex").upper(),
-        "study_uid": text("StudyInstanceUID"),
-        "series_uid": text("SeriesInstanceUID"),
-        "sop_instance_uid": text("SOPInstanceUID"),
-        "sop_class_uid": text("SOPClassUID"),
+        "study_uid": uid("StudyInstanceUID"),
+        "series_uid": uid("SeriesInstanceUID"),
+        "sop_instance_uid": uid("SOPInstanceUID"),
+        "sop_class_uid": uid("SOPClassUID"),
         "modality": text("Modality").upper(),
         "description": text("SeriesDescription") or text("StudyDescription"),
     }
@@ -508,7 +774,7 @@ def _metadata(ds) -> dict:
 def _uid(*parts) -> str:
     from pydicom.uid import generate_uid
 
-    return str(generate_uid(entropy_srcs=[_UID_NS, *(str(p) for p in parts)]))
+    return dicom_value(str(generate_uid(entropy_srcs=[_UID_NS, *(str(p) for p in parts)])), "UI")
 
 
 def case_study_uid(case) -> str:
@@ -542,9 +808,15 @@ def dicom_value(value, vr: str = "LO") -> str:
       (the family name). ``^ = \\`` and control characters would move text into another component,
       component group or value: they become spaces. ``Doe=Smith`` -> ``Doe Smith^``.
     * ST, LT, UT (free text): control characters other than CR, LF and FF are dropped (tab: space).
+    * UI: returned as is when it is one valid UID (digits and dots, no leading zero in a component, at most
+      64 characters); anything else raises :class:`DicomExportError`, since an altered UID names another object.
 
-    Values are cut to the VR's maximum length.
+    Other values are cut to the VR's maximum length.
     """
+    if vr == "UI":
+        if not is_dicom_uid(value):
+            raise DicomExportError(f"Not a valid DICOM UID: {str(value)[:80]!r}.")
+        return str(value)
     if vr == "PN":
         return _person_name_value([value] if isinstance(value, str) or value is None else list(value))
     text = "" if value is None else str(value)
@@ -641,8 +913,9 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
     Comprehensive SR, Part-10 bytes.
 
     ``analyzer`` (optional) supplies display names and the model name. ``study_uid``: the Study
-    Instance UID of the DICOM source images when the case came from DICOM; otherwise a
-    deterministic UID is derived from the case (:func:`case_study_uid`). UIDs and dates come from
+    Instance UID of the DICOM source images when the case came from DICOM (one valid UID, else
+    :class:`DicomExportError`); otherwise a deterministic UID is derived from the case
+    (:func:`case_study_uid`). UIDs and dates come from
     stored rows only, so exporting the same signed version twice gives the same document.
     An amended case lists the earlier versions' SR documents as predecessors.
     """
@@ -664,7 +937,7 @@ def case_to_sr(case, analyzer=None, *, study_uid: str | None = None, institution
         return names.get(label, label) if label else ""
 
     contains, obs_ctx = RelationshipTypeValues.CONTAINS, RelationshipTypeValues.HAS_OBS_CONTEXT
-    study_uid = study_uid or case_study_uid(case)
+    study_uid = dicom_value(study_uid or case_study_uid(case), "UI")
     series_uid = _uid("sr-series", study_uid, case.id)
 
     def sr_uid(version: int) -> str:
@@ -829,7 +1102,7 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
     else:
         patient_name = dicom_value((patient_name or "").split("^"), "PN")
     digest = hashlib.sha256(rgb.tobytes() + repr(rgb.shape).encode()).hexdigest()
-    study_uid = study_uid or _uid("sc-study", digest)
+    study_uid = dicom_value(study_uid or _uid("sc-study", digest), "UI")
     # A smear field is a slide: SLIDE coordinates, with the image digest standing in for the slide id.
     specimen = SpecimenDescription(specimen_id=f"field-{digest[:12]}", specimen_uid=_uid("specimen", study_uid, digest),
                                    specimen_short_description="Peripheral blood smear field")
@@ -851,7 +1124,6 @@ def rgb_to_secondary_capture(rgb: np.ndarray, *, case=None, study_uid: str | Non
 
 def _source_dataset(source, case=None, study_uid: str | None = None):
     """The DICOM dataset ``mask_to_seg`` references: the source itself, or a Secondary Capture of it."""
-    import pydicom
     from pydicom.dataset import Dataset
 
     if isinstance(source, Dataset):
@@ -860,10 +1132,7 @@ def _source_dataset(source, case=None, study_uid: str | None = None):
         return rgb_to_secondary_capture(source, case=case, study_uid=study_uid)
     data = bytes(source)
     if is_dicom(data):
-        try:
-            return pydicom.dcmread(io.BytesIO(data))
-        except Exception as exc:  # noqa: BLE001
-            raise ImageLoadError("The DICOM file is corrupt or truncated (an incomplete copy?). Export it again from the PACS.") from None
+        return _dataset(data)  # a Deflated body inflated with its cap, as on upload
     from ..ml.imageio import load_image
 
     return rgb_to_secondary_capture(load_image(data).rgb, case=case, study_uid=study_uid)
@@ -889,6 +1158,9 @@ def mask_to_seg(source, mask: np.ndarray, *, case=None, study_uid: str | None = 
     from pydicom.sr.codedict import codes
 
     src = _source_dataset(source, case=case, study_uid=study_uid)
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):  # the SEG copies them
+        if not is_dicom_uid(src.get(kw)):
+            raise DicomExportError(f"The source image's {kw} is not a valid DICOM UID, so a SEG cannot reference it.")
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")

@@ -16,7 +16,7 @@ from ..ml.imageio import ImageLoadError, load_image
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
 from .patients import like_text
-from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
+from .text import UNSTORABLE_MESSAGE, clean_filename, is_dicom_uid, storable, unstorable
 
 NONDIAGNOSTIC = "Nondiagnostic"
 NONDIAGNOSTIC_NAME = "Non-diagnostic sample"
@@ -248,7 +248,11 @@ def claim_job(s: Session, analysis_id: int, worker: str) -> Analysis | None:
 
 def still_holds(s: Session, a: Analysis, worker: str, attempt: int) -> bool:
     """Fencing: is this worker's claim still the current one? (Its lease may have expired and the
-    job been handed to another worker.) Locks the row until commit where the database can."""
+    job been handed to another worker.) Locks the case row, then the job row, until commit where the
+    database can: every writer of a case takes the case row first (uploads, sign-offs, results),
+    so two workers finishing jobs of one case cannot deadlock."""
+    case_id = s.scalar(select(CaseImage.case_id).where(CaseImage.id == a.image_id))
+    s.execute(select(Case.id).where(Case.id == case_id).with_for_update())
     row = s.execute(select(Analysis.job_status, Analysis.worker, Analysis.attempts)
                     .where(Analysis.id == a.id).with_for_update()).one_or_none()
     return row is not None and tuple(row) == ("running", worker[:100], attempt)
@@ -325,7 +329,7 @@ def _refresh_case_status(case: Case) -> None:
     in flight commits before the pending jobs are counted (afresh, not from this worker's copy), and
     the UPDATE is conditional, so a sign-off that committed meanwhile is never undone."""
     s = object_session(case)
-    s.execute(select(Case.id).where(Case.id == case.id).with_for_update())
+    s.execute(select(Case.id).where(Case.id == case.id).with_for_update())  # (already held by a worker)
     # a locking read: MariaDB's plain reads would use this transaction's older snapshot
     states = s.scalars(select(Analysis.job_status).join(CaseImage, CaseImage.id == Analysis.image_id)
                        .where(CaseImage.case_id == case.id).with_for_update(read=True))
@@ -369,9 +373,10 @@ def aggregate(case: Case) -> Aggregate:
 
 # ----------------------------------------------------------------------------- sign-off
 def dicom_study_uid(case: Case) -> str | None:
-    """The study UID of the case's DICOM images, when they came from one study."""
+    """The study UID of the case's DICOM images, when they came from one study (and it is a valid
+    UID: rows stored before UIDs were checked may hold another text, and exports then make their own)."""
     uids = {i.dicom_study_uid for i in case.images if i.dicom_study_uid}
-    return uids.pop() if len(uids) == 1 else None
+    return uids.pop() if len(uids) == 1 and is_dicom_uid(next(iter(uids))) else None
 
 
 def label_names(analyzer) -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -667,3 +668,80 @@ def test_dicom_value_rules():
     assert v("a\\b\r\n\x0cc\td\x00\x1b", "UT") == "a\\b\r\n\x0cc d" and len(v("z" * 2000, "ST")) == 1024
     with pytest.raises(KeyError):
         v("x", "DS")
+
+
+# ----------------------------------------------------------------------------- identifiers read from uploads
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_multi_valued_identifiers_are_read_as_dicom_values_not_python_lists():
+    ds = make_dicom(gradient(), patient_id="B-001\\ZZ", patient_name="Doe^Jane\\Roe^Z",
+                    extra={"StudyInstanceUID": ["1.2.3", "1.2.4"], "SeriesInstanceUID": ["1.2.5", "1.2.6"],
+                           "PatientBirthDate": ["19800203", "19900101"]})
+    d = read_dicom(to_bytes(ds))
+    assert d.patient_id == "B-001\\ZZ"  # was "['B-001', 'ZZ']"; the MRN rule refuses it with its own message
+    assert d.patient_name == "Doe, Jane"  # the first value, was "['Doe^Jane', 'Roe^Z']"
+    assert d.study_uid is None and d.series_uid is None  # were "['1.2.3', '1.2.4']", written back into the SR
+    assert d.birth_date is None and d.sop_instance_uid == ds.SOPInstanceUID
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR", "ignore:The value length")
+@pytest.mark.parametrize("uid,kept", [
+    ("1.2.840.10008.0.5", True), ("0.1.0", True), ("1.2.3\x00", True), ("1." + "2" * 62, True),
+    ("1.02.3", False), ("1.2.3.", False), (".1.2", False), ("1..2", False), ("1.2.a", False), ("1.2 .3", False),
+    ("1." + "2" * 63, False), ("", False)])
+def test_uids_read_from_a_file_are_kept_only_when_valid(uid, kept):
+    d = read_dicom(to_bytes(make_dicom(gradient(), extra={"StudyInstanceUID": uid})))
+    assert d.study_uid == (uid.rstrip("\x00") if kept else None)
+
+
+def test_dicom_value_ui_accepts_one_valid_uid_and_refuses_anything_else():
+    v = dicom_io.dicom_value
+    assert v("1.2.840.10008.5.1.4.1.1.88.33", "UI") == "1.2.840.10008.5.1.4.1.1.88.33" and v("0", "UI") == "0"
+    for bad in ("", None, "1.02", "1.2.", "1.2\n", "1.2.3\\1.2.4", "['1.2.3', '1.2.4']", ["1.2.3"], "1." + "1" * 63,
+                "\u0661.\u0662", "1.2.3%5C1"):
+        with pytest.raises(DicomExportError, match="Not a valid DICOM UID"):
+            v(bad, "UI")
+
+
+def test_sr_refuses_a_study_uid_that_is_not_one_uid(signed_case):
+    with pytest.raises(DicomExportError, match="Not a valid DICOM UID"):  # was written, pydicom only warned
+        case_to_sr(signed_case.case, ANALYZER, study_uid="['1.2.3', '1.2.4']")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_seg_refuses_a_dicom_source_whose_uids_it_would_copy_are_not_valid():
+    src = make_dicom(colour(), "RGB", extra={"StudyInstanceUID": ["1.2.3", "1.2.4"]})
+    with pytest.raises(DicomExportError, match="StudyInstanceUID is not a valid DICOM UID"):
+        mask_to_seg(to_bytes(src), _mask())
+
+
+UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1
+
+
+def _invalid_uids(ds) -> list:
+    values = [v for e in ds.iterall() if e.VR == "UI" for v in (e.value if e.VM > 1 else [e.value])]
+    assert values
+    return [v for v in values if not (len(v) <= 64 and UID.fullmatch(v))]
+
+
+def test_every_uid_the_writers_set_is_valid(signed_case):
+    sr = pydicom.dcmread(io.BytesIO(case_to_sr(signed_case.case, ANALYZER)))
+    sc = rgb_to_secondary_capture(colour(seed=3), case=signed_case.case)
+    seg = pydicom.dcmread(io.BytesIO(mask_to_seg(colour(seed=3), _mask(), case=signed_case.case)))
+    for ds in (sr, sc, seg):
+        assert _invalid_uids(ds) == [] and _invalid_uids(ds.file_meta) == []
+
+
+def test_a_study_uid_stored_before_uids_were_checked_is_not_reused(signed_case):
+    """Rows written by an earlier version may hold a list's text as the study UID: the SR then makes
+    its own UID instead of failing (or copying the text)."""
+    from oncoscope.store.cases import dicom_study_uid
+
+    case = signed_case.case
+    try:
+        for img in case.images:
+            img.dicom_study_uid = "['1.2.3', '1.2.4']"
+        assert dicom_study_uid(case) is None
+        ds = pydicom.dcmread(io.BytesIO(case_to_sr(case, ANALYZER, study_uid=dicom_study_uid(case))))
+        assert "[" not in ds.StudyInstanceUID and ds.StudyInstanceUID.startswith(("1", "2"))
+    finally:
+        signed_case.session.rollback()

@@ -196,3 +196,39 @@ def test_footer_total_matches_page_count_on_single_page():
     pages = _pages_text(pdf)
     n = len(pages)
     assert re.search(rf"Page 1 of {n}\b", pages[0])
+
+
+def test_an_out_of_domain_image_shows_no_class_probabilities(tmp_path):
+    """The model's class scores for an image it does not recognise are not a finding: the report
+    must not print them (the case page does not either)."""
+    import datetime as dt
+
+    from pypdf import PdfReader
+
+    from oncoscope.reports.case_report import case_report_pdf
+    from oncoscope.store import migrate
+    from oncoscope.store.db import make_engine, make_session_factory
+    from oncoscope.store.files import FileStore
+    from oncoscope.store.models import Analysis, Case, CaseImage, Patient
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with make_session_factory(engine)() as s:
+        p = Patient(mrn="OOD-1", family_name="Doe")
+        s.add(p)
+        s.flush()
+        c = Case(patient_id=p.id, analyzer_id="smear-all", status="ready", created_at=dt.datetime(2026, 1, 1))
+        s.add(c)
+        s.flush()
+        img = CaseImage(case_id=c.id, sha256="0" * 64, original_filename="x.png", width=64, height=64, size_bytes=1)
+        s.add(img)
+        s.flush()
+        s.add(Analysis(image_id=img.id, analyzer_id="smear-all", job_status="done", result_status="out_of_domain",
+                       probabilities={"Benign": 0.1, "Early": 0.2, "Pre": 0.3, "Pro": 0.4}, messages=["not a smear"]))
+        s.flush()
+        s.refresh(c)
+        text = "".join(pg.extract_text() for pg in PdfReader(io.BytesIO(
+            case_report_pdf(c, FileStore(tmp_path / "images"), "Clinic"))).pages)
+    engine.dispose()
+    assert "No class probabilities available." in text and "40.0%" not in text

@@ -387,3 +387,38 @@ def test_a_job_ending_while_an_upload_is_in_flight_leaves_the_case_analysing(fac
         c = s.get(Case, case_id)
         jobs = sorted(i.analysis.job_status for i in c.images)
         assert jobs == ["done", "queued"] and c.status == "analysing", (c.status, jobs)
+
+
+def test_two_workers_finishing_jobs_of_one_case_at_once_do_not_deadlock(factory, tmp_path):
+    case_id, user_id = _ready_case(factory, tmp_path)
+    with factory() as s:  # a second image; both jobs claimed by two workers
+        c = s.get(Case, case_id)
+        case_store.add_images(s, FileStore(tmp_path / "images"), c, s.get(User, user_id), [("b.png", png_bytes(9))],
+                              10 * 2**20)
+        for n, a in enumerate(i.analysis for i in c.images):
+            a.job_status, a.worker, a.attempts = "running", f"w{n}", 1
+        s.commit()
+        jobs = [(i.analysis.id, f"w{n}") for n, i in enumerate(c.images)]
+    start, errors = threading.Barrier(2), []
+
+    def finish(analysis_id: int, worker: str) -> None:
+        with factory() as s:
+            a = s.get(Analysis, analysis_id)
+            start.wait()
+            try:
+                assert case_store.still_holds(s, a, worker, 1)
+                time.sleep(0.3)  # both would hold their job row here, before asking for the case
+                _analysed(s, a)
+                s.commit()
+            except Exception as exc:  # noqa: BLE001 - a deadlock victim, say
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=finish, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with factory() as s:
+        c = s.get(Case, case_id)
+        assert c.status == "ready" and {i.analysis.job_status for i in c.images} == {"done"}

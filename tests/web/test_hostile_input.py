@@ -750,7 +750,8 @@ def test_new_case_form_with_uploads(app, client_for, note, analyzer, files, subm
         for url in ("/cases/", f"/patients/{PATIENT_A_ID}", "/"):
             assert_safe_html(c.get(url).data, payloads, url)
     else:
-        assert r.status_code == 200 and b'class="error"' in r.data, r.data[:400]
+        # every refusal is listed at the top (a field's, or "no image could be added" with each file's reason)
+        assert r.status_code == 200 and b'class="error-summary"' in r.data, r.data[:400]
         assert_unchanged(app, before, "rejected new case")
         assert_safe_html(r.data, payloads, "rejected new case form")
 
