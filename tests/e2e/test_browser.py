@@ -101,6 +101,14 @@ def xray_file(tmp_path) -> Path:
     return p
 
 
+def _create_case_and_wait(page, image: Path) -> None:
+    """On the new-case form: attach the image, create the case, wait until its analysis is shown."""
+    page.set_input_files("#images", str(image))
+    page.click("main button[type=submit]")
+    page.wait_for_selector("section.field-result .viewer img", timeout=60_000)  # the page reloads itself when done
+    page.wait_for_load_state("networkidle")
+
+
 def test_full_clinical_workflow(server, browser, tmp_path):
     ctx = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
@@ -196,10 +204,7 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     page.wait_for_selector("h1:has-text('Testpatient, Maria')")
     page.click("text=New case")
     page.select_option("#analyzer_id", "bone-xray")
-    page.set_input_files("#images", str(xray_file(tmp_path)))
-    page.click("main button[type=submit]")
-    page.wait_for_selector("section.field-result .viewer img", timeout=60_000)
-    page.wait_for_load_state("networkidle")
+    _create_case_and_wait(page, xray_file(tmp_path))
     shot(page, "11-bone-xray-case")
     assert page.locator("section.field-result h2:has-text('Radiograph 1')").is_visible()
     assert page.locator("text=Cells:").count() == 0
@@ -262,10 +267,7 @@ def test_review_findings_in_the_browser(server, browser, tmp_path):
     from oncoscope.ml.synthetic import smear_like
 
     Image.fromarray(smear_like(3)[0]).save(tmp_path / long_name)
-    page.set_input_files("#images", str(tmp_path / long_name))
-    page.click("main button[type=submit]")
-    page.wait_for_selector("section.field-result .viewer img", timeout=60_000)
-    page.wait_for_load_state("networkidle")
+    _create_case_and_wait(page, tmp_path / long_name)
     assert page.locator("#final_diagnosis").input_value() == ""
     assert _no_sideways_scroll(page), "the case page scrolls sideways at 390 px"
     shot(page, "13-no-ai-label-390px")

@@ -201,12 +201,8 @@ def test_signed_checkpoints_catch_entries_removed_and_the_chain_recomputed(trail
 def test_forged_unsigned_or_missing_checkpoint_file_is_refused(tmp_path, forgery, message):
     """The attacker removes an entry, recomputes the chain, and makes the checkpoint file match it
     (or empties it, deletes it); neither `verify` nor the next `checkpoint` accepts that."""
-    url = f"sqlite:///{tmp_path / 'a.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    factory = make_session_factory(engine)
-    key, attacker = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    cps = tmp_path / "checkpoints.json"
+    factory, engine, key, cps = _checkpoint_world(tmp_path)
+    attacker = Ed25519PrivateKey.generate()
     _append(factory, [_event(i) for i in range(1, 6)])
     assert _in_session(factory, audit_store.checkpoint, cps, key, init=True).ok
     _rewrite_without(factory, engine, drop={2})
@@ -235,13 +231,16 @@ def test_forged_unsigned_or_missing_checkpoint_file_is_refused(tmp_path, forgery
     engine.dispose()
 
 
-def _three_checkpoints(tmp_path):
+def _checkpoint_world(tmp_path):
+    """A migrated SQLite trail, its session factory and engine, a signing key and a checkpoint path."""
     url = f"sqlite:///{tmp_path / 'a.db'}"
     migrate.upgrade(url)
     engine = make_engine(url)
-    factory = make_session_factory(engine)
-    key = Ed25519PrivateKey.generate()
-    cps = tmp_path / "checkpoints.json"
+    return make_session_factory(engine), engine, Ed25519PrivateKey.generate(), tmp_path / "checkpoints.json"
+
+
+def _three_checkpoints(tmp_path):
+    factory, engine, key, cps = _checkpoint_world(tmp_path)
     for n in range(3):
         _append(factory, [_event(n * 3 + i) for i in (1, 2, 3)])
         assert _in_session(factory, audit_store.checkpoint, cps, key, init=n == 0).ok
@@ -280,12 +279,7 @@ def test_newest_checkpoint_is_reported_because_a_file_cut_short_still_verifies(t
 
 
 def test_only_init_starts_a_checkpoint_file(tmp_path):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    factory = make_session_factory(engine)
-    key = Ed25519PrivateKey.generate()
-    cps = tmp_path / "checkpoints.json"
+    factory, engine, key, cps = _checkpoint_world(tmp_path)
     with pytest.raises(audit_store.CheckpointError, match="no checkpoint file.*--init"):
         _in_session(factory, audit_store.checkpoint, cps, key)
     assert not cps.exists()

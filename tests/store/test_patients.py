@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from oncoscope.store import cases as case_store
 from oncoscope.store import patients as patient_store
-from oncoscope.store.db import make_engine, make_session_factory
+from oncoscope.store.db import standalone_session
 from oncoscope.store.models import Case, Patient, User
 
 
@@ -32,13 +32,8 @@ def test_invalid_mrns(mrn, message):
 
 @pytest.fixture()
 def session(any_db_url):
-    engine = make_engine(any_db_url)
-    s = make_session_factory(engine)()
-    try:
+    with standalone_session(any_db_url) as s:
         yield s
-    finally:
-        s.close()
-        engine.dispose()
 
 
 def _world(s) -> tuple[User, dict[str, int]]:

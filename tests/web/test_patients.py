@@ -59,24 +59,12 @@ def browser_submit(c, page_url: str, form: dict, **edits):
 
 
 def dicom_file(patient_id: str, patient_name: str = "Curie^Marie", birth: str = "19671107", sex: str = "F") -> bytes:
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from tests.reports.test_dicom import make_dicom, to_bytes
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
-    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient_id, patient_name, birth, sex
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.random.default_rng(3).integers(0, 256, (32, 32), dtype=np.uint8).tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    ds = make_dicom(np.random.default_rng(3).integers(0, 256, (32, 32), dtype=np.uint8),
+                    patient_name=patient_name, patient_id=patient_id)
+    ds.PatientBirthDate, ds.PatientSex = birth, sex
+    return to_bytes(ds)
 
 
 def read_patient_data(c, data: bytes):
