@@ -31,7 +31,7 @@ def data() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_audit(directory, subdir, threshold, as_json):
     """Report class counts, sizes, corrupt files, exact and near duplicates."""
-    from .ml.data import audit
+    from .training.data import audit
 
     if subdir is None and (Path(directory) / "Original").is_dir():
         subdir = "Original"
@@ -54,7 +54,7 @@ def data_audit(directory, subdir, threshold, as_json):
 @click.option("--seed", default=0, show_default=True)
 def data_split(directory, out_path, subdir, name, val_frac, test_frac, run_length, group_regex, threshold, seed):
     """Write a group- and block-aware train/val/test split manifest."""
-    from .ml.data import make_split, save_manifest
+    from .training.data import make_split, save_manifest
 
     if subdir is None and (Path(directory) / "Original").is_dir():
         subdir = "Original"
@@ -76,7 +76,7 @@ def data_split(directory, out_path, subdir, name, val_frac, test_frac, run_lengt
 @click.option("--seed", default=0, show_default=True)
 def train(analyzer_id, data_root, stage, work, out, epochs, seed):
     """Train an analyzer's models from scratch and export them to ONNX."""
-    from .ml import pipeline
+    from .training import pipeline
 
     pipeline.run_training(analyzer_id, data_root=data_root, stage=stage, work=work, out=out, epochs=epochs, seed=seed,
                           command=" ".join(["oncoscope", *sys.argv[1:]]))
@@ -85,7 +85,7 @@ def train(analyzer_id, data_root, stage, work, out, epochs, seed):
 # ----------------------------------------------------------------------------- predict
 def _expand(paths: tuple[str, ...]):
     """Yield files: directories recursively (image extensions only), files as given."""
-    from .ml.imageio import IMAGE_EXTENSIONS
+    from .imaging.imageio import IMAGE_EXTENSIONS
 
     for p in paths:
         path = Path(p)
@@ -184,7 +184,7 @@ def _predict_csv(an, files: list[str], out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the model card JSON.")
 def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
     """Evaluate on the committed test split; write the model card, metrics and plots."""
-    from .ml.pipeline import DEFAULT_DATASETS, RECIPES, model_dir as default_model_dir
+    from .training.pipeline import DEFAULT_DATASETS, RECIPES, model_dir as default_model_dir
 
     if analyzer_id not in RECIPES:
         raise click.ClickException(f"no evaluation recipe for {analyzer_id!r}")
@@ -193,11 +193,11 @@ def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
         raise click.ClickException(f"dataset not found at {root}; pass --data")
     out = Path(model_dir) if model_dir else default_model_dir(analyzer_id)
     if "segmented_subdir" in RECIPES[analyzer_id]:
-        from .ml.evaluate import evaluate_smear
+        from .evaluation.smear import evaluate_smear
 
         card = evaluate_smear(out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
     else:
-        from .ml.evaluate_classifier import evaluate_classifier
+        from .evaluation.classifier import evaluate_classifier
 
         card = evaluate_classifier(analyzer_id, out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
     if as_json:
@@ -234,27 +234,27 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
           load, users, faults, redis_url, scaled, duration, database_url):
     """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net (or the web app with --web / --load)."""
     if load:
-        from .loadbench import format_report, run_load
+        from .bench.load import format_report, run_load
 
         say = None if as_json else (lambda m: click.echo(m, err=True))
         out = run_load(users=users, duration_s=duration, database_url=database_url, patients=n_patients,
                        analyses=n_analyses, progress=say, queue_url=redis_url if scaled else None)
         text = format_report(out)
         if faults:
-            from .faultbench import format_faults, run_faults
+            from .bench.faults import format_faults, run_faults
 
             out["faults"] = run_faults(database_url, redis_url, progress=say)
             text += "\n" + format_faults(out["faults"])
         click.echo(json.dumps(out) if as_json else text)
         return
     if web:
-        from .webbench import run_web_bench
+        from .bench.web import run_web_bench
 
         out = run_web_bench(n_patients, n_analyses, images=_bench_images(data_root))
         click.echo(json.dumps(out) if as_json else json.dumps(out, indent=1))
         return
-    from .ml.bench import run_bench
-    from .ml.pipeline import DEFAULT_DATASETS, RECIPES
+    from .bench.model import run_bench
+    from .training.pipeline import DEFAULT_DATASETS, RECIPES
 
     root = Path(data_root) if data_root else (DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
                                               if analyzer_id in RECIPES else None)
@@ -268,7 +268,7 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
 
 def _bench_images(data_root) -> list[bytes] | None:
     """Real test-split smears for the upload benchmark when the dataset is present."""
-    from .ml.pipeline import DEFAULT_DATASETS
+    from .training.pipeline import DEFAULT_DATASETS
 
     root = Path(data_root) if data_root else DEFAULT_DATASETS / "all-taleqani"
     files = sorted((root / "Original").rglob("*.jpg"))[::300][:8] if (root / "Original").is_dir() else []
@@ -308,7 +308,7 @@ def worker(burst, reconcile_every):
     import logging
 
     from .config import Settings
-    from .jobs import run_worker
+    from .services.jobs import run_worker
     from .store import migrate
 
     st = Settings.from_env()

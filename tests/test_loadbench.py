@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from oncoscope.loadbench import DEFAULT_MIX, run_load, unique_png
-from oncoscope.webbench import smear_images
+from oncoscope.bench.load import DEFAULT_MIX, run_load, unique_png
+from oncoscope.bench.web import smear_images
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_small_load_run(monkeypatch):
 
 def test_small_scaled_out_load_run(monkeypatch):
     """The same flow with analyses going through Redis to two separate `oncoscope worker` processes."""
-    from oncoscope.faultbench import redis_reachable
+    from oncoscope.bench.faults import redis_reachable
 
     url = "redis://127.0.0.1:6379/15"
     if (exc := redis_reachable(url)) is not None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from oncoscope import faultbench, jobs
+from oncoscope.bench import faults as faultbench
+from oncoscope.services import jobs
 from oncoscope.config import Settings
 from oncoscope.store import cases as case_store
 from oncoscope.store import migrate
@@ -52,7 +53,7 @@ def pg_url():
     exc = _pg_reachable()
     if exc is not None:
         pytest.skip(f"PostgreSQL at {PG_URL} does not answer ({exc.__class__.__name__}): scale-out tests skipped")
-    from oncoscope.loadbench import scratch_database
+    from oncoscope.bench.load import scratch_database
 
     with scratch_database(PG_URL) as url:
         yield url
@@ -143,7 +144,7 @@ def test_lost_queue_messages_are_handed_out_again(sqlite_instance):
 def test_scaled_out_upload_to_result_through_redis_and_two_workers(redis_url, pg_url, tmp_path):
     from tests.web.conftest import png_bytes
 
-    from oncoscope.loadbench import instance_env
+    from oncoscope.bench.load import instance_env
     from oncoscope.store import tokens as token_store
     from oncoscope.store import users as user_store
     from oncoscope.web import create_app
@@ -175,7 +176,7 @@ def test_scaled_out_upload_to_result_through_redis_and_two_workers(redis_url, pg
     q = ext["workers"].queue
     for jid in q.job_ids:
         data = json.loads(zlib.decompress(q.connection.hget(f"rq:job:{jid}", "data")))
-        assert data[0] == "oncoscope.jobs.rq_job" and isinstance(data[2][0], int), data
+        assert data[0] == "oncoscope.services.jobs.rq_job" and isinstance(data[2][0], int), data
     env = instance_env(home, pg_url, {"ONCOSCOPE_QUEUE_URL": redis_url, "ONCOSCOPE_JOB_LEASE_SECONDS": 20,
                                       "ONCOSCOPE_JOB_TIMEOUT_SECONDS": 10})
     workers = [faultbench.WorkerProcess(env, tmp_path / f"w{i}.log").start() for i in range(2)]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ml.imageio import ImageLoadError, LoadedImage, load_image
+from ..imaging.imageio import ImageLoadError, LoadedImage, load_image
 
 STATUS_OK = "ok"
 STATUS_UNCERTAIN = "uncertain"

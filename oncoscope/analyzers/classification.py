@@ -21,17 +21,11 @@ import numpy as np
 from PIL import Image
 
 from ..ml import cam as cam_mod
-from ..ml.calibrate import gate_features, gate_probability
-from ..ml.imageio import pad_to_square, to_gray3
+from ..ml.scores import gate_features, gate_probability, softmax
+from ..imaging.imageio import pad_to_square, to_gray3
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
 
 MAX_WORKING_SIDE = 4096
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class ImageClassifierAnalyzer(Analyzer):

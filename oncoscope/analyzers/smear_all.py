@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..ml.cells import measure, postprocess
 from .base import AnalysisResult, SessionPool
-from .classification import ImageClassifierAnalyzer, softmax  # noqa: F401 - softmax is re-exported
+from .classification import ImageClassifierAnalyzer
 
 SEG_MAX_SIDE = 448
 

@@ -7,7 +7,7 @@ so regenerating the report of a signed case gives the same content.
 from __future__ import annotations
 
 from ..analyzers import registry
-from ..ml.imageio import load_image
+from ..imaging.imageio import load_image
 from ..store.cases import aggregate, label_names
 from ..store.files import FileStore
 

@@ -88,7 +88,7 @@ def original_pngs(case, store) -> dict[int, bytes]:
     Images whose original is missing from the file store are left out (their Media get no data)."""
     from PIL import Image
 
-    from ..ml.imageio import load_image
+    from ..imaging.imageio import load_image
 
     out = {}
     for img in case.images:

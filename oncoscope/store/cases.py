@@ -12,11 +12,12 @@ from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, joinedload, object_session
 
-from ..ml.imageio import ImageLoadError, load_image
+from ..imaging.dicom import is_dicom_uid
+from ..imaging.imageio import ImageLoadError, load_image
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
 from .patients import like_text
-from .text import UNSTORABLE_MESSAGE, clean_filename, is_dicom_uid, storable, unstorable
+from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
 
 NONDIAGNOSTIC = "Nondiagnostic"
 NONDIAGNOSTIC_NAME = "Non-diagnostic sample"

@@ -26,15 +26,6 @@ def storable(value: str) -> str:
     return _UNSTORABLE.sub("", value or "")
 
 
-_UID_TEXT = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1: no leading zero in a component
-
-
-def is_dicom_uid(value) -> bool:
-    """One valid DICOM UID: digits and dots, no leading zero in a component, at most 64 characters.
-    (An invalid one may be stored by an earlier version: exports check before reusing it.)"""
-    return isinstance(value, str) and len(value) <= 64 and _UID_TEXT.fullmatch(value) is not None
-
-
 def clean_filename(name: str | None, limit: int = 255) -> str:
     """An uploaded file's name as metadata: the last path component (``/`` or ``\\``), without
     control characters (NUL, line breaks), bidirectional controls (a right-to-left override, U+202E,

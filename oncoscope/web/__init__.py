@@ -157,7 +157,7 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
 
     audit.init_app(app)  # after the other hooks: its after_request runs first and sees the final answer
     if start_workers and not app.config.get("TESTING_NO_WORKERS"):
-        from ..jobs import start_worker_pool
+        from ..services.jobs import start_worker_pool
 
         start_worker_pool(app)
     return app

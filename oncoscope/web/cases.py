@@ -183,7 +183,7 @@ def image(case_id: int, image_id: int, kind: str):
         abort(404)
     store = files()
     if kind == "original":
-        from ..ml.imageio import load_image
+        from ..imaging.imageio import load_image
         from ..analyzers.render import png_bytes
 
         rgb = load_image(store.path(img.sha256)).rgb

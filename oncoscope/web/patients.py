@@ -57,7 +57,7 @@ def new():
 @login_required
 def from_dicom():
     """Pre-fill the new-patient form from a DICOM file's patient module (nothing is stored)."""
-    from ..ml.imageio import ImageLoadError, load_image
+    from ..imaging.imageio import ImageLoadError, load_image
     from .forms import EmptyForm
 
     if not EmptyForm().validate_on_submit():

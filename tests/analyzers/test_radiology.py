@@ -14,7 +14,7 @@ from PIL import Image
 from oncoscope.analyzers import registry
 from oncoscope.analyzers.base import STATUSES
 from oncoscope.ml import synthetic
-from oncoscope.ml.imageio import load_image, pad_to_square
+from oncoscope.imaging.imageio import load_image, pad_to_square
 
 from ..reports.test_dicom import make_dicom, to_bytes
 

@@ -10,11 +10,11 @@ import pytest
 
 from oncoscope.analyzers import registry
 from oncoscope.ml import metrics as M
-from oncoscope.ml.data import load_manifest, manifest_samples
-from oncoscope.ml.evaluate import _classify
-from oncoscope.ml.evaluate_classifier import foreign_test_files
-from oncoscope.ml.imageio import load_image
-from oncoscope.ml.pipeline import RECIPES
+from oncoscope.training.data import load_manifest, manifest_samples
+from oncoscope.evaluation.smear import _classify
+from oncoscope.evaluation.classifier import foreign_test_files
+from oncoscope.imaging.imageio import load_image
+from oncoscope.training.pipeline import RECIPES
 
 from ..conftest import DATASETS, dataset_dir
 

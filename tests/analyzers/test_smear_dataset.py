@@ -17,7 +17,7 @@ def card():
 
 @pytest.fixture(scope="module")
 def fresh(all_data):
-    from oncoscope.ml.evaluate import evaluate_smear
+    from oncoscope.evaluation.smear import evaluate_smear
 
     return evaluate_smear(registry.MODELS_DIR / "smear-all", all_data, n_boot=50, progress=False, write=False)
 
@@ -45,7 +45,7 @@ def test_card_names_its_manifest_and_data_checksum(card, fresh):
 
 
 def test_real_smears_get_cells(smear_analyzer, all_data):
-    from oncoscope.ml.data import load_manifest, manifest_samples, MANIFEST_DIR
+    from oncoscope.training.data import load_manifest, manifest_samples, MANIFEST_DIR
 
     test = manifest_samples(load_manifest(MANIFEST_DIR / "all-taleqani.json"), "test")
     picks = [s for s in test if s.label in ("Benign", "Early", "Pre")][::40]

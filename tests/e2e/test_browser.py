@@ -90,7 +90,7 @@ def xray_file(tmp_path) -> Path:
     """A test-split cancer radiograph when the dataset is present, else a generated one."""
     import json
 
-    manifest = json.loads((REPO / "oncoscope" / "ml" / "splits" / "bone-xray.json").read_text())
+    manifest = json.loads((REPO / "oncoscope" / "training" / "splits" / "bone-xray.json").read_text())
     test = sorted(p for p, v in manifest["files"].items() if v["split"] == "test" and v["label"] == "cancer")
     if XRAY_DIR.is_dir() and test:
         return XRAY_DIR.parent / test[len(test) // 2]

@@ -9,7 +9,7 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from oncoscope.ml import bench_baselines as bb  # noqa: E402
+from oncoscope.bench import baselines as bb
 
 
 @pytest.fixture(autouse=True)
@@ -243,8 +243,8 @@ def test_module_import_does_not_need_torch_at_import_time():
     import subprocess
     import sys
 
-    spec = importlib.util.find_spec("oncoscope.ml.bench_baselines")
+    spec = importlib.util.find_spec("oncoscope.bench.baselines")
     assert spec is not None
-    code = "import sys, oncoscope.ml.bench_baselines; print('torch' in sys.modules)"
+    code = "import sys, oncoscope.bench.baselines; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,8 +10,8 @@ ort = pytest.importorskip("onnxruntime")
 from monai.visualize import GradCAM  # noqa: E402
 
 from oncoscope.ml import cam  # noqa: E402
-from oncoscope.ml.classifier import SmearClassifier  # noqa: E402
-from oncoscope.ml.export import export_classifier  # noqa: E402
+from oncoscope.training.classifier import SmearClassifier
+from oncoscope.training.export import export_classifier
 
 SIZE = 128
 

@@ -1,4 +1,4 @@
-"""Tests for oncoscope.ml.data on a small synthetic class-per-folder dataset built here.
+"""Tests for oncoscope.training.data on a small synthetic class-per-folder dataset built here.
 
 The synthetic dataset (under ``<root>/Original/<class>/``) has three classes of smooth
 random textures named like the real data (``WBC-Alpha-001.jpg``) and planted hazards:
@@ -25,21 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oncoscope.ml.data import (
-    SPLITS,
-    audit,
-    discover,
-    file_number,
-    hamming_matrix,
-    load_manifest,
-    make_split,
-    manifest_samples,
-    phash,
-    save_manifest,
-    sha256_file,
-    verify_manifest,
-)
-from oncoscope.ml.imageio import load_image
+from oncoscope.training.data import (SPLITS, audit, discover, file_number, hamming_matrix, load_manifest, make_split,
+                                     manifest_samples, phash, save_manifest, sha256_file, verify_manifest)
+from oncoscope.imaging.imageio import load_image
 
 SIZE, PAD = 96, 4
 N_PER_CLASS = 40
@@ -370,7 +358,7 @@ def test_verify_manifest(dataset, manifest, tmp_path):
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_ROOT = REPO.parent / "shared" / "datasets" / "all-taleqani"
-REAL_MANIFEST = REPO / "oncoscope" / "ml" / "splits" / "all-taleqani.json"
+REAL_MANIFEST = REPO / "oncoscope" / "training" / "splits" / "all-taleqani.json"
 
 
 @pytest.mark.dataset
@@ -414,7 +402,7 @@ def test_group_regex_keeps_augmented_copies_together(tmp_path):
     """Roboflow-style names: every `<stem>.rf.<hash>` copy of one radiograph stays on one side."""
     from PIL import Image as _Image
 
-    from oncoscope.ml.data import make_split
+    from oncoscope.training.data import make_split
 
     rng = np.random.default_rng(0)
     for cls in ("cancer", "normal"):
@@ -438,7 +426,7 @@ def test_group_regex_keeps_augmented_copies_together(tmp_path):
 def test_committed_radiology_manifests_do_not_leak(name, regex):
     import re
 
-    from oncoscope.ml.data import MANIFEST_DIR, load_manifest, verify_manifest
+    from oncoscope.training.data import MANIFEST_DIR, load_manifest, verify_manifest
 
     root = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / name
     if not root.is_dir():

@@ -30,10 +30,12 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (ComputedRadiographyImageStorage, DeflatedExplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGBaseline8Bit, JPEGLSLossless, MRImageStorage, RLELossless)
 
-from oncoscope.ml import imageio, synthetic
-from oncoscope.ml.imageio import ImageLoadError
+from oncoscope.imaging import imageio
+from oncoscope.ml import synthetic
+from oncoscope.imaging.imageio import ImageLoadError
+from oncoscope.imaging import dicom
+from oncoscope.imaging.dicom import read_dicom
 from oncoscope.reports import dicom_io
-from oncoscope.reports.dicom_io import read_dicom
 
 from ..reports.test_dicom import VL_WSI, colour, gradient, make_dicom, to_bytes
 
@@ -338,8 +340,8 @@ _CHILD = r"""
 import gc, json, sys, tempfile, time
 import numpy as np
 import pydicom, pydicom.pixels
-from oncoscope.ml.imageio import ImageLoadError, load_image
-from oncoscope.reports import dicom_io  # noqa: F401 - load_image imports it on the first DICOM
+from oncoscope.imaging.imageio import ImageLoadError, load_image
+from oncoscope.imaging import dicom  # noqa: F401 - load_image imports it on the first DICOM
 from oncoscope.store.files import FileStore
 
 def status(key):
@@ -443,10 +445,10 @@ def test_deflated_dicom_is_never_inflated_whole(monkeypatch):
         raise AssertionError("inflated without a cap")
 
     monkeypatch.setattr(zlib, "decompress", unbounded)
-    monkeypatch.setattr(dicom_io, "MAX_INFLATED_BYTES", 10_000)  # the body inflates to ~21 kB
+    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 10_000)  # the body inflates to ~21 kB
     with pytest.raises(ImageLoadError, match="deflated and would expand to more than"):
         read_dicom(data)
-    monkeypatch.setattr(dicom_io, "MAX_INFLATED_BYTES", 30_000)
+    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 30_000)
     assert read_dicom(data).rgb.shape == (100, 100, 3)
 
 
@@ -655,7 +657,7 @@ def test_an_encapsulated_syntax_whose_frames_cannot_be_checked_is_refused():
     from pydicom.uid import UID
 
     with pytest.raises(ImageLoadError, match="cannot be checked before decoding"):
-        dicom_io._frame_check(UID("1.2.840.10008.1.2.4.110"))  # JPEG XL, should a decoder be installed
+        dicom._frame_check(UID("1.2.840.10008.1.2.4.110"))  # JPEG XL, should a decoder be installed
 
 
 # ----------------------------------------------------------------------------- the file meta reader
@@ -665,16 +667,16 @@ def test_dicom_is_read_without_pydicom_private_file_meta_reader(monkeypatch):
     px = gradient(40, 48, np.uint16, 4000)
     plain, deflated = to_bytes(make_dicom(px, bits_allocated=16)), _deflated(make_dicom(px, bits_allocated=16))
     expected = read_dicom(plain).rgb
-    metas = [dicom_io._file_meta(io.BytesIO(data[132:])) for data in (plain, deflated)]
+    metas = [dicom._file_meta(io.BytesIO(data[132:])) for data in (plain, deflated)]
     assert metas[1].TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     monkeypatch.delattr(pydicom.filereader, "_read_file_meta_info")  # as a pydicom upgrade might
     # dcmread (the plain path) calls it too, so the public reader is compared with it, and the deflated path,
     # which needs no dcmread, is read whole
-    assert [dicom_io._file_meta(io.BytesIO(data[132:])) for data in (plain, deflated)] == metas
+    assert [dicom._file_meta(io.BytesIO(data[132:])) for data in (plain, deflated)] == metas
     d = read_dicom(deflated)
     assert d.transfer_syntax == DeflatedExplicitVRLittleEndian and np.array_equal(d.rgb, expected)
     monkeypatch.setattr(zlib, "decompress", lambda *a, **k: pytest.fail("inflated without a cap"))
-    monkeypatch.setattr(dicom_io, "MAX_INFLATED_BYTES", 1_000)
+    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 1_000)
     with pytest.raises(ImageLoadError, match="deflated and would expand to more than"):
         read_dicom(deflated)
 
@@ -683,6 +685,6 @@ def test_seg_source_is_read_with_the_inflate_cap(monkeypatch):
     data = _deflated(make_dicom(colour(), "RGB"))
     monkeypatch.setattr(zlib, "decompress", lambda *a, **k: pytest.fail("inflated without a cap"))
     assert dicom_io.mask_to_seg(data, np.ones((40, 48), np.uint8))  # within the cap: read as on upload
-    monkeypatch.setattr(dicom_io, "MAX_INFLATED_BYTES", 1_000)
+    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 1_000)
     with pytest.raises(ImageLoadError, match="deflated and would expand to more than"):
         dicom_io.mask_to_seg(data, np.ones((40, 48), np.uint8))

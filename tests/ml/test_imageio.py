@@ -1,4 +1,4 @@
-"""Tests for oncoscope.ml.imageio.load_image on images generated here (never dataset files)."""
+"""Tests for oncoscope.imaging.imageio.load_image on images generated here (never dataset files)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from oncoscope.ml import imageio
-from oncoscope.ml.imageio import MIN_SIDE, ImageLoadError, LoadedImage, load_image
+from oncoscope.imaging import imageio
+from oncoscope.imaging.imageio import MIN_SIDE, ImageLoadError, LoadedImage, load_image
 
 # Pillow warns (e.g. "Corrupt EXIF data") on some fuzzed inputs; warnings are not failures.
 fuzz_warnings = pytest.mark.filterwarnings("ignore::UserWarning")

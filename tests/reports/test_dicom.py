@@ -20,9 +20,10 @@ from pydicom.pixels import convert_color_space
 from pydicom.uid import (JPEG2000, CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
                          JPEGBaseline8Bit, MRImageStorage, RLELossless, SecondaryCaptureImageStorage, generate_uid)
 
-from oncoscope.ml.imageio import ImageLoadError, load_image
+from oncoscope.imaging.imageio import ImageLoadError, load_image
 from oncoscope.reports import dicom_io
-from oncoscope.reports.dicom_io import DicomExportError, case_to_sr, mask_to_seg, read_dicom, rgb_to_secondary_capture
+from oncoscope.imaging.dicom import read_dicom
+from oncoscope.reports.dicom_io import DicomExportError, case_to_sr, mask_to_seg, rgb_to_secondary_capture
 
 VL_MICROSCOPIC = "1.2.840.10008.5.1.4.1.1.77.1.2"
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"

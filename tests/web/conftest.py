@@ -28,7 +28,7 @@ from argon2 import PasswordHasher
 from PIL import Image
 
 from oncoscope.config import Settings
-from oncoscope.jobs import WorkerPool
+from oncoscope.services.jobs import WorkerPool
 from oncoscope.ml import synthetic
 from oncoscope.store import migrate
 from oncoscope.store import users as user_store

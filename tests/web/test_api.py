@@ -258,7 +258,7 @@ def test_dicom_sr_seg_and_hl7_send(make_app, tok, gate_off):
     srv, received = _mllp_listener()
     try:
         app = make_app(hl7_host="127.0.0.1", hl7_port=srv.getsockname()[1])
-        from oncoscope.jobs import WorkerPool
+        from oncoscope.services.jobs import WorkerPool
 
         ext = app.extensions["oncoscope"]
         pool = WorkerPool(ext["sessions"], ext["files"], 1, 3)

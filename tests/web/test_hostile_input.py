@@ -47,7 +47,7 @@ from markupsafe import escape
 from PIL import Image
 from sqlalchemy import func, select
 
-from oncoscope.ml.imageio import ImageLoadError, load_image
+from oncoscope.imaging.imageio import ImageLoadError, load_image
 from oncoscope.store.models import (Analysis, ApiToken, Case, CaseImage, Patient, PatientAccess, Review, User)
 from oncoscope.store.text import clean_filename
 

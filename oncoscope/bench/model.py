@@ -16,19 +16,19 @@ import numpy as np
 
 def generated_image(analyzer_id: str, seed: int, size: int = 224) -> np.ndarray:
     """A generated stand-in for the analyzer's input (when the dataset is absent)."""
-    from .synthetic import radiograph_like, smear_like
+    from ..ml.synthetic import radiograph_like, smear_like
 
     return smear_like(seed, size=size)[0] if analyzer_id == "smear-all" else radiograph_like(seed, size, size)
 
 
 def _images(analyzer_id: str, n: int, data_root: Path | None) -> tuple[list[np.ndarray], str]:
-    from .imageio import load_image
-    from .pipeline import RECIPES
+    from ..imaging.imageio import load_image
+    from ..training.pipeline import RECIPES
 
     r = RECIPES.get(analyzer_id)
     base = (Path(data_root) / r["subdir"] if r.get("subdir") else Path(data_root)) if r and data_root else None
     if base is not None and base.is_dir():
-        from .data import load_manifest, manifest_samples
+        from ..training.data import load_manifest, manifest_samples
 
         m = load_manifest(r["manifest"])
         test = manifest_samples(m, "test")
@@ -88,7 +88,7 @@ def memory_probe(analyzer_id: str, n: int = 20) -> dict:
 def run_bench(analyzer_id: str = "smear-all", runs: int = 100, baseline_runs: int = 5, data_root: Path | None = None,
               threads: int = 2, include_baselines: bool = True) -> dict:
     from ..analyzers import registry
-    from .bench_baselines import baseline_report, measure_matmul_gflops, onnx_flops
+    from .baselines import baseline_report, measure_matmul_gflops, onnx_flops
 
     an = registry.get(analyzer_id)
     images, source = _images(analyzer_id, 50, data_root)
@@ -126,7 +126,7 @@ def run_bench(analyzer_id: str = "smear-all", runs: int = 100, baseline_runs: in
     }
     # Memory in a clean process (no torch, as in serving)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-c", "import json;from oncoscope.ml.bench import memory_probe;"
+    proc = subprocess.run([sys.executable, "-c", "import json;from oncoscope.bench.model import memory_probe;"
                            f"print(json.dumps(memory_probe({analyzer_id!r})))"], capture_output=True, text=True, env=env,
                           timeout=300)
     memory = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}

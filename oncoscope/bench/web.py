@@ -49,7 +49,7 @@ def smear_images(n: int, fmt: str = "JPEG", first_seed: int = 0) -> list[bytes]:
     """``n`` generated smear-like fields (``oncoscope.ml.synthetic``), encoded as ``fmt``; never dataset files."""
     from PIL import Image
 
-    from .ml.synthetic import smear_like
+    from ..ml.synthetic import smear_like
 
     out = []
     for i in range(first_seed, first_seed + n):
@@ -65,9 +65,9 @@ def seed(settings, n_patients: int = 10_000, n_analyses: int = 50_000, seed: int
     (rows only: the image files do not exist)."""
     from sqlalchemy import insert, text
 
-    from .store import users as user_store
-    from .store.db import make_engine, make_session_factory, session_scope
-    from .store.models import Analysis, Case, CaseImage, Patient, PatientAccess
+    from ..store import users as user_store
+    from ..store.db import make_engine, make_session_factory, session_scope
+    from ..store.models import Analysis, Case, CaseImage, Patient, PatientAccess
 
     rng = random.Random(seed)
     eng = make_engine(settings.database_url)
@@ -199,10 +199,10 @@ def multipart_body(fields: dict, files: list[tuple[str, str, bytes]]) -> tuple[b
 def concurrent_uploads(settings, images: list[bytes], n_clients: int = 8) -> dict:
     from waitress.server import create_server
 
-    from .store import patients as patient_store
-    from .store import users as user_store
-    from .store.db import make_engine, make_session_factory, session_scope
-    from .web import create_app
+    from ..store import patients as patient_store
+    from ..store import users as user_store
+    from ..store.db import make_engine, make_session_factory, session_scope
+    from ..web import create_app
 
     eng = make_engine(settings.database_url)
     with session_scope(make_session_factory(eng)) as s:
@@ -265,9 +265,9 @@ def concurrent_uploads(settings, images: list[bytes], n_clients: int = 8) -> dic
 
 
 def run_web_bench(n_patients: int = 10_000, n_analyses: int = 50_000, images: list[bytes] | None = None) -> dict:
-    from .config import Settings
-    from .store import migrate
-    from .web import create_app
+    from ..config import Settings
+    from ..store import migrate
+    from ..web import create_app
 
     with tempfile.TemporaryDirectory(prefix="oncoscope-bench-") as tmp:
         st = Settings.from_env(home=Path(tmp), database_url=f"sqlite:///{tmp}/bench.db")

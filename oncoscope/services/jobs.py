@@ -28,13 +28,13 @@ import traceback
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from .analyzers import registry
-from .analyzers.render import heatmap_overlay, heatmap_rgba, mask_overlay
-from .ml.imageio import load_image
-from .store import cases as case_store
-from .store.db import session_scope
+from ..analyzers import registry
+from ..analyzers.render import heatmap_overlay, heatmap_rgba, mask_overlay
+from ..imaging.imageio import load_image
+from ..store import cases as case_store
+from ..store.db import session_scope
 
-log = logging.getLogger("oncoscope.jobs")
+log = logging.getLogger("oncoscope.services.jobs")
 QUEUE_NAME = "oncoscope-analyses"
 
 
@@ -206,7 +206,7 @@ class QueueDispatcher:
                 return 0
             with self.redis.pipeline() as pipe:
                 for aid in ids:
-                    self.queue.enqueue_call("oncoscope.jobs.rq_job", args=(aid,), timeout=self.settings.job_timeout_seconds,
+                    self.queue.enqueue_call("oncoscope.services.jobs.rq_job", args=(aid,), timeout=self.settings.job_timeout_seconds,
                                             result_ttl=300, failure_ttl=7 * 86400, pipeline=pipe,
                                             description=f"analysis {aid}")
                 pipe.execute()
@@ -248,8 +248,8 @@ def run_worker(settings, burst: bool = False, reconcile_every: float = 5.0) -> N
     """`oncoscope worker`: an RQ worker (no fork per job: the analyzers stay loaded) plus the reconciler."""
     from rq import SimpleWorker
 
-    from .store.db import make_engine, make_session_factory
-    from .store.files import FileStore
+    from ..store.db import make_engine, make_session_factory
+    from ..store.files import FileStore
 
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from .cells import clean_binary, dice, iou
+from ..ml.cells import clean_binary, dice, iou
 
 SEG_CLASSES = ("Benign", "Early", "Pre")  # classes whose references are usable
 MIN_FG, MAX_FG = 0.005, 0.60
@@ -55,7 +55,7 @@ def build_unet():
 
 
 def load_seg_arrays(root: Path, recipe: dict, samples, size: int):
-    from .imageio import load_image, resize_rgb
+    from ..imaging.imageio import load_image, resize_rgb
 
     xs, ms, keep = [], [], []
     for s in samples:

@@ -7,7 +7,7 @@ message is written for the person who supplied the file.
 Handled: truncated and corrupt files, zero-byte files, non-images, decompression
 bombs, absurd dimensions, palette/grayscale/RGBA/CMYK/16-bit modes, EXIF
 orientation and animated images (the first frame is used). DICOM Part-10 files
-(``DICM`` at byte 128) are decoded by :func:`oncoscope.reports.dicom_io.read_dicom`.
+(``DICM`` at byte 128) are decoded by :func:`oncoscope.imaging.dicom.read_dicom`.
 
 Memory is bounded in bytes, not only in pixels, and from the header alone, before anything is
 decoded (:func:`check_memory`)::
@@ -22,7 +22,7 @@ decoded (:func:`check_memory`)::
   or tile at the raw depth, at least 4 bytes per pixel, so a header declaring huge tiles is refused;
   WebP: 10, measured 9), and the RGB result (3), or for I;16/I/F the copy and the sorted copy the
   percentile window needs (2 x the source).
-* DICOM (:func:`oncoscope.reports.dicom_io.read_dicom`), with f = samples x bytes per sample:
+* DICOM (:func:`oncoscope.imaging.dicom.read_dicom`), with f = samples x bytes per sample:
   ``max(decode, f x 3 + 3 if greyscale else f + 3)``, where decode is f for native data, f x 4 for RLE,
   JPEG and JPEG-LS, and samples x 10 + Pillow's image (4 if RGB, else f) + f for JPEG 2000; ``extra``
   is the pixel data the parsed dataset holds. A Deflated body is inflated with a cap first. The codecs
@@ -388,7 +388,7 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
 
 
 def _load_dicom(data: bytes, max_pixels: int, min_side: int, max_bytes: int) -> LoadedImage:
-    from ..reports.dicom_io import read_dicom  # pydicom is imported only for DICOM input
+    from .dicom import read_dicom  # dicom.py imports this module; pydicom loads only for DICOM input
 
     d = read_dicom(data, max_pixels=max_pixels, min_side=min_side, max_bytes=max_bytes)
     return LoadedImage(rgb=d.rgb, original_mode=d.photometric, original_size=(d.rgb.shape[1], d.rgb.shape[0]),

@@ -26,7 +26,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .loadbench import OncoscopeProcess, free_port, instance_env, scratch_database
+from .load import OncoscopeProcess, free_port, instance_env, scratch_database
 
 PG_BIN = Path("/usr/lib/postgresql")
 
@@ -37,7 +37,7 @@ def generated_pngs(n: int, seed: int = 0, side: int = 192) -> list[bytes]:
     import numpy as np
     from PIL import Image
 
-    from .ml import synthetic
+    from ..ml import synthetic
 
     out = []
     for i in range(n):
@@ -51,14 +51,14 @@ def generated_pngs(n: int, seed: int = 0, side: int = 192) -> list[bytes]:
 
 def queue_analyses(settings, n: int, seed: int = 0) -> list[int]:
     """A doctor, a patient and one case holding ``n`` new images: ``n`` queued analyses (ids)."""
-    from .store import cases as case_store
-    from .store import patients as patient_store
-    from .store import users as user_store
+    from ..store import cases as case_store
+    from ..store import patients as patient_store
+    from ..store import users as user_store
     from sqlalchemy import select
 
-    from .store.db import standalone_session
-    from .store.files import FileStore
-    from .store.models import Analysis
+    from ..store.db import standalone_session
+    from ..store.files import FileStore
+    from ..store.models import Analysis
 
     with standalone_session(settings.database_url) as s:
         tag = uuid.uuid4().hex[:8]
@@ -75,8 +75,8 @@ def queue_analyses(settings, n: int, seed: int = 0) -> list[int]:
 def analysis_rows(database_url: str, ids: list[int]) -> list[dict]:
     from sqlalchemy import select
 
-    from .store.db import make_engine
-    from .store.models import Analysis
+    from ..store.db import make_engine
+    from ..store.models import Analysis
 
     engine = make_engine(database_url)
     try:
@@ -102,7 +102,7 @@ class WorkerProcess(OncoscopeProcess):
 
 def redis_reachable(url: str) -> Exception | None:
     try:
-        from .jobs import redis_connection
+        from ..services.jobs import redis_connection
 
         redis_connection(url).ping()
         return None
@@ -114,7 +114,7 @@ def _clear_queue(redis_url: str) -> None:
     """Start from an empty queue: drop this queue's keys only (never FLUSHDB on a shared Redis)."""
     from rq import Queue
 
-    from .jobs import QUEUE_NAME, redis_connection
+    from ..services.jobs import QUEUE_NAME, redis_connection
 
     conn = redis_connection(redis_url)
     from rq.serializers import JSONSerializer
@@ -131,10 +131,10 @@ def _clear_queue(redis_url: str) -> None:
 def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test",
                          redis_url: str = "redis://127.0.0.1:6379/0", lease_s: int = 6, timeout_s: float = 300,
                          kill_after: float = 0.3) -> dict:
-    from .config import Settings
-    from .jobs import QueueDispatcher
-    from .store import migrate
-    from .store.db import make_engine, make_session_factory
+    from ..config import Settings
+    from ..services.jobs import QueueDispatcher
+    from ..store import migrate
+    from ..store.db import make_engine, make_session_factory
 
     if (exc := redis_reachable(redis_url)) is not None:
         raise RuntimeError(f"Redis at {redis_url} does not answer: {exc}")
@@ -253,7 +253,7 @@ class PrivatePostgres:
 
 def _api(base: str, method: str, path: str, token: str, body=None, files=None, key: str | None = None,
          timeout: float = 30) -> tuple[int, dict]:
-    from .webbench import multipart_body
+    from .web import multipart_body
 
     headers = {"Authorization": f"Bearer {token}"}
     data = None
@@ -281,14 +281,14 @@ def pg_outage_scenario(uploaders: int = 4, before_s: float = 6, outage_s: float 
                        timeout_s: float = 180) -> dict:
     from sqlalchemy import func, select
 
-    from .config import Settings
-    from .loadbench import Server
-    from .store import audit as audit_store
-    from .store import migrate
-    from .store import tokens as token_store
-    from .store import users as user_store
-    from .store.db import make_engine, make_session_factory
-    from .store.models import Analysis, CaseImage
+    from ..config import Settings
+    from .load import Server
+    from ..store import audit as audit_store
+    from ..store import migrate
+    from ..store import tokens as token_store
+    from ..store import users as user_store
+    from ..store.db import make_engine, make_session_factory
+    from ..store.models import Analysis, CaseImage
 
     with tempfile.TemporaryDirectory(prefix="oncoscope-pgdown-") as tmp:
         root = Path(tmp)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import metrics as M
-from .data import load_manifest
-from .evaluate import (_classify, _fmt, _round, card_header, ci_text, md_header, flagged_fraction, generated_sources, metric_plots, pooled_flagged,
-                       run_test_split, training_files)
+from ..ml import metrics as M
+from ..training.data import load_manifest
+from .smear import (_classify, _fmt, _round, card_header, ci_text, md_header, flagged_fraction, generated_sources,
+                    metric_plots, pooled_flagged, run_test_split, training_files)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,8 +155,8 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
 
 def foreign_test_files(analyzer_id: str, datasets_dir: Path, n: int, seed: int = 0) -> list[Path]:
     """Up to ``n`` files of another analyzer's test split (empty when its dataset is absent)."""
-    from .data import manifest_samples
-    from .pipeline import RECIPES
+    from ..training.data import manifest_samples
+    from ..training.pipeline import RECIPES
 
     r = RECIPES[analyzer_id]
     base = Path(datasets_dir) / r["dataset"] / (r.get("subdir") or "")

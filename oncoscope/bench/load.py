@@ -42,7 +42,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .webbench import DOCTOR_PASSWORD, _p, csrf_token, doctor_email, multipart_body, smear_images
+from .web import DOCTOR_PASSWORD, _p, csrf_token, doctor_email, multipart_body, smear_images
 
 PAGE, ASSET, LOGIN, POLL = "page", "asset", "login", "poll"  # request kinds; "page time" is over PAGE only
 
@@ -608,10 +608,10 @@ def prepare_instance(home: Path, database_url: str | None = None, *, users: int 
     spread over them, a case history. Returns what the run and the final check need."""
     from sqlalchemy import func, select
 
-    from .config import Settings
-    from .store.db import make_engine
-    from .store.models import Case, CaseImage
-    from .webbench import seed as seed_instance
+    from ..config import Settings
+    from ..store.db import make_engine
+    from ..store.models import Case, CaseImage
+    from .web import seed as seed_instance
 
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -826,8 +826,8 @@ def wait_for_analyses(database_url: str, first_run_image_id: int, timeout_s: flo
     """Wait (bounded) until every image uploaded during the run has a finished analysis; report them."""
     from sqlalchemy import select
 
-    from .store.db import make_engine
-    from .store.models import Analysis, CaseImage
+    from ..store.db import make_engine
+    from ..store.models import Analysis, CaseImage
 
     eng = make_engine(database_url)
     t0 = time.monotonic()
@@ -958,7 +958,7 @@ def run_load(users: int = 50, duration_s: float = 120, database_url: str | None 
             say(f"starting oncoscope serve on {server.base}")
             server.start()
             if queue_url:
-                from .faultbench import WorkerProcess, _clear_queue
+                from .faults import WorkerProcess, _clear_queue
 
                 _clear_queue(queue_url)
                 worker_procs = [WorkerProcess(inst.env, home / f"worker-{i}.log").start() for i in range(workers)]

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import metrics as M
-from .data import load_manifest, manifest_samples, sha256_file
-from .imageio import load_image
+from ..ml import metrics as M
+from ..training.data import load_manifest, manifest_samples, sha256_file
+from ..imaging.imageio import load_image
 
 
 # ----------------------------------------------------------------------------- perturbations
@@ -70,7 +70,7 @@ def _round(obj, nd=4):
 
 
 def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
-    from .imageio import IMAGE_EXTENSIONS
+    from ..imaging.imageio import IMAGE_EXTENSIONS
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if len(files) > n:
@@ -144,7 +144,7 @@ def card_header(an, t_start: float) -> dict:
 
 def generated_sources(an) -> dict:
     """Out-of-domain results on the generated non-images (noise, text, photos, ...), per kind."""
-    from .synthetic import non_smear_images
+    from ..ml.synthetic import non_smear_images
 
     by_kind: dict[str, list] = {}
     for kind, img in non_smear_images(n_per_kind=25, seed=7):
@@ -157,7 +157,7 @@ def run_test_split(analyzer_id: str, model_dir: Path, data_root: Path, cluster_k
     """Every test image through the served analyzer (checksums verified first), timed; metrics with
     bootstrap intervals over the manifest's ``cluster_key`` ("block" or "group"); status figures."""
     from ..analyzers import registry
-    from .pipeline import RECIPES
+    from ..training.pipeline import RECIPES
 
     recipe = RECIPES[analyzer_id]
     an = registry.get(analyzer_id, model_dir=model_dir)
@@ -184,8 +184,8 @@ def run_test_split(analyzer_id: str, model_dir: Path, data_root: Path, cluster_k
 # ----------------------------------------------------------------------------- main entry
 def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None = None, n_boot: int = 1000,
                    n_ood_per_dataset: int = 300, progress: bool = True, write: bool = True) -> dict:
-    from .segmentation import SEG_CLASSES, derive_reference_mask, usable
-    from .cells import dice, iou
+    from ..training.segmentation import SEG_CLASSES, derive_reference_mask, usable
+    from ..ml.cells import dice, iou
 
     t_start = time.time()
     ev = run_test_split("smear-all", model_dir, data_root, "block", n_boot, progress)

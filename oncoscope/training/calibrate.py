@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..imaging.imageio import load_image
+from ..ml.scores import gate_features, gate_probability, softmax
 from .data import load_manifest, manifest_samples
-from .imageio import load_image
 
 
 def embed_split(analyzer, root: Path, samples, batch: int = 32, labelled: bool = True) -> dict[str, np.ndarray]:
@@ -114,18 +115,6 @@ def choose_sensitive_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_sens: 
     return best
 
 
-def gate_features(ood_features: np.ndarray, embedding: np.ndarray) -> np.ndarray:
-    """What the modality gate reads: block-10 channel statistics and the pooled embedding."""
-    return np.concatenate([ood_features, embedding], axis=1).astype(np.float64)
-
-
-def gate_probability(features: np.ndarray, gate: dict) -> np.ndarray:
-    """The modality gate's probability that each image belongs to another analyzer; (N,).
-    ``gate``: gate_mean, gate_scale, gate_coef, gate_intercept (as stored in ood.npz)."""
-    z = ((features - gate["gate_mean"]) / gate["gate_scale"]) @ gate["gate_coef"] + gate["gate_intercept"]
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 def _foreign_samples(name: str, split: str, n: int, seed: int = 0):
     """Up to ``n`` images of another analyzer's dataset split (root, samples)."""
     from .pipeline import DEFAULT_DATASETS, RECIPES
@@ -178,7 +167,6 @@ def fit_gate(an, tr: dict, va: dict, negatives: list[str], n_train: int = 600, n
 
 def calibrate(analyzer_id: str, root: Path, recipe: dict, work_dir: Path, model_dir: Path) -> dict:
     from ..analyzers import registry
-    from ..analyzers.classification import softmax
 
     manifest = load_manifest(recipe["manifest"])
     base = Path(root) / recipe["subdir"] if recipe.get("subdir") else Path(root)

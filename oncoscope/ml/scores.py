@@ -1,0 +1,25 @@
+"""Serving-time scores from a model's outputs (numpy only): calibrated class probabilities and the
+modality gate. Calibration *fits* these in training/calibrate.py; serving only applies them, so the
+formula lives here once and both sides use it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def gate_features(ood_features: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    """What the modality gate reads: block-10 channel statistics and the pooled embedding."""
+    return np.concatenate([ood_features, embedding], axis=1).astype(np.float64)
+
+
+def gate_probability(features: np.ndarray, gate: dict) -> np.ndarray:
+    """The modality gate's probability that each image belongs to another analyzer; (N,).
+    ``gate``: gate_mean, gate_scale, gate_coef, gate_intercept (as stored in ood.npz)."""
+    z = ((features - gate["gate_mean"]) / gate["gate_scale"]) @ gate["gate_coef"] + gate["gate_intercept"]
+    return 1.0 / (1.0 + np.exp(-z))
