@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-DEFAULT_DATA = os.environ.get("ONCOSCOPE_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 
 
 @click.group()
@@ -184,7 +182,7 @@ def _predict_csv(an, files: list[str], out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the model card JSON.")
 def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
     """Evaluate on the committed test split; write the model card, metrics and plots."""
-    from .training.pipeline import DEFAULT_DATASETS, RECIPES, model_dir as default_model_dir
+    from .training.recipes import DEFAULT_DATASETS, RECIPES, model_dir as default_model_dir
 
     if analyzer_id not in RECIPES:
         raise click.ClickException(f"no evaluation recipe for {analyzer_id!r}")
@@ -254,7 +252,7 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
         click.echo(json.dumps(out) if as_json else json.dumps(out, indent=1))
         return
     from .bench.model import run_bench
-    from .training.pipeline import DEFAULT_DATASETS, RECIPES
+    from .training.recipes import DEFAULT_DATASETS, RECIPES
 
     root = Path(data_root) if data_root else (DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
                                               if analyzer_id in RECIPES else None)
@@ -268,7 +266,7 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
 
 def _bench_images(data_root) -> list[bytes] | None:
     """Real test-split smears for the upload benchmark when the dataset is present."""
-    from .training.pipeline import DEFAULT_DATASETS
+    from .training.recipes import DEFAULT_DATASETS
 
     root = Path(data_root) if data_root else DEFAULT_DATASETS / "all-taleqani"
     files = sorted((root / "Original").rglob("*.jpg"))[::300][:8] if (root / "Original").is_dir() else []
@@ -289,11 +287,11 @@ def serve(host, port, threads, processes):
     from .store import migrate
     from .web.serving import serve as run_server
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     if migrate.current(st.database_url) is None:
         raise click.ClickException("the database has no schema yet: run `oncoscope db upgrade` first")
     if processes is None:
-        processes = int(os.environ.get("ONCOSCOPE_WEB_PROCESSES") or min(2, os.cpu_count() or 1))
+        processes = st.web_processes
     click.echo(f"oncoscope serving on http://{host}:{port}/ (instance {st.home}, {processes} process"
                f"{'es' if processes > 1 else ''} x {threads} threads)")
     run_server(st, host, port, threads, max(1, processes))
@@ -311,7 +309,7 @@ def worker(burst, reconcile_every):
     from .services.jobs import run_worker
     from .store import migrate
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     if not st.queue_url:
         raise click.ClickException("set ONCOSCOPE_QUEUE_URL (e.g. redis://127.0.0.1:6379/0); without it "
                                    "`oncoscope serve` runs the analyses itself and needs no worker")
@@ -346,7 +344,7 @@ def _migrate(direction: str, revision: str) -> None:
     from .config import Settings
     from .store import migrate
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     getattr(migrate, direction)(st.database_url, revision)
     click.echo(f"database at revision {migrate.current(st.database_url)}")
     if direction == "upgrade":
@@ -410,7 +408,7 @@ def public_key(out):
     from .config import Settings
     from .store import signing
 
-    pem = signing.public_pem(_signing_key(Settings.from_env()).public_key())
+    pem = signing.public_pem(_signing_key(Settings.from_env().prepare()).public_key())
     if out:
         Path(out).write_bytes(pem)
     else:
@@ -426,7 +424,7 @@ def backup(archive):
     from .store.audit import record_system
     from .store.backup import BackupError, create_backup
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     key = _signing_key(st)
     try:
         m = create_backup(st.database_url, st.images_dir, Path(archive), key)
@@ -447,7 +445,7 @@ def restore(archive, trusted_key, check_only):
     from .config import Settings
     from .store.backup import BackupError, check_backup, restore_backup
 
-    st = _key_settings() if check_only else Settings.from_env()
+    st = Settings.from_env() if check_only else Settings.from_env().prepare()  # a backup host has no instance
     key = _trusted_key(st, trusted_key)
     try:
         if check_only:
@@ -465,16 +463,6 @@ def restore(archive, trusted_key, check_only):
     record_system(st, "backup.restore", archive=str(Path(archive).resolve()), rows=rows, images=len(m["images"]),
                   created=m["created"], schema=m["alembic_revision"])
     click.echo(f"restored {rows} rows and {len(m['images'])} image files from {archive}\n{_archive_summary(m)}")
-
-
-def _key_settings():
-    """Settings that name the key files and nothing else. ``Settings.from_env`` creates the instance
-    folder, its secret key and image folder: a backup host that only checks archives has no instance."""
-    from .config import Settings, _path
-
-    home = Path(os.environ.get("ONCOSCOPE_HOME") or Path.cwd() / "instance").resolve()
-    return Settings(home=home, database_url="", secret_key="", signing_key_path=_path("ONCOSCOPE_SIGNING_KEY"),
-                    trusted_key_path=_path("ONCOSCOPE_TRUSTED_KEY"))
 
 
 def _archive_summary(m: dict) -> str:
@@ -509,7 +497,7 @@ def users_create(email, name, role, password):
     from .store import users as user_store
     from .store.db import make_engine, make_session_factory, session_scope
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     with session_scope(make_session_factory(make_engine(st.database_url))) as s:
         try:
             u = user_store.create_user(s, email, name, password, role)
@@ -539,7 +527,7 @@ def users_token(email, days, label):
     from .store.models import User
     from .store.users import normalise_email
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     with standalone_session(st.database_url) as s:
         user = s.scalar(select(User).where(User.email == normalise_email(email)))
         if user is None or not user.is_active:
@@ -574,7 +562,7 @@ def audit_verify(checkpoints, trusted_key, as_json):
     from .config import Settings
     from .store import audit as audit_store
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     if checkpoints:
         key = _trusted_key(st, trusted_key)
         _audit_check(st, "audit.verify", lambda s: audit_store.verify_signed(s, Path(checkpoints), key), as_json)
@@ -595,7 +583,7 @@ def audit_checkpoint(checkpoints, init):
     from .config import Settings
     from .store import audit as audit_store
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     key = _signing_key(st)
     rep = _audit_check(st, "audit.checkpoint", lambda s: audit_store.checkpoint(s, Path(checkpoints), key, init),
                        False)
@@ -645,7 +633,7 @@ def audit_export(out, since, until):
     from .store import audit as audit_store
     from .store.db import standalone_session
 
-    st = Settings.from_env()
+    st = Settings.from_env().prepare()
     f = audit_store.AuditFilter(date_from=dt.date.fromisoformat(since) if since else None,
                                 date_to=dt.date.fromisoformat(until) if until else None)
     with standalone_session(st.database_url) as s, open(out, "w", newline="", encoding="utf-8") as fh:

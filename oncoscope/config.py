@@ -1,4 +1,6 @@
-"""Settings from the environment (one place for every configurable value).
+"""Settings from the environment (one place for every configurable value; nothing else reads
+``os.environ``). Reading them creates nothing: :meth:`Settings.prepare` makes the instance folder,
+image store and secret key, as the explicit first step of whatever runs the instance.
 
 * ``ONCOSCOPE_HOME``: instance folder (SQLite file, images, secret key); default ``./instance``.
 * ``DATABASE_URL``: SQLAlchemy URL; default SQLite in the instance folder.
@@ -19,6 +21,14 @@
   headers are ignored, so nobody can forge the address the audit trail records.
 * ``ONCOSCOPE_IDEMPOTENCY_HOURS``: how long an API answer sent with an ``Idempotency-Key`` is kept for
   replays (default 24).
+* ``ONCOSCOPE_SECURE_COOKIES``: ``1`` behind HTTPS (the session cookie gets the Secure flag); default 0.
+* ``ONCOSCOPE_MAX_UPLOAD_MB`` (25, per image), ``ONCOSCOPE_SESSION_IDLE_MINUTES`` (30),
+  ``ONCOSCOPE_LOGIN_MAX_FAILURES`` / ``ONCOSCOPE_LOGIN_LOCK_MINUTES`` (5 / 15), ``ONCOSCOPE_CLINIC_NAME``
+  (report header), ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT`` (MLLP destination; unset: none).
+* ``ONCOSCOPE_ANALYSIS_WORKERS`` (2): in-process analysis threads; ``ONCOSCOPE_WEB_PROCESSES``
+  (min(2, cores)): ``oncoscope serve`` processes sharing the port.
+* ``ONCOSCOPE_DATA``: the datasets folder for training, evaluation and the dataset tests; default
+  ``../shared/datasets`` beside the repository (:func:`datasets_dir`).
 * ``ONCOSCOPE_QUEUE_URL``: ``redis://host:6379/0`` switches analyses from the in-process worker pool
   to an RQ queue run by ``oncoscope worker`` processes. ``ONCOSCOPE_JOB_LEASE_SECONDS`` (default
   300): a job running longer is presumed to have lost its worker and is run again.
@@ -55,6 +65,8 @@ def _path(name: str) -> Path | None:
 
 
 def _secret_key(home: Path) -> str:
+    """The key from the environment, else the instance's key file; "" when neither exists yet
+    (:meth:`Settings.prepare` makes one)."""
     env = os.environ.get("ONCOSCOPE_SECRET_KEY")
     if env is not None:
         if env.strip().lower() in WEAK_KEYS or len(env) < 32:
@@ -62,15 +74,21 @@ def _secret_key(home: Path) -> str:
                                 "(or unset it to let oncoscope generate one)")
         return env
     path = home / "secret_key"
-    if path.exists():
-        key = path.read_text().strip()
-        if len(key) >= 32:
-            return key
+    key = path.read_text().strip() if path.exists() else ""
+    return key if len(key) >= 32 else ""
+
+
+def _new_secret_key(home: Path) -> str:
     key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(home / "secret_key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(key)
     return key
+
+
+def datasets_dir() -> Path:
+    """Where training, evaluation and the dataset tests find the datasets (``ONCOSCOPE_DATA``)."""
+    return _path("ONCOSCOPE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 @dataclass
@@ -96,6 +114,8 @@ class Settings:
     trusted_key_path: Path | None = None
     trusted_proxies: int = 0
     idempotency_hours: int = 24
+    secure_cookies: bool = False
+    web_processes: int = 2
 
     @property
     def images_dir(self) -> Path:
@@ -115,10 +135,20 @@ class Settings:
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    def prepare(self) -> "Settings":
+        """Create the instance folder, the image store and the secret key (mode 0600) where missing:
+        the explicit first step of anything that runs the instance (``create_app``, the commands that
+        write). Reading settings (:meth:`from_env`) never writes anything."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        if not self.secret_key:
+            self.secret_key = _new_secret_key(self.home)
+        return self
+
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
+        """Settings from the environment (and ``overrides``), validated; nothing is created."""
         home = Path(overrides.pop("home", None) or os.environ.get("ONCOSCOPE_HOME") or Path.cwd() / "instance").resolve()
-        home.mkdir(parents=True, exist_ok=True)
         url = overrides.pop("database_url", None) or os.environ.get("DATABASE_URL") or f"sqlite:///{home / 'oncoscope.db'}"
         if url.startswith("postgres://"):
             url = "postgresql+psycopg://" + url[len("postgres://"):]
@@ -146,6 +176,8 @@ class Settings:
             trusted_key_path=_path("ONCOSCOPE_TRUSTED_KEY"),
             trusted_proxies=_int("ONCOSCOPE_TRUSTED_PROXIES", 0),
             idempotency_hours=_int("ONCOSCOPE_IDEMPOTENCY_HOURS", 24),
+            secure_cookies=os.environ.get("ONCOSCOPE_SECURE_COOKIES", "0").lower() in ("1", "true", "yes"),
+            web_processes=_int("ONCOSCOPE_WEB_PROCESSES", min(2, os.cpu_count() or 1)),
         )
         for k, v in overrides.items():
             if not hasattr(s, k):
@@ -159,5 +191,4 @@ class Settings:
             raise SettingsError("ONCOSCOPE_IDEMPOTENCY_HOURS must be at least 1")
         if s.job_timeout_seconds >= s.job_lease_seconds:
             raise SettingsError("ONCOSCOPE_JOB_LEASE_SECONDS must be longer than ONCOSCOPE_JOB_TIMEOUT_SECONDS")
-        s.images_dir.mkdir(parents=True, exist_ok=True)
         return s

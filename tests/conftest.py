@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from oncoscope.config import datasets_dir
+
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = Path(os.environ.get("ONCOSCOPE_DATA", REPO.parent / "shared" / "datasets"))
+DATASETS = datasets_dir()
 ALL_DATA = DATASETS / "all-taleqani"
 MODELS = REPO / "oncoscope" / "models"
 

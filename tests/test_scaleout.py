@@ -63,7 +63,7 @@ def pg_url():
 def sqlite_instance(tmp_path):
     url = f"sqlite:///{tmp_path / 'o.db'}"
     migrate.upgrade(url)
-    st = Settings.from_env(home=tmp_path, database_url=url)
+    st = Settings.from_env(home=tmp_path, database_url=url).prepare()
     engine = make_engine(url)
     yield st, make_session_factory(engine)
     engine.dispose()

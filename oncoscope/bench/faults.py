@@ -145,7 +145,7 @@ def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg:/
                                        "ONCOSCOPE_JOB_TIMEOUT_SECONDS": max(1, lease_s - 2)})
         migrate.upgrade(url)
         st = Settings.from_env(home=home, database_url=url, queue_url=redis_url, job_lease_seconds=lease_s,
-                               job_timeout_seconds=max(1, lease_s - 2))
+                               job_timeout_seconds=max(1, lease_s - 2)).prepare()
         ids = queue_analyses(st, n)
         _clear_queue(redis_url)
         engine = make_engine(url)
@@ -299,7 +299,7 @@ def pg_outage_scenario(uploaders: int = 4, before_s: float = 6, outage_s: float 
         home = root / "home"
         try:
             migrate.upgrade(pg.url)
-            st = Settings.from_env(home=home, database_url=pg.url)
+            st = Settings.from_env(home=home, database_url=pg.url).prepare()
             engine = make_engine(pg.url)
             with make_session_factory(engine)() as s:
                 u = user_store.create_user(s, "uploader@clinic.test", "Uploader", "uploader-password-123")

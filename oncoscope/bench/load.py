@@ -620,7 +620,7 @@ def prepare_instance(home: Path, database_url: str | None = None, *, users: int 
     p = subprocess.run([*oncoscope_cmd(), "db", "upgrade"], env=env, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         raise RuntimeError(f"oncoscope db upgrade failed: {p.stdout[-1000:]}{p.stderr[-2000:]}")
-    st = Settings.from_env(home=home, database_url=database_url)
+    st = Settings.from_env(home=home, database_url=database_url).prepare()
     seeded = seed_instance(st, max(patients, users), analyses, seed=seed, n_doctors=users)
     eng = make_engine(st.database_url)
     try:

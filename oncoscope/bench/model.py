@@ -23,7 +23,7 @@ def generated_image(analyzer_id: str, seed: int, size: int = 224) -> np.ndarray:
 
 def _images(analyzer_id: str, n: int, data_root: Path | None) -> tuple[list[np.ndarray], str]:
     from ..imaging.imageio import load_image
-    from ..training.pipeline import RECIPES
+    from ..training.recipes import RECIPES
 
     r = RECIPES.get(analyzer_id)
     base = (Path(data_root) / r["subdir"] if r.get("subdir") else Path(data_root)) if r and data_root else None

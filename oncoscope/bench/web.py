@@ -270,7 +270,7 @@ def run_web_bench(n_patients: int = 10_000, n_analyses: int = 50_000, images: li
     from ..web import create_app
 
     with tempfile.TemporaryDirectory(prefix="oncoscope-bench-") as tmp:
-        st = Settings.from_env(home=Path(tmp), database_url=f"sqlite:///{tmp}/bench.db")
+        st = Settings.from_env(home=Path(tmp), database_url=f"sqlite:///{tmp}/bench.db").prepare()
         migrate.upgrade(st.database_url)
         seeded = seed(st, n_patients, n_analyses)
         # Page timing reads GET pages with the test client (sign-in POST without a CSRF round trip).

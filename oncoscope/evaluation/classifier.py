@@ -156,7 +156,7 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
 def foreign_test_files(analyzer_id: str, datasets_dir: Path, n: int, seed: int = 0) -> list[Path]:
     """Up to ``n`` files of another analyzer's test split (empty when its dataset is absent)."""
     from ..training.data import manifest_samples
-    from ..training.pipeline import RECIPES
+    from ..training.recipes import RECIPES
 
     r = RECIPES[analyzer_id]
     base = Path(datasets_dir) / r["dataset"] / (r.get("subdir") or "")

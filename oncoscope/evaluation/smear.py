@@ -157,7 +157,7 @@ def run_test_split(analyzer_id: str, model_dir: Path, data_root: Path, cluster_k
     """Every test image through the served analyzer (checksums verified first), timed; metrics with
     bootstrap intervals over the manifest's ``cluster_key`` ("block" or "group"); status figures."""
     from ..analyzers import registry
-    from ..training.pipeline import RECIPES
+    from ..training.recipes import RECIPES
 
     recipe = RECIPES[analyzer_id]
     an = registry.get(analyzer_id, model_dir=model_dir)

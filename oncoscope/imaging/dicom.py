@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .imageio import (MAX_DECODE_BYTES, MAX_PIXELS, MIN_SIDE, RGB_BPP, ImageLoadError, check_dimensions, check_memory,
+from .limits import (MAX_DECODE_BYTES, MAX_PIXELS, MIN_SIDE, RGB_BPP, ImageLoadError, check_dimensions, check_memory,
                       check_work_bounds, fill_by_strips, memory_needed)
 
 VOLUME_MODALITIES = ("MR", "CT", "PT", "NM")

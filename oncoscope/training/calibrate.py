@@ -117,7 +117,7 @@ def choose_sensitive_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_sens: 
 
 def _foreign_samples(name: str, split: str, n: int, seed: int = 0):
     """Up to ``n`` images of another analyzer's dataset split (root, samples)."""
-    from .pipeline import DEFAULT_DATASETS, RECIPES
+    from .recipes import DEFAULT_DATASETS, RECIPES
 
     r = RECIPES[name]
     root = DEFAULT_DATASETS / r["dataset"]

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .recipes import MEAN, STD
+
 # EfficientNet-Lite was trained with inputs scaled as (x - 127) / 128.
-MEAN = (127.0 / 255.0,) * 3
-STD = (128.0 / 255.0,) * 3
 
 
 def _lite0(num_classes: int, pretrained: bool) -> nn.Module:

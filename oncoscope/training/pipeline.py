@@ -11,178 +11,11 @@ import json
 import time
 from pathlib import Path
 
-from .data import MANIFEST_DIR
-
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-REPO_DIR = PACKAGE_DIR.parent
-DEFAULT_DATASETS = REPO_DIR.parent / "shared" / "datasets"
-
-RECIPES = {
-    "smear-all": {
-        "dataset": "all-taleqani",
-        "subdir": "Original",
-        "segmented_subdir": "Segmented",
-        "val_noun": "smears",
-        "manifest": MANIFEST_DIR / "all-taleqani.json",
-        "image_size": 192,
-        "epochs": 14,
-        "config": {
-            "id": "smear-all",
-            "name": "Peripheral blood smear: B-lineage acute lymphoblastic leukemia",
-            "version": "1.0.0",
-            "modality": "microscopy/peripheral-blood-smear",
-            "input_description": "peripheral blood smear field",
-            "image_noun": "Field",
-            "labels": ["Benign", "Early", "Pre", "Pro"],
-            "display_names": {"Benign": "Benign (hematogone)", "Early": "Early Pre-B ALL", "Pre": "Pre-B ALL",
-                              "Pro": "Pro-B ALL"},
-            "malignant_labels": ["Early", "Pre", "Pro"],
-            "report_wording": {
-                "finding": "Peripheral blood smear field, automated B-ALL pre-classification",
-                "malignant": "Morphology suggestive of B-lineage acute lymphoblastic leukemia ({label}).",
-                "benign": "No morphological evidence of B-ALL blasts; appearance of benign hematogones.",
-                "disclaimer": "AI output is decision support only and must be confirmed by a qualified person "
-                              "(flow cytometry is the reference standard).",
-            },
-            "segmenter": {"threshold": 0.5, "min_area_px": 60, "min_distance_px": 9},
-            "blank_image_std": 2.0,
-        },
-    },
-    "bone-xray": {
-        "dataset": "bone-xray",
-        "subdir": None,
-        "manifest": MANIFEST_DIR / "bone-xray.json",
-        "image_size": 176,
-        "epochs": 9,
-        "train": {"augment": "radiology", "max_angle": 30.0, "gray": True, "pad": True, "freeze_blocks": 5},
-        "operating_point": {"rule": "sensitivity", "min": 0.97},
-        "calibrate_bias": True,
-        "tta": "hflip",
-        "ood_gate_negatives": ["brain-mri", "smear-all"],
-        "citation": "Public Roboflow aggregate of bone radiographs (osteosarcoma, Ewing sarcoma, chondrosarcoma, "
-                    "metastasis; normal radiographs partly from stock-photo sites); no licence stated, research use "
-                    "only. Exact duplicates removed; the release's leaky train/valid/test split discarded.",
-        "held_out": "all copies of a source radiograph (file-name stem before `.rf.`) kept on one side",
-        "targets": [
-            ("Cancer-vs-normal ROC AUC", "test.metrics.malignant_vs_benign.roc_auc", ">=", 0.97),
-            ("Accuracy", "test.metrics.accuracy", ">=", 0.91),
-            ("Cancer sensitivity (operating point)", "test.metrics.malignant_vs_benign.sensitivity", ">=", 0.95),
-            ("Smear photos flagged out-of-domain", "out_of_domain.sources.smear photos (all-taleqani).flagged", ">=", 0.95),
-            ("MR slices flagged out-of-domain", "out_of_domain.sources.brain MR slices (brain-mri).flagged", ">=", 0.95),
-        ],
-        "limitations": [
-            "Public, mixed-provenance images (scanners, phone photos of films, stock images) without patient "
-            "identifiers: the split groups copies of one radiograph, but two radiographs of one patient may still "
-            "land on both sides.",
-            "Cancer covers several primary bone tumours and metastases without subtype labels; benign tumours, "
-            "infection and fractures are not represented as classes and may be called either way.",
-            "Grouped test split of 688 images; figures on another hospital's radiographs will be lower.",
-        ],
-        "config": {
-            "id": "bone-xray",
-            "name": "Bone radiograph: bone tumour screening (cancer / normal)",
-            "version": "1.0.0",
-            "modality": "radiology/x-ray",
-            "input_description": "bone radiograph",
-            "image_noun": "Radiograph",
-            "dicom_modalities": ["CR", "DX", "DR", "RG"],
-            "labels": ["cancer", "normal"],
-            "display_names": {"cancer": "Suspected bone malignancy", "normal": "Normal bone radiograph"},
-            "malignant_labels": ["cancer"],
-            "positive_term": "bone malignancy",
-            "report_wording": {
-                "finding": "Bone radiograph, automated screening for bone malignancy",
-                "malignant": "Radiographic appearance suggestive of a bone malignancy; correlate with clinical "
-                             "findings and cross-sectional imaging.",
-                "benign": "No radiographic features of a bone malignancy detected by the model.",
-                "disclaimer": "AI output is decision support only and must be confirmed by a radiologist; "
-                              "histopathology is the reference standard.",
-            },
-            "blank_image_std": 2.0,
-        },
-    },
-    "brain-mri": {
-        "dataset": "brain-mri",
-        "subdir": None,
-        "manifest": MANIFEST_DIR / "brain-mri.json",
-        "image_size": 176,
-        "epochs": 12,
-        "train": {"augment": "radiology", "max_angle": 15.0, "gray": True, "pad": True, "freeze_blocks": 5},
-        "operating_point": {"rule": "sensitivity", "min": 0.995},
-        "calibrate_bias": True,
-        "tta": "hflip",
-        "ood_gate_negatives": ["bone-xray", "smear-all"],
-        "citation": "Nickparvar M., Brain Tumor MRI Dataset, Kaggle 2021 (from the Figshare set of Cheng et al. 2015, "
-                    "the SARTAJ set and Br35H); a random 700 per class, exact duplicates removed; no licence stated, "
-                    "research use only.",
-        "held_out": "near-duplicate slices (perceptual hash) kept on one side",
-        "targets": [
-            ("Accuracy (4 classes)", "test.metrics.accuracy", ">=", 0.97),
-            ("Tumour-vs-no-tumour sensitivity", "test.metrics.malignant_vs_benign.sensitivity", ">=", 0.99),
-            ("Smear photos flagged out-of-domain", "out_of_domain.sources.smear photos (all-taleqani).flagged", ">=", 0.95),
-        ],
-        "limitations": [
-            "Single 2-D slices from public collections without patient identifiers: grouping by perceptual hash "
-            "keeps near-identical slices together, but different slices of one patient may still land on both sides.",
-            "Four classes only; other lesions (metastases, abscess, stroke) are not represented and may be called "
-            "a tumour type or 'no tumour'. A slice without a tumour does not exclude one elsewhere in the brain.",
-            "The source collections differ in resolution and contrast; the shortcut checks measure how much the "
-            "model leans on them.",
-        ],
-        "config": {
-            "id": "brain-mri",
-            "name": "Brain MR slice: tumour type (glioma, meningioma, pituitary, no tumour)",
-            "version": "1.0.0",
-            "modality": "radiology/mr",
-            "input_description": "brain MR slice",
-            "image_noun": "Slice",
-            "dicom_modalities": ["MR"],
-            "labels": ["glioma", "meningioma", "notumor", "pituitary"],
-            "display_names": {"glioma": "Glioma", "meningioma": "Meningioma", "notumor": "No tumour",
-                              "pituitary": "Pituitary tumour"},
-            "malignant_labels": ["glioma", "meningioma", "pituitary"],
-            "positive_term": "brain tumour",
-            "report_wording": {
-                "finding": "Brain MR slice, automated tumour detection and typing",
-                "malignant": "Appearance suggestive of an intracranial tumour (most likely: {label}).",
-                "benign": "No intracranial tumour detected by the model on this slice.",
-                "disclaimer": "AI output is decision support only and must be confirmed by a neuroradiologist; "
-                              "a single slice cannot exclude a lesion elsewhere.",
-            },
-            "blank_image_std": 2.0,
-        },
-    },
-}
-
-
-def model_dir(analyzer_id: str) -> Path:
-    return PACKAGE_DIR / "models" / analyzer_id
-
-
-def write_config(recipe: dict, out_dir: Path) -> None:
-    """Static analyzer config (labels, wording, preprocessing); calibration is added later."""
-    from .classifier import MEAN, STD
-
-    cfg = dict(recipe["config"])
-    cfg["preprocess"] = {"size": recipe["image_size"], "mean": list(MEAN), "std": list(STD), "resize": "bilinear",
-                         "pad_to_square": "median border colour"}
-    if recipe.get("train", {}).get("gray"):
-        cfg["preprocess"]["grayscale"] = True
-    if recipe.get("tta"):
-        cfg["preprocess"]["tta"] = recipe["tta"]
-    if "segmenter" in cfg:
-        cfg["segmenter"] = dict(cfg["segmenter"], size=recipe["image_size"])
-        cfg["files"] = ["classifier.onnx", "segmenter.onnx", "head.npz"]
-    else:
-        cfg["files"] = ["classifier.onnx", "head.npz"]
-    path = out_dir / "config.json"
-    if path.exists():  # keep an existing calibration block until calibrate rewrites it
-        old = json.loads(path.read_text())
-        if "calibration" in old:
-            cfg["calibration"] = old["calibration"]
-            cfg["files"].append("ood.npz")
-    path.write_text(json.dumps(cfg, indent=1))
-
+from .calibrate import calibrate
+from .export import export_models
+from .recipes import DEFAULT_DATASETS, RECIPES, model_dir, write_config
+from .segmentation import train_segmenter
+from .train_classifier import TrainConfig, train
 
 def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str, out: str | None, epochs: int | None,
                  seed: int, command: str) -> None:
@@ -207,23 +40,15 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
     for st in stages:
         ts = time.time()
         if st == "classifier":
-            from .train_classifier import TrainConfig, train
-
             cfg = TrainConfig(data_root=str(root), manifest=str(r["manifest"]), out_dir=str(work_dir / "classifier"),
                               subdir=r["subdir"], image_size=r["image_size"], epochs=epochs or r["epochs"], seed=seed,
                               **r.get("train", {}))
             train(cfg)
         elif st == "calibrate":
-            from .calibrate import calibrate
-
             calibrate(analyzer_id, root, r, work_dir, out_dir)
         elif st == "segmenter":
-            from .segmentation import train_segmenter
-
             train_segmenter(root, r, work_dir / "segmenter", seed=seed)
         elif st == "export":
-            from .export import export_models
-
             export_models(work_dir, out_dir, r)
             write_config(r, out_dir)
         log[st] = round((time.time() - ts) / 60, 2)

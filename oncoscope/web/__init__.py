@@ -23,13 +23,13 @@ login_manager = LoginManager()
 def create_app(config: dict | None = None, settings: Settings | None = None, start_workers: bool = True) -> Flask:
     app = Flask(__name__)
     app.url_map.converters["int"] = BoundedInt  # ids beyond the database's integer range are simply not found
-    settings = settings or Settings.from_env()
+    settings = (settings or Settings.from_env()).prepare()
     app.config.update(
         SECRET_KEY=settings.secret_key,
         MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024 * 20,  # whole multi-file request; per file below
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=_secure_cookies(),
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
         REMEMBER_COOKIE_HTTPONLY=True,
         WTF_CSRF_TIME_LIMIT=None,
         PERMANENT_SESSION_LIFETIME=dt.timedelta(minutes=settings.session_idle_minutes),
@@ -173,9 +173,3 @@ class BoundedInt(IntegerConverter):
 
 
 MAX_ID = 2**31 - 1
-
-
-def _secure_cookies() -> bool:
-    import os
-
-    return os.environ.get("ONCOSCOPE_SECURE_COOKIES", "0").lower() in ("1", "true", "yes")

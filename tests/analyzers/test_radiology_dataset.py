@@ -14,7 +14,7 @@ from oncoscope.training.data import load_manifest, manifest_samples
 from oncoscope.evaluation.smear import _classify
 from oncoscope.evaluation.classifier import foreign_test_files
 from oncoscope.imaging.imageio import load_image
-from oncoscope.training.pipeline import RECIPES
+from oncoscope.training.recipes import RECIPES
 
 from ..conftest import DATASETS, dataset_dir
 

@@ -30,7 +30,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (ComputedRadiographyImageStorage, DeflatedExplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGBaseline8Bit, JPEGLSLossless, MRImageStorage, RLELossless)
 
-from oncoscope.imaging import imageio
+from oncoscope.imaging import limits
 from oncoscope.ml import synthetic
 from oncoscope.imaging.imageio import ImageLoadError
 from oncoscope.imaging import dicom
@@ -534,7 +534,7 @@ def _x_stretched_whole(data: bytes) -> np.ndarray:
 @pytest.mark.parametrize("name", list(_VARIANTS))
 def test_dicom_conversion_by_strips_matches_one_strip(monkeypatch, name):
     whole = read_dicom(_VARIANTS[name]).rgb
-    monkeypatch.setattr(imageio, "STRIP_PIXELS", 4 * 53 + 1)  # 4 rows a strip, the last one partial
+    monkeypatch.setattr(limits, "STRIP_PIXELS", 4 * 53 + 1)  # 4 rows a strip, the last one partial
     assert np.array_equal(read_dicom(_VARIANTS[name]).rgb, whole)
     if "stretch" in name:  # the percentiles of the stored values, mapped, are those of the modality values
         expected = _x_stretched_whole(_VARIANTS[name])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from oncoscope.imaging import imageio
+from oncoscope.imaging import imageio, limits
 from oncoscope.imaging.imageio import MIN_SIDE, ImageLoadError, LoadedImage, load_image
 
 # Pillow warns (e.g. "Corrupt EXIF data") on some fuzzed inputs; warnings are not failures.
@@ -491,7 +491,7 @@ _STRIP_SAMPLES = _strip_samples()
 @pytest.mark.parametrize("name", sorted(_STRIP_SAMPLES))
 def test_conversion_by_strips_matches_the_whole_image(monkeypatch, name):
     data = _STRIP_SAMPLES[name]
-    monkeypatch.setattr(imageio, "STRIP_PIXELS", 5 * 61 + 3)  # 5 rows a strip, the last one partial
+    monkeypatch.setattr(limits, "STRIP_PIXELS", 5 * 61 + 3)  # 5 rows a strip, the last one partial
     diff = np.abs(load_image(data).rgb.astype(int) - _whole_image_rgb(data))
     assert diff.max() <= (1 if name == "F.tif" else 0)  # F: percentiles now taken in float32
 
@@ -503,7 +503,7 @@ def test_exif_orientation_by_strips_matches_pillow(monkeypatch, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encode(Image.fromarray(noise_rgb(37, 53, orientation)), "PNG", exif=exif.tobytes())
-    monkeypatch.setattr(imageio, "STRIP_PIXELS", 4 * 53)
+    monkeypatch.setattr(limits, "STRIP_PIXELS", 4 * 53)
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
     result = load_image(data)
     assert np.array_equal(result.rgb, expected) and result.exif_transposed is (orientation != 1)

@@ -158,7 +158,7 @@ def _build_world(home: Path) -> None:
     from oncoscope.store import patients as patient_store
     from oncoscope.store.files import FileStore
 
-    st = Settings.from_env(home=home, database_url=sqlite_url(home))
+    st = Settings.from_env(home=home, database_url=sqlite_url(home)).prepare()
     engine = make_engine(st.database_url)
     try:
         factory = make_session_factory(engine)
@@ -189,7 +189,7 @@ def seed_homes(tmp_path_factory, _fast_hashing) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("seeds")
     empty = root / "empty"
     empty.mkdir()
-    Settings.from_env(home=empty, database_url=sqlite_url(empty))  # creates images/ and secret_key
+    Settings.from_env(home=empty, database_url=sqlite_url(empty)).prepare()  # images/ and secret_key
     migrate.upgrade(sqlite_url(empty))
     world = root / "world"
     shutil.copytree(empty, world)

@@ -857,14 +857,14 @@ def test_strong_secret_key_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_generated_secret_key_file_is_private_and_reused(tmp_path):
-    s1 = Settings.from_env(home=tmp_path)
+    s1 = Settings.from_env(home=tmp_path).prepare()
     path = tmp_path / "secret_key"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert len(s1.secret_key) >= 32 and path.read_text() == s1.secret_key
     mtime = path.stat().st_mtime_ns
-    s2 = Settings.from_env(home=tmp_path)
+    s2 = Settings.from_env(home=tmp_path).prepare()
     assert s2.secret_key == s1.secret_key and path.stat().st_mtime_ns == mtime
-    assert Settings.from_env(home=tmp_path / "other").secret_key != s1.secret_key
+    assert Settings.from_env(home=tmp_path / "other").prepare().secret_key != s1.secret_key
     assert s1.secret_key not in repr(s1)
 
 
@@ -882,9 +882,18 @@ def test_database_url_is_normalised(tmp_path, monkeypatch, given, expected):
     assert Settings.from_env(home=tmp_path, database_url=given).database_url == expected
 
 
+def test_reading_settings_creates_nothing_and_prepare_creates_the_instance(tmp_path):
+    home = tmp_path / "new-instance"
+    s = Settings.from_env(home=home)
+    assert not home.exists() and s.secret_key == ""  # reading settings writes nothing
+    s.prepare()
+    assert s.images_dir.is_dir() and len(s.secret_key) >= 32 and (home / "secret_key").read_text() == s.secret_key
+    assert Settings.from_env(home=home).secret_key == s.secret_key  # read back, not made again
+
+
 def test_settings_defaults_and_bad_values(tmp_path, monkeypatch):
     s = Settings.from_env(home=tmp_path)
-    assert s.database_url == f"sqlite:///{tmp_path.resolve() / 'oncoscope.db'}" and s.images_dir.is_dir()
+    assert s.database_url == f"sqlite:///{tmp_path.resolve() / 'oncoscope.db'}"
     monkeypatch.setenv("ONCOSCOPE_MAX_UPLOAD_MB", "lots")
     with pytest.raises(SettingsError, match="ONCOSCOPE_MAX_UPLOAD_MB must be an integer"):
         Settings.from_env(home=tmp_path)
