@@ -9,3 +9,8 @@ def percent(p: float | None) -> str:
         return "–"
     v = 100 * float(p)
     return ">99.9%" if v > 99.9 else "<0.1%" if v < 0.1 else f"{v:.1f}%"
+
+
+# Exports of a case (services/exports.py raises with the first; the case page's send button says the second).
+EXPORT_NEEDS_SIGNATURE = "Only signed cases can be exported."
+SEND_NEEDS_SIGNATURE = "Only signed cases can be sent."

@@ -3,6 +3,8 @@
 # so CI can never pass on an empty run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The architecture's layers and contracts (pyproject.toml [tool.importlinter]) first: a violation fails CI.
+.venv/bin/lint-imports || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from oncoscope.bench import faults as faultbench
+from oncoscope.bench.processes import WorkerProcess, clear_queue, instance_env, redis_reachable, scratch_database
 from oncoscope.services import jobs
 from oncoscope.config import Settings
 from oncoscope.store import cases as case_store
@@ -40,12 +41,12 @@ def _pg_reachable() -> Exception | None:
 
 @pytest.fixture()
 def redis_url():
-    exc = faultbench.redis_reachable(REDIS_URL)
+    exc = redis_reachable(REDIS_URL)
     if exc is not None:
         pytest.skip(f"Redis at {REDIS_URL} does not answer ({exc.__class__.__name__}): scale-out tests skipped")
-    faultbench._clear_queue(REDIS_URL)
+    clear_queue(REDIS_URL)
     yield REDIS_URL
-    faultbench._clear_queue(REDIS_URL)
+    clear_queue(REDIS_URL)
 
 
 @pytest.fixture()
@@ -53,8 +54,6 @@ def pg_url():
     exc = _pg_reachable()
     if exc is not None:
         pytest.skip(f"PostgreSQL at {PG_URL} does not answer ({exc.__class__.__name__}): scale-out tests skipped")
-    from oncoscope.bench.load import scratch_database
-
     with scratch_database(PG_URL) as url:
         yield url
 
@@ -144,7 +143,6 @@ def test_lost_queue_messages_are_handed_out_again(sqlite_instance):
 def test_scaled_out_upload_to_result_through_redis_and_two_workers(redis_url, pg_url, tmp_path):
     from tests.web.conftest import png_bytes
 
-    from oncoscope.bench.load import instance_env
     from oncoscope.store import tokens as token_store
     from oncoscope.store import users as user_store
     from oncoscope.web import create_app
@@ -179,7 +177,7 @@ def test_scaled_out_upload_to_result_through_redis_and_two_workers(redis_url, pg
         assert data[0] == "oncoscope.services.jobs.rq_job" and isinstance(data[2][0], int), data
     env = instance_env(home, pg_url, {"ONCOSCOPE_QUEUE_URL": redis_url, "ONCOSCOPE_JOB_LEASE_SECONDS": 20,
                                       "ONCOSCOPE_JOB_TIMEOUT_SECONDS": 10})
-    workers = [faultbench.WorkerProcess(env, tmp_path / f"w{i}.log").start() for i in range(2)]
+    workers = [WorkerProcess(env, tmp_path / f"w{i}.log").start() for i in range(2)]
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

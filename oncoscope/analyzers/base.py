@@ -2,7 +2,8 @@
 
 An analyzer travels with its preprocessing, label names, which labels are
 malignant, calibration and report wording (all in its model folder's
-``config.json``), like a timm model travels with its pretrained config.
+``config.json``, parsed once into an :class:`~.config.AnalyzerConfig`), like a
+timm model travels with its pretrained config.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..imaging.imageio import ImageLoadError, LoadedImage, load_image
+from .config import AnalyzerConfig
 
 STATUS_OK = "ok"
 STATUS_UNCERTAIN = "uncertain"
@@ -101,29 +103,36 @@ class Analyzer:
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
-        cfg_path = self.model_dir / "config.json"
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"analyzer {self.id}: no config.json in {self.model_dir}")
-        self.config: dict = json.loads(cfg_path.read_text())
-        self.name: str = self.config["name"]
-        self.version: str = self.config["version"]
-        self.modality: str = self.config["modality"]
-        self.labels: list[str] = list(self.config["labels"])
-        self.display_names: dict[str, str] = dict(self.config.get("display_names", {}))
-        self.malignant_labels: set[str] = set(self.config.get("malignant_labels", []))
-        self.report_wording: dict = dict(self.config.get("report_wording", {}))
+        # parsed and checked once, here: a broken config.json stops the start with an AnalyzerConfigError
+        # naming the file and the key, never a KeyError in the middle of a request
+        try:
+            self.config: AnalyzerConfig = AnalyzerConfig.load(self.model_dir)
+        except FileNotFoundError as exc:  # no config.json at all
+            raise FileNotFoundError(f"analyzer {self.id}: {exc}") from None
+        cfg = self.config
+        if cfg.id is not None and cfg.id != self.id:
+            raise cfg.error("id", f"is {cfg.id!r}, but this folder is being loaded as analyzer {self.id!r}")
+        # The attributes below are what pages, reports and stores read (plain lists, sets and dicts,
+        # as describe() returns them); their values come from the typed config only.
+        self.name: str = cfg.name
+        self.version: str = cfg.version
+        self.modality: str = cfg.modality
+        self.labels: list[str] = list(cfg.labels)
+        self.display_names: dict[str, str] = dict(cfg.display_names)
+        self.malignant_labels: set[str] = set(cfg.malignant_labels)
+        self.report_wording: dict[str, str] = cfg.report_wording.as_dict()
         # What the analyzer expects to see, what its positive call is called, and what an image is
         # called in its field (used in messages, pages and reports: no analyzer-specific text elsewhere).
-        self.input_description: str = self.config.get("input_description", "image")
-        self.positive_term: str = self.config.get("positive_term", "malignancy")
-        self.image_noun: str = self.config.get("image_noun", "Image")
+        self.input_description: str = cfg.input_description
+        self.positive_term: str = cfg.positive_term
+        self.image_noun: str = cfg.image_noun
         # DICOM modalities accepted (empty: any); a DICOM file of another modality is out of domain.
-        self.dicom_modalities: list[str] = list(self.config.get("dicom_modalities", []))
+        self.dicom_modalities: list[str] = list(cfg.dicom_modalities)
         self.model_info = ModelInfo(self.id, self.version, self._digest())
 
     def _digest(self) -> str:
         h = hashlib.sha256()
-        for name in sorted(self.config.get("files", [])) + ["config.json"]:
+        for name in sorted(self.config.files) + ["config.json"]:
             p = self.model_dir / name
             h.update(name.encode())
             h.update(hashlib.sha256(p.read_bytes()).digest())
@@ -159,8 +168,9 @@ class Analyzer:
         """The analyzer's report sentence for an AI label (its ``report_wording``), or None."""
         if label not in self.labels:
             return None
-        template = self.report_wording.get("malignant" if label in self.malignant_labels else "benign")
-        return template.format(label=self.display_names.get(label, label)) if template else None
+        wording = self.config.report_wording
+        template = wording.malignant if label in self.malignant_labels else wording.benign
+        return template.format(label=self.config.display_name(label)) if template else None
 
     def modality_mismatch(self, loaded: LoadedImage) -> str | None:
         """Why a DICOM file's declared modality rules it out for this analyzer (None when it does not)."""

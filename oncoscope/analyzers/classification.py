@@ -9,7 +9,8 @@ features) -> temperature-scaled probabilities -> out-of-domain score
 do (the smear analyzer segments cells) adds it in :meth:`extend`.
 
 Everything specific to an analyzer (labels, which are malignant, what its input
-looks like, thresholds, report wording) comes from its ``config.json``.
+looks like, thresholds, report wording) comes from its ``config.json``, parsed
+once into ``self.config`` (:class:`~.config.AnalyzerConfig`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..ml import cam as cam_mod
 from ..ml.scores import gate_features, gate_probability, softmax
 from ..imaging.imageio import pad_to_square, to_gray3
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
+from .config import ModalityGate, OutOfDomain
 
 MAX_WORKING_SIDE = 4096
 
@@ -33,41 +35,60 @@ class ImageClassifierAnalyzer(Analyzer):
 
     counts_cells = False
 
+    REQUIRED_FILES = ("classifier.onnx", "head.npz")
+
     def __init__(self, model_dir: Path, threads: int = 2):
         super().__init__(model_dir)
-        pre = self.config["preprocess"]
-        self.size = int(pre["size"])
-        self.gray = bool(pre.get("grayscale", False))
-        self.mean = np.array(pre["mean"], np.float32).reshape(1, 3, 1, 1)
-        self.std = np.array(pre["std"], np.float32).reshape(1, 3, 1, 1)
-        self.classifier = SessionPool(self.model_dir / "classifier.onnx", threads)
-        head = np.load(self.model_dir / "head.npz")
-        self.head_weight = head["weight"]
-        cal = self.config.get("calibration", {})
-        self.temperature = float(cal.get("temperature", 1.0))
-        # per-class logit offsets fitted with the temperature on validation (absent: none)
-        self.class_bias = np.array(cal.get("class_bias", [0.0] * len(self.labels)), np.float64)
-        self.uncertain_below = float(cal.get("uncertain_below", 0.0))
-        self.malignant_threshold = float(cal.get("malignant_threshold", 0.5))
-        ood = cal.get("ood")
-        self.ood_threshold = None
-        self.gate_threshold = None
-        if ood:
-            st = np.load(self.model_dir / ood["stats"])
-            self.ood_means = st["means"].astype(np.float64)
-            self.ood_precision = st["precision"].astype(np.float64)
-            self.ood_threshold = float(ood["threshold"])
-            self.ood_input = ood.get("input", "embedding")
-            # modality gate (optional): a linear classifier, this analyzer's images vs other analyzers'
-            self.gate_threshold = float(ood["gate"]["threshold"]) if "gate" in ood else None
-            if self.gate_threshold is not None:
-                self.gate = {k: st[k].astype(np.float64) for k in ("gate_mean", "gate_scale", "gate_coef",
-                                                                    "gate_intercept")}
-        self.blank_std = float(self.config.get("blank_image_std", 2.0))
+        cfg = self.config
+        for name in self.REQUIRED_FILES:  # listed, so that the model digest covers them
+            if name not in cfg.files:
+                raise cfg.error("files", f"must list {name!r} (this analyzer loads it)")
+        pre = cfg.preprocess
+        self.size = pre.size
+        self.gray = pre.grayscale
+        self.mean = np.array(pre.mean, np.float32).reshape(1, 3, 1, 1)
+        self.std = np.array(pre.std, np.float32).reshape(1, 3, 1, 1)
         # test-time augmentation: "hflip" averages the logits of the image and its mirror image
         # (radiographs and MR slices are read either way round); features, embedding and
         # out-of-domain statistics come from the image as given
-        self.tta = pre.get("tta")
+        self.tta = pre.tta
+        self.classifier = SessionPool(self.model_dir / "classifier.onnx", threads)
+        head = np.load(self.model_dir / "head.npz")
+        self.head_weight = head["weight"]
+        cal = cfg.calibration
+        self.temperature = cal.temperature
+        # per-class logit offsets fitted with the temperature on validation (zeros when not fitted)
+        self.class_bias = np.array(cal.class_bias, np.float64)
+        self.uncertain_below = cal.uncertain_below
+        self.malignant_threshold = cal.malignant_threshold
+        self.ood_threshold = None
+        self.gate_threshold = None
+        if cal.ood is not None:
+            self._load_ood(cal.ood)
+        self.blank_std = cfg.blank_image_std
+
+    def _load_ood(self, ood: OutOfDomain) -> None:
+        """Out-of-domain statistics (and the optional modality gate), checked against the network now."""
+        outputs = self.classifier.output_names
+        if ood.input not in outputs:
+            raise self.config.error("calibration.ood.input",
+                                    f"{ood.input!r} is not an output of classifier.onnx ({', '.join(outputs)})")
+        if ood.gate is not None and "embedding" not in outputs:
+            raise self.config.error("calibration.ood.gate", "the modality gate reads the 'embedding' output, which "
+                                                            f"classifier.onnx lacks ({', '.join(outputs)})")
+        st = np.load(self.model_dir / ood.stats)
+        needed = OutOfDomain.ARRAYS + (ModalityGate.ARRAYS if ood.gate is not None else ())
+        missing = [k for k in needed if k not in st.files]
+        if missing:
+            raise self.config.error("calibration.ood.stats", f"{ood.stats} lacks the arrays {', '.join(missing)}")
+        self.ood_means = st["means"].astype(np.float64)
+        self.ood_precision = st["precision"].astype(np.float64)
+        self.ood_threshold = ood.threshold
+        self.ood_input = ood.input
+        # modality gate (optional): a linear classifier, this analyzer's images vs other analyzers'
+        if ood.gate is not None:
+            self.gate_threshold = ood.gate.threshold
+            self.gate = {k: st[k].astype(np.float64) for k in ModalityGate.ARRAYS}
 
     # -- pieces reused by calibration and evaluation ---------------------------------
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int], int]:
@@ -174,7 +195,7 @@ class ImageClassifierAnalyzer(Analyzer):
             return res
         k = int(probs.argmax())
         res.label = self.labels[k]
-        res.label_display = self.display_names.get(res.label, res.label)
+        res.label_display = self.config.display_name(res.label)
         res.malignant, res.malignant_probability = malignant, p_mal
         geometry = {"top": top, "left": left, "side": side, "h": h, "w": w, "oh": oh, "ow": ow, "back": back}
         self.extend(res, x, rgb, geometry, t)

@@ -11,6 +11,13 @@ from .base import Analyzer
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 # id -> (module, class name). Adding an analyzer = one line here + its module + its model folder.
+#
+# The table stays the one list on purpose, rather than each analyzer module registering itself
+# where it is defined (timm's decorator): self-registration only happens once a module has been
+# imported, so something would still have to import every analyzer module up front, and that
+# import list would be this table again, in a less obvious place. As strings, the table lets this
+# module import nothing but ``base``, and an analyzer module (and its ONNX sessions) loads only
+# when that analyzer is first asked for.
 _SPECS: dict[str, tuple[str, str]] = {
     "smear-all": ("oncoscope.analyzers.smear_all", "SmearAllAnalyzer"),
     "bone-xray": ("oncoscope.analyzers.bone_xray", "BoneXrayAnalyzer"),

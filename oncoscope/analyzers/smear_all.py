@@ -15,6 +15,7 @@ from PIL import Image
 from ..ml.cells import measure, postprocess
 from .base import AnalysisResult, SessionPool
 from .classification import ImageClassifierAnalyzer
+from .config import Segmenter
 
 SEG_MAX_SIDE = 448
 
@@ -27,10 +28,10 @@ class SmearAllAnalyzer(ImageClassifierAnalyzer):
         super().__init__(model_dir, threads)
         seg_path = self.model_dir / "segmenter.onnx"
         self.segmenter = SessionPool(seg_path, threads) if seg_path.exists() else None
-        seg = self.config.get("segmenter", {})
-        self.seg_threshold = float(seg.get("threshold", 0.5))
-        self.seg_min_area = int(seg.get("min_area_px", 60))
-        self.seg_min_distance = int(seg.get("min_distance_px", 9))
+        seg = self.config.segmenter or Segmenter()  # no "segmenter" block: the defaults
+        self.seg_threshold = seg.threshold
+        self.seg_min_area = seg.min_area_px
+        self.seg_min_distance = seg.min_distance_px
 
     def segment(self, x: np.ndarray) -> np.ndarray:
         return self.segmenter.run(x)["cell_probability"]

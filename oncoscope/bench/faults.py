@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -26,40 +25,29 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .load import OncoscopeProcess, free_port, instance_env, scratch_database
+from sqlalchemy import func, select
+
+from ..config import Settings
+from ..services.jobs import QueueDispatcher
+from ..store import audit as audit_store
+from ..store import cases as case_store
+from ..store import migrate
+from ..store import patients as patient_store
+from ..store import tokens as token_store
+from ..store import users as user_store
+from ..store.db import make_engine, make_session_factory, standalone_session
+from ..store.files import FileStore
+from ..store.models import Analysis, CaseImage
+from .fixtures import generated_pngs, multipart_body
+from .processes import (Server, WorkerProcess, clear_queue, free_port, instance_env, redis_reachable,
+                        scratch_database)
 
 PG_BIN = Path("/usr/lib/postgresql")
 
 
 # ----------------------------------------------------------------------------- building blocks
-def generated_pngs(n: int, seed: int = 0, side: int = 192) -> list[bytes]:
-    """Distinct smear-like PNGs (generated; never dataset images)."""
-    import numpy as np
-    from PIL import Image
-
-    from ..ml import synthetic
-
-    out = []
-    for i in range(n):
-        rgb = np.array(synthetic.smear_like(seed * 100_000 + i % 50, side)[0], dtype="uint8")
-        rgb[0, 0] = [i % 256, (i // 256) % 256, 7]  # distinct content -> distinct image
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
-
-
 def queue_analyses(settings, n: int, seed: int = 0) -> list[int]:
     """A doctor, a patient and one case holding ``n`` new images: ``n`` queued analyses (ids)."""
-    from ..store import cases as case_store
-    from ..store import patients as patient_store
-    from ..store import users as user_store
-    from sqlalchemy import select
-
-    from ..store.db import standalone_session
-    from ..store.files import FileStore
-    from ..store.models import Analysis
-
     with standalone_session(settings.database_url) as s:
         tag = uuid.uuid4().hex[:8]
         u = user_store.create_user(s, f"fault-{tag}@clinic.test", "Fault Bench", "fault-bench-password-1")
@@ -73,11 +61,6 @@ def queue_analyses(settings, n: int, seed: int = 0) -> list[int]:
 
 
 def analysis_rows(database_url: str, ids: list[int]) -> list[dict]:
-    from sqlalchemy import select
-
-    from ..store.db import make_engine
-    from ..store.models import Analysis
-
     engine = make_engine(database_url)
     try:
         with engine.connect() as c:
@@ -88,54 +71,10 @@ def analysis_rows(database_url: str, ids: list[int]) -> list[dict]:
         engine.dispose()
 
 
-class WorkerProcess(OncoscopeProcess):
-    """``oncoscope worker`` in a subprocess (log in the instance folder)."""
-
-    def __init__(self, env: dict, log_path: Path, reconcile_every: float = 1.0):
-        super().__init__(env, log_path)
-        self.reconcile_every = reconcile_every
-
-    def start(self) -> "WorkerProcess":
-        self._launch(["worker", "--reconcile-every", str(self.reconcile_every)])
-        return self
-
-
-def redis_reachable(url: str) -> Exception | None:
-    try:
-        from ..services.jobs import redis_connection
-
-        redis_connection(url).ping()
-        return None
-    except Exception as exc:  # noqa: BLE001 - report why
-        return exc
-
-
-def _clear_queue(redis_url: str) -> None:
-    """Start from an empty queue: drop this queue's keys only (never FLUSHDB on a shared Redis)."""
-    from rq import Queue
-
-    from ..services.jobs import QUEUE_NAME, redis_connection
-
-    conn = redis_connection(redis_url)
-    from rq.serializers import JSONSerializer
-
-    q = Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)
-    q.empty()
-    for reg in (q.started_job_registry, q.failed_job_registry, q.finished_job_registry):
-        for jid in reg.get_job_ids():
-            with contextlib.suppress(Exception):
-                reg.remove(jid, delete_job=True)
-
-
 # ----------------------------------------------------------------------------- scenario 1: kill a worker
 def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/test",
                          redis_url: str = "redis://127.0.0.1:6379/0", lease_s: int = 6, timeout_s: float = 300,
                          kill_after: float = 0.3) -> dict:
-    from ..config import Settings
-    from ..services.jobs import QueueDispatcher
-    from ..store import migrate
-    from ..store.db import make_engine, make_session_factory
-
     if (exc := redis_reachable(redis_url)) is not None:
         raise RuntimeError(f"Redis at {redis_url} does not answer: {exc}")
     t0 = time.monotonic()
@@ -147,7 +86,7 @@ def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg:/
         st = Settings.from_env(home=home, database_url=url, queue_url=redis_url, job_lease_seconds=lease_s,
                                job_timeout_seconds=max(1, lease_s - 2)).prepare()
         ids = queue_analyses(st, n)
-        _clear_queue(redis_url)
+        clear_queue(redis_url)
         engine = make_engine(url)
         try:
             dispatched = QueueDispatcher(make_session_factory(engine), st).dispatch_due()
@@ -253,8 +192,6 @@ class PrivatePostgres:
 
 def _api(base: str, method: str, path: str, token: str, body=None, files=None, key: str | None = None,
          timeout: float = 30) -> tuple[int, dict]:
-    from .web import multipart_body
-
     headers = {"Authorization": f"Bearer {token}"}
     data = None
     if files is not None:
@@ -277,19 +214,147 @@ def _api(base: str, method: str, path: str, token: str, body=None, files=None, k
             return e.code, {"raw": raw[:200].decode(errors="replace")}
 
 
+def _api_token(database_url: str) -> str:
+    """An uploader account and its API token."""
+    engine = make_engine(database_url)
+    with make_session_factory(engine)() as s:
+        u = user_store.create_user(s, "uploader@clinic.test", "Uploader", "uploader-password-123")
+        s.commit()
+        _t, token = token_store.create(s, u, "fault bench")
+        s.commit()
+    engine.dispose()
+    return token
+
+
+def _upload_once(base: str, token: str, images: list[bytes], k: int, i: int) -> tuple[str, int, str]:
+    """A patient, a case and an image through the API: the last step tried, its status and error code."""
+    step = "patient"
+    try:
+        code, body = _api(base, "POST", "/api/v1/patients", token,
+                          {"mrn": f"PG-{k}-{i}", "family_name": "Outage", "given_name": f"N{i}"}, key=f"p-{k}-{i}")
+        if code == 201:
+            step = "case"
+            code, body = _api(base, "POST", f"/api/v1/patients/{body['id']}/cases", token,
+                              {"analyzer_id": "smear-all"}, key=f"c-{k}-{i}")
+        if code == 201:
+            step = "upload"
+            code, body = _api(base, "POST", f"/api/v1/cases/{body['id']}/images", token,
+                              files=[("images", f"u{i}.png", images[i % len(images)])], key=f"u-{k}-{i}")
+        err = (body.get("error") or {}).get("code", "") if isinstance(body, dict) else ""
+    except Exception as exc:  # noqa: BLE001 - a connection error is a failure to report
+        code, err = -1, f"{exc.__class__.__name__}: {exc}"
+    return step, code, err
+
+
+def _uploads_through_outage(base: str, token: str, images: list[bytes], pg: PrivatePostgres, uploaders: int,
+                            before_s: float, outage_s: float, after_s: float) -> tuple[list, float, float]:
+    """``uploaders`` threads upload while PostgreSQL is up, stopped, started again. Returns the log
+    ((t, step, status, error code) per upload) and when the outage began and ended (s)."""
+    log: list[tuple[float, str, int, str]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    counter = iter(range(10**6))
+    t0 = time.monotonic()
+
+    def uploader(k: int):
+        while not stop.is_set():
+            step, code, err = _upload_once(base, token, images, k, next(counter))
+            with lock:
+                log.append((time.monotonic() - t0, step, code, err))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=uploader, args=(k,), daemon=True) for k in range(uploaders)]
+    for t in threads:
+        t.start()
+    time.sleep(before_s)
+    t_down = time.monotonic() - t0
+    pg.stop("immediate")
+    time.sleep(outage_s)
+    t_up = time.monotonic() - t0
+    pg.start()
+    time.sleep(after_s)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    return log, t_down, t_up
+
+
+def _server_problems(server: Server) -> dict:
+    problems = server.log_problems()
+    text = server.log_tail(10**7)
+    i = text.find("audit entry could not be written")
+    problems["audit_failure"] = text[i:i + 4000] if i >= 0 else ""
+    return problems
+
+
+def _settled_database(database_url: str, base: str, token: str, timeout_s: float) -> dict:
+    """Once every accepted image is analysed (bounded wait): what the database holds, and the audit chain."""
+    engine = make_engine(database_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as c:
+                pending = c.scalar(select(func.count(Analysis.id)).where(
+                    Analysis.job_status.in_(("queued", "running", "retried"))))
+            if not pending:
+                break
+            time.sleep(0.5)
+        with engine.connect() as c:
+            out = {"images": c.scalar(select(func.count(CaseImage.id))),
+                   "analyses": c.scalar(select(func.count(Analysis.id))),
+                   "done": c.scalar(select(func.count(Analysis.id)).where(Analysis.job_status == "done")),
+                   "orphan_images": c.scalar(select(func.count(CaseImage.id)).where(
+                       ~CaseImage.id.in_(select(Analysis.image_id)))),
+                   "shas": set(c.scalars(select(CaseImage.sha256)))}
+        # one more request drains any audit entries spooled during the outage
+        _api(base, "GET", "/api/v1/analyzers", token)
+        with make_session_factory(engine)() as s:
+            out["audit"] = audit_store.verify(s)
+    finally:
+        engine.dispose()
+    return out
+
+
+def _outage_report(log: list, t_down: float, t_up: float, db: dict, files_on_disk: set, spool: Path,
+                   problems: dict, uploaders: int, outage_s: float) -> dict:
+    during = [e for e in log if t_down + 0.5 < e[0] < t_up]
+    before = [e for e in log if e[0] < t_down]
+    after = [e for e in log if e[0] > t_up]
+    ok_after = [e for e in after if e[2] in (200, 201) and e[1] == "upload"]
+    bad_during = [e for e in during if not (e[2] == 503 and e[3] == "database_unavailable")]
+    unexpected = [e for e in log if e[2] not in (200, 201, 503) or (e[2] == 503 and e[3] != "database_unavailable")]
+    first_ok_after = min((e[0] for e in ok_after), default=None)
+    n_images, n_analyses, n_done, orphan_images = db["images"], db["analyses"], db["done"], db["orphan_images"]
+    shas, audit = db["shas"], db["audit"]
+    rep = {
+        "scenario": "stop PostgreSQL during uploads", "uploaders": uploaders,
+        "requests": len(log), "before": len(before), "during_outage": len(during), "after": len(after),
+        "during_503_database_unavailable": sum(1 for e in during if e[2] == 503), "during_other": len(bad_during),
+        "unexpected_answers": len(unexpected), "unexpected_examples": unexpected[:5],
+        "uploads_accepted": sum(1 for e in log if e[1] == "upload" and e[2] in (200, 201)),
+        "recovery_s": round(first_ok_after - t_up, 1) if first_ok_after is not None else None,
+        "images": n_images, "analyses": n_analyses, "analysed": n_done,
+        "image_rows_without_analysis": orphan_images,
+        "files_without_row": len(files_on_disk - shas), "rows_without_file": len(shas - files_on_disk),
+        "audit_chain_ok": audit.ok, "audit_entries": audit.entries,
+        "audit_spool_left": spool.exists() and spool.stat().st_size > 0,
+        "outage_s": outage_s, "server_tracebacks": problems.get("tracebacks", 0),
+        "server_first_tracebacks": problems.get("first_tracebacks", [])[:2],
+        "audit_failure": problems.get("audit_failure", "")[-3000:],
+    }
+    rep["targets_met"] = {
+        "clear_503_during_outage": rep["during_503_database_unavailable"] > 0 and rep["during_other"] == 0,
+        "no_partial_records": orphan_images == 0 and rep["files_without_row"] == 0 and rep["rows_without_file"] == 0
+        and n_images == n_analyses,
+        "recovered": rep["recovery_s"] is not None and n_done == n_analyses,
+        "audit_intact": audit.ok and not rep["audit_spool_left"],
+        "no_other_errors": rep["unexpected_answers"] == 0,
+    }
+    return rep
+
+
 def pg_outage_scenario(uploaders: int = 4, before_s: float = 6, outage_s: float = 8, after_s: float = 10,
                        timeout_s: float = 180) -> dict:
-    from sqlalchemy import func, select
-
-    from ..config import Settings
-    from .load import Server
-    from ..store import audit as audit_store
-    from ..store import migrate
-    from ..store import tokens as token_store
-    from ..store import users as user_store
-    from ..store.db import make_engine, make_session_factory
-    from ..store.models import Analysis, CaseImage
-
     with tempfile.TemporaryDirectory(prefix="oncoscope-pgdown-") as tmp:
         root = Path(tmp)
         if os.geteuid() == 0:
@@ -300,124 +365,20 @@ def pg_outage_scenario(uploaders: int = 4, before_s: float = 6, outage_s: float 
         try:
             migrate.upgrade(pg.url)
             st = Settings.from_env(home=home, database_url=pg.url).prepare()
-            engine = make_engine(pg.url)
-            with make_session_factory(engine)() as s:
-                u = user_store.create_user(s, "uploader@clinic.test", "Uploader", "uploader-password-123")
-                s.commit()
-                _t, token = token_store.create(s, u, "fault bench")
-                s.commit()
-            engine.dispose()
+            token = _api_token(pg.url)
             env = instance_env(home, pg.url, {"ONCOSCOPE_JOB_LEASE_SECONDS": 20, "ONCOSCOPE_JOB_TIMEOUT_SECONDS": 10})
             images = generated_pngs(400, seed=11)
-            log: list[tuple[float, str, int, str]] = []  # (t, step, status, error code)
-            lock = threading.Lock()
-            stop = threading.Event()
-            counter = iter(range(10**6))
             with Server(env) as server:
-                t0 = time.monotonic()
-
-                def uploader(k: int):
-                    while not stop.is_set():
-                        i = next(counter)
-                        step = "patient"
-                        try:
-                            code, body = _api(server.base, "POST", "/api/v1/patients", token,
-                                              {"mrn": f"PG-{k}-{i}", "family_name": "Outage", "given_name": f"N{i}"},
-                                              key=f"p-{k}-{i}")
-                            if code == 201:
-                                step = "case"
-                                code, body = _api(server.base, "POST", f"/api/v1/patients/{body['id']}/cases", token,
-                                                  {"analyzer_id": "smear-all"}, key=f"c-{k}-{i}")
-                            if code == 201:
-                                step = "upload"
-                                code, body = _api(server.base, "POST", f"/api/v1/cases/{body['id']}/images", token,
-                                                  files=[("images", f"u{i}.png", images[i % len(images)])],
-                                                  key=f"u-{k}-{i}")
-                            err = (body.get("error") or {}).get("code", "") if isinstance(body, dict) else ""
-                        except Exception as exc:  # noqa: BLE001 - a connection error is a failure to report
-                            code, err = -1, f"{exc.__class__.__name__}: {exc}"
-                        with lock:
-                            log.append((time.monotonic() - t0, step, code, err))
-                        time.sleep(0.05)
-
-                threads = [threading.Thread(target=uploader, args=(k,), daemon=True) for k in range(uploaders)]
-                for t in threads:
-                    t.start()
-                time.sleep(before_s)
-                t_down = time.monotonic() - t0
-                pg.stop("immediate")
-                time.sleep(outage_s)
-                t_up = time.monotonic() - t0
-                pg.start()
-                time.sleep(after_s)
-                stop.set()
-                for t in threads:
-                    t.join(60)
-                problems = server.log_problems()
-                text = server.log_tail(10**7)
-                i = text.find("audit entry could not be written")
-                problems["audit_failure"] = text[i:i + 4000] if i >= 0 else ""
-                # every accepted image analysed (bounded wait)
-                engine = make_engine(pg.url)
-                deadline = time.monotonic() + timeout_s
-                try:
-                    while time.monotonic() < deadline:
-                        with engine.connect() as c:
-                            pending = c.scalar(select(func.count(Analysis.id)).where(
-                                Analysis.job_status.in_(("queued", "running", "retried"))))
-                        if not pending:
-                            break
-                        time.sleep(0.5)
-                    with engine.connect() as c:
-                        n_images = c.scalar(select(func.count(CaseImage.id)))
-                        n_analyses = c.scalar(select(func.count(Analysis.id)))
-                        n_done = c.scalar(select(func.count(Analysis.id)).where(Analysis.job_status == "done"))
-                        orphan_images = c.scalar(select(func.count(CaseImage.id)).where(
-                            ~CaseImage.id.in_(select(Analysis.image_id))))
-                        shas = set(c.scalars(select(CaseImage.sha256)))
-                    # one more request drains any audit entries spooled during the outage
-                    _api(server.base, "GET", "/api/v1/analyzers", token)
-                    with make_session_factory(engine)() as s:
-                        audit = audit_store.verify(s)
-                finally:
-                    engine.dispose()
+                log, t_down, t_up = _uploads_through_outage(server.base, token, images, pg, uploaders,
+                                                            before_s, outage_s, after_s)
+                problems = _server_problems(server)
+                db = _settled_database(pg.url, server.base, token, timeout_s)
             files_on_disk = {p.name for p in st.images_dir.glob("*/*/*") if p.is_dir()}
             spool = st.audit_spool
         finally:
             with contextlib.suppress(Exception):
                 pg.stop("fast")
-        during = [e for e in log if t_down + 0.5 < e[0] < t_up]
-        before = [e for e in log if e[0] < t_down]
-        after = [e for e in log if e[0] > t_up]
-        ok_after = [e for e in after if e[2] in (200, 201) and e[1] == "upload"]
-        bad_during = [e for e in during if not (e[2] == 503 and e[3] == "database_unavailable")]
-        unexpected = [e for e in log if e[2] not in (200, 201, 503) or (e[2] == 503 and e[3] != "database_unavailable")]
-        first_ok_after = min((e[0] for e in ok_after), default=None)
-        rep = {
-            "scenario": "stop PostgreSQL during uploads", "uploaders": uploaders,
-            "requests": len(log), "before": len(before), "during_outage": len(during), "after": len(after),
-            "during_503_database_unavailable": sum(1 for e in during if e[2] == 503), "during_other": len(bad_during),
-            "unexpected_answers": len(unexpected), "unexpected_examples": unexpected[:5],
-            "uploads_accepted": sum(1 for e in log if e[1] == "upload" and e[2] in (200, 201)),
-            "recovery_s": round(first_ok_after - t_up, 1) if first_ok_after is not None else None,
-            "images": n_images, "analyses": n_analyses, "analysed": n_done,
-            "image_rows_without_analysis": orphan_images,
-            "files_without_row": len(files_on_disk - shas), "rows_without_file": len(shas - files_on_disk),
-            "audit_chain_ok": audit.ok, "audit_entries": audit.entries,
-            "audit_spool_left": spool.exists() and spool.stat().st_size > 0,
-            "outage_s": outage_s, "server_tracebacks": problems.get("tracebacks", 0),
-            "server_first_tracebacks": problems.get("first_tracebacks", [])[:2],
-            "audit_failure": problems.get("audit_failure", "")[-3000:],
-        }
-        rep["targets_met"] = {
-            "clear_503_during_outage": rep["during_503_database_unavailable"] > 0 and rep["during_other"] == 0,
-            "no_partial_records": orphan_images == 0 and rep["files_without_row"] == 0 and rep["rows_without_file"] == 0
-            and n_images == n_analyses,
-            "recovered": rep["recovery_s"] is not None and n_done == n_analyses,
-            "audit_intact": audit.ok and not rep["audit_spool_left"],
-            "no_other_errors": rep["unexpected_answers"] == 0,
-        }
-        return rep
+        return _outage_report(log, t_down, t_up, db, files_on_disk, spool, problems, uploaders, outage_s)
 
 
 # ----------------------------------------------------------------------------- both, for the CLI

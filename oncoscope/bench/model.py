@@ -13,23 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analyzers import registry
+from ..imaging.imageio import load_image
+from ..ml.synthetic import radiograph_like, smear_like
+from ..training.data import load_manifest, manifest_samples
+from ..training.recipes import RECIPES
+from .baselines import baseline_report, measure_matmul_gflops, onnx_flops
+
 
 def generated_image(analyzer_id: str, seed: int, size: int = 224) -> np.ndarray:
     """A generated stand-in for the analyzer's input (when the dataset is absent)."""
-    from ..ml.synthetic import radiograph_like, smear_like
-
     return smear_like(seed, size=size)[0] if analyzer_id == "smear-all" else radiograph_like(seed, size, size)
 
 
 def _images(analyzer_id: str, n: int, data_root: Path | None) -> tuple[list[np.ndarray], str]:
-    from ..imaging.imageio import load_image
-    from ..training.recipes import RECIPES
-
     r = RECIPES.get(analyzer_id)
     base = (Path(data_root) / r["subdir"] if r.get("subdir") else Path(data_root)) if r and data_root else None
     if base is not None and base.is_dir():
-        from ..training.data import load_manifest, manifest_samples
-
         m = load_manifest(r["manifest"])
         test = manifest_samples(m, "test")
         step = max(1, len(test) // n)
@@ -72,8 +72,6 @@ def peak_rss_mb() -> float:
 
 def memory_probe(analyzer_id: str, n: int = 20) -> dict:
     """Run in a fresh process: load the analyzer, analyse n images, report peak RSS."""
-    from ..analyzers import registry
-
     base = peak_rss_mb()
     an = registry.get(analyzer_id)
     loaded = peak_rss_mb()
@@ -87,9 +85,6 @@ def memory_probe(analyzer_id: str, n: int = 20) -> dict:
 
 def run_bench(analyzer_id: str = "smear-all", runs: int = 100, baseline_runs: int = 5, data_root: Path | None = None,
               threads: int = 2, include_baselines: bool = True) -> dict:
-    from ..analyzers import registry
-    from .baselines import baseline_report, measure_matmul_gflops, onnx_flops
-
     an = registry.get(analyzer_id)
     images, source = _images(analyzer_id, 50, data_root)
     lat = analyzer_latency(an, images, runs)

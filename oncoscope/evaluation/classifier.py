@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..analyzers.render import heatmap_overlay
 from ..ml import metrics as M
-from ..training.data import load_manifest
-from .smear import (_classify, _fmt, _round, card_header, ci_text, md_header, flagged_fraction, generated_sources,
-                    metric_plots, pooled_flagged, run_test_split, training_files)
-
-REPO = Path(__file__).resolve().parents[2]
+from ..training.data import load_manifest, manifest_samples
+from ..training.recipes import RECIPES
+from .smear import (REPO, _classify, _fmt, _round, card_header, ci_text, flagged_fraction, flagged_share,
+                    generated_sources, latency_summary, md_header, metric_plots, pooled_flagged, run_test_split,
+                    training_files)
 
 
 # ----------------------------------------------------------------------------- perturbations
@@ -79,7 +80,6 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
     selective["positives_missed"] = int(missed.sum())
     selective["positives_missed_but_referred"] = int((missed & (st != "ok")).sum())
 
-    othr = an.ood_threshold if an.ood_threshold is not None else np.inf
     shortcuts = {}
     for name, fn in PERTURBATIONS.items():
         pp, oo = _classify(an, [fn(r) for r in rgbs])
@@ -87,7 +87,7 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
         shortcuts[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"],
                            "malignant_vs_benign": m["malignant_vs_benign"],
                            "accuracy_drop_points": 100 * (main["accuracy"] - m["accuracy"]),
-                           "flagged_out_of_domain": float((oo > othr).mean())}
+                           "flagged_out_of_domain": flagged_share(an, oo)}
 
     # Out-of-domain: the other analyzers' data and generated images.
     datasets_dir = Path(datasets_dir) if datasets_dir else Path(data_root).parent
@@ -131,15 +131,15 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
                            recipe.get("tta"), "none")},
             "classifier_history": json.loads(history_path.read_text()) if history_path.exists() else None,
         },
-        "calibration": an.config.get("calibration"),
+        # as written: the fitted values with their rules and validation figures
+        "calibration": an.config.to_dict().get("calibration"),
         "test": {"metrics": main, "ci95_cluster_bootstrap": ci, "n_bootstrap": n_boot,
                  "bootstrap_clusters": "split groups (copies of one source image / near-duplicates)",
                  "n_clusters": int(len(np.unique(clusters))), "selective": selective,
                  "reliability": M.reliability(probs, y)},
         "shortcuts": shortcuts,
         "out_of_domain": ood_eval,
-        "latency_ms_during_evaluation": {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)),
-                                         "note": "full analysis, batch 1; see `oncoscope bench` for the benchmark"},
+        "latency_ms_during_evaluation": latency_summary(times),
     }
     card["limitations"] = recipe.get("limitations", [])
     card = _round(card)
@@ -155,9 +155,6 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
 
 def foreign_test_files(analyzer_id: str, datasets_dir: Path, n: int, seed: int = 0) -> list[Path]:
     """Up to ``n`` files of another analyzer's test split (empty when its dataset is absent)."""
-    from ..training.data import manifest_samples
-    from ..training.recipes import RECIPES
-
     r = RECIPES[analyzer_id]
     base = Path(datasets_dir) / r["dataset"] / (r.get("subdir") or "")
     if not base.is_dir():
@@ -191,8 +188,6 @@ def _overlays(out: Path, labels, y, test, rgbs, results) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..analyzers.render import heatmap_overlay
 
     picks = []
     for c in range(len(labels)):

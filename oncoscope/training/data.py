@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..imaging.imageio import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..imaging.imageio import IMAGE_EXTENSIONS, ImageLoadError, load_image, pad_to_square, resize_rgb, to_gray3
 
 SPLITS = ("train", "val", "test")
 MANIFEST_DIR = Path(__file__).resolve().parent / "splits"
@@ -369,8 +369,6 @@ def load_arrays(root: str | os.PathLike, samples: list[Sample], classes: list[st
 
     ``gray``: luminance replicated to 3 channels; ``pad``: pad to square first (aspect preserved).
     """
-    from ..imaging.imageio import pad_to_square, resize_rgb, to_gray3
-
     base = Path(root) / subdir if subdir else Path(root)
     xs, ys = [], []
     for s in samples:

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .classifier import ExportWrapper
+from .segmentation import load_segmenter
+from .train_classifier import load_best
+
 
 def export_classifier(model, path: Path, image_size: int) -> None:
     import torch
 
-    from .classifier import ExportWrapper
 
     wrapper = ExportWrapper(model).eval()
     dummy = torch.zeros(1, 3, image_size, image_size)
@@ -63,7 +66,6 @@ def export_models(work_dir: Path, out_dir: Path, recipe: dict) -> None:
     """Write classifier.onnx, head weights and (for analyzers that segment) segmenter.onnx into the model folder."""
     import torch
 
-    from .train_classifier import load_best
 
     size = recipe["image_size"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,6 @@ def export_models(work_dir: Path, out_dir: Path, recipe: dict) -> None:
     info = {"classes": ck["classes"], "classifier_epoch": ck["epoch"], "onnx_max_abs_error": {"classifier": err_c}}
     parts = ["classifier"]
     if "segmented_subdir" in recipe:
-        from .segmentation import load_segmenter
 
         net, sck = load_segmenter(work_dir / "segmenter")
         export_segmenter(net, out_dir / "segmenter.onnx", size)

@@ -24,7 +24,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from ..imaging.imageio import load_image, resize_rgb
 from ..ml.cells import clean_binary, dice, iou
+from . import classifier as C
+from .data import load_manifest, manifest_samples
+from .train_classifier import _log, seed_everything
 
 SEG_CLASSES = ("Benign", "Early", "Pre")  # classes whose references are usable
 MIN_FG, MAX_FG = 0.005, 0.60
@@ -55,8 +59,6 @@ def build_unet():
 
 
 def load_seg_arrays(root: Path, recipe: dict, samples, size: int):
-    from ..imaging.imageio import load_image, resize_rgb
-
     xs, ms, keep = [], [], []
     for s in samples:
         if s.label not in SEG_CLASSES:
@@ -79,7 +81,6 @@ def _augment_pair(x_u8, m, g, size):
     import torch
     import torch.nn.functional as F
 
-    from . import classifier as C
 
     x = C.to_tensor(x_u8)
     mt = m.float().unsqueeze(1)
@@ -102,10 +103,6 @@ def train_segmenter(root: Path, recipe: dict, out_dir: Path, seed: int = 0, epoc
                     batch_size: int = 16, threads: int = 2) -> dict:
     import torch
     from monai.losses import DiceCELoss
-
-    from . import classifier as C
-    from .data import load_manifest, manifest_samples
-    from .train_classifier import _log, seed_everything
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, render_template, request
+from flask import Flask, current_app, g, request
 from flask_login import current_user
+
+from ..store.audit import AuditLog
+from .errors import Failure
 
 log = logging.getLogger("oncoscope.audit")
 
@@ -163,74 +166,83 @@ def _current_user_row():
     return None
 
 
-def init_app(app: Flask) -> None:
-    from ..store.audit import AuditLog
+def _resource_and_patient(a: dict, details: dict) -> tuple[str | None, object, int | None]:
+    """The record the request touched (what the view said, else the most specific id in the URL),
+    the patient it belongs to, and the other ids in the URL (added to ``details``)."""
+    view_args = request.view_args or {}
+    kind, rid = a.get("resource") or (None, None)
+    if kind is None:
+        kind, rid = next(((name, view_args[arg]) for arg, name in RESOURCES if arg in view_args), (kind, rid))
+    patient_id = a.get("patient_id")
+    if patient_id is None and kind == "patient":
+        patient_id = rid
+    if patient_id is None and "patient_id" in view_args:
+        patient_id = view_args["patient_id"]  # the record the URL names (even when refused)
+    for arg, name in RESOURCES:
+        if arg in view_args and name not in (kind, "patient"):
+            details.setdefault(f"{name}_id", view_args[arg])
+    return kind, rid, patient_id
 
+
+def _final_actor(a: dict) -> dict:
+    try:  # read the actor before the rollback in _audit_finish expires the ORM objects
+        user = a.get("actor") or _current_user_row()
+        actor = _actor_fields(user) if user is not None else None
+    except Exception:  # noqa: BLE001 - e.g. the database went away during the request
+        actor = None
+    return actor or g.get("audit_actor") or _actor_fields(None)
+
+
+def _audit_start():
+    if action_for(request.endpoint, request.method) is None:
+        return
+    g.audit_actor = None
+    try:
+        if current_user.is_authenticated:
+            g.audit_actor = _actor_fields(current_user.user)  # plain values: they survive a rollback
+    except Exception:  # noqa: BLE001 - database down: the request will answer 503 and be audited as such
+        pass
+
+
+def _audit_finish(resp):
+    action = action_for(request.endpoint, request.method)
+    if action is None:
+        return resp
+    a = g.get("audit", {})
+    actor = _final_actor(a)
+    sess = g.get("db")
+    if sess is not None:
+        try:
+            sess.rollback()  # whatever the view meant to keep is committed; never hold a lock here
+        except Exception:  # noqa: BLE001
+            pass
+    details = dict(a.get("details", {}))
+    kind, rid, patient_id = _resource_and_patient(a, details)
+    for k in QUERY_KEYS:
+        if k in request.args:
+            details.setdefault(f"query_{k}", request.args.get(k))
+    html = resp.mimetype == "text/html"
+    try:
+        current_app.extensions["oncoscope"]["audit"].record(
+            **actor, channel="api" if request.blueprint == "api" else "web", action=action,
+            method=request.method, path=request.path, resource_type=kind or "", resource_id=rid if rid is not None else "",
+            patient_id=patient_id, outcome=a.get("outcome") or _outcome(resp.status_code, request.method, html),
+            status_code=resp.status_code, ip=request.remote_addr or "",
+            user_agent=request.headers.get("User-Agent", ""), details=details)
+    except Exception:  # noqa: BLE001 - neither the database nor the spool took the entry: fail closed
+        log.exception("audit entry could not be written; refusing the response")
+        return current_app.make_response(AUDIT_UNAVAILABLE.answer())
+    return resp
+
+
+AUDIT_UNAVAILABLE = Failure(503, "audit_unavailable", "The audit trail cannot be written; nothing was shown.",
+                            "Audit trail unavailable",
+                            "This access could not be recorded, so it was refused. Please retry in a moment.")
+
+
+def init_app(app: Flask) -> None:
+    """Register last: after_request hooks run in reverse, so the entry records the final answer."""
     ext = app.extensions["oncoscope"]
     ext["audit"] = AuditLog(ext["sessions"], ext["settings"].audit_spool)
-
-    @app.before_request
-    def _audit_start():
-        if action_for(request.endpoint, request.method) is None:
-            return
-        g.audit_actor = None
-        try:
-            if current_user.is_authenticated:
-                g.audit_actor = _actor_fields(current_user.user)  # plain values: they survive a rollback
-        except Exception:  # noqa: BLE001 - database down: the request will answer 503 and be audited as such
-            pass
-
-    @app.after_request
-    def _audit_finish(resp):
-        action = action_for(request.endpoint, request.method)
-        if action is None:
-            return resp
-        a = g.get("audit", {})
-        try:  # read the actor before the rollback below expires the ORM objects
-            user = a.get("actor") or _current_user_row()
-            actor = _actor_fields(user) if user is not None else None
-        except Exception:  # noqa: BLE001 - e.g. the database went away during the request
-            actor = None
-        actor = actor or g.get("audit_actor") or _actor_fields(None)
-        sess = g.get("db")
-        if sess is not None:
-            try:
-                sess.rollback()  # whatever the view meant to keep is committed; never hold a lock here
-            except Exception:  # noqa: BLE001
-                pass
-        kind, rid = a.get("resource") or (None, None)
-        details = dict(a.get("details", {}))
-        if kind is None:
-            for arg, name in RESOURCES:
-                if request.view_args and arg in request.view_args:
-                    kind, rid = name, request.view_args[arg]
-                    break
-        patient_id = a.get("patient_id")
-        if patient_id is None and kind == "patient":
-            patient_id = rid
-        if patient_id is None and request.view_args and "patient_id" in request.view_args:
-            patient_id = request.view_args["patient_id"]  # the record the URL names (even when refused)
-        for arg, name in RESOURCES:
-            if request.view_args and arg in request.view_args and name not in (kind, "patient"):
-                details.setdefault(f"{name}_id", request.view_args[arg])
-        for k in QUERY_KEYS:
-            if k in request.args:
-                details.setdefault(f"query_{k}", request.args.get(k))
-        html = resp.mimetype == "text/html"
-        try:
-            ext["audit"].record(
-                **actor, channel="api" if request.blueprint == "api" else "web", action=action,
-                method=request.method, path=request.path, resource_type=kind or "", resource_id=rid if rid is not None else "",
-                patient_id=patient_id, outcome=a.get("outcome") or _outcome(resp.status_code, request.method, html),
-                status_code=resp.status_code, ip=request.remote_addr or "",
-                user_agent=request.headers.get("User-Agent", ""), details=details)
-        except Exception:  # noqa: BLE001 - neither the database nor the spool took the entry: fail closed
-            log.exception("audit entry could not be written; refusing the response")
-            if request.blueprint == "api":
-                from .api import error_response
-
-                return error_response(503, "audit_unavailable", "The audit trail cannot be written; nothing was shown.")
-            return app.make_response((render_template(
-                "error.html", title="Audit trail unavailable",
-                message="This access could not be recorded, so it was refused. Please retry in a moment."), 503))
-        return resp
+    app.before_request(_audit_start)
+    app.after_request(_audit_finish)

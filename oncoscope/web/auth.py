@@ -5,9 +5,10 @@ from __future__ import annotations
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, logout_user
 
+from ..store import tokens as token_store
 from ..store import users as user_store
 from . import audit
-from .forms import LoginForm, PasswordForm, SetupForm
+from .forms import EmptyForm, LoginForm, PasswordForm, SetupForm, TokenForm
 from .helpers import db, me, settings, show_errors, start_session
 
 bp = Blueprint("auth", __name__)
@@ -115,9 +116,6 @@ def change_password():
 @bp.route("/account/tokens", methods=["GET", "POST"])
 @login_required
 def tokens():
-    from ..store import tokens as token_store
-    from .forms import EmptyForm, TokenForm
-
     form = TokenForm()
     new_token = None
     s = db()
@@ -134,9 +132,6 @@ def tokens():
 @bp.post("/account/tokens/<int:token_id>/revoke")
 @login_required
 def revoke_token(token_id: int):
-    from ..store import tokens as token_store
-    from .forms import EmptyForm
-
     if not EmptyForm().validate_on_submit():
         return redirect(url_for("auth.tokens"))
     if not token_store.revoke(db(), me(), token_id):

@@ -9,14 +9,19 @@ from flask import (Blueprint, Response, abort, flash, jsonify, redirect, render_
                    session, url_for)
 from flask_login import login_required
 from sqlalchemy import select
+from werkzeug.datastructures import MultiDict
 
 from ..analyzers import registry
+from ..analyzers.render import png_bytes
+from ..imaging.imageio import load_image
+from ..services import exports
 from ..store import cases as case_store
 from ..store import patients as patient_store
 from ..store.models import CaseImage, User
-from .forms import CaseForm, EmptyForm, SignForm
+from ..vocab import SEND_NEEDS_SIGNATURE
 from . import audit
-from .helpers import db, files, int_arg, me, notify_workers, settings, show_errors
+from .forms import CaseForm, EmptyForm, SignForm
+from .helpers import db, download, files, int_arg, me, notify_workers, settings, show_errors
 
 bp = Blueprint("cases", __name__)
 
@@ -183,9 +188,6 @@ def image(case_id: int, image_id: int, kind: str):
         abort(404)
     store = files()
     if kind == "original":
-        from ..imaging.imageio import load_image
-        from ..analyzers.render import png_bytes
-
         rgb = load_image(store.path(img.sha256)).rgb
         return Response(png_bytes(rgb), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
     name = kind if kind == "thumb" else f"{kind}-{c.analyzer_id}"
@@ -272,64 +274,61 @@ def delete(case_id: int):
 @bp.get("/cases/<int:case_id>/report.pdf")
 @login_required
 def report(case_id: int):
-    from ..reports.case_report import case_report_pdf
-
     c = _case_or_404(case_id)
-    pdf = case_report_pdf(c, files(), settings().clinic_name)
-    name = f"oncoscope-case-{c.id}" + (f"-v{c.current_review.version}" if c.current_review else "-draft") + ".pdf"
-    return Response(pdf, mimetype="application/pdf",
-                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return download(exports.pdf_report(c, files(), settings().clinic_name))
+
+
+EXPORTS = {  # format in the URL -> the export of a case
+    "fhir": lambda c: exports.fhir_bundle(c, files(), settings().clinic_name, request.host_url.rstrip("/")),
+    "hl7": exports.hl7_message,
+    "dicom-sr": lambda c: exports.dicom_sr(c, settings().clinic_name),
+}
 
 
 @bp.get("/cases/<int:case_id>/export/<fmt>")
 @login_required
 def export(case_id: int, fmt: str):
-    """Downloads for hospital systems: FHIR R4 bundle or HL7 v2 ORU^R01 (signed cases only)."""
-    from .api import dicom_sr_response, fhir_response, hl7_response
-
+    """Downloads for hospital systems: FHIR R4 bundle, HL7 v2 ORU^R01 or DICOM SR (signed cases only)."""
     c = _case_or_404(case_id)
-    makers = {"fhir": fhir_response, "hl7": hl7_response, "dicom-sr": dicom_sr_response}
-    if fmt not in makers:
+    if fmt not in EXPORTS:
         abort(404)
-    if c.current_review is None:
-        flash("Only signed cases can be exported.", "error")
+    try:
+        return download(EXPORTS[fmt](c))
+    except exports.NotSigned as exc:
+        flash(str(exc), "error")
         return redirect(url_for("cases.view", case_id=c.id))
-    return makers[fmt](c)
 
 
 @bp.get("/cases/<int:case_id>/images/<int:image_id>/seg.dcm")
 @login_required
 def export_seg(case_id: int, image_id: int):
-    from .api import ApiError, dicom_seg_response
-
     c = _case_or_404(case_id)
     try:
-        return dicom_seg_response(c, image_id)
-    except ApiError as exc:
-        if exc.status == 404:
-            abort(404)
-        flash(exc.message, "error")
+        return download(exports.dicom_seg(c, image_id, files()))
+    except exports.ImageNotInCase:
+        abort(404)
+    except exports.NoMask as exc:
+        flash(str(exc), "error")
         return redirect(url_for("cases.view", case_id=c.id))
 
 
 @bp.post("/cases/<int:case_id>/hl7/send")
 @login_required
 def send_hl7(case_id: int):
-    from .api import send_hl7 as do_send
-
     c = _case_or_404(case_id)
     if not EmptyForm().validate_on_submit():
         abort(400)
-    if c.current_review is None:
-        flash("Only signed cases can be sent.", "error")
+    try:
+        delivery = exports.send_hl7(c, settings().hl7_host, settings().hl7_port)
+    except exports.NotSigned:
+        flash(SEND_NEEDS_SIGNATURE, "error")
     else:
-        ok, detail = do_send(c)
-        if ok:
+        if delivery.sent:
             flash("HL7 result sent; the receiving system acknowledged it.", "ok")
-        elif detail == "no_destination":
+        elif delivery.outcome == exports.NO_DESTINATION:
             flash("No HL7 destination is configured (ONCOSCOPE_HL7_HOST / ONCOSCOPE_HL7_PORT).", "error")
         else:
-            flash(f"Sending failed: {detail}", "error")
+            flash(f"Sending failed: {delivery.detail}", "error")
     return redirect(url_for("cases.view", case_id=c.id))
 
 
@@ -337,7 +336,7 @@ def send_hl7(case_id: int):
 @login_required
 def history():
     s, u = db(), me()
-    from werkzeug.datastructures import MultiDict  # only the filters travel on in the pager's links
+    # only the filters travel on in the pager's links
     args = MultiDict([(k, v) for k, v in request.args.items(multi=True) if k in ("status", "diagnosis", "doctor", "from", "to", "q")])
 
     def _date(v):

@@ -6,12 +6,14 @@ import hashlib
 import time
 from functools import wraps
 
-from flask import abort, current_app, g, request, session
+from flask import Response, abort, current_app, g, request, session
 from flask_login import current_user, login_required, login_user
 from sqlalchemy.orm import Session
 
 from ..config import Settings
+from ..services.exports import Export
 from ..store.files import FileStore
+from ..store.models import User
 
 
 def ext() -> dict:
@@ -69,8 +71,6 @@ class LoginUser:
 
 
 def load_user(token: str):
-    from ..store.models import User
-
     try:
         uid, ver = (int(x) for x in token.split(":"))
     except ValueError:
@@ -128,3 +128,9 @@ def int_arg(value, default: int = 1, lo: int = 1, hi: int = 10_000) -> int:
         return max(lo, min(hi, int(value)))
     except (TypeError, ValueError):
         return default
+
+
+def download(export: Export) -> Response:
+    """An export (``services.exports``) as a file download."""
+    return Response(export.body, mimetype=export.media_type,
+                    headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})

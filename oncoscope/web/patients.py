@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import login_required
 from sqlalchemy import select
 
+from ..imaging.imageio import ImageLoadError, load_image
 from ..store import patients as patient_store
 from ..store.models import User
-from .forms import AssignForm, PatientForm
+from .forms import AssignForm, EmptyForm, PatientForm
 from . import audit
 from .helpers import admin_required, db, int_arg, me, settings, show_errors
 
@@ -48,8 +51,6 @@ def new():
             audit.subject(patient_id=p.id, resource=("patient", p.id))
             flash(f"Patient {p.display_name} created.", "ok")
             return redirect(url_for("patients.view", patient_id=p.id))
-    from .forms import EmptyForm
-
     return render_template("patients/form.html", form=form, patient=None, dicom_form=EmptyForm(), title="New patient")
 
 
@@ -57,9 +58,6 @@ def new():
 @login_required
 def from_dicom():
     """Pre-fill the new-patient form from a DICOM file's patient module (nothing is stored)."""
-    from ..imaging.imageio import ImageLoadError, load_image
-    from .forms import EmptyForm
-
     if not EmptyForm().validate_on_submit():
         abort(400)
     f = request.files.get("dicom")
@@ -82,8 +80,6 @@ def from_dicom():
     if problem:  # shown, not dropped: the person sees what the file says and types the real MRN
         form.mrn.errors = [f"The Patient ID in this DICOM file cannot be used as the MRN. {problem}"]
     if meta.birth_date:
-        import datetime as dt
-
         form.birth_date.data = dt.date.fromisoformat(meta.birth_date)
     form.sex.data = meta.sex_word
     flash("Pre-filled from the DICOM file: check the values, then save.", "info")

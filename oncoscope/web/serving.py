@@ -15,39 +15,51 @@ import signal
 import socket
 import sys
 
+from waitress import serve as waitress_serve
+
+from . import create_app
+
 
 def serve(settings, host: str, port: int, threads: int, processes: int = 1) -> None:
-    from waitress import serve as waitress_serve
-
-    from . import create_app
-
     body_limit = settings.max_upload_mb * 1024 * 1024 * 20
     if processes <= 1:
         waitress_serve(create_app(settings=settings), host=host, port=port, threads=threads,
                        max_request_body_size=body_limit)
         return
+    sock = _listen(host, port)
+    children = [_fork_server(settings, sock, first=(i == 0), threads=threads, body_limit=body_limit)
+                for i in range(processes)]
+    sock.close()
+    sys.exit(_supervise(children))
+
+
+def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(1024)
-    children: list[int] = []
-    for i in range(processes):
-        pid = os.fork()
-        if pid == 0:  # child: a whole app of its own
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            try:
-                app = create_app(settings=settings, start_workers=(i == 0))
-                if i:
-                    app.extensions["oncoscope"]["workers_in"] = "the first server process"
-                waitress_serve(app, sockets=[sock], threads=threads, max_request_body_size=body_limit,
-                               ident="oncoscope")
-            finally:
-                os._exit(0)
-        children.append(pid)
-    sock.close()
+    return sock
 
+
+def _fork_server(settings, sock: socket.socket, *, first: bool, threads: int, body_limit: int) -> int:
+    """Fork one server process on the shared socket; returns its pid (the child never returns)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # child: a whole app of its own
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        app = create_app(settings=settings, start_workers=first)
+        if not first:
+            app.extensions["oncoscope"]["workers_in"] = "the first server process"
+        waitress_serve(app, sockets=[sock], threads=threads, max_request_body_size=body_limit, ident="oncoscope")
+    finally:
+        os._exit(0)
+
+
+def _supervise(children: list[int]) -> int:
+    """Wait for the server processes; if one dies the server is broken: stop the others too."""
     stopping = []
 
     def stop(signum, _frame):
@@ -61,7 +73,7 @@ def serve(settings, host: str, port: int, threads: int, processes: int = 1) -> N
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     status = 0
-    while children:  # if one process dies the server is broken: stop the others too
+    while children:
         try:
             pid, st = os.wait()
         except ChildProcessError:
@@ -74,4 +86,4 @@ def serve(settings, host: str, port: int, threads: int, processes: int = 1) -> N
                 print(f"oncoscope serve: process {pid} exited ({st}); stopping the others", file=sys.stderr)
                 status = 1
                 stop(signal.SIGTERM, None)
-    sys.exit(status)
+    return status

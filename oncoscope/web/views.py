@@ -9,10 +9,11 @@ from flask_login import current_user, login_required
 from sqlalchemy import func, select
 
 from ..analyzers import registry
-from ..vocab import percent
 from ..store import cases as case_store
 from ..store.db import ping
 from ..store.models import User
+from ..store.users import has_users
+from ..vocab import percent
 from . import audit
 from .helpers import db, ext, me
 
@@ -50,8 +51,6 @@ def healthz():
 
 @bp.get("/")
 def home():
-    from ..store.users import has_users
-
     if not has_users(db()):
         return redirect(url_for("auth.setup"))
     if not current_user.is_authenticated:

@@ -45,8 +45,8 @@ def test_analyzer_declares_its_contract(radiology_analyzer):
     assert an.interpretation(positive) == wording["malignant"].format(label=an.display_names[positive])
     negative = next(l for l in exp["labels"] if l not in exp["malignant"])
     assert an.interpretation(negative) == wording["benign"] and an.interpretation(None) is None
-    cal = an.config["calibration"]
-    assert cal["temperature"] > 0 and 0 < cal["malignant_threshold"] <= 0.5
+    cal = an.config.calibration
+    assert cal.temperature > 0 and 0 < cal.malignant_threshold <= 0.5
     assert an.ood_threshold is not None and an.gray
     assert registry.get(an.id) is an
 

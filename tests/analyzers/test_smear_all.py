@@ -34,7 +34,7 @@ def test_analyzer_declares_its_contract(smear_analyzer):
     assert d["malignant_labels"] == ["Early", "Pre", "Pro"]
     assert d["display_names"]["Early"] == "Early Pre-B ALL"
     assert len(d["sha256"]) == 64
-    assert smear_analyzer.config["calibration"]["temperature"] > 0
+    assert smear_analyzer.config.calibration.temperature > 0
     assert smear_analyzer.ood_threshold is not None
 
 

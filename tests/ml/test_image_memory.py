@@ -35,7 +35,7 @@ from oncoscope.ml import synthetic
 from oncoscope.imaging.imageio import ImageLoadError
 from oncoscope.imaging import dicom
 from oncoscope.imaging.dicom import read_dicom
-from oncoscope.reports import dicom_io
+from oncoscope.reports import dicom_seg
 
 from ..reports.test_dicom import VL_WSI, colour, gradient, make_dicom, to_bytes
 
@@ -684,7 +684,7 @@ def test_dicom_is_read_without_pydicom_private_file_meta_reader(monkeypatch):
 def test_seg_source_is_read_with_the_inflate_cap(monkeypatch):
     data = _deflated(make_dicom(colour(), "RGB"))
     monkeypatch.setattr(zlib, "decompress", lambda *a, **k: pytest.fail("inflated without a cap"))
-    assert dicom_io.mask_to_seg(data, np.ones((40, 48), np.uint8))  # within the cap: read as on upload
+    assert dicom_seg.mask_to_seg(data, np.ones((40, 48), np.uint8))  # within the cap: read as on upload
     monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 1_000)
     with pytest.raises(ImageLoadError, match="deflated and would expand to more than"):
-        dicom_io.mask_to_seg(data, np.ones((40, 48), np.uint8))
+        dicom_seg.mask_to_seg(data, np.ones((40, 48), np.uint8))

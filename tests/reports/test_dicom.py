@@ -21,9 +21,11 @@ from pydicom.uid import (JPEG2000, CTImageStorage, ComputedRadiographyImageStora
                          JPEGBaseline8Bit, MRImageStorage, RLELossless, SecondaryCaptureImageStorage, generate_uid)
 
 from oncoscope.imaging.imageio import ImageLoadError, load_image
-from oncoscope.reports import dicom_io
 from oncoscope.imaging.dicom import read_dicom
-from oncoscope.reports.dicom_io import DicomExportError, case_to_sr, mask_to_seg, rgb_to_secondary_capture
+from oncoscope.reports import dicom_common
+from oncoscope.reports.dicom_common import DicomExportError
+from oncoscope.reports.dicom_seg import mask_to_seg, rgb_to_secondary_capture
+from oncoscope.reports.dicom_sr import case_to_sr
 
 VL_MICROSCOPIC = "1.2.840.10008.5.1.4.1.1.77.1.2"
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -422,7 +424,7 @@ def test_case_to_sr_round_trip(signed_case):
     assert ds.SOPClassUID == COMPREHENSIVE_SR and ds.file_meta.MediaStorageSOPClassUID == COMPREHENSIVE_SR
     assert ds.Modality == "SR" and ds.PatientID == "MRN-SR-1" and str(ds.PatientName) == "Doe^Jane"
     assert ds.PatientBirthDate == "19800203" and ds.PatientSex == "F"
-    assert ds.StudyInstanceUID == dicom_io.case_study_uid(signed_case.case)
+    assert ds.StudyInstanceUID == dicom_common.case_study_uid(signed_case.case)
     assert ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "VERIFIED"
     assert ds.VerifyingObserverSequence[0].VerificationDateTime.startswith(
         signed_case.case.current_review.signed_at.strftime("%Y%m%d%H%M"))
@@ -507,7 +509,7 @@ def test_mask_to_seg_for_png_source_wraps_a_secondary_capture(signed_case):
     assert np.array_equal(got.astype(bool), _mask() > 0)
     sc = rgb_to_secondary_capture(rgb, case=signed_case.case)  # deterministic: the referenced SC
     assert src_uids == [sc.SOPInstanceUID]
-    assert sc.PatientID == "MRN-SR-1" and sc.StudyInstanceUID == dicom_io.case_study_uid(signed_case.case)
+    assert sc.PatientID == "MRN-SR-1" and sc.StudyInstanceUID == dicom_common.case_study_uid(signed_case.case)
     sc_back = read_dicom(to_bytes(sc))
     assert np.array_equal(sc_back.rgb, rgb)
 
@@ -562,7 +564,7 @@ def test_secondary_capture_without_case_is_deterministic_and_readable():
     a = rgb_to_secondary_capture(rgb, patient_id="P-9", patient_name="Jane Doe", sex="F")
     b = rgb_to_secondary_capture(rgb, patient_id="P-9", patient_name="Jane Doe", sex="F")
     assert a.SOPInstanceUID == b.SOPInstanceUID and a.StudyInstanceUID == b.StudyInstanceUID
-    d = read_dicom(dicom_io.to_part10(a))
+    d = read_dicom(dicom_common.to_part10(a))
     assert np.array_equal(d.rgb, rgb) and d.patient_id == "P-9" and d.patient_name == "Jane Doe" and d.sex == "F"
 
 
@@ -621,7 +623,7 @@ def test_sr_patient_module_of_hostile_identifiers(signed_case, stored, want):
     case = _hostile_case(signed_case, *stored)
     ds = pydicom.dcmread(io.BytesIO(case_to_sr(case, ANALYZER)))
     _assert_patient_module(ds, want)
-    assert ds.PatientID == dicom_io.dicom_value(stored[0], "LO")
+    assert ds.PatientID == dicom_common.dicom_value(stored[0], "LO")
     texts = _texts(ds)
     assert "C:\\path tab\nline 2" in texts  # free text (UT) keeps its backslash and line break
     assert "Field 1: a\\b.png" in texts and "lineone" in texts
@@ -656,7 +658,7 @@ def test_sr_signer_name_cannot_open_another_component_group(signed_case):
 
 
 def test_dicom_value_rules():
-    v = dicom_io.dicom_value
+    v = dicom_common.dicom_value
     assert v("B-001\\ZZ") == "B-001%5CZZ" and v("50%") == "50%25" and v("a\nb\x7f") == "a%0Ab%7F"
     assert v("B-001/ZZ") != v("B-001\\ZZ")  # reversible: distinct identifiers stay distinct
     assert v("\ud800") == "%ED%A0%80" and v(None) == "" and v(12) == "12"
@@ -695,7 +697,7 @@ def test_uids_read_from_a_file_are_kept_only_when_valid(uid, kept):
 
 
 def test_dicom_value_ui_accepts_one_valid_uid_and_refuses_anything_else():
-    v = dicom_io.dicom_value
+    v = dicom_common.dicom_value
     assert v("1.2.840.10008.5.1.4.1.1.88.33", "UI") == "1.2.840.10008.5.1.4.1.1.88.33" and v("0", "UI") == "0"
     for bad in ("", None, "1.02", "1.2.", "1.2\n", "1.2.3\\1.2.4", "['1.2.3', '1.2.4']", ["1.2.3"], "1." + "1" * 63,
                 "\u0661.\u0662", "1.2.3%5C1"):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from oncoscope.bench.load import DEFAULT_MIX, run_load, unique_png
-from oncoscope.bench.web import smear_images
+from oncoscope.bench.fixtures import smear_images, unique_png
+from oncoscope.bench.load import run_load
+from oncoscope.bench.users import DEFAULT_MIX
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_small_load_run(monkeypatch):
 
 def test_small_scaled_out_load_run(monkeypatch):
     """The same flow with analyses going through Redis to two separate `oncoscope worker` processes."""
-    from oncoscope.bench.faults import redis_reachable
+    from oncoscope.bench.processes import redis_reachable
 
     url = "redis://127.0.0.1:6379/15"
     if (exc := redis_reachable(url)) is not None:

@@ -1,0 +1,59 @@
+"""``oncoscope train|evaluate``: offline model work (torch for training; the test split for cards).
+
+Kept apart from ``predict`` (cli/predict.py), which runs the shipped ONNX models without torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..evaluation.classifier import evaluate_classifier
+from ..evaluation.smear import evaluate_smear
+from ..training import pipeline
+from ..training.recipes import DEFAULT_DATASETS, RECIPES
+from ..training.recipes import model_dir as default_model_dir
+
+
+@click.command()
+@click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
+@click.option("--data", "data_root", default=None, help="Dataset folder (default: ../shared/datasets/<dataset>).")
+@click.option("--stage", type=click.Choice(["all", "classifier", "calibrate", "segmenter", "export"]), default="all",
+              show_default=True)
+@click.option("--work", default="runs", show_default=True, help="Folder for checkpoints and logs.")
+@click.option("--out", default=None, help="Model folder to write (default: the shipped oncoscope/models/<id>).")
+@click.option("--epochs", default=None, type=int)
+@click.option("--seed", default=0, show_default=True)
+def train(analyzer_id, data_root, stage, work, out, epochs, seed):
+    """Train an analyzer's models from scratch and export them to ONNX."""
+    pipeline.run_training(analyzer_id, data_root=data_root, stage=stage, work=work, out=out, epochs=epochs, seed=seed,
+                          command=" ".join(["oncoscope", *sys.argv[1:]]))
+
+
+@click.command()
+@click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
+@click.option("--data", "data_root", default=None, help="Dataset folder (default: ../shared/datasets/<dataset>).")
+@click.option("--model-dir", default=None, type=click.Path(file_okay=False),
+              help="Model folder to evaluate and write the card into (default: the shipped one).")
+@click.option("--bootstrap", default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the model card JSON.")
+def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
+    """Evaluate on the committed test split; write the model card, metrics and plots."""
+    if analyzer_id not in RECIPES:
+        raise click.ClickException(f"no evaluation recipe for {analyzer_id!r}")
+    root = Path(data_root) if data_root else DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
+    if not root.is_dir():
+        raise click.ClickException(f"dataset not found at {root}; pass --data")
+    out = Path(model_dir) if model_dir else default_model_dir(analyzer_id)
+    if "segmented_subdir" in RECIPES[analyzer_id]:
+        card = evaluate_smear(out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
+    else:
+        card = evaluate_classifier(analyzer_id, out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(card, indent=1))
+    else:
+        for t in card["targets"]:
+            click.echo(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']} (goal {t['goal']})")
+        click.echo(f"model card written to {out / 'model_card.md'}")

@@ -1,0 +1,48 @@
+"""What several reports read the same way from a case's stored rows: the case's analyzer, whether an
+image's analysis is done, its status and messages as the case page shows them, the analysis that
+names the model, the case-level AI call as one line of text, and the default disclaimer.
+
+Each export still words what it writes in its own standard (HL7 writes ``failed`` where the PDF
+writes ``error``); only the readings that are the same in several of them live here.
+"""
+
+from __future__ import annotations
+
+from ..analyzers import registry
+
+# Said by every report whose analyzer gives no disclaimer of its own.
+DEFAULT_DISCLAIMER = "AI output is decision support only and must be confirmed by a qualified person."
+
+
+def case_analyzer(case):
+    """The analyzer the case was analysed with, or None when it is no longer installed."""
+    return registry.get(case.analyzer_id) if case.analyzer_id in registry.available() else None
+
+
+def is_done(analysis) -> bool:
+    """The analysis finished with a stored result (it may still be out of domain)."""
+    return analysis is not None and analysis.job_status == "done"
+
+
+def image_status(analysis) -> str | None:
+    """The result status of a done analysis; "error" for a failed job, "pending" otherwise."""
+    if is_done(analysis):
+        return analysis.result_status
+    return "error" if analysis is not None and analysis.job_status == "failed" else "pending"
+
+
+def image_messages(analysis) -> list:
+    """The messages of a done analysis, else the first line of the last error (none when there is none)."""
+    if is_done(analysis):
+        return list(analysis.messages or [])
+    return [analysis.last_error.splitlines()[0]] if analysis and analysis.last_error else []
+
+
+def first_model_analysis(case):
+    """The first of the case's analyses that names its model version (None when none does)."""
+    return next((i.analysis for i in case.images if i.analysis is not None and i.analysis.model_version), None)
+
+
+def ai_call_text(agg, names: dict[str, str]) -> str:
+    """The case-level AI call (:func:`oncoscope.store.cases.aggregate`) as one line: "<class>: <how>"."""
+    return (f"{names.get(agg.label, agg.label)}: " if agg.label else "") + agg.text

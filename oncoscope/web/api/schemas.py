@@ -1,0 +1,104 @@
+"""The JSON schemas of the API: the OpenAPI document's ``components.schemas``, and what request
+bodies are validated against (``inputs.validate_fields``)."""
+
+from __future__ import annotations
+
+from ...store import patients as patient_store
+
+
+def obj(props: dict, required: list[str] | None = None, **kw) -> dict:
+    d = {"type": "object", "properties": props, **kw}
+    if required:
+        d["required"] = required
+    return d
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+NSTR = {"type": ["string", "null"]}
+NINT = {"type": ["integer", "null"]}
+NNUM = {"type": ["number", "null"]}
+DATETIME = {"type": ["string", "null"], "format": "date-time"}
+ID = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+# the store checks it (after trimming), so invalid MRNs get its message whatever the client validated
+MRN_INPUT = {"type": "string", "minLength": 1, "maxLength": patient_store.MRN_MAX,
+             "pattern": f"^{patient_store.MRN_PATTERN}$", "description": patient_store.MRN_RULE}
+SEX = {"type": "string", "enum": ["female", "male", "other", "unknown"]}
+PATIENT_FIELDS = {"mrn": MRN_INPUT,
+                  "family_name": {"type": "string", "minLength": 1, "maxLength": 100},
+                  "given_name": {"type": "string", "maxLength": 100},
+                  "birth_date": {"type": ["string", "null"], "format": "date"},
+                  "sex": SEX,
+                  "notes": {"type": "string", "maxLength": 5000}}
+SCHEMAS: dict[str, dict] = {
+    "Error": obj({"error": obj({"code": STR, "message": STR, "field": NSTR}, ["code", "message", "field"])},
+                 ["error"]),
+    "Patient": obj({"id": INT, "mrn": STR, "family_name": STR, "given_name": STR,
+                    "birth_date": {"type": ["string", "null"], "format": "date"},
+                    "sex": SEX, "notes": STR,
+                    "created_at": DATETIME, "updated_at": DATETIME},
+                   ["id", "mrn", "family_name", "given_name", "birth_date", "sex"]),
+    "PatientInput": obj(PATIENT_FIELDS, ["mrn", "family_name"], additionalProperties=False),
+    "PatientPatch": obj(PATIENT_FIELDS, additionalProperties=False),
+    "Analysis": obj({"image_id": INT, "filename": STR, "width": INT, "height": INT, "sha256": STR,
+                     "job_status": {"type": "string", "enum": ["queued", "running", "done", "failed", "retried"]},
+                     "attempts": INT, "result_status": NSTR, "label": NSTR, "confidence": NNUM,
+                     "malignant": {"type": ["boolean", "null"]}, "malignant_probability": NNUM,
+                     "probabilities": {"type": ["object", "null"], "additionalProperties": NUM},
+                     "cell_count": NINT, "cells": {"type": ["array", "null"], "items": {"type": "object"}},
+                     "messages": {"type": ["array", "null"], "items": STR},
+                     "model_version": NSTR, "model_sha256": NSTR, "finished_at": DATETIME},
+                    ["image_id", "job_status"]),
+    "Review": obj({"version": INT, "final_diagnosis": STR, "agrees_with_ai": BOOL, "ai_label": NSTR,
+                   "ai_status": NSTR, "override_reason": STR, "uncertainty_note": STR, "comment": STR,
+                   "amendment_reason": STR, "signed_by": STR, "signed_at": DATETIME, "content_sha256": STR},
+                  ["version", "final_diagnosis", "agrees_with_ai", "signed_by", "signed_at"]),
+    "Case": obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "revision": INT, "clinical_note": STR,
+                 "created_at": DATETIME, "final_diagnosis": NSTR,
+                 "aggregate": obj({"label": NSTR, "status": STR, "probabilities": {"type": "object"},
+                                   "text": STR}),
+                 "images": {"type": "array", "items": ref("Analysis")},
+                 "reviews": {"type": "array", "items": ref("Review")}},
+                ["id", "patient_id", "analyzer_id", "status", "revision", "images", "reviews"]),
+    "CaseInput": obj({"analyzer_id": {"type": "string", "maxLength": 64},
+                      "clinical_note": {"type": "string", "maxLength": 5000}}, ["analyzer_id"],
+                     additionalProperties=False),
+    "SignInput": obj({"final_diagnosis": {"type": "string", "maxLength": 64},
+                      "override_reason": {"type": "string", "maxLength": 5000},
+                      "uncertainty_note": {"type": "string", "maxLength": 5000},
+                      "comment": {"type": "string", "maxLength": 10000},
+                      "amendment_reason": {"type": "string", "maxLength": 5000},
+                      "revision": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
+                                   "description": "The case revision the signer reviewed (from the Case). When "
+                                                  "given, signing fails with 409 if images were added or the case "
+                                                  "was signed since."}}, ["final_diagnosis"],
+                     additionalProperties=False),
+    "UploadResult": obj({"added": {"type": "array", "items": INT}, "duplicates": {"type": "array", "items": STR},
+                         "errors": {"type": "array", "items": obj({"file": STR, "message": STR})},
+                         "case": ref("Case")}, ["added", "duplicates", "errors"]),
+    "Analyzer": obj({"id": STR, "name": STR, "version": STR, "modality": STR, "labels": {"type": "array", "items": STR},
+                     "display_names": {"type": "object", "additionalProperties": STR},
+                     "malignant_labels": {"type": "array", "items": STR}, "positive_term": STR,
+                     "input_description": STR, "dicom_modalities": {"type": "array", "items": STR}, "sha256": STR,
+                     "validation_summary": STR}, ["id", "name", "version", "labels"]),
+}
+
+
+def page_schema(item: str) -> dict:
+    return obj({"items": {"type": "array", "items": ref(item)}, "page": INT,
+                "per_page": INT, "pages": INT, "total": INT}, ["items", "page", "per_page", "pages", "total"])
+
+
+SCHEMAS["PatientPage"] = page_schema("Patient")
+SCHEMAS["CasePage"] = page_schema("Case")
+SCHEMAS["DoctorList"] = obj({"doctor_ids": {"type": "array", "maxItems": 1000, "items": ID}},
+                            ["doctor_ids"], additionalProperties=False)
+SCHEMAS["Hl7SendResult"] = obj({"sent": BOOL, "ack": STR}, ["sent", "ack"])
+SCHEMAS["AnalyzerList"] = obj({"items": {"type": "array", "items": ref("Analyzer")}}, ["items"])
+
+# query parameters
+PAGE_PARAMS = [{"name": "page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100000}},
+               {"name": "per_page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}}]

@@ -1,0 +1,52 @@
+"""Records as the API's JSON (the ``Patient`` and ``Case`` schemas)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from ...store import cases as case_store
+
+
+def iso(t):
+    """A stored time (naive UTC) as ISO 8601 with its offset; a date as a date."""
+    return t.replace(tzinfo=dt.timezone.utc).isoformat() if isinstance(t, dt.datetime) else (t.isoformat() if t else None)
+
+
+def patient_json(p) -> dict:
+    return {"id": p.id, "mrn": p.mrn, "family_name": p.family_name, "given_name": p.given_name,
+            "birth_date": p.birth_date.isoformat() if p.birth_date else None, "sex": p.sex, "notes": p.notes,
+            "created_at": iso(p.created_at), "updated_at": iso(p.updated_at)}
+
+
+def analysis_json(i) -> dict:
+    """One image and its analysis (``Analysis``); before the job row exists it reads as queued."""
+    a = i.analysis
+    return {"image_id": i.id, "filename": i.original_filename, "width": i.width, "height": i.height,
+            "sha256": i.sha256, "job_status": a.job_status if a else "queued",
+            "attempts": a.attempts if a else 0, "result_status": a.result_status if a else None,
+            "label": a.label if a else None, "confidence": a.confidence if a else None,
+            "malignant": a.malignant if a else None,
+            "malignant_probability": a.malignant_probability if a else None,
+            "probabilities": a.probabilities if a else None, "cell_count": a.cell_count if a else None,
+            "cells": a.cells if a else None, "messages": a.messages if a else None,
+            "model_version": a.model_version if a else None, "model_sha256": a.model_sha256 if a else None,
+            "finished_at": iso(a.finished_at) if a else None}
+
+
+def review_json(r) -> dict:
+    return {"version": r.version, "final_diagnosis": r.final_diagnosis, "agrees_with_ai": r.agrees_with_ai,
+            "ai_label": r.ai_label, "ai_status": r.ai_status, "override_reason": r.override_reason,
+            "uncertainty_note": r.uncertainty_note, "comment": r.comment,
+            "amendment_reason": r.amendment_reason, "signed_by": r.signed_by.name,
+            "signed_at": iso(r.signed_at), "content_sha256": r.content_sha256}
+
+
+def case_json(c) -> dict:
+    agg = case_store.aggregate(c)
+    return {"id": c.id, "patient_id": c.patient_id, "analyzer_id": c.analyzer_id, "status": c.status,
+            "revision": c.revision,
+            "clinical_note": c.clinical_note, "created_at": iso(c.created_at), "final_diagnosis": c.final_diagnosis,
+            "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
+                          "text": agg.text},
+            "images": [analysis_json(i) for i in c.images],
+            "reviews": [review_json(r) for r in c.reviews]}

@@ -1,0 +1,227 @@
+"""The typed analyzer config: every shipped config.json round-trips, and each class of mistake is an
+AnalyzerConfigError naming the file and the key, raised when the analyzer is built."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from oncoscope.analyzers import registry
+from oncoscope.analyzers.config import AnalyzerConfig, AnalyzerConfigError, Segmenter
+
+SHIPPED = ["smear-all", "bone-xray", "brain-mri"]
+
+
+def shipped_json(analyzer_id: str) -> dict:
+    return json.loads((registry.MODELS_DIR / analyzer_id / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("analyzer_id", SHIPPED)
+def test_shipped_config_round_trips(analyzer_id):
+    folder = registry.MODELS_DIR / analyzer_id
+    raw = shipped_json(analyzer_id)
+    cfg = AnalyzerConfig.load(folder)
+    assert cfg.to_dict() == raw
+    assert AnalyzerConfig.from_dict(cfg.to_dict(), folder) == cfg
+    assert cfg.path == folder / "config.json"
+
+    assert cfg.id == raw["id"] == analyzer_id
+    assert (cfg.name, cfg.version, cfg.modality) == (raw["name"], raw["version"], raw["modality"])
+    assert list(cfg.labels) == raw["labels"]
+    assert list(cfg.malignant_labels) == raw["malignant_labels"]
+    assert dict(cfg.display_names) == raw["display_names"]
+    assert list(cfg.files) == raw["files"]
+    assert cfg.report_wording.as_dict() == raw["report_wording"]
+    assert cfg.input_description == raw["input_description"] and cfg.image_noun == raw["image_noun"]
+    assert cfg.positive_term == raw.get("positive_term", "malignancy")
+    assert list(cfg.dicom_modalities) == raw.get("dicom_modalities", [])
+    assert cfg.blank_image_std == raw["blank_image_std"]
+
+    pre, raw_pre = cfg.preprocess, raw["preprocess"]
+    assert pre.size == raw_pre["size"] and list(pre.mean) == raw_pre["mean"] and list(pre.std) == raw_pre["std"]
+    assert pre.grayscale == raw_pre.get("grayscale", False) and pre.tta == raw_pre.get("tta")
+
+    cal, raw_cal = cfg.calibration, raw["calibration"]
+    assert cal.temperature == raw_cal["temperature"]
+    assert list(cal.class_bias) == raw_cal.get("class_bias", [0.0] * len(raw["labels"]))
+    assert cal.uncertain_below == raw_cal["uncertain_below"]
+    assert cal.malignant_threshold == raw_cal["malignant_threshold"]
+    ood, raw_ood = cal.ood, raw_cal["ood"]
+    assert (ood.stats, ood.threshold, ood.input) == (raw_ood["stats"], raw_ood["threshold"], raw_ood["input"])
+    if "gate" in raw_ood:
+        assert ood.gate.threshold == raw_ood["gate"]["threshold"]
+    else:
+        assert ood.gate is None
+
+    if "segmenter" in raw:
+        seg = raw["segmenter"]
+        assert cfg.segmenter == Segmenter(seg["threshold"], seg["min_area_px"], seg["min_distance_px"], seg["size"])
+    else:
+        assert cfg.segmenter is None
+
+
+@pytest.mark.parametrize("analyzer_id", SHIPPED)
+def test_the_analyzer_serves_its_typed_config(analyzer_id):
+    an = registry.get(analyzer_id)
+    cfg = an.config
+    assert cfg == AnalyzerConfig.load(registry.MODELS_DIR / analyzer_id)
+    assert an.temperature == cfg.calibration.temperature and an.size == cfg.preprocess.size
+    assert an.labels == list(cfg.labels) and an.report_wording == cfg.report_wording.as_dict()
+
+
+def test_defaults_live_in_the_config():
+    """A config with only the required keys (as before the first calibration) gets the documented defaults."""
+    folder = Path("/nonexistent")
+    cfg = AnalyzerConfig.from_dict({"name": "n", "version": "1", "modality": "m", "labels": ["a", "b"], "files": [],
+                                    "preprocess": {"size": 64, "mean": [0, 0, 0], "std": [1, 1, 1]}}, folder)
+    cal = cfg.calibration
+    assert (cal.temperature, cal.class_bias, cal.uncertain_below, cal.malignant_threshold, cal.ood) == \
+        (1.0, (0.0, 0.0), 0.0, 0.5, None)
+    assert (cfg.positive_term, cfg.input_description, cfg.image_noun, cfg.blank_image_std) == \
+        ("malignancy", "image", "Image", 2.0)
+    assert cfg.malignant_labels == () and cfg.dicom_modalities == () and cfg.segmenter is None
+    assert cfg.report_wording.as_dict() == {} and cfg.display_name("a") == "a"
+    assert not cfg.preprocess.grayscale and cfg.preprocess.tta is None
+    assert Segmenter() == Segmenter(0.5, 60, 9, None)
+
+
+# ----------------------------------------------------------------------------- errors
+def model_folder(tmp_path: Path, edit, analyzer_id: str = "smear-all", real_files: bool = False) -> Path:
+    """A copy of a shipped model folder whose config.json went through ``edit(cfg)``; the listed files
+    are empty stand-ins unless ``real_files`` (links to the shipped ones)."""
+    folder = tmp_path / analyzer_id
+    folder.mkdir(parents=True)
+    cfg = copy.deepcopy(shipped_json(analyzer_id))
+    for name in cfg["files"]:
+        if real_files:
+            (folder / name).symlink_to(registry.MODELS_DIR / analyzer_id / name)
+        else:
+            (folder / name).write_bytes(b"")
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def assert_names(exc: AnalyzerConfigError, folder: Path, key: str, *words: str) -> None:
+    msg = str(exc)
+    assert isinstance(exc, ValueError)
+    assert exc.key == key and exc.path == folder / "config.json"
+    assert str(folder / "config.json") in msg and f"'{key}'" in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def delete(path: str):
+    def edit(cfg):
+        *parents, last = path.split(".")
+        for p in parents:
+            cfg = cfg[p]
+        del cfg[last]
+    return edit
+
+
+def put(path: str, value):
+    def edit(cfg):
+        *parents, last = path.split(".")
+        for p in parents:
+            cfg = cfg[p]
+        cfg[last] = value
+    return edit
+
+
+CASES = {
+    # a missing key
+    "missing name": (delete("name"), "name", "missing"),
+    "missing labels": (delete("labels"), "labels", "missing"),
+    "missing files": (delete("files"), "files", "missing"),
+    "missing preprocess": (delete("preprocess"), "preprocess", "missing"),
+    "missing preprocess.size": (delete("preprocess.size"), "preprocess.size", "missing"),
+    "missing ood threshold": (delete("calibration.ood.threshold"), "calibration.ood.threshold", "missing"),
+    # a key of the wrong type (or out of range)
+    "temperature as text": (put("calibration.temperature", "warm"), "calibration.temperature", "number", "'warm'"),
+    "temperature zero": (put("calibration.temperature", 0), "calibration.temperature", "must be in"),
+    "threshold above one": (put("calibration.malignant_threshold", 1.5), "calibration.malignant_threshold",
+                            "must be in"),
+    "grayscale as text": (put("preprocess.grayscale", "yes"), "preprocess.grayscale", "true or false"),
+    "size as float": (put("preprocess.size", 192.5), "preprocess.size", "integer"),
+    "min area as bool": (put("segmenter.min_area_px", True), "segmenter.min_area_px", "integer"),
+    "labels as text": (put("labels", "Benign"), "labels", "list of non-empty strings"),
+    "calibration as list": (put("calibration", []), "calibration", "expected an object"),
+    "unknown tta": (put("preprocess.tta", "vflip"), "preprocess.tta", "'vflip'", "hflip"),
+    "bad wording template": (put("report_wording.malignant", "ALL ({lable})"), "report_wording.malignant",
+                             "template"),
+    "misspelt key": (put("calibration.uncertain_bellow", 0.9), "calibration.uncertain_bellow", "unknown key"),
+    "segmenter size differs": (put("segmenter.size", 224), "segmenter.size", "preprocess.size"),
+    # an unknown label
+    "unknown malignant label": (put("malignant_labels", ["Early", "Blast"]), "malignant_labels",
+                                "unknown label 'Blast'"),
+    "unknown display name": (put("display_names.Blast", "Blast cell"), "display_names.Blast", "unknown label"),
+    "repeated label": (put("labels", ["Benign", "Early", "Early", "Pro"]), "labels", "repeats 'Early'"),
+    # a vector of the wrong length
+    "class_bias too short": (put("calibration.class_bias", [0.0, 0.1, 0.2]), "calibration.class_bias",
+                             "expected 4 values (one per label), got 3"),
+    "mean of two channels": (put("preprocess.mean", [0.5, 0.5]), "preprocess.mean", "expected 3 values"),
+    # a missing file
+    "listed file absent": (put("files", ["classifier.onnx", "head.npz", "ood.npz", "segmenter.onnx", "extra.onnx"]),
+                           "files", "'extra.onnx'"),
+    "ood stats not listed": (put("files", ["classifier.onnx", "head.npz", "segmenter.onnx"]),
+                             "calibration.ood.stats", "not listed in 'files'"),
+    "file outside the folder": (put("files", ["../classifier.onnx"]), "files", "plain file name"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_config_names_the_file_and_the_key(tmp_path, case):
+    edit, key, *words = CASES[case]
+    folder = model_folder(tmp_path, edit)
+    with pytest.raises(AnalyzerConfigError) as err:
+        AnalyzerConfig.load(folder)
+    assert_names(err.value, folder, key, *words)
+
+
+def test_the_error_comes_when_the_analyzer_is_built(tmp_path):
+    folder = model_folder(tmp_path, delete("calibration.temperature"), real_files=True)
+    registry.get("smear-all", model_dir=folder)  # the default applies: a missing temperature is allowed
+    folder = model_folder(tmp_path / "b", put("calibration.class_bias", [1.0]), real_files=True)
+    with pytest.raises(AnalyzerConfigError) as err:
+        registry.get("smear-all", model_dir=folder)
+    assert_names(err.value, folder, "calibration.class_bias", "one per label")
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    folder = model_folder(tmp_path, lambda cfg: None)
+    (folder / "config.json").write_text('{"name": ')
+    with pytest.raises(AnalyzerConfigError) as err:
+        AnalyzerConfig.load(folder)
+    assert str(folder / "config.json") in str(err.value) and "not valid JSON" in str(err.value)
+
+
+def test_checks_against_the_network_run_at_start_up(tmp_path):
+    """What only the analyzer can check (the classifier's outputs, the files it loads) also fails at build."""
+    folder = model_folder(tmp_path, put("calibration.ood.input", "ood_featurez"), "bone-xray", real_files=True)
+    with pytest.raises(AnalyzerConfigError) as err:
+        registry.get("bone-xray", model_dir=folder)
+    assert_names(err.value, folder, "calibration.ood.input", "'ood_featurez'", "ood_features")
+    folder = model_folder(tmp_path / "b", put("files", ["classifier.onnx", "ood.npz"]), "bone-xray", real_files=True)
+    with pytest.raises(AnalyzerConfigError) as err:
+        registry.get("bone-xray", model_dir=folder)
+    assert_names(err.value, folder, "files", "'head.npz'")
+
+
+def test_a_folder_loaded_as_another_analyzer_is_refused(tmp_path):
+    folder = model_folder(tmp_path, lambda cfg: None, "brain-mri", real_files=True)
+    with pytest.raises(AnalyzerConfigError) as err:
+        registry.get("bone-xray", model_dir=folder)
+    assert_names(err.value, folder, "id", "'brain-mri'", "'bone-xray'")
+
+
+def test_a_folder_without_config_is_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        AnalyzerConfig.load(tmp_path)
+
+
+def test_an_analyzer_without_config_says_which(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"analyzer smear-all: no config.json in {tmp_path}"):
+        registry.get("smear-all", model_dir=tmp_path)
