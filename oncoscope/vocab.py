@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# The diagnosis every analyzer offers besides its own labels: the sample cannot be judged.
+NONDIAGNOSTIC = "Nondiagnostic"
+NONDIAGNOSTIC_NAME = "Non-diagnostic sample"
+
 
 def percent(p: float | None) -> str:
     """A model probability for people: never "100.0%" or "0.0%", which a model cannot know."""

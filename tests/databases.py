@@ -55,3 +55,15 @@ def scratch_database(server: str):
             force = " WITH (FORCE)" if server == "postgresql" else ""
             c.execute(text(f"DROP DATABASE IF EXISTS {quote}{db}{quote}{force}"))
         admin.dispose()
+
+
+@contextmanager
+def migrated_sqlite(folder):
+    """A session on a new SQLite database in ``folder``, migrated to head (closed afterwards)."""
+    from oncoscope.store import migrate
+    from oncoscope.store.db import standalone_session
+
+    url = f"sqlite:///{folder / 'db.sqlite'}"
+    migrate.upgrade(url)
+    with standalone_session(url) as s:
+        yield s

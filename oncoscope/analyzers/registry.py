@@ -38,6 +38,11 @@ def available() -> list[str]:
     return [i for i in _SPECS if (MODELS_DIR / i / "config.json").exists()]
 
 
+def installed(analyzer_id: str) -> Analyzer | None:
+    """The analyzer, or None when it is not installed (a case keeps its analyzer id after a model is removed)."""
+    return get(analyzer_id) if analyzer_id in available() else None
+
+
 def get(analyzer_id: str, model_dir: Path | None = None) -> Analyzer:
     if analyzer_id not in _SPECS:
         raise UnknownAnalyzer(analyzer_id)

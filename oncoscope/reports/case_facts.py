@@ -16,7 +16,7 @@ DEFAULT_DISCLAIMER = "AI output is decision support only and must be confirmed b
 
 def case_analyzer(case):
     """The analyzer the case was analysed with, or None when it is no longer installed."""
-    return registry.get(case.analyzer_id) if case.analyzer_id in registry.available() else None
+    return registry.installed(case.analyzer_id)
 
 
 def is_done(analysis) -> bool:

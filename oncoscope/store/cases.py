@@ -15,13 +15,12 @@ from sqlalchemy.orm import Session, joinedload, object_session
 from ..analyzers import registry
 from ..imaging.dicom import is_dicom_uid
 from ..imaging.imageio import ImageLoadError, load_image
+from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
 from .patients import Page, like_text
 from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
 
-NONDIAGNOSTIC = "Nondiagnostic"
-NONDIAGNOSTIC_NAME = "Non-diagnostic sample"
 
 
 class CaseError(ValueError):

@@ -124,7 +124,7 @@ def _sign_form(c, an, agg) -> SignForm:
 
 def _case_page(c, sign_form: SignForm | None = None, status: int = 200):
     """The case page; ``sign_form`` carries a rejected submission, else a fresh pre-filled form is made."""
-    an = registry.get(c.analyzer_id) if c.analyzer_id in registry.available() else None
+    an = registry.installed(c.analyzer_id)
     agg = case_store.aggregate(c)
     if sign_form is None and an is not None:
         sign_form = _sign_form(c, an, agg)

@@ -109,8 +109,7 @@ def label_name(analyzer_id: str, label: str | None) -> str:
     """A diagnosis code as people read it, whatever page shows it."""
     if not label:
         return "–"
-    an = registry.get(analyzer_id) if analyzer_id in registry.available() else None
-    return case_store.label_names(an).get(label, label)
+    return case_store.label_names(registry.installed(analyzer_id)).get(label, label)
 
 
 @bp.app_template_global()
@@ -131,4 +130,5 @@ def status_name(status: str | None) -> str:
 
 @bp.app_template_global()
 def analyzer_name(analyzer_id: str) -> str:
-    return registry.get(analyzer_id).name if analyzer_id in registry.available() else analyzer_id
+    an = registry.installed(analyzer_id)
+    return an.name if an else analyzer_id

@@ -16,7 +16,7 @@ from oncoscope.analyzers.base import STATUSES
 from oncoscope.ml import synthetic
 from oncoscope.imaging.imageio import load_image, pad_to_square
 
-from ..reports.test_dicom import make_dicom, to_bytes
+from ..imaging.test_dicom import make_dicom, to_bytes
 
 EXPECTED = {
     "bone-xray": {"labels": ["cancer", "normal"], "malignant": ["cancer"], "dicom": "DX", "wrong_dicom": "CT"},

@@ -85,7 +85,7 @@ def test_predict_unknown_analyzer(tmp_path):
 
 def test_predict_awkward_images_never_crash(tmp_path):
     """Modes, EXIF rotation, tiny, giant and bomb inputs through the CLI contract."""
-    from tests.ml.test_imageio import fake_png
+    from tests.imaging.test_imageio import fake_png
 
     rgb = synthetic.smear_like(7)[0]
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")

@@ -35,12 +35,11 @@ from oncoscope.reports.dicom_seg import mask_to_seg, rgb_to_secondary_capture
 from oncoscope.reports.dicom_sr import case_to_sr
 from oncoscope.reports.fhir import case_bundle, original_pngs
 from oncoscope.reports.hl7v2 import oru_r01
-from oncoscope.store import migrate
-from oncoscope.store.db import make_engine, make_session_factory
 from oncoscope.store.files import FileStore
 from oncoscope.store.models import Analysis, Case, CaseImage, Patient, Review, User
 
-from .test_dicom import VL_MICROSCOPIC, VL_WSI, colour, make_dicom, to_bytes
+from tests.databases import migrated_sqlite
+from tests.imaging.test_dicom import VL_MICROSCOPIC, VL_WSI, colour, make_dicom, to_bytes
 
 AID = "smear-all"
 CLINIC = "Golden Clinic <Lab & Co>"
@@ -103,11 +102,11 @@ def _review(case: Case, user: User, version: int, minutes: int, **fields) -> Rev
 def golden(tmp_path_factory):
     analyzer = registry.get(AID)
     home = tmp_path_factory.mktemp("golden")
-    url = f"sqlite:///{home / 'db.sqlite'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    s = make_session_factory(engine)()
-    store = FileStore(home / "images")
+    with migrated_sqlite(home) as s:
+        yield _golden_world(s, FileStore(home / "images"), analyzer)
+
+
+def _golden_world(s, store, analyzer) -> SimpleNamespace:
     user = User(email="gold@clinic.test", name="Dr Ana Åström-Ng", role="doctor", password_hash="x", created_at=T0)
     s.add(user)
     s.flush()
@@ -173,9 +172,7 @@ def golden(tmp_path_factory):
     s.commit()
     for case in (a, b, c, d):
         s.refresh(case)
-    yield SimpleNamespace(s=s, store=store, analyzer=analyzer, a=a, b=b, c=c, d=d)
-    s.close()
-    engine.dispose()
+    return SimpleNamespace(s=s, store=store, analyzer=analyzer, a=a, b=b, c=c, d=d)
 
 
 def _fixed_times(ds: Dataset) -> Dataset:

@@ -21,11 +21,10 @@ from PIL import Image
 from oncoscope.reports.hl7v2 import HL7SendError
 from oncoscope.services import exports
 from oncoscope.store import cases as case_store
-from oncoscope.store import migrate
-from oncoscope.store.db import make_engine, make_session_factory
 from oncoscope.store.files import FileStore
 from oncoscope.store.models import Analysis, CaseImage, Patient, User
 from oncoscope.vocab import EXPORT_NEEDS_SIGNATURE
+from tests.databases import migrated_sqlite
 
 AID = "smear-all"
 CLINIC = "Test Clinic"
@@ -41,19 +40,13 @@ def _png(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     home = tmp_path_factory.mktemp("exports")
-    url = f"sqlite:///{home / 'db.sqlite'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    s = make_session_factory(engine)()
-    files = FileStore(home / "images")
-    user = User(email="doc@clinic.test", name="Dr Sara Ahmadi", role="doctor", password_hash="x")
-    patient = Patient(mrn="MRN-EX-1", family_name="Doe", given_name="Jane", birth_date=dt.date(1980, 2, 3),
-                      sex="female")
-    s.add_all([user, patient])
-    s.flush()
-    yield s, files, user, patient
-    s.close()
-    engine.dispose()
+    with migrated_sqlite(home) as s:
+        user = User(email="doc@clinic.test", name="Dr Sara Ahmadi", role="doctor", password_hash="x")
+        patient = Patient(mrn="MRN-EX-1", family_name="Doe", given_name="Jane", birth_date=dt.date(1980, 2, 3),
+                          sex="female")
+        s.add_all([user, patient])
+        s.flush()
+        yield s, FileStore(home / "images"), user, patient
 
 
 def _case(world, *, signed: bool):

@@ -304,7 +304,7 @@ def test_dicom_sr_seg_and_hl7_send(make_app, tok, gate_off):
 
 
 def _dicom_bytes(patient_id: str, name: str = "Doe^Jane") -> bytes:
-    from tests.reports.test_dicom import colour, make_dicom, to_bytes
+    from tests.imaging.test_dicom import colour, make_dicom, to_bytes
 
     ds = make_dicom(colour(64, 64), "RGB")
     ds.PatientID = patient_id

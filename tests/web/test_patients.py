@@ -59,7 +59,7 @@ def browser_submit(c, page_url: str, form: dict, **edits):
 
 
 def dicom_file(patient_id: str, patient_name: str = "Curie^Marie", birth: str = "19671107", sex: str = "F") -> bytes:
-    from tests.reports.test_dicom import make_dicom, to_bytes
+    from tests.imaging.test_dicom import make_dicom, to_bytes
 
     ds = make_dicom(np.random.default_rng(3).integers(0, 256, (32, 32), dtype=np.uint8),
                     patient_name=patient_name, patient_id=patient_id)

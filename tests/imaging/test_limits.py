@@ -37,7 +37,7 @@ from oncoscope.imaging import dicom
 from oncoscope.imaging.dicom import read_dicom
 from oncoscope.reports import dicom_seg
 
-from ..reports.test_dicom import VL_WSI, colour, gradient, make_dicom, to_bytes
+from .test_dicom import VL_WSI, colour, gradient, make_dicom, to_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 GROWTH_LIMIT = 300_000_000  # bytes: what one upload of at most 25 MB may add to a process

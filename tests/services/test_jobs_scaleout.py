@@ -29,13 +29,13 @@ from oncoscope.store.db import make_engine, make_session_factory
 from oncoscope.store.files import FileStore
 from oncoscope.store.models import Analysis
 
+from ..databases import reachable
+
 REDIS_URL = os.environ.get("ONCOSCOPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PG_URL = os.environ.get("ONCOSCOPE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def _pg_reachable() -> Exception | None:
-    from .databases import reachable
-
     return reachable(PG_URL)
 
 

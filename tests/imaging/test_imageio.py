@@ -409,7 +409,7 @@ def test_decompression_bomb_refused(monkeypatch, side):
 
 
 # --------------------------------------------------------------------------- memory (bytes, not pixels)
-# Peak-RSS measurements on crafted files are in test_image_memory.py.
+# Peak-RSS measurements on crafted files are in test_limits.py.
 
 def _tiff_declaring_tiles(side: int, tile: int) -> bytes:
     """A side x side greyscale TIFF whose header declares tile x tile tiles: libtiff would allocate one."""
@@ -437,7 +437,7 @@ def test_16bit_png_within_the_pixel_limit_refused_by_bytes_before_decoding(monke
     """The review's case: a 128 kB 16-bit PNG of 7999x7999 took 1.6 GB and 5 s."""
     from PIL import ImageFile
 
-    from .test_image_memory import png_of_zeros
+    from .test_limits import png_of_zeros
 
     data = png_of_zeros(7999, 7999, 16, 0)
     assert len(data) < 200_000 and 7999 * 7999 <= imageio.MAX_PIXELS

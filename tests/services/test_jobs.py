@@ -1,0 +1,105 @@
+"""Analysis jobs on one database (SQLite): a job runs once, a failing job backs off and ends
+failed, a superseded claim's result is dropped, a dead worker's job is queued again, and a message
+delivered twice runs nothing twice. The Redis / several-worker paths are in test_jobs_scaleout.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import update
+
+from oncoscope.analyzers import registry
+from oncoscope.services import jobs
+from oncoscope.store import cases as case_store
+from oncoscope.store import migrate
+from oncoscope.store.db import make_engine, make_session_factory
+from oncoscope.store.files import FileStore
+from oncoscope.store.models import Analysis, Case, Patient, User, utcnow
+from tests.web.conftest import png_bytes
+
+
+@pytest.fixture()
+def world(tmp_path):
+    """A case with one queued analysis of a generated (out-of-domain) smear field."""
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    sessions, files = make_session_factory(engine), FileStore(tmp_path / "images")
+    with sessions() as s:
+        u = User(email="doc@clinic.test", name="Dr Jobs", role="doctor", password_hash="x")
+        p = Patient(mrn="JOBS-1", family_name="Jobs")
+        s.add_all([u, p])
+        s.flush()
+        c = case_store.create_case(s, u, p, "smear-all")
+        out = case_store.add_images(s, files, c, u, [("f.png", png_bytes(3))], 10 * 2**20)
+        s.commit()
+        ids = {"case": c.id, "analysis": out.added[0].analysis.id}
+    yield sessions, files, ids
+    engine.dispose()
+
+
+def _analysis(sessions, aid: int) -> Analysis:
+    with sessions() as s:
+        return s.get(Analysis, aid)
+
+
+def test_a_queued_job_runs_once_and_the_case_becomes_ready(world):
+    sessions, files, ids = world
+    pool = jobs.WorkerPool(sessions, files, 1, 3)
+    assert pool.run_one() is True and pool.run_one() is False
+    a = _analysis(sessions, ids["analysis"])
+    assert (a.job_status, a.attempts, a.result_status) == ("done", 1, "out_of_domain") and a.model_sha256
+    with sessions() as s:
+        assert s.get(Case, ids["case"]).status == "ready"
+    # the queue may deliver a message again: nothing runs twice
+    assert jobs.execute(sessions, files, ids["analysis"], "again", 3) == "skipped"
+    assert _analysis(sessions, ids["analysis"]).attempts == 1
+
+
+def test_a_failing_job_backs_off_then_ends_failed(world, monkeypatch):
+    sessions, files, ids = world
+
+    def boom(self, loaded):
+        raise RuntimeError("model file damaged")
+
+    monkeypatch.setattr(type(registry.get("smear-all")), "analyze", boom)
+    pool = jobs.WorkerPool(sessions, files, 1, max_attempts=2)
+    assert pool.run_one() is True
+    a = _analysis(sessions, ids["analysis"])
+    assert (a.job_status, a.attempts) == ("retried", 1) and a.last_error.startswith("RuntimeError: model file damaged")
+    assert a.queued_at > utcnow()  # backoff: not due yet
+    assert pool.run_one() is False
+    with sessions() as s:
+        s.execute(update(Analysis).values(queued_at=utcnow() - dt.timedelta(seconds=1)))
+        s.commit()
+    assert pool.run_one() is True
+    a = _analysis(sessions, ids["analysis"])
+    assert (a.job_status, a.attempts) == ("failed", 2)
+    with sessions() as s:
+        assert s.get(Case, ids["case"]).status == "ready"  # nothing pending: the failure is shown, signing allowed
+
+
+def test_a_result_is_dropped_when_the_claim_was_taken_over(world):
+    sessions, files, ids = world
+    with sessions() as s:
+        a = case_store.claim_job(s, ids["analysis"], "slow-worker")
+        assert a is not None
+        with sessions() as other:  # the lease ran out; another worker took the job
+            other.execute(update(Analysis).values(worker="fast-worker", attempts=2))
+            other.commit()
+        assert jobs.run_claimed(s, files, a, "slow-worker", 3) == "superseded"
+    assert _analysis(sessions, ids["analysis"]).job_status == "running"  # the new owner's claim stands
+
+
+def test_a_dead_workers_job_is_queued_again_after_its_lease(world):
+    sessions, files, ids = world
+    with sessions() as s:
+        assert case_store.claim_job(s, ids["analysis"], "died") is not None
+        assert case_store.requeue_stale(s, older_than=dt.timedelta(minutes=5)) == 0  # still within its lease
+        s.execute(update(Analysis).values(started_at=utcnow() - dt.timedelta(minutes=6)))
+        s.commit()
+        assert case_store.requeue_stale(s, older_than=dt.timedelta(minutes=5)) == 1
+    assert _analysis(sessions, ids["analysis"]).job_status == "retried"
+    assert jobs.WorkerPool(sessions, files, 1, 3).run_one() is True
+    assert _analysis(sessions, ids["analysis"]).job_status == "done"
