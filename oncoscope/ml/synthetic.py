@@ -139,6 +139,47 @@ def smear_like(seed: int, size: int = 224, n_wbc: int | None = None) -> tuple[np
     return rgb, np.asarray(mask) > 127
 
 
+def smear_field(seed: int, microns_per_pixel: float, size: tuple[int, int] = (320, 240),
+                white_cells: list[tuple[float, float, float]] | None = None,
+                stain: str = "giemsa") -> tuple[np.ndarray, list[tuple[float, float, float]]]:
+    """A smear field of known physical scale: 7.5 µm red cells (pale centre, some touching) and
+    white cells given as (x, y, diameter µm) with a purple nucleus of 60% of that diameter.
+
+    ``stain`` "giemsa" (pink red cells on beige) or "pale" (lilac on blue-white, like some cameras).
+    Returns (rgb, white_cells). For tests of detection and scale; not a substitute for real data.
+    """
+    r = _rng(seed)
+    w, h = size
+    if stain == "giemsa":
+        bg, rbc_rim, rbc_fill, cyto, nuc = (232, 214, 205), (196, 120, 130), (214, 160, 165), (215, 190, 215), (95, 45, 140)
+    else:
+        bg, rbc_rim, rbc_fill, cyto, nuc = (228, 232, 245), (175, 170, 205), (200, 196, 225), (205, 195, 235), (120, 85, 200)
+    img = Image.new("RGB", (w, h), bg)
+    d = ImageDraw.Draw(img)
+    if white_cells is None:
+        white_cells = [(w * 0.3, h * 0.5, 12.0), (w * 0.72, h * 0.4, 10.0)]
+    rad = 7.5 / 2 / microns_per_pixel
+    wbc = [(x, y, dia / 2 / microns_per_pixel) for x, y, dia in white_cells]
+    placed: list[tuple[float, float]] = []
+    for _ in range(int(1.2 * w * h / (np.pi * rad * rad))):  # tries; about 40% of the field ends up covered
+        x, y = r.uniform(-rad, w + rad), r.uniform(-rad, h + rad)
+        if any((x - cx) ** 2 + (y - cy) ** 2 < (cr + rad) ** 2 for cx, cy, cr in wbc):
+            continue
+        if any((x - px) ** 2 + (y - py) ** 2 < (1.85 * rad) ** 2 for px, py in placed):
+            continue  # red cells touch and overlap a little, as on a good monolayer
+        placed.append((x, y))
+        rr = rad * r.uniform(0.92, 1.08)
+        d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=rbc_rim)
+        d.ellipse([x - rr * 0.72, y - rr * 0.72, x + rr * 0.72, y + rr * 0.72], fill=rbc_fill)
+    for x, y, cr in wbc:
+        d.ellipse([x - cr, y - cr, x + cr, y + cr], fill=cyto)
+        nr = cr * 0.6
+        d.ellipse([x - nr, y - nr, x + nr, y + nr], fill=nuc)
+    rgb = np.asarray(img.filter(ImageFilter.GaussianBlur(max(0.5, 0.3 / microns_per_pixel))))
+    rgb = np.clip(rgb + r.normal(0, 2.5, rgb.shape), 0, 255).astype(np.uint8)
+    return rgb, list(white_cells)
+
+
 def radiograph_like(seed: int, width: int = 240, height: int = 320) -> np.ndarray:
     """A crude grayscale radiograph: dark background, a soft-tissue band and two bright long bones
     with darker marrow. For tests and benchmarks of the radiology pipeline; not real data."""

@@ -1,0 +1,299 @@
+"""White-cell detection, physical scale and cell crops on stained blood smears (numpy/scipy only).
+
+Works on any Romanowsky-type stain (Giemsa, May-Grünwald-Giemsa, Wright, rapid stains) and any
+camera, without a trained network, so it cannot learn one laboratory's look:
+
+1. Each channel is divided by the image's own background brightness, which removes the lamp's and
+   the camera's colour cast.
+2. Nuclei of white cells absorb more green than blue light (they look purple); red cells and the
+   background much less so. ``purple = blue - green`` (background-relative) is high on nuclei in
+   every source measured (see the smear-differential model card), and a threshold above the red
+   cells' own level (Otsu within the stained pixels, with a floor) keeps the nuclei.
+3. Red cells (stained blobs that are not purple) give the scale: their median diameter is about
+   7.5 µm. Without enough red cells the white cell's own size gives a rougher estimate.
+4. Nucleus lobes closer than about 2 µm are joined (a segmented neutrophil is one cell), pieces
+   smaller than a platelet-sized nucleus are dropped, and each cell's box grows from its nucleus to
+   the stained cytoplasm around it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+
+RBC_DIAMETER_UM = 7.5  # a normal red cell on a dried smear
+WBC_DIAMETER_UM = 11.0  # a typical white cell, when there are no red cells to measure
+MIN_NUCLEUS_UM = 2.6  # equivalent diameter; smaller purple things are platelets or debris
+MAX_CELL_UM = 30.0
+MAX_NUCLEUS_UM = 18.0  # a larger nucleus means the scale is wrong  # larger purple areas are clumps, smudges or not a smear
+WORK_MAX_SIDE = 720  # detection runs on an image no larger than this (time and memory)
+SEED_MARGIN = 0.45  # a nucleus seed's purple + stained above the median stained pixel
+SEED_FLOOR = 0.45
+LOW_FLOOR = 0.3
+STAIN_MIN = 0.06
+MIN_RED_CELLS = 6
+RBC_OTSU_FRACTION = 0.6  # of the Otsu level: a red cell's pale centre is stained too
+MARGIN_NUCLEI = 0.1  # nucleus diameters around a nucleus that are not searched for red cells
+CYTOPLASM_MIN_PURPLE = 0.03  # fewer measured red cells: the scale comes from the white cell  # background-relative darkness in green that counts as stained
+
+
+@dataclass
+class Detection:
+    """One white cell (or nucleated object) in input-image pixels."""
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    centroid: tuple[float, float]  # x, y
+    area_px: float  # stained area of the cell (nucleus + cytoplasm)
+    nucleus_area_px: float
+    circularity: float
+    touches_border: bool
+
+
+@dataclass
+class Scale:
+    microns_per_pixel: float
+    method: str  # "red_cells" | "white_cell_size" | "default"
+    red_cells_measured: int = 0
+
+
+@dataclass
+class SmearDetections:
+    scale: Scale
+    cells: list[Detection] = field(default_factory=list)
+    labels: np.ndarray | None = None  # (H, W) int32 cell instance labels at the input size
+    work_scale: float = 1.0  # input pixels per working pixel
+
+
+def background_relative(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float in about [0, 1.2]: each channel over its bright-background level."""
+    x = rgb.astype(np.float32) + 1.0
+    flat = x.reshape(-1, 3)
+    if flat.shape[0] > 200_000:  # the percentile of a sample is as good and 10x faster
+        flat = flat[:: flat.shape[0] // 200_000 + 1]
+    bg = np.percentile(flat, 97, axis=0).astype(np.float32)
+    return np.clip(x / np.maximum(bg, 8.0), 0.0, 1.2)
+
+
+def stain_maps(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``purple`` (nuclei) and ``stained`` (darkness in green: anything on the slide), both (H, W)."""
+    n = background_relative(rgb)
+    purple = n[..., 2] - n[..., 1]
+    stained = 1.0 - n[..., 1]
+    return purple, stained
+
+
+def otsu(values: np.ndarray, bins: int = 128) -> float:
+    if values.size < 16:
+        return float("inf")
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def _disk(radius: float) -> np.ndarray:
+    r = max(1, int(round(radius)))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return xx * xx + yy * yy <= r * r
+
+
+def _circularity(mask: np.ndarray) -> float:
+    area = float(mask.sum())
+    if area == 0:
+        return 0.0
+    edge = mask & ~ndi.binary_erosion(mask)
+    perimeter = max(float(edge.sum()), 1.0)
+    return float(min(1.0, 4 * math.pi * area / (perimeter * perimeter) * 0.79))  # 0.79: pixel-edge bias
+
+
+def estimate_scale(stained: np.ndarray, nuclei: np.ndarray, purple: np.ndarray) -> tuple[Scale, np.ndarray]:
+    """Microns per (working) pixel from the red cells (stained blobs away from nuclei).
+
+    Red cells often touch, so they are not measured one by one: the distance transform of the
+    stained area peaks near each cell's centre at about its radius, also inside clumps. The median
+    peak is the red-cell radius.
+    """
+    # The white cell's own cytoplasm is not a red cell: leave out a margin around each nucleus
+    # that scales with the nuclei.
+    lab, n = ndi.label(nuclei)
+    margin = 3.0
+    if n:
+        areas = ndi.sum(nuclei, lab, np.arange(1, n + 1))
+        margin = max(margin, MARGIN_NUCLEI * math.sqrt(4 * float(np.max(areas)) / math.pi))
+    near_nuclei = ndi.distance_transform_edt(~nuclei) <= margin if n else nuclei
+    # Otsu between background and red cells (nuclei left out, or it would split nuclei from red cells)
+    fg = stained > max(STAIN_MIN, RBC_OTSU_FRACTION * otsu(stained[~near_nuclei]))
+    fg = ndi.binary_fill_holes(ndi.binary_opening(fg, iterations=1))  # rings with a pale centre
+    fg &= ~near_nuclei
+    dist = ndi.distance_transform_edt(fg)
+    plateaus, n = ndi.label((dist == ndi.maximum_filter(dist, size=5)) & (dist >= 2.5))
+    # A cell centre is the highest point within its own radius; rim and gap maxima are not.
+    radii = []
+    for sl in ndi.find_objects(plateaus):
+        y, x = sl[0].start, sl[1].start
+        r = dist[y, x]
+        k = int(r)
+        window = (slice(max(0, y - k), y + k + 1), slice(max(0, x - k), x + k + 1))
+        if dist[window].max() <= r:
+            radii.append(r)
+    radii = np.asarray(radii)
+    if radii.size < MIN_RED_CELLS:
+        return Scale(0.0, "default"), radii
+    # Cut, folded and overlapping cells and specks give smaller peaks, never larger: the median
+    # weighted by area (r^2) is the typical whole red cell.
+    radii = np.sort(radii)
+    cum = np.cumsum(radii ** 2)
+    radius = float(radii[np.searchsorted(cum, 0.5 * cum[-1])])
+    return Scale(RBC_DIAMETER_UM / (2 * radius + 1.0), "red_cells", int(radii.size)), radii
+
+
+def _work_image(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    h, w = rgb.shape[:2]
+    f = max(h, w) / WORK_MAX_SIDE
+    if f <= 1.0:
+        return rgb, 1.0
+    small = Image.fromarray(rgb).resize((max(1, round(w / f)), max(1, round(h / f))), Image.BOX)
+    return np.asarray(small), w / small.size[0]
+
+
+def find_nuclei(purple: np.ndarray, stained: np.ndarray, seed_margin: float | None = None) -> tuple[np.ndarray, float]:
+    """Nucleus mask by hysteresis on ``purple + stained``, and the low threshold used.
+
+    Seeds must stand ``seed_margin`` above the typical stained pixel (the red cells, in a field),
+    so a field without white cells has no seeds; the nucleus then grows from its seeds down to
+    the Otsu level between red cells and nuclei.
+    """
+    seed_margin = SEED_MARGIN if seed_margin is None else seed_margin
+    score = purple + stained
+    fg = stained > STAIN_MIN
+    if fg.sum() < 16:
+        return np.zeros(score.shape, bool), float("inf")
+    typical = float(np.median(score[fg]))
+    high = max(SEED_FLOOR, typical + seed_margin)
+    seeds = ndi.binary_opening(score > high, iterations=1)
+    if not seeds.any():
+        return seeds, high
+    low = min(high, max(LOW_FLOOR, otsu(score[fg])))
+    grown, _ = ndi.label(score > low)
+    keep = np.unique(grown[seeds])
+    return ndi.binary_opening(np.isin(grown, keep[keep > 0]), iterations=1), low
+
+
+def detect(rgb: np.ndarray, microns_per_pixel: float | None = None) -> SmearDetections:
+    """White cells of a smear image (``microns_per_pixel`` of the input, when known, skips the estimate)."""
+    work, f = _work_image(rgb)
+    purple, stained = stain_maps(work)
+    nuclei, low = find_nuclei(purple, stained)
+    if microns_per_pixel:
+        scale = Scale(microns_per_pixel * f, "given")
+    else:
+        scale, _ = estimate_scale(stained, nuclei, purple)
+        if scale.method == "red_cells" and _largest_nucleus_um(nuclei, scale) > MAX_NUCLEUS_UM:
+            scale = Scale(0.0, "default")  # the "red cells" were the white cell's own cytoplasm
+    cells, labels = _cells(purple, stained, nuclei, scale, work.shape[:2])
+    if scale.method == "default":
+        scale = _scale_from_white_cells(cells)
+        if scale.method != "default":  # sizes filter by microns: run again at the better scale
+            cells, labels = _cells(purple, stained, nuclei, scale, work.shape[:2])
+    out = SmearDetections(scale=Scale(scale.microns_per_pixel / f, scale.method, scale.red_cells_measured),
+                          work_scale=f)
+    out.cells = [_to_input(c, f, rgb.shape[:2]) for c in cells]
+    out.labels = labels if f == 1.0 else np.asarray(
+        Image.fromarray(labels).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST))
+    return out
+
+
+def _largest_nucleus_um(nuclei: np.ndarray, scale: Scale) -> float:
+    lab, n = ndi.label(nuclei)
+    if n == 0:
+        return 0.0
+    area = float(np.max(ndi.sum(nuclei, lab, np.arange(1, n + 1))))
+    return math.sqrt(4 * area / math.pi) * scale.microns_per_pixel
+
+
+def _scale_from_white_cells(cells: list[Detection]) -> Scale:
+    if not cells:
+        return Scale(0.0, "default")
+    d = float(np.median([math.sqrt(4 * c.area_px / math.pi) for c in cells]))
+    return Scale(WBC_DIAMETER_UM / d, "white_cell_size")
+
+
+def _cells(purple, stained, nuclei, scale: Scale, shape) -> tuple[list[Detection], np.ndarray]:
+    h, w = shape
+    # With no scale yet, assume the cells are large (a single-cell crop): join generously.
+    um = scale.microns_per_pixel or (WBC_DIAMETER_UM / (0.6 * min(h, w)))
+    join = max(1.0, 1.0 / um)  # ~1 µm closing joins nucleus lobes
+    joined = ndi.binary_closing(nuclei, structure=_disk(join), iterations=1) | nuclei
+    joined = ndi.binary_fill_holes(joined)
+    lab, n = ndi.label(joined)
+    labels = np.zeros(shape, np.int32)
+    if n == 0:
+        return [], labels
+    min_area = math.pi / 4 * (MIN_NUCLEUS_UM / um) ** 2
+    max_area = math.pi / 4 * (MAX_CELL_UM / um) ** 2
+    # cytoplasm: stained, bluish-or-neutral pixels within ~3 µm of the nucleus, nearest nucleus wins
+    grow = max(2, round(3.0 / um))
+    cyto = (stained > STAIN_MIN) & (purple > CYTOPLASM_MIN_PURPLE)
+    dist, (iy, ix) = ndi.distance_transform_edt(lab == 0, return_indices=True)
+    owner = lab[iy, ix]
+    cell_lab = np.where((dist <= grow) & (cyto | (lab > 0)), owner, 0).astype(np.int32)
+    cells = []
+    k = 0
+    for i, sl in enumerate(ndi.find_objects(cell_lab), start=1):
+        if sl is None:
+            continue
+        nuc_area = float((lab[sl] == i).sum())
+        if nuc_area < min_area:
+            continue
+        m = cell_lab[sl] == i
+        m = ndi.binary_opening(m, iterations=1) | (lab[sl] == i)
+        area = float(m.sum())
+        if area > max_area:
+            continue
+        k += 1
+        labels[sl][m] = k
+        ys, xs = np.nonzero(m)
+        y0, x0 = sl[0].start + ys.min(), sl[1].start + xs.min()
+        y1, x1 = sl[0].start + ys.max() + 1, sl[1].start + xs.max() + 1
+        cells.append(Detection(
+            bbox=(int(x0), int(y0), int(x1), int(y1)),
+            centroid=(float(sl[1].start + xs.mean()), float(sl[0].start + ys.mean())),
+            area_px=area, nucleus_area_px=nuc_area, circularity=_circularity(m),
+            touches_border=bool(x0 == 0 or y0 == 0 or x1 == w or y1 == h)))
+    return cells, labels
+
+
+def _to_input(c: Detection, f: float, shape) -> Detection:
+    if f == 1.0:
+        return c
+    h, w = shape
+    x0, y0, x1, y1 = c.bbox
+    return Detection(bbox=(int(x0 * f), int(y0 * f), min(w, int(math.ceil(x1 * f))), min(h, int(math.ceil(y1 * f)))),
+                     centroid=(c.centroid[0] * f, c.centroid[1] * f), area_px=c.area_px * f * f,
+                     nucleus_area_px=c.nucleus_area_px * f * f, circularity=c.circularity,
+                     touches_border=c.touches_border)
+
+
+def crop_cell(rgb: np.ndarray, det: Detection, microns_per_pixel: float, out_px: int = 96,
+              field_um: float = 24.0) -> np.ndarray:
+    """A square ``field_um`` µm window centred on the cell, resampled to ``out_px`` pixels
+    (one physical scale for every source); outside the image is filled with the edge colour."""
+    side = field_um / microns_per_pixel
+    cx, cy = det.centroid
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    img = Image.fromarray(rgb)
+    h, w = rgb.shape[:2]
+    if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
+        return np.asarray(img.resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))
+    pad = int(math.ceil(side))
+    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    box = (box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad)
+    return np.asarray(Image.fromarray(padded).resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))
