@@ -58,6 +58,8 @@ class AnalysisResult:
     analysis_scale: float = 1.0  # input pixels per mask/heatmap pixel (1.0 unless the input was very large)
     timings_ms: dict[str, float] = field(default_factory=dict)
     counts_cells: bool = True  # False for analyzers without cell segmentation: cell_count is then None
+    # Analyzer-specific results, output at the top level of to_dict() (a differential's counts, scale)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cell_count(self) -> int | None:
@@ -83,6 +85,8 @@ class AnalysisResult:
             "model": self.model.to_dict() if self.model else None,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
+        for k, v in self.extra.items():
+            d.setdefault(k, v)  # never shadows a common key
         if include_arrays:
             d["mask"] = self.mask
             d["heatmap"] = self.heatmap

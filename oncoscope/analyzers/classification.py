@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..ml import cam as cam_mod
-from ..ml.scores import gate_features, gate_probability, softmax
+from ..ml.scores import gate_features, gate_probability, is_blank, softmax
 from ..imaging.imageio import pad_to_square, to_gray3
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
 from .config import ModalityGate, OutOfDomain
@@ -173,8 +173,7 @@ class ImageClassifierAnalyzer(Analyzer):
                                 + ("; cell measurements are in original pixels." if self.counts_cells else "."))
         res.analysis_scale = back
         h, w = rgb.shape[:2]
-        gray_std = float(rgb.reshape(-1, 3).mean(axis=1).std())
-        if gray_std < self.blank_std:
+        if is_blank(rgb, self.blank_std):
             res.status = STATUS_OOD
             res.messages.append("The image is blank or nearly uniform: there is nothing to analyse.")
             return res

@@ -267,6 +267,53 @@ class Segmenter:
 
 
 @dataclass(frozen=True)
+class Cells:
+    """Per-cell classification of detected white cells (``smear-differential``): the network, the
+    canonical crop and the decision thresholds fitted on validation cells."""
+
+    classifier: str  # ONNX file in the model folder: canonical crops -> per-class logits
+    classes: tuple[str, ...]  # the network's outputs, in order
+    served_as: Mapping[str, str]  # a trained-only class -> the reported class it is added to
+    microns_per_pixel: float = 0.4  # crop scale
+    field_um: float = 32.0  # crop window
+    temperature: float = 1.0
+    unidentified_below: float = 0.5
+    blast_threshold: float = 0.5
+    blast_borderline: float = 0.2
+    blasts_present_min: int = 1  # blast cells in an image (or case) for the ``blasts_present`` call
+    count_target: int = 100
+
+    KEYS: ClassVar = frozenset({"classifier", "classes", "served_as", "microns_per_pixel", "field_um",
+                                "temperature", "unidentified_below", "blast_threshold", "blast_borderline",
+                                "blasts_present_min", "count_target"})
+    NOTES: ClassVar = frozenset({"fitted_on", "threshold_rules", "val"})
+
+    @classmethod
+    def parse(cls, s: _Section) -> "Cells":
+        s.check_keys(cls.KEYS | cls.NOTES)
+        classes = s.texts("classes", non_empty=True)
+        served = s.section("served_as")
+        served_as = {}
+        if served is not None:
+            for k in served.data:
+                if k not in classes:
+                    raise served.error(k, f"unknown class {k!r} (classes: {', '.join(classes)})")
+                served_as[k] = served.text(k, choices=tuple(c for c in classes if c != k))
+        low = s.number("blast_borderline", 0.2, 0.0, 1.0)
+        high = s.number("blast_threshold", 0.5, 0.0, 1.0)
+        if low > high:
+            raise s.error("blast_borderline", f"must not exceed blast_threshold ({high:g}), got {low:g}")
+        return cls(classifier=s.text("classifier"), classes=classes, served_as=MappingProxyType(served_as),
+                   microns_per_pixel=s.number("microns_per_pixel", 0.4, 0.0, 5.0, low_open=True),
+                   field_um=s.number("field_um", 32.0, 1.0, 200.0),
+                   temperature=s.number("temperature", 1.0, low=0.0, low_open=True),
+                   unidentified_below=s.number("unidentified_below", 0.5, 0.0, 1.0),
+                   blast_threshold=high, blast_borderline=low,
+                   blasts_present_min=s.integer("blasts_present_min", 1),
+                   count_target=s.integer("count_target", 100))
+
+
+@dataclass(frozen=True)
 class ReportWording:
     """Sentences for reports; ``malignant`` and ``benign`` may name the label as ``{label}``."""
 
@@ -318,13 +365,14 @@ class AnalyzerConfig:
     report_wording: ReportWording = ReportWording()
     blank_image_std: float = 2.0  # grey-level spread under which an image is blank
     segmenter: Segmenter | None = None
+    cells: Cells | None = None
     folder: Path | None = field(default=None, compare=False)
     source_json: str = field(default="{}", compare=False, repr=False)  # the file as written
 
     KEYS: ClassVar = frozenset({"id", "name", "version", "modality", "labels", "display_names", "malignant_labels",
                                 "positive_term", "input_description", "image_noun", "dicom_modalities",
                                 "report_wording", "blank_image_std", "preprocess", "files", "calibration",
-                                "segmenter"})
+                                "segmenter", "cells"})
 
     @classmethod
     def load(cls, folder: Path | str) -> "AnalyzerConfig":
@@ -356,6 +404,7 @@ class AnalyzerConfig:
                 display_names[label] = names.text(label)
         preprocess = Preprocess.parse(s.section("preprocess", required=True))
         segmenter = s.section("segmenter")
+        cells = s.section("cells")
         cfg = cls(
             name=s.text("name"), version=s.text("version"), modality=s.text("modality"), labels=labels,
             preprocess=preprocess, files=s.texts("files"),
@@ -367,6 +416,7 @@ class AnalyzerConfig:
             report_wording=ReportWording.parse(s.section("report_wording")),
             blank_image_std=s.number("blank_image_std", 2.0, low=0.0),
             segmenter=Segmenter.parse(segmenter, preprocess) if segmenter else None,
+            cells=Cells.parse(cells) if cells else None,
             folder=folder, source_json=json.dumps(data))
         cfg._check_files(path)
         return cfg
@@ -377,6 +427,9 @@ class AnalyzerConfig:
                 raise AnalyzerConfigError(path, "files", f"{name!r} is not a plain file name in the model folder")
             if not (self.folder / name).is_file():
                 raise AnalyzerConfigError(path, "files", f"lists {name!r}, which is not in {self.folder}")
+        if self.cells is not None and self.cells.classifier not in self.files:
+            raise AnalyzerConfigError(path, "cells.classifier",
+                                      f"{self.cells.classifier!r} is not listed in 'files' (the model digest must cover it)")
         ood = self.calibration.ood
         if ood is not None and ood.stats not in self.files:
             raise AnalyzerConfigError(path, "calibration.ood.stats",

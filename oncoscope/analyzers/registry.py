@@ -19,6 +19,7 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 # module import nothing but ``base``, and an analyzer module (and its ONNX sessions) loads only
 # when that analyzer is first asked for.
 _SPECS: dict[str, tuple[str, str]] = {
+    "smear-differential": ("oncoscope.analyzers.smear_differential", "SmearDifferentialAnalyzer"),
     "smear-all": ("oncoscope.analyzers.smear_all", "SmearAllAnalyzer"),
     "bone-xray": ("oncoscope.analyzers.bone_xray", "BoneXrayAnalyzer"),
     "brain-mri": ("oncoscope.analyzers.brain_mri", "BrainMriAnalyzer"),

@@ -61,8 +61,11 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
         out = run_web_bench(n_patients, n_analyses, images=_bench_images(data_root))
         click.echo(json.dumps(out) if as_json else json.dumps(out, indent=1))
         return
-    root = Path(data_root) if data_root else (DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
-                                              if analyzer_id in RECIPES else None)
+    if analyzer_id == "smear-differential":  # reads several datasets: the folder that holds them
+        root = Path(data_root) if data_root else DEFAULT_DATASETS
+    else:
+        root = Path(data_root) if data_root else (DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
+                                                  if analyzer_id in RECIPES else None)
     out = run_bench(analyzer_id, runs=runs, baseline_runs=baseline_runs, data_root=root, threads=threads,
                     include_baselines=not no_baselines)
     if as_json:

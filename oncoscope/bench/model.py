@@ -15,7 +15,7 @@ import numpy as np
 
 from ..analyzers import registry
 from ..imaging.imageio import load_image
-from ..ml.synthetic import radiograph_like, smear_like
+from ..ml.synthetic import radiograph_like, smear_field, smear_like
 from ..training.data import load_manifest, manifest_samples
 from ..training.recipes import RECIPES
 from .baselines import baseline_report, measure_matmul_gflops, onnx_flops
@@ -23,7 +23,58 @@ from .baselines import baseline_report, measure_matmul_gflops, onnx_flops
 
 def generated_image(analyzer_id: str, seed: int, size: int = 224) -> np.ndarray:
     """A generated stand-in for the analyzer's input (when the dataset is absent)."""
+    if analyzer_id == "smear-differential":
+        return differential_field(seed, (size, size))
     return smear_like(seed, size=size)[0] if analyzer_id == "smear-all" else radiograph_like(seed, size, size)
+
+
+def differential_field(seed: int, size: tuple[int, int]) -> np.ndarray:
+    """A generated field with white cells spread over it, at a scale that gives about 40 µm per 224 px
+    (sizes above 640 px: 0.1 µm/px, a 100x camera frame)."""
+    w, h = size
+    mpp = 0.18 if max(w, h) <= 640 else 0.1
+    rng = np.random.default_rng(seed)
+    n = max(1, int(w * h * mpp * mpp / 900))  # about one white cell per 900 µm^2, as in a leukemic field
+    cells = [(float(rng.uniform(0.1, 0.9) * w), float(rng.uniform(0.1, 0.9) * h), float(rng.uniform(9, 14)))
+             for _ in range(n)]
+    return smear_field(seed, mpp, (w, h), cells)[0]
+
+
+def run_differential_bench(runs: int, data_root: Path | None, threads: int, include_baselines: bool) -> dict:
+    """Latency of a 224 px field (all-taleqani test fields when present) and a 1920x1080 field, per stage
+    and per cell, and the peak memory in a fresh process."""
+    an = registry.get("smear-differential")
+    root = (Path(data_root) if data_root else None)
+    taleqani = root / "all-taleqani" / "Original" if root is not None else None
+    if taleqani is not None and taleqani.is_dir():
+        m = load_manifest(RECIPES["smear-all"]["manifest"])
+        picks = manifest_samples(m, "test")[::8][:50]
+        small, source = [load_image(taleqani / s.path).rgb for s in picks], f"{len(picks)} all-taleqani test fields"
+    else:
+        small, source = [differential_field(i, (224, 224)) for i in range(50)], "50 generated 224 px fields"
+    large = [differential_field(100 + i, (1920, 1080)) for i in range(5)]
+    out = {"analyzer": "smear-differential", "model": an.model_info.to_dict(),
+           "machine": {"cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform()},
+           "images": {"224": source, "1920x1080": "5 generated 1920x1080 fields at 0.1 µm/px"}}
+    for key, images in (("field_224", small), ("field_1920x1080", large)):
+        lat = analyzer_latency(an, images, runs if key == "field_224" else max(10, runs // 5))
+        cells = [len(an.analyze(im).cells) for im in images[:10]]
+        lat["cells_per_image_mean"] = round(float(np.mean(cells)), 1)
+        lat["classify_ms_per_cell"] = round(lat["stages_p50_ms"].get("classify", 0.0) / max(1.0, float(np.mean(cells))), 2)
+        out[key] = lat
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", "import json;from oncoscope.bench.model import memory_probe;"
+                           "print(json.dumps(memory_probe('smear-differential')))"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    out["memory"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
+    if include_baselines:
+        base = baseline_report(threads=threads, runs=5, num_classes=len(an.cells_cfg.classes))
+        out["baseline_keras_style"] = base
+        out["speedup_vs_baseline_224"] = round(base["combined_p50_ms"] / out["field_224"]["p50_ms"], 1)
+    out["targets"] = {"p50_224_le_80ms": out["field_224"]["p50_ms"] <= 80.0,
+                      "p50_1920x1080_le_400ms": out["field_1920x1080"]["p50_ms"] <= 400.0,
+                      "peak_rss_le_600mb": bool(out["memory"].get("peak_rss_mb", 1e9) <= 600)}
+    return out
 
 
 def _images(analyzer_id: str, n: int, data_root: Path | None) -> tuple[list[np.ndarray], str]:
@@ -85,6 +136,8 @@ def memory_probe(analyzer_id: str, n: int = 20) -> dict:
 
 def run_bench(analyzer_id: str = "smear-all", runs: int = 100, baseline_runs: int = 5, data_root: Path | None = None,
               threads: int = 2, include_baselines: bool = True) -> dict:
+    if analyzer_id == "smear-differential":
+        return run_differential_bench(runs, data_root, threads, include_baselines)
     an = registry.get(analyzer_id)
     images, source = _images(analyzer_id, 50, data_root)
     lat = analyzer_latency(an, images, runs)

@@ -11,8 +11,10 @@ from pathlib import Path
 import click
 
 from ..evaluation.classifier import evaluate_classifier
+from ..evaluation.differential import evaluate_differential
+from ..evaluation.differential import write_card as write_differential_card
 from ..evaluation.smear import evaluate_smear
-from ..training import pipeline
+from ..training import differential, pipeline
 from ..training.recipes import DEFAULT_DATASETS, RECIPES
 from ..training.recipes import model_dir as default_model_dir
 
@@ -20,16 +22,30 @@ from ..training.recipes import model_dir as default_model_dir
 @click.command()
 @click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
 @click.option("--data", "data_root", default=None, help="Dataset folder (default: ../shared/datasets/<dataset>).")
-@click.option("--stage", type=click.Choice(["all", "classifier", "calibrate", "segmenter", "export"]), default="all",
-              show_default=True)
+@click.option("--stage", type=click.Choice(["all", "crops", "classifier", "calibrate", "segmenter", "export"]),
+              default="all", show_default=True, help="crops: smear-differential only; segmenter: smear-all only.")
 @click.option("--work", default="runs", show_default=True, help="Folder for checkpoints and logs.")
 @click.option("--out", default=None, help="Model folder to write (default: the shipped oncoscope/models/<id>).")
 @click.option("--epochs", default=None, type=int)
 @click.option("--seed", default=0, show_default=True)
-def train(analyzer_id, data_root, stage, work, out, epochs, seed):
+@click.option("--without", multiple=True, metavar="SOURCE",
+              help="smear-differential: leave this dataset out of training (leave-one-source-out runs).")
+def train(analyzer_id, data_root, stage, work, out, epochs, seed, without):
     """Train an analyzer's models from scratch and export them to ONNX."""
+    command = " ".join(["oncoscope", *sys.argv[1:]])
+    if analyzer_id == differential.ANALYZER:
+        datasets = Path(data_root) if data_root else DEFAULT_DATASETS
+        if not datasets.is_dir():
+            raise SystemExit(f"datasets not found at {datasets}; pass --data (the folder holding pbc, all-taleqani...)")
+        if stage == "segmenter":
+            raise SystemExit(f"analyzer {analyzer_id!r} has no segmenter (cells are found by ml/wbc.py)")
+        out_dir = Path(out) if out else (None if without else default_model_dir(analyzer_id))
+        differential.run(datasets, Path(work), out_dir, stage, epochs, seed, list(without), command)
+        return
+    if stage == "crops" or without:
+        raise SystemExit("--stage crops and --without are for --analyzer smear-differential")
     pipeline.run_training(analyzer_id, data_root=data_root, stage=stage, work=work, out=out, epochs=epochs, seed=seed,
-                          command=" ".join(["oncoscope", *sys.argv[1:]]))
+                          command=command)
 
 
 @click.command()
@@ -39,8 +55,17 @@ def train(analyzer_id, data_root, stage, work, out, epochs, seed):
               help="Model folder to evaluate and write the card into (default: the shipped one).")
 @click.option("--bootstrap", default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the model card JSON.")
-def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json):
+@click.option("--work", default="runs", show_default=True,
+              help="smear-differential: the training folder (cell crops and leave-one-source-out models).")
+def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json, work):
     """Evaluate on the committed test split; write the model card, metrics and plots."""
+    if analyzer_id == differential.ANALYZER:
+        datasets = Path(data_root) if data_root else DEFAULT_DATASETS
+        out = Path(model_dir) if model_dir else default_model_dir(analyzer_id)
+        card = evaluate_differential(out, datasets, Path(work), Path(work) / "cell-crops")
+        write_differential_card(card, out)
+        click.echo(json.dumps(card, indent=1) if as_json else f"model card written to {out / 'model_card.md'}")
+        return
     if analyzer_id not in RECIPES:
         raise click.ClickException(f"no evaluation recipe for {analyzer_id!r}")
     root = Path(data_root) if data_root else DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]

@@ -23,3 +23,9 @@ def gate_probability(features: np.ndarray, gate: dict) -> np.ndarray:
     ``gate``: gate_mean, gate_scale, gate_coef, gate_intercept (as stored in ood.npz)."""
     z = ((features - gate["gate_mean"]) / gate["gate_scale"]) @ gate["gate_coef"] + gate["gate_intercept"]
     return 1.0 / (1.0 + np.exp(-z))
+
+
+def is_blank(rgb: np.ndarray, min_std: float) -> bool:
+    """Nearly uniform: the grey level's spread is under ``min_std`` (there is nothing to analyse)."""
+    step = max(1, max(rgb.shape[:2]) // 512)  # a sample is enough for a spread, and fast on large images
+    return float(rgb[::step, ::step].reshape(-1, 3).mean(axis=1).std()) < min_std

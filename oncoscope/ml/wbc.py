@@ -68,12 +68,33 @@ class SmearDetections:
 
 
 def background_relative(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) float in about [0, 1.2]: each channel over its bright-background level."""
+    """(H, W, 3) float in about [0, 1.2]: each channel over the bright background around it.
+
+    The background is measured per block (a grid of about 6 x 6) and interpolated, because many
+    cameras light the field unevenly: against one global level, the darker corners of the
+    background would count as stained.
+    """
     x = rgb.astype(np.float32) + 1.0
+    h, w = x.shape[:2]
     flat = x.reshape(-1, 3)
     if flat.shape[0] > 200_000:  # the percentile of a sample is as good and 10x faster
         flat = flat[:: flat.shape[0] // 200_000 + 1]
-    bg = np.percentile(flat, 97, axis=0).astype(np.float32)
+    top = np.percentile(flat, 97, axis=0).astype(np.float32)
+    n = 6 if min(h, w) >= 96 else 1
+    ys = np.linspace(0, h, n + 1).astype(int)
+    xs = np.linspace(0, w, n + 1).astype(int)
+    grid = np.empty((n, n, 3), np.float32)
+    for i in range(n):
+        for j in range(n):
+            block = x[ys[i]:ys[i + 1]:2, xs[j]:xs[j + 1]:2].reshape(-1, 3)
+            grid[i, j] = np.percentile(block, 95, axis=0)
+    # A block covered by cells has no background of its own: it may not fall far below the image's.
+    grid = np.clip(grid, 0.85 * top, top)
+    if n == 1:
+        bg = grid[0, 0]
+    else:
+        bg = np.stack([np.asarray(Image.fromarray(grid[..., c], "F").resize((w, h), Image.BILINEAR))
+                       for c in range(3)], axis=2)
     return np.clip(x / np.maximum(bg, 8.0), 0.0, 1.2)
 
 
@@ -141,8 +162,7 @@ def estimate_scale(stained: np.ndarray, nuclei: np.ndarray, purple: np.ndarray) 
         y, x = sl[0].start, sl[1].start
         r = dist[y, x]
         k = int(r)
-        window = (slice(max(0, y - k), y + k + 1), slice(max(0, x - k), x + k + 1))
-        if dist[window].max() <= r:
+        if dist[max(0, y - k):y + k + 1, max(0, x - k):x + k + 1].max() <= r:
             radii.append(r)
     radii = np.asarray(radii)
     if radii.size < MIN_RED_CELLS:
@@ -196,7 +216,7 @@ def detect(rgb: np.ndarray, microns_per_pixel: float | None = None) -> SmearDete
         scale = Scale(microns_per_pixel * f, "given")
     else:
         scale, _ = estimate_scale(stained, nuclei, purple)
-        if scale.method == "red_cells" and _largest_nucleus_um(nuclei, scale) > MAX_NUCLEUS_UM:
+        if scale.method == "red_cells" and _typical_nucleus_um(nuclei, scale) > MAX_NUCLEUS_UM:
             scale = Scale(0.0, "default")  # the "red cells" were the white cell's own cytoplasm
     cells, labels = _cells(purple, stained, nuclei, scale, work.shape[:2])
     if scale.method == "default":
@@ -211,11 +231,13 @@ def detect(rgb: np.ndarray, microns_per_pixel: float | None = None) -> SmearDete
     return out
 
 
-def _largest_nucleus_um(nuclei: np.ndarray, scale: Scale) -> float:
+def _typical_nucleus_um(nuclei: np.ndarray, scale: Scale) -> float:
+    """Median nucleus (component) diameter: touching blasts merge into one large component, so not the
+    largest."""
     lab, n = ndi.label(nuclei)
     if n == 0:
         return 0.0
-    area = float(np.max(ndi.sum(nuclei, lab, np.arange(1, n + 1))))
+    area = float(np.median(ndi.sum(nuclei, lab, np.arange(1, n + 1))))
     return math.sqrt(4 * area / math.pi) * scale.microns_per_pixel
 
 
@@ -285,7 +307,7 @@ def _to_input(c: Detection, f: float, shape) -> Detection:
 def crop_cell(rgb: np.ndarray, det: Detection, microns_per_pixel: float, out_px: int = 96,
               field_um: float = 24.0) -> np.ndarray:
     """A square ``field_um`` µm window centred on the cell, resampled to ``out_px`` pixels
-    (one physical scale for every source); outside the image is filled with the edge colour."""
+    (one physical scale for every source)."""
     side = field_um / microns_per_pixel
     cx, cy = det.centroid
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
@@ -293,7 +315,13 @@ def crop_cell(rgb: np.ndarray, det: Detection, microns_per_pixel: float, out_px:
     h, w = rgb.shape[:2]
     if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
         return np.asarray(img.resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))
+    # Outside the image: the slide's background colour (replicated edges would draw streaks that
+    # only cropped sources have, a shortcut for the classifier).
     pad = int(math.ceil(side))
-    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    flat = rgb.reshape(-1, 3)
+    bright = flat[flat.sum(axis=1) >= np.percentile(flat.sum(axis=1), 90)]
+    padded = np.empty((h + 2 * pad, w + 2 * pad, 3), np.uint8)
+    padded[:] = np.median(bright, axis=0).astype(np.uint8)
+    padded[pad:pad + h, pad:pad + w] = rgb
     box = (box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad)
     return np.asarray(Image.fromarray(padded).resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))

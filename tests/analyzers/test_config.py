@@ -225,3 +225,43 @@ def test_a_folder_without_config_is_not_found(tmp_path):
 def test_an_analyzer_without_config_says_which(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"analyzer smear-all: no config.json in {tmp_path}"):
         registry.get("smear-all", model_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- the cells section
+def _both(threshold: float, borderline: float):
+    def edit(cfg):
+        cfg["cells"]["blast_threshold"], cfg["cells"]["blast_borderline"] = threshold, borderline
+    return edit
+
+
+CELL_CASES = {
+    "served as an unknown class": (put("cells.served_as", {"myelocyte": "lymphocyte"}), "cells.served_as.myelocyte",
+                                   "unknown class"),
+    "served as itself": (put("cells.served_as", {"hematogone": "hematogone"}), "cells.served_as.hematogone",
+                         "not one of"),
+    "borderline above the blast threshold": (_both(0.3, 0.6), "cells.blast_borderline", "must not exceed"),
+    "classifier not listed": (put("files", []), "cells.classifier", "not listed in 'files'"),
+    "temperature as text": (put("cells.temperature", "warm"), "cells.temperature", "number"),
+    "count target zero": (put("cells.count_target", 0), "cells.count_target", "at least 1"),
+    "misspelt key": (put("cells.unidentified_bellow", 0.5), "cells.unidentified_bellow", "unknown key"),
+}
+
+
+@pytest.mark.parametrize("case", list(CELL_CASES))
+def test_a_broken_cells_section_names_the_key(tmp_path, case):
+    if "smear-differential" not in registry.available():
+        pytest.skip("smear-differential model not installed")
+    edit, key, *words = CELL_CASES[case]
+    folder = model_folder(tmp_path, edit, "smear-differential")
+    with pytest.raises(AnalyzerConfigError) as err:
+        AnalyzerConfig.load(folder)
+    assert_names(err.value, folder, key, *words)
+
+
+def test_the_differential_analyzer_needs_a_cells_section(tmp_path):
+    if "smear-differential" not in registry.available():
+        pytest.skip("smear-differential model not installed")
+    folder = model_folder(tmp_path, delete("cells"), "smear-differential", real_files=True)
+    with pytest.raises(AnalyzerConfigError) as err:
+        registry.get("smear-differential", model_dir=folder)
+    assert_names(err.value, folder, "cells", "missing")

@@ -1,0 +1,89 @@
+"""White-cell differential arithmetic: per-cell probabilities -> classes -> counts, percentages, blasts.
+
+Pure numpy, shared by the ``smear-differential`` analyzer (one image), the case summary (all images
+of a case) and the evaluation, so that the three cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+UNIDENTIFIED = "unidentified"
+# Counted in the differential (the denominator of every percentage), in report order.
+WBC_CLASSES = ("blast", UNIDENTIFIED, "neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil",
+               "immature_granulocyte")
+# Reported beside it, not in the denominator: nucleated red cells per 100 white cells, platelets not counted.
+OTHER_CLASSES = ("erythroblast", "platelet")
+REPORTED = WBC_CLASSES + OTHER_CLASSES
+
+
+@dataclass(frozen=True)
+class CellDecision:
+    """How a cell's class and a blast call are decided (thresholds fixed on validation data)."""
+
+    classes: tuple[str, ...]  # network outputs, in order
+    served_as: dict  # a trained-only class -> the reported class its probability is added to
+    temperature: float = 1.0
+    unidentified_below: float = 0.5  # top probability under which a cell is ``unidentified``
+    blast_threshold: float = 0.5  # P(blast) at or above which a cell counts as a blast
+    blast_borderline: float = 0.2  # P(blast) from here up to the threshold makes the image uncertain
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def reported_probabilities(logits: np.ndarray, d: CellDecision) -> tuple[np.ndarray, list[str]]:
+    """(N, K) probabilities over the reported classes the network knows (trained-only ones merged)."""
+    p = softmax(np.asarray(logits, np.float64), d.temperature)
+    names = [c for c in d.classes if c not in d.served_as]
+    out = np.zeros((p.shape[0], len(names)))
+    for j, c in enumerate(d.classes):
+        out[:, names.index(d.served_as.get(c, c))] += p[:, j]
+    return out, names
+
+
+def decide(probs: np.ndarray, names: list[str], d: CellDecision) -> list[str]:
+    """Each cell's class: a blast at or above the blast threshold (sensitivity first), otherwise the
+    top class when confident enough, otherwise ``unidentified``."""
+    b = names.index("blast") if "blast" in names else None
+    out = []
+    for row in probs:
+        if b is not None and row[b] >= d.blast_threshold:
+            out.append("blast")
+        elif row.max() < d.unidentified_below or (b is not None and int(row.argmax()) == b):
+            out.append(UNIDENTIFIED)  # a blast below the threshold is never a confident normal cell
+        else:
+            out.append(names[int(row.argmax())])
+    return out
+
+
+def borderline(probs: np.ndarray, names: list[str], d: CellDecision) -> int:
+    """Cells whose blast probability is close below the threshold."""
+    if "blast" not in names:
+        return 0
+    pb = probs[:, names.index("blast")]
+    return int(((pb >= d.blast_borderline) & (pb < d.blast_threshold)).sum())
+
+
+def summarise(classes: list[str], count_target: int = 100) -> dict:
+    """Counts, percentages of the white-cell total, blast fraction and progress to the count target."""
+    counts = {c: 0 for c in REPORTED}
+    for c in classes:
+        counts[c] = counts.get(c, 0) + 1
+    total = sum(counts[c] for c in WBC_CLASSES)
+    pct = {c: (100.0 * counts[c] / total if total else None) for c in WBC_CLASSES}
+    return {
+        "differential": counts,
+        "white_cells": total,
+        "percentages": pct,
+        "nrbc_per_100_wbc": 100.0 * counts["erythroblast"] / total if total else None,
+        "blast_fraction": counts["blast"] / total if total else None,
+        "count_target": count_target,
+        "remaining_to_target": max(0, count_target - total),
+    }
