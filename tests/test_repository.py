@@ -29,3 +29,5 @@ def test_every_shipped_model_has_its_weights_config_and_card():
     for model in ("smear-all", "bone-xray", "brain-mri"):
         for name in ("classifier.onnx", "config.json", "model_card.json", "model_card.md"):
             assert f"oncoscope/models/{model}/{name}" in tracked, (model, name)
+    for name in ("cell_classifier.onnx", "config.json", "model_card.json", "model_card.md"):
+        assert f"oncoscope/models/smear-differential/{name}" in tracked, name

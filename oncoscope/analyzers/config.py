@@ -271,7 +271,7 @@ class Cells:
     """Per-cell classification of detected white cells (``smear-differential``): the network, the
     canonical crop and the decision thresholds fitted on validation cells."""
 
-    classifier: str  # ONNX file in the model folder: canonical crops -> per-class logits
+    classifier: str  # ONNX file in the model folder: canonical crops -> logits (and embedding)
     classes: tuple[str, ...]  # the network's outputs, in order
     served_as: Mapping[str, str]  # a trained-only class -> the reported class it is added to
     microns_per_pixel: float = 0.4  # crop scale
@@ -280,37 +280,63 @@ class Cells:
     unidentified_below: float = 0.5
     blast_threshold: float = 0.5
     blast_borderline: float = 0.2
-    blasts_present_min: int = 1  # blast cells in an image (or case) for the ``blasts_present`` call
+    normal_blast_rate: float = 0.02  # validation normal cells called blast (upper bound)
+    false_call_rate: float = 0.05  # normal images or cases allowed a blasts_present call by chance
     count_target: int = 100
+    ood_stats: str | None = None  # file with the training cells' embedding means and precision
+    ood_threshold: float | None = None  # Mahalanobis distance above which a cell is unlike any trained cell
 
     KEYS: ClassVar = frozenset({"classifier", "classes", "served_as", "microns_per_pixel", "field_um",
                                 "temperature", "unidentified_below", "blast_threshold", "blast_borderline",
-                                "blasts_present_min", "count_target"})
+                                "normal_blast_rate", "false_call_rate", "count_target", "ood_stats",
+                                "ood_threshold"})
     NOTES: ClassVar = frozenset({"fitted_on", "threshold_rules", "val"})
+    REPORTED: ClassVar = ("blast", "neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil",
+                          "immature_granulocyte", "erythroblast", "platelet")  # ml.differential's vocabulary
 
     @classmethod
     def parse(cls, s: _Section) -> "Cells":
         s.check_keys(cls.KEYS | cls.NOTES)
         classes = s.texts("classes", non_empty=True)
-        served = s.section("served_as")
-        served_as = {}
-        if served is not None:
-            for k in served.data:
-                if k not in classes:
-                    raise served.error(k, f"unknown class {k!r} (classes: {', '.join(classes)})")
-                served_as[k] = served.text(k, choices=tuple(c for c in classes if c != k))
+        served_as = cls._served_as(s, classes)
+        for c in classes:
+            if c not in cls.REPORTED and c not in served_as:
+                raise s.error("classes", f"{c!r} is neither reported ({', '.join(cls.REPORTED)}) nor served as one")
+        if "blast" not in classes:
+            raise s.error("classes", "must include 'blast' (the screening call counts blasts)")
         low = s.number("blast_borderline", 0.2, 0.0, 1.0)
         high = s.number("blast_threshold", 0.5, 0.0, 1.0)
         if low > high:
             raise s.error("blast_borderline", f"must not exceed blast_threshold ({high:g}), got {low:g}")
+        stats, threshold = s.text("ood_stats", None), s.number("ood_threshold", None, low=0.0, low_open=True)
+        if (stats is None) != (threshold is None):
+            raise s.error("ood_threshold" if stats else "ood_stats", "ood_stats and ood_threshold go together")
         return cls(classifier=s.text("classifier"), classes=classes, served_as=MappingProxyType(served_as),
                    microns_per_pixel=s.number("microns_per_pixel", 0.4, 0.0, 5.0, low_open=True),
                    field_um=s.number("field_um", 32.0, 1.0, 200.0),
                    temperature=s.number("temperature", 1.0, low=0.0, low_open=True),
                    unidentified_below=s.number("unidentified_below", 0.5, 0.0, 1.0),
                    blast_threshold=high, blast_borderline=low,
-                   blasts_present_min=s.integer("blasts_present_min", 1),
-                   count_target=s.integer("count_target", 100))
+                   normal_blast_rate=s.number("normal_blast_rate", 0.02, 0.0, 1.0),
+                   false_call_rate=s.number("false_call_rate", 0.05, 0.0, 1.0, low_open=True),
+                   count_target=s.integer("count_target", 100), ood_stats=stats, ood_threshold=threshold)
+
+    @classmethod
+    def _served_as(cls, s: _Section, classes: tuple[str, ...]) -> dict[str, str]:
+        served = s.section("served_as")
+        out: dict[str, str] = {}
+        if served is None:
+            return out
+        for k in served.data:
+            if k not in classes:
+                raise served.error(k, f"unknown class {k!r} (classes: {', '.join(classes)})")
+            if k == "blast":
+                raise served.error(k, "blasts are always reported as blasts")
+            out[k] = served.text(k, choices=tuple(c for c in classes if c != k and c in cls.REPORTED))
+        for k, target in out.items():
+            if target in out:
+                raise served.error(k, f"is served as {target!r}, which is itself served as {out[target]!r}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -427,9 +453,15 @@ class AnalyzerConfig:
                 raise AnalyzerConfigError(path, "files", f"{name!r} is not a plain file name in the model folder")
             if not (self.folder / name).is_file():
                 raise AnalyzerConfigError(path, "files", f"lists {name!r}, which is not in {self.folder}")
-        if self.cells is not None and self.cells.classifier not in self.files:
-            raise AnalyzerConfigError(path, "cells.classifier",
-                                      f"{self.cells.classifier!r} is not listed in 'files' (the model digest must cover it)")
+        for key in ("classifier", "ood_stats"):
+            name = getattr(self.cells, key, None)
+            if name is not None and name not in self.files:
+                raise AnalyzerConfigError(path, f"cells.{key}",
+                                          f"{name!r} is not listed in 'files' (the model digest must cover it)")
+        if self.cells is not None and self.preprocess.size != round(self.cells.field_um / self.cells.microns_per_pixel):
+            raise AnalyzerConfigError(path, "preprocess.size", f"is {self.preprocess.size}, but a "
+                                      f"{self.cells.field_um:g} µm crop at {self.cells.microns_per_pixel:g} µm/px is "
+                                      f"{round(self.cells.field_um / self.cells.microns_per_pixel)} px")
         ood = self.calibration.ood
         if ood is not None and ood.stats not in self.files:
             raise AnalyzerConfigError(path, "calibration.ood.stats",

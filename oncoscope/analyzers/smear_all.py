@@ -18,6 +18,9 @@ from .classification import ImageClassifierAnalyzer
 from .config import Segmenter
 
 SEG_MAX_SIDE = 448
+# Pro-B / Pre-B / Early Pre-B are immunophenotypic categories: morphology suggests, flow cytometry decides.
+SUBTYPE_NOTE = ("The B-ALL subtype is a morphological suggestion only; flow cytometry decides the immunophenotype. "
+                "The white-cell differential (smear-differential) is the screening result.")
 
 
 class SmearAllAnalyzer(ImageClassifierAnalyzer):
@@ -37,6 +40,8 @@ class SmearAllAnalyzer(ImageClassifierAnalyzer):
         return self.segmenter.run(x)["cell_probability"]
 
     def extend(self, res: AnalysisResult, x: np.ndarray, rgb: np.ndarray, geometry: dict, timings: dict) -> None:
+        if res.label in self.malignant_labels:
+            res.messages.append(SUBTYPE_NOTE)
         if self.segmenter is None:
             return
         top, left, side, h, w = geometry["top"], geometry["left"], geometry["side"], geometry["h"], geometry["w"]

@@ -15,6 +15,7 @@ from ..evaluation.differential import evaluate_differential
 from ..evaluation.differential import write_card as write_differential_card
 from ..evaluation.smear import evaluate_smear
 from ..training import differential, pipeline
+from ..training.cells import SOURCES
 from ..training.recipes import DEFAULT_DATASETS, RECIPES
 from ..training.recipes import model_dir as default_model_dir
 
@@ -28,7 +29,7 @@ from ..training.recipes import model_dir as default_model_dir
 @click.option("--out", default=None, help="Model folder to write (default: the shipped oncoscope/models/<id>).")
 @click.option("--epochs", default=None, type=int)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--without", multiple=True, metavar="SOURCE",
+@click.option("--without", multiple=True, type=click.Choice(sorted(SOURCES)),
               help="smear-differential: leave this dataset out of training (leave-one-source-out runs).")
 def train(analyzer_id, data_root, stage, work, out, epochs, seed, without):
     """Train an analyzer's models from scratch and export them to ONNX."""

@@ -524,7 +524,9 @@ def render_markdown(card: dict) -> str:
     L = [*md_header(card), "## Intended use",
          "Pre-classify a 100x peripheral blood smear field (as captured in the Taleqani dataset, ~224 px fields) into "
          "Benign (hematogone), Early Pre-B, Pre-B or Pro-B ALL, count and measure white cells, and show a Grad-CAM "
-         "heatmap. Not validated on other microscopes, stains, magnifications or patient populations.", "",
+         "heatmap. The subtype is a morphological suggestion: Pro-B, Pre-B and Early Pre-B are immunophenotypic "
+         "categories that flow cytometry decides; the white-cell differential (`smear-differential`) is the "
+         "screening output. Not validated on other microscopes, stains, magnifications or patient populations.", "",
          "## Data and split",
          f"- Dataset: {card['data']['dataset']}. {card['data']['citation']}.",
          f"- Split manifest: `{card['data']['manifest']}` (data sha256 `{card['data']['data_sha256']}`); "

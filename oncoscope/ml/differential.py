@@ -6,9 +6,12 @@ of a case) and the evaluation, so that the three cannot disagree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .scores import softmax
 
 UNIDENTIFIED = "unidentified"
 # Counted in the differential (the denominator of every percentage), in report order.
@@ -29,18 +32,16 @@ class CellDecision:
     unidentified_below: float = 0.5  # top probability under which a cell is ``unidentified``
     blast_threshold: float = 0.5  # P(blast) at or above which a cell counts as a blast
     blast_borderline: float = 0.2  # P(blast) from here up to the threshold makes the image uncertain
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    normal_blast_rate: float = 0.02  # validation normal cells called blast (upper 95% bound)
+    false_call_rate: float = 0.05  # normal images or cases allowed a blasts_present call by chance
 
 
 def reported_probabilities(logits: np.ndarray, d: CellDecision) -> tuple[np.ndarray, list[str]]:
-    """(N, K) probabilities over the reported classes the network knows (trained-only ones merged)."""
-    p = softmax(np.asarray(logits, np.float64), d.temperature)
+    """(N, K) probabilities over the reported classes the network knows (trained-only ones merged).
+    A row with a non-finite logit has no probabilities (NaN): :func:`decide` calls it unidentified."""
+    logits = np.asarray(logits, np.float64)
+    p = softmax(logits / d.temperature) if logits.size else logits
+    p[~np.isfinite(logits).all(axis=1)] = np.nan
     names = [c for c in d.classes if c not in d.served_as]
     out = np.zeros((p.shape[0], len(names)))
     for j, c in enumerate(d.classes):
@@ -54,7 +55,9 @@ def decide(probs: np.ndarray, names: list[str], d: CellDecision) -> list[str]:
     b = names.index("blast") if "blast" in names else None
     out = []
     for row in probs:
-        if b is not None and row[b] >= d.blast_threshold:
+        if not np.isfinite(row).all():
+            out.append(UNIDENTIFIED)  # a broken output is never a confident class
+        elif b is not None and row[b] >= d.blast_threshold:
             out.append("blast")
         elif row.max() < d.unidentified_below or (b is not None and int(row.argmax()) == b):
             out.append(UNIDENTIFIED)  # a blast below the threshold is never a confident normal cell
@@ -69,6 +72,21 @@ def borderline(probs: np.ndarray, names: list[str], d: CellDecision) -> int:
         return 0
     pb = probs[:, names.index("blast")]
     return int(((pb >= d.blast_borderline) & (pb < d.blast_threshold)).sum())
+
+
+def blasts_needed(white_cells: int, d: CellDecision) -> int:
+    """Blast calls needed among ``white_cells`` for ``blasts_present``: the smallest k such that a
+    sample of normal cells, each called blast with probability ``normal_blast_rate``, reaches k with
+    probability at most ``false_call_rate`` (binomial tail). One false blast in 100 normal cells is
+    expected at a 1% rate, so one blast call alone cannot mark a 100-cell differential."""
+    p, n = min(max(d.normal_blast_rate, 1e-6), 0.5), max(int(white_cells), 1)
+    tail, k = 1.0, 0  # P(X >= k), starting at k = 0
+    pmf = (1 - p) ** n  # P(X = 0)
+    while tail > d.false_call_rate and k < n:
+        tail -= pmf
+        k += 1
+        pmf *= (n - k + 1) / k * p / (1 - p)  # P(X = k) from P(X = k - 1)
+    return max(1, k)
 
 
 def summarise(classes: list[str], count_target: int = 100) -> dict:

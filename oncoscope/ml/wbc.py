@@ -28,17 +28,20 @@ from scipy import ndimage as ndi
 RBC_DIAMETER_UM = 7.5  # a normal red cell on a dried smear
 WBC_DIAMETER_UM = 11.0  # a typical white cell, when there are no red cells to measure
 MIN_NUCLEUS_UM = 2.6  # equivalent diameter; smaller purple things are platelets or debris
-MAX_CELL_UM = 30.0
-MAX_NUCLEUS_UM = 18.0  # a larger nucleus means the scale is wrong  # larger purple areas are clumps, smudges or not a smear
+MAX_CELL_UM = 30.0  # larger purple areas are clumps, smudges or not a smear: counted as rejected
+MAX_NUCLEUS_UM = 18.0  # a typical nucleus larger than this at the red-cell scale: the scale is wrong
 WORK_MAX_SIDE = 720  # detection runs on an image no larger than this (time and memory)
-SEED_MARGIN = 0.45  # a nucleus seed's purple + stained above the median stained pixel
-SEED_FLOOR = 0.45
-LOW_FLOOR = 0.3
-STAIN_MIN = 0.06
-MIN_RED_CELLS = 6
+# Nucleus hysteresis on purple + stained (background-relative, so the same for every camera); set on the
+# raabin-fields train split and checked on the other sources (smear-differential model card):
+SEED_MARGIN = 0.45  # a seed stands this far above the median stained pixel (the red cells, in a field)
+SEED_FLOOR = 0.45  # ... and above this in any case (a pale field's red cells are not seeds)
+LOW_FLOOR = 0.3  # a nucleus grows from its seed down to the Otsu level, but not below this
+STAIN_MIN = 0.06  # background-relative darkness in green that counts as stained at all
+MIN_RED_CELLS = 6  # fewer measured red cells: the scale comes from the white cell
 RBC_OTSU_FRACTION = 0.6  # of the Otsu level: a red cell's pale centre is stained too
 MARGIN_NUCLEI = 0.1  # nucleus diameters around a nucleus that are not searched for red cells
-CYTOPLASM_MIN_PURPLE = 0.03  # fewer measured red cells: the scale comes from the white cell  # background-relative darkness in green that counts as stained
+CYTOPLASM_MIN_PURPLE = 0.03  # cytoplasm is at least a little bluer than green (red cells may be too)
+MPP_RANGE = (0.03, 1.5)  # µm per pixel a smear image can have (100x oil to a 10x overview)
 
 
 @dataclass
@@ -64,7 +67,8 @@ class SmearDetections:
     scale: Scale
     cells: list[Detection] = field(default_factory=list)
     labels: np.ndarray | None = None  # (H, W) int32 cell instance labels at the input size
-    work_scale: float = 1.0  # input pixels per working pixel
+    work_scale: float = 1.0  # input pixels per working pixel (the larger of the two axes' factors)
+    rejected: int = 0  # purple objects too large for one white cell (clumps, smudges): not classified
 
 
 def background_relative(rgb: np.ndarray) -> np.ndarray:
@@ -135,7 +139,7 @@ def _circularity(mask: np.ndarray) -> float:
     return float(min(1.0, 4 * math.pi * area / (perimeter * perimeter) * 0.79))  # 0.79: pixel-edge bias
 
 
-def estimate_scale(stained: np.ndarray, nuclei: np.ndarray, purple: np.ndarray) -> tuple[Scale, np.ndarray]:
+def estimate_scale(stained: np.ndarray, nuclei: np.ndarray) -> Scale:
     """Microns per (working) pixel from the red cells (stained blobs away from nuclei).
 
     Red cells often touch, so they are not measured one by one: the distance transform of the
@@ -166,22 +170,23 @@ def estimate_scale(stained: np.ndarray, nuclei: np.ndarray, purple: np.ndarray) 
             radii.append(r)
     radii = np.asarray(radii)
     if radii.size < MIN_RED_CELLS:
-        return Scale(0.0, "default"), radii
+        return Scale(0.0, "default")
     # Cut, folded and overlapping cells and specks give smaller peaks, never larger: the median
     # weighted by area (r^2) is the typical whole red cell.
     radii = np.sort(radii)
     cum = np.cumsum(radii ** 2)
     radius = float(radii[np.searchsorted(cum, 0.5 * cum[-1])])
-    return Scale(RBC_DIAMETER_UM / (2 * radius + 1.0), "red_cells", int(radii.size)), radii
+    return Scale(RBC_DIAMETER_UM / (2 * radius + 1.0), "red_cells", int(radii.size))
 
 
-def _work_image(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+def _work_image(rgb: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The image detection runs on, and input pixels per working pixel along x and y."""
     h, w = rgb.shape[:2]
     f = max(h, w) / WORK_MAX_SIDE
     if f <= 1.0:
-        return rgb, 1.0
+        return rgb, 1.0, 1.0
     small = Image.fromarray(rgb).resize((max(1, round(w / f)), max(1, round(h / f))), Image.BOX)
-    return np.asarray(small), w / small.size[0]
+    return np.asarray(small), w / small.size[0], h / small.size[1]
 
 
 def find_nuclei(purple: np.ndarray, stained: np.ndarray, seed_margin: float | None = None) -> tuple[np.ndarray, float]:
@@ -209,26 +214,34 @@ def find_nuclei(purple: np.ndarray, stained: np.ndarray, seed_margin: float | No
 
 def detect(rgb: np.ndarray, microns_per_pixel: float | None = None) -> SmearDetections:
     """White cells of a smear image (``microns_per_pixel`` of the input, when known, skips the estimate)."""
-    work, f = _work_image(rgb)
+    if microns_per_pixel is not None and not (math.isfinite(microns_per_pixel) and microns_per_pixel > 0):
+        raise ValueError(f"microns_per_pixel must be a positive number, got {microns_per_pixel!r}")
+    work, fx, fy = _work_image(rgb)
+    f = max(fx, fy)
     purple, stained = stain_maps(work)
-    nuclei, low = find_nuclei(purple, stained)
+    nuclei, _ = find_nuclei(purple, stained)
     if microns_per_pixel:
         scale = Scale(microns_per_pixel * f, "given")
     else:
-        scale, _ = estimate_scale(stained, nuclei, purple)
-        if scale.method == "red_cells" and _typical_nucleus_um(nuclei, scale) > MAX_NUCLEUS_UM:
-            scale = Scale(0.0, "default")  # the "red cells" were the white cell's own cytoplasm
-    cells, labels = _cells(purple, stained, nuclei, scale, work.shape[:2])
+        scale = estimate_scale(stained, nuclei)
+        if scale.method == "red_cells" and not _plausible(scale, nuclei, f):
+            scale = Scale(0.0, "default")  # the "red cells" were cytoplasm, debris or not cells at all
+    cells, labels, rejected = _cells(purple, stained, nuclei, scale, work.shape[:2])
     if scale.method == "default":
         scale = _scale_from_white_cells(cells)
         if scale.method != "default":  # sizes filter by microns: run again at the better scale
-            cells, labels = _cells(purple, stained, nuclei, scale, work.shape[:2])
+            cells, labels, rejected = _cells(purple, stained, nuclei, scale, work.shape[:2])
     out = SmearDetections(scale=Scale(scale.microns_per_pixel / f, scale.method, scale.red_cells_measured),
-                          work_scale=f)
-    out.cells = [_to_input(c, f, rgb.shape[:2]) for c in cells]
+                          work_scale=f, rejected=rejected)
+    out.cells = [_to_input(c, fx, fy, rgb.shape[:2]) for c in cells]
     out.labels = labels if f == 1.0 else np.asarray(
         Image.fromarray(labels).resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST))
     return out
+
+
+def _plausible(scale: Scale, nuclei: np.ndarray, f: float) -> bool:
+    mpp = scale.microns_per_pixel / f
+    return MPP_RANGE[0] <= mpp <= MPP_RANGE[1] and _typical_nucleus_um(nuclei, scale) <= MAX_NUCLEUS_UM
 
 
 def _typical_nucleus_um(nuclei: np.ndarray, scale: Scale) -> float:
@@ -248,7 +261,9 @@ def _scale_from_white_cells(cells: list[Detection]) -> Scale:
     return Scale(WBC_DIAMETER_UM / d, "white_cell_size")
 
 
-def _cells(purple, stained, nuclei, scale: Scale, shape) -> tuple[list[Detection], np.ndarray]:
+def _cells(purple: np.ndarray, stained: np.ndarray, nuclei: np.ndarray, scale: Scale,
+           shape: tuple[int, int]) -> tuple[list[Detection], np.ndarray, int]:
+    """Cells grown from the nuclei at this scale: (cells, instance labels, objects rejected as too large)."""
     h, w = shape
     # With no scale yet, assume the cells are large (a single-cell crop): join generously.
     um = scale.microns_per_pixel or (WBC_DIAMETER_UM / (0.6 * min(h, w)))
@@ -258,7 +273,7 @@ def _cells(purple, stained, nuclei, scale: Scale, shape) -> tuple[list[Detection
     lab, n = ndi.label(joined)
     labels = np.zeros(shape, np.int32)
     if n == 0:
-        return [], labels
+        return [], labels, 0
     min_area = math.pi / 4 * (MIN_NUCLEUS_UM / um) ** 2
     max_area = math.pi / 4 * (MAX_CELL_UM / um) ** 2
     # cytoplasm: stained, bluish-or-neutral pixels within ~3 µm of the nucleus, nearest nucleus wins
@@ -268,7 +283,7 @@ def _cells(purple, stained, nuclei, scale: Scale, shape) -> tuple[list[Detection
     owner = lab[iy, ix]
     cell_lab = np.where((dist <= grow) & (cyto | (lab > 0)), owner, 0).astype(np.int32)
     cells = []
-    k = 0
+    k = rejected = 0
     for i, sl in enumerate(ndi.find_objects(cell_lab), start=1):
         if sl is None:
             continue
@@ -279,6 +294,7 @@ def _cells(purple, stained, nuclei, scale: Scale, shape) -> tuple[list[Detection
         m = ndi.binary_opening(m, iterations=1) | (lab[sl] == i)
         area = float(m.sum())
         if area > max_area:
+            rejected += 1
             continue
         k += 1
         labels[sl][m] = k
@@ -290,38 +306,50 @@ def _cells(purple, stained, nuclei, scale: Scale, shape) -> tuple[list[Detection
             centroid=(float(sl[1].start + xs.mean()), float(sl[0].start + ys.mean())),
             area_px=area, nucleus_area_px=nuc_area, circularity=_circularity(m),
             touches_border=bool(x0 == 0 or y0 == 0 or x1 == w or y1 == h)))
-    return cells, labels
+    return cells, labels, rejected
 
 
-def _to_input(c: Detection, f: float, shape) -> Detection:
-    if f == 1.0:
+def _to_input(c: Detection, fx: float, fy: float, shape: tuple[int, int]) -> Detection:
+    """A detection on the working image in input pixels (pixel centres map to pixel centres)."""
+    if fx == 1.0 and fy == 1.0:
         return c
     h, w = shape
     x0, y0, x1, y1 = c.bbox
-    return Detection(bbox=(int(x0 * f), int(y0 * f), min(w, int(math.ceil(x1 * f))), min(h, int(math.ceil(y1 * f)))),
-                     centroid=(c.centroid[0] * f, c.centroid[1] * f), area_px=c.area_px * f * f,
-                     nucleus_area_px=c.nucleus_area_px * f * f, circularity=c.circularity,
-                     touches_border=c.touches_border)
+    return Detection(bbox=(int(x0 * fx), int(y0 * fy), min(w, int(math.ceil(x1 * fx))), min(h, int(math.ceil(y1 * fy)))),
+                     centroid=((c.centroid[0] + 0.5) * fx - 0.5, (c.centroid[1] + 0.5) * fy - 0.5),
+                     area_px=c.area_px * fx * fy, nucleus_area_px=c.nucleus_area_px * fx * fy,
+                     circularity=c.circularity, touches_border=c.touches_border)
 
 
-def crop_cell(rgb: np.ndarray, det: Detection, microns_per_pixel: float, out_px: int = 96,
-              field_um: float = 24.0) -> np.ndarray:
-    """A square ``field_um`` µm window centred on the cell, resampled to ``out_px`` pixels
-    (one physical scale for every source)."""
-    side = field_um / microns_per_pixel
+def background_colour(rgb: np.ndarray) -> np.ndarray:
+    """The slide's background: the median of the brightest tenth of the pixels (a sample on large images)."""
+    flat = rgb.reshape(-1, 3)
+    if flat.shape[0] > 200_000:
+        flat = flat[:: flat.shape[0] // 200_000 + 1]
+    total = flat.sum(axis=1, dtype=np.int32)
+    return np.median(flat[total >= np.percentile(total, 90)], axis=0).astype(np.uint8)
+
+
+def crop_cell(rgb: np.ndarray, det: Detection, microns_per_pixel: float, out_px: int, field_um: float,
+              background: np.ndarray | None = None) -> np.ndarray:
+    """A square ``field_um`` µm window centred on the cell, resampled to ``out_px`` pixels (one physical
+    scale for every source). Outside the image the window shows the slide's background colour:
+    replicated edges would draw streaks that only cropped sources have, a shortcut for the classifier."""
+    if not (math.isfinite(microns_per_pixel) and microns_per_pixel > 0):
+        raise ValueError(f"microns_per_pixel must be a positive number, got {microns_per_pixel!r}")
+    h, w = rgb.shape[:2]
+    side = min(field_um / microns_per_pixel, 4.0 * max(h, w))  # an absurd scale cannot allocate gigabytes
     cx, cy = det.centroid
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    img = Image.fromarray(rgb)
-    h, w = rgb.shape[:2]
     if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
-        return np.asarray(img.resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))
-    # Outside the image: the slide's background colour (replicated edges would draw streaks that
-    # only cropped sources have, a shortcut for the classifier).
-    pad = int(math.ceil(side))
-    flat = rgb.reshape(-1, 3)
-    bright = flat[flat.sum(axis=1) >= np.percentile(flat.sum(axis=1), 90)]
-    padded = np.empty((h + 2 * pad, w + 2 * pad, 3), np.uint8)
-    padded[:] = np.median(bright, axis=0).astype(np.uint8)
-    padded[pad:pad + h, pad:pad + w] = rgb
-    box = (box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad)
-    return np.asarray(Image.fromarray(padded).resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))
+        return np.asarray(Image.fromarray(rgb).resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))
+    # only the window is padded: a canvas of the window's size, the part inside the image pasted in
+    x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
+    n = int(math.ceil(side)) + 2
+    canvas = np.empty((n, n, 3), np.uint8)
+    canvas[:] = background_colour(rgb) if background is None else background
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x0 + n), min(h, y0 + n)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    inner = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    return np.asarray(Image.fromarray(canvas).resize((out_px, out_px), Image.BILINEAR, box=inner, reducing_gap=2.0))

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, joinedload, object_session
 from ..analyzers import registry
 from ..imaging.dicom import is_dicom_uid
 from ..imaging.imageio import ImageLoadError, load_image
+from ..ml.differential import blasts_needed, summarise
 from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
@@ -347,6 +348,7 @@ class Aggregate:
     n_used: int
     n_total: int
     text: str
+    differential: dict | None = None  # counts over every cell of every image (cell-classifying analyzers)
 
 
 def aggregate(case: Case) -> Aggregate:
@@ -358,6 +360,9 @@ def aggregate(case: Case) -> Aggregate:
     if not usable:
         st = "out_of_domain" if any(a.result_status == "out_of_domain" for a in done) else "error"
         return Aggregate(None, st, {}, 0, total, "No image could be analysed as a valid image for this analyzer.")
+    an = registry.installed(case.analyzer_id)
+    if getattr(an, "decision", None) is not None:  # a cell-classifying analyzer
+        return _differential_call(an, usable, len(done), total)
     labels = list(usable[0].probabilities)
     mean = {k: float(np.mean([a.probabilities[k] for a in usable])) for k in labels}
     label = max(mean, key=mean.get)
@@ -368,6 +373,27 @@ def aggregate(case: Case) -> Aggregate:
     if len({a.label for a in usable}) > 1:
         text += " (images disagree)"
     return Aggregate(label, status, mean, len(usable), total, text + ".")
+
+
+def _differential_call(an, usable: list, n_done: int, total: int) -> Aggregate:
+    """A case of cell-classifying images is called on all its cells together: blasts are present when
+    the case holds more blast calls than its normal cells would make by chance, however they are
+    spread over its fields."""
+    classes = [c["class"] for a in usable for c in (a.cells or [])
+               if isinstance(c, dict) and "class" in c and c.get("counted", True)]
+    summary = summarise(classes, an.cells_cfg.count_target)
+    blasts, n = summary["differential"]["blast"], summary["white_cells"]
+    needed = blasts_needed(max(n, 1), an.decision)
+    text = (f"{n} white cells in {len(usable)} of {total} image{'s' if total > 1 else ''}; {blasts} pre-classified "
+            f"as blast ({needed} make a blasts-present call)")
+    if summary["remaining_to_target"]:
+        text += f"; {summary['remaining_to_target']} more needed for a {an.cells_cfg.count_target}-cell differential"
+    # the per-image probabilities do not add up to a case call; the count does. No white cell at all is
+    # no answer, and a blast count short of the call is for a person to look at.
+    label = None if n == 0 else "blasts_present" if blasts >= needed else "no_blasts"
+    status = "uncertain" if (any(a.result_status == "uncertain" for a in usable) or len(usable) < n_done
+                             or n == 0 or 0 < blasts < needed) else "ok"
+    return Aggregate(label, status, {}, len(usable), total, text + ".", summary)
 
 
 # ----------------------------------------------------------------------------- sign-off

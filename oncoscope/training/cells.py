@@ -180,3 +180,8 @@ def build(datasets: Path, cache: Path, sources=tuple(SOURCES), force: bool = Fal
         out[name] = SOURCES[name](datasets / name)
         out[name].save(path)
     return out
+
+
+def cached_sources(cache: Path) -> dict[str, CellCrops]:
+    """Every source already cut into ``cache`` (by :func:`build`), by name."""
+    return {p.stem.removeprefix("cells-"): CellCrops.load(p) for p in sorted(Path(cache).glob("cells-*.npz"))}

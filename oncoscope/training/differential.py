@@ -7,6 +7,7 @@ Stages read each other's outputs from the work folder (``<work>/smear-differenti
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -15,14 +16,16 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from ..ml import differential as D
+from ..ml.scores import softmax
 from . import classifier as C
-from .cells import CANON_MPP, CLASSES, CROP_PX, FIELD_UM, TRAIN_CLASSES, CellCrops, build
+from .cells import CANON_MPP, CLASSES, CROP_PX, FIELD_UM, TRAIN_CLASSES, build, cached_sources
 from .export import export_classifier
 from .recipes import MEAN, STD
 from .train_cells import CellTrainConfig, load_cell_model, train_cells
 
 ANALYZER = "smear-differential"
 SERVED_AS = {"hematogone": "lymphocyte"}
+OOD_QUANTILE = 0.995  # validation cells (of the sources trained on) inside the out-of-domain distance
 TARGET_ANSWERED_ACCURACY = 0.97  # cells answered (not unidentified) on validation
 MAX_UNIDENTIFIED = 0.15  # ... unless that leaves more than this fraction unidentified
 BLAST_SENSITIVITY = 0.95  # validation blasts at or above the blast threshold
@@ -79,84 +82,139 @@ def run(datasets: Path, work: Path, out: Path | None, stage: str, epochs: int | 
 
 
 @torch.no_grad()
-def cell_logits(model, crops: np.ndarray) -> np.ndarray:
-    out = []
+def cell_outputs(model, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embedding) of canonical crops, as the exported network computes them."""
+    logits, emb = [], []
     for i in range(0, len(crops), 128):
-        out.append(model(C.normalise(C.to_tensor(torch.from_numpy(crops[i:i + 128])))).numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(TRAIN_CLASSES)))
+        f = model.feature_map(C.normalise(C.to_tensor(torch.from_numpy(crops[i:i + 128])))).mean(dim=(2, 3))
+        emb.append(f.numpy())
+        logits.append(model.head(f).numpy())
+    if not logits:
+        return np.zeros((0, len(TRAIN_CLASSES))), np.zeros((0, 1280))
+    return np.concatenate(logits), np.concatenate(emb)
 
 
-def _validation(cache: Path, without: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def fit_ood(emb: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Class means and the shared (pooled within-class) precision of the training cells' embeddings."""
+    classes = [c for c in TRAIN_CLASSES if (labels == c).any()]
+    means = np.stack([emb[labels == c].mean(axis=0) for c in classes])
+    centred = np.concatenate([emb[labels == c] - m for c, m in zip(classes, means)])
+    cov = np.cov(centred, rowvar=False) + 1e-3 * np.eye(emb.shape[1])
+    return {"means": means.astype(np.float32), "precision": np.linalg.inv(cov).astype(np.float32)}
+
+
+def mahalanobis(emb: np.ndarray, stats: dict) -> np.ndarray:
+    diff = emb.astype(np.float64)[:, None, :] - stats["means"].astype(np.float64)[None]
+    d2 = np.einsum("nkd,de,nke->nk", diff, stats["precision"].astype(np.float64), diff)
+    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+
+
+def _split(cache: Path, without: list[str], split: str, per_class: int | None = None,
+           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Crops and labels of one split of every source trained on (at most ``per_class`` per class)."""
+    rng = np.random.default_rng(seed)
     crops, labels = [], []
-    for name, c in _cached(cache).items():
+    for name, c in cached_sources(cache).items():
         if name in without:
             continue
-        sel = c.splits == "val"
-        crops.append(c.crops[sel])
-        labels += list(c.labels[sel])
+        idx = np.nonzero(c.splits == split)[0]
+        if per_class is not None:
+            idx = np.concatenate([rng.permutation(idx[c.labels[idx] == lab])[:per_class]
+                                  for lab in np.unique(c.labels[idx])] or [idx[:0]])
+        crops.append(c.crops[idx])
+        labels += list(c.labels[idx])
+    if not labels:
+        raise SystemExit(f"no {split} cells left once {', '.join(without)} are left out")
     return np.concatenate(crops), np.array(labels)
-
-
-def _cached(cache: Path) -> dict[str, CellCrops]:
-    return {p.stem.removeprefix("cells-"): CellCrops.load(p) for p in sorted(Path(cache).glob("cells-*.npz"))}
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     def nll(log_t):
-        p = D.softmax(logits, float(np.exp(log_t)))
+        p = softmax(logits / float(np.exp(log_t)))
         return -float(np.mean(np.log(p[np.arange(len(y)), y] + 1e-12)))
 
     return float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
 
 
 def calibrate(wd: Path, cache: Path, without: list[str]) -> dict:
-    """Temperature, unidentified and blast thresholds from validation cells (never test cells)."""
+    """Temperature, thresholds and out-of-domain statistics from training and validation cells
+    (never test cells); written to ``calibration.json`` and ``ood_cells.npz`` in the work folder."""
     model = load_cell_model(wd / "classifier" / "best.pt")
-    crops, labels = _validation(cache, without)
-    logits = cell_logits(model, crops)
+    tr_crops, tr_labels = _split(cache, without, "train", per_class=600)
+    _, tr_emb = cell_outputs(model, tr_crops)
+    keep = np.isin(tr_labels, TRAIN_CLASSES)
+    stats = fit_ood(tr_emb[keep], tr_labels[keep])
+    np.savez(wd / "ood_cells.npz", **stats)
+    crops, labels = _split(cache, without, "val")
+    logits, emb = cell_outputs(model, crops)
     idx = {c: i for i, c in enumerate(TRAIN_CLASSES)}
     known = np.isin(labels, TRAIN_CLASSES)
     t = fit_temperature(logits[known], np.array([idx[v] for v in labels[known]]))
     d = D.CellDecision(classes=TRAIN_CLASSES, served_as=SERVED_AS, temperature=t)
     probs, names = D.reported_probabilities(logits, d)
     served = np.array([SERVED_AS.get(v, v) for v in labels])
-    pb = probs[:, names.index("blast")]
     is_blast = served == "blast"
     normal = np.isin(served, [c for c in CLASSES if c != "blast"]) | (labels == "normal")
-    blast_t = float(np.quantile(pb[is_blast], 1 - BLAST_SENSITIVITY)) if is_blast.any() else 0.5
-    border = float(np.quantile(pb[is_blast], 1 - BLAST_BORDERLINE_SENSITIVITY)) if is_blast.any() else 0.2
-    border = min(border, blast_t)
-    # unidentified: the lowest top-probability threshold giving TARGET accuracy on answered normal cells
-    typed = np.isin(served, [c for c in CLASSES if c != "blast"])
-    top = probs[typed].max(axis=1)
-    right = np.array(names)[probs[typed].argmax(axis=1)] == served[typed]
-    unident = 0.0
-    for thr in np.linspace(0.3, 0.95, 66):
-        answered = top >= thr
-        if answered.mean() < 1 - MAX_UNIDENTIFIED:
-            break
-        unident = float(thr)
-        if right[answered].mean() >= TARGET_ANSWERED_ACCURACY:
-            break
+    blast_t, border = _blast_thresholds(probs[:, names.index("blast")], is_blast)
+    unident = _unidentified_threshold(probs, names, served)
+    ood_t = float(np.quantile(mahalanobis(emb, stats), OOD_QUANTILE))
     d = D.CellDecision(classes=TRAIN_CLASSES, served_as=SERVED_AS, temperature=t, unidentified_below=unident,
                        blast_threshold=blast_t, blast_borderline=border)
     calls = np.array(D.decide(probs, names, d))
+    k, n = int((calls[normal] == "blast").sum()), int(normal.sum())
     cal = {
         "temperature": round(t, 4), "unidentified_below": round(unident, 4),
         "blast_threshold": round(blast_t, 4), "blast_borderline": round(border, 4),
-        "fitted_on": f"validation cells of {', '.join(sorted(set(_cached(cache)) - set(without)))}",
+        "normal_blast_rate": round(_upper95(k, n), 4), "false_call_rate": 0.05,
+        "ood_stats": "ood_cells.npz", "ood_threshold": round(ood_t, 3),
+        "fitted_on": f"training and validation cells of {', '.join(sorted(set(cached_sources(cache)) - set(without)))}",
         "threshold_rules": (f"blast: {BLAST_SENSITIVITY:.0%} of validation blasts at or above; borderline: "
                             f"{BLAST_BORDERLINE_SENSITIVITY:.0%}; unidentified: lowest top probability giving "
                             f"{TARGET_ANSWERED_ACCURACY:.0%} accuracy on answered normal cells, at most "
-                            f"{MAX_UNIDENTIFIED:.0%} unidentified"),
+                            f"{MAX_UNIDENTIFIED:.0%} unidentified; normal_blast_rate: upper 95% Wilson bound of "
+                            f"validation normal cells called blast; out of domain: {OOD_QUANTILE:.1%} of validation "
+                            "cells within the Mahalanobis distance to the nearest training class"),
         "val": {"blast_called_blast": _frac(calls[is_blast] == "blast"),
                 "blast_blast_or_unidentified": _frac(np.isin(calls[is_blast], ["blast", D.UNIDENTIFIED])),
                 "normal_called_blast": _frac(calls[normal] == "blast"),
                 "normal_unidentified": _frac(calls[normal] == D.UNIDENTIFIED),
-                "n_blast": int(is_blast.sum()), "n_normal": int(normal.sum())},
+                "n_blast": int(is_blast.sum()), "n_normal": n},
     }
     (wd / "calibration.json").write_text(json.dumps(cal, indent=1))
     return cal
+
+
+def _blast_thresholds(pb: np.ndarray, is_blast: np.ndarray) -> tuple[float, float]:
+    if not is_blast.any():  # no blasts trained on: nothing to place the threshold by
+        return 0.5, 0.2
+    blast_t = float(np.quantile(pb[is_blast], 1 - BLAST_SENSITIVITY))
+    return blast_t, min(blast_t, float(np.quantile(pb[is_blast], 1 - BLAST_BORDERLINE_SENSITIVITY)))
+
+
+def _unidentified_threshold(probs: np.ndarray, names: list[str], served: np.ndarray) -> float:
+    """The lowest top-probability threshold giving the target accuracy on answered normal cells, within
+    the unidentified budget (0.5 when there are no typed normal cells to measure it on)."""
+    typed = np.isin(served, [c for c in CLASSES if c != "blast"])
+    if not typed.any():
+        return 0.5
+    top = probs[typed].max(axis=1)
+    right = np.array(names)[probs[typed].argmax(axis=1)] == served[typed]
+    best = 0.5
+    for thr in np.linspace(0.3, 0.95, 66):
+        answered = top >= thr
+        if answered.mean() < 1 - MAX_UNIDENTIFIED:
+            break
+        best = float(thr)
+        if right[answered].mean() >= TARGET_ANSWERED_ACCURACY:
+            break
+    return best
+
+
+def _upper95(k: int, n: int, z: float = 1.96) -> float:
+    if n == 0:
+        return 0.05
+    p = k / n
+    return (p + z * z / (2 * n) + z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
 
 
 def _frac(mask: np.ndarray) -> float | None:
@@ -170,9 +228,9 @@ def export(wd: Path, out: Path) -> Path:
     cal = json.loads((wd / "calibration.json").read_text())
     cfg = dict(CONFIG)
     cfg["preprocess"] = {"size": CROP_PX, "mean": list(MEAN), "std": list(STD)}
-    cfg["files"] = ["cell_classifier.onnx"]
+    shutil.copy(wd / "ood_cells.npz", out / "ood_cells.npz")
+    cfg["files"] = ["cell_classifier.onnx", "ood_cells.npz"]
     cfg["cells"] = {"classifier": "cell_classifier.onnx", "classes": list(TRAIN_CLASSES), "served_as": SERVED_AS,
-                    "microns_per_pixel": CANON_MPP, "field_um": FIELD_UM, "blasts_present_min": 1,
-                    "count_target": 100, **cal}
+                    "microns_per_pixel": CANON_MPP, "field_um": FIELD_UM, "count_target": 100, **cal}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out

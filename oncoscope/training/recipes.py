@@ -39,7 +39,9 @@ RECIPES = {
             "malignant_labels": ["Early", "Pre", "Pro"],
             "report_wording": {
                 "finding": "Peripheral blood smear field, automated B-ALL pre-classification",
-                "malignant": "Morphology suggestive of B-lineage acute lymphoblastic leukemia ({label}).",
+                "malignant": "Morphology suggestive of B-lineage acute lymphoblastic leukemia; the subtype "
+                             "({label}) is a morphological suggestion only: flow cytometry decides the "
+                             "immunophenotype.",
                 "benign": "No morphological evidence of B-ALL blasts; appearance of benign hematogones.",
                 "disclaimer": "AI output is decision support only and must be confirmed by a qualified person "
                               "(flow cytometry is the reference standard).",

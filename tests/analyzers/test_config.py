@@ -234,6 +234,12 @@ def _both(threshold: float, borderline: float):
     return edit
 
 
+def _classes(classes):
+    def edit(cfg):
+        cfg["cells"]["classes"], cfg["cells"]["served_as"] = classes, {}
+    return edit
+
+
 CELL_CASES = {
     "served as an unknown class": (put("cells.served_as", {"myelocyte": "lymphocyte"}), "cells.served_as.myelocyte",
                                    "unknown class"),
@@ -244,6 +250,15 @@ CELL_CASES = {
     "temperature as text": (put("cells.temperature", "warm"), "cells.temperature", "number"),
     "count target zero": (put("cells.count_target", 0), "cells.count_target", "at least 1"),
     "misspelt key": (put("cells.unidentified_bellow", 0.5), "cells.unidentified_bellow", "unknown key"),
+    "blasts served as another class": (put("cells.served_as", {"blast": "lymphocyte"}), "cells.served_as.blast",
+                                       "always reported as blasts"),
+    "a chain of served classes": (put("cells.served_as", {"hematogone": "lymphocyte", "lymphocyte": "monocyte"}),
+                                  "cells.served_as.hematogone", "itself served as"),
+    "no blast class": (_classes(["neutrophil", "lymphocyte"]), "cells.classes", "must include 'blast'"),
+    "a class outside the vocabulary": (_classes(["blast", "smudge"]), "cells.classes", "'smudge'"),
+    "ood threshold without stats": (delete("cells.ood_stats"), "cells.ood_stats", "go together"),
+    "ood stats not listed": (put("files", ["cell_classifier.onnx"]), "cells.ood_stats", "not listed in 'files'"),
+    "crop size disagrees": (put("preprocess.size", 96), "preprocess.size", "is 96", "80 px"),
 }
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from oncoscope.analyzers import registry
 from oncoscope.analyzers.base import AnalysisResult
+from oncoscope.analyzers.smear_all import SUBTYPE_NOTE
 from oncoscope.ml import synthetic
 
 
@@ -56,6 +57,8 @@ def test_full_result_on_a_generated_field(geometry_analyzer):
     d = r.to_dict()
     json.dumps(d)  # serialisable
     assert {"label", "probabilities", "status", "cells", "error", "model"} <= set(d)
+    # a subtype is a morphological suggestion: flow cytometry decides, and the result says so
+    assert (SUBTYPE_NOTE in r.messages) == (r.label in an.malignant_labels)
 
 
 def test_non_square_images_map_back_to_input_coordinates(geometry_analyzer):

@@ -35,8 +35,10 @@ def test_decisions_blast_first_then_confident_class_else_unidentified():
 
 
 def test_temperature_flattens_probabilities():
-    sharp = D.softmax(np.array([[2.0, 0.0]]), 1.0)
-    flat = D.softmax(np.array([[2.0, 0.0]]), 2.0)
+    logits = np.log(np.array([[0.9, 0.04, 0.04, 0.01, 0.01]]))
+    sharp, _ = D.reported_probabilities(logits, DEC)
+    flat, _ = D.reported_probabilities(logits, D.CellDecision(classes=CLASSES, served_as={"hematogone": "lymphocyte"},
+                                                              temperature=2.0))
     assert flat[0, 0] < sharp[0, 0]
 
 
@@ -56,3 +58,23 @@ def test_empty_summary_has_no_percentages():
     s = D.summarise([], 200)
     assert s["white_cells"] == 0 and s["blast_fraction"] is None and s["remaining_to_target"] == 200
     assert all(v is None for v in s["percentages"].values())
+
+
+def test_a_non_finite_output_is_unidentified_never_a_class():
+    probs, names = D.reported_probabilities(np.array([[np.nan, 1.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0]]), DEC)
+    assert np.isnan(probs[0]).all()
+    assert D.decide(probs, names, DEC) == ["unidentified", "neutrophil"]
+    assert D.borderline(probs, names, DEC) == 0
+
+
+@pytest.mark.parametrize("rate, n, needed", [(0.02, 1, 1), (0.02, 100, 6), (0.02, 200, 8), (0.001, 10, 1), (0.001, 100, 2),
+                                             (0.05, 100, 10)])
+def test_blast_calls_needed_follow_the_binomial_tail(rate, n, needed):
+    d = D.CellDecision(classes=CLASSES, served_as={}, normal_blast_rate=rate, false_call_rate=0.05)
+    k = D.blasts_needed(n, d)
+    assert k == needed
+    from scipy.stats import binom
+
+    assert binom.sf(k - 1, n, rate) <= 0.05  # k calls among normal cells: rare enough
+    if k > 1:
+        assert binom.sf(k - 2, n, rate) > 0.05  # one fewer would not be

@@ -79,8 +79,48 @@ def test_crop_is_centred_at_one_physical_scale():
         assert 13 <= xs.max() - xs.min() <= 23
 
 
-def test_crop_at_the_image_edge_is_padded():
+def test_crop_at_the_image_edge_is_padded_with_the_background_and_stays_centred():
     rgb, _ = smear_field(7, 0.25, (200, 200), [(15, 100, 12.0)])
     det = wbc.detect(rgb)
-    crop = wbc.crop_cell(rgb, det.cells[0], 0.25, out_px=64, field_um=32.0)
+    cell = min(det.cells, key=lambda c: c.centroid[0])
+    crop = wbc.crop_cell(rgb, cell, 0.25, out_px=64, field_um=32.0)
     assert crop.shape == (64, 64, 3)
+    outside = crop[:, :4].reshape(-1, 3).astype(int)  # left of the image's edge: background, no streaks
+    assert np.abs(outside - wbc.background_colour(rgb).astype(int)).max() <= 2
+    purple = crop[..., 2].astype(int) - crop[..., 1].astype(int)
+    ys, xs = np.nonzero(purple > 60)
+    assert abs(xs.mean() - 32) < 4 and abs(ys.mean() - 32) < 4
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.2, float("nan"), float("inf")])
+def test_a_bad_scale_is_refused_with_a_clear_message(bad):
+    rgb, _ = smear_field(8, 0.25, (120, 120), [(60, 60, 12.0)])
+    with pytest.raises(ValueError, match="microns_per_pixel must be a positive number"):
+        wbc.detect(rgb, microns_per_pixel=bad)
+    det = wbc.detect(rgb)
+    with pytest.raises(ValueError, match="microns_per_pixel"):
+        wbc.crop_cell(rgb, det.cells[0], bad, 80, 32.0)
+
+
+def test_an_absurd_scale_cannot_allocate_a_huge_crop():
+    rgb, _ = smear_field(9, 0.25, (160, 160), [(80, 80, 12.0)])
+    det = wbc.detect(rgb)
+    crop = wbc.crop_cell(rgb, det.cells[0], 1e-6, 80, 32.0)  # a window of 32 m: bounded to the image's size
+    assert crop.shape == (80, 80, 3)
+
+
+def test_thin_images_map_each_axis_back_on_its_own():
+    rgb, _ = smear_field(10, 0.1, (2400, 300), [(600, 150, 12.0), (1800, 150, 12.0)])
+    det = wbc.detect(rgb)
+    assert det.work_scale > 1
+    assert len(det.cells) == 2 and _near(det, 600, 150, 15) and _near(det, 1800, 150, 15)
+    for c in det.cells:
+        assert 0 <= c.bbox[1] < c.bbox[3] <= 300
+
+
+def test_a_clump_too_large_for_one_cell_is_counted_as_rejected():
+    cells = [(80, 150, 12.0), (190, 70, 11.0), (190, 240, 10.0), (340, 150, 50.0)]  # and a 50 µm purple mass
+    rgb, _ = smear_field(11, 0.25, (460, 310), cells)
+    det = wbc.detect(rgb)
+    assert det.scale.method == "red_cells"
+    assert det.rejected == 1 and len(det.cells) == 3 and not _near(det, 340, 150, 30)

@@ -59,7 +59,12 @@ SCHEMAS: dict[str, dict] = {
     "Case": obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "revision": INT, "clinical_note": STR,
                  "created_at": DATETIME, "final_diagnosis": NSTR,
                  "aggregate": obj({"label": NSTR, "status": STR, "probabilities": {"type": "object"},
-                                   "text": STR}),
+                                   "text": STR,
+                                   "differential": {"type": ["object", "null"],
+                                                    "description": "Cell-classifying analyzers: counts per class "
+                                                                   "over all images (differential), white_cells, "
+                                                                   "percentages, blast_fraction, count_target, "
+                                                                   "remaining_to_target; null otherwise"}}),
                  "images": {"type": "array", "items": ref("Analysis")},
                  "reviews": {"type": "array", "items": ref("Review")}},
                 ["id", "patient_id", "analyzer_id", "status", "revision", "images", "reviews"]),

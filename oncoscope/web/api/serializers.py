@@ -47,6 +47,6 @@ def case_json(c) -> dict:
             "revision": c.revision,
             "clinical_note": c.clinical_note, "created_at": iso(c.created_at), "final_diagnosis": c.final_diagnosis,
             "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
-                          "text": agg.text},
+                          "text": agg.text, "differential": agg.differential},
             "images": [analysis_json(i) for i in c.images],
             "reviews": [review_json(r) for r in c.reviews]}
