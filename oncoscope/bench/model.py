@@ -44,10 +44,9 @@ def run_differential_bench(runs: int, data_root: Path | None, threads: int, incl
     """Latency of a 224 px field (all-taleqani test fields when present) and a 1920x1080 field, per stage
     and per cell, and the peak memory in a fresh process."""
     an = registry.get("smear-differential")
-    root = (Path(data_root) if data_root else None)
-    taleqani = root / "all-taleqani" / "Original" if root is not None else None
+    m = load_manifest(RECIPES["smear-all"]["manifest"])
+    taleqani = Path(data_root) / "all-taleqani" / m.get("subdir", "Original") if data_root else None
     if taleqani is not None and taleqani.is_dir():
-        m = load_manifest(RECIPES["smear-all"]["manifest"])
         picks = manifest_samples(m, "test")[::8][:50]
         small, source = [load_image(taleqani / s.path).rgb for s in picks], f"{len(picks)} all-taleqani test fields"
     else:

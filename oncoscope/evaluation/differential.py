@@ -401,8 +401,21 @@ def card_markdown(card: dict) -> str:
                                                for k, v in res.items() if k != "none")
                      + f"; unperturbed blast calls {100 * res['none']['called_blast']:.0f}%")
     lines += ["", "## Calibration (validation cells only)", "", "```", json.dumps(cal, indent=1), "```", "",
-              "## Data", ""] + [f"- `{k}`: {v}" for k, v in CITATIONS.items()] + [
+              "## Data, splits and how to reproduce", "",
+              "- Splits: pbc by image with near-duplicate groups together (`oncoscope/training/splits/pbc.json`); "
+              "all-taleqani by blocks of consecutive file numbers, the same split as smear-all "
+              "(`oncoscope/training/splits/all-taleqani.json`); wbc-seg-tecom and all-idb2 by image, byte-identical "
+              "copies together (a hash of the file's SHA-256); raabin-fields: its own train/val/test folders.",
+              "- Train: `oncoscope train --analyzer smear-differential` (6 epochs, about 8 minutes on 2 CPU cores); "
+              "leave-one-source-out models: `oncoscope train --analyzer smear-differential --without SOURCE` for "
+              "all-idb2, all-taleqani and wbc-seg-tecom (pbc cannot be left out: it alone has six of the classes).",
+              "- Card: `oncoscope evaluate --analyzer smear-differential` (about 10 minutes).", ""] + [
+              f"- `{k}`: {v}" for k, v in CITATIONS.items()] + [
               "", "## Limitations", "",
+              "- **Blasts do not transfer between the two blast laboratories**: trained without one, the model calls "
+              "almost none of that laboratory's blasts `blast` and answers about half of them as a confident normal "
+              "class (leave-one-source-out rows above). Until a third blast source is added, treat the blast call "
+              "as validated only for images like all-taleqani and all-idb2, and verify every cell.",
               "- Blasts come from two laboratories only, both lymphoblasts (ALL); myeloblasts are not represented.",
               "- all-taleqani labels are per field: every white cell of an ALL field is taken as a blast, so some "
               "normal cells of those fields are counted as blasts in training and testing.",

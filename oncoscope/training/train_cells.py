@@ -40,6 +40,8 @@ class CellTrainConfig:
     seed: int = 0
     threads: int = 2
     max_minutes: float = 45.0
+    degrade_p: float = 0.5  # crops brought down to the coarsest source's detail
+    gray_p: float = 0.15  # crops shown in grayscale (colour is the most lab-specific cue)
 
 
 def _log(out: Path, msg: str) -> None:
@@ -54,20 +56,21 @@ def trainable(crops: CellCrops, split: str) -> np.ndarray:
     return np.nonzero((crops.splits == split) & np.isin(crops.labels, TRAIN_CLASSES))[0]
 
 
-def augment_cells(batch_u8: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment_cells(batch_u8: torch.Tensor, g: torch.Generator, degrade_p: float = 0.5,
+                  gray_p: float = 0.15) -> torch.Tensor:
     x = C.to_tensor(batch_u8)
     n = x.shape[0]
     x = frame(x, g)
     x = C.geometric(x, g, CROP_PX, zoom_span=0.4)  # any angle, flips, 0.85-1.25x (scale-estimate error)
-    # Resolution: half of the crops lose detail down to 1.0-2.2x coarser, as the blurriest source.
-    for i in torch.nonzero(torch.rand(n, generator=g) < 0.5).flatten().tolist():
+    # Resolution: crops lose detail down to 1.0-2.2x coarser, as the blurriest source.
+    for i in torch.nonzero(torch.rand(n, generator=g) < degrade_p).flatten().tolist():
         f = float(torch.rand(1, generator=g)) * 1.2 + 1.0
         small = max(8, int(CROP_PX / f))
         x[i:i + 1] = F.interpolate(F.interpolate(x[i:i + 1], size=(small, small), mode="bilinear",
                                                  antialias=True, align_corners=False),
                                    size=(CROP_PX, CROP_PX), mode="bilinear", align_corners=False)
     x = C.colour_jitter(x, g, strength=1.6)
-    gray = torch.rand(n, generator=g) < 0.15
+    gray = torch.rand(n, generator=g) < gray_p
     if gray.any():
         lum = 0.299 * x[gray, 0:1] + 0.587 * x[gray, 1:2] + 0.114 * x[gray, 2:3]
         x[gray] = lum.repeat(1, 3, 1, 1)
@@ -135,7 +138,8 @@ def train_cells(cfg: CellTrainConfig) -> Path:
             chunk = order[b:b + cfg.batch_size]
             xb = torch.from_numpy(np.stack([data[k].crops[i] for k, i in chunk]))
             yb = torch.tensor([cls_index[data[k].labels[i]] for k, i in chunk])
-            loss = F.cross_entropy(model(augment_cells(xb, g)), yb, weight=weight, label_smoothing=0.05)
+            x = augment_cells(xb, g, cfg.degrade_p, cfg.gray_p)
+            loss = F.cross_entropy(model(x), yb, weight=weight, label_smoothing=0.05)
             opt.zero_grad()
             loss.backward()
             opt.step()
