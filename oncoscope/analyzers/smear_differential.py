@@ -53,7 +53,11 @@ class SmearDifferentialAnalyzer(Analyzer):
         if self.cells_cfg.ood_stats is None:
             return None
         with np.load(self.model_dir / self.cells_cfg.ood_stats) as z:
-            return {"means": z["means"].astype(np.float64), "precision": z["precision"].astype(np.float64)}
+            means, precision = z["means"].astype(np.float64), z["precision"].astype(np.float64)
+        # d^2 = (e - m)^T P (e - m) = |(e - m) L|^2 with P = L L^T: one BLAS matrix product per batch
+        # instead of a 1280 x 1280 quadratic form per cell and class (16 ms per cell in numpy)
+        whiten = np.linalg.cholesky(precision)
+        return {"whiten": whiten, "means": means @ whiten}
 
     def classify_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, 3) uint8 canonical crops -> (logits (N, K), Mahalanobis distance to the nearest
@@ -69,8 +73,10 @@ class SmearDifferentialAnalyzer(Analyzer):
         return np.concatenate(logits), np.concatenate(dist)
 
     def _distance(self, emb: np.ndarray) -> np.ndarray:
-        diff = emb.astype(np.float64)[:, None, :] - self.ood["means"][None]
-        d2 = np.einsum("nkd,de,nke->nk", diff, self.ood["precision"], diff)
+        """Mahalanobis distance of each embedding to the nearest trained class."""
+        z = emb.astype(np.float64) @ self.ood["whiten"]
+        m = self.ood["means"]
+        d2 = (z * z).sum(axis=1)[:, None] - 2 * z @ m.T + (m * m).sum(axis=1)[None]
         return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
 
     def validation_summary(self) -> str:
