@@ -214,7 +214,9 @@ def _summary(out: Collector) -> str:
 
 def _sign(client, token: str, case_id: int) -> None:
     h = {"Authorization": f"Bearer {token}"}
-    labels = client.get("/api/v1/analyzers", headers=h).get_json()["items"][0]["labels"]
+    analyzer_id = client.get(f"/api/v1/cases/{case_id}", headers=h).get_json()["analyzer_id"]
+    items = client.get("/api/v1/analyzers", headers=h).get_json()["items"]
+    labels = next(a["labels"] for a in items if a["id"] == analyzer_id)
     r = client.post(f"/api/v1/cases/{case_id}/sign", headers=h,
                     json={"final_diagnosis": labels[0], "override_reason": "schemathesis seed",
                           "uncertainty_note": "schemathesis seed"})
