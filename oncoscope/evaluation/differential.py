@@ -335,8 +335,13 @@ def _pct(m: dict | None) -> str:
 
 
 def card_markdown(card: dict) -> str:
+    return "\n".join(_md_intro(card) + _md_targets(card) + _md_loso(card) + _md_in_source(card) + _md_fields(card)
+                     + _md_detection(card) + _md_tail(card))
+
+
+def _md_intro(card: dict) -> list[str]:
     cal = card["calibration"]
-    lines = [
+    return [
         "# Model card: smear-differential (white-cell differential, blast screening)", "",
         f"Model {card['model']['version']}, sha256 {card['model']['sha256'][:16]}. Decision support only: every "
         "cell must be verified by a qualified person. Blast morphology screens for acute leukemia; flow "
@@ -353,14 +358,22 @@ def card_markdown(card: dict) -> str:
         "or case is `blasts_present` when its blast calls exceed what its normal cells would give by chance "
         f"(binomial tail at a {cal.get('normal_blast_rate')} per-cell false-blast rate, at most "
         f"{cal.get('false_call_rate')} of normal samples called); fewer blast calls than that make it uncertain.", "",
-        "## Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
+    ]
+
+
+def _md_targets(card: dict) -> list[str]:
+    lines = ["## Targets", "", "| target | measured | goal | |", "|---|---|---|---|"]
     for t in targets(card):
         v = "-" if t["measured"] is None else f"{t['measured']:.3f}"
         lines.append(f"| {t['target']} | {v} | {t['goal']} | {'met' if t['met'] else '**missed**'} |")
-    lines += ["", "## Leave one source out (the estimate for a new laboratory)", "",
-              "Each row: a model trained without that source, tested on all its cells.", "",
-              "| left out | cells | blasts called blast | blasts blast or unidentified | blasts confident normal "
-              "| normals called blast | normals unidentified | 5-class acc. answered |", "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _md_loso(card: dict) -> list[str]:
+    lines = ["", "## Leave one source out (the estimate for a new laboratory)", "",
+             "Each row: a model trained without that source, tested on all its cells.", "",
+             "| left out | cells | blasts called blast | blasts blast or unidentified | blasts confident normal "
+             "| normals called blast | normals unidentified | 5-class acc. answered |", "|---|---|---|---|---|---|---|---|"]
     for name, m in card["leave_one_source_out"].items():
         if "missing" in m:
             lines.append(f"| {name} | not trained | | | | | | |")
@@ -369,15 +382,23 @@ def card_markdown(card: dict) -> str:
                      f"{_pct(m.get('blasts_blast_or_unidentified'))} | {_pct(m.get('blasts_confident_normal'))} | "
                      f"{_pct(m.get('normals_called_blast'))} | {_pct(m.get('normals_unidentified'))} | "
                      f"{_pct(m.get('five_class_accuracy_answered'))} |")
-    lines += ["", "## Test split of each source (shipped model, sources seen in training)", "",
-              "| source | cells | accuracy answered | blasts called blast | blasts confident normal | "
-              "normals called blast | normals unidentified |", "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _md_in_source(card: dict) -> list[str]:
+    lines = ["", "## Test split of each source (shipped model, sources seen in training)", "",
+             "| source | cells | accuracy answered | blasts called blast | blasts confident normal | "
+             "normals called blast | normals unidentified |", "|---|---|---|---|---|---|---|"]
     for name, m in card["test_in_source"].items():
         lines.append(f"| {name} | {m['n']} | {_pct(m.get('accuracy_answered'))} | {_pct(m.get('blasts_called_blast'))} "
                      f"| {_pct(m.get('blasts_confident_normal'))} | {_pct(m.get('normals_called_blast'))} | "
                      f"{_pct(m.get('normals_unidentified'))} |")
+    return lines
+
+
+def _md_fields(card: dict) -> list[str]:
     f = card["taleqani_fields"]
-    lines += ["", "## Whole fields (held-out all-taleqani blocks)", "",
+    lines = ["", "## Whole fields (held-out all-taleqani blocks)", "",
               f"ALL fields called `blasts_present`: {_pct(f['all_fields_blasts_present'])}; hematogone fields "
               f"`no_blasts`: {_pct(f['hematogone_fields_no_blasts'])}; ALL fields answered `no_blasts` with status "
               f"ok (confident misses): {_pct(f['all_fields_confident_no_blasts'])}; fields uncertain: "
@@ -387,8 +408,12 @@ def card_markdown(card: dict) -> str:
         lines.append(f"Model trained without all-taleqani: ALL fields `blasts_present` "
                      f"{_pct(g['all_fields_blasts_present'])}; hematogone fields `no_blasts` "
                      f"{_pct(g['hematogone_fields_no_blasts'])}.")
+    return lines
+
+
+def _md_detection(card: dict) -> list[str]:
     d = card["detection"]
-    lines += ["", "## Detection and scale", "",
+    lines = ["", "## Detection and scale", "",
               f"raabin-fields test split (boxes; never used to set the detector): recall "
               f"{_pct(d['raabin_test']['recall'])}, precision {_pct(d['raabin_test']['precision'])}. wbc-seg-tecom "
               f"masks: cell found with IoU >= 0.5 in {_pct(d['tecom']['cell_found_iou_0_5'])}, median IoU "
@@ -400,7 +425,12 @@ def card_markdown(card: dict) -> str:
         lines.append(f"- {name}: " + "; ".join(f"{k} same {100 * v['same_call']:.0f}% (blast {100 * v['called_blast']:.0f}%)"
                                                for k, v in res.items() if k != "none")
                      + f"; unperturbed blast calls {100 * res['none']['called_blast']:.0f}%")
-    lines += ["", "## Calibration (validation cells only)", "", "```", json.dumps(cal, indent=1), "```", "",
+    return lines
+
+
+def _md_tail(card: dict) -> list[str]:
+    cal = card["calibration"]
+    return ["", "## Calibration (validation cells only)", "", "```", json.dumps(cal, indent=1), "```", "",
               "## Data, splits and how to reproduce", "",
               "- Splits: pbc by image with near-duplicate groups together (`oncoscope/training/splits/pbc.json`); "
               "all-taleqani by blocks of consecutive file numbers, the same split as smear-all "
@@ -430,7 +460,6 @@ def card_markdown(card: dict) -> str:
               "smudge cells, clumps and overlapping cells are not separated.",
               "- No patient identifiers in any source: splits group near-duplicates and blocks of consecutive "
               "files, not patients.", ""]
-    return "\n".join(lines)
 
 
 def write_card(card: dict, model_dir: Path) -> None:
