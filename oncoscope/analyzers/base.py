@@ -104,6 +104,7 @@ class Analyzer:
 
     id: str = ""
     counts_cells: bool = True  # whether results carry a cell count (analyzers that segment cells)
+    makes_heatmap: bool = True  # whether results carry a Grad-CAM heatmap (pages show its panel)
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)

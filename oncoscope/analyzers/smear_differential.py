@@ -20,13 +20,14 @@ from ..ml.scores import is_blank
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
 
 GRAYSCALE_CHROMA = 4.0  # mean |R-G| + |G-B| under which an image has no stain colour at all
-OOD_CELL_SHARE = 0.5  # an image where at least this share of the cells is unlike any trained cell is refused
+OOD_CELL_SHARE = 0.5  # an image where more than this share of the cells is unlike any trained cell is refused
 BATCH = 64
 
 
 class SmearDifferentialAnalyzer(Analyzer):
     id = "smear-differential"
     counts_cells = True
+    makes_heatmap = False  # the evidence is each cell's class, shown cell by cell
 
     def __init__(self, model_dir: Path, threads: int = 2):
         super().__init__(model_dir)
@@ -131,7 +132,7 @@ class SmearDifferentialAnalyzer(Analyzer):
         unlike = dist > self.cells_cfg.ood_threshold if self.ood else np.zeros(len(classes), bool)
         classes = [D.UNIDENTIFIED if u else c for c, u in zip(classes, unlike)]
         res.timings_ms["classify"] = (time.perf_counter() - t2) * 1e3
-        if unlike.mean() >= OOD_CELL_SHARE:
+        if unlike.mean() > OOD_CELL_SHARE:  # one odd object (a platelet, debris) beside a cell is not enough
             res.cells = [self._cell(c, cls, row, names, det.scale) for c, cls, row in zip(det.cells, classes, probs)]
             return self._refuse(res, f"{int(unlike.sum())} of {len(classes)} objects found do not look like any "
                                      "blood cell the model was trained on: this does not look like a stained blood "
@@ -197,7 +198,10 @@ class SmearDifferentialAnalyzer(Analyzer):
         cfg = self.cells_cfg
         # Cells cut by the image's edge are shown but not counted (CellaVision counts whole cells), unless
         # every cell is cut (a tight single-cell crop).
-        counted = [c for c in res.cells if c["counted"]] or res.cells
+        if not any(c["counted"] for c in res.cells):
+            for c in res.cells:
+                c["counted"] = True  # the case's count reads the same flag, so both agree
+        counted = [c for c in res.cells if c["counted"]]
         summary = D.summarise([c["class"] for c in counted], cfg.count_target)
         res.extra = {"microns_per_pixel": round(det.scale.microns_per_pixel, 4), "scale_method": det.scale.method,
                      **summary}
@@ -210,8 +214,7 @@ class SmearDifferentialAnalyzer(Analyzer):
         pb = [c["blast_probability"] for c in res.cells if c["blast_probability"] is not None]
         res.malignant_probability = max(pb) if pb else None
         res.extra["blast_calls_needed"] = needed
-        finite = probs[np.isfinite(probs).all(axis=1)]
-        res.confidence = float(np.mean(finite.max(axis=1))) if len(finite) else None
+        res.confidence = None  # no one confidence for many cells: each cell carries its own
         self._messages(res, summary, needed, probs, names)
         self._rejected(res, det)
         if det.scale.method == "white_cell_size":

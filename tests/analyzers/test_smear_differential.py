@@ -111,7 +111,8 @@ def _with_outputs(analyzer, monkeypatch, rows, distance=0.0):
         for i in range(n):
             for name, v in rows[i % len(rows)].items():
                 p[i, classes.index(name)] = v
-        return np.log(p) * analyzer.cells_cfg.temperature, np.full(n, distance)
+        dist = np.resize(np.asarray(distance, float), n)  # one distance for all, or one per cell, repeated
+        return np.log(p) * analyzer.cells_cfg.temperature, dist
 
     monkeypatch.setattr(analyzer, "classify_crops", fake)
     return analyzer
@@ -174,3 +175,22 @@ def test_random_noise_is_not_a_smear(analyzer):
     rng = np.random.default_rng(0)
     res = analyzer.analyze(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8))
     assert res.status == "out_of_domain" and res.malignant is not True
+
+
+def test_half_the_objects_unlike_trained_cells_is_referred_not_refused(analyzer, monkeypatch):
+    if analyzer.ood is None:
+        pytest.skip("this model has no out-of-domain statistics")
+    far = analyzer.cells_cfg.ood_threshold * 2
+    an = _with_outputs(analyzer, monkeypatch, [{"neutrophil": 0.999}], distance=[far, 0.0])
+    res = an.analyze(_field())
+    assert res.status == "uncertain"  # two odd objects beside two cells: review them, the field stays
+    assert [c["class"] for c in res.cells].count("unidentified") == 2
+
+
+def test_cells_all_cut_by_the_edge_are_counted_on_the_image_and_its_flag(analyzer, monkeypatch):
+    an = _with_outputs(analyzer, monkeypatch, [{"lymphocyte": 0.999}])
+    rgb = smear_field(32, 0.2, (200, 160), [(6, 80, 12.0)])[0]  # one cell, cut by the left edge
+    res = an.analyze(rgb)
+    assert res.cells and all(c["touches_border"] for c in res.cells)
+    assert all(c["counted"] for c in res.cells)  # the case's count reads this flag: both agree
+    assert res.to_dict()["white_cells"] == len(res.cells)
