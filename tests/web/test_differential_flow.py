@@ -62,6 +62,7 @@ def test_differential_case_end_to_end(app, client_for, tok, analyzer):
     assert f"{100 - n} more needed for a 100-cell differential" in page
     assert "AI pre-classified differential" in page
     assert "Grad-CAM" not in page  # this analyzer makes no heatmap: no broken panel
+    assert f'href="/analyzers/{AID}"' in page  # its validation and limits one click away
     assert {"class", "class_probability", "diameter_um"} <= set(img["cells"][0])
 
     extra = {} if case["aggregate"]["label"] else {"override_reason": "no white cell counted by the AI; counted by hand"}
