@@ -107,7 +107,8 @@ CHOOSE = ("", "Choose a diagnosis…")
 def _sign_form(c, an, agg) -> SignForm:
     """A fresh sign-off form. Pre-selected only with something a person or the AI actually said:
     an amendment starts from the signed version (its texts too), a first sign-off from the AI's
-    label; with no AI label nothing is chosen and the signer must pick one explicitly."""
+    label when the AI was sure of it; with no AI label, or an uncertain one, nothing is chosen and
+    the signer must pick one explicitly (one click must not accept a result the AI itself refers)."""
     form = SignForm(formdata=None)
     form.final_diagnosis.choices = [CHOOSE] + case_store.diagnosis_options(an)
     current = c.current_review
@@ -117,7 +118,7 @@ def _sign_form(c, an, agg) -> SignForm:
         form.uncertainty_note.data = current.uncertainty_note
         form.comment.data = current.comment
     else:
-        form.final_diagnosis.data = agg.label or ""
+        form.final_diagnosis.data = agg.label if agg.label and agg.status == "ok" else ""
     form.revision.data = str(c.revision)
     return form
 

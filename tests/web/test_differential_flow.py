@@ -65,6 +65,10 @@ def test_differential_case_end_to_end(app, client_for, tok, analyzer):
     assert f'href="/analyzers/{AID}"' in page  # its validation and limits one click away
     assert {"class", "class_probability", "diameter_um"} <= set(img["cells"][0])
 
+    # one click must not accept what the AI itself refers: an uncertain result pre-selects nothing
+    preselected = re.search(r'<option selected value="(blasts_present|no_blasts)"|<option value="(blasts_present|no_blasts)" '
+                            r'selected', page)
+    assert bool(preselected) == (case["aggregate"]["status"] == "ok" and case["aggregate"]["label"] is not None)
     extra = {} if case["aggregate"]["label"] else {"override_reason": "no white cell counted by the AI; counted by hand"}
     r = sign(c, cid, final_diagnosis=case["aggregate"]["label"] or "no_blasts",
              uncertainty_note="cells verified at the microscope", **extra)
