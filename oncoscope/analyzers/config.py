@@ -25,6 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
+from ..ml.differential import CELL_CLASSES
+
 CONFIG_FILE = "config.json"
 TTA_MODES = ("hflip",)  # test-time augmentation the classifier pipeline knows
 
@@ -291,8 +293,7 @@ class Cells:
                                 "normal_blast_rate", "false_call_rate", "count_target", "ood_stats",
                                 "ood_threshold"})
     NOTES: ClassVar = frozenset({"fitted_on", "threshold_rules", "val"})
-    REPORTED: ClassVar = ("blast", "neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil",
-                          "immature_granulocyte", "erythroblast", "platelet")  # ml.differential's vocabulary
+    REPORTED: ClassVar = CELL_CLASSES
 
     @classmethod
     def parse(cls, s: _Section) -> "Cells":

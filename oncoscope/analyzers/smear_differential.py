@@ -16,7 +16,7 @@ import numpy as np
 
 from ..ml import differential as D
 from ..ml import wbc
-from ..ml.scores import is_blank
+from ..ml.scores import is_blank, nearest_distance, whitening
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
 
 GRAYSCALE_CHROMA = 4.0  # mean |R-G| + |G-B| under which an image has no stain colour at all
@@ -45,7 +45,8 @@ class SmearDifferentialAnalyzer(Analyzer):
         self.mean = np.asarray(self.config.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(self.config.preprocess.std, np.float32).reshape(1, 3, 1, 1)
         self.ood = self._load_ood()
-        width = self.classify_crops(np.zeros((1, self.crop_px, self.crop_px, 3), np.uint8))[0].shape[1]
+        outputs = {o.name: o.shape for o in self.session.session.get_outputs()}
+        width = outputs.get("logits", [None, None])[-1]  # read from the graph: no inference at start-up
         if width != len(cells.classes):  # checked once, at start-up, not in the middle of a request
             raise self.config.error("cells.classes", f"lists {len(cells.classes)} classes, but "
                                                      f"{cells.classifier} has {width} outputs")
@@ -54,11 +55,7 @@ class SmearDifferentialAnalyzer(Analyzer):
         if self.cells_cfg.ood_stats is None:
             return None
         with np.load(self.model_dir / self.cells_cfg.ood_stats) as z:
-            means, precision = z["means"].astype(np.float64), z["precision"].astype(np.float64)
-        # d^2 = (e - m)^T P (e - m) = |(e - m) L|^2 with P = L L^T: one BLAS matrix product per batch
-        # instead of a 1280 x 1280 quadratic form per cell and class (16 ms per cell in numpy)
-        whiten = np.linalg.cholesky(precision)
-        return {"whiten": whiten, "means": means @ whiten}
+            return whitening(z["means"], z["precision"])
 
     def classify_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, 3) uint8 canonical crops -> (logits (N, K), Mahalanobis distance to the nearest
@@ -68,17 +65,10 @@ class SmearDifferentialAnalyzer(Analyzer):
             x = crops[i:i + BATCH].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
             out = self.session.run(np.ascontiguousarray((x - self.mean) / self.std))
             logits.append(out["logits"])
-            dist.append(self._distance(out["embedding"]) if self.ood else np.zeros(len(x)))
+            dist.append(nearest_distance(out["embedding"], self.ood) if self.ood else np.zeros(len(x)))
         if not logits:
             return np.zeros((0, len(self.cells_cfg.classes)), np.float32), np.zeros(0)
         return np.concatenate(logits), np.concatenate(dist)
-
-    def _distance(self, emb: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each embedding to the nearest trained class."""
-        z = emb.astype(np.float64) @ self.ood["whiten"]
-        m = self.ood["means"]
-        d2 = (z * z).sum(axis=1)[:, None] - 2 * z @ m.T + (m * m).sum(axis=1)[None]
-        return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
 
     def validation_summary(self) -> str:
         """One line of the card's figures for a laboratory the model never saw (leave one source out)."""
@@ -121,9 +111,7 @@ class SmearDifferentialAnalyzer(Analyzer):
         if not det.cells:
             return self._no_cells(res, det)
         mpp = det.scale.microns_per_pixel
-        background = wbc.background_colour(rgb)
-        crops = np.stack([wbc.crop_cell(rgb, c, mpp, self.crop_px, self.cells_cfg.field_um, background)
-                          for c in det.cells])
+        crops = wbc.crop_cells(rgb, det.cells, mpp, self.crop_px, self.cells_cfg.field_um)
         t2 = time.perf_counter()
         res.timings_ms["crop"] = (t2 - t1) * 1e3
         logits, dist = self.classify_crops(crops)
@@ -205,24 +193,23 @@ class SmearDifferentialAnalyzer(Analyzer):
         summary = D.summarise([c["class"] for c in counted], cfg.count_target)
         res.extra = {"microns_per_pixel": round(det.scale.microns_per_pixel, 4), "scale_method": det.scale.method,
                      **summary}
-        n_blast = summary["differential"]["blast"]
-        needed = D.blasts_needed(max(summary["white_cells"], 1), self.decision)
-        res.malignant = n_blast >= needed
+        call = D.blast_call(summary, self.decision)
+        res.malignant = call.present
         res.label = "blasts_present" if res.malignant else "no_blasts"
         res.label_display = self.config.display_name(res.label)
         # the highest blast probability of any cell: what the call rests on (not a probability of the call)
         pb = [c["blast_probability"] for c in res.cells if c["blast_probability"] is not None]
         res.malignant_probability = max(pb) if pb else None
-        res.extra["blast_calls_needed"] = needed
+        res.extra["blast_calls_needed"] = call.needed
         res.confidence = None  # no one confidence for many cells: each cell carries its own
-        self._messages(res, summary, needed, probs, names)
+        self._messages(res, summary, call, probs, names)
         self._rejected(res, det)
         if det.scale.method == "white_cell_size":
             res.messages.append("No red cells to measure the scale: cells were brought to size by their own "
                                 "diameter, so their size is not reported.")
 
-    def _messages(self, res: AnalysisResult, summary: dict, needed: int, probs: np.ndarray, names: list[str]) -> None:
-        n_blast = summary["differential"]["blast"]
+    def _messages(self, res: AnalysisResult, summary: dict, call: D.BlastCall, probs: np.ndarray,
+                  names: list[str]) -> None:
         unidentified = summary["differential"][D.UNIDENTIFIED]
         near = D.borderline(probs, names, self.decision)
         if unidentified:
@@ -230,10 +217,10 @@ class SmearDifferentialAnalyzer(Analyzer):
                                 "review them.")
         if near:
             res.messages.append(f"{near} cell(s) have a borderline blast probability: review them.")
-        if 0 < n_blast < needed:
-            res.messages.append(f"{n_blast} cell(s) pre-classified as blast, fewer than the {needed} that make a "
-                                f"blasts-present call among {summary['white_cells']} white cells: review them.")
-        if unidentified or near or 0 < n_blast < needed:
+        if call.short:
+            res.messages.append(f"{call.blasts} cell(s) pre-classified as blast, fewer than the {call.needed} that "
+                                f"make a blasts-present call among {summary['white_cells']} white cells: review them.")
+        if unidentified or near or call.short:
             res.status = STATUS_UNCERTAIN
         if summary["remaining_to_target"]:
             res.messages.append(f"{summary['white_cells']} white cell(s) counted; {summary['remaining_to_target']} "

@@ -165,21 +165,29 @@ def foreign_test_files(analyzer_id: str, datasets_dir: Path, n: int, seed: int =
     return [base / s.path for s in samples]
 
 
-def _lookup(card: dict, path: str):
+def _lookup(card: dict, path: str, missing_ok: bool):
     v = card
     for k in path.split("."):
+        if missing_ok and (not isinstance(v, dict) or k not in v):
+            return None
         v = v[k]
     return v
 
 
-def targets(card: dict, recipe: dict) -> list[dict]:
-    """The recipe's targets (name, metric path in the card, '>=' or '<=', goal) checked against the card."""
+def check_targets(card: dict, specs, missing_ok: bool = False) -> list[dict]:
+    """Targets (name, metric path in the card, '>=' or '<=', goal) checked against the card; with
+    ``missing_ok`` a figure the card lacks is measured as None (missed) instead of an error."""
     rows = []
-    for name, path, op, goal in recipe["targets"]:
-        v = _lookup(card, path)
+    for name, path, op, goal in specs:
+        v = _lookup(card, path, missing_ok)
         met = v is not None and (v >= goal if op == ">=" else v <= goal)
         rows.append({"target": name, "goal": f"{op} {goal}", "measured": v, "met": bool(met)})
     return rows
+
+
+def targets(card: dict, recipe: dict) -> list[dict]:
+    """The recipe's targets checked against the card."""
+    return check_targets(card, recipe["targets"])
 
 
 def _overlays(out: Path, labels, y, test, rgbs, results) -> None:

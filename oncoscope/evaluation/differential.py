@@ -26,9 +26,11 @@ from PIL import Image
 
 from ..analyzers import registry
 from ..ml import differential as D
+from ..ml import metrics as M
 from ..ml import wbc
 from ..ml.synthetic import non_smear_images
 from ..training.cells import CLASSES, CellCrops, cached_sources
+from .classifier import check_targets
 from ..training.data import MANIFEST_DIR, load_manifest
 from .smear import colour_jitter_np
 
@@ -36,14 +38,12 @@ NORMAL = tuple(c for c in CLASSES if c != "blast")
 FIVE = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> dict:
+def wilson(k: int, n: int) -> dict:
+    """A proportion with its Wilson 95% interval, as the card writes it."""
     if n == 0:
         return {"value": None, "ci95": None, "n": 0}
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return {"value": round(p, 4), "ci95": [round(max(0.0, c - h), 4), round(min(1.0, c + h), 4)], "n": n}
+    p, lo, hi = M.wilson(k, n)
+    return {"value": round(p, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": n}
 
 
 def cell_calls(analyzer, crops: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
@@ -309,22 +309,9 @@ TARGETS = [
 ]
 
 
-def _get(card: dict, path: str):
-    cur = card
-    for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
 def targets(card: dict) -> list[dict]:
-    out = []
-    for what, path, op, goal in TARGETS:
-        v = _get(card, path)
-        met = v is not None and (v >= goal if op == ">=" else v <= goal)
-        out.append({"target": what, "measured": v, "goal": f"{op} {goal}", "met": bool(met)})
-    return out
+    """The targets of issue 13 against the card (a leave-one-source-out model not trained is missed)."""
+    return check_targets(card, TARGETS, missing_ok=True)
 
 
 def _pct(m: dict | None) -> str:

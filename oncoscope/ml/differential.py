@@ -6,7 +6,6 @@ of a case) and the evaluation, so that the three cannot disagree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ WBC_CLASSES = ("blast", UNIDENTIFIED, "neutrophil", "lymphocyte", "monocyte", "e
 # Reported beside it, not in the denominator: nucleated red cells per 100 white cells, platelets not counted.
 OTHER_CLASSES = ("erythroblast", "platelet")
 REPORTED = WBC_CLASSES + OTHER_CLASSES
+CELL_CLASSES = tuple(c for c in REPORTED if c != UNIDENTIFIED)  # what a network may output and report
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,28 @@ def blasts_needed(white_cells: int, d: CellDecision) -> int:
         k += 1
         pmf *= (n - k + 1) / k * p / (1 - p)  # P(X = k) from P(X = k - 1)
     return max(1, k)
+
+
+@dataclass(frozen=True)
+class BlastCall:
+    """The blasts-present call on a set of counted cells (one image or a whole case)."""
+
+    blasts: int  # cells called blast
+    needed: int  # blast calls that make the call (see :func:`blasts_needed`)
+
+    @property
+    def present(self) -> bool:
+        return self.blasts >= self.needed
+
+    @property
+    def short(self) -> bool:
+        """Some blast calls, too few for the call: a person must look."""
+        return 0 < self.blasts < self.needed
+
+
+def blast_call(summary: dict, d: CellDecision) -> BlastCall:
+    """The call on a :func:`summarise` result."""
+    return BlastCall(summary["differential"]["blast"], blasts_needed(max(summary["white_cells"], 1), d))
 
 
 def summarise(classes: list[str], count_target: int = 100) -> dict:

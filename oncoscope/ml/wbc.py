@@ -144,7 +144,7 @@ def estimate_scale(stained: np.ndarray, nuclei: np.ndarray) -> Scale:
 
     Red cells often touch, so they are not measured one by one: the distance transform of the
     stained area peaks near each cell's centre at about its radius, also inside clumps. The median
-    peak is the red-cell radius.
+    peak, weighted by area, is the red-cell radius.
     """
     # The white cell's own cytoplasm is not a red cell: leave out a margin around each nucleus
     # that scales with the nuclei.
@@ -189,27 +189,25 @@ def _work_image(rgb: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.asarray(small), w / small.size[0], h / small.size[1]
 
 
-def find_nuclei(purple: np.ndarray, stained: np.ndarray, seed_margin: float | None = None) -> tuple[np.ndarray, float]:
-    """Nucleus mask by hysteresis on ``purple + stained``, and the low threshold used.
+def find_nuclei(purple: np.ndarray, stained: np.ndarray) -> np.ndarray:
+    """Nucleus mask by hysteresis on ``purple + stained``.
 
-    Seeds must stand ``seed_margin`` above the typical stained pixel (the red cells, in a field),
+    Seeds must stand ``SEED_MARGIN`` above the typical stained pixel (the red cells, in a field),
     so a field without white cells has no seeds; the nucleus then grows from its seeds down to
     the Otsu level between red cells and nuclei.
     """
-    seed_margin = SEED_MARGIN if seed_margin is None else seed_margin
     score = purple + stained
     fg = stained > STAIN_MIN
     if fg.sum() < 16:
-        return np.zeros(score.shape, bool), float("inf")
-    typical = float(np.median(score[fg]))
-    high = max(SEED_FLOOR, typical + seed_margin)
+        return np.zeros(score.shape, bool)
+    high = max(SEED_FLOOR, float(np.median(score[fg])) + SEED_MARGIN)
     seeds = ndi.binary_opening(score > high, iterations=1)
     if not seeds.any():
-        return seeds, high
+        return seeds
     low = min(high, max(LOW_FLOOR, otsu(score[fg])))
     grown, _ = ndi.label(score > low)
     keep = np.unique(grown[seeds])
-    return ndi.binary_opening(np.isin(grown, keep[keep > 0]), iterations=1), low
+    return ndi.binary_opening(np.isin(grown, keep[keep > 0]), iterations=1)
 
 
 def detect(rgb: np.ndarray, microns_per_pixel: float | None = None) -> SmearDetections:
@@ -219,7 +217,7 @@ def detect(rgb: np.ndarray, microns_per_pixel: float | None = None) -> SmearDete
     work, fx, fy = _work_image(rgb)
     f = max(fx, fy)
     purple, stained = stain_maps(work)
-    nuclei, _ = find_nuclei(purple, stained)
+    nuclei = find_nuclei(purple, stained)
     if microns_per_pixel:
         scale = Scale(microns_per_pixel * f, "given")
     else:
@@ -341,7 +339,7 @@ def crop_cell(rgb: np.ndarray, det: Detection, microns_per_pixel: float, out_px:
     side = min(field_um / microns_per_pixel, 4.0 * max(h, w))  # an absurd scale cannot allocate gigabytes
     cx, cy = det.centroid
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
+    if _inside(rgb, det, microns_per_pixel, field_um):
         return np.asarray(Image.fromarray(rgb).resize((out_px, out_px), Image.BILINEAR, box=box, reducing_gap=2.0))
     # only the window is padded: a canvas of the window's size, the part inside the image pasted in
     x0, y0 = int(math.floor(box[0])), int(math.floor(box[1]))
@@ -353,3 +351,23 @@ def crop_cell(rgb: np.ndarray, det: Detection, microns_per_pixel: float, out_px:
         canvas[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
     inner = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
     return np.asarray(Image.fromarray(canvas).resize((out_px, out_px), Image.BILINEAR, box=inner, reducing_gap=2.0))
+
+
+def crop_cells(rgb: np.ndarray, cells: list[Detection], microns_per_pixel: float, out_px: int,
+               field_um: float) -> np.ndarray:
+    """(N, out_px, out_px, 3) crops of ``cells`` (see :func:`crop_cell`); the background colour is
+    measured once, and only when a window leaves the image."""
+    background = None
+    out = np.empty((len(cells), out_px, out_px, 3), np.uint8)
+    for i, c in enumerate(cells):
+        if background is None and not _inside(rgb, c, microns_per_pixel, field_um):
+            background = background_colour(rgb)
+        out[i] = crop_cell(rgb, c, microns_per_pixel, out_px, field_um, background)
+    return out
+
+
+def _inside(rgb: np.ndarray, det: Detection, microns_per_pixel: float, field_um: float) -> bool:
+    h, w = rgb.shape[:2]
+    half = min(field_um / microns_per_pixel, 4.0 * max(h, w)) / 2
+    cx, cy = det.centroid
+    return cx - half >= 0 and cy - half >= 0 and cx + half <= w and cy + half <= h

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, joinedload, object_session
 from ..analyzers import registry
 from ..imaging.dicom import is_dicom_uid
 from ..imaging.imageio import ImageLoadError, load_image
-from ..ml.differential import blasts_needed, summarise
+from ..ml.differential import blast_call, summarise
 from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
@@ -382,17 +382,16 @@ def _differential_call(an, usable: list, n_done: int, total: int) -> Aggregate:
     classes = [c["class"] for a in usable for c in (a.cells or [])
                if isinstance(c, dict) and "class" in c and c.get("counted", True)]
     summary = summarise(classes, an.cells_cfg.count_target)
-    blasts, n = summary["differential"]["blast"], summary["white_cells"]
-    needed = blasts_needed(max(n, 1), an.decision)
-    text = (f"{n} white cells in {len(usable)} of {total} image{'s' if total > 1 else ''}; {blasts} pre-classified "
-            f"as blast ({needed} make a blasts-present call)")
+    n, call = summary["white_cells"], blast_call(summary, an.decision)
+    text = (f"{n} white cells in {len(usable)} of {total} image{'s' if total > 1 else ''}; {call.blasts} "
+            f"pre-classified as blast ({call.needed} make a blasts-present call)")
     if summary["remaining_to_target"]:
         text += f"; {summary['remaining_to_target']} more needed for a {an.cells_cfg.count_target}-cell differential"
     # the per-image probabilities do not add up to a case call; the count does. No white cell at all is
     # no answer, and a blast count short of the call is for a person to look at.
-    label = None if n == 0 else "blasts_present" if blasts >= needed else "no_blasts"
+    label = None if n == 0 else "blasts_present" if call.present else "no_blasts"
     status = "uncertain" if (any(a.result_status == "uncertain" for a in usable) or len(usable) < n_done
-                             or n == 0 or 0 < blasts < needed) else "ok"
+                             or n == 0 or call.short) else "ok"
     return Aggregate(label, status, {}, len(usable), total, text + ".", summary)
 
 

@@ -91,7 +91,7 @@ def centred_crop(rgb: np.ndarray) -> tuple[np.ndarray, float, bool]:
         cell = min(near, key=lambda c: math.hypot(c.centroid[0] - w / 2, c.centroid[1] - h / 2))
     else:  # platelets and pale cells: the image centre, as the source framed it
         cell = wbc.Detection((0, 0, w, h), (w / 2, h / 2), 0.0, 0.0, 0.0, False)
-    return wbc.crop_cell(rgb, cell, mpp, CROP_PX, FIELD_UM), mpp, bool(near)
+    return wbc.crop_cells(rgb, [cell], mpp, CROP_PX, FIELD_UM)[0], mpp, bool(near)
 
 
 def field_crops(rgb: np.ndarray) -> tuple[list[np.ndarray], float]:
@@ -100,11 +100,9 @@ def field_crops(rgb: np.ndarray) -> tuple[list[np.ndarray], float]:
     mpp = det.scale.microns_per_pixel
     if not mpp:
         return [], 0.0
-    out = []
-    for c in det.cells:
-        d_um = math.sqrt(4 * c.nucleus_area_px / math.pi) * mpp
-        if not c.touches_border and FIELD_NUCLEUS_UM[0] <= d_um <= FIELD_NUCLEUS_UM[1]:
-            out.append(wbc.crop_cell(rgb, c, mpp, CROP_PX, FIELD_UM))
+    whole = [c for c in det.cells if not c.touches_border
+             and FIELD_NUCLEUS_UM[0] <= math.sqrt(4 * c.nucleus_area_px / math.pi) * mpp <= FIELD_NUCLEUS_UM[1]]
+    out = list(wbc.crop_cells(rgb, whole, mpp, CROP_PX, FIELD_UM))
     return out, mpp
 
 

@@ -16,7 +16,8 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from ..ml import differential as D
-from ..ml.scores import softmax
+from ..ml import metrics as M
+from ..ml.scores import nearest_distance, softmax, whitening
 from . import classifier as C
 from .cells import CANON_MPP, CLASSES, CROP_PX, FIELD_UM, TRAIN_CLASSES, build, cached_sources
 from .export import export_classifier
@@ -103,12 +104,6 @@ def fit_ood(emb: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"means": means.astype(np.float32), "precision": np.linalg.inv(cov).astype(np.float32)}
 
 
-def mahalanobis(emb: np.ndarray, stats: dict) -> np.ndarray:
-    diff = emb.astype(np.float64)[:, None, :] - stats["means"].astype(np.float64)[None]
-    d2 = np.einsum("nkd,de,nke->nk", diff, stats["precision"].astype(np.float64), diff)
-    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
-
-
 def _split(cache: Path, without: list[str], split: str, per_class: int | None = None,
            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Crops and labels of one split of every source trained on (at most ``per_class`` per class)."""
@@ -157,7 +152,8 @@ def calibrate(wd: Path, cache: Path, without: list[str]) -> dict:
     normal = np.isin(served, [c for c in CLASSES if c != "blast"]) | (labels == "normal")
     blast_t, border = _blast_thresholds(probs[:, names.index("blast")], is_blast)
     unident = _unidentified_threshold(probs, names, served)
-    ood_t = float(np.quantile(mahalanobis(emb, stats), OOD_QUANTILE))
+    # the distance exactly as serving computes it (from the float32 statistics it loads)
+    ood_t = float(np.quantile(nearest_distance(emb, whitening(stats["means"], stats["precision"])), OOD_QUANTILE))
     d = D.CellDecision(classes=TRAIN_CLASSES, served_as=SERVED_AS, temperature=t, unidentified_below=unident,
                        blast_threshold=blast_t, blast_borderline=border)
     calls = np.array(D.decide(probs, names, d))
@@ -210,11 +206,8 @@ def _unidentified_threshold(probs: np.ndarray, names: list[str], served: np.ndar
     return best
 
 
-def _upper95(k: int, n: int, z: float = 1.96) -> float:
-    if n == 0:
-        return 0.05
-    p = k / n
-    return (p + z * z / (2 * n) + z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+def _upper95(k: int, n: int) -> float:
+    return M.wilson(k, n)[2] if n else 0.05  # no normal cells to measure it on: a cautious 5%
 
 
 def _frac(mask: np.ndarray) -> float | None:

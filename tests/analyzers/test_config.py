@@ -280,3 +280,13 @@ def test_the_differential_analyzer_needs_a_cells_section(tmp_path):
     with pytest.raises(AnalyzerConfigError) as err:
         registry.get("smear-differential", model_dir=folder)
     assert_names(err.value, folder, "cells", "missing")
+
+
+def test_a_differential_config_that_disagrees_with_its_network_fails_at_start_up(tmp_path):
+    if "smear-differential" not in registry.available():
+        pytest.skip("smear-differential model not installed")
+    folder = model_folder(tmp_path, _classes(["blast", "neutrophil", "lymphocyte"]), "smear-differential",
+                          real_files=True)
+    with pytest.raises(AnalyzerConfigError) as err:
+        registry.get("smear-differential", model_dir=folder)
+    assert_names(err.value, folder, "cells.classes", "lists 3 classes", "10 outputs")
