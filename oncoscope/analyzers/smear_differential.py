@@ -197,9 +197,9 @@ class SmearDifferentialAnalyzer(Analyzer):
         res.malignant = call.present
         res.label = "blasts_present" if res.malignant else "no_blasts"
         res.label_display = self.config.display_name(res.label)
-        # the highest blast probability of any cell: what the call rests on (not a probability of the call)
-        pb = [c["blast_probability"] for c in res.cells if c["blast_probability"] is not None]
-        res.malignant_probability = max(pb) if pb else None
+        # The call rests on a count, not on one probability: each cell carries its own blast probability,
+        # and no "probability of malignancy" is made up for the field (reports would print it as one).
+        res.malignant_probability = None
         res.extra["blast_calls_needed"] = call.needed
         res.confidence = None  # no one confidence for many cells: each cell carries its own
         self._messages(res, summary, call, probs, names)

@@ -136,6 +136,7 @@ def test_enough_blast_calls_make_blasts_present(analyzer, monkeypatch):
     an = _with_outputs(analyzer, monkeypatch, [{"blast": 0.999}])
     res = an.analyze(_field())
     assert res.label == "blasts_present" and res.malignant is True
+    assert res.malignant_probability is None and res.confidence is None  # the call is a count
     assert all(c["class"] == "blast" and c["review"] for c in res.cells)
 
 

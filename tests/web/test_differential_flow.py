@@ -62,6 +62,7 @@ def test_differential_case_end_to_end(app, client_for, tok, analyzer):
     assert f"{100 - n} more needed for a 100-cell differential" in page
     assert "AI pre-classified differential" in page
     assert "Grad-CAM" not in page  # this analyzer makes no heatmap: no broken panel
+    assert "probability of blasts" not in page and "(–)" not in page  # a count is not a probability
     assert f'href="/analyzers/{AID}"' in page  # its validation and limits one click away
     assert {"class", "class_probability", "diameter_um"} <= set(img["cells"][0])
 
