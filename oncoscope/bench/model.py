@@ -21,6 +21,9 @@ from ..training.recipes import RECIPES
 from .baselines import baseline_report, measure_matmul_gflops, onnx_flops
 
 
+# Issue 13 asked smear-all, which shares the cell pipeline with smear-differential, for 30 ms.
+P50_TARGET_MS = {"smear-all": 30.0}
+
 def generated_image(analyzer_id: str, seed: int, size: int = 224) -> np.ndarray:
     """A generated stand-in for the analyzer's input (when the dataset is absent)."""
     if analyzer_id == "smear-differential":
@@ -198,8 +201,9 @@ def run_bench(analyzer_id: str = "smear-all", runs: int = 100, baseline_runs: in
         out["speedup_vs_baseline"] = round(base_ms / lat["p50_ms"], 1)
         out["baseline_gflops"] = round(base_gf, 2)
         out["our_gflops"] = round((flops_c + flops_s) / 1e9, 3)
+    target_ms = P50_TARGET_MS.get(an.id, 60.0)
     out["targets"] = {
-        "p50_le_60ms": lat["p50_ms"] <= 60.0,
+        f"p50_le_{target_ms:g}ms": lat["p50_ms"] <= target_ms,
         "peak_rss_le_600mb": bool(memory.get("peak_rss_mb", 1e9) <= 600),
     }
     return out
