@@ -66,6 +66,33 @@ def test_large_field_is_detected_on_a_smaller_working_image_in_input_coordinates
     assert len(det.cells) == 2 and _near(det, 400, 500, 20) and _near(det, 1200, 300, 20)
 
 
+def test_huge_field_is_detected_in_tiles_each_cell_once():
+    """Shrunk whole to 720 px, a 3000 px field at 0.2 µm/px has red cells 2 px wide; tiles keep them."""
+    cells = [(x, y, 12.0) for x in range(170, 3000, 400) for y in range(170, 2400, 400)]  # some on tile seams
+    rgb, truth = smear_field(7, 0.2, (3000, 2400), cells)
+    det = wbc.detect(rgb)
+    assert det.scale.method == "red_cells"
+    assert det.scale.microns_per_pixel == pytest.approx(0.2, rel=0.15)
+    assert det.labels.shape == rgb.shape[:2]
+    assert len(det.cells) == len(truth)  # none missed, none found twice in an overlap
+    for x, y, d in truth:
+        assert _near(det, x, y, tol=0.3 * d / 0.2)
+    assert set(np.unique(det.labels)) == set(range(len(det.cells) + 1))
+    for k, c in enumerate(det.cells, start=1):  # each label outlines its own cell
+        ys, xs = np.nonzero(det.labels == k)
+        assert abs(xs.mean() - c.centroid[0]) < 5 and abs(ys.mean() - c.centroid[1]) < 5
+
+
+def test_tiles_cover_the_image_and_each_centre_has_one_owner():
+    starts = wbc._tile_starts(3000, 1440, 150)
+    assert starts[0] == 0 and starts[-1] + 1440 == 3000
+    assert all(b - a <= 1440 - 150 for a, b in zip(starts, starts[1:]))
+    cuts = wbc._owner_cuts(starts, 1440, 3000)
+    assert cuts[0] == 0 and cuts[-1] == 3000 and cuts == sorted(cuts)
+    for i, a in enumerate(starts):  # a tile owns only centres at least half an overlap inside it
+        assert cuts[i] >= a and cuts[i + 1] <= a + 1440
+
+
 def test_crop_is_centred_at_one_physical_scale():
     for mpp in (0.1, 0.4):
         rgb, truth = smear_field(6, mpp, (int(60 / mpp), int(50 / mpp)), [(30 / mpp, 25 / mpp, 12.0)])
