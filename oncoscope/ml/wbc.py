@@ -44,6 +44,8 @@ MIN_RED_CELLS = 6  # fewer measured red cells: the scale comes from the white ce
 RBC_OTSU_FRACTION = 0.6  # of the Otsu level: a red cell's pale centre is stained too
 MARGIN_NUCLEI = 0.1  # nucleus diameters around a nucleus that are not searched for red cells
 CYTOPLASM_MIN_PURPLE = 0.03  # cytoplasm is at least a little bluer than green (red cells may be too)
+LOBE_GAP_UM = 4.0  # neutrophil lobes up to this far apart are one nucleus ...
+MAX_LOBED_NUCLEUS_UM = 13.0  # ... when the joined nucleus is no wider than this
 MPP_RANGE = (0.03, 1.5)  # µm per pixel a smear image can have (100x oil to a 10x overview)
 
 
@@ -343,6 +345,32 @@ def _scale_from_white_cells(cells: list[Detection]) -> Scale:
     return Scale(WBC_DIAMETER_UM / d, "white_cell_size")
 
 
+def _closed(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    return ndi.binary_fill_holes(ndi.binary_closing(mask, structure=_disk(radius_px), iterations=1) | mask)
+
+
+def join_lobes(nuclei: np.ndarray, um: float) -> np.ndarray:
+    """Nucleus pieces of one cell joined into one component.
+
+    Pieces closer than ~2 µm always join. A segmented neutrophil's lobes can lie up to ~LOBE_GAP_UM
+    apart: such pieces join only when the joined nucleus still fits in one cell
+    (``MAX_LOBED_NUCLEUS_UM`` across), so two neighbouring cells stay two.
+    """
+    near = _closed(nuclei, max(1.0, 1.0 / um))
+    wide = _closed(nuclei, max(1.0, LOBE_GAP_UM / 2 / um))
+    wide_lab, n = ndi.label(wide)
+    if n == 0:
+        return near
+    near_lab, _ = ndi.label(near)
+    out = near.copy()
+    for i, sl in enumerate(ndi.find_objects(wide_lab), start=1):
+        pieces = np.unique(near_lab[sl][wide_lab[sl] == i])
+        extent_um = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) * um
+        if len(pieces[pieces > 0]) > 1 and extent_um <= MAX_LOBED_NUCLEUS_UM:
+            out[sl] |= wide_lab[sl] == i
+    return out
+
+
 def _cells(purple: np.ndarray, stained: np.ndarray, nuclei: np.ndarray, scale: Scale,
            shape: tuple[int, int]) -> tuple[list[Detection], np.ndarray, list[tuple[float, float]]]:
     """Cells grown from the nuclei at this scale: (cells, instance labels, centres (x, y) of the objects
@@ -350,10 +378,7 @@ def _cells(purple: np.ndarray, stained: np.ndarray, nuclei: np.ndarray, scale: S
     h, w = shape
     # With no scale yet, assume the cells are large (a single-cell crop): join generously.
     um = scale.microns_per_pixel or (WBC_DIAMETER_UM / (0.6 * min(h, w)))
-    join = max(1.0, 1.0 / um)  # ~1 µm closing joins nucleus lobes
-    joined = ndi.binary_closing(nuclei, structure=_disk(join), iterations=1) | nuclei
-    joined = ndi.binary_fill_holes(joined)
-    lab, n = ndi.label(joined)
+    lab, n = ndi.label(join_lobes(nuclei, um))
     labels = np.zeros(shape, np.int32)
     if n == 0:
         return [], labels, []
