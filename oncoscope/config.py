@@ -25,6 +25,9 @@ image store and secret key, as the explicit first step of whatever runs the inst
 * ``ONCOSCOPE_MAX_UPLOAD_MB`` (25, per image), ``ONCOSCOPE_SESSION_IDLE_MINUTES`` (30),
   ``ONCOSCOPE_LOGIN_MAX_FAILURES`` / ``ONCOSCOPE_LOGIN_LOCK_MINUTES`` (5 / 15), ``ONCOSCOPE_CLINIC_NAME``
   (report header), ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT`` (MLLP destination; unset: none).
+* ``ONCOSCOPE_BLAST_FLAG_PCT`` (1.0): a differential with at least this many blasts per 100 white
+  cells is flagged (highlighted in the gallery and the PDF, abnormal flag ``H`` in HL7); any blast in
+  peripheral blood is abnormal, so the default is low.
 * ``ONCOSCOPE_ANALYSIS_WORKERS`` (2): in-process analysis threads; ``ONCOSCOPE_WEB_PROCESSES``
   (min(2, cores)): ``oncoscope serve`` processes sharing the port.
 * ``ONCOSCOPE_DATA``: the datasets folder for training, evaluation and the dataset tests; default
@@ -57,6 +60,16 @@ def _int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
 
 
 def _path(name: str) -> Path | None:
@@ -106,6 +119,7 @@ class Settings:
     page_size: int = 25
     hl7_host: str = ""
     hl7_port: int = 0
+    blast_flag_pct: float = 1.0
     queue_url: str = ""
     job_lease_seconds: int = 300
     job_timeout_seconds: int = 120
@@ -168,6 +182,7 @@ class Settings:
             clinic_name=os.environ.get("ONCOSCOPE_CLINIC_NAME", "Oncoscope clinic"),
             hl7_host=os.environ.get("ONCOSCOPE_HL7_HOST", ""),
             hl7_port=_int("ONCOSCOPE_HL7_PORT", 0),
+            blast_flag_pct=_float("ONCOSCOPE_BLAST_FLAG_PCT", 1.0),
             queue_url=os.environ.get("ONCOSCOPE_QUEUE_URL", ""),
             job_lease_seconds=_int("ONCOSCOPE_JOB_LEASE_SECONDS", 300),
             job_timeout_seconds=_int("ONCOSCOPE_JOB_TIMEOUT_SECONDS", 120),

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("oncoscope.cli.server:worker",
                "Run analyses from the Redis queue (scaled-out mode; needs ONCOSCOPE_QUEUE_URL)."),
     "db": ("oncoscope.cli.db:db", "Database schema migrations (Alembic)."),
+    "export-reviewed": ("oncoscope.cli.reviewed:export_reviewed_cmd",
+                        "Verified cells of signed cases as a training dataset (no patient identifiers)."),
     "users": ("oncoscope.cli.accounts:users", "User accounts."),
     "public-key": ("oncoscope.cli.records:public_key",
                    "Print the public half of the instance's signing key (created on first use)."),

@@ -8,6 +8,8 @@ writes ``error``); only the readings that are the same in several of them live h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..analyzers import registry
 
 # Said by every report whose analyzer gives no disclaimer of its own.
@@ -46,3 +48,49 @@ def first_model_analysis(case):
 def ai_call_text(agg, names: dict[str, str]) -> str:
     """The case-level AI call (:func:`oncoscope.store.cases.aggregate`) as one line: "<class>: <how>"."""
     return (f"{names.get(agg.label, agg.label)}: " if agg.label else "") + agg.text
+
+
+# The verified differential's LOINC codes: each "<cells>/100 leukocytes in Blood" (no method: the count
+# is a person's verification of a pre-classification), nucleated red cells per 100 white cells by manual
+# count. Checked against LOINC's own names (loinc.org) and laboratory code lists.
+DIFFERENTIAL_LOINC = {
+    "blast": ("26446-5", "Blasts/100 leukocytes in Blood"),
+    "neutrophil": ("26511-6", "Neutrophils/100 leukocytes in Blood"),
+    "lymphocyte": ("26478-8", "Lymphocytes/100 leukocytes in Blood"),
+    "monocyte": ("26485-3", "Monocytes/100 leukocytes in Blood"),
+    "eosinophil": ("26450-7", "Eosinophils/100 leukocytes in Blood"),
+    "basophil": ("30180-4", "Basophils/100 leukocytes in Blood"),
+    "immature_granulocyte": ("38518-7", "Immature granulocytes/100 leukocytes in Blood"),
+    "erythroblast": ("18309-5", "Nucleated erythrocytes/100 leukocytes in Blood by Manual count"),
+}
+
+
+@dataclass(frozen=True)
+class DifferentialRow:
+    cell_class: str
+    loinc: str
+    display: str
+    value: float
+    unit: str  # UCUM
+    count: int
+    abnormal: bool  # blasts at or above the configured flag
+
+
+def differential_rows(review) -> list[DifferentialRow]:
+    """The signed (verified) differential of a review, one row per reportable class; [] without one.
+    Unidentified cells have no code: they are counted in the denominator and named in the report text."""
+    d = getattr(review, "differential", None)
+    if not d or not d.get("current", {}).get("white_cells"):
+        return []
+    cur = d["current"]
+    rows = []
+    for cls, (code, display) in DIFFERENTIAL_LOINC.items():
+        if cls == "erythroblast":
+            value, unit = cur.get("nrbc_per_100_wbc"), "/100{WBCs}"
+        else:
+            value, unit = cur["percentages"].get(cls), "%"
+        if value is None:
+            continue
+        rows.append(DifferentialRow(cls, code, display, round(float(value), 1), unit, int(cur["differential"][cls]),
+                                    cls == "blast" and bool(d.get("blast_flag"))))
+    return rows

@@ -60,6 +60,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
                       "interpretation": an.interpretation(agg.label) if an else None,
                       "text": ai_call_text(agg, names)},
         "review": _review_data(r, case, names) if r is not None else None,
+        "differential": _differential_data(r, agg),
         "disclaimer": wording.get("disclaimer", DEFAULT_DISCLAIMER),
         "generated_note": f"Report for case {case.id}" + (f", version {r.version}" if r else " (draft)"),
     }
@@ -82,6 +83,27 @@ def _image_data(i: int, img, analyzer_id: str, an, names: dict[str, str], store:
         "counts_cells": an.counts_cells if an else True,
         "messages": image_messages(a),
     }
+
+
+def _differential_data(r, agg) -> dict | None:
+    """The differential table: AI and verified counts as signed; before sign-off only the AI's."""
+    frozen = getattr(r, "differential", None) if r is not None else None
+    ai = frozen["ai"] if frozen else agg.differential
+    if not ai:
+        return None
+    cur = frozen["current"] if frozen else None
+    rows = [{"class": k.replace("_", " "), "ai": n, "ai_pct": ai["percentages"].get(k),
+             "verified": cur["differential"][k] if cur else None, "verified_pct": cur["percentages"].get(k) if cur else None,
+             "flag": bool(k == "blast" and frozen and frozen.get("blast_flag"))}
+            for k, n in ai["differential"].items()]
+    out = {"rows": rows, "ai_white_cells": ai["white_cells"], "signed": bool(frozen)}
+    if frozen:
+        out.update(white_cells=cur["white_cells"], verified=frozen["verified"], cells=frozen["cells"],
+                   unverified=frozen["unverified"], agreement=frozen.get("agreement"),
+                   blast_flag_pct=frozen.get("blast_flag_pct"), wbc_count=frozen.get("wbc_count"),
+                   absolute=frozen.get("absolute"), count_target=cur["count_target"],
+                   nrbc=cur.get("nrbc_per_100_wbc"))
+    return out
 
 
 def _review_data(r, case, names: dict[str, str]) -> dict:

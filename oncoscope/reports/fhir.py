@@ -41,7 +41,7 @@ from PIL import Image
 
 from ..imaging.imageio import load_image
 from ..store.cases import aggregate, label_names
-from .case_facts import case_analyzer, image_messages, is_done
+from .case_facts import case_analyzer, differential_rows, image_messages, is_done
 
 OBS_SYSTEM = "urn:oncoscope:observation"
 REPORT_SYSTEM = "urn:oncoscope:report"
@@ -120,6 +120,7 @@ def case_bundle(case, pdf: bytes, base_url: str = "urn:oncoscope", images: dict[
                   for i, (img, (url, _, title)) in enumerate(zip(case.images, media), start=1)]
     aggregate_ref = _aggregate_observation(ctx, class_refs, devices)
     _final_diagnosis_observations(ctx, signer_ref, aggregate_ref)
+    _differential_observations(ctx, signer_ref, aggregate_ref, devices)
     report = _diagnostic_report(ctx, pdf, signer_ref, media)
     return _bundle(ctx, [report, (patient_url, patient), (practitioner_url, practitioner), *devices.resources(ctx),
                          *((url, m) for url, m, _ in media), *ctx.observations])
@@ -338,6 +339,28 @@ def _final_diagnosis_observations(ctx: _Context, signer_ref: dict, aggregate_ref
     ctx.observation("ai-vs-final", 0, **agreement,
                     note=[{"text": f"{reason}: {review.override_reason}"}] if review.override_reason else None,
                     derivedFrom=[aggregate_ref, final_ref], **doctor)
+
+
+LOINC = "http://loinc.org"
+HIGH = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "H",
+                    "display": "High"}], "text": "Blasts at or above the laboratory's flag"}
+
+
+def _differential_observations(ctx: _Context, signer_ref: dict, aggregate_ref: dict, devices: _Devices) -> None:
+    """The verified differential: one LOINC-coded Observation per class, in % (UCUM) of white cells."""
+    signed_at = ctx.signed_at
+    first = next((i.analysis for i in ctx.case.images if is_done(i.analysis)), None)
+    for k, row in enumerate(differential_rows(ctx.review)):
+        url = ctx.full_url("differential", k)
+        code = {"coding": [{"system": LOINC, "code": row.loinc, "display": row.display}], "text": row.display}
+        ctx.observations.append((url, Observation(
+            id=_id(url), status="final", code=code, subject=ctx.subject,
+            category=[{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                   "code": "laboratory"}]}],
+            valueQuantity={"value": row.value, "unit": row.unit, "system": UCUM, "code": row.unit},
+            interpretation=[HIGH] if row.abnormal else None, performer=[signer_ref],
+            device=devices.ref(first), effectiveDateTime=signed_at, issued=signed_at, derivedFrom=[aggregate_ref],
+            note=[{"text": f"{row.count} cells: pre-classified by the AI (device), verified by the performer"}])))
 
 
 def _conclusion(ctx: _Context) -> str:

@@ -31,7 +31,7 @@ import socket
 import time
 
 from ..store.cases import aggregate, label_names
-from .case_facts import DEFAULT_DISCLAIMER, ai_call_text, first_model_analysis, is_done
+from .case_facts import DEFAULT_DISCLAIMER, ai_call_text, differential_rows, first_model_analysis, is_done
 
 __all__ = ["HL7SendError", "ack_for", "escape", "oru_r01", "send_mllp", "unescape"]
 
@@ -210,9 +210,10 @@ class _ObxGroup:
         self.rows: list[dict[int, str]] = []
 
     def add(self, value_type: str, code: str, text: str, value: str, sub_id: str = "", units: str = "",
-            ref_range: str = "", when: dt.datetime | None = None, observer: str = "", equipment: str = "") -> None:
-        self.rows.append({2: value_type, 3: _comp(code, text, "L"), 4: sub_id, 5: value, 6: units, 7: ref_range,
-                          11: self.status, 14: _ts(when), 16: observer, 18: equipment})
+            ref_range: str = "", when: dt.datetime | None = None, observer: str = "", equipment: str = "",
+            system: str = "L", abnormal: str = "") -> None:
+        self.rows.append({2: value_type, 3: _comp(code, text, system), 4: sub_id, 5: value, 6: units, 7: ref_range,
+                          8: abnormal, 11: self.status, 14: _ts(when), 16: observer, 18: equipment})
 
     def equipment(self, version: str | None) -> str:
         return _comp(f"{self.analyzer.id}:{version or self.analyzer.version}", self.sending_app)
@@ -254,6 +255,10 @@ def _case_obx(obx: _ObxGroup, case, review, names: dict[str, str], signer: tuple
             when=review.signed_at, observer=observer)
     obx.add("CWE", "AI-AGREE", "Final diagnosis agrees with AI call", _agreement(review), when=review.signed_at,
             observer=observer)
+    # the verified differential: LOINC-coded, the verifier as observer, the model as equipment
+    for row in differential_rows(review):
+        obx.add("NM", row.loinc, escape(row.display), _nm(row.value), units=_comp(escape(row.unit), "", "UCUM"),
+                when=review.signed_at, observer=observer, equipment=eq, system="LN", abnormal="H" if row.abnormal else "")
 
 
 def _agreement(review) -> str:

@@ -631,10 +631,57 @@ def _story(data: dict) -> list[Flowable]:
     for i, img in enumerate(images, start=1):
         story += _image_section(i, img or {})
     story += _aggregate_section(data.get("aggregate") or {})
+    story += _differential_section(data.get("differential"))
     story += _review_section(data.get("review"))
     story += _model_section(data.get("model") or {})
     story += _statement(data)
     return story
+
+
+def _pct_cell(v: Any) -> str:
+    return "–" if v is None else f"{float(v):.1f}%"
+
+
+def _differential_section(d: dict | None) -> list[Flowable]:
+    """White-cell differential: the AI's pre-classification and, once signed, the verified counts."""
+    if not d:
+        return []
+    signed = d.get("signed")
+    head = ["Class", "AI cells", "AI %"] + (["Verified cells", "Verified %"] if signed else [])
+    rows = [[_p(h, "label") for h in head]]
+    cmds: list[tuple] = []
+    for r, row in enumerate(d.get("rows") or [], start=1):
+        vals = [_s(row.get("class")).capitalize(), _s(row.get("ai")), _pct_cell(row.get("ai_pct"))]
+        if signed:
+            vals += [_s(row.get("verified")), _pct_cell(row.get("verified_pct"))]
+        style = "cellb" if row.get("flag") else "cell"
+        rows.append([_p(escape(v), style, markup=True) for v in vals])
+        if row.get("flag"):
+            cmds += [("BACKGROUND", (0, r), (-1, r), ERR_BG)]
+    widths = [FRAME_W - (len(head) - 1) * 28 * mm] + [28 * mm] * (len(head) - 1)
+    table = Table(rows, colWidths=widths, hAlign="LEFT", repeatRows=1)
+    table.setStyle(TableStyle(cmds + [("BACKGROUND", (0, 0), (-1, 0), LIGHT), ("GRID", (0, 0), (-1, -1), 0.4, GRID),
+                                      ("TOPPADDING", (0, 0), (-1, -1), 2), ("BOTTOMPADDING", (0, 0), (-1, -1), 2)]))
+    out: list[Flowable] = [_section("White-cell differential"), table]
+    if signed:
+        agreement = d.get("agreement")
+        line = (f"{_s(d.get('white_cells'))} white cells counted (target {_s(d.get('count_target'))}); "
+                f"{_s(d.get('verified'))} of {_s(d.get('cells'))} cells verified by the signer"
+                + (f", AI agreement {100 * float(agreement):.0f}%" if agreement is not None else "")
+                + (f"; {_s(d.get('unverified'))} left with the AI's class (confirmed at sign-off)"
+                   if d.get("unverified") else "") + ".")
+        out.append(_p(escape(line), "small", markup=True))
+        if any(row.get("flag") for row in d.get("rows") or []):
+            out.append(_p(escape(f"Blasts at or above the laboratory's flag ({_s(d.get('blast_flag_pct'))}%)."),
+                          "cellb", markup=True))
+        if d.get("wbc_count") is not None and d.get("absolute"):
+            absolute = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in d["absolute"].items() if v)
+            out.append(_p(escape(f"WBC {d['wbc_count']:g} x10^9/L; absolute counts (x10^9/L): {absolute}."),
+                          "small", markup=True))
+    else:
+        out.append(_p("AI pre-classification only: the differential is verified cell by cell before signing.",
+                      "small"))
+    return out
 
 
 def _title_block(case: dict, review: dict | None) -> list[Flowable]:

@@ -30,6 +30,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ..analyzers import registry
 from ..analyzers.render import heatmap_overlay, heatmap_rgba, mask_overlay
+from . import gallery
 from ..imaging.imageio import load_image
 from ..store import cases as case_store
 from ..store.db import make_engine, make_session_factory, session_scope
@@ -63,6 +64,9 @@ def _analyse(files, a) -> object:
         files.put_png(img.sha256, f"cells-{a.analyzer_id}", mask_overlay(loaded.rgb, result.mask))
         # binary cell mask at the analysed size (DICOM SEG export)
         files.put_png(img.sha256, f"mask-{a.analyzer_id}", ((result.mask > 0) * 255).astype("uint8"))
+    if result.cells and any("class" in c for c in result.cells):  # cells with a class: the review gallery
+        files.put_derived(img.sha256, gallery.sprite_file(a.analyzer_id),
+                          gallery.cut_sprite(loaded.rgb, result.cells, result.extra.get("microns_per_pixel")))
     if result.heatmap is not None:
         files.put_png(img.sha256, f"heatmap-{a.analyzer_id}", heatmap_overlay(loaded.rgb, result.heatmap))
         files.put_png(img.sha256, f"heatmap-layer-{a.analyzer_id}", heatmap_rgba(result.heatmap))

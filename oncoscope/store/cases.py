@@ -295,6 +295,7 @@ def store_result(s: Session, a: Analysis, result) -> None:
     a.probabilities = d["probabilities"]
     a.cell_count = d["cell_count"] if d["status"] not in ("out_of_domain", "error") else None
     a.cells = d["cells"]
+    a.microns_per_pixel = d.get("microns_per_pixel")
     a.messages = d["messages"]
     a.timings_ms = d["timings_ms"]
     a.job_status = "done"
@@ -351,6 +352,11 @@ class Aggregate:
     differential: dict | None = None  # counts over every cell of every image (cell-classifying analyzers)
 
 
+def classifies_cells(analyzer) -> bool:
+    """The analyzer gives each white cell a class (a differential), not only an image label."""
+    return getattr(analyzer, "decision", None) is not None
+
+
 def aggregate(case: Case) -> Aggregate:
     done = [i.analysis for i in case.images if i.analysis is not None and i.analysis.job_status == "done"]
     total = len(case.images)
@@ -361,7 +367,7 @@ def aggregate(case: Case) -> Aggregate:
         st = "out_of_domain" if any(a.result_status == "out_of_domain" for a in done) else "error"
         return Aggregate(None, st, {}, 0, total, "No image could be analysed as a valid image for this analyzer.")
     an = registry.installed(case.analyzer_id)
-    if getattr(an, "decision", None) is not None:  # a cell-classifying analyzer
+    if classifies_cells(an):
         return _differential_call(an, usable, len(done), total)
     labels = list(usable[0].probabilities)
     mean = {k: float(np.mean([a.probabilities[k] for a in usable])) for k in labels}
@@ -419,6 +425,7 @@ def _review_hash(case: Case, r: Review) -> str:
         "agrees": r.agrees_with_ai, "ai": r.ai_label, "ai_status": r.ai_status, "override": r.override_reason,
         "note": r.uncertainty_note, "comment": r.comment, "amendment": r.amendment_reason,
         "signer": r.signed_by_id, "signed_at": r.signed_at.isoformat(),
+        **({"differential": r.differential} if r.differential is not None else {}),
         "analyses": [[i.sha256, i.analysis.label if i.analysis else None,
                       i.analysis.model_sha256 if i.analysis else None] for i in case.images],
     }
@@ -431,9 +438,11 @@ CASE_CHANGED = ("The case changed while you were reviewing it (an image was adde
 
 def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels: list[str], comment: str = "",
          override_reason: str = "", uncertainty_note: str = "", amendment_reason: str = "",
-         revision: int | None = None) -> Review:
+         revision: int | None = None, differential: dict | None = None, confirm_unverified: bool = False) -> Review:
     """Sign (or amend) the diagnosis of exactly the images the signer reviewed: ``revision`` is the
-    case revision the signer saw (None: the one read now). The review's hash covers that image set."""
+    case revision the signer saw (None: the one read now). The review's hash covers that image set.
+    ``differential`` (cell-classifying analyzers, from store.cells) is frozen with the review; cells
+    left unverified need ``confirm_unverified``."""
     lock_case(s, case)
     if revision is not None and revision != case.revision:
         raise CaseError(CASE_CHANGED)
@@ -446,7 +455,8 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
     agg = aggregate(case)
     agrees = agg.label is not None and final_diagnosis == agg.label
     previous = case.current_review
-    problems = sign_problems(case, final_diagnosis, valid_labels, agg=agg, **texts)
+    problems = sign_problems(case, final_diagnosis, valid_labels, agg=agg, differential=differential,
+                             confirm_unverified=confirm_unverified, **texts)
     if problems:  # all of them at once: the signer fixes the form in one pass
         raise CaseError(problems[0][1], problems[0][0], problems)
     if not advance(s, case, "signed", from_statuses=("ready", "signed"), revision=case.revision,
@@ -454,7 +464,7 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
         raise CaseError(CASE_CHANGED)
     r = Review(case_id=case.id, version=(previous.version + 1) if previous else 1, ai_label=agg.label,
                ai_status=agg.status, final_diagnosis=final_diagnosis, agrees_with_ai=agrees, signed_by_id=user.id,
-               signed_at=utcnow(), content_sha256="", **texts)
+               signed_at=utcnow(), content_sha256="", differential=differential, **texts)
     s.add(r)
     case.reviews.append(r)
     r.content_sha256 = _review_hash(case, r)
@@ -464,9 +474,11 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
 
 def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], override_reason: str = "",
                   uncertainty_note: str = "", amendment_reason: str = "", agg: Aggregate | None = None,
+                  differential: dict | None = None, confirm_unverified: bool = False,
                   **_other) -> list[tuple[str, str]]:
     """What a sign-off of ``case`` with these answers still lacks, as (field, message) pairs."""
     agg = agg or aggregate(case)
+    unverified = (differential or {}).get("unverified", 0)
     agrees = agg.label is not None and final_diagnosis == agg.label
     return [(f, msg) for f, msg, bad in (
         ("final_diagnosis", "Choose a diagnosis from the list.", final_diagnosis not in valid_labels),
@@ -475,7 +487,10 @@ def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], ove
         ("uncertainty_note", "The AI result is not confident (uncertain, out of domain or failed): add an explicit "
          "note to sign anyway.", agg.status != "ok" and not (uncertainty_note or "").strip()),
         ("amendment_reason", "This case is already signed: give the reason for the amendment.",
-         case.current_review is not None and not (amendment_reason or "").strip())) if bad]
+         case.current_review is not None and not (amendment_reason or "").strip()),
+        ("confirm_unverified", f"{unverified} cell{'s are' if unverified != 1 else ' is'} not verified: verify them "
+         "in the cell gallery, or confirm that you sign with the AI's classes for them.",
+         unverified > 0 and not confirm_unverified)) if bad]
 
 
 def _sign_texts(**texts: str) -> dict[str, str]:

@@ -51,6 +51,17 @@ class FileStore:
         self._atomic_write(path, buf.getvalue())
         return path
 
+    def put_derived(self, sha: str, filename: str, data: bytes) -> Path:
+        """A file derived from an image, under its own name and extension (a gallery JPEG)."""
+        if "/" in filename or filename.startswith(".") or filename == "original":
+            raise ValueError("invalid derived file name")
+        path = self._dir(sha) / filename
+        self._atomic_write(path, data)
+        return path
+
+    def derived(self, sha: str, filename: str) -> Path:
+        return self._dir(sha) / filename
+
     def put_thumbnail(self, sha: str, rgb: np.ndarray) -> Path:
         img = Image.fromarray(rgb)
         img.thumbnail((THUMB_SIDE, THUMB_SIDE))

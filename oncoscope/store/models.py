@@ -92,6 +92,9 @@ class Case(Base):
     # (store/cases.py): a sign-off names the revision it reviewed, so an upload that lands in
     # between makes it fail instead of leaving a signed case with an unreviewed image.
     revision: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # The white-cell count from the haematology analyser (x10^9/L), entered by a person: turns the
+    # differential's percentages into absolute counts.
+    wbc_count: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     patient: Mapped[Patient] = relationship(back_populates="cases")
     images: Mapped[list["CaseImage"]] = relationship(back_populates="case", order_by="CaseImage.id")
@@ -160,6 +163,7 @@ class Analysis(Base):
     probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     cell_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cells: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    microns_per_pixel: Mapped[float | None] = mapped_column(Float, nullable=True)  # the image's measured scale
     messages: Mapped[list | None] = mapped_column(JSON, nullable=True)
     timings_ms: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
@@ -186,9 +190,54 @@ class Review(Base):
     signed_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
     signed_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     content_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    # Cell-classifying analyzers: the differential as signed (AI and verified counts, cells left
+    # unverified) -- frozen, so later reclassification for an amendment never changes this version.
+    differential: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     case: Mapped[Case] = relationship(back_populates="reviews")
     signed_by: Mapped[User] = relationship()
+
+
+class CellLabel(Base):
+    """One white cell of an analysed image: the AI's class and the class a person gave it."""
+
+    __tablename__ = "cell_labels"
+    __table_args__ = (UniqueConstraint("analysis_id", "cell_index", name="uq_cell_label"),
+                      Index("ix_cell_labels_case_class", "case_id", "cell_class"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False)
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analyses.id", ondelete="CASCADE"), nullable=False)
+    cell_index: Mapped[int] = mapped_column(Integer, nullable=False)  # position in Analysis.cells
+    ai_class: Mapped[str] = mapped_column(String(32), nullable=False)
+    ai_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cell_class: Mapped[str] = mapped_column(String(32), nullable=False)  # current: the AI's until a person acts
+    counted: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)  # False: cut by the image edge
+    verified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    changed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    changed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    analysis: Mapped[Analysis] = relationship()
+    changed_by: Mapped[User | None] = relationship()
+
+
+class CellChange(Base):
+    """Each verification or reclassification of a cell, in batches (one keystroke, one batch): the
+    undo history before sign-off and the per-cell record of who changed what."""
+
+    __tablename__ = "cell_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)
+    cell_id: Mapped[int] = mapped_column(ForeignKey("cell_labels.id", ondelete="CASCADE"), nullable=False, index=True)
+    batch: Mapped[str] = mapped_column(String(32), nullable=False, index=True)
+    from_class: Mapped[str] = mapped_column(String(32), nullable=False)
+    from_verified: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    to_class: Mapped[str] = mapped_column(String(32), nullable=False)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    undone: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    signed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # in a signed review: not undoable
 
 
 class LoginThrottle(Base):

@@ -163,7 +163,24 @@ def taleqani(root: Path) -> CellCrops:
                      np.array(paths), np.array(mpps), np.ones(n, bool))
 
 
-SOURCES = {"pbc": pbc, "wbc-seg-tecom": tecom, "all-taleqani": taleqani, "all-idb2": idb2}
+def reviewed(root: Path) -> CellCrops:
+    """Cells verified in oncoscope's gallery (``oncoscope export-reviewed``): already canonical crops,
+    labelled by the signer; split by case (its random group id)."""
+    items = []
+    with open(root / "labels.csv") as fh:
+        for row in csv.DictReader(fh):
+            if row["label"] in TRAIN_CLASSES:
+                items.append((root / row["image"], row["label"], _hash_split(row["group"]), f"reviewed:{row['group']}"))
+    crops = [np.asarray(Image.fromarray(_read(p)).resize((CROP_PX, CROP_PX), Image.BILINEAR)) for p, *_ in items]
+    n = len(items)
+    return CellCrops("oncoscope-reviewed", np.stack(crops) if n else np.zeros((0, CROP_PX, CROP_PX, 3), np.uint8),
+                     np.array([i[1] for i in items]), np.array([i[2] for i in items]), np.array([i[3] for i in items]),
+                     np.array([str(i[0]) for i in items]), np.full(n, CANON_MPP), np.ones(n, bool))
+
+
+SOURCES = {"pbc": pbc, "wbc-seg-tecom": tecom, "all-taleqani": taleqani, "all-idb2": idb2,
+           "oncoscope-reviewed": reviewed}
+OPTIONAL = ("oncoscope-reviewed",)  # used when the folder exists (a clinic's own verified cells)
 
 
 def build(datasets: Path, cache: Path, sources=tuple(SOURCES), force: bool = False) -> dict[str, CellCrops]:
@@ -174,6 +191,8 @@ def build(datasets: Path, cache: Path, sources=tuple(SOURCES), force: bool = Fal
         path = cache / f"cells-{name}.npz"
         if path.exists() and not force:
             out[name] = CellCrops.load(path)
+            continue
+        if name in OPTIONAL and not (datasets / name).is_dir():
             continue
         out[name] = SOURCES[name](datasets / name)
         out[name].save(path)

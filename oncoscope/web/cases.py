@@ -16,10 +16,12 @@ from ..analyzers.render import png_bytes
 from ..imaging.imageio import load_image
 from ..services import exports
 from ..store import cases as case_store
+from ..store import cells as cell_store
 from ..store import patients as patient_store
 from ..store.models import CaseImage, User
 from ..vocab import SEND_NEEDS_SIGNATURE
 from . import audit
+from .api.serializers import cell_review_json
 from .forms import CaseForm, EmptyForm, SignForm
 from .helpers import db, download, files, int_arg, me, notify_workers, settings, show_errors
 
@@ -131,7 +133,10 @@ def _case_page(c, sign_form: SignForm | None = None, status: int = 200):
         sign_form = _sign_form(c, an, agg)
     if sign_form is not None and agg.label is None:
         sign_form.override_reason.label.text = "Reason for this diagnosis"
-    return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form,
+    cell_review = cell_review_json(c, settings().blast_flag_pct)
+    if cell_review is not None:
+        db().commit()  # the cell rows made for a case analysed before galleries existed
+    return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form, cell_review=cell_review,
                            upload_form=EmptyForm(), max_mb=settings().max_upload_mb,
                            title=f"Case {c.id}"), status
 
@@ -230,9 +235,11 @@ def sign(case_id: int):
     s = db()
     if form.validate_on_submit():
         try:
-            r = case_store.sign(s, c, me(), form.final_diagnosis.data, labels, comment=form.comment.data,
+            r = cell_store.sign(s, c, me(), form.final_diagnosis.data, labels, comment=form.comment.data,
                                 override_reason=form.override_reason.data, uncertainty_note=form.uncertainty_note.data,
-                                amendment_reason=form.amendment_reason.data, revision=seen)
+                                amendment_reason=form.amendment_reason.data, revision=seen,
+                                confirm_unverified=bool(form.confirm_unverified.data),
+                                blast_flag_pct=settings().blast_flag_pct)
             s.commit()
         except case_store.CaseError as exc:
             s.rollback()

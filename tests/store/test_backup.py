@@ -285,14 +285,18 @@ OLDER = "d7e8f9a0b1c2"  # the revision before e1f2a3b4c5d6 (see _as_older_schema
 def _as_older_schema(content: dict[str, bytes], key) -> dict[str, bytes]:
     """The archive an oncoscope at schema OLDER wrote: users still had the lockout counters that
     e1f2a3b4c5d6 dropped, and cases.revision, idempotency_records.patient_id and the login_throttle
-    table did not exist yet."""
+    table did not exist yet (nor what f2a3b4c5d6e7 added: the cell review tables, cases.wbc_count,
+    reviews.differential, analyses.microns_per_pixel)."""
     users = _rows(content, "users")
     for u in users:
         u.update(failed_logins=0, locked_until=None)
     users[1].update(failed_logins=3, locked_until="2026-01-01T10:00:00")
-    cases = [{k: v for k, v in c.items() if k != "revision"} for c in _rows(content, "cases")]
+    cases = [{k: v for k, v in c.items() if k not in ("revision", "wbc_count")} for c in _rows(content, "cases")]
     idem = [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(content, "idempotency_records")]
-    return _rewrite(content, {"users": users, "cases": cases, "idempotency_records": idem, "login_throttle": None},
+    reviews = [{k: v for k, v in r.items() if k != "differential"} for r in _rows(content, "reviews")]
+    analyses = [{k: v for k, v in a.items() if k != "microns_per_pixel"} for a in _rows(content, "analyses")]
+    return _rewrite(content, {"users": users, "cases": cases, "idempotency_records": idem, "login_throttle": None,
+                              "reviews": reviews, "analyses": analyses, "cell_labels": None, "cell_changes": None},
                     key, alembic_revision=OLDER)
 
 
@@ -320,7 +324,8 @@ def test_archive_made_at_an_older_schema_is_restored_and_migrated(world, tmp_pat
     pytest.param({"alembic_revision": None}, "does not name the schema revision", id="no_revision"),
     pytest.param({"users_columns": True}, r"table users in the archive has columns \['failed_logins', 'locked_until'\]",
                  id="columns_the_revision_does_not_have"),
-    pytest.param({"alembic_revision": OLDER}, r"has tables \['login_throttle'\] that schema revision d7e8f9a0b1c2",
+    pytest.param({"alembic_revision": OLDER},
+                 r"has tables \['cell_changes', 'cell_labels', 'login_throttle'\] that schema revision d7e8f9a0b1c2",
                  id="table_the_revision_does_not_have"),
 ])
 def test_archive_that_does_not_match_a_known_schema_revision_is_refused(world, tmp_path, key, change, message):

@@ -112,6 +112,9 @@ API_CALLS = [  # (method, path, json body, endpoint) - harmless for the shared w
     ("GET", f"/api/v1/cases/{C}/dicom-sr", None),
     ("GET", f"/api/v1/cases/{C}/images/{I}/dicom-seg", None),
     ("POST", f"/api/v1/cases/{C}/hl7/send", None),
+    ("GET", f"/api/v1/cases/{C}/cells", None),  # a smear-all case: refused, no cells to review
+    ("PATCH", f"/api/v1/cases/{C}/cells", {"changes": [{"id": 1, "class": "blast"}]}),
+    ("POST", f"/api/v1/cases/{C}/cells/undo", None),
     ("DELETE", f"/api/v1/cases/{C}", None),  # case 1 holds an image: refused, nothing deleted
 ]
 

@@ -68,6 +68,12 @@ MATRIX: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", f"/cases/{C}/images/{I}/seg.dcm"): (302, 302, 404, 302),  # no stored mask: back to the case page
     ("POST", f"/cases/{C}/hl7/send"): (302, 302, 404, 302),  # unsigned: flash and back
     ("POST", f"/cases/{C}/delete"): (302, 302, 404, 302),  # holds an image: refused, flash and back
+    # cell gallery: case 1 is a smear-all case (no cell classes), so there is none for anybody
+    ("GET", f"/cases/{C}/cells"): (302, 404, 404, 404),
+    ("GET", f"/cases/{C}/images/{I}/gallery.jpg"): (302, 404, 404, 404),
+    ("POST", f"/cases/{C}/cells"): (302, 404, 404, 404),
+    ("POST", f"/cases/{C}/cells/undo"): (302, 404, 404, 404),
+    ("POST", f"/cases/{C}/wbc-count"): (302, 404, 404, 404),
     # administration
     ("GET", "/admin/users"): (302, 403, 403, 200),
     ("POST", "/admin/users"): (302, 403, 403, 200),  # empty form: re-rendered

@@ -72,7 +72,7 @@ def test_differential_case_end_to_end(app, client_for, tok, analyzer):
     assert bool(preselected) == (case["aggregate"]["status"] == "ok" and case["aggregate"]["label"] is not None)
     extra = {} if case["aggregate"]["label"] else {"override_reason": "no white cell counted by the AI; counted by hand"}
     r = sign(c, cid, final_diagnosis=case["aggregate"]["label"] or "no_blasts",
-             uncertainty_note="cells verified at the microscope", **extra)
+             uncertainty_note="cells verified at the microscope", confirm_unverified="y", **extra)
     assert r.status_code == 302, re.findall(rb"(?:error|invalid)[^<]{0,200}", r.data)[:5]
     assert "Case signed (version 1)." in flashes(c.get(f"/cases/{cid}").data)
     assert c.get(f"/cases/{cid}/report.pdf").data[:4] == b"%PDF"

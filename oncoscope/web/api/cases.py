@@ -9,6 +9,7 @@ from flask import Response, g, request
 
 from ...analyzers import registry
 from ...store import cases as case_store
+from ...store import cells as cell_store
 from .. import audit
 from ..errors import ApiError
 from ..helpers import db, files, notify_workers, settings
@@ -151,10 +152,12 @@ def sign_case(case_id: int):
     data = validate_fields(json_body(), "SignInput")
     labels = [k for k, _ in case_store.diagnosis_options(registry.get(c.analyzer_id))]
     with committed(case_store.CaseError, _not_signable) as s:
-        case_store.sign(s, c, g.api_user, data.get("final_diagnosis", ""), labels, comment=data.get("comment", ""),
+        cell_store.sign(s, c, g.api_user, data.get("final_diagnosis", ""), labels, comment=data.get("comment", ""),
                         override_reason=data.get("override_reason", ""),
                         uncertainty_note=data.get("uncertainty_note", ""),
-                        amendment_reason=data.get("amendment_reason", ""), revision=data.get("revision"))
+                        amendment_reason=data.get("amendment_reason", ""), revision=data.get("revision"),
+                        confirm_unverified=data.get("confirm_unverified", False),
+                        blast_flag_pct=settings().blast_flag_pct)
     return case_json(c)
 
 

@@ -31,15 +31,18 @@ def json_body() -> dict:
 
 def validate_fields(data: dict, schema_name: str) -> dict:
     """Strict validation against the documented schema: unknown fields, wrong types, lengths, enums."""
-    sch = SCHEMAS[schema_name]
+    return _check_object(data, SCHEMAS[schema_name])
+
+
+def _check_object(data: dict, sch: dict, where: str = "") -> dict:
     props = sch["properties"]
     for k, v in data.items():
         if k not in props:
-            raise ApiError(422, "unknown_field", f"Unknown field {k!r}.", k)
-        _check_value(k, v, props[k])
+            raise ApiError(422, "unknown_field", f"Unknown field {where + k!r}.", where + k)
+        _check_value(where + k, v, props[k])
     for k in sch.get("required", []):
         if k not in data:
-            raise ApiError(422, "missing", f"{k} is required.", k)
+            raise ApiError(422, "missing", f"{where + k} is required.", where + k)
     return data
 
 
@@ -47,6 +50,19 @@ def _check_value(k: str, v, spec: dict) -> None:
     types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
     if v is None and "null" not in types:
         raise ApiError(422, "invalid", f"{k} may not be null.", k)
+    if "boolean" in types and v is not None:
+        if not isinstance(v, bool):
+            raise ApiError(422, "invalid", f"{k} must be true or false.", k)
+        return
+    if "array" in types and v is not None:
+        lo, hi = spec.get("minItems", 0), spec.get("maxItems", 10_000)
+        if not isinstance(v, list) or not lo <= len(v) <= hi:
+            raise ApiError(422, "invalid", f"{k} must be a list of {lo} to {hi} items.", k)
+        for i, item in enumerate(v):
+            if not isinstance(item, dict):
+                raise ApiError(422, "invalid", f"{k}[{i}] must be an object.", k)
+            _check_object(item, spec["items"], f"{k}[{i}].")
+        return
     if "integer" in types and v is not None:
         if not isinstance(v, int) or isinstance(v, bool) or not spec["minimum"] <= v <= spec["maximum"]:
             raise ApiError(422, "invalid", f"{k} must be an integer from {spec['minimum']} to {spec['maximum']}.", k)

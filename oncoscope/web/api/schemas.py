@@ -3,6 +3,7 @@ bodies are validated against (``inputs.validate_fields``)."""
 
 from __future__ import annotations
 
+from ...store import cells as cell_store
 from ...store import patients as patient_store
 
 
@@ -54,7 +55,9 @@ SCHEMAS: dict[str, dict] = {
                     ["image_id", "job_status"]),
     "Review": obj({"version": INT, "final_diagnosis": STR, "agrees_with_ai": BOOL, "ai_label": NSTR,
                    "ai_status": NSTR, "override_reason": STR, "uncertainty_note": STR, "comment": STR,
-                   "amendment_reason": STR, "signed_by": STR, "signed_at": DATETIME, "content_sha256": STR},
+                   "amendment_reason": STR, "signed_by": STR, "signed_at": DATETIME, "content_sha256": STR,
+                   "differential": {"oneOf": [ref("CellReview"), {"type": "null"}],
+                                    "description": "The differential as signed (cell-classifying analyzers)"}},
                   ["version", "final_diagnosis", "agrees_with_ai", "signed_by", "signed_at"]),
     "Case": obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "revision": INT, "clinical_note": STR,
                  "created_at": DATETIME, "final_diagnosis": NSTR,
@@ -66,7 +69,8 @@ SCHEMAS: dict[str, dict] = {
                                                                    "percentages, blast_fraction, count_target, "
                                                                    "remaining_to_target; null otherwise"}}),
                  "images": {"type": "array", "items": ref("Analysis")},
-                 "reviews": {"type": "array", "items": ref("Review")}},
+                 "reviews": {"type": "array", "items": ref("Review")},
+                 "cell_review": {"oneOf": [ref("CellReview"), {"type": "null"}]}},
                 ["id", "patient_id", "analyzer_id", "status", "revision", "images", "reviews"]),
     "CaseInput": obj({"analyzer_id": {"type": "string", "maxLength": 64},
                       "clinical_note": {"type": "string", "maxLength": 5000}}, ["analyzer_id"],
@@ -76,6 +80,8 @@ SCHEMAS: dict[str, dict] = {
                       "uncertainty_note": {"type": "string", "maxLength": 5000},
                       "comment": {"type": "string", "maxLength": 10000},
                       "amendment_reason": {"type": "string", "maxLength": 5000},
+                      "confirm_unverified": {"type": "boolean", "description": "Sign although some cells are "
+                                             "not verified (their AI class counts); recorded in the review."},
                       "revision": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
                                    "description": "The case revision the signer reviewed (from the Case). When "
                                                   "given, signing fails with 409 if images were added or the case "
@@ -92,6 +98,32 @@ SCHEMAS: dict[str, dict] = {
 }
 
 
+SUMMARY = obj({"differential": {"type": "object", "additionalProperties": INT}, "white_cells": INT,
+               "percentages": {"type": "object", "additionalProperties": NNUM}, "nrbc_per_100_wbc": NNUM,
+               "blast_fraction": NNUM, "count_target": INT, "remaining_to_target": INT})
+CELL_CLASS = {"type": "string", "enum": list(cell_store.GALLERY_ORDER)}
+SCHEMAS["CellReview"] = obj({
+    "ai": SUMMARY, "current": SUMMARY, "cells": INT, "verified": INT, "unverified": INT, "reclassified": INT,
+    "agreement": {**NNUM, "description": "Share of the verified cells whose class is the AI's"},
+    "unidentified_left": INT, "wbc_count": {**NNUM, "description": "x10^9/L, entered by a person"},
+    "absolute": {"type": ["object", "null"], "additionalProperties": NUM, "description": "x10^9/L per class"},
+    "blast_flag": BOOL, "blast_flag_pct": NNUM},
+    ["ai", "current", "cells", "verified", "unverified"])
+SCHEMAS["Cell"] = obj({"id": INT, "image_id": INT, "index": INT, "ai_class": STR, "ai_probability": NNUM,
+                       "class": STR, "verified": BOOL, "counted": BOOL, "changed_by": NSTR, "changed_at": DATETIME,
+                       "bbox": {"type": ["array", "null"], "items": INT}, "probabilities": {"type": "object"},
+                       "diameter_um": NNUM},
+                      ["id", "image_id", "index", "ai_class", "class", "verified", "counted"])
+SCHEMAS["CellPatch"] = obj({"changes": {"type": "array", "minItems": 1, "maxItems": cell_store.MAX_BATCH,
+                                        "items": obj({"id": ID, "class": CELL_CLASS}, ["id", "class"],
+                                                     additionalProperties=False),
+                                        "description": "Each cell gets this class and is marked verified "
+                                                       "(its own class: verified as the AI said)."}},
+                           ["changes"], additionalProperties=False)
+SCHEMAS["CellChangeResult"] = obj({"batch": STR, "cells": {"type": "array", "items": ref("Cell")},
+                                   "cell_review": ref("CellReview")}, ["cells", "cell_review"])
+
+
 def page_schema(item: str) -> dict:
     return obj({"items": {"type": "array", "items": ref(item)}, "page": INT,
                 "per_page": INT, "pages": INT, "total": INT}, ["items", "page", "per_page", "pages", "total"])
@@ -99,6 +131,7 @@ def page_schema(item: str) -> dict:
 
 SCHEMAS["PatientPage"] = page_schema("Patient")
 SCHEMAS["CasePage"] = page_schema("Case")
+SCHEMAS["CellPage"] = page_schema("Cell")
 SCHEMAS["DoctorList"] = obj({"doctor_ids": {"type": "array", "maxItems": 1000, "items": ID}},
                             ["doctor_ids"], additionalProperties=False)
 SCHEMAS["Hl7SendResult"] = obj({"sent": BOOL, "ack": STR}, ["sent", "ack"])

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+from ...analyzers import registry
+from sqlalchemy.orm import object_session
+
 from ...store import cases as case_store
+from ...store import cells as cell_store
 
 
 def iso(t):
@@ -38,7 +42,7 @@ def review_json(r) -> dict:
             "ai_label": r.ai_label, "ai_status": r.ai_status, "override_reason": r.override_reason,
             "uncertainty_note": r.uncertainty_note, "comment": r.comment,
             "amendment_reason": r.amendment_reason, "signed_by": r.signed_by.name,
-            "signed_at": iso(r.signed_at), "content_sha256": r.content_sha256}
+            "signed_at": iso(r.signed_at), "content_sha256": r.content_sha256, "differential": r.differential}
 
 
 def case_json(c) -> dict:
@@ -49,4 +53,23 @@ def case_json(c) -> dict:
             "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
                           "text": agg.text, "differential": agg.differential},
             "images": [analysis_json(i) for i in c.images],
-            "reviews": [review_json(r) for r in c.reviews]}
+            "reviews": [review_json(r) for r in c.reviews],
+            "cell_review": cell_review_json(c)}
+
+
+def cell_review_json(c, blast_flag_pct: float | None = None) -> dict | None:
+    """The live differential (AI and current classes, verification progress); null for analyzers
+    that do not classify cells."""
+    an = registry.installed(c.analyzer_id)
+    if not case_store.classifies_cells(an):
+        return None
+    return cell_store.differential(object_session(c), c, an.cells_cfg.count_target, blast_flag_pct)
+
+
+def cell_json(cell, stored: dict, image_id: int) -> dict:
+    """One cell of the gallery (``Cell``): its classes, who changed it, and where it is."""
+    return {"id": cell.id, "image_id": image_id, "index": cell.cell_index, "ai_class": cell.ai_class,
+            "ai_probability": cell.ai_probability, "class": cell.cell_class, "verified": cell.verified,
+            "counted": cell.counted, "changed_by": cell.changed_by.name if cell.changed_by else None,
+            "changed_at": iso(cell.changed_at), "bbox": stored.get("bbox"),
+            "probabilities": stored.get("probabilities") or {}, "diameter_um": stored.get("diameter_um")}

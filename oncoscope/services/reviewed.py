@@ -1,0 +1,87 @@
+"""``export-reviewed``: the verified cells of signed cases as a training dataset.
+
+Each cell is cut from its original image at the classifier's canonical scale (the same window and
+resolution as the training crops), with the AI's class, the class the signer verified and the model
+that classified it. Nothing identifies a patient: no names, MRNs, dates, file names or case numbers;
+cells of one case share a random group id (kept together when the dataset is split).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..imaging.imageio import load_image
+from ..ml.differential import UNIDENTIFIED
+from ..ml.wbc import Detection, crop_cell
+from ..store.models import Analysis, Case, CellLabel
+
+CANON_MPP = 0.4  # the training crops' scale and window (training/cells.py: CANON_MPP, FIELD_UM)
+FIELD_UM = 32.0
+CROP_PX = round(FIELD_UM / CANON_MPP)
+COLUMNS = ["image", "label", "ai_class", "analyzer", "model_version", "model_sha256", "group"]
+
+
+@dataclass
+class ReviewedExport:
+    cells: int
+    cases: int
+    skipped_unscaled: int
+    skipped_unidentified: int
+
+
+def export_reviewed(s: Session, files, out: Path) -> ReviewedExport:
+    """Write ``out/labels.csv`` and ``out/cells/*.png``: every verified, counted cell of every signed case
+    (cells whose image had no measured scale cannot be cut at the canonical scale and are skipped)."""
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    rows, cases, unscaled, unidentified = [], set(), 0, 0
+    q = (select(CellLabel, Analysis).join(Analysis, Analysis.id == CellLabel.analysis_id)
+         .join(Case, Case.id == CellLabel.case_id)
+         .where(Case.status == "signed", CellLabel.verified.is_(True), CellLabel.counted.is_(True))
+         .order_by(CellLabel.case_id, CellLabel.analysis_id, CellLabel.cell_index))
+    groups: dict[int, str] = {}
+    rgb_cache: tuple[int, object] | None = None
+    for cell, a in s.execute(q):
+        if cell.cell_class == UNIDENTIFIED:
+            unidentified += 1
+            continue
+        if not a.microns_per_pixel:
+            unscaled += 1
+            continue
+        if rgb_cache is None or rgb_cache[0] != a.id:
+            rgb_cache = (a.id, load_image(files.path(a.image.sha256)).rgb)
+        stored = a.cells[cell.cell_index]
+        x0, y0, x1, y1 = stored["bbox"]
+        det = Detection((x0, y0, x1, y1), tuple(stored.get("centroid") or ((x0 + x1) / 2, (y0 + y1) / 2)),
+                        0.0, 0.0, 0.0, False)
+        crop = crop_cell(rgb_cache[1], det, a.microns_per_pixel, CROP_PX, FIELD_UM)
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, "PNG")
+        name = f"cells/{hashlib.sha256(buf.getvalue()).hexdigest()[:20]}.png"
+        (out / name).write_bytes(buf.getvalue())
+        group = groups.setdefault(cell.case_id, secrets.token_hex(6))
+        cases.add(cell.case_id)
+        rows.append([name, cell.cell_class, cell.ai_class, a.analyzer_id, a.model_version or "", a.model_sha256 or "",
+                     group])
+    with open(out / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+    (out / "README.md").write_text(
+        f"# oncoscope-reviewed\n\nVerified white cells of signed cases, exported "
+        f"{dt.date.today().isoformat()}: {len(rows)} cells of {len(cases)} cases, each {CROP_PX} px at "
+        f"{CANON_MPP} µm/px ({FIELD_UM:g} µm window). `labels.csv`: image, label (the class the signer verified), "
+        "ai_class, analyzer, model_version, model_sha256, group (one random id per case; split by it).\n\n"
+        "No patient identifiers. Put this folder beside the other datasets as `oncoscope-reviewed` and "
+        "`oncoscope train --analyzer smear-differential` uses it.\n")
+    return ReviewedExport(len(rows), len(cases), unscaled, unidentified)

@@ -1,0 +1,180 @@
+"""Cell review: every white cell of a case, the AI's class and the class a person gave it.
+
+The rows are made from the analyses' stored cells the first time a case's cells are asked for
+(``ensure_cells``), so cases analysed before this existed get a gallery too. A change is a batch
+(one keystroke may move many cells); the batch is the unit of undo, and undo reaches back only to
+the last sign-off: what a signed review counted stays as it was signed (``Review.differential``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..ml.differential import REPORTED, UNIDENTIFIED, WBC_CLASSES, summarise
+from ..analyzers import registry
+from . import cases as case_store
+from .cases import CaseError, lock_case
+from .models import Analysis, Case, CaseImage, CellChange, CellLabel, Review, User, utcnow
+
+GALLERY_ORDER = REPORTED  # blasts and unidentified first, then the normal classes, then the others
+MAX_BATCH = 1000
+
+
+@dataclass
+class CellPage:
+    cells: list[CellLabel]
+    total: int
+    page: int
+    per_page: int
+
+
+def _analyses(case: Case) -> list[Analysis]:
+    return [i.analysis for i in case.images if i.analysis is not None and i.analysis.job_status == "done"
+            and i.analysis.result_status in ("ok", "uncertain") and i.analysis.cells]
+
+
+def ensure_cells(s: Session, case: Case) -> None:
+    """Create the missing cell rows of the case's finished analyses (idempotent; safe in a race)."""
+    have = set(s.execute(select(CellLabel.analysis_id).where(CellLabel.case_id == case.id).distinct()).scalars())
+    todo = [a for a in _analyses(case) if a.id not in have]
+    for a in todo:
+        rows = [CellLabel(case_id=case.id, analysis_id=a.id, cell_index=k, ai_class=c["class"],
+                          ai_probability=c.get("class_probability"), cell_class=c["class"],
+                          counted=bool(c.get("counted", True)), verified=False)
+                for k, c in enumerate(a.cells) if isinstance(c, dict) and c.get("class") in GALLERY_ORDER]
+        try:
+            with s.begin_nested():
+                s.add_all(rows)
+        except IntegrityError:  # another request made them first: theirs are the same rows
+            pass
+    if todo:
+        s.flush()
+
+
+def list_cells(s: Session, case: Case, cell_class: str | None = None, page: int = 1,
+               per_page: int = 200) -> CellPage:
+    """One page of the case's cells in gallery order (class, then image, then position in the image)."""
+    ensure_cells(s, case)
+    q = select(CellLabel).where(CellLabel.case_id == case.id)
+    if cell_class:
+        q = q.where(CellLabel.cell_class == cell_class)
+    total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    order = {c: k for k, c in enumerate(GALLERY_ORDER)}
+    rows = list(s.scalars(q))  # ordered in Python: the clinical class order is not alphabetical
+    rows.sort(key=lambda r: (order.get(r.cell_class, len(order)), r.analysis_id, r.cell_index))
+    start = (max(1, page) - 1) * per_page
+    return CellPage(rows[start:start + per_page], total, max(1, page), per_page)
+
+
+def reclassify(s: Session, case: Case, user: User, changes: list[tuple[int, str]]) -> str:
+    """Give cells a class (their current one: verified as they are). Returns the batch id.
+
+    All or nothing: an unknown cell or class refuses the whole batch, and a signed case is changed
+    only as the start of an amendment (its signed review keeps the differential it signed).
+    """
+    if not changes:
+        raise CaseError("No cells were given.", "cells")
+    if len(changes) > MAX_BATCH:
+        raise CaseError(f"At most {MAX_BATCH} cells can be changed at once.", "cells")
+    bad = sorted({c for _, c in changes if c not in GALLERY_ORDER})
+    if bad:
+        raise CaseError(f"Unknown cell class {bad[0]!r}; use one of: {', '.join(GALLERY_ORDER)}.", "class")
+    lock_case(s, case)  # two reviewers moving the same cells: one after the other, each change recorded
+    ids = [i for i, _ in changes]
+    rows = {r.id: r for r in s.scalars(select(CellLabel).where(CellLabel.case_id == case.id,
+                                                                CellLabel.id.in_(ids)))}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise CaseError(f"Cell {missing[0]} is not a cell of this case.", "cells")
+    batch, now = uuid.uuid4().hex, utcnow()
+    for cell_id, new in dict(changes).items():  # the last word on a cell listed twice wins
+        r = rows[cell_id]
+        s.add(CellChange(case_id=case.id, cell_id=r.id, batch=batch, from_class=r.cell_class,
+                         from_verified=r.verified, to_class=new, user_id=user.id, at=now, undone=False, signed=False))
+        r.cell_class, r.verified, r.changed_by_id, r.changed_at = new, True, user.id, now
+    s.flush()
+    return batch
+
+
+def undo_last(s: Session, case: Case, user: User) -> list[CellLabel]:
+    """Undo the case's latest batch made since its last sign-off; returns the cells it restored."""
+    lock_case(s, case)
+    q = select(CellChange).where(CellChange.case_id == case.id, CellChange.undone.is_(False),
+                                 CellChange.signed.is_(False))
+    last = s.scalars(q.order_by(CellChange.id.desc()).limit(1)).first()
+    if last is None:
+        raise CaseError("Nothing to undo since the last sign-off.", "cells")
+    done = list(s.scalars(select(CellChange).where(CellChange.batch == last.batch).order_by(CellChange.id.desc())))
+    for ch in done:
+        cell = s.get(CellLabel, ch.cell_id)
+        cell.cell_class, cell.verified = ch.from_class, ch.from_verified
+        cell.changed_by_id, cell.changed_at = user.id, utcnow()
+    s.execute(update(CellChange).where(CellChange.batch == last.batch).values(undone=True))
+    s.flush()
+    return cells_by_id(s, case, [ch.cell_id for ch in done])
+
+
+def cells_by_id(s: Session, case: Case, ids: list[int]) -> list[CellLabel]:
+    return list(s.scalars(select(CellLabel).where(CellLabel.case_id == case.id, CellLabel.id.in_(ids))
+                          .order_by(CellLabel.id)))
+
+
+def differential(s: Session, case: Case, count_target: int = 100, blast_flag_pct: float | None = None) -> dict:
+    """The live differential: the AI's and the current counts over the counted cells, how many are
+    verified, AI-versus-person agreement on the verified ones, and absolute counts from the WBC count."""
+    ensure_cells(s, case)
+    rows = list(s.scalars(select(CellLabel).where(CellLabel.case_id == case.id, CellLabel.counted.is_(True))))
+    verified = [r for r in rows if r.verified]
+    current = summarise([r.cell_class for r in rows], count_target)
+    out = {
+        "ai": summarise([r.ai_class for r in rows], count_target),
+        "current": current,
+        "cells": len(rows),
+        "verified": len(verified),
+        "unverified": len(rows) - len(verified),
+        "reclassified": sum(r.cell_class != r.ai_class for r in verified),
+        "agreement": (sum(r.cell_class == r.ai_class for r in verified) / len(verified)) if verified else None,
+        "unidentified_left": current["differential"].get(UNIDENTIFIED, 0),
+        "wbc_count": case.wbc_count,
+        "absolute": None,
+    }
+    if case.wbc_count is not None and current["white_cells"]:
+        # x10^9/L per class: the percentage of the case's count of white cells
+        out["absolute"] = {c: round(case.wbc_count * current["differential"][c] / current["white_cells"], 3)
+                           for c in WBC_CLASSES}
+    pct = current["percentages"].get("blast")
+    out["blast_flag"] = bool(blast_flag_pct is not None and pct is not None and pct >= blast_flag_pct)
+    out["blast_flag_pct"] = blast_flag_pct
+    return out
+
+
+def set_wbc_count(s: Session, case: Case, value: float | None) -> None:
+    if value is not None and not (0 < value < 1000):
+        raise CaseError("The white-cell count must be between 0 and 1000 (x10^9/L).", "wbc_count")
+    lock_case(s, case)
+    case.wbc_count = value
+    s.flush()
+
+
+def cell_image(s: Session, cell: CellLabel) -> tuple[CaseImage, dict]:
+    """The image a cell is on and the cell as the analysis stored it (box, probabilities, size)."""
+    a = s.get(Analysis, cell.analysis_id)
+    return a.image, a.cells[cell.cell_index]
+
+
+def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels: list[str], *,
+         blast_flag_pct: float | None = None, confirm_unverified: bool = False, **texts) -> Review:
+    """Sign a case; for a cell-classifying analyzer the live differential is frozen into the review."""
+    an = registry.installed(case.analyzer_id)
+    frozen = None
+    if case_store.classifies_cells(an):
+        frozen = differential(s, case, an.cells_cfg.count_target, blast_flag_pct)
+    review = case_store.sign(s, case, user, final_diagnosis, valid_labels, differential=frozen,
+                             confirm_unverified=confirm_unverified, **texts)
+    s.execute(update(CellChange).where(CellChange.case_id == case.id).values(signed=True))
+    return review

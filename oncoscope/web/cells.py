@@ -1,0 +1,141 @@
+"""The cell gallery: every white cell of a case at one physical scale, verified or reclassified
+with the keyboard; the live differential beside it. Thin views over ``store.cells``."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, abort, flash, jsonify, redirect, render_template, request, url_for
+from flask_login import login_required
+from sqlalchemy import select
+
+from ..services import gallery
+from ..store import cases as case_store
+from ..store import cells as cell_store
+from ..store.models import CaseImage
+from . import audit
+from .api.serializers import cell_json, cell_review_json
+from .cases import _case_or_404
+from .forms import WbcCountForm
+from .helpers import db, files, me, settings
+
+bp = Blueprint("cells", __name__)
+
+# the keys that give a class, in gallery order (1 = blast ... 0 = platelet)
+KEYS = dict(zip("1234567890", cell_store.GALLERY_ORDER))
+
+
+def _gallery_case(case_id: int):
+    c = _case_or_404(case_id)
+    if cell_review_json(c) is None:
+        abort(404)
+    return c
+
+
+def _cells_payload(s, cells) -> list[dict]:
+    out = []
+    for cell in cells:
+        image, stored = cell_store.cell_image(s, cell)
+        d = cell_json(cell, stored, image.id)
+        d["sprite_xy"] = gallery.position(cell.cell_index)
+        out.append(d)
+    return out
+
+
+@bp.get("/cases/<int:case_id>/cells")
+@login_required
+def view(case_id: int):
+    c = _gallery_case(case_id)
+    s = db()
+    cells = cell_store.list_cells(s, c, per_page=10**9).cells
+    s.commit()  # rows made now for a case analysed before galleries existed
+    audit.subject(resource=("case", c.id), cells=len(cells))
+    review = cell_review_json(c, settings().blast_flag_pct)
+    form = WbcCountForm(formdata=None)
+    form.wbc_count.data = "" if c.wbc_count is None else f"{c.wbc_count:g}"
+    return render_template("cases/cells.html", case=c, cells=_cells_payload(s, cells), review=review,
+                           order=cell_store.GALLERY_ORDER, keys=KEYS, wbc_form=form, title=f"Case {c.id}: cells",
+                           thumb_px=gallery.THUMB_PX, thumb_um=gallery.THUMB_UM, columns=gallery.COLUMNS)
+
+
+@bp.get("/cases/<int:case_id>/images/<int:image_id>/gallery.jpg")
+@login_required
+def sprite(case_id: int, image_id: int):
+    c = _gallery_case(case_id)
+    img = db().scalar(select(CaseImage).where(CaseImage.id == image_id, CaseImage.case_id == c.id))
+    if img is None or img.analysis is None or not img.analysis.cells:
+        abort(404)
+    data = gallery.ensure_sprite(files(), img, img.analysis)
+    return Response(data, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _json_error(exc: case_store.CaseError, status: int = 422):
+    return jsonify({"error": {"code": "invalid", "message": str(exc), "field": exc.field}}), status
+
+
+@bp.post("/cases/<int:case_id>/cells")
+@login_required
+def reclassify(case_id: int):
+    c = _gallery_case(case_id)
+    data = request.get_json(silent=True) or {}
+    raw = data.get("changes") if isinstance(data, dict) else None
+    if not isinstance(raw, list) or not all(isinstance(ch, dict) and isinstance(ch.get("id"), int)
+                                           and isinstance(ch.get("class"), str) for ch in raw):
+        return _json_error(case_store.CaseError("Send {\"changes\": [{\"id\": cell id, \"class\": class}, ...]}.",
+                                                "changes"), 400)
+    changes = [(ch["id"], ch["class"]) for ch in raw]
+    s = db()
+    try:
+        batch = cell_store.reclassify(s, c, me(), changes)
+        s.commit()
+    except case_store.CaseError as exc:
+        s.rollback()
+        return _json_error(exc)
+    audit.subject(cells=len(changes), batch=batch, changes=[[i, cls] for i, cls in changes[:200]])
+    return _changed(s, c, cell_store.cells_by_id(s, c, [i for i, _ in changes]), batch=batch)
+
+
+def _changed(s, c, cells, **extra):
+    """The changed cells and the new differential, also as the page's HTML (one template for both)."""
+    review = cell_review_json(c, settings().blast_flag_pct)
+    return jsonify({**extra, "cells": _cells_payload(s, cells), "cell_review": review,
+                    "differential_html": render_template("cases/_differential.html", review=review)})
+
+
+@bp.post("/cases/<int:case_id>/cells/undo")
+@login_required
+def undo(case_id: int):
+    c = _gallery_case(case_id)
+    s = db()
+    try:
+        cells = cell_store.undo_last(s, c, me())
+        s.commit()
+    except case_store.CaseError as exc:
+        s.rollback()
+        return _json_error(exc, 409)
+    audit.subject(cells=len(cells))
+    return _changed(s, c, cells)
+
+
+@bp.post("/cases/<int:case_id>/wbc-count")
+@login_required
+def wbc_count(case_id: int):
+    c = _gallery_case(case_id)
+    form = WbcCountForm()
+    if not form.validate_on_submit():
+        abort(400)
+    raw = (form.wbc_count.data or "").strip().replace(",", ".")
+    s = db()
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        flash("The WBC count must be a number (x10^9/L), e.g. 7.2.", "error")
+        return redirect(url_for("cells.view", case_id=c.id))
+    try:
+        cell_store.set_wbc_count(s, c, value)
+        s.commit()
+    except case_store.CaseError as exc:
+        s.rollback()
+        flash(str(exc), "error")
+    else:
+        audit.subject(wbc_count=value)
+        flash("WBC count saved." if value is not None else "WBC count cleared.", "ok")
+    return redirect(url_for("cells.view", case_id=c.id))

@@ -1,0 +1,139 @@
+// Cell gallery: select cells with mouse or keyboard, verify or reclassify them with one key.
+// The server is the record: every change is a POST; the page shows what it answers.
+(function () {
+  "use strict";
+  var gal = document.getElementById("gallery");
+  if (!gal) return;
+  var cells = Array.prototype.slice.call(gal.querySelectorAll(".cell"));
+  var KEYS = JSON.parse(gal.dataset.keys);
+  var THUMB = Number(gal.dataset.thumb), COLUMNS = Number(gal.dataset.columns);  // the sprite's grid  // "1" -> "blast", ... (the server's class order)
+  var status = document.getElementById("gal-status");
+  var info = document.getElementById("sel-info");
+  var focus = 0, anchor = 0, busy = false;
+
+  cells.forEach(function (el, i) {
+    // thumbnails come from one sprite per image (set here: the page's CSP forbids inline styles)
+    // scaled to the thumbnail's inner box (the border is not part of the background area)
+    var s = el.clientWidth / THUMB;
+    el.style.backgroundImage = "url(" + el.dataset.sprite + ")";
+    el.style.backgroundSize = (COLUMNS * THUMB * s) + "px auto";
+    el.style.backgroundPosition = (-el.dataset.x * s) + "px " + (-el.dataset.y * s) + "px";
+    el.addEventListener("click", function (e) {
+      if (e.shiftKey) selectRange(anchor, i);
+      else if (e.ctrlKey || e.metaKey) { toggle(el, !selected(el)); anchor = i; }
+      else { clear(); toggle(el, true); anchor = i; }
+      setFocus(i, false);
+      gal.focus();
+    });
+  });
+
+  function selected(el) { return el.getAttribute("aria-selected") === "true"; }
+  function toggle(el, on) { el.setAttribute("aria-selected", on ? "true" : "false"); }
+  function clear() { cells.forEach(function (el) { toggle(el, false); }); }
+  function selection() { return cells.filter(selected); }
+  function selectRange(a, b) {
+    clear();
+    for (var k = Math.min(a, b); k <= Math.max(a, b); k++) toggle(cells[k], true);
+  }
+  function setFocus(i, select) {
+    if (!cells.length) return;
+    focus = Math.max(0, Math.min(cells.length - 1, i));
+    cells.forEach(function (el) { el.classList.remove("focus"); });
+    var el = cells[focus];
+    el.classList.add("focus");
+    gal.setAttribute("aria-activedescendant", el.id);
+    if (select) { clear(); toggle(el, true); anchor = focus; }
+    el.scrollIntoView({ block: "nearest" });
+    showField(el);
+    info.textContent = selection().length ? "(" + selection().length + " selected)" : "";
+  }
+  function perRow() {
+    var top = cells[focus].offsetTop, n = 0;
+    for (var k = focus; k < cells.length && cells[k].offsetTop === top; k++) n++;
+    for (k = focus - 1; k >= 0 && cells[k].offsetTop === top; k--) n++;
+    return Math.max(1, n);
+  }
+  function nextUnverified(from) {
+    for (var k = from + 1; k < cells.length; k++) if (!cells[k].classList.contains("verified")) return k;
+    return Math.min(from + 1, cells.length - 1);
+  }
+
+  function showField(el) {
+    var view = document.getElementById("field-view");
+    if (!el.dataset.bbox) return;
+    var b = el.dataset.bbox.split(",").map(Number);
+    var img = view.querySelector("img");
+    if (!img || img.dataset.src !== el.dataset.field) {
+      view.innerHTML = "";
+      var wrap = document.createElement("div");
+      wrap.className = "field-wrap";
+      img = document.createElement("img");
+      img.alt = "The image this cell is on, the cell outlined";
+      img.dataset.src = el.dataset.field;
+      img.src = el.dataset.field;
+      var box = document.createElement("div");
+      box.className = "field-box";
+      wrap.appendChild(img); wrap.appendChild(box); view.appendChild(wrap);
+    }
+    function place() {
+      var s = img.clientWidth / img.naturalWidth, box = view.querySelector(".field-box");
+      box.style.left = (b[0] * s - 3) + "px"; box.style.top = (b[1] * s - 3) + "px";
+      box.style.width = ((b[2] - b[0]) * s + 6) + "px"; box.style.height = ((b[3] - b[1]) * s + 6) + "px";
+    }
+    if (img.complete && img.naturalWidth) place(); else img.onload = place;
+  }
+
+  function send(url, body, done) {
+    if (busy) return;
+    busy = true;
+    var t0 = performance.now();
+    fetch(url, { method: "POST", credentials: "same-origin",
+                 headers: { "Content-Type": "application/json", "X-CSRFToken": gal.dataset.csrf },
+                 body: JSON.stringify(body || {}) })
+      .then(function (r) { return r.json().then(function (j) { return [r.ok, j]; }); })
+      .then(function (res) {
+        busy = false;
+        if (!res[0]) { status.textContent = (res[1].error && res[1].error.message) || "Not saved."; return; }
+        res[1].cells.forEach(update);
+        document.getElementById("differential").innerHTML = res[1].differential_html;
+        status.textContent = "Saved (" + Math.round(performance.now() - t0) + " ms).";
+        gal.dataset.lastMs = String(Math.round(performance.now() - t0));
+        if (done) done();
+      })
+      .catch(function () { busy = false; status.textContent = "Not saved: the server did not answer. Nothing was changed."; });
+  }
+  function update(c) {
+    var el = document.getElementById("cell-" + c.id);
+    if (!el) return;
+    el.dataset.class = c["class"];
+    el.classList.toggle("verified", c.verified);
+    el.classList.toggle("changed", c["class"] !== c.ai_class);
+    el.querySelector(".lab").textContent = c["class"].replace(/_/g, " ");
+  }
+  function assign(cls) {
+    var sel = selection();
+    if (!sel.length) sel = [cells[focus]];
+    var changes = sel.map(function (el) { return { id: Number(el.dataset.id), "class": cls || el.dataset.class }; });
+    var last = cells.indexOf(sel[sel.length - 1]);
+    send(gal.dataset.patchUrl, { changes: changes }, function () { setFocus(nextUnverified(last), true); });
+  }
+
+  gal.addEventListener("keydown", function (e) {
+    if (!cells.length || e.altKey) return;
+    var k = e.key, step = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: perRow(), ArrowUp: -perRow() }[k];
+    if (step) {
+      e.preventDefault();
+      var to = Math.max(0, Math.min(cells.length - 1, focus + step));
+      if (e.shiftKey) { selectRange(anchor, to); setFocus(to, false); } else setFocus(to, true);
+    } else if (KEYS[k] && !e.ctrlKey && !e.metaKey) { e.preventDefault(); assign(KEYS[k]); }
+    else if (k === "Enter" || k === " ") { e.preventDefault(); assign(null); }
+    else if (k === "u" || (k === "z" && (e.ctrlKey || e.metaKey))) { e.preventDefault(); send(gal.dataset.undoUrl); }
+    else if (k === "a" && !e.ctrlKey) {
+      e.preventDefault();
+      var cls = cells[focus].parentNode.dataset["class"];
+      cells.forEach(function (el) { toggle(el, el.parentNode.dataset["class"] === cls); });
+      info.textContent = "(" + selection().length + " selected)";
+    }
+  });
+  gal.addEventListener("focus", function () { if (!gal.querySelector(".focus") && cells.length) setFocus(0, true); });
+})();
