@@ -489,3 +489,15 @@ def _inside(rgb: np.ndarray, det: Detection, microns_per_pixel: float, field_um:
     half = min(field_um / microns_per_pixel, 4.0 * max(h, w)) / 2
     cx, cy = det.centroid
     return cx - half >= 0 and cy - half >= 0 and cx + half <= w and cy + half <= h
+
+
+def stored_cell_crop(rgb: np.ndarray, cell: dict, microns_per_pixel: float | None, out_px: int,
+                     field_um: float) -> np.ndarray:
+    """A crop of a cell as an analysis stored it (``bbox``, ``centroid``), ``field_um`` µm across;
+    without a measured scale, framed by 1.6 times its own box instead."""
+    x0, y0, x1, y1 = cell["bbox"]
+    det = Detection(bbox=(x0, y0, x1, y1), centroid=tuple(cell.get("centroid") or ((x0 + x1) / 2, (y0 + y1) / 2)),
+                    area_px=0.0, nucleus_area_px=0.0, circularity=0.0, touches_border=False)
+    if microns_per_pixel:
+        return crop_cell(rgb, det, microns_per_pixel, out_px, field_um)
+    return crop_cell(rgb, det, 1.0, out_px, 1.6 * max(x1 - x0, y1 - y0, 1))

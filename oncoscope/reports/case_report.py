@@ -11,6 +11,7 @@ from io import BytesIO
 from PIL import Image
 
 from ..imaging.imageio import load_image
+from ..ml.wbc import stored_cell_crop
 from ..store.cases import aggregate, label_names
 from ..store.files import FileStore
 from .case_facts import (DEFAULT_DISCLAIMER, ai_call_text, case_analyzer, first_model_analysis, image_messages,
@@ -61,6 +62,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
                       "text": ai_call_text(agg, names)},
         "review": _review_data(r, case, names) if r is not None else None,
         "differential": _differential_data(r, agg),
+        "review_cells": _review_cells(case, store),
         "disclaimer": wording.get("disclaimer", DEFAULT_DISCLAIMER),
         "generated_note": f"Report for case {case.id}" + (f", version {r.version}" if r else " (draft)"),
     }
@@ -83,6 +85,29 @@ def _image_data(i: int, img, analyzer_id: str, an, names: dict[str, str], store:
         "counts_cells": an.counts_cells if an else True,
         "messages": image_messages(a),
     }
+
+
+REVIEW_CLASSES = ("blast", "unidentified")  # the cells a report shows as pictures
+MAX_REVIEW_CELLS = 60
+CELL_PX, CELL_UM = 96, 24.0  # as the gallery shows them
+
+
+def _review_cells(case, store: FileStore) -> dict | None:
+    """Pictures of the blasts and unidentified cells (their current class), for the report's gallery page."""
+    picked = [c for c in case.cell_labels if c.cell_class in REVIEW_CLASSES and c.counted]
+    if not picked:
+        return None
+    out, rgb = [], {}
+    for c in picked[:MAX_REVIEW_CELLS]:
+        a = c.analysis
+        if a.id not in rgb:
+            rgb = {a.id: load_image(store.path(a.image.sha256)).rgb}  # cells come image by image
+        crop = stored_cell_crop(rgb[a.id], a.cells[c.cell_index], a.microns_per_pixel, CELL_PX, CELL_UM)
+        buf = BytesIO()
+        Image.fromarray(crop).save(buf, "PNG")
+        out.append({"png": buf.getvalue(), "label": c.cell_class.replace("_", " "),
+                    "ai": c.ai_class.replace("_", " "), "verified": c.verified})
+    return {"total": len(picked), "cells": out, "window_um": CELL_UM}
 
 
 def _differential_data(r, agg) -> dict | None:

@@ -42,6 +42,7 @@ from reportlab.platypus import (
     Frame,
     Image,
     KeepTogether,
+    PageBreak,
     PageTemplate,
     Paragraph,
     Spacer,
@@ -632,6 +633,7 @@ def _story(data: dict) -> list[Flowable]:
         story += _image_section(i, img or {})
     story += _aggregate_section(data.get("aggregate") or {})
     story += _differential_section(data.get("differential"))
+    story += _review_cells_section(data.get("review_cells"))
     story += _review_section(data.get("review"))
     story += _model_section(data.get("model") or {})
     story += _statement(data)
@@ -682,6 +684,26 @@ def _differential_section(d: dict | None) -> list[Flowable]:
         out.append(_p("AI pre-classification only: the differential is verified cell by cell before signing.",
                       "small"))
     return out
+
+
+def _review_cells_section(d: dict | None) -> list[Flowable]:
+    """A page of pictures: every blast and unidentified cell (up to a limit), as the gallery shows them."""
+    if not d or not d.get("cells"):
+        return []
+    side, per_row = 22 * mm, 7
+    tiles = []
+    for c in d["cells"]:
+        img = Image(io.BytesIO(c["png"]), width=side, height=side)
+        caption = c["label"] + ("" if c["label"] == c["ai"] else f" (AI: {c['ai']})") + ("" if c["verified"] else " *")
+        tiles.append([img, _p(escape(caption), "small", markup=True)])
+    rows = [tiles[i:i + per_row] for i in range(0, len(tiles), per_row)]
+    rows[-1] += [""] * (per_row - len(rows[-1]))
+    table = Table(rows, colWidths=[FRAME_W / per_row] * per_row, hAlign="LEFT")
+    table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (0, 0), (-1, -1), "CENTER")]))
+    more = d["total"] - len(d["cells"])
+    note = (f"Each picture is {d.get('window_um', 24):g} µm across (one physical scale). * not verified."
+            + (f" {more} more in the cell gallery." if more > 0 else ""))
+    return [PageBreak(), _section("Blasts and unidentified cells"), table, _p(escape(note), "small", markup=True)]
 
 
 def _title_block(case: dict, review: dict | None) -> list[Flowable]:

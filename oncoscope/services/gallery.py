@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..imaging.imageio import load_image
-from ..ml.wbc import Detection, crop_cell
+from ..ml.wbc import stored_cell_crop
 
 THUMB_PX = 96
 THUMB_UM = 24.0  # window side: a whole blast (up to ~20 µm) with a margin, the same for every source
@@ -50,16 +50,9 @@ def cut_sprite(rgb: np.ndarray, cells: list[dict], microns_per_pixel: float | No
     rows = max(1, math.ceil(len(cells) / COLUMNS))
     sheet = np.full((rows * THUMB_PX, COLUMNS * THUMB_PX, 3), 255, np.uint8)
     for k, c in enumerate(cells):
-        x0, y0, x1, y1 = c["bbox"]
-        det = Detection(bbox=(x0, y0, x1, y1), centroid=tuple(c.get("centroid") or ((x0 + x1) / 2, (y0 + y1) / 2)),
-                        area_px=0.0, nucleus_area_px=0.0, circularity=0.0, touches_border=False)
-        if mpp:
-            window_um, scale = THUMB_UM, mpp
-        else:  # no ruler: 1.6 times the cell's box, so the cell fills the same share of every thumbnail
-            window_um, scale = 1.6 * max(x1 - x0, y1 - y0, 1), 1.0
         r, col = divmod(k, COLUMNS)
-        sheet[r * THUMB_PX:(r + 1) * THUMB_PX, col * THUMB_PX:(col + 1) * THUMB_PX] = crop_cell(
-            rgb, det, scale, THUMB_PX, window_um)
+        sheet[r * THUMB_PX:(r + 1) * THUMB_PX, col * THUMB_PX:(col + 1) * THUMB_PX] = stored_cell_crop(
+            rgb, c, mpp, THUMB_PX, THUMB_UM)
     buf = io.BytesIO()
     Image.fromarray(sheet).save(buf, "JPEG", quality=88)
     return buf.getvalue()

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from ..imaging.imageio import load_image
 from ..ml.differential import UNIDENTIFIED
-from ..ml.wbc import Detection, crop_cell
+from ..ml.wbc import stored_cell_crop
 from ..store.models import Analysis, Case, CellLabel
 
 CANON_MPP = 0.4  # the training crops' scale and window (training/cells.py: CANON_MPP, FIELD_UM)
@@ -60,11 +60,7 @@ def export_reviewed(s: Session, files, out: Path) -> ReviewedExport:
             continue
         if rgb_cache is None or rgb_cache[0] != a.id:
             rgb_cache = (a.id, load_image(files.path(a.image.sha256)).rgb)
-        stored = a.cells[cell.cell_index]
-        x0, y0, x1, y1 = stored["bbox"]
-        det = Detection((x0, y0, x1, y1), tuple(stored.get("centroid") or ((x0 + x1) / 2, (y0 + y1) / 2)),
-                        0.0, 0.0, 0.0, False)
-        crop = crop_cell(rgb_cache[1], det, a.microns_per_pixel, CROP_PX, FIELD_UM)
+        crop = stored_cell_crop(rgb_cache[1], a.cells[cell.cell_index], a.microns_per_pixel, CROP_PX, FIELD_UM)
         buf = io.BytesIO()
         Image.fromarray(crop).save(buf, "PNG")
         name = f"cells/{hashlib.sha256(buf.getvalue()).hexdigest()[:20]}.png"

@@ -100,6 +100,9 @@ class Case(Base):
     images: Mapped[list["CaseImage"]] = relationship(back_populates="case", order_by="CaseImage.id")
     reviews: Mapped[list["Review"]] = relationship(back_populates="case", order_by="Review.version")
     created_by: Mapped[User | None] = relationship()
+    # read-only here: cells change through store/cells.py only
+    cell_labels: Mapped[list["CellLabel"]] = relationship(
+        viewonly=True, order_by="(CellLabel.analysis_id, CellLabel.cell_index)")
 
     @property
     def current_review(self) -> "Review | None":

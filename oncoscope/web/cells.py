@@ -51,7 +51,12 @@ def view(case_id: int):
     review = cell_review_json(c, settings().blast_flag_pct)
     form = WbcCountForm(formdata=None)
     form.wbc_count.data = "" if c.wbc_count is None else f"{c.wbc_count:g}"
-    return render_template("cases/cells.html", case=c, cells=_cells_payload(s, cells), review=review,
+    payload = _cells_payload(s, cells)
+    # per image, not per cell: 500 cells would repeat the same two addresses 500 times
+    images = {i: {"sprite": url_for("cells.sprite", case_id=c.id, image_id=i),
+                  "field": url_for("cases.image", case_id=c.id, image_id=i, kind="original")}
+              for i in sorted({d["image_id"] for d in payload})}
+    return render_template("cases/cells.html", case=c, cells=payload, review=review, images=images,
                            order=cell_store.GALLERY_ORDER, keys=KEYS, wbc_form=form, title=f"Case {c.id}: cells",
                            thumb_px=gallery.THUMB_PX, thumb_um=gallery.THUMB_UM, columns=gallery.COLUMNS)
 

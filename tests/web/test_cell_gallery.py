@@ -44,7 +44,7 @@ def test_gallery_page_sprites_and_live_reclassification(case):
     ids = [int(i) for i in re.findall(r'data-id="(\d+)"', page)]
     assert len(ids) >= 3, "the generated field's white cells are in the gallery"
     assert 'role="listbox"' in page and "gallery.js" in page and "0 of" in page
-    sprite_url = re.search(r'data-sprite="([^"]+)"', page).group(1)
+    sprite_url = re.search(r'&#34;sprite&#34;: &#34;([^&]+)&#34;', page).group(1)
     sprite = c.get(sprite_url)
     assert sprite.status_code == 200 and sprite.mimetype == "image/jpeg"
     assert Image.open(io.BytesIO(sprite.data)).size[0] == 16 * 96  # cut once, one physical scale
@@ -172,6 +172,7 @@ def test_verified_differential_in_pdf_fhir_and_hl7(app, case, tmp_path):
     except FileNotFoundError:
         pytest.skip("pdftotext (poppler-utils) not installed")
     assert "White-cell differential" in text and "Verified %" in text and "cells verified by the signer" in text
+    assert "Blasts and unidentified cells" in text and "µm across (one physical scale)" in text
 
 
 def test_export_reviewed_writes_a_dataset_train_reads_without_identifiers(app, case, tmp_path):

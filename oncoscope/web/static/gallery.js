@@ -11,13 +11,24 @@
   var info = document.getElementById("sel-info");
   var focus = 0, anchor = 0, busy = false;
 
-  cells.forEach(function (el, i) {
-    // thumbnails come from one sprite per image (set here: the page's CSP forbids inline styles)
+  var IMAGES = JSON.parse(gal.dataset.images);  // image id -> {sprite, field} addresses
+  function paint(el) {
+    // thumbnails come from one sprite per image (set here: the page's CSP forbids inline styles),
     // scaled to the thumbnail's inner box (the border is not part of the background area)
     var s = el.clientWidth / THUMB;
-    el.style.backgroundImage = "url(" + el.dataset.sprite + ")";
+    el.style.backgroundImage = "url(" + IMAGES[el.dataset.image].sprite + ")";
     el.style.backgroundSize = (COLUMNS * THUMB * s) + "px auto";
     el.style.backgroundPosition = (-el.dataset.x * s) + "px " + (-el.dataset.y * s) + "px";
+  }
+  // lazy: a sprite is fetched when one of its cells comes near the screen
+  if ("IntersectionObserver" in window) {
+    var seen = new IntersectionObserver(function (entries) {
+      entries.forEach(function (en) { if (en.isIntersecting) { paint(en.target); seen.unobserve(en.target); } });
+    }, { rootMargin: "400px" });
+    cells.forEach(function (el) { seen.observe(el); });
+  } else cells.forEach(paint);
+
+  cells.forEach(function (el, i) {
     el.addEventListener("click", function (e) {
       if (e.shiftKey) selectRange(anchor, i);
       else if (e.ctrlKey || e.metaKey) { toggle(el, !selected(el)); anchor = i; }
@@ -62,15 +73,15 @@
     var view = document.getElementById("field-view");
     if (!el.dataset.bbox) return;
     var b = el.dataset.bbox.split(",").map(Number);
-    var img = view.querySelector("img");
-    if (!img || img.dataset.src !== el.dataset.field) {
+    var img = view.querySelector("img"), field = IMAGES[el.dataset.image].field;
+    if (!img || img.dataset.src !== field) {
       view.innerHTML = "";
       var wrap = document.createElement("div");
       wrap.className = "field-wrap";
       img = document.createElement("img");
       img.alt = "The image this cell is on, the cell outlined";
-      img.dataset.src = el.dataset.field;
-      img.src = el.dataset.field;
+      img.dataset.src = field;
+      img.src = field;
       var box = document.createElement("div");
       box.className = "field-box";
       wrap.appendChild(img); wrap.appendChild(box); view.appendChild(wrap);
@@ -135,5 +146,12 @@
       info.textContent = "(" + selection().length + " selected)";
     }
   });
-  gal.addEventListener("focus", function () { if (!gal.querySelector(".focus") && cells.length) setFocus(0, true); });
+  // Tabbing in starts at the first cell; a click starts at the clicked one (selecting the first cell on
+  // mousedown would scroll the page and the click would land on another cell).
+  var pointer = false;
+  gal.addEventListener("mousedown", function () { pointer = true; });
+  gal.addEventListener("focus", function () {
+    if (!pointer && !gal.querySelector(".focus") && cells.length) setFocus(0, true);
+    pointer = false;
+  });
 })();
