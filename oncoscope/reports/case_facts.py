@@ -74,6 +74,8 @@ class DifferentialRow:
     unit: str  # UCUM
     count: int
     abnormal: bool  # blasts at or above the configured flag
+    white_cells: int  # the denominator
+    unidentified: int  # of which nobody could place
 
 
 def differential_rows(review) -> list[DifferentialRow]:
@@ -92,5 +94,6 @@ def differential_rows(review) -> list[DifferentialRow]:
         if value is None:
             continue
         rows.append(DifferentialRow(cls, code, display, round(float(value), 1), unit, int(cur["differential"][cls]),
-                                    cls == "blast" and bool(d.get("blast_flag"))))
+                                    cls == "blast" and bool(d.get("blast_flag")), int(cur["white_cells"]),
+                                    int(cur["differential"].get("unidentified", 0))))
     return rows

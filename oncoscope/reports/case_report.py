@@ -93,20 +93,27 @@ CELL_PX, CELL_UM = 96, 24.0  # as the gallery shows them
 
 
 def _review_cells(case, store: FileStore) -> dict | None:
-    """Pictures of the blasts and unidentified cells (their current class), for the report's gallery page."""
-    picked = [c for c in case.cell_labels if c.cell_class in REVIEW_CLASSES and c.counted]
+    """Pictures of the blasts and unidentified cells, with the classes the report's version signed
+    (the live classes for a draft): cells changed later for an amendment do not show here."""
+    r = case.current_review
+    frozen = (r.differential or {}).get("cell_classes") if r is not None else None
+    def state(c):  # noqa: E306 - (class, verified) as signed, or as it is now for a draft
+        return tuple(frozen.get(str(c.id), (None, False))) if frozen is not None else (c.cell_class, c.verified)
+    picked = [(c, *state(c)) for c in case.cell_labels if c.counted and state(c)[0] in REVIEW_CLASSES]
     if not picked:
         return None
     out, rgb = [], {}
-    for c in picked[:MAX_REVIEW_CELLS]:
+    for c, cls, verified in picked[:MAX_REVIEW_CELLS]:
         a = c.analysis
+        if not (a.cells and c.cell_index < len(a.cells) and a.cells[c.cell_index].get("bbox")):
+            continue
         if a.id not in rgb:
             rgb = {a.id: load_image(store.path(a.image.sha256)).rgb}  # cells come image by image
         crop = stored_cell_crop(rgb[a.id], a.cells[c.cell_index], a.microns_per_pixel, CELL_PX, CELL_UM)
         buf = BytesIO()
         Image.fromarray(crop).save(buf, "PNG")
-        out.append({"png": buf.getvalue(), "label": c.cell_class.replace("_", " "),
-                    "ai": c.ai_class.replace("_", " "), "verified": c.verified})
+        out.append({"png": buf.getvalue(), "label": cls.replace("_", " "), "ai": c.ai_class.replace("_", " "),
+                    "verified": verified})
     return {"total": len(picked), "cells": out, "window_um": CELL_UM}
 
 

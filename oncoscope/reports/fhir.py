@@ -360,7 +360,9 @@ def _differential_observations(ctx: _Context, signer_ref: dict, aggregate_ref: d
             valueQuantity={"value": row.value, "unit": row.unit, "system": UCUM, "code": row.unit},
             interpretation=[HIGH] if row.abnormal else None, performer=[signer_ref],
             device=devices.ref(first), effectiveDateTime=signed_at, issued=signed_at, derivedFrom=[aggregate_ref],
-            note=[{"text": f"{row.count} cells: pre-classified by the AI (device), verified by the performer"}])))
+            note=[{"text": f"{row.count} of {row.white_cells} white cells ({row.unidentified} left unidentified, "
+                           "counted in the denominator): pre-classified by the AI (device), verified by the "
+                           "performer"}])))
 
 
 def _conclusion(ctx: _Context) -> str:

@@ -21,17 +21,19 @@ THUMB_UM = 24.0  # window side: a whole blast (up to ~20 µm) with a margin, the
 COLUMNS = 16
 
 
-def sprite_file(analyzer_id: str) -> str:
-    return f"gallery-{analyzer_id}.jpg"
+def sprite_file(analysis) -> str:
+    """Per analysis, not per image: the same image analysed in another case (another model, other cells)
+    must not show its cells under this case's cell positions."""
+    return f"gallery-{analysis.analyzer_id}-a{analysis.id}.jpg"
 
 
 def ensure_sprite(files, image, analysis) -> bytes:
     """The image's sprite bytes, cut now if the analysis finished before galleries existed."""
-    path = files.derived(image.sha256, sprite_file(analysis.analyzer_id))
+    path = files.derived(image.sha256, sprite_file(analysis))
     if path.exists():
         return path.read_bytes()
     data = cut_sprite(load_image(files.path(image.sha256)).rgb, analysis.cells or [], analysis.microns_per_pixel)
-    files.put_derived(image.sha256, sprite_file(analysis.analyzer_id), data)
+    files.put_derived(image.sha256, sprite_file(analysis), data)
     return data
 
 
@@ -40,7 +42,7 @@ def _scale(cells: list[dict], microns_per_pixel: float | None) -> float | None:
     if microns_per_pixel:
         return float(microns_per_pixel)
     ratios = [c["diameter_um"] / max(1.0, ((c["bbox"][2] - c["bbox"][0]) + (c["bbox"][3] - c["bbox"][1])) / 2)
-              for c in cells if c.get("diameter_um") and c.get("bbox")]
+              for c in cells if isinstance(c, dict) and c.get("diameter_um") and c.get("bbox")]
     return float(np.median(ratios)) if ratios else None
 
 
@@ -50,6 +52,8 @@ def cut_sprite(rgb: np.ndarray, cells: list[dict], microns_per_pixel: float | No
     rows = max(1, math.ceil(len(cells) / COLUMNS))
     sheet = np.full((rows * THUMB_PX, COLUMNS * THUMB_PX, 3), 255, np.uint8)
     for k, c in enumerate(cells):
+        if not isinstance(c, dict) or not c.get("bbox"):
+            continue  # no box, no picture (its tile stays blank)
         r, col = divmod(k, COLUMNS)
         sheet[r * THUMB_PX:(r + 1) * THUMB_PX, col * THUMB_PX:(col + 1) * THUMB_PX] = stored_cell_crop(
             rgb, c, mpp, THUMB_PX, THUMB_UM)

@@ -65,8 +65,11 @@ def _analyse(files, a) -> object:
         # binary cell mask at the analysed size (DICOM SEG export)
         files.put_png(img.sha256, f"mask-{a.analyzer_id}", ((result.mask > 0) * 255).astype("uint8"))
     if result.cells and any("class" in c for c in result.cells):  # cells with a class: the review gallery
-        files.put_derived(img.sha256, gallery.sprite_file(a.analyzer_id),
-                          gallery.cut_sprite(loaded.rgb, result.cells, result.extra.get("microns_per_pixel")))
+        try:
+            files.put_derived(img.sha256, gallery.sprite_file(a),
+                              gallery.cut_sprite(loaded.rgb, result.cells, result.extra.get("microns_per_pixel")))
+        except Exception:  # noqa: BLE001 - the result stands; the gallery cuts the sprite when first asked
+            log.exception("could not cut the gallery sprite of analysis %s", a.id)
     if result.heatmap is not None:
         files.put_png(img.sha256, f"heatmap-{a.analyzer_id}", heatmap_overlay(loaded.rgb, result.heatmap))
         files.put_png(img.sha256, f"heatmap-layer-{a.analyzer_id}", heatmap_rgba(result.heatmap))

@@ -47,27 +47,36 @@ def export_reviewed(s: Session, files, out: Path) -> ReviewedExport:
     rows, cases, unscaled, unidentified = [], set(), 0, 0
     q = (select(CellLabel, Analysis).join(Analysis, Analysis.id == CellLabel.analysis_id)
          .join(Case, Case.id == CellLabel.case_id)
-         .where(Case.status == "signed", CellLabel.verified.is_(True), CellLabel.counted.is_(True))
+         .where(Case.status == "signed", CellLabel.counted.is_(True))
          .order_by(CellLabel.case_id, CellLabel.analysis_id, CellLabel.cell_index))
     groups: dict[int, str] = {}
     rgb_cache: tuple[int, object] | None = None
+    signed_as: dict[int, dict] = {}
     for cell, a in s.execute(q):
-        if cell.cell_class == UNIDENTIFIED:
+        # the class as the latest signed version froze it (later changes belong to an unsigned amendment)
+        if cell.case_id not in signed_as:
+            review = s.get(Case, cell.case_id).current_review
+            signed_as[cell.case_id] = ((review.differential or {}).get("cell_classes") or {}) if review else {}
+        label, verified = signed_as[cell.case_id].get(str(cell.id), (None, False))
+        if not verified or label is None:
+            continue
+        if label == UNIDENTIFIED:
             unidentified += 1
             continue
-        if not a.microns_per_pixel:
+        stored = a.cells[cell.cell_index] if a.cells and cell.cell_index < len(a.cells) else {}
+        if not a.microns_per_pixel or not stored.get("bbox"):
             unscaled += 1
             continue
         if rgb_cache is None or rgb_cache[0] != a.id:
             rgb_cache = (a.id, load_image(files.path(a.image.sha256)).rgb)
-        crop = stored_cell_crop(rgb_cache[1], a.cells[cell.cell_index], a.microns_per_pixel, CROP_PX, FIELD_UM)
+        crop = stored_cell_crop(rgb_cache[1], stored, a.microns_per_pixel, CROP_PX, FIELD_UM)
         buf = io.BytesIO()
         Image.fromarray(crop).save(buf, "PNG")
         name = f"cells/{hashlib.sha256(buf.getvalue()).hexdigest()[:20]}.png"
         (out / name).write_bytes(buf.getvalue())
         group = groups.setdefault(cell.case_id, secrets.token_hex(6))
         cases.add(cell.case_id)
-        rows.append([name, cell.cell_class, cell.ai_class, a.analyzer_id, a.model_version or "", a.model_sha256 or "",
+        rows.append([name, label, cell.ai_class, a.analyzer_id, a.model_version or "", a.model_sha256 or "",
                      group])
     with open(out / "labels.csv", "w", newline="") as fh:
         w = csv.writer(fh)

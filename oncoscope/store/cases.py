@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session, joinedload, object_session
 from ..analyzers import registry
 from ..imaging.dicom import is_dicom_uid
 from ..imaging.imageio import ImageLoadError, load_image
-from ..ml.differential import blast_call, summarise
+from ..ml.differential import REPORTED, blast_call, summarise
 from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME
 from .files import FileStore
-from .models import Analysis, Case, CaseImage, Patient, PatientAccess, Review, User, utcnow
+from .models import Analysis, Case, CaseImage, CellLabel, Patient, PatientAccess, Review, User, utcnow
 from .patients import Page, like_text
 from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
 
@@ -295,13 +295,26 @@ def store_result(s: Session, a: Analysis, result) -> None:
     a.probabilities = d["probabilities"]
     a.cell_count = d["cell_count"] if d["status"] not in ("out_of_domain", "error") else None
     a.cells = d["cells"]
-    a.microns_per_pixel = d.get("microns_per_pixel")
+    # only a measured scale (red cells, or given): exports cut training crops with it
+    a.microns_per_pixel = d.get("microns_per_pixel") if d.get("scale_method") in ("red_cells", "given") else None
     a.messages = d["messages"]
     a.timings_ms = d["timings_ms"]
     a.job_status = "done"
     a.finished_at = utcnow()
     a.last_error = None
+    if a.result_status in ("ok", "uncertain") and not s.scalar(
+            select(CellLabel.id).where(CellLabel.analysis_id == a.id).limit(1)):
+        s.add_all(cell_rows(a, a.image.case_id))
     _refresh_case_status(a.image.case)
+
+
+def cell_rows(a: Analysis, case_id: int) -> list[CellLabel]:
+    """The review rows of an analysis's classified cells (made once, when its result is stored)."""
+    return [CellLabel(case_id=case_id, analysis_id=a.id, cell_index=k, ai_class=c["class"],
+                      ai_probability=c.get("class_probability"), cell_class=c["class"],
+                      counted=bool(c.get("counted", True)), verified=False)
+            for k, c in enumerate(a.cells or []) if isinstance(c, dict) and c.get("class") in REPORTED
+            and c.get("bbox")]
 
 
 def fail_job(s: Session, a: Analysis, message: str, max_attempts: int) -> None:
@@ -478,7 +491,9 @@ def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], ove
                   **_other) -> list[tuple[str, str]]:
     """What a sign-off of ``case`` with these answers still lacks, as (field, message) pairs."""
     agg = agg or aggregate(case)
-    unverified = (differential or {}).get("unverified", 0)
+    d = differential or {}
+    pending = [f"{n} cell{'s' if n != 1 else ''} {what}" for n, what in (
+        (d.get("unverified", 0), "not verified"), (d.get("unidentified_left", 0), "still unidentified")) if n]
     agrees = agg.label is not None and final_diagnosis == agg.label
     return [(f, msg) for f, msg, bad in (
         ("final_diagnosis", "Choose a diagnosis from the list.", final_diagnosis not in valid_labels),
@@ -488,9 +503,8 @@ def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], ove
          "note to sign anyway.", agg.status != "ok" and not (uncertainty_note or "").strip()),
         ("amendment_reason", "This case is already signed: give the reason for the amendment.",
          case.current_review is not None and not (amendment_reason or "").strip()),
-        ("confirm_unverified", f"{unverified} cell{'s are' if unverified != 1 else ' is'} not verified: verify them "
-         "in the cell gallery, or confirm that you sign with the AI's classes for them.",
-         unverified > 0 and not confirm_unverified)) if bad]
+        ("confirm_unverified", f"{' and '.join(pending)}: review them in the cell gallery, or confirm that you "
+         "sign with them as they are.", bool(pending) and not confirm_unverified)) if bad]
 
 
 def _sign_texts(**texts: str) -> dict[str, str]:

@@ -39,17 +39,14 @@ def _analyses(case: Case) -> list[Analysis]:
 
 
 def ensure_cells(s: Session, case: Case) -> None:
-    """Create the missing cell rows of the case's finished analyses (idempotent; safe in a race)."""
+    """Create the missing cell rows of the case's finished analyses: rows are made when a result is
+    stored; this covers analyses stored before cell review existed (idempotent; safe in a race)."""
     have = set(s.execute(select(CellLabel.analysis_id).where(CellLabel.case_id == case.id).distinct()).scalars())
     todo = [a for a in _analyses(case) if a.id not in have]
     for a in todo:
-        rows = [CellLabel(case_id=case.id, analysis_id=a.id, cell_index=k, ai_class=c["class"],
-                          ai_probability=c.get("class_probability"), cell_class=c["class"],
-                          counted=bool(c.get("counted", True)), verified=False)
-                for k, c in enumerate(a.cells) if isinstance(c, dict) and c.get("class") in GALLERY_ORDER]
         try:
             with s.begin_nested():
-                s.add_all(rows)
+                s.add_all(case_store.cell_rows(a, case.id))
         except IntegrityError:  # another request made them first: theirs are the same rows
             pass
     if todo:
@@ -71,51 +68,78 @@ def list_cells(s: Session, case: Case, cell_class: str | None = None, page: int 
     return CellPage(rows[start:start + per_page], total, max(1, page), per_page)
 
 
-def reclassify(s: Session, case: Case, user: User, changes: list[tuple[int, str]]) -> str:
+@dataclass(frozen=True)
+class Change:
+    cell_id: int
+    cell_class: str
+    expected: str | None = None  # the class the reviewer saw: refused when another change came first
+
+
+def reclassify(s: Session, case: Case, user: User, changes: list[Change]) -> str:
     """Give cells a class (their current one: verified as they are). Returns the batch id.
 
-    All or nothing: an unknown cell or class refuses the whole batch, and a signed case is changed
-    only as the start of an amendment (its signed review keeps the differential it signed).
+    All or nothing: an unknown cell or class, or a cell another reviewer changed since this one saw
+    it, refuses the whole batch. A signed case is changed only for an amendment (its signed review
+    keeps the differential and the cell classes it signed). Bumps the case revision, so a sign-off
+    made on an older view of the cells fails instead of signing what its signer did not see.
     """
     if not changes:
         raise CaseError("No cells were given.", "cells")
     if len(changes) > MAX_BATCH:
         raise CaseError(f"At most {MAX_BATCH} cells can be changed at once.", "cells")
-    bad = sorted({c for _, c in changes if c not in GALLERY_ORDER})
+    bad = sorted({ch.cell_class for ch in changes if ch.cell_class not in GALLERY_ORDER})
     if bad:
         raise CaseError(f"Unknown cell class {bad[0]!r}; use one of: {', '.join(GALLERY_ORDER)}.", "class")
     lock_case(s, case)  # two reviewers moving the same cells: one after the other, each change recorded
-    ids = [i for i, _ in changes]
+    ids = [ch.cell_id for ch in changes]
     rows = {r.id: r for r in s.scalars(select(CellLabel).where(CellLabel.case_id == case.id,
                                                                 CellLabel.id.in_(ids)))}
     missing = [i for i in ids if i not in rows]
     if missing:
         raise CaseError(f"Cell {missing[0]} is not a cell of this case.", "cells")
+    stale = [ch for ch in changes if ch.expected is not None and rows[ch.cell_id].cell_class != ch.expected]
+    if stale:
+        raise CellConflict(f"Cell {stale[0].cell_id} was changed to {rows[stale[0].cell_id].cell_class!r} by someone "
+                           "else since you loaded the page: reload the gallery. Nothing was changed.", "cells")
     batch, now = uuid.uuid4().hex, utcnow()
-    for cell_id, new in dict(changes).items():  # the last word on a cell listed twice wins
-        r = rows[cell_id]
+    for ch in {ch.cell_id: ch for ch in changes}.values():  # the last word on a cell listed twice wins
+        r = rows[ch.cell_id]
         s.add(CellChange(case_id=case.id, cell_id=r.id, batch=batch, from_class=r.cell_class,
-                         from_verified=r.verified, to_class=new, user_id=user.id, at=now, undone=False, signed=False))
-        r.cell_class, r.verified, r.changed_by_id, r.changed_at = new, True, user.id, now
-    s.flush()
+                         from_verified=r.verified, to_class=ch.cell_class, user_id=user.id, at=now, undone=False,
+                         signed=False))
+        r.cell_class, r.verified, r.changed_by_id, r.changed_at = ch.cell_class, True, user.id, now
+    _bump(s, case)
     return batch
 
 
+class CellConflict(CaseError):
+    """Another reviewer changed the cell first."""
+
+
+def _bump(s: Session, case: Case) -> None:
+    s.execute(update(Case).where(Case.id == case.id).values(revision=Case.revision + 1, updated_at=utcnow())
+              .execution_options(synchronize_session=False))
+    s.flush()
+    s.refresh(case, ["revision", "updated_at"])
+
+
 def undo_last(s: Session, case: Case, user: User) -> list[CellLabel]:
-    """Undo the case's latest batch made since its last sign-off; returns the cells it restored."""
+    """Undo this user's latest batch on the case since its last sign-off; returns the cells it restored.
+    (Another reviewer's changes are theirs to undo.)"""
     lock_case(s, case)
-    q = select(CellChange).where(CellChange.case_id == case.id, CellChange.undone.is_(False),
-                                 CellChange.signed.is_(False))
+    q = select(CellChange).where(CellChange.case_id == case.id, CellChange.user_id == user.id,
+                                 CellChange.undone.is_(False), CellChange.signed.is_(False))
     last = s.scalars(q.order_by(CellChange.id.desc()).limit(1)).first()
     if last is None:
-        raise CaseError("Nothing to undo since the last sign-off.", "cells")
+        raise CaseError("Nothing of yours to undo since the last sign-off.", "cells")
     done = list(s.scalars(select(CellChange).where(CellChange.batch == last.batch).order_by(CellChange.id.desc())))
+    now = utcnow()
     for ch in done:
         cell = s.get(CellLabel, ch.cell_id)
         cell.cell_class, cell.verified = ch.from_class, ch.from_verified
-        cell.changed_by_id, cell.changed_at = user.id, utcnow()
-    s.execute(update(CellChange).where(CellChange.batch == last.batch).values(undone=True))
-    s.flush()
+        cell.changed_by_id, cell.changed_at = user.id, now
+        ch.undone, ch.undone_by_id, ch.undone_at = True, user.id, now
+    _bump(s, case)
     return cells_by_id(s, case, [ch.cell_id for ch in done])
 
 
@@ -124,11 +148,13 @@ def cells_by_id(s: Session, case: Case, ids: list[int]) -> list[CellLabel]:
                           .order_by(CellLabel.id)))
 
 
-def differential(s: Session, case: Case, count_target: int = 100, blast_flag_pct: float | None = None) -> dict:
+def differential(s: Session, case: Case, count_target: int = 100, blast_flag_pct: float | None = None,
+                 with_cells: bool = False) -> dict:
     """The live differential: the AI's and the current counts over the counted cells, how many are
-    verified, AI-versus-person agreement on the verified ones, and absolute counts from the WBC count."""
-    ensure_cells(s, case)
-    rows = list(s.scalars(select(CellLabel).where(CellLabel.case_id == case.id, CellLabel.counted.is_(True))))
+    verified, AI-versus-person agreement on the verified ones, and absolute counts from the WBC count.
+    ``with_cells`` adds every cell's class and verification (what a sign-off freezes). Reads only."""
+    every = list(s.scalars(select(CellLabel).where(CellLabel.case_id == case.id)))
+    rows = [r for r in every if r.counted]
     verified = [r for r in rows if r.verified]
     current = summarise([r.cell_class for r in rows], count_target)
     out = {
@@ -150,6 +176,8 @@ def differential(s: Session, case: Case, count_target: int = 100, blast_flag_pct
     pct = current["percentages"].get("blast")
     out["blast_flag"] = bool(blast_flag_pct is not None and pct is not None and pct >= blast_flag_pct)
     out["blast_flag_pct"] = blast_flag_pct
+    if with_cells:
+        out["cell_classes"] = {str(r.id): [r.cell_class, r.verified] for r in every}
     return out
 
 
@@ -173,7 +201,9 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
     an = registry.installed(case.analyzer_id)
     frozen = None
     if case_store.classifies_cells(an):
-        frozen = differential(s, case, an.cells_cfg.count_target, blast_flag_pct)
+        lock_case(s, case)  # first: a batch committing now is either in the frozen differential or refused
+        ensure_cells(s, case)
+        frozen = differential(s, case, an.cells_cfg.count_target, blast_flag_pct, with_cells=True)
     review = case_store.sign(s, case, user, final_diagnosis, valid_labels, differential=frozen,
                              confirm_unverified=confirm_unverified, **texts)
     s.execute(update(CellChange).where(CellChange.case_id == case.id).values(signed=True))

@@ -240,6 +240,8 @@ class CellChange(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
     at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     undone: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    undone_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    undone_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     signed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # in a signed review: not undoable
 
 

@@ -47,6 +47,9 @@ def configure(app: Flask, settings: Settings, config: dict | None) -> None:
         SESSION_COOKIE_SECURE=settings.secure_cookies,
         REMEMBER_COOKIE_HTTPONLY=True,
         WTF_CSRF_TIME_LIMIT=None,
+        # Over HTTPS flask-wtf also demands a same-site Referer, which browsers never send: every page
+        # answers Referrer-Policy: no-referrer (URLs name patients' cases). The token still decides.
+        WTF_CSRF_SSL_STRICT=False,
         PERMANENT_SESSION_LIFETIME=dt.timedelta(minutes=settings.session_idle_minutes),
     )
     if config:

@@ -134,8 +134,6 @@ def _case_page(c, sign_form: SignForm | None = None, status: int = 200):
     if sign_form is not None and agg.label is None:
         sign_form.override_reason.label.text = "Reason for this diagnosis"
     cell_review = cell_review_json(c, settings().blast_flag_pct)
-    if cell_review is not None:
-        db().commit()  # the cell rows made for a case analysed before galleries existed
     return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form, cell_review=cell_review,
                            upload_form=EmptyForm(), max_mb=settings().max_upload_mb,
                            title=f"Case {c.id}"), status

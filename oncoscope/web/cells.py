@@ -76,26 +76,41 @@ def _json_error(exc: case_store.CaseError, status: int = 422):
     return jsonify({"error": {"code": "invalid", "message": str(exc), "field": exc.field}}), status
 
 
+def _changes(data) -> list[cell_store.Change] | None:
+    """The body's changes, or None when it is not ``{"changes": [{"id", "class", "from"?}, ...]}``."""
+    raw = data.get("changes") if isinstance(data, dict) else None
+    if not isinstance(raw, list) or not 0 < len(raw) <= cell_store.MAX_BATCH:
+        return None
+    out = []
+    for ch in raw:
+        if not isinstance(ch, dict) or set(ch) - {"id", "class", "from"}:
+            return None
+        i, cls, seen = ch.get("id"), ch.get("class"), ch.get("from")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 < i < 2**31 or not isinstance(cls, str) \
+                or not (seen is None or isinstance(seen, str)):
+            return None
+        out.append(cell_store.Change(i, cls, seen))
+    return out
+
+
 @bp.post("/cases/<int:case_id>/cells")
 @login_required
 def reclassify(case_id: int):
     c = _gallery_case(case_id)
-    data = request.get_json(silent=True) or {}
-    raw = data.get("changes") if isinstance(data, dict) else None
-    if not isinstance(raw, list) or not all(isinstance(ch, dict) and isinstance(ch.get("id"), int)
-                                           and isinstance(ch.get("class"), str) for ch in raw):
-        return _json_error(case_store.CaseError("Send {\"changes\": [{\"id\": cell id, \"class\": class}, ...]}.",
-                                                "changes"), 400)
-    changes = [(ch["id"], ch["class"]) for ch in raw]
+    changes = _changes(request.get_json(silent=True))
+    if changes is None:
+        return _json_error(case_store.CaseError(
+            f"Send {{\"changes\": [{{\"id\": cell id, \"class\": class, \"from\": class shown}}, ...]}} with 1 to "
+            f"{cell_store.MAX_BATCH} cells.", "changes"), 400)
     s = db()
     try:
         batch = cell_store.reclassify(s, c, me(), changes)
         s.commit()
     except case_store.CaseError as exc:
         s.rollback()
-        return _json_error(exc)
-    audit.subject(cells=len(changes), batch=batch, changes=[[i, cls] for i, cls in changes[:200]])
-    return _changed(s, c, cell_store.cells_by_id(s, c, [i for i, _ in changes]), batch=batch)
+        return _json_error(exc, 409 if isinstance(exc, cell_store.CellConflict) else 422)
+    audit.subject(cells=len(changes), batch=batch, changes=[[ch.cell_id, ch.cell_class] for ch in changes[:200]])
+    return _changed(s, c, cell_store.cells_by_id(s, c, [ch.cell_id for ch in changes]), batch=batch)
 
 
 def _changed(s, c, cells, **extra):

@@ -78,7 +78,8 @@ class SignForm(FlaskForm):
     amendment_reason = TextAreaField("Reason for the amendment", validators=[Optional(), Length(max=5000)])
     confirm = BooleanField("I have reviewed the images and take responsibility for this diagnosis",
                            validators=[DataRequired("Confirm that you reviewed the case.")])
-    confirm_unverified = BooleanField("Sign although some cells are not verified (their AI class counts)")
+    confirm_unverified = BooleanField("Sign although some cells are not verified (their AI class counts) or still "
+                                      "unidentified")
     # the case revision the signer looked at: signing fails if images were added since
     revision = HiddenField(validators=[Optional(), Regexp(r"^\d{1,9}$")])
 

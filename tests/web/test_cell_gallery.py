@@ -213,3 +213,43 @@ def test_export_reviewed_writes_a_dataset_train_reads_without_identifiers(app, c
     crops = training_cells.reviewed(out)  # the training code reads it as a source
     assert len(crops.labels) == len(rows) and crops.crops.shape[1:] == (training_cells.CROP_PX,) * 2 + (3,)
     assert len(set(crops.groups)) == 1  # one case: one group, never split across train and test
+
+
+def test_conflicts_own_undo_revision_and_signed_classes(app, case, client_for, tmp_path):
+    """What two reviewers and an amendment must not do: overwrite each other silently, undo each
+    other's work, or change what a signed version shows and exports."""
+    from oncoscope.services.reviewed import export_reviewed
+
+    from .conftest import sessions_of
+
+    c, cid = case
+    page = c.get(f"/cases/{cid}/cells").data.decode()
+    ids = [int(i) for i in re.findall(r'data-id="(\d+)"', page)]
+    shown = dict(zip(ids, re.findall(r'data-class="([a-z_]+)" data-ai', page)))
+    rev0 = c.get(f"/cases/{cid}/status.json").json
+    assert c.post(f"/cases/{cid}/cells", json={"changes": [{"id": ids[0], "class": "blast", "from": shown[ids[0]]}]}
+                  ).status_code == 200
+    # a second reviewer still showing the old class: refused, not overwritten
+    stale = client_for("admin").post(f"/cases/{cid}/cells",
+                                     json={"changes": [{"id": ids[0], "class": "monocyte", "from": shown[ids[0]]}]})
+    assert stale.status_code == 409 and "someone else" in stale.json["error"]["message"]
+    # nor can they undo the first reviewer's work
+    assert client_for("admin").post(f"/cases/{cid}/cells/undo").status_code == 409
+    for bad in ([{"id": True, "class": "blast"}], [{"id": 2**63, "class": "blast"}], [{"id": 1, "class": "x", "y": 1}]):
+        assert c.post(f"/cases/{cid}/cells", json={"changes": bad}).status_code == 400
+    # a cell change is a change of the case: a sign-off made on the older view fails
+    r = sign(c, cid, final_diagnosis="blasts_present", override_reason="x", uncertainty_note="x",
+             confirm_unverified="y", revision=str(0))
+    assert r.status_code == 400 and b"changed while you were reviewing" in r.data
+    assert sign(c, cid, final_diagnosis="blasts_present", override_reason="x", uncertainty_note="x",
+                confirm_unverified="y").status_code == 302
+    # an amendment's change does not reach what version 1 shows and exports
+    assert c.post(f"/cases/{cid}/cells", json={"changes": [{"id": ids[0], "class": "lymphocyte"}]}).status_code == 200
+    s = sessions_of(app)()
+    try:
+        export_reviewed(s, app.extensions["oncoscope"]["files"], tmp_path / "x")
+    finally:
+        s.close()
+    labels = (tmp_path / "x" / "labels.csv").read_text()
+    assert ",blast," in labels and ",lymphocyte," not in labels
+    assert rev0["case"] == cid

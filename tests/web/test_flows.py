@@ -864,3 +864,17 @@ def test_logout_invalidates_copied_session_cookie(app):
     assert thief.get("/patients/").status_code == 200
     a.post("/logout")
     assert thief.get("/patients/").status_code == 302  # the copied cookie no longer works
+
+
+def test_csrf_token_works_over_https_without_a_referer(make_app):
+    """Every page says Referrer-Policy: no-referrer, so browsers send no Referer: over HTTPS the token
+    alone must decide (flask-wtf's strict Referer check would refuse every form)."""
+    app = make_app({"WTF_CSRF_ENABLED": True})
+    c = app.test_client()
+    page = c.get("/login", base_url="https://clinic.example")
+    token = re.search(rb'name="csrf_token"[^>]*value="([^"]+)"', page.data).group(1).decode()
+    r = c.post("/login", base_url="https://clinic.example",
+               data={"email": DOC_A.email, "password": DOC_A.password, "csrf_token": token})
+    assert r.status_code == 302
+    r = c.post("/login", base_url="https://clinic.example", data={"email": DOC_A.email, "password": DOC_A.password})
+    assert r.status_code == 400  # still no token, no entry

@@ -30,6 +30,8 @@ def _cell_classifying(case_id: int):
 
 
 def _refused(exc: case_store.CaseError) -> ApiError:
+    if isinstance(exc, cell_store.CellConflict):
+        return ApiError(409, "conflict", str(exc), exc.field)
     return ApiError(422, "invalid", str(exc), exc.field)
 
 
@@ -59,15 +61,15 @@ def list_cells(case_id: int):
 
 @api("/cases/{case_id}/cells", "PATCH", summary="Verify or reclassify cells (one batch: all or nothing, "
      "audited, undoable until sign-off)", tag="cells", response="CellChangeResult", body="CellPatch",
-     errors={409: "The case's analyzer does not classify cells"})
+     errors={409: "The case's analyzer does not classify cells, or a cell's class is no longer the given 'from'"})
 def reclassify_cells(case_id: int):
     c = _cell_classifying(case_id)
     data = validate_fields(json_body(), "CellPatch")
-    changes = [(ch["id"], ch["class"]) for ch in data["changes"]]
+    changes = [cell_store.Change(ch["id"], ch["class"], ch.get("from")) for ch in data["changes"]]
     with committed(case_store.CaseError, _refused) as s:
         batch = cell_store.reclassify(s, c, g.api_user, changes)
-    audit.subject(cells=len(changes), batch=batch, changes=[[i, cls] for i, cls in changes[:200]])
-    cells = cell_store.cells_by_id(s, c, [i for i, _ in changes])
+    audit.subject(cells=len(changes), batch=batch, changes=[[ch.cell_id, ch.cell_class] for ch in changes[:200]])
+    cells = cell_store.cells_by_id(s, c, [ch.cell_id for ch in changes])
     return {"batch": batch, "cells": cells_json(s, cells), "cell_review": cell_review_json(c, settings().blast_flag_pct)}
 
 

@@ -107,7 +107,8 @@ SCHEMAS["CellReview"] = obj({
     "agreement": {**NNUM, "description": "Share of the verified cells whose class is the AI's"},
     "unidentified_left": INT, "wbc_count": {**NNUM, "description": "x10^9/L, entered by a person"},
     "absolute": {"type": ["object", "null"], "additionalProperties": NUM, "description": "x10^9/L per class"},
-    "blast_flag": BOOL, "blast_flag_pct": NNUM},
+    "blast_flag": BOOL, "blast_flag_pct": NNUM,
+    "cell_classes": {"type": "object", "description": "In a signed review: cell id -> [class, verified] as signed"}},
     ["ai", "current", "cells", "verified", "unverified"])
 SCHEMAS["Cell"] = obj({"id": INT, "image_id": INT, "index": INT, "ai_class": STR, "ai_probability": NNUM,
                        "class": STR, "verified": BOOL, "counted": BOOL, "changed_by": NSTR, "changed_at": DATETIME,
@@ -115,8 +116,10 @@ SCHEMAS["Cell"] = obj({"id": INT, "image_id": INT, "index": INT, "ai_class": STR
                        "diameter_um": NNUM},
                       ["id", "image_id", "index", "ai_class", "class", "verified", "counted"])
 SCHEMAS["CellPatch"] = obj({"changes": {"type": "array", "minItems": 1, "maxItems": cell_store.MAX_BATCH,
-                                        "items": obj({"id": ID, "class": CELL_CLASS}, ["id", "class"],
-                                                     additionalProperties=False),
+                                        "items": obj({"id": ID, "class": CELL_CLASS,
+                                                      "from": {**CELL_CLASS, "description": "The class the client "
+                                                               "showed: refused (409) if the cell has another now"}},
+                                                     ["id", "class"], additionalProperties=False),
                                         "description": "Each cell gets this class and is marked verified "
                                                        "(its own class: verified as the AI said)."}},
                            ["changes"], additionalProperties=False)

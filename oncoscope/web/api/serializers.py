@@ -9,6 +9,7 @@ from sqlalchemy.orm import object_session
 
 from ...store import cases as case_store
 from ...store import cells as cell_store
+from ..helpers import settings
 
 
 def iso(t):
@@ -54,7 +55,7 @@ def case_json(c) -> dict:
                           "text": agg.text, "differential": agg.differential},
             "images": [analysis_json(i) for i in c.images],
             "reviews": [review_json(r) for r in c.reviews],
-            "cell_review": cell_review_json(c)}
+            "cell_review": cell_review_json(c, settings().blast_flag_pct)}
 
 
 def cell_review_json(c, blast_flag_pct: float | None = None) -> dict | None:

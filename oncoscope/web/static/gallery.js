@@ -95,7 +95,7 @@
   }
 
   function send(url, body, done) {
-    if (busy) return;
+    if (busy) { status.textContent = "Still saving the last change: press the key again in a moment."; return; }
     busy = true;
     var t0 = performance.now();
     fetch(url, { method: "POST", credentials: "same-origin",
@@ -124,7 +124,10 @@
   function assign(cls) {
     var sel = selection();
     if (!sel.length) sel = [cells[focus]];
-    var changes = sel.map(function (el) { return { id: Number(el.dataset.id), "class": cls || el.dataset.class }; });
+    var changes = sel.map(function (el) {
+      // "from": the class shown, so a change someone else made meanwhile is refused, not overwritten
+      return { id: Number(el.dataset.id), "class": cls || el.dataset["class"], from: el.dataset["class"] };
+    });
     var last = cells.indexOf(sel[sel.length - 1]);
     send(gal.dataset.patchUrl, { changes: changes }, function () { setFocus(nextUnverified(last), true); });
   }
@@ -141,8 +144,8 @@
     else if (k === "u" || (k === "z" && (e.ctrlKey || e.metaKey))) { e.preventDefault(); send(gal.dataset.undoUrl); }
     else if (k === "a" && !e.ctrlKey) {
       e.preventDefault();
-      var cls = cells[focus].parentNode.dataset["class"];
-      cells.forEach(function (el) { toggle(el, el.parentNode.dataset["class"] === cls); });
+      var cls = cells[focus].dataset["class"];  // the current class (cells stay where they were drawn)
+      cells.forEach(function (el) { toggle(el, el.dataset["class"] === cls); });
       info.textContent = "(" + selection().length + " selected)";
     }
   });

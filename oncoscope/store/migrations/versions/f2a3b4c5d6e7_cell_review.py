@@ -48,10 +48,13 @@ def upgrade() -> None:
         sa.Column('user_id', sa.Integer(), nullable=False),
         sa.Column('at', sa.DateTime(), nullable=False),
         sa.Column('undone', sa.Boolean(), nullable=False),
+        sa.Column('undone_by_id', sa.Integer(), nullable=True),
+        sa.Column('undone_at', sa.DateTime(), nullable=True),
         sa.Column('signed', sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(['case_id'], ['cases.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['cell_id'], ['cell_labels.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['user_id'], ['users.id']),
+        sa.ForeignKeyConstraint(['undone_by_id'], ['users.id']),
         sa.PrimaryKeyConstraint('id'),
     )
     op.create_index('ix_cell_changes_case_id', 'cell_changes', ['case_id'])
