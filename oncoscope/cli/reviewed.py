@@ -15,8 +15,10 @@ from ..store.files import FileStore
 @click.command("export-reviewed")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def export_reviewed_cmd(out_dir):
-    """Write the verified white cells of signed cases to OUT_DIR (crops at the training scale, AI and
-    verified class, model version; no patient identifiers), a dataset `train` reads."""
+    """Verified cells of signed cases as a training dataset (no patient identifiers).
+
+    Writes OUT_DIR/labels.csv and OUT_DIR/cells/: crops at the training scale with the class as signed, the AI
+    class and the model version; `train --analyzer smear-differential` reads it as `oncoscope-reviewed`."""
     st = Settings.from_env()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
