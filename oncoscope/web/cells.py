@@ -7,6 +7,7 @@ from flask import Blueprint, Response, abort, flash, jsonify, redirect, render_t
 from flask_login import login_required
 from sqlalchemy import select
 
+from ..analyzers import registry
 from ..services import gallery
 from ..store import cases as case_store
 from ..store import cells as cell_store
@@ -25,7 +26,7 @@ KEYS = dict(zip("1234567890", cell_store.GALLERY_ORDER))
 
 def _gallery_case(case_id: int):
     c = _case_or_404(case_id)
-    if cell_review_json(c) is None:
+    if not case_store.classifies_cells(registry.installed(c.analyzer_id)):
         abort(404)
     return c
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import g, request
 
+from ...analyzers import registry
 from ...store import cases as case_store
 from ...store import cells as cell_store
 from .. import audit
@@ -24,7 +25,7 @@ CELL_QUERY = [{"name": "class", "in": "query", "required": False, "schema": CELL
 
 def _cell_classifying(case_id: int):
     c = case_or_404(case_id)
-    if cell_review_json(c) is None:
+    if not case_store.classifies_cells(registry.installed(c.analyzer_id)):
         raise ApiError(409, "no_cells", f"Case {c.id}'s analyzer ({c.analyzer_id}) does not classify cells.")
     return c
 
