@@ -649,7 +649,8 @@ def _differential_section(d: dict | None) -> list[Flowable]:
     if not d:
         return []
     signed = d.get("signed")
-    head = ["Class", "AI cells", "AI %"] + (["Verified cells", "Verified %"] if signed else [])
+    # "Signed", not "verified": a signer may confirm some cells with the AI's class unverified (said below)
+    head = ["Class", "AI cells", "AI %"] + (["Signed cells", "Signed %"] if signed else [])
     rows = [[_p(h, "label") for h in head]]
     cmds: list[tuple] = []
     for r, row in enumerate(d.get("rows") or [], start=1):

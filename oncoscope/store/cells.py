@@ -131,7 +131,7 @@ def undo_last(s: Session, case: Case, user: User) -> list[CellLabel]:
                                  CellChange.undone.is_(False), CellChange.signed.is_(False))
     last = s.scalars(q.order_by(CellChange.id.desc()).limit(1)).first()
     if last is None:
-        raise CaseError("Nothing of yours to undo since the last sign-off.", "cells")
+        raise CaseError("Nothing of yours to undo (changes in a signed version cannot be undone).", "cells")
     done = list(s.scalars(select(CellChange).where(CellChange.batch == last.batch).order_by(CellChange.id.desc())))
     now = utcnow()
     for ch in done:
@@ -183,7 +183,7 @@ def differential(s: Session, case: Case, count_target: int = 100, blast_flag_pct
 
 def set_wbc_count(s: Session, case: Case, value: float | None) -> None:
     if value is not None and not (0 < value < 1000):
-        raise CaseError("The white-cell count must be between 0 and 1000 (x10^9/L).", "wbc_count")
+        raise CaseError("The white-cell count must be greater than 0 and below 1000 (x10^9/L).", "wbc_count")
     lock_case(s, case)
     case.wbc_count = value
     s.flush()

@@ -357,6 +357,9 @@ def test_technologist_verifies_100_cells_with_the_keyboard(server, browser, tmp_
         f"100 cells verified with the keyboard in {seconds:.1f} s; round trip p50 "
         f"{sorted(round_trips)[49]} ms, p95 {p95} ms, max {max(round_trips)} ms\n")
     assert seconds < 120, seconds
+    for _ in range(3):  # typed faster than the saves: the keys wait their turn, none is lost
+        page.keyboard.press("Enter")
+    verified.nth(102).wait_for()
 
     # a number key reclassifies the focused cell (1 = blast), shift+arrows select a range, u undoes
     page.keyboard.press("1")

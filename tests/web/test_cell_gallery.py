@@ -123,7 +123,7 @@ def test_wbc_count_gives_absolute_counts_and_refuses_nonsense(case):
     counted = page.count('class="cell verified changed"') + page.count('class="cell verified"')
     assert counted and "<td>7.50</td>" in page  # every counted cell a lymphocyte: all 7.5 x10^9/L
     c.post(f"/cases/{cid}/wbc-count", data={"wbc_count": "-3"})
-    assert "between 0 and 1000" in c.get(f"/cases/{cid}/cells").data.decode()
+    assert "greater than 0 and below 1000" in c.get(f"/cases/{cid}/cells").data.decode()
     c.post(f"/cases/{cid}/wbc-count", data={"wbc_count": "many"})
     assert "must be a number" in c.get(f"/cases/{cid}/cells").data.decode()
 
@@ -171,7 +171,7 @@ def test_verified_differential_in_pdf_fhir_and_hl7(app, case, tmp_path):
         text = subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True).stdout
     except FileNotFoundError:
         pytest.skip("pdftotext (poppler-utils) not installed")
-    assert "White-cell differential" in text and "Verified %" in text and "cells verified by the signer" in text
+    assert "White-cell differential" in text and "Signed %" in text and "cells verified by the signer" in text
     assert "Blasts and unidentified cells" in text and "µm across (one physical scale)" in text
 
 

@@ -94,8 +94,15 @@
     if (img.complete && img.naturalWidth) place(); else img.onload = place;
   }
 
+  // Keys pressed while a change is being saved wait their turn (in order), so fast typing loses nothing;
+  // a refused or failed change drops what was waiting behind it, and says so.
+  var queue = [];
+  function run(action) {
+    if (busy) { queue.push(action); status.textContent = "Saving… (" + queue.length + " waiting)"; }
+    else action();
+  }
+  function next() { if (queue.length) queue.shift()(); }
   function send(url, body, done) {
-    if (busy) { status.textContent = "Still saving the last change: press the key again in a moment."; return; }
     busy = true;
     var t0 = performance.now();
     fetch(url, { method: "POST", credentials: "same-origin",
@@ -104,14 +111,25 @@
       .then(function (r) { return r.json().then(function (j) { return [r.ok, j]; }); })
       .then(function (res) {
         busy = false;
-        if (!res[0]) { status.textContent = (res[1].error && res[1].error.message) || "Not saved."; return; }
+        if (!res[0]) {
+          var dropped = queue.length ? " " + queue.length + " later key press(es) were not applied." : "";
+          queue = [];
+          status.textContent = ((res[1].error && res[1].error.message) || "Not saved.") + dropped;
+          return;
+        }
         res[1].cells.forEach(update);
         document.getElementById("differential").innerHTML = res[1].differential_html;
-        status.textContent = "Saved (" + Math.round(performance.now() - t0) + " ms).";
-        gal.dataset.lastMs = String(Math.round(performance.now() - t0));
+        var ms = Math.round(performance.now() - t0);
+        status.textContent = (done ? "Saved" : "Undone: " + res[1].cells.length + " cell(s) restored") + " (" + ms + " ms).";
+        gal.dataset.lastMs = String(ms);
         if (done) done();
+        next();
       })
-      .catch(function () { busy = false; status.textContent = "Not saved: the server did not answer. Nothing was changed."; });
+      .catch(function () {
+        busy = false;
+        queue = [];
+        status.textContent = "Not saved: the server did not answer. Nothing was changed.";
+      });
   }
   function update(c) {
     var el = document.getElementById("cell-" + c.id);
@@ -124,6 +142,14 @@
   function assign(cls) {
     var sel = selection();
     if (!sel.length) sel = [cells[focus]];
+    if (!cls) {  // Enter confirms what is shown; an unidentified cell needs a class, not a tick
+      var open = sel.filter(function (el) { return el.dataset["class"] === "unidentified"; });
+      if (open.length) {
+        status.textContent = "Unidentified cells need a class: press its number key (2 keeps them unidentified).";
+        if (open.length === sel.length) { next(); return; }
+        sel = sel.filter(function (el) { return open.indexOf(el) < 0; });
+      }
+    }
     var changes = sel.map(function (el) {
       // "from": the class shown, so a change someone else made meanwhile is refused, not overwritten
       return { id: Number(el.dataset.id), "class": cls || el.dataset["class"], from: el.dataset["class"] };
@@ -139,9 +165,9 @@
       e.preventDefault();
       var to = Math.max(0, Math.min(cells.length - 1, focus + step));
       if (e.shiftKey) { selectRange(anchor, to); setFocus(to, false); } else setFocus(to, true);
-    } else if (KEYS[k] && !e.ctrlKey && !e.metaKey) { e.preventDefault(); assign(KEYS[k]); }
-    else if (k === "Enter" || k === " ") { e.preventDefault(); assign(null); }
-    else if (k === "u" || (k === "z" && (e.ctrlKey || e.metaKey))) { e.preventDefault(); send(gal.dataset.undoUrl); }
+    } else if (KEYS[k] && !e.ctrlKey && !e.metaKey) { e.preventDefault(); var cls = KEYS[k]; run(function () { assign(cls); }); }
+    else if (k === "Enter" || k === " ") { e.preventDefault(); run(function () { assign(null); }); }
+    else if (k === "u" || (k === "z" && (e.ctrlKey || e.metaKey))) { e.preventDefault(); run(function () { send(gal.dataset.undoUrl); }); }
     else if (k === "a" && !e.ctrlKey) {
       e.preventDefault();
       var cls = cells[focus].dataset["class"];  // the current class (cells stay where they were drawn)
