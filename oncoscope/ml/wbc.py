@@ -491,6 +491,11 @@ def _inside(rgb: np.ndarray, det: Detection, microns_per_pixel: float, field_um:
     return cx - half >= 0 and cy - half >= 0 and cx + half <= w and cy + half <= h
 
 
+# A cell's picture for people (gallery, report): the same for every source
+THUMB_PX = 96
+THUMB_UM = 24.0  # a whole blast (up to ~20 µm) with a margin
+
+
 def stored_cell_crop(rgb: np.ndarray, cell: dict, microns_per_pixel: float | None, out_px: int,
                      field_um: float) -> np.ndarray:
     """A crop of a cell as an analysis stored it (``bbox``, ``centroid``), ``field_um`` µm across;

@@ -11,7 +11,7 @@ from io import BytesIO
 from PIL import Image
 
 from ..imaging.imageio import load_image
-from ..ml.wbc import stored_cell_crop
+from ..ml.wbc import THUMB_PX, THUMB_UM, stored_cell_crop
 from ..store.cases import aggregate, label_names
 from ..store.files import FileStore
 from .case_facts import (DEFAULT_DISCLAIMER, ai_call_text, case_analyzer, first_model_analysis, image_messages,
@@ -89,7 +89,6 @@ def _image_data(i: int, img, analyzer_id: str, an, names: dict[str, str], store:
 
 REVIEW_CLASSES = ("blast", "unidentified")  # the cells a report shows as pictures
 MAX_REVIEW_CELLS = 60
-CELL_PX, CELL_UM = 96, 24.0  # as the gallery shows them
 
 
 def _review_cells(case, store: FileStore) -> dict | None:
@@ -109,12 +108,12 @@ def _review_cells(case, store: FileStore) -> dict | None:
             continue
         if a.id not in rgb:
             rgb = {a.id: load_image(store.path(a.image.sha256)).rgb}  # cells come image by image
-        crop = stored_cell_crop(rgb[a.id], a.cells[c.cell_index], a.microns_per_pixel, CELL_PX, CELL_UM)
+        crop = stored_cell_crop(rgb[a.id], a.cells[c.cell_index], a.microns_per_pixel, THUMB_PX, THUMB_UM)
         buf = BytesIO()
         Image.fromarray(crop).save(buf, "PNG")
         out.append({"png": buf.getvalue(), "label": cls.replace("_", " "), "ai": c.ai_class.replace("_", " "),
                     "verified": verified})
-    return {"total": len(picked), "cells": out, "window_um": CELL_UM}
+    return {"total": len(picked), "cells": out, "window_um": THUMB_UM}
 
 
 def _differential_data(r, agg) -> dict | None:

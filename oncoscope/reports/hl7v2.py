@@ -256,13 +256,13 @@ def _case_obx(obx: _ObxGroup, case, review, names: dict[str, str], signer: tuple
     obx.add("CWE", "AI-AGREE", "Final diagnosis agrees with AI call", _agreement(review), when=review.signed_at,
             observer=observer)
     # the verified differential: LOINC-coded, the verifier as observer, the model as equipment
-    for row in differential_rows(review):
+    rows = differential_rows(review)
+    for row in rows:
         obx.add("NM", row.loinc, row.display, _nm(row.value), units=_comp(row.unit, "", "UCUM"),
                 when=review.signed_at, observer=observer, equipment=eq, system="LN", abnormal="H" if row.abnormal else "")
-    if differential_rows(review):  # cells nobody could place: counted in the denominator, no code of their own
-        d = review.differential["current"]
+    if rows:  # cells nobody could place: counted in the denominator, no code of their own
         obx.add("NM", "CELLS-UNIDENTIFIED", "White cells left unidentified (in the denominator)",
-                _nm(d["differential"].get("unidentified", 0)), units=_comp("{cells}", "", "UCUM"),
+                _nm(rows[0].unidentified), units=_comp("{cells}", "", "UCUM"),
                 when=review.signed_at, observer=observer, equipment=eq)
 
 

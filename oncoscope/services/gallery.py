@@ -14,10 +14,8 @@ import numpy as np
 from PIL import Image
 
 from ..imaging.imageio import load_image
-from ..ml.wbc import stored_cell_crop
+from ..ml.wbc import THUMB_PX, THUMB_UM, stored_cell_crop
 
-THUMB_PX = 96
-THUMB_UM = 24.0  # window side: a whole blast (up to ~20 µm) with a margin, the same for every source
 COLUMNS = 16
 
 

@@ -1,8 +1,8 @@
 """``export-reviewed``: the verified cells of signed cases as a training dataset.
 
-Each cell is cut from its original image at the classifier's canonical scale (the same window and
-resolution as the training crops), with the AI's class, the class the signer verified and the model
-that classified it. Nothing identifies a patient: no names, MRNs, dates, file names or case numbers;
+Each cell is cut from its original image at its classifier's canonical scale (the window and
+resolution its model config names, the same as the training crops), with the AI's class, the class
+the signer verified and the model that classified it. Nothing identifies a patient: no names, MRNs, dates, file names or case numbers;
 cells of one case share a random group id (kept together when the dataset is split).
 """
 
@@ -20,15 +20,21 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..analyzers import registry
 from ..imaging.imageio import load_image
 from ..ml.differential import UNIDENTIFIED
 from ..ml.wbc import stored_cell_crop
 from ..store.models import Analysis, Case, CellLabel
 
-CANON_MPP = 0.4  # the training crops' scale and window (training/cells.py: CANON_MPP, FIELD_UM)
-FIELD_UM = 32.0
-CROP_PX = round(FIELD_UM / CANON_MPP)
 COLUMNS = ["image", "label", "ai_class", "analyzer", "model_version", "model_sha256", "group"]
+
+
+def _crop_scale(analyzer_id: str) -> tuple[float, float, int] | None:
+    """(µm per pixel, window µm, pixels) of the analyzer's cell crops, from its model config (what its
+    training cut and its serving reads); None when it is not installed or does not classify cells."""
+    an = registry.installed(analyzer_id)
+    cfg = getattr(an, "cells_cfg", None)
+    return None if cfg is None else (cfg.microns_per_pixel, cfg.field_um, an.crop_px)
 
 
 @dataclass
@@ -52,6 +58,7 @@ def export_reviewed(s: Session, files, out: Path) -> ReviewedExport:
     groups: dict[int, str] = {}
     rgb_cache: tuple[int, object] | None = None
     signed_as: dict[int, dict] = {}
+    scales: dict[str, tuple[float, float, int]] = {}
     for cell, a in s.execute(q):
         # the class as the latest signed version froze it (later changes belong to an unsigned amendment)
         if cell.case_id not in signed_as:
@@ -64,12 +71,14 @@ def export_reviewed(s: Session, files, out: Path) -> ReviewedExport:
             unidentified += 1
             continue
         stored = a.cells[cell.cell_index] if a.cells and cell.cell_index < len(a.cells) else {}
-        if not a.microns_per_pixel or not stored.get("bbox"):
+        scale = _crop_scale(a.analyzer_id)
+        if not a.microns_per_pixel or not stored.get("bbox") or scale is None:
             unscaled += 1
             continue
+        scales[a.analyzer_id] = scale
         if rgb_cache is None or rgb_cache[0] != a.id:
             rgb_cache = (a.id, load_image(files.path(a.image.sha256)).rgb)
-        crop = stored_cell_crop(rgb_cache[1], stored, a.microns_per_pixel, CROP_PX, FIELD_UM)
+        crop = stored_cell_crop(rgb_cache[1], stored, a.microns_per_pixel, scale[2], scale[1])
         buf = io.BytesIO()
         Image.fromarray(crop).save(buf, "PNG")
         name = f"cells/{hashlib.sha256(buf.getvalue()).hexdigest()[:20]}.png"
@@ -84,8 +93,9 @@ def export_reviewed(s: Session, files, out: Path) -> ReviewedExport:
         w.writerows(rows)
     (out / "README.md").write_text(
         f"# oncoscope-reviewed\n\nVerified white cells of signed cases, exported "
-        f"{dt.date.today().isoformat()}: {len(rows)} cells of {len(cases)} cases, each {CROP_PX} px at "
-        f"{CANON_MPP} µm/px ({FIELD_UM:g} µm window). `labels.csv`: image, label (the class the signer verified), "
+        f"{dt.date.today().isoformat()}: {len(rows)} cells of {len(cases)} cases, each cut as its classifier reads "
+        "cells (" + "; ".join(f"{aid}: {px} px at {mpp:g} µm/px, {um:g} µm window" for aid, (mpp, um, px)
+                              in sorted(scales.items())) + "). `labels.csv`: image, label (the class the signer verified), "
         "ai_class, analyzer, model_version, model_sha256, group (one random id per case; split by it).\n\n"
         "No patient identifiers. Put this folder beside the other datasets as `oncoscope-reviewed` and "
         "`oncoscope train --analyzer smear-differential` uses it.\n")

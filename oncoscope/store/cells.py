@@ -1,7 +1,7 @@
 """Cell review: every white cell of a case, the AI's class and the class a person gave it.
 
-The rows are made from the analyses' stored cells the first time a case's cells are asked for
-(``ensure_cells``), so cases analysed before this existed get a gallery too. A change is a batch
+The rows are made when an analysis result is stored (``store.cases.cell_rows``); ``ensure_cells``
+makes them for analyses stored before cell review existed. A change is a batch
 (one keystroke may move many cells); the batch is the unit of undo, and undo reaches back only to
 the last sign-off: what a signed review counted stays as it was signed (``Review.differential``).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -60,12 +60,11 @@ def list_cells(s: Session, case: Case, cell_class: str | None = None, page: int 
     q = select(CellLabel).where(CellLabel.case_id == case.id)
     if cell_class:
         q = q.where(CellLabel.cell_class == cell_class)
-    total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
     order = {c: k for k, c in enumerate(GALLERY_ORDER)}
     rows = list(s.scalars(q))  # ordered in Python: the clinical class order is not alphabetical
     rows.sort(key=lambda r: (order.get(r.cell_class, len(order)), r.analysis_id, r.cell_index))
     start = (max(1, page) - 1) * per_page
-    return CellPage(rows[start:start + per_page], total, max(1, page), per_page)
+    return CellPage(rows[start:start + per_page], len(rows), max(1, page), per_page)
 
 
 @dataclass(frozen=True)

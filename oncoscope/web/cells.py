@@ -13,8 +13,9 @@ from ..store import cases as case_store
 from ..store import cells as cell_store
 from ..store.models import CaseImage
 from . import audit
-from .api.serializers import cell_json, cell_review_json
+from .api.serializers import cell_review_json, cells_json
 from .cases import _case_or_404
+from .errors import error_response
 from .forms import WbcCountForm
 from .helpers import db, files, me, settings
 
@@ -32,13 +33,8 @@ def _gallery_case(case_id: int):
 
 
 def _cells_payload(s, cells) -> list[dict]:
-    out = []
-    for cell in cells:
-        image, stored = cell_store.cell_image(s, cell)
-        d = cell_json(cell, stored, image.id)
-        d["sprite_xy"] = gallery.position(cell.cell_index)
-        out.append(d)
-    return out
+    """The API's ``Cell`` objects, each with where its picture is in its image's sprite."""
+    return [{**d, "sprite_xy": gallery.position(cell.cell_index)} for d, cell in zip(cells_json(s, cells), cells)]
 
 
 @bp.get("/cases/<int:case_id>/cells")
@@ -74,7 +70,7 @@ def sprite(case_id: int, image_id: int):
 
 
 def _json_error(exc: case_store.CaseError, status: int = 422):
-    return jsonify({"error": {"code": "invalid", "message": str(exc), "field": exc.field}}), status
+    return error_response(status, "invalid", str(exc), exc.field)
 
 
 def _changes(data) -> list[cell_store.Change] | None:

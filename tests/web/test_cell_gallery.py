@@ -178,7 +178,7 @@ def test_verified_differential_in_pdf_fhir_and_hl7(app, case, tmp_path):
 def test_export_reviewed_writes_a_dataset_train_reads_without_identifiers(app, case, tmp_path):
     import csv
 
-    from oncoscope.services.reviewed import CROP_PX, export_reviewed
+    from oncoscope.services.reviewed import export_reviewed
     from oncoscope.training import cells as training_cells
 
     from .conftest import PATIENT_A, sessions_of
@@ -209,7 +209,9 @@ def test_export_reviewed_writes_a_dataset_train_reads_without_identifiers(app, c
     text = (out / "labels.csv").read_text() + (out / "README.md").read_text()
     for ident in (PATIENT_A["mrn"], PATIENT_A["family_name"], "field.png"):
         assert ident not in text
-    assert Image.open(out / rows[0]["image"]).size == (CROP_PX, CROP_PX)
+    crop_px = registry.get(AID).crop_px  # the classifier's own crop size (its config)
+    assert crop_px == training_cells.CROP_PX
+    assert Image.open(out / rows[0]["image"]).size == (crop_px, crop_px)
     crops = training_cells.reviewed(out)  # the training code reads it as a source
     assert len(crops.labels) == len(rows) and crops.crops.shape[1:] == (training_cells.CROP_PX,) * 2 + (3,)
     assert len(set(crops.groups)) == 1  # one case: one group, never split across train and test

@@ -14,7 +14,7 @@ from ..helpers import db, settings
 from .core import api, committed
 from .inputs import _int_arg, case_or_404, json_body, validate_fields
 from .schemas import CELL_CLASS
-from .serializers import cell_json, cell_review_json
+from .serializers import cell_review_json, cells_json
 
 CELL_QUERY = [{"name": "class", "in": "query", "required": False, "schema": CELL_CLASS},
               {"name": "page", "in": "query", "required": False,
@@ -34,14 +34,6 @@ def _refused(exc: case_store.CaseError) -> ApiError:
     if isinstance(exc, cell_store.CellConflict):
         return ApiError(409, "conflict", str(exc), exc.field)
     return ApiError(422, "invalid", str(exc), exc.field)
-
-
-def cells_json(s, cells) -> list[dict]:
-    out = []
-    for cell in cells:
-        image, stored = cell_store.cell_image(s, cell)
-        out.append(cell_json(cell, stored, image.id))
-    return out
 
 
 @api("/cases/{case_id}/cells", "GET", summary="The case's white cells in gallery order (blasts and unidentified "

@@ -74,3 +74,12 @@ def cell_json(cell, stored: dict, image_id: int) -> dict:
             "counted": cell.counted, "changed_by": cell.changed_by.name if cell.changed_by else None,
             "changed_at": iso(cell.changed_at), "bbox": stored.get("bbox"),
             "probabilities": stored.get("probabilities") or {}, "diameter_um": stored.get("diameter_um")}
+
+
+def cells_json(s, cells) -> list[dict]:
+    """``Cell`` objects of these rows (the API's and the gallery page's)."""
+    out = []
+    for cell in cells:
+        image, stored = cell_store.cell_image(s, cell)
+        out.append(cell_json(cell, stored, image.id))
+    return out
