@@ -94,24 +94,9 @@ def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg:/
             engine.dispose()
         first = WorkerProcess(env, home / "worker-1.log").start()
         second = None
-        victim_job = None
-        done_at_kill = 0
         try:
-            # wait until a good part is done, then kill the worker while it holds a job
             deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                rows = analysis_rows(url, ids)
-                done = sum(r["job_status"] == "done" for r in rows)
-                mine = [r for r in rows if r["job_status"] == "running" and f":{first.pid}:" in (r["worker"] or "")]
-                if done >= n * kill_after and mine:
-                    first.kill()
-                    victim_job, done_at_kill = mine[0]["id"], done
-                    break
-                if first.proc.poll() is not None:
-                    raise RuntimeError(f"worker exited early: {first.log_tail()}")
-                time.sleep(0.01)
-            else:
-                raise RuntimeError(f"the worker made no progress: {first.log_tail()}")
+            victim_job, done_at_kill = _kill_while_running(first, url, ids, n * kill_after, deadline)
             victim_state = next(r for r in analysis_rows(url, [victim_job]))
             killed_at = time.monotonic()
             second = WorkerProcess(env, home / "worker-2.log").start()
@@ -144,6 +129,30 @@ def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg:/
                               rep["result_rows_per_image"] == 1 and rep["distinct_images"] == n,
                               "killed_mid_job": rep["victim_state_after_kill"] == "running"}
         return rep
+
+
+def _kill_while_running(worker: "WorkerProcess", url: str, ids: list[int], done_before: float,
+                        deadline: float) -> tuple[int, int]:
+    """Kill the worker once enough is done, and name the job it held at that moment.
+
+    The job seen running a moment before the kill can finish in between (a job takes tens of
+    milliseconds), so the victim is read after the kill: a row still `running` under the dead
+    worker's pid is the one it was holding. Killed between two jobs, the victim is the job last
+    seen, and the report says it was not running.
+    """
+    while time.monotonic() < deadline:
+        rows = analysis_rows(url, ids)
+        done = sum(r["job_status"] == "done" for r in rows)
+        mine = [r for r in rows if r["job_status"] == "running" and f":{worker.pid}:" in (r["worker"] or "")]
+        if done >= done_before and mine:
+            worker.kill()
+            held = [r for r in analysis_rows(url, ids)
+                    if r["job_status"] == "running" and f":{worker.pid}:" in (r["worker"] or "")]
+            return (held or mine)[0]["id"], done
+        if worker.proc.poll() is not None:
+            raise RuntimeError(f"worker exited early: {worker.log_tail()}")
+        time.sleep(0.01)
+    raise RuntimeError(f"the worker made no progress: {worker.log_tail()}")
 
 
 # ----------------------------------------------------------------------------- scenario 2: stop PostgreSQL
