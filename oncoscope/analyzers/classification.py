@@ -61,6 +61,7 @@ class ImageClassifierAnalyzer(Analyzer):
         self.class_bias = np.array(cal.class_bias, np.float64)
         self.uncertain_below = cal.uncertain_below
         self.malignant_threshold = cal.malignant_threshold
+        self.confident_negative_below = cal.confident_negative_below
         self.ood_threshold = None
         self.gate_threshold = None
         if cal.ood is not None:
@@ -150,6 +151,10 @@ class ImageClassifierAnalyzer(Analyzer):
         if (label in self.malignant_labels) != malignant:
             status = STATUS_UNCERTAIN
             msgs.append(f"The top class and the {self.positive_term} call disagree: refer for review.")
+        elif not malignant and self.confident_negative_below is not None and p_mal >= self.confident_negative_below:
+            status = STATUS_UNCERTAIN
+            msgs.append(f"A {self.positive_term} is not ruled out with confidence (probability {p_mal:.0%}, "
+                        f"ruled out below {self.confident_negative_below:.0%}): refer for review.")
         return status, msgs, p_mal, malignant
 
     def extend(self, res: AnalysisResult, x: np.ndarray, rgb: np.ndarray, geometry: dict, timings: dict) -> None:

@@ -226,12 +226,16 @@ class Calibration:
     temperature: float = 1.0  # probabilities = softmax(logits / temperature + class_bias)
     uncertain_below: float = 0.0  # top probability under which a result is "uncertain"
     malignant_threshold: float = 0.5  # P(malignant labels) at or above which the call is malignant
+    # A negative call is "ok" only below this P(malignant labels); from here up to the threshold it is
+    # referred. Fitted on sources left out of training, so that confident misses stay rare on a new one.
+    confident_negative_below: float | None = None
     ood: OutOfDomain | None = None  # no out-of-domain check when absent
 
-    KEYS: ClassVar = frozenset({"temperature", "class_bias", "uncertain_below", "malignant_threshold", "ood"})
+    KEYS: ClassVar = frozenset({"temperature", "class_bias", "uncertain_below", "malignant_threshold",
+                                "confident_negative_below", "ood"})
     NOTES: ClassVar = frozenset({"malignant_threshold_rule", "fitted_on", "val_accuracy_uncalibrated",
                                  "val_malignant_sensitivity_at_threshold", "val_benign_specificity_at_threshold",
-                                 "val_confident_fraction"})
+                                 "val_confident_fraction", "confident_negative_rule"})
 
     @classmethod
     def parse(cls, s: _Section | None, labels: tuple[str, ...]) -> "Calibration":
@@ -239,10 +243,12 @@ class Calibration:
             return cls(class_bias=(0.0,) * len(labels))
         s.check_keys(cls.KEYS | cls.NOTES)
         ood = s.section("ood")
+        threshold = s.number("malignant_threshold", 0.5, 0.0, 1.0)
         return cls(class_bias=s.numbers("class_bias", len(labels), (0.0,) * len(labels), " (one per label)"),
                    temperature=s.number("temperature", 1.0, low=0.0, low_open=True),
                    uncertain_below=s.number("uncertain_below", 0.0, 0.0, 1.0),
-                   malignant_threshold=s.number("malignant_threshold", 0.5, 0.0, 1.0),
+                   malignant_threshold=threshold,
+                   confident_negative_below=s.number("confident_negative_below", None, 0.0, threshold),
                    ood=OutOfDomain.parse(ood) if ood else None)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..training.recipes import DEFAULT_DATASETS, RECIPES
+from ..training.recipes import data_root as recipe_data_root
 from .model import run_bench
 
 
@@ -64,8 +65,7 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
     if analyzer_id == "smear-differential":  # reads several datasets: the folder that holds them
         root = Path(data_root) if data_root else DEFAULT_DATASETS
     else:
-        root = Path(data_root) if data_root else (DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
-                                                  if analyzer_id in RECIPES else None)
+        root = recipe_data_root(analyzer_id, data_root) if analyzer_id in RECIPES else None
     out = run_bench(analyzer_id, runs=runs, baseline_runs=baseline_runs, data_root=root, threads=threads,
                     include_baselines=not no_baselines)
     if as_json:

@@ -17,20 +17,25 @@ from ..evaluation.smear import evaluate_smear
 from ..training import differential, pipeline
 from ..training.cells import SOURCES
 from ..training.recipes import DEFAULT_DATASETS, RECIPES
+from ..training.recipes import data_root as recipe_data_root
 from ..training.recipes import model_dir as default_model_dir
 
 
 @click.command()
 @click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
 @click.option("--data", "data_root", default=None, help="Dataset folder (default: ../shared/datasets/<dataset>).")
-@click.option("--stage", type=click.Choice(["all", "crops", "classifier", "calibrate", "segmenter", "export"]),
-              default="all", show_default=True, help="crops: smear-differential only; segmenter: smear-all only.")
+@click.option("--stage", type=click.Choice(["all", "crops", "classifier", "calibrate", "segmenter", "export", "loso",
+                                           "referral"]),
+              default="all", show_default=True,
+              help="crops: smear-differential only; segmenter: smear-all only; loso: one model per source the "
+                   "recipe leaves out; referral: the referral band fitted on those models' answers.")
 @click.option("--work", default="runs", show_default=True, help="Folder for checkpoints and logs.")
 @click.option("--out", default=None, help="Model folder to write (default: the shipped oncoscope/models/<id>).")
 @click.option("--epochs", default=None, type=int)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--without", multiple=True, type=click.Choice(sorted(SOURCES)),
-              help="smear-differential: leave this dataset out of training (leave-one-source-out runs).")
+@click.option("--without", multiple=True,
+              help="Leave this source out of training (leave-one-source-out runs): a dataset of smear-differential "
+                   "or a source in the analyzer's split manifest (e.g. tcga-lgg-flair/DU).")
 def train(analyzer_id, data_root, stage, work, out, epochs, seed, without):
     """Train an analyzer's models from scratch and export them to ONNX."""
     command = " ".join(["oncoscope", *sys.argv[1:]])
@@ -40,13 +45,16 @@ def train(analyzer_id, data_root, stage, work, out, epochs, seed, without):
             raise SystemExit(f"datasets not found at {datasets}; pass --data (the folder holding pbc, all-taleqani...)")
         if stage == "segmenter":
             raise SystemExit(f"analyzer {analyzer_id!r} has no segmenter (cells are found by ml/wbc.py)")
+        unknown = set(without) - set(SOURCES)
+        if unknown:
+            raise SystemExit(f"unknown source {', '.join(sorted(unknown))}; known: {', '.join(sorted(SOURCES))}")
         out_dir = Path(out) if out else (None if without else default_model_dir(analyzer_id))
         differential.run(datasets, Path(work), out_dir, stage, epochs, seed, list(without), command)
         return
-    if stage == "crops" or without:
-        raise SystemExit("--stage crops and --without are for --analyzer smear-differential")
+    if stage == "crops":
+        raise SystemExit("--stage crops is for --analyzer smear-differential")
     pipeline.run_training(analyzer_id, data_root=data_root, stage=stage, work=work, out=out, epochs=epochs, seed=seed,
-                          command=command)
+                          command=command, without=list(without))
 
 
 @click.command()
@@ -57,7 +65,7 @@ def train(analyzer_id, data_root, stage, work, out, epochs, seed, without):
 @click.option("--bootstrap", default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the model card JSON.")
 @click.option("--work", default="runs", show_default=True,
-              help="smear-differential: the training folder (cell crops and leave-one-source-out models).")
+              help="The training folder: leave-one-source-out models (smear-differential: also the cell crops).")
 def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json, work):
     """Evaluate on the committed test split; write the model card, metrics and plots."""
     if analyzer_id == differential.ANALYZER:
@@ -69,14 +77,15 @@ def evaluate(analyzer_id, data_root, model_dir, bootstrap, as_json, work):
         return
     if analyzer_id not in RECIPES:
         raise click.ClickException(f"no evaluation recipe for {analyzer_id!r}")
-    root = Path(data_root) if data_root else DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]
+    root = recipe_data_root(analyzer_id, data_root)
     if not root.is_dir():
         raise click.ClickException(f"dataset not found at {root}; pass --data")
     out = Path(model_dir) if model_dir else default_model_dir(analyzer_id)
     if "segmented_subdir" in RECIPES[analyzer_id]:
         card = evaluate_smear(out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
     else:
-        card = evaluate_classifier(analyzer_id, out, root, n_boot=bootstrap, progress=sys.stderr.isatty())
+        card = evaluate_classifier(analyzer_id, out, root, n_boot=bootstrap, progress=sys.stderr.isatty(),
+                                   work=Path(work))
     if as_json:
         click.echo(json.dumps(card, indent=1))
     else:

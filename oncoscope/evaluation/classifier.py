@@ -21,7 +21,9 @@ from PIL import Image
 from ..analyzers.render import heatmap_overlay
 from ..ml import metrics as M
 from ..training.data import load_manifest, manifest_samples
+from ..training import loso
 from ..training.recipes import RECIPES
+from .sources import left_out, per_source, source_markdown, test_pointing
 from .smear import (REPO, _classify, _fmt, _round, card_header, ci_text, flagged_fraction, flagged_share,
                     generated_sources, latency_summary, md_header, metric_plots, pooled_flagged, run_test_split,
                     training_files)
@@ -68,7 +70,9 @@ OOD_SOURCES = {
 # ----------------------------------------------------------------------------- main entry
 def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, datasets_dir: Path | None = None,
                         n_boot: int = 1000, n_ood_per_dataset: int = 300, progress: bool = True,
-                        write: bool = True) -> dict:
+                        write: bool = True, work: Path | None = None) -> dict:
+    """``work``: the training folder; its leave-one-source-out models give the card's estimate for a
+    source never seen in training."""
 
     t_start = time.time()
     ev = run_test_split(analyzer_id, model_dir, data_root, "group", n_boot, progress)
@@ -90,7 +94,8 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
                            "flagged_out_of_domain": flagged_share(an, oo)}
 
     # Out-of-domain: the other analyzers' data and generated images.
-    datasets_dir = Path(datasets_dir) if datasets_dir else Path(data_root).parent
+    datasets_dir = Path(datasets_dir) if datasets_dir else (
+        Path(data_root) if "sources" in recipe.get("split", {}) else Path(data_root).parent)
     ood_eval = {"threshold": an.ood_threshold, "test_images_flagged": float((st == "out_of_domain").mean()),
                 "sources": {}}
     for name, other in OOD_SOURCES.items():
@@ -125,7 +130,10 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
                        "frozen": f"stem + first {tr.get('freeze_blocks', 6)} MBConv blocks",
                        "input": "luminance replicated to 3 channels, padded to square (aspect preserved)",
                        "augmentation": f"rotation +-{tr.get('max_angle')} deg, horizontal flip, scale 0.85-1.15, "
-                                       "shift, brightness/contrast/gamma",
+                                       "shift, brightness/contrast/gamma"
+                                       + (f", random tone curves (sequence-like) on {tr['tone_p']:.0%}"
+                                          if tr.get("tone_p") else "")
+                                       + (f", lower resolution on {tr['lowres_p']:.0%}" if tr.get("lowres_p") else ""),
                        "loss": "class-weighted cross-entropy, AdamW, cosine schedule, best validation loss kept",
                        "test_time_augmentation": {"hflip": "logits of the image and its mirror image averaged"}.get(
                            recipe.get("tta"), "none")},
@@ -138,6 +146,8 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
                  "n_clusters": int(len(np.unique(clusters))), "selective": selective,
                  "reliability": M.reliability(probs, y)},
         "shortcuts": shortcuts,
+        "heatmaps": {"peak_on_border": heatmap_on_border(results)},
+        **source_sections(ev, analyzer_id, work),
         "out_of_domain": ood_eval,
         "latency_ms_during_evaluation": latency_summary(times),
     }
@@ -153,11 +163,38 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
     return card
 
 
+def heatmap_on_border(results, frac: float = 0.1) -> dict:
+    """Share of heatmaps whose peak lies in the outer ``frac`` of the image: film borders, rulers and
+    side markers, where a lesion rarely is."""
+    peaks = []
+    for r in results:
+        if r.heatmap is not None:
+            h, w = r.heatmap.shape
+            y, x = np.unravel_index(int(np.argmax(r.heatmap)), r.heatmap.shape)
+            peaks.append(min(y, h - 1 - y) < frac * h or min(x, w - 1 - x) < frac * w)
+    return {"images": len(peaks), "fraction": float(np.mean(peaks)) if peaks else None, "border": frac}
+
+
+def source_sections(ev, analyzer_id: str, work: Path | None) -> dict:
+    """Per-source test figures, the pointing game and leave-one-source-out figures (recipes whose
+    split joins several sources)."""
+    if "sources" not in ev.recipe.get("split", {}):
+        return {}
+    typed = set(ev.an.malignant_labels)
+    out = {"sources": per_source(ev, typed), "localisation": test_pointing(ev, analyzer_id)}
+    if work is not None and loso.runs(analyzer_id, work):
+        band = ev.an.confident_negative_below
+        out["leave_one_source_out"] = left_out(loso.held_out_predictions(analyzer_id, work),
+                                               set(ev.an.malignant_labels), typed, band)
+    return out
+
+
 def foreign_test_files(analyzer_id: str, datasets_dir: Path, n: int, seed: int = 0) -> list[Path]:
     """Up to ``n`` files of another analyzer's test split (empty when its dataset is absent)."""
     r = RECIPES[analyzer_id]
-    base = Path(datasets_dir) / r["dataset"] / (r.get("subdir") or "")
-    if not base.is_dir():
+    root = Path(datasets_dir) if "sources" in r.get("split", {}) else Path(datasets_dir) / r["dataset"]
+    base = root / (r.get("subdir") or "")
+    if not (Path(datasets_dir) / r["dataset"]).is_dir():
         return []
     samples = manifest_samples(load_manifest(r["manifest"]), "test")
     if len(samples) > n:
@@ -187,7 +224,7 @@ def check_targets(card: dict, specs, missing_ok: bool = False) -> list[dict]:
 
 def targets(card: dict, recipe: dict) -> list[dict]:
     """The recipe's targets checked against the card."""
-    return check_targets(card, recipe["targets"])
+    return check_targets(card, recipe["targets"], missing_ok=True)
 
 
 def _overlays(out: Path, labels, y, test, rgbs, results) -> None:
@@ -216,6 +253,22 @@ def _overlays(out: Path, labels, y, test, rgbs, results) -> None:
     plt.close(fig)
 
 
+def split_rule_text(params: dict) -> str:
+    """The grouping a manifest was made with, in words (older manifests used a perceptual hash)."""
+    if "min_correlation" in params:
+        text = (f"copies under flips, 90-degree rotations, small tilts, crops and contrast/gamma changes "
+                f"(equalised thumbnails correlating >= {params['min_correlation']}) never straddle splits")
+    else:
+        text = (f"near-duplicate groups (perceptual hash <= {params['near_dup_threshold_bits']} bits) never "
+                "straddle splits")
+    if params.get("group_regex"):
+        text += f"; files are also grouped by the regular expression `{params['group_regex']}`"
+    for src in params.get("sources", []):
+        if src.get("group_regex"):
+            text += f"; {src['dataset']} files are grouped by patient (`{src['group_regex']}`)"
+    return text
+
+
 def render_markdown(card: dict, positive: str) -> str:
     a = card["analyzer"]
     d = card["data"]
@@ -237,10 +290,7 @@ def render_markdown(card: dict, positive: str) -> str:
          f"- Dataset: {d['dataset']}. {d['citation']}",
          f"- Split manifest: `{d['manifest']}` (data sha256 `{d['data_sha256']}`); {d['test_files_verified']} test "
          "files verified against it.",
-         f"- Split rule: {d['held_out']}; near-duplicate groups (perceptual hash <= "
-         f"{d['manifest_params']['near_dup_threshold_bits']} bits) never straddle splits"
-         + (f"; files are also grouped by the regular expression `{d['manifest_params']['group_regex']}`"
-            if d["manifest_params"].get("group_regex") else "") + ".",
+         f"- Split rule: {d['held_out']}; {split_rule_text(d['manifest_params'])}.",
          "- Counts: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in x.items())
                                  for s, x in d["split_counts"].items()), "",
          "## Training", "```", *(tr["commands"] or ["(not recorded)"]), "```",
@@ -291,6 +341,10 @@ def render_markdown(card: dict, positive: str) -> str:
         L.append(f"| {k} | {_fmt(v['accuracy'], True)} | {v['accuracy_drop_points']:.1f} | "
                  f"{_fmt(v['malignant_vs_benign']['sensitivity'], True)} | "
                  f"{_fmt(v['malignant_vs_benign']['specificity'], True)} | {_fmt(v['flagged_out_of_domain'], True)} |")
+    if (hb := card.get("heatmaps", {}).get("peak_on_border")) and hb["images"]:
+        L += ["", f"Grad-CAM peak in the outer {hb['border']:.0%} of the image (film borders, rulers, side markers, "
+              f"where a lesion rarely is): {_fmt(hb['fraction'], True)} of {hb['images']} test images with a heatmap."]
+    L += source_markdown(card, positive)
     L += ["", "![overlays](sample_overlays.png)", "",
           "## Out-of-domain detection",
           f"Threshold {ood['threshold']}; test images flagged: {_fmt(ood['test_images_flagged'], True)}; images from "

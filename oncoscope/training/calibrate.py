@@ -25,7 +25,7 @@ from ..analyzers import registry
 from ..imaging.imageio import load_image
 from ..ml.scores import gate_features, gate_probability, softmax
 from .data import load_manifest, manifest_samples
-from .recipes import DEFAULT_DATASETS, RECIPES
+from .recipes import RECIPES, data_root
 
 
 def embed_split(analyzer, root: Path, samples, batch: int = 32, labelled: bool = True) -> dict[str, np.ndarray]:
@@ -120,7 +120,7 @@ def choose_sensitive_threshold(p_mal: np.ndarray, is_mal: np.ndarray, min_sens: 
 def _foreign_samples(name: str, split: str, n: int, seed: int = 0):
     """Up to ``n`` images of another analyzer's dataset split (root, samples)."""
     r = RECIPES[name]
-    root = DEFAULT_DATASETS / r["dataset"]
+    root = data_root(name)
     base = root / r["subdir"] if r.get("subdir") else root
     if not base.is_dir():
         raise SystemExit(f"the modality gate is fitted against {name}'s training images, expected at {base}")

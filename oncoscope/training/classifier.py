@@ -204,14 +204,75 @@ def preprocess_eval(batch_u8: torch.Tensor, size: int) -> torch.Tensor:
     return normalise(resize(to_tensor(batch_u8), size))
 
 
+def _tone_curves(x: torch.Tensor, g: torch.Generator, p: float, knots: int = 5) -> torch.Tensor:
+    """Each chosen image through its own piecewise-linear curve: knots drawn at random, sorted (a
+    monotonic change of contrast) for half of them; black stays black, so the background does not
+    light up."""
+    out = x.clone()
+    for i in torch.nonzero(torch.rand(len(x), generator=g) < p).flatten().tolist():
+        ys = torch.rand(knots, generator=g)
+        if torch.rand(1, generator=g).item() < 0.5:
+            ys = ys.sort().values
+        ys = torch.cat([torch.zeros(1), ys])
+        pos = x[i] * knots
+        lo = pos.floor().clamp(0, knots - 1).long()
+        frac = pos - lo
+        out[i] = ys[lo] * (1 - frac) + ys[lo + 1] * frac
+    return out
+
+
+def _lower_resolution(x: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    out = x.clone()
+    side = x.shape[-1]
+    for i in torch.nonzero(torch.rand(len(x), generator=g) < p).flatten().tolist():
+        small = max(16, int(side * (0.4 + 0.6 * torch.rand(1, generator=g).item())))
+        out[i:i + 1] = F.interpolate(F.interpolate(x[i:i + 1], size=small, mode="area"), size=side, mode="bilinear",
+                                     align_corners=False)
+    return out
+
+
+def _film_edges(x: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    """On the chosen images: black strips of random width (0-12 %) along some edges, and a burnt-in
+    marker (a bright block with a dark glyph-like bar) near an edge. Both classes get them, so
+    neither a film border nor a side marker can tell the classes apart."""
+    out = x.clone()
+    side = x.shape[-1]
+
+    def r(lo, hi):
+        return lo + (hi - lo) * torch.rand(1, generator=g).item()
+
+    for i in torch.nonzero(torch.rand(len(x), generator=g) < p).flatten().tolist():
+        for edge in range(4):
+            if torch.rand(1, generator=g).item() < 0.5:
+                w = int(side * r(0.0, 0.12))
+                if w:
+                    sl = [slice(None, w), slice(side - w, None)][edge % 2]
+                    if edge < 2:
+                        out[i, :, sl, :] = 0
+                    else:
+                        out[i, :, :, sl] = 0
+        m = int(side * r(0.04, 0.09))
+        band = int(side * 0.15)
+        y0 = int(r(0, band - m)) if torch.rand(1, generator=g).item() < 0.5 else int(r(side - band, side - m))
+        x0 = int(r(0, side - m))
+        out[i, :, y0:y0 + m, x0:x0 + m] = r(0.7, 1.0)
+        out[i, :, y0 + m // 4:y0 + 3 * m // 4, x0 + m // 3:x0 + m // 2] = r(0.0, 0.3)
+    return out
+
+
 def augment_radiology(batch_u8: torch.Tensor, g: torch.Generator, out_size: int, max_angle: float = 20.0,
-                      zoom_span: float = 0.3) -> torch.Tensor:
+                      zoom_span: float = 0.3, tone_p: float = 0.0, lowres_p: float = 0.0,
+                      edges_p: float = 0.0) -> torch.Tensor:
     """Augmentation for grayscale radiographs / MR slices (already padded to square).
 
     Small rotations (anatomy has an orientation), horizontal flips (left/right
     are both anatomical), scale 0.85-(0.85 + ``zoom_span``) and shifts with black padding,
     brightness/contrast/gamma applied equally to all channels (no colour:
-    the input is luminance).
+    the input is luminance). ``tone_p``: that share of images gets a random tone curve (sometimes
+    not monotonic), so that which tissue is bright, the mark of a sequence (T1, T2, FLAIR) and of a
+    collection, cannot stand in for the lesion; ``lowres_p``: that share is scanned at a lower
+    resolution (down to 40 %) and blown up again; ``edges_p``: that share gets film borders and a
+    side marker (``_film_edges``).
     """
     x = geometric(to_tensor(batch_u8), g, out_size, max_angle, padding_mode="zeros", zoom_span=zoom_span)
     n = x.shape[0]
@@ -219,10 +280,16 @@ def augment_radiology(batch_u8: torch.Tensor, g: torch.Generator, out_size: int,
     def u(lo, hi):
         return torch.rand(n, 1, 1, 1, generator=g) * (hi - lo) + lo
 
+    if lowres_p > 0:
+        x = _lower_resolution(x, g, lowres_p)
     x = x * u(0.8, 1.2)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * u(0.75, 1.25) + mean).clamp(0, 1)
     x = x.clamp_min(1e-6) ** u(0.75, 1.33)
+    if tone_p > 0:
+        x = _tone_curves(x, g, tone_p)
+    if edges_p > 0:
+        x = _film_edges(x, g, edges_p)
     # No random erasing (it could paint out the lesion and leave a wrong label) and no additive noise:
     # with noise on every training image, clean test images shifted the features enough to bias the
     # calls (measured: 75% vs 89% training accuracy, clean vs noisy, after 2 epochs).

@@ -12,21 +12,28 @@ import time
 from pathlib import Path
 
 from .calibrate import calibrate
+from .data import write_without
+from .loso import write_referral_band
 from .export import export_models
-from .recipes import DEFAULT_DATASETS, RECIPES, model_dir, write_config
+from .recipes import RECIPES, data_root as recipe_root, model_dir, write_config
 from .segmentation import train_segmenter
 from .train_classifier import TrainConfig, train
 
 def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str, out: str | None, epochs: int | None,
-                 seed: int, command: str) -> None:
+                 seed: int, command: str, without: list[str] | None = None) -> None:
     if analyzer_id not in RECIPES:
         raise SystemExit(f"no training recipe for analyzer {analyzer_id!r}; known: {', '.join(RECIPES)}")
     r = RECIPES[analyzer_id]
-    root = Path(data_root) if data_root else DEFAULT_DATASETS / r["dataset"]
+    root = recipe_root(analyzer_id, data_root)
     if not root.is_dir():
         raise SystemExit(f"dataset not found at {root}; pass --data")
     work_dir = Path(work) / analyzer_id
     out_dir = Path(out) if out else model_dir(analyzer_id)
+    if without:  # a leave-one-source-out model: never the shipped folder
+        work_dir = Path(work) / f"{analyzer_id}-without-{'+'.join(without).replace('/', '-')}"
+        out_dir = Path(out) if out else work_dir / "model"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        r = dict(r, manifest=write_without(r["manifest"], without, work_dir / "manifest.json"))
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -36,10 +43,18 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
         if stage == "segmenter":
             raise SystemExit(f"analyzer {analyzer_id!r} has no segmenter")
     stages = all_stages if stage == "all" else [stage]
+    if stage in ("loso", "referral") and not r.get("loso_sources"):
+        raise SystemExit(f"analyzer {analyzer_id!r} names no sources to leave out (recipe 'loso_sources')")
     log = {}
     for st in stages:
         ts = time.time()
-        if st == "classifier":
+        if st == "loso":
+            for source in r["loso_sources"]:
+                run_training(analyzer_id, data_root, "all", work, None, epochs, seed, f"{command} [{source}]",
+                             without=[source])
+        elif st == "referral":
+            print(json.dumps(write_referral_band(analyzer_id, Path(work), out_dir), indent=1))
+        elif st == "classifier":
             cfg = TrainConfig(data_root=str(root), manifest=str(r["manifest"]), out_dir=str(work_dir / "classifier"),
                               subdir=r["subdir"], image_size=r["image_size"], epochs=epochs or r["epochs"], seed=seed,
                               **r.get("train", {}))

@@ -43,6 +43,9 @@ class TrainConfig:
     zoom_span: float = 0.3  # radiology only: zoom 0.85 to 0.85 + span (zooming in crops film labels and markers)
     gray: bool = False  # luminance replicated to 3 channels
     pad: bool = False  # pad to square before resizing (aspect preserved)
+    tone_p: float = 0.0  # radiology only: share of images through a random tone curve (sequence-like)
+    lowres_p: float = 0.0  # radiology only: share of images at a lower resolution
+    edges_p: float = 0.0  # radiology only: share of images with film borders and a side marker painted in
 
 
 def seed_everything(seed: int) -> None:
@@ -126,7 +129,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         for step in it:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if cfg.augment == "radiology":
-                xb = C.augment_radiology(xtr_t[idx], g, cfg.image_size, cfg.max_angle, cfg.zoom_span)
+                xb = C.augment_radiology(xtr_t[idx], g, cfg.image_size, cfg.max_angle, cfg.zoom_span,
+                                           cfg.tone_p, cfg.lowres_p, cfg.edges_p)
             else:
                 xb = C.augment(xtr_t[idx], g, cfg.image_size)
             yb = ytr_t[idx]

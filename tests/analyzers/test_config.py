@@ -5,6 +5,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from oncoscope.analyzers import registry
@@ -144,6 +145,8 @@ CASES = {
     "temperature zero": (put("calibration.temperature", 0), "calibration.temperature", "must be in"),
     "threshold above one": (put("calibration.malignant_threshold", 1.5), "calibration.malignant_threshold",
                             "must be in"),
+    "referral band above the threshold": (put("calibration.confident_negative_below", 0.9),
+                                          "calibration.confident_negative_below", "must be in"),
     "grayscale as text": (put("preprocess.grayscale", "yes"), "preprocess.grayscale", "true or false"),
     "size as float": (put("preprocess.size", 192.5), "preprocess.size", "integer"),
     "min area as bool": (put("segmenter.min_area_px", True), "segmenter.min_area_px", "integer"),
@@ -290,3 +293,19 @@ def test_a_differential_config_that_disagrees_with_its_network_fails_at_start_up
     with pytest.raises(AnalyzerConfigError) as err:
         registry.get("smear-differential", model_dir=folder)
     assert_names(err.value, folder, "cells.classes", "lists 3 classes", "10 outputs")
+
+
+# ----------------------------------------------------------------------------- the referral band
+def test_a_negative_inside_the_referral_band_is_referred():
+    """Below the threshold the call is 'no tumour'; it stays ok only below confident_negative_below."""
+    an = copy.copy(registry.get("brain-mri"))
+    an.uncertain_below, an.malignant_threshold, an.confident_negative_below = 0.5, 0.4, 0.1
+    labels = an.labels
+    clear = np.array([0.02 if l != "notumor" else 0.94 for l in labels])  # P(tumour) 0.06
+    doubtful = np.array([0.08 if l != "notumor" else 0.76 for l in labels])  # P(tumour) 0.24
+    assert an.decide(clear, None)[0] == "ok"
+    status, msgs, p_mal, malignant = an.decide(doubtful, None)
+    assert (status, malignant) == ("uncertain", False) and p_mal == pytest.approx(0.24)
+    assert any("not ruled out with confidence" in m and "24%" in m for m in msgs)
+    an.confident_negative_below = None
+    assert an.decide(doubtful, None)[0] == "ok"

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oncoscope.training.data import (SPLITS, audit, discover, file_number, hamming_matrix, load_manifest, make_split,
-                                     manifest_samples, phash, save_manifest, sha256_file, verify_manifest)
+from oncoscope.training.data import (SPLITS, audit, discover, file_number, load_manifest, make_split, manifest_samples,
+                                     save_manifest, sha256_file, verify_manifest)
 from oncoscope.imaging.imageio import load_image
 
 SIZE, PAD = 96, 4
@@ -34,7 +34,7 @@ N_PER_CLASS = 40
 CLASSES = ["Alpha", "Beta", "Gamma"]
 SUBDIR = "Original"
 RUN = 5  # run_length used for the synthetic splits: 8 runs per class
-THRESHOLD = 10
+MIN_CORRELATION = 0.93
 
 
 # --------------------------------------------------------------------------- synthetic images
@@ -127,12 +127,12 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(dataset):
-    return audit(dataset, SUBDIR, threshold=THRESHOLD)
+    return audit(dataset, SUBDIR, min_correlation=MIN_CORRELATION)
 
 
 @pytest.fixture(scope="module")
 def manifest(dataset):
-    return make_split(dataset, SUBDIR, run_length=RUN, threshold=THRESHOLD, seed=0)
+    return make_split(dataset, SUBDIR, run_length=RUN, min_correlation=MIN_CORRELATION, seed=0)
 
 
 def all_paths(root: Path) -> set[str]:
@@ -145,45 +145,6 @@ def test_file_number():
     assert file_number("Benign/WBC-Benign-001.jpg") == 1
     assert file_number("x/a12b034.png") == 34
     assert file_number("x/reference.bmp") is None
-
-
-def test_hamming_matrix_matches_popcount():
-    rng = random.Random(0)
-    hashes = [rng.getrandbits(64) for _ in range(12)] + [0, 2**64 - 1]
-    d = hamming_matrix(hashes)
-    for i, a in enumerate(hashes):
-        for j, b in enumerate(hashes):
-            assert d[i, j] == bin(a ^ b).count("1")
-
-
-def _hd(a: int, b: int) -> int:
-    return bin(a ^ b).count("1")
-
-
-def test_phash_shift_and_reencode_close():
-    for seed in range(5):
-        tex = texture(seed)
-        h0 = phash(load_image(jpeg(view(tex))).rgb)
-        assert _hd(h0, phash(view(tex))) <= 10  # raw vs JPEG
-        for dx, dy in [(1, 0), (0, 1)]:
-            h1 = phash(load_image(jpeg(view(tex, dx, dy), quality=85)).rgb)
-            assert _hd(h0, h1) <= 10, (seed, dx, dy)
-
-
-def test_phash_unrelated_far():
-    base = phash(view(texture(100)))
-    noise = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    assert _hd(base, phash(noise)) > 20
-    others = [_hd(base, phash(view(texture(s)))) for s in range(101, 111)]
-    assert min(others) > THRESHOLD
-    assert np.mean(others) > 20
-
-
-def test_phash_is_64_bit_and_deterministic():
-    rgb = view(texture(3))
-    h = phash(rgb)
-    assert 0 <= h < 2**64
-    assert h == phash(rgb.copy())
 
 
 # --------------------------------------------------------------------------- discover
@@ -236,16 +197,16 @@ def test_audit_report_outputs(report):
     assert d["total"] == sum(EXPECTED_COUNTS.values())
     assert d["n_exact_duplicate_files"] == 3
     assert d["n_images_in_near_duplicate_groups"] == 12
-    assert d["near_duplicate_threshold_bits"] == THRESHOLD
+    assert d["near_duplicate_min_correlation"] == MIN_CORRELATION
     json.dumps(d)  # serialisable
     text = report.to_text()
     assert CORRUPT in text
     assert "Cross-class duplicate groups: 1" in text
 
 
-def test_audit_threshold_zero_keeps_exact_duplicates(dataset):
-    # With threshold 0 only identical hashes join; the byte copies must still be grouped.
-    strict = audit(dataset, SUBDIR, threshold=0)
+def test_audit_strictest_check_keeps_exact_duplicates(dataset):
+    # Above a correlation of 1 no two images are similar enough; the byte copies must still be grouped.
+    strict = audit(dataset, SUBDIR, min_correlation=1.01)
     for s in EXACT_SETS:
         assert any(set(s) <= set(g) for g in strict.near_duplicate_groups)
 
@@ -321,13 +282,13 @@ def test_manifest_samples_skip_errors(manifest):
 
 
 def test_make_split_deterministic(dataset, manifest):
-    again = make_split(dataset, SUBDIR, run_length=RUN, threshold=THRESHOLD, seed=0)
+    again = make_split(dataset, SUBDIR, run_length=RUN, min_correlation=MIN_CORRELATION, seed=0)
     assert again == manifest
     assert json.dumps(again, sort_keys=True) == json.dumps(manifest, sort_keys=True)
 
 
 def test_make_split_other_seed_keeps_rules(dataset, manifest):
-    other = make_split(dataset, SUBDIR, run_length=RUN, threshold=THRESHOLD, seed=1)
+    other = make_split(dataset, SUBDIR, run_length=RUN, min_correlation=MIN_CORRELATION, seed=1)
     assert other["data_sha256"] == manifest["data_sha256"]
     assert set(other["files"]) == set(manifest["files"])
     for group in NEAR_GROUPS:
@@ -422,20 +383,97 @@ def test_group_regex_keeps_augmented_copies_together(tmp_path):
 
 
 @pytest.mark.dataset
-@pytest.mark.parametrize("name,regex", [("bone-xray", r"^(.*?)\.rf\."), ("brain-mri", None)])
-def test_committed_radiology_manifests_do_not_leak(name, regex):
+@pytest.mark.slow
+@pytest.mark.parametrize("analyzer_id", ["bone-xray", "brain-mri"])
+def test_committed_radiology_manifests_do_not_leak(analyzer_id):
+    """Recomputed with today's check: no copy (flip, rotation, crop, contrast) and no patient or
+    radiograph stem on two sides, every source on every side."""
     import re
 
-    from oncoscope.training.data import MANIFEST_DIR, load_manifest, verify_manifest
+    from oncoscope.training.data import load_manifest, split_leaks, verify_manifest
+    from oncoscope.training.recipes import DEFAULT_DATASETS, RECIPES, data_root
 
-    root = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / name
-    if not root.is_dir():
-        pytest.skip(f"dataset not found at {root} (needs ../shared/datasets/{name} next to the repo)")
-    m = load_manifest(MANIFEST_DIR / f"{name}.json")
+    if not (DEFAULT_DATASETS / RECIPES[analyzer_id]["dataset"]).is_dir():
+        pytest.skip(f"dataset not found under {DEFAULT_DATASETS} (needs ../shared/datasets next to the repo)")
+    root = data_root(analyzer_id)
+    m = load_manifest(RECIPES[analyzer_id]["manifest"])
     assert verify_manifest(m, root, check_hashes=False) == []
-    groups: dict = {}
+    rules = [(r"", m["params"].get("group_regex"))] + [
+        (src["dataset"] + "/", src["group_regex"]) for src in m["params"].get("sources", []) if src["group_regex"]]
+    sides: dict = defaultdict(set)
     for path, v in m["files"].items():
-        groups.setdefault(("g", v["group"]), set()).add(v["split"])
-        if regex:
-            groups.setdefault(("stem", re.search(regex, Path(path).name).group(1)), set()).add(v["split"])
-    assert all(len(s) == 1 for s in groups.values())
+        sides[("group", v["group"])].add(v["split"])
+        for prefix, regex in rules:
+            if regex and path.startswith(prefix):
+                sides[(prefix, re.search(regex, Path(path).name).group(1))].add(v["split"])
+    assert all(len(s) == 1 for s in sides.values())
+    for src in m["sources"]:
+        if m["sources"][src] >= 20:
+            assert {v["split"] for v in m["files"].values() if v["source"] == src} == set(SPLITS), src
+    leaks = split_leaks(m, root, m["params"]["min_correlation"])
+    assert leaks["groups_across_splits"] == 0 and leaks["test_images_with_a_copy_in_train_or_val"] == 0
+
+
+# --------------------------------------------------------------------------- several datasets in one split
+
+def _write_scan_like(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(texture(seed)).save(path)
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory) -> Path:
+    """`kaggle/<class>/` plus `tcga/{tumour,no_tumour,masks}/` with 3 slices per patient and class,
+    patients of two institutions (AA, BB) in the file names."""
+    root = tmp_path_factory.mktemp("datasets")
+    for i, cls in enumerate(["glioma", "notumor"]):
+        for n in range(30):
+            _write_scan_like(root / "kaggle" / cls / f"k-{n:03d}.png", 500 + 100 * i + n)
+    for p in range(12):
+        inst = "AA" if p % 2 else "BB"
+        for cls in ("tumour", "no_tumour", "masks"):
+            for s in range(3):
+                _write_scan_like(root / "tcga" / cls / f"TCGA_{inst}_{p:04d}_2000_{s}.png", 900 + 10 * p + s
+                                 + {"tumour": 0, "no_tumour": 3, "masks": 6}[cls] * 1000)
+    return root
+
+
+def test_multi_split_groups_patients_and_records_sources(two_datasets, tmp_path):
+    from oncoscope.training.data import SourceSpec, make_multi_split, write_without
+
+    specs = [SourceSpec("kaggle"),
+             SourceSpec("tcga", labels={"tumour": "glioma", "no_tumour": "notumor"},
+                        group_regex=r"^(TCGA_[A-Z]+_\d+)_", source_regex=r"^TCGA_([A-Z]+)_")]
+    m = make_multi_split(two_datasets, specs, "brain", seed=0)
+    files = m["files"]
+    assert not any("/masks/" in p for p in files)  # folders without a label are not images of the split
+    assert m["classes"] == ["glioma", "notumor"]
+    assert m["sources"] == {"kaggle": 60, "tcga/AA": 36, "tcga/BB": 36}
+    assert files["tcga/tumour/TCGA_AA_0001_2000_0.png"]["label"] == "glioma"
+    sides = defaultdict(set)
+    for p, v in files.items():
+        if p.startswith("tcga/"):
+            sides[Path(p).name[:12]].add(v["split"])  # tumour and tumour-free slices of a patient together
+    assert len(sides) == 12 and all(len(s) == 1 for s in sides.values())
+    assert {v["split"] for v in files.values() if v["source"] == "kaggle"} == set(SPLITS)
+    assert verify_manifest(m, two_datasets) == []
+    save_manifest(m, tmp_path / "m.json")
+    out = write_without(tmp_path / "m.json", ["tcga/AA"], tmp_path / "w.json")
+    left = load_manifest(out)
+    assert left["left_out"] == ["tcga/AA"]
+    assert {v["source"] for v in left["files"].values()} == {"kaggle", "tcga/BB"}
+    assert set(load_manifest(write_without(tmp_path / "m.json", ["tcga"], tmp_path / "w2.json"))["files"]) == \
+        {p for p in files if p.startswith("kaggle/")}
+    with pytest.raises(SystemExit, match="no source named"):
+        write_without(tmp_path / "m.json", ["elsewhere"], tmp_path / "w3.json")
+
+
+def test_split_leaks_reports_copies_across_sides(dataset, manifest):
+    from oncoscope.training.data import split_leaks
+
+    assert split_leaks(manifest, dataset, MIN_CORRELATION)["groups_across_splits"] == 0
+    forged = json.loads(json.dumps(manifest))
+    a, b = NEAR_ONLY[0]
+    forged["files"][a]["split"], forged["files"][b]["split"] = "train", "test"
+    leaks = split_leaks(forged, dataset, MIN_CORRELATION)
+    assert leaks["groups_across_splits"] == 1 and leaks["test_images_with_a_copy_in_train_or_val"] == 1

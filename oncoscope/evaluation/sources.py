@@ -1,0 +1,149 @@
+"""Figures per source (collection, institution) and for sources left out of training, and the
+Grad-CAM pointing game, for radiology analyzers whose split joins several collections.
+
+A figure on the pooled test split hides which collection carries it; the card shows each source's
+tumour-call sensitivity, specificity, referrals and *confident misses* (status ok, tumour called
+absent), and the same for models that never saw the source (leave one source out), the figure a
+new hospital should expect.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from ..ml.metrics import wilson
+from ..training import loso
+
+
+def _rate(k: int, n: int) -> dict | None:
+    if n == 0:
+        return None
+    p, lo, hi = wilson(k, n)
+    return {"k": int(k), "n": int(n), "rate": round(p, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def call_figures(rows: list[dict], malignant: set[str], typed: set[str]) -> dict:
+    """Rows: label, status, called (bool), top. Confident errors are the ones nobody is asked to
+    look at again: status ok and the tumour call wrong."""
+    tumour = [r for r in rows if r["label"] in malignant]
+    clear = [r for r in rows if r["label"] not in malignant]
+    fig = {
+        "n": len(rows), "tumour_images": len(tumour), "no_tumour_images": len(clear),
+        "sensitivity": _rate(sum(r["called"] for r in tumour), len(tumour)),
+        "specificity": _rate(sum(not r["called"] for r in clear), len(clear)),
+        "referred": _rate(sum(r["status"] != "ok" for r in rows), len(rows)),
+        "out_of_domain": _rate(sum(r["status"] == "out_of_domain" for r in rows), len(rows)),
+        "confident_misses": _rate(sum(r["status"] == "ok" and not r["called"] for r in tumour), len(tumour)),
+        "confident_false_alarms": _rate(sum(r["status"] == "ok" and r["called"] for r in clear), len(clear)),
+    }
+    if len({r["label"] for r in rows if r["label"] in typed}) > 1:  # a source with tumour types
+        fig["accuracy"] = _rate(sum(r["top"] == r["label"] for r in rows), len(rows))
+    return fig
+
+
+def pointing_figures(points: list[dict | None]) -> dict | None:
+    """Of the tumour slices called tumour, the share whose heatmap peak is inside the mask (and
+    within a few pixels of it)."""
+    scored = [p for p in points if p is not None]
+    if not points:
+        return None
+    return {"slices": len(points), "no_tumour_call": len(points) - len(scored),
+            "inside_mask": _rate(sum(p["hit"] for p in scored), len(scored)),
+            f"within_{loso.POINTING_TOLERANCE_PX}px": _rate(sum(p["near"] for p in scored), len(scored))}
+
+
+def per_source(ev, typed: set[str]) -> dict:
+    """The shipped model on the test split, one row of figures per source."""
+    malignant = set(ev.an.malignant_labels)
+    called = ev.probs[:, ev.mal].sum(1) >= ev.thr
+    by: dict[str, list[dict]] = defaultdict(list)
+    for i, s in enumerate(ev.test):
+        src = ev.manifest["files"][s.path].get("source", ev.manifest["dataset"])
+        by[src].append({"label": s.label, "status": str(ev.st[i]), "called": bool(called[i]),
+                        "top": ev.results[i].label})
+    return {src: call_figures(rows, malignant, typed) for src, rows in sorted(by.items())}
+
+
+def test_pointing(ev, analyzer_id: str) -> dict | None:
+    masks = loso.mask_paths(analyzer_id)
+    pts = [loso.pointing(ev.results[i], masks[s.path]) for i, s in enumerate(ev.test) if s.path in masks]
+    return pointing_figures(pts) if pts else None
+
+
+def left_out(records: list[dict], malignant: set[str], typed: set[str], band: float | None) -> dict:
+    """Leave-one-source-out figures per left-out source, on all its images and on its test images,
+    with the shipped referral band applied (``band``: confident 'no tumour' only below it)."""
+    out = {}
+    for name in sorted({r["left_out"] for r in records}):
+        mine = [r for r in records if r["left_out"] == name]
+        rows = [_row(r, band) for r in mine]
+        out[name] = {
+            "all_images": call_figures(rows, malignant, typed),
+            "test_images": call_figures([x for x, r in zip(rows, mine) if r["split"] == "test"], malignant, typed),
+            "without_referral_band": call_figures([_row(r, None) for r in mine], malignant, typed),
+            "pointing": pointing_figures([r["pointing"] for r in mine if "pointing" in r]),
+        }
+    return out
+
+
+def _row(r: dict, band: float | None) -> dict:
+    called = r["p_malignant"] is not None and r["p_malignant"] >= r["malignant_threshold"]
+    status = r["status"]
+    if status == "ok" and not called and band is not None and r["p_malignant"] >= band:
+        status = "uncertain"
+    return {"label": r["label"], "status": status, "called": called, "top": r["top"]}
+
+
+# ----------------------------------------------------------------------------- card text
+def _pct(x: dict | None) -> str:
+    if not x:
+        return "-"
+    return f"{100 * x['rate']:.1f}% ({100 * x['ci95'][0]:.0f}-{100 * x['ci95'][1]:.0f}; {x['k']}/{x['n']})"
+
+
+def _table(rows: dict, positive: str) -> list[str]:
+    out = [f"| source | n | {positive} sensitivity | specificity | referred | confident misses (of tumour images) | "
+           "confident false alarms | 4-class accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for name, f in rows.items():
+        out.append(f"| {name} | {f['n']} | {_pct(f['sensitivity'])} | {_pct(f['specificity'])} | "
+                   f"{_pct(f['referred'])} | {_pct(f['confident_misses'])} | {_pct(f['confident_false_alarms'])} | "
+                   f"{_pct(f.get('accuracy'))} |")
+    return out
+
+
+def source_markdown(card: dict, positive: str) -> list[str]:
+    """The card's per-source, leave-one-source-out and localisation sections (empty without sources)."""
+    if "sources" not in card:
+        return []
+    cal = card.get("calibration") or {}
+    L = ["", "## Per source (test split)",
+         "Each image carries its collection (and, for TCGA, the institution in the patient id). Percentages with "
+         "95% Wilson intervals; a *confident miss* is a tumour image answered 'no tumour' with status ok.", "",
+         *_table(card["sources"], positive)]
+    lo = card.get("leave_one_source_out")
+    if lo:
+        band = cal.get("confident_negative_below")
+        L += ["", "## Leave one source out (the estimate for a new collection)",
+              "One model trained without each source, run on every image of it (none was seen in training). "
+              + (f"'No tumour' stays ok only when P({positive}) < {band} (fitted on these runs' non-test images, see "
+                 "calibration); the last table shows the same runs without that band." if band is not None else ""),
+              "", "All images of the left-out source:", "",
+              *_table({k: v["all_images"] for k, v in lo.items()}, positive),
+              "", "Only their test-split images (nothing was fitted on them):", "",
+              *_table({k: v["test_images"] for k, v in lo.items()}, positive),
+              "", "Without the referral band:", "",
+              *_table({k: v["without_referral_band"] for k, v in lo.items()}, positive)]
+    pts = [(k, v["pointing"]) for k, v in (lo or {}).items() if v.get("pointing")]
+    if card.get("localisation") or pts:
+        L += ["", "## Localisation (Grad-CAM pointing game)",
+              "On tumour slices with a FLAIR abnormality mask that the model called tumour: is the heatmap's peak "
+              "inside the mask (or within 8 px of it)?", "",
+              "| model / images | slices | not called tumour | peak inside mask | within 8 px |", "|---|---|---|---|---|"]
+        rows = ([("shipped model, test split", card["localisation"])] if card.get("localisation") else []) + \
+            [(f"trained without {k}", v) for k, v in pts]
+        for name, v in rows:
+            L.append(f"| {name} | {v['slices']} | {v['no_tumour_call']} | {_pct(v['inside_mask'])} | "
+                     f"{_pct(v['within_8px'])} |")
+    return L

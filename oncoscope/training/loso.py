@@ -1,0 +1,141 @@
+"""Leave-one-source-out: what the models trained without a source answer on it, the referral band
+fitted on those answers, and where their Grad-CAM points on images with tumour masks.
+
+``oncoscope train --analyzer brain-mri --without tcga-lgg-flair/DU`` leaves ``<work>/brain-mri-without-
+tcga-lgg-flair-DU/`` (its manifest, which names what was left out, and ``model/``). This module runs
+each such model on every image of the source it never saw (all splits: none of them was used) and
+keeps one record per image. The shipped model's *confident negative* threshold is fitted on the
+records of images outside the test split, so the test split's figures stay untouched by it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..analyzers import registry
+from ..imaging.imageio import load_image
+from .data import load_manifest, source_matches
+from .recipes import RECIPES, data_root, model_dir
+
+MAX_CONFIDENT_MISS = 0.02  # of tumour images of a source left out of training (issue target)
+FIT_MARGIN = 0.5  # fit to half the allowance: a new source differs from the ones we could leave out
+POINTING_TOLERANCE_PX = 8
+
+
+def runs(analyzer_id: str, work: Path) -> list[tuple[list[str], Path]]:
+    """(sources left out, model folder) of every finished leave-one-source-out run."""
+    out = []
+    for m in sorted(Path(work).glob(f"{analyzer_id}-without-*/manifest.json")):
+        model = m.parent / "model"
+        cfg = model / "config.json"
+        if cfg.exists() and "calibration" in json.loads(cfg.read_text()):
+            out.append((json.loads(m.read_text())["left_out"], model))
+    return out
+
+
+def mask_paths(analyzer_id: str) -> dict[str, Path]:
+    """Manifest path -> tumour mask file, for the recipe's datasets that have masks."""
+    spec = RECIPES[analyzer_id].get("masks")
+    if not spec:
+        return {}
+    base = data_root(analyzer_id) / spec["dataset"]
+    table = base / spec["csv"]
+    if not table.exists():
+        return {}
+    with open(table, newline="") as fh:
+        return {f"{spec['dataset']}/{row['path']}": base / row[spec["column"]]
+                for row in csv.DictReader(fh) if row.get(spec["column"])}
+
+
+def pointing(res, mask_file: Path) -> dict | None:
+    """Does the heatmap's peak fall inside the tumour mask (or within a few pixels of it)? Only for
+    a tumour call: the heatmap then explains a tumour class (None otherwise)."""
+    heatmap = res.heatmap
+    if heatmap is None or not res.malignant:
+        return None
+    mask = np.asarray(Image.open(mask_file).convert("L").resize(heatmap.shape[::-1], Image.NEAREST)) > 127
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    r = POINTING_TOLERANCE_PX
+    near = mask[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].any()
+    return {"hit": bool(mask[y, x]), "near": bool(near)}
+
+
+def record(an, path: Path, rel: str, entry: dict, masks: dict[str, Path]) -> dict:
+    res = an.analyze(load_image(path).rgb)
+    mal = [i for i, l in enumerate(an.labels) if l in an.malignant_labels]
+    probs = [float(res.probabilities.get(l, np.nan)) for l in an.labels] if res.probabilities else None
+    out = {"path": rel, "source": entry.get("source"), "label": entry["label"], "split": entry["split"],
+           "status": res.status, "top": res.label, "probabilities": probs,
+           "p_malignant": float(np.sum([probs[i] for i in mal])) if probs else None,
+           "malignant_threshold": an.malignant_threshold}
+    if rel in masks:
+        out["pointing"] = pointing(res, masks[rel])
+    return out
+
+
+def held_out_predictions(analyzer_id: str, work: Path, refresh: bool = False) -> list[dict]:
+    """Every leave-one-source-out model on the images of the source it never saw (cached in work)."""
+    cache = Path(work) / f"{analyzer_id}-loso-predictions.json"
+    found = runs(analyzer_id, work)
+    if cache.exists() and not refresh:
+        cached = json.loads(cache.read_text())
+        if cached["runs"] == [r[0] for r in found]:
+            return cached["records"]
+    manifest = load_manifest(RECIPES[analyzer_id]["manifest"])
+    root, masks = data_root(analyzer_id), mask_paths(analyzer_id)
+    records = []
+    for left_out, model in found:
+        an = registry.get(analyzer_id, model_dir=model)
+        for rel, entry in sorted(manifest["files"].items()):
+            if not entry.get("error") and source_matches(entry.get("source", manifest["dataset"]), left_out):
+                records.append(dict(record(an, root / rel, rel, entry, masks), left_out="+".join(left_out)))
+        registry.clear()
+    cache.write_text(json.dumps({"runs": [r[0] for r in found], "records": records}))
+    return records
+
+
+def _is_miss(r: dict, malignant: set[str], below: float) -> bool:
+    """A tumour image answered 'no tumour' with status ok, had the band started at ``below``."""
+    return (r["label"] in malignant and r["status"] == "ok" and r["p_malignant"] is not None
+            and r["p_malignant"] < min(below, r["malignant_threshold"]))
+
+
+def fit_confident_negative(records: list[dict], malignant: set[str]) -> tuple[float, dict]:
+    """The highest P(tumour) below which a 'no tumour' answer may stay ok: confident misses on the
+    left-out sources' non-test images at most FIT_MARGIN x MAX_CONFIDENT_MISS of their tumour images."""
+    fit = [r for r in records if r["split"] != "test"]
+    tumour = [r for r in fit if r["label"] in malignant]
+    if not tumour:
+        raise SystemExit("no leave-one-source-out records with tumour images to fit the referral band on")
+    allowed = FIT_MARGIN * MAX_CONFIDENT_MISS * len(tumour)
+    best = 0.0
+    for t in np.round(np.arange(0.001, 0.501, 0.001), 3):
+        if sum(_is_miss(r, malignant, t) for r in tumour) <= allowed:
+            best = float(t)
+    info = {"fitted_on": "leave-one-source-out models on the non-test images of the source each never saw",
+            "sources": sorted({r["left_out"] for r in fit}), "tumour_images": len(tumour),
+            "rule": f"highest P(tumour) with confident misses <= {FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of those "
+                    "tumour images", "confident_misses_at_fit": sum(_is_miss(r, malignant, best) for r in tumour)}
+    return best, info
+
+
+def write_referral_band(analyzer_id: str, work: Path, out_dir: Path | None = None) -> dict:
+    """Fit the band on the held-out predictions and write it into the model's calibration."""
+    out_dir = Path(out_dir) if out_dir else model_dir(analyzer_id)
+    records = held_out_predictions(analyzer_id, work)
+    malignant = set(RECIPES[analyzer_id]["config"]["malignant_labels"])
+    below, info = fit_confident_negative(records, malignant)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "calibration" not in cfg:
+        raise SystemExit(f"{cfg_path} is not calibrated yet: run --stage calibrate first")
+    cfg["calibration"]["confident_negative_below"] = below
+    cfg["calibration"]["confident_negative_rule"] = info
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    registry.clear()
+    return {"confident_negative_below": below, **info}
