@@ -39,7 +39,10 @@ def data_audit(directory, subdir, min_correlation, manifest_path, as_json):
     rep = audit(directory, _default_subdir(directory, subdir), min_correlation=min_correlation,
                 progress=sys.stderr.isatty())
     if manifest_path:
-        rep.extra["split_leaks"] = split_leaks(load_manifest(manifest_path), directory, min_correlation)
+        manifest = load_manifest(manifest_path)
+        # a split over several datasets names its files from the folder that holds them
+        root = Path(directory).parent if manifest["params"].get("sources") else directory
+        rep.extra["split_leaks"] = split_leaks(manifest, root, min_correlation)
     click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.to_text())
 
 

@@ -75,7 +75,7 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
     source never seen in training."""
 
     t_start = time.time()
-    ev = run_test_split(analyzer_id, model_dir, data_root, "group", n_boot, progress)
+    ev = run_test_split(analyzer_id, model_dir, data_root, "block", n_boot, progress)
     an, recipe, manifest, labels, mal, thr = ev.an, ev.recipe, ev.manifest, ev.labels, ev.mal, ev.thr
     test, rgbs, y, clusters, results, times = ev.test, ev.rgbs, ev.y, ev.clusters, ev.results, ev.times
     probs, st, main, ci, selective = ev.probs, ev.st, ev.main, ev.ci, ev.selective
@@ -133,7 +133,9 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
                                        "shift, brightness/contrast/gamma"
                                        + (f", random tone curves (sequence-like) on {tr['tone_p']:.0%}"
                                           if tr.get("tone_p") else "")
-                                       + (f", lower resolution on {tr['lowres_p']:.0%}" if tr.get("lowres_p") else ""),
+                                       + (f", lower resolution on {tr['lowres_p']:.0%}" if tr.get("lowres_p") else "")
+                                       + (f", film borders and a side marker painted in on {tr['edges_p']:.0%}"
+                                          if tr.get("edges_p") else ""),
                        "loss": "class-weighted cross-entropy, AdamW, cosine schedule, best validation loss kept",
                        "test_time_augmentation": {"hflip": "logits of the image and its mirror image averaged"}.get(
                            recipe.get("tta"), "none")},
@@ -142,7 +144,7 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
         # as written: the fitted values with their rules and validation figures
         "calibration": an.config.to_dict().get("calibration"),
         "test": {"metrics": main, "ci95_cluster_bootstrap": ci, "n_bootstrap": n_boot,
-                 "bootstrap_clusters": "split groups (copies of one source image / near-duplicates)",
+                 "bootstrap_clusters": "split blocks (copies of one scan or radiograph, one patient's slices)",
                  "n_clusters": int(len(np.unique(clusters))), "selective": selective,
                  "reliability": M.reliability(probs, y)},
         "shortcuts": shortcuts,
@@ -222,9 +224,17 @@ def check_targets(card: dict, specs, missing_ok: bool = False) -> list[dict]:
     return rows
 
 
+OPTIONAL_SECTIONS = ("leave_one_source_out.", "localisation.")  # absent without LOSO runs or masks
+
+
 def targets(card: dict, recipe: dict) -> list[dict]:
-    """The recipe's targets checked against the card."""
-    return check_targets(card, recipe["targets"], missing_ok=True)
+    """The recipe's targets checked against the card; a figure of an optional section that the card
+    lacks is missed (None), any other missing path is an error in the recipe."""
+    optional = [t for t in recipe["targets"] if t[1].startswith(OPTIONAL_SECTIONS)]
+    rows = {t[0]: r for t, r in zip(optional, check_targets(card, optional, missing_ok=True))}
+    required = [t for t in recipe["targets"] if t not in optional]
+    rows.update({t[0]: r for t, r in zip(required, check_targets(card, required))})
+    return [rows[t[0]] for t in recipe["targets"]]
 
 
 def _overlays(out: Path, labels, y, test, rgbs, results) -> None:

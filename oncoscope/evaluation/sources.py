@@ -59,16 +59,21 @@ def per_source(ev, typed: set[str]) -> dict:
     malignant = set(ev.an.malignant_labels)
     called = ev.probs[:, ev.mal].sum(1) >= ev.thr
     by: dict[str, list[dict]] = defaultdict(list)
+    blocks: dict[str, set] = defaultdict(set)
     for i, s in enumerate(ev.test):
-        src = ev.manifest["files"][s.path].get("source", ev.manifest["dataset"])
+        entry = ev.manifest["files"][s.path]
+        src = entry.get("source", ev.manifest["dataset"])
+        blocks[src].add(entry["block"])
         by[src].append({"label": s.label, "status": str(ev.st[i]), "called": bool(called[i]),
                         "top": ev.results[i].label})
-    return {src: call_figures(rows, malignant, typed) for src, rows in sorted(by.items())}
+    # blocks: patients (TCGA) or groups of copies; slices of one patient are not independent
+    return {src: dict(call_figures(rows, malignant, typed), blocks=len(blocks[src])) for src, rows in sorted(by.items())}
 
 
 def test_pointing(ev, analyzer_id: str) -> dict | None:
     masks = loso.mask_paths(analyzer_id)
-    pts = [loso.pointing(ev.results[i], masks[s.path]) for i, s in enumerate(ev.test) if s.path in masks]
+    pts = [loso.pointing(ev.results[i], masks[s.path], ev.an.malignant_labels)
+           for i, s in enumerate(ev.test) if s.path in masks]
     return pointing_figures(pts) if pts else None
 
 
@@ -80,6 +85,7 @@ def left_out(records: list[dict], malignant: set[str], typed: set[str], band: fl
         mine = [r for r in records if r["left_out"] == name]
         rows = [_row(r, band) for r in mine]
         out[name] = {
+            "blocks": len({r.get("block") for r in mine}),
             "all_images": call_figures(rows, malignant, typed),
             "test_images": call_figures([x for x, r in zip(rows, mine) if r["split"] == "test"], malignant, typed),
             "without_referral_band": call_figures([_row(r, None) for r in mine], malignant, typed),
@@ -104,10 +110,11 @@ def _pct(x: dict | None) -> str:
 
 
 def _table(rows: dict, positive: str) -> list[str]:
-    out = [f"| source | n | {positive} sensitivity | specificity | referred | confident misses (of tumour images) | "
+    out = [f"| source | n (blocks) | {positive} sensitivity | specificity | referred | confident misses (of tumour images) | "
            "confident false alarms | 4-class accuracy |", "|---|---|---|---|---|---|---|---|"]
     for name, f in rows.items():
-        out.append(f"| {name} | {f['n']} | {_pct(f['sensitivity'])} | {_pct(f['specificity'])} | "
+        blocks = f" ({f['blocks']})" if f.get("blocks") else ""
+        out.append(f"| {name} | {f['n']}{blocks} | {_pct(f['sensitivity'])} | {_pct(f['specificity'])} | "
                    f"{_pct(f['referred'])} | {_pct(f['confident_misses'])} | {_pct(f['confident_false_alarms'])} | "
                    f"{_pct(f.get('accuracy'))} |")
     return out
@@ -120,7 +127,9 @@ def source_markdown(card: dict, positive: str) -> list[str]:
     cal = card.get("calibration") or {}
     L = ["", "## Per source (test split)",
          "Each image carries its collection (and, for TCGA, the institution in the patient id). Percentages with "
-         "95% Wilson intervals; a *confident miss* is a tumour image answered 'no tumour' with status ok.", "",
+         "95% Wilson intervals over images; blocks are patients (TCGA) or groups of copies, and slices of one "
+         "patient are not independent, so read small sources as a few patients. A *confident miss* is a tumour "
+         "image answered 'no tumour' with status ok.", "",
          *_table(card["sources"], positive)]
     lo = card.get("leave_one_source_out")
     if lo:
@@ -130,20 +139,22 @@ def source_markdown(card: dict, positive: str) -> list[str]:
               + (f"'No tumour' stays ok only when P({positive}) < {band} (fitted on these runs' non-test images, see "
                  "calibration); the last table shows the same runs without that band." if band is not None else ""),
               "", "All images of the left-out source:", "",
-              *_table({k: v["all_images"] for k, v in lo.items()}, positive),
+              *_table({k: dict(v["all_images"], blocks=v["blocks"]) for k, v in lo.items()}, positive),
               "", "Only their test-split images (nothing was fitted on them):", "",
               *_table({k: v["test_images"] for k, v in lo.items()}, positive),
               "", "Without the referral band:", "",
               *_table({k: v["without_referral_band"] for k, v in lo.items()}, positive)]
     pts = [(k, v["pointing"]) for k, v in (lo or {}).items() if v.get("pointing")]
+    tol = loso.POINTING_TOLERANCE_PX
     if card.get("localisation") or pts:
         L += ["", "## Localisation (Grad-CAM pointing game)",
-              "On tumour slices with a FLAIR abnormality mask that the model called tumour: is the heatmap's peak "
-              "inside the mask (or within 8 px of it)?", "",
-              "| model / images | slices | not called tumour | peak inside mask | within 8 px |", "|---|---|---|---|---|"]
+              "On tumour slices with a FLAIR abnormality mask that the model called tumour (a tumour class on "
+              f"top): is the heatmap's peak inside the mask (or within {tol} px of it)?", "",
+              f"| model / images | slices | not called tumour | peak inside mask | within {tol} px |",
+              "|---|---|---|---|---|"]
         rows = ([("shipped model, test split", card["localisation"])] if card.get("localisation") else []) + \
             [(f"trained without {k}", v) for k, v in pts]
         for name, v in rows:
             L.append(f"| {name} | {v['slices']} | {v['no_tumour_call']} | {_pct(v['inside_mask'])} | "
-                     f"{_pct(v['within_8px'])} |")
+                     f"{_pct(v[f'within_{tol}px'])} |")
     return L

@@ -206,8 +206,8 @@ def preprocess_eval(batch_u8: torch.Tensor, size: int) -> torch.Tensor:
 
 def _tone_curves(x: torch.Tensor, g: torch.Generator, p: float, knots: int = 5) -> torch.Tensor:
     """Each chosen image through its own piecewise-linear curve: knots drawn at random, sorted (a
-    monotonic change of contrast) for half of them; black stays black, so the background does not
-    light up."""
+    monotonic change of contrast) for half of them; the curve starts at 0, so the darkest tissue and
+    the background stay dark."""
     out = x.clone()
     for i in torch.nonzero(torch.rand(len(x), generator=g) < p).flatten().tolist():
         ys = torch.rand(knots, generator=g)

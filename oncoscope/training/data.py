@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..imaging.imageio import IMAGE_EXTENSIONS, ImageLoadError, load_image, pad_to_square, resize_rgb, to_gray3
-from .near_duplicates import DEFAULT_MIN_CORRELATION, HASH_NAME, groups_within, signature, similarity
+from .near_duplicates import DEFAULT_MIN_CORRELATION, HASH_NAME, UnionFind, groups_within, signature, similarity
 
 SPLITS = ("train", "val", "test")
 MANIFEST_DIR = Path(__file__).resolve().parent / "splits"
@@ -82,22 +82,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.p = list(range(n))
-
-    def find(self, a: int) -> int:
-        while self.p[a] != a:
-            self.p[a] = self.p[self.p[a]]
-            a = self.p[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.p[max(ra, rb)] = min(ra, rb)
 
 
 @dataclass
@@ -277,7 +261,7 @@ def _assign(facts: list[ImageFacts], unit_of: list[tuple], groups: list[int], so
     (source, class), so every source is represented on every side."""
     units = sorted(set(unit_of), key=lambda u: (u[0], str(u[1])))
     uidx = {u: i for i, u in enumerate(units)}
-    uf = _UnionFind(len(units))
+    uf = UnionFind(len(units))
     first_unit_of_group: dict[int, int] = {}
     for u, g in zip(unit_of, groups):
         uf.union(first_unit_of_group.setdefault(g, uidx[u]), uidx[u])
@@ -404,9 +388,12 @@ def write_without(manifest_path: str | os.PathLike, sources: list[str], out: Pat
     m = load_manifest(manifest_path)
     m.pop("_path")
     known = set(m.get("sources", {}))
-    if not any(source_matches(k, sources) for k in known):
-        raise SystemExit(f"no source named {', '.join(sources)} in {manifest_path}; known: {', '.join(sorted(known))}")
-    m["files"] = {p: v for p, v in m["files"].items() if not source_matches(v.get("source", m["dataset"]), sources)}
+    for name in sources:
+        if not any(source_matches(k, [name]) for k in known):
+            raise SystemExit(f"no source named {name} in {manifest_path}; known: {', '.join(sorted(known))}")
+    # whole blocks: a copy of a left-out image filed under another source must not stay in training
+    blocks = {v["block"] for v in m["files"].values() if source_matches(v.get("source", m["dataset"]), sources)}
+    m["files"] = {p: v for p, v in m["files"].items() if v["block"] not in blocks}
     m["left_out"] = sources
     save_manifest(m, out)
     return out

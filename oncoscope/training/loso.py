@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..analyzers import registry
 from ..imaging.imageio import load_image
-from .data import load_manifest, source_matches
+from .data import load_manifest, sha256_file, source_matches
 from .recipes import RECIPES, data_root, model_dir
 
 MAX_CONFIDENT_MISS = 0.02  # of tumour images of a source left out of training (issue target)
@@ -52,11 +52,12 @@ def mask_paths(analyzer_id: str) -> dict[str, Path]:
                 for row in csv.DictReader(fh) if row.get(spec["column"])}
 
 
-def pointing(res, mask_file: Path) -> dict | None:
+def pointing(res, mask_file: Path, malignant_labels) -> dict | None:
     """Does the heatmap's peak fall inside the tumour mask (or within a few pixels of it)? Only for
-    a tumour call: the heatmap then explains a tumour class (None otherwise)."""
+    a tumour call whose top class is a tumour: the heatmap then explains a tumour class (None
+    otherwise; with a low threshold a slice can be called tumour with 'no tumour' on top)."""
     heatmap = res.heatmap
-    if heatmap is None or not res.malignant:
+    if heatmap is None or not res.malignant or res.label not in malignant_labels:
         return None
     mask = np.asarray(Image.open(mask_file).convert("L").resize(heatmap.shape[::-1], Image.NEAREST)) > 127
     y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
@@ -69,12 +70,13 @@ def record(an, path: Path, rel: str, entry: dict, masks: dict[str, Path]) -> dic
     res = an.analyze(load_image(path).rgb)
     mal = [i for i, l in enumerate(an.labels) if l in an.malignant_labels]
     probs = [float(res.probabilities.get(l, np.nan)) for l in an.labels] if res.probabilities else None
-    out = {"path": rel, "source": entry.get("source"), "label": entry["label"], "split": entry["split"],
+    out = {"path": rel, "source": entry.get("source"), "block": entry["block"], "label": entry["label"],
+           "split": entry["split"],
            "status": res.status, "top": res.label, "probabilities": probs,
            "p_malignant": float(np.sum([probs[i] for i in mal])) if probs else None,
            "malignant_threshold": an.malignant_threshold}
     if rel in masks:
-        out["pointing"] = pointing(res, masks[rel])
+        out["pointing"] = pointing(res, masks[rel], an.malignant_labels)
     return out
 
 
@@ -82,11 +84,14 @@ def held_out_predictions(analyzer_id: str, work: Path, refresh: bool = False) ->
     """Every leave-one-source-out model on the images of the source it never saw (cached in work)."""
     cache = Path(work) / f"{analyzer_id}-loso-predictions.json"
     found = runs(analyzer_id, work)
+    manifest = load_manifest(RECIPES[analyzer_id]["manifest"])
+    # the cache holds for these models on this split only
+    key = {"runs": [r[0] for r in found], "data_sha256": manifest["data_sha256"],
+           "models": [sha256_file(m / "classifier.onnx") + sha256_file(m / "config.json") for _, m in found]}
     if cache.exists() and not refresh:
         cached = json.loads(cache.read_text())
-        if cached["runs"] == [r[0] for r in found]:
+        if cached.get("key") == key:
             return cached["records"]
-    manifest = load_manifest(RECIPES[analyzer_id]["manifest"])
     root, masks = data_root(analyzer_id), mask_paths(analyzer_id)
     records = []
     for left_out, model in found:
@@ -95,7 +100,7 @@ def held_out_predictions(analyzer_id: str, work: Path, refresh: bool = False) ->
             if not entry.get("error") and source_matches(entry.get("source", manifest["dataset"]), left_out):
                 records.append(dict(record(an, root / rel, rel, entry, masks), left_out="+".join(left_out)))
         registry.clear()
-    cache.write_text(json.dumps({"runs": [r[0] for r in found], "records": records}))
+    cache.write_text(json.dumps({"key": key, "records": records}))
     return records
 
 
@@ -105,22 +110,32 @@ def _is_miss(r: dict, malignant: set[str], below: float) -> bool:
             and r["p_malignant"] < min(below, r["malignant_threshold"]))
 
 
-def fit_confident_negative(records: list[dict], malignant: set[str]) -> tuple[float, dict]:
-    """The highest P(tumour) below which a 'no tumour' answer may stay ok: confident misses on the
-    left-out sources' non-test images at most FIT_MARGIN x MAX_CONFIDENT_MISS of their tumour images."""
+def fit_confident_negative(records: list[dict], malignant: set[str], threshold: float) -> tuple[float, dict]:
+    """The highest P(tumour), at most the shipped ``threshold``, below which a 'no tumour' answer may
+    stay ok: confident misses at most FIT_MARGIN x MAX_CONFIDENT_MISS of the tumour images.
+
+    Fitted on the non-test images of whole collections left out (the closest stand-in for a new
+    hospital; a left-out institution still had its collection's look in training), falling back to
+    every run when no whole collection was left out."""
     fit = [r for r in records if r["split"] != "test"]
+    whole = [r for r in fit if "/" not in r["left_out"]]
+    fit = whole or fit
     tumour = [r for r in fit if r["label"] in malignant]
     if not tumour:
         raise SystemExit("no leave-one-source-out records with tumour images to fit the referral band on")
     allowed = FIT_MARGIN * MAX_CONFIDENT_MISS * len(tumour)
-    best = 0.0
-    for t in np.round(np.arange(0.001, 0.501, 0.001), 3):
-        if sum(_is_miss(r, malignant, t) for r in tumour) <= allowed:
-            best = float(t)
-    info = {"fitted_on": "leave-one-source-out models on the non-test images of the source each never saw",
+    passing = [float(t) for t in np.round(np.arange(0.001, threshold + 1e-9, 0.001), 3)
+               if sum(_is_miss(r, malignant, t) for r in tumour) <= allowed]
+    if not passing:
+        raise SystemExit(f"no referral band keeps confident misses within {FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of "
+                         f"{len(tumour)} left-out tumour images, even at P(tumour) {0.001}")
+    best = max(passing)
+    info = {"fitted_on": "leave-one-source-out models on the non-test images of the "
+                         + ("collections" if whole else "sources") + " they never saw",
             "sources": sorted({r["left_out"] for r in fit}), "tumour_images": len(tumour),
-            "rule": f"highest P(tumour) with confident misses <= {FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of those "
-                    "tumour images", "confident_misses_at_fit": sum(_is_miss(r, malignant, best) for r in tumour)}
+            "rule": f"highest P(tumour) <= the threshold with confident misses <= "
+                    f"{FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of those tumour images",
+            "confident_misses_at_fit": sum(_is_miss(r, malignant, best) for r in tumour)}
     return best, info
 
 
@@ -129,11 +144,11 @@ def write_referral_band(analyzer_id: str, work: Path, out_dir: Path | None = Non
     out_dir = Path(out_dir) if out_dir else model_dir(analyzer_id)
     records = held_out_predictions(analyzer_id, work)
     malignant = set(RECIPES[analyzer_id]["config"]["malignant_labels"])
-    below, info = fit_confident_negative(records, malignant)
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     if "calibration" not in cfg:
         raise SystemExit(f"{cfg_path} is not calibrated yet: run --stage calibrate first")
+    below, info = fit_confident_negative(records, malignant, cfg["calibration"]["malignant_threshold"])
     cfg["calibration"]["confident_negative_below"] = below
     cfg["calibration"]["confident_negative_rule"] = info
     cfg_path.write_text(json.dumps(cfg, indent=1))

@@ -99,21 +99,29 @@ def similarity(signatures: np.ndarray, chunk: int = 128) -> np.ndarray:
     return np.maximum(sim, sim.T)
 
 
-def groups_within(similar: np.ndarray) -> list[int]:
-    """Connected components of a boolean (N, N) relation, numbered in order of first member."""
-    n = len(similar)
-    parent = list(range(n))
+class UnionFind:
+    """Disjoint sets over 0..n-1; a set is named by its smallest member."""
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
+    def __init__(self, n: int):
+        self.p = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.p[a] != a:
+            self.p[a] = self.p[self.p[a]]
+            a = self.p[a]
         return a
 
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.p[max(ra, rb)] = min(ra, rb)
+
+
+def groups_within(similar: np.ndarray) -> list[int]:
+    """Connected components of a boolean (N, N) relation, numbered in order of first member."""
+    uf = UnionFind(len(similar))
     ii, jj = np.nonzero(np.triu(similar, k=1))
     for a, b in zip(ii.tolist(), jj.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
+        uf.union(a, b)
     remap: dict[int, int] = {}
-    return [remap.setdefault(find(i), len(remap)) for i in range(n)]
+    return [remap.setdefault(uf.find(i), len(remap)) for i in range(len(similar))]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .calibrate import calibrate
 from .data import write_without
+from . import loso
 from .loso import write_referral_band
 from .export import export_models
 from .recipes import RECIPES, data_root as recipe_root, model_dir, write_config
@@ -42,6 +43,8 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
         all_stages.remove("segmenter")
         if stage == "segmenter":
             raise SystemExit(f"analyzer {analyzer_id!r} has no segmenter")
+    if r.get("loso_sources") and loso.runs(analyzer_id, Path(work)) and not without:
+        all_stages.append("referral")  # the band would be lost with the calibration it belongs to
     stages = all_stages if stage == "all" else [stage]
     if stage in ("loso", "referral") and not r.get("loso_sources"):
         raise SystemExit(f"analyzer {analyzer_id!r} names no sources to leave out (recipe 'loso_sources')")

@@ -14,7 +14,7 @@ from oncoscope.training.data import load_manifest, manifest_samples
 from oncoscope.evaluation.smear import _classify
 from oncoscope.evaluation.classifier import foreign_test_files
 from oncoscope.imaging.imageio import load_image
-from oncoscope.training.recipes import RECIPES
+from oncoscope.training.recipes import RECIPES, data_root
 
 from ..conftest import DATASETS, dataset_dir
 
@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.dataset, pytest.mark.slow]
 
 @pytest.mark.parametrize("analyzer_id", ["bone-xray", "brain-mri"])
 def test_card_figures_reproduce_on_the_test_split(analyzer_id):
-    root = dataset_dir(RECIPES[analyzer_id]["dataset"])
+    dataset_dir(RECIPES[analyzer_id]["dataset"])
+    root = data_root(analyzer_id)
     an = registry.get(analyzer_id)
     card = json.loads((registry.MODELS_DIR / analyzer_id / "model_card.json").read_text())
     manifest = load_manifest(RECIPES[analyzer_id]["manifest"])

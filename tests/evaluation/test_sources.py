@@ -48,3 +48,34 @@ def test_pointing_figures():
     assert f["slices"] == 5 and f["no_tumour_call"] == 1
     assert f["inside_mask"]["rate"] == 0.75 and f["within_8px"]["rate"] == 1.0
     assert S.pointing_figures([]) is None
+
+
+def test_per_source_and_card_text():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    labels = ["glioma", "meningioma", "notumor", "pituitary"]
+    test = [SimpleNamespace(path=f"f{i}", label=l) for i, l in enumerate(["glioma", "notumor", "glioma", "meningioma"])]
+    files = {"f0": {"source": "tcga/DU", "block": 1}, "f1": {"source": "tcga/DU", "block": 1},
+             "f2": {"source": "kaggle", "block": 2}, "f3": {"source": "kaggle", "block": 3}}
+    probs = np.array([[0.9, 0, 0.1, 0], [0.05, 0, 0.95, 0], [0.01, 0, 0.99, 0], [0.1, 0.8, 0.1, 0]])
+    ev = SimpleNamespace(an=SimpleNamespace(malignant_labels=["glioma", "meningioma", "pituitary"]),
+                         probs=probs, mal=[0, 1, 3], thr=0.08, test=test, manifest={"files": files, "dataset": "x"},
+                         st=np.array(["ok", "uncertain", "ok", "ok"]),
+                         results=[SimpleNamespace(label=labels[int(np.argmax(p))]) for p in probs])
+    out = S.per_source(ev, MAL)
+    assert out["tcga/DU"]["blocks"] == 1 and out["tcga/DU"]["n"] == 2
+    assert out["kaggle"]["confident_misses"]["k"] == 1  # f2: glioma at P(tumour) 0.01, ok
+    assert out["kaggle"]["accuracy"]["k"] == 1  # two tumour types in kaggle: accuracy shown
+    card = {"sources": out, "calibration": {"confident_negative_below": 0.02},
+            "leave_one_source_out": {"tcga": {"blocks": 5, "all_images": out["kaggle"], "test_images": out["kaggle"],
+                                              "without_referral_band": out["kaggle"], "pointing": None}},
+            "localisation": {"slices": 3, "no_tumour_call": 1,
+                             "inside_mask": {"k": 1, "n": 2, "rate": 0.5, "ci95": [0.1, 0.9]},
+                             "within_8px": {"k": 2, "n": 2, "rate": 1.0, "ci95": [0.3, 1.0]}}}
+    text = "\n".join(S.source_markdown(card, "brain tumour"))
+    assert "## Per source (test split)" in text and "| tcga/DU | 2 (1) |" in text
+    assert "P(brain tumour) < 0.02" in text and "| tcga | 2 (5) |" in text
+    assert "| shipped model, test split | 3 | 1 | 50.0% (10-90; 1/2) | 100.0% (30-100; 2/2) |" in text
+    assert S.source_markdown({}, "x") == []

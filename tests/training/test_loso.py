@@ -20,40 +20,55 @@ def rec(label: str, p: float, split: str = "train", status: str = "ok", thr: flo
 def test_band_keeps_confident_misses_within_the_allowance():
     # 100 tumour images: 90 called, 10 missed at P = 0.01 ... 0.10; allowance 1% -> one miss may stay ok
     tumour = [rec("glioma", 0.9)] * 90 + [rec("glioma", 0.01 * (i + 1)) for i in range(10)]
-    below, info = loso.fit_confident_negative(tumour + [rec("notumor", 0.01)] * 50, MAL)
+    below, info = loso.fit_confident_negative(tumour + [rec("notumor", 0.01)] * 50, MAL, 0.4)
     assert below == pytest.approx(0.02)  # at 0.02 only the 0.01 miss stays ok
     assert info["tumour_images"] == 100 and info["confident_misses_at_fit"] == 1
 
 
-def test_band_ignores_test_images_and_referred_misses():
+def test_band_ignores_test_images_and_referred_misses_and_stays_below_the_threshold():
     tumour = [rec("glioma", 0.9)] * 50
     tumour += [rec("glioma", 0.001, split="test")] * 20  # never seen by the fit
     tumour += [rec("glioma", 0.001, status="out_of_domain")] * 5  # already referred
-    below, info = loso.fit_confident_negative(tumour, MAL)
-    assert below == pytest.approx(0.5) and info["tumour_images"] == 55
+    below, info = loso.fit_confident_negative(tumour, MAL, threshold=0.08)
+    assert below == pytest.approx(0.08) and info["tumour_images"] == 55  # never above the shipped threshold
+
+
+def test_band_is_fitted_on_whole_collections_left_out_when_there_are_any():
+    inst = [dict(rec("glioma", 0.3), left_out="tcga/DU")] * 10  # would allow nothing below 0.3
+    whole = [rec("glioma", 0.9)] * 100 + [rec("glioma", 0.05)]
+    below, info = loso.fit_confident_negative(inst + whole, MAL, 0.4)
+    assert info["sources"] == ["tcga"] and below == pytest.approx(0.4)
+
+
+def test_no_band_that_meets_the_allowance_is_an_error():
+    with pytest.raises(SystemExit, match="no referral band"):
+        loso.fit_confident_negative([rec("glioma", 0.0001)] * 10, MAL, 0.4)
 
 
 def test_band_needs_tumour_images():
     with pytest.raises(SystemExit, match="no leave-one-source-out records"):
-        loso.fit_confident_negative([rec("notumor", 0.1)], MAL)
+        loso.fit_confident_negative([rec("notumor", 0.1)], MAL, 0.4)
+
+
+def res(hm, malignant=True, label="glioma"):
+    return SimpleNamespace(heatmap=hm, malignant=malignant, label=label)
 
 
 def test_pointing_game_reads_the_peak(tmp_path):
-    mask = np.zeros((64, 64), np.uint8)
-    mask[10:20, 40:50] = 255
+    mask = np.zeros((40, 80), np.uint8)  # not square: a swapped resize would miss
+    mask[5:10, 60:70] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
-    hm = np.zeros((128, 128), np.float32)  # heatmaps come at the input size; masks are resized to it
-    hm[30, 90] = 1.0
-    assert loso.pointing(SimpleNamespace(heatmap=hm, malignant=True), tmp_path / "m.png") == {"hit": True,
-                                                                                              "near": True}
-    hm[30, 90], hm[60, 90] = 0.0, 1.0  # 20 px below the mask (in heatmap pixels)
-    assert loso.pointing(SimpleNamespace(heatmap=hm, malignant=True), tmp_path / "m.png") == {"hit": False,
-                                                                                              "near": False}
-    hm[60, 90], hm[44, 90] = 0.0, 1.0  # 5 px below it: near
-    assert loso.pointing(SimpleNamespace(heatmap=hm, malignant=True), tmp_path / "m.png") == {"hit": False,
-                                                                                              "near": True}
-    assert loso.pointing(SimpleNamespace(heatmap=hm, malignant=False), tmp_path / "m.png") is None
-    assert loso.pointing(SimpleNamespace(heatmap=None, malignant=True), tmp_path / "m.png") is None
+    hm = np.zeros((80, 160), np.float32)  # heatmaps come at the input size; masks are resized to it
+    hm[15, 130] = 1.0
+    m = tmp_path / "m.png"
+    assert loso.pointing(res(hm), m, MAL) == {"hit": True, "near": True}
+    hm[15, 130], hm[40, 130] = 0.0, 1.0  # 20 px below the mask (in heatmap pixels)
+    assert loso.pointing(res(hm), m, MAL) == {"hit": False, "near": False}
+    hm[40, 130], hm[24, 130] = 0.0, 1.0  # 5 px below it: near
+    assert loso.pointing(res(hm), m, MAL) == {"hit": False, "near": True}
+    assert loso.pointing(res(hm, malignant=False), m, MAL) is None
+    assert loso.pointing(res(hm, label="notumor"), m, MAL) is None  # called tumour, 'no tumour' on top
+    assert loso.pointing(res(None), m, MAL) is None
 
 
 def test_runs_lists_only_calibrated_models(tmp_path):
