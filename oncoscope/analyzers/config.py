@@ -207,7 +207,7 @@ class OutOfDomain:
     gate: ModalityGate | None = None
 
     KEYS: ClassVar = frozenset({"stats", "threshold", "input", "gate"})
-    NOTES: ClassVar = frozenset({"method", "threshold_rule"})
+    NOTES: ClassVar = frozenset({"method", "threshold_rule", "validation_threshold"})
     ARRAYS: ClassVar = ("means", "precision")
 
     @classmethod

@@ -185,9 +185,10 @@ def source_sections(ev, analyzer_id: str, work: Path | None) -> dict:
     typed = set(ev.an.malignant_labels)
     out = {"sources": per_source(ev, typed), "localisation": test_pointing(ev, analyzer_id)}
     if work is not None and loso.runs(analyzer_id, work):
-        band = ev.an.confident_negative_below
+        rule = ev.an.config.to_dict().get("calibration", {}).get("confident_negative_rule") or {}
         out["leave_one_source_out"] = left_out(loso.held_out_predictions(analyzer_id, work),
-                                               set(ev.an.malignant_labels), typed, band)
+                                               set(ev.an.malignant_labels), typed, ev.an.confident_negative_below,
+                                               rule.get("ood_threshold_scale", 1.0))
     return out
 
 

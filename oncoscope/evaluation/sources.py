@@ -77,26 +77,29 @@ def test_pointing(ev, analyzer_id: str) -> dict | None:
     return pointing_figures(pts) if pts else None
 
 
-def left_out(records: list[dict], malignant: set[str], typed: set[str], band: float | None) -> dict:
+def left_out(records: list[dict], malignant: set[str], typed: set[str], band: float | None,
+             scale: float = 1.0) -> dict:
     """Leave-one-source-out figures per left-out source, on all its images and on its test images,
-    with the shipped referral band applied (``band``: confident 'no tumour' only below it)."""
+    with the shipped referral rule applied (``scale``: the out-of-domain threshold's factor;
+    ``band``: confident 'no tumour' only below it), and without it."""
     out = {}
     for name in sorted({r["left_out"] for r in records}):
         mine = [r for r in records if r["left_out"] == name]
-        rows = [_row(r, band) for r in mine]
+        rows = [_row(r, band, scale) for r in mine]
         out[name] = {
             "blocks": len({r.get("block") for r in mine}),
             "all_images": call_figures(rows, malignant, typed),
-            "test_images": call_figures([x for x, r in zip(rows, mine) if r["split"] == "test"], malignant, typed),
-            "without_referral_band": call_figures([_row(r, None) for r in mine], malignant, typed),
+            "test_images": dict(call_figures([x for x, r in zip(rows, mine) if r["split"] == "test"], malignant, typed),
+                                blocks=len({r.get("block") for r in mine if r["split"] == "test"})),
+            "without_referral_rule": call_figures([_row(r, None, 1.0) for r in mine], malignant, typed),
             "pointing": pointing_figures([r["pointing"] for r in mine if "pointing" in r]),
         }
     return out
 
 
-def _row(r: dict, band: float | None) -> dict:
+def _row(r: dict, band: float | None, scale: float) -> dict:
     called = r["p_malignant"] is not None and r["p_malignant"] >= r["malignant_threshold"]
-    status = r["status"]
+    status = loso._status(r, scale)
     if status == "ok" and not called and band is not None and r["p_malignant"] >= band:
         status = "uncertain"
     return {"label": r["label"], "status": status, "called": called, "top": r["top"]}
@@ -134,16 +137,19 @@ def source_markdown(card: dict, positive: str) -> list[str]:
     lo = card.get("leave_one_source_out")
     if lo:
         band = cal.get("confident_negative_below")
+        scale = (cal.get("confident_negative_rule") or {}).get("ood_threshold_scale", 1.0)
         L += ["", "## Leave one source out (the estimate for a new collection)",
               "One model trained without each source, run on every image of it (none was seen in training). "
-              + (f"'No tumour' stays ok only when P({positive}) < {band} (fitted on these runs' non-test images, see "
-                 "calibration); the last table shows the same runs without that band." if band is not None else ""),
+              + (f"The shipped referral rule is applied: out of domain above {scale} x the validation distance "
+                 f"threshold, and 'no tumour' ok only when P({positive}) < {band}, both fitted on the whole "
+                 "collections' non-test images; the last table shows the same runs without that rule."
+                 if band is not None else ""),
               "", "All images of the left-out source:", "",
               *_table({k: dict(v["all_images"], blocks=v["blocks"]) for k, v in lo.items()}, positive),
               "", "Only their test-split images (nothing was fitted on them):", "",
               *_table({k: v["test_images"] for k, v in lo.items()}, positive),
-              "", "Without the referral band:", "",
-              *_table({k: v["without_referral_band"] for k, v in lo.items()}, positive)]
+              "", "Without the referral rule (the models' own validation thresholds):", "",
+              *_table({k: v["without_referral_rule"] for k, v in lo.items()}, positive)]
     pts = [(k, v["pointing"]) for k, v in (lo or {}).items() if v.get("pointing")]
     tol = loso.POINTING_TOLERANCE_PX
     if card.get("localisation") or pts:

@@ -25,6 +25,7 @@ from .recipes import RECIPES, data_root, model_dir
 MAX_CONFIDENT_MISS = 0.02  # of tumour images of a source left out of training (issue target)
 FIT_MARGIN = 0.5  # fit to half the allowance: a new source differs from the ones we could leave out
 POINTING_TOLERANCE_PX = 8
+RECORD_VERSION = 2  # bump when a record gains fields: older caches are recomputed
 
 
 def runs(analyzer_id: str, work: Path) -> list[tuple[list[str], Path]]:
@@ -66,15 +67,29 @@ def pointing(res, mask_file: Path, malignant_labels) -> dict | None:
     return {"hit": bool(mask[y, x]), "near": bool(near)}
 
 
+def _ood_parts(an, rgb: np.ndarray) -> tuple[float | None, float]:
+    """The two out-of-domain checks apart, each over its own threshold (above 1: flagged): the
+    Mahalanobis distance, which the fit may tighten, and the modality gate, which it leaves alone."""
+    if an.ood_threshold is None:
+        return None, 0.0
+    x, _, _ = an.preprocess(rgb)
+    out = an.classify_batch(x)
+    distance = float(an.ood_score(out[an.ood_input])[0]) / an.ood_threshold
+    gate = float(out["foreign_probability"][0]) / an.gate_threshold if an.gate_threshold else 0.0
+    return distance, gate
+
+
 def record(an, path: Path, rel: str, entry: dict, masks: dict[str, Path]) -> dict:
-    res = an.analyze(load_image(path).rgb)
+    rgb = load_image(path).rgb
+    res = an.analyze(rgb)
+    distance, gate = _ood_parts(an, rgb)
     mal = [i for i, l in enumerate(an.labels) if l in an.malignant_labels]
     probs = [float(res.probabilities.get(l, np.nan)) for l in an.labels] if res.probabilities else None
     out = {"path": rel, "source": entry.get("source"), "block": entry["block"], "label": entry["label"],
            "split": entry["split"],
            "status": res.status, "top": res.label, "probabilities": probs,
            "p_malignant": float(np.sum([probs[i] for i in mal])) if probs else None,
-           "malignant_threshold": an.malignant_threshold}
+           "malignant_threshold": an.malignant_threshold, "ood_distance": distance, "ood_gate": gate}
     if rel in masks:
         out["pointing"] = pointing(res, masks[rel], an.malignant_labels)
     return out
@@ -86,7 +101,7 @@ def held_out_predictions(analyzer_id: str, work: Path, refresh: bool = False) ->
     found = runs(analyzer_id, work)
     manifest = load_manifest(RECIPES[analyzer_id]["manifest"])
     # the cache holds for these models on this split only
-    key = {"runs": [r[0] for r in found], "data_sha256": manifest["data_sha256"],
+    key = {"record": RECORD_VERSION, "runs": [r[0] for r in found], "data_sha256": manifest["data_sha256"],
            "models": [sha256_file(m / "classifier.onnx") + sha256_file(m / "config.json") for _, m in found]}
     if cache.exists() and not refresh:
         cached = json.loads(cache.read_text())
@@ -104,19 +119,39 @@ def held_out_predictions(analyzer_id: str, work: Path, refresh: bool = False) ->
     return records
 
 
-def _is_miss(r: dict, malignant: set[str], below: float) -> bool:
+def _status(r: dict, scale: float) -> str:
+    """The status had the out-of-domain distance threshold been ``scale`` times its fitted value."""
+    if r["status"] != "out_of_domain" and r.get("ood_distance") is not None and r["ood_distance"] > scale:
+        return "out_of_domain"
+    return r["status"]
+
+
+def _is_miss(r: dict, malignant: set[str], below: float, scale: float = 1.0) -> bool:
     """A tumour image answered 'no tumour' with status ok, had the band started at ``below``."""
-    return (r["label"] in malignant and r["status"] == "ok" and r["p_malignant"] is not None
+    return (r["label"] in malignant and _status(r, scale) == "ok" and r["p_malignant"] is not None
             and r["p_malignant"] < min(below, r["malignant_threshold"]))
 
 
-def fit_confident_negative(records: list[dict], malignant: set[str], threshold: float) -> tuple[float, dict]:
-    """The highest P(tumour), at most the shipped ``threshold``, below which a 'no tumour' answer may
-    stay ok: confident misses at most FIT_MARGIN x MAX_CONFIDENT_MISS of the tumour images.
+SCALES = np.round(np.arange(1.0, 0.295, -0.01), 2)  # out-of-domain threshold x 1.0 ... 0.3
+BANDS_STEP = 0.001
+
+
+def _referred(r: dict, band: float, scale: float) -> bool:
+    if _status(r, scale) != "ok":
+        return True
+    return r["p_malignant"] is not None and band <= r["p_malignant"] < r["malignant_threshold"]
+
+
+def fit_referral(records: list[dict], malignant: set[str], threshold: float,
+                 validation: list[dict] | None = None) -> tuple[float, float, dict]:
+    """The out-of-domain threshold scale and the band (at most the shipped ``threshold``) that keep
+    confident misses at most FIT_MARGIN x MAX_CONFIDENT_MISS of the left-out tumour images and, among
+    those, refer the fewest of the shipped model's own ``validation`` images (without them: the
+    largest scale, then the highest band).
 
     Fitted on the non-test images of whole collections left out (the closest stand-in for a new
     hospital; a left-out institution still had its collection's look in training), falling back to
-    every run when no whole collection was left out."""
+    every run when no whole collection was left out. Returns (scale, band, information)."""
     fit = [r for r in records if r["split"] != "test"]
     whole = [r for r in fit if "/" not in r["left_out"]]
     fit = whole or fit
@@ -124,19 +159,41 @@ def fit_confident_negative(records: list[dict], malignant: set[str], threshold: 
     if not tumour:
         raise SystemExit("no leave-one-source-out records with tumour images to fit the referral band on")
     allowed = FIT_MARGIN * MAX_CONFIDENT_MISS * len(tumour)
-    passing = [float(t) for t in np.round(np.arange(0.001, threshold + 1e-9, 0.001), 3)
-               if sum(_is_miss(r, malignant, t) for r in tumour) <= allowed]
-    if not passing:
-        raise SystemExit(f"no referral band keeps confident misses within {FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of "
-                         f"{len(tumour)} left-out tumour images, even at P(tumour) {0.001}")
-    best = max(passing)
+    bands = np.round(np.arange(BANDS_STEP, threshold + 1e-9, BANDS_STEP), 3)
+    options = []  # (validation referral, -scale, scale, band)
+    for scale in SCALES:
+        passing = [float(b) for b in bands if sum(_is_miss(r, malignant, b, scale) for r in tumour) <= allowed]
+        if passing:
+            band = max(passing)  # within a scale, a higher band only refers fewer
+            cost = float(np.mean([_referred(r, band, scale) for r in validation])) if validation else 0.0
+            options.append((cost, -scale, float(scale), band))
+            if not validation:
+                break
+    if not options:
+        raise SystemExit(f"no referral rule keeps confident misses within {FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of "
+                         f"{len(tumour)} left-out tumour images")
+    cost, _, scale, band = min(options)
     info = {"fitted_on": "leave-one-source-out models on the non-test images of the "
                          + ("collections" if whole else "sources") + " they never saw",
             "sources": sorted({r["left_out"] for r in fit}), "tumour_images": len(tumour),
-            "rule": f"highest P(tumour) <= the threshold with confident misses <= "
-                    f"{FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of those tumour images",
-            "confident_misses_at_fit": sum(_is_miss(r, malignant, best) for r in tumour)}
-    return best, info
+            "rule": f"confident misses <= {FIT_MARGIN * MAX_CONFIDENT_MISS:.0%} of those tumour images; among the "
+                    "rules that meet it, the one referring the fewest of the shipped model's validation images",
+            "ood_threshold_scale": scale,
+            "confident_misses_at_fit": sum(_is_miss(r, malignant, band, scale) for r in tumour),
+            "left_out_referred_at_fit": round(float(np.mean([_referred(r, band, scale) for r in fit])), 4),
+            **({"validation_referred": round(cost, 4), "validation_images": len(validation)} if validation else {})}
+    return scale, band, info
+
+
+def own_validation(analyzer_id: str, out_dir: Path) -> list[dict]:
+    """The model's answers on its own validation split (what the referral rule costs in daily use)."""
+    manifest = load_manifest(RECIPES[analyzer_id]["manifest"])
+    an = registry.get(analyzer_id, model_dir=out_dir)
+    root = data_root(analyzer_id)
+    out = [record(an, root / rel, rel, entry, {}) for rel, entry in sorted(manifest["files"].items())
+           if entry["split"] == "val" and not entry.get("error")]
+    registry.clear()
+    return out
 
 
 def write_referral_band(analyzer_id: str, work: Path, out_dir: Path | None = None) -> dict:
@@ -148,9 +205,16 @@ def write_referral_band(analyzer_id: str, work: Path, out_dir: Path | None = Non
     cfg = json.loads(cfg_path.read_text())
     if "calibration" not in cfg:
         raise SystemExit(f"{cfg_path} is not calibrated yet: run --stage calibrate first")
-    below, info = fit_confident_negative(records, malignant, cfg["calibration"]["malignant_threshold"])
-    cfg["calibration"]["confident_negative_below"] = below
-    cfg["calibration"]["confident_negative_rule"] = info
+    cal = cfg["calibration"]
+    validation = own_validation(analyzer_id, out_dir)
+    scale, below, info = fit_referral(records, malignant, cal["malignant_threshold"], validation)
+    ood = cal["ood"]
+    ood.setdefault("validation_threshold", ood["threshold"])  # refitting starts from the validation value
+    ood["threshold"] = round(ood["validation_threshold"] * scale, 3)
+    ood["threshold_rule"] = (f"99.5th percentile of validation images ({ood['validation_threshold']}) x {scale}, "
+                             "the scale fitted on collections left out of training (see confident_negative_rule)")
+    cal["confident_negative_below"] = below
+    cal["confident_negative_rule"] = info
     cfg_path.write_text(json.dumps(cfg, indent=1))
     registry.clear()
     return {"confident_negative_below": below, **info}

@@ -35,9 +35,12 @@ def test_left_out_applies_the_band_and_keeps_test_images_apart():
     recs = [{"label": "glioma", "p_malignant": p, "malignant_threshold": 0.4, "status": "ok", "top": "notumor",
              "split": split, "left_out": "tcga"} for p, split in [(0.05, "train"), (0.2, "test"), (0.9, "val")]]
     out = S.left_out(recs, MAL, MAL, band=0.1)["tcga"]
+    recs[0]["ood_distance"] = 0.8  # within the validation threshold, beyond a 0.7 scale
+    tightened = S.left_out(recs, MAL, MAL, band=0.1, scale=0.7)["tcga"]
+    assert tightened["all_images"]["confident_misses"]["k"] == 0 and tightened["all_images"]["out_of_domain"]["k"] == 1
     assert out["all_images"]["confident_misses"]["k"] == 1  # 0.05 < band: stays ok, a confident miss
     assert out["all_images"]["referred"]["k"] == 1  # 0.2: inside the band, referred
-    assert out["without_referral_band"]["confident_misses"]["k"] == 2
+    assert out["without_referral_rule"]["confident_misses"]["k"] == 2
     assert out["test_images"]["n"] == 1 and out["test_images"]["confident_misses"]["k"] == 0
     assert out["pointing"] is None
 
@@ -70,7 +73,7 @@ def test_per_source_and_card_text():
     assert out["kaggle"]["accuracy"]["k"] == 1  # two tumour types in kaggle: accuracy shown
     card = {"sources": out, "calibration": {"confident_negative_below": 0.02},
             "leave_one_source_out": {"tcga": {"blocks": 5, "all_images": out["kaggle"], "test_images": out["kaggle"],
-                                              "without_referral_band": out["kaggle"], "pointing": None}},
+                                              "without_referral_rule": out["kaggle"], "pointing": None}},
             "localisation": {"slices": 3, "no_tumour_call": 1,
                              "inside_mask": {"k": 1, "n": 2, "rate": 0.5, "ci95": [0.1, 0.9]},
                              "within_8px": {"k": 2, "n": 2, "rate": 1.0, "ci95": [0.3, 1.0]}}}
