@@ -317,6 +317,14 @@ def render_markdown(card: dict, positive: str) -> str:
          f"{positive} call disagree is reported *uncertain* and referred.",
          f"- Out-of-domain: {cal.get('ood', {}).get('method')}, threshold {cal.get('ood', {}).get('threshold')} "
          f"({cal.get('ood', {}).get('threshold_rule')}).",
+         *([f"- Referral rule for a new collection: 'no {positive}' stays ok only when P < "
+            f"{cal['confident_negative_below']}, and the distance threshold is scaled by {rr['ood_threshold_scale']}; "
+            f"fitted on {rr['fitted_on']} ({', '.join(rr['sources'])}; {rr['tumour_images']} tumour images, "
+            f"{rr['confident_misses_at_fit']} confident misses left, {_fmt(rr['left_out_referred_at_fit'], True)} of "
+            f"them referred) so that {rr['rule']}; it refers {_fmt(rr.get('validation_referred'), True)} of the "
+            "validation images. The leave-one-source-out models' probabilities stand in for the shipped model's "
+            "on a new collection."]
+           if (rr := cal.get("confident_negative_rule")) else []),
          *([f"- Modality gate: {g['method']} ({', '.join(g['negatives'])}; {g['n_train']}); threshold {g['threshold']} "
             f"({g['threshold_rule']}); validation: own images flagged {_fmt(g['val_own_flagged'], True)}, foreign "
             + ", ".join(f"{k} {_fmt(v, True)}" for k, v in g["val_foreign_flagged"].items()) + ". An image is out of "
