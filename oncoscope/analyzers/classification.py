@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..ml import cam as cam_mod
+from ..vocab import percent
 from ..ml.scores import gate_features, gate_probability, is_blank, softmax
 from ..imaging.imageio import pad_to_square, to_gray3
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
@@ -153,8 +154,8 @@ class ImageClassifierAnalyzer(Analyzer):
             msgs.append(f"The top class and the {self.positive_term} call disagree: refer for review.")
         elif not malignant and self.confident_negative_below is not None and p_mal >= self.confident_negative_below:
             status = STATUS_UNCERTAIN
-            msgs.append(f"A {self.positive_term} is not ruled out with confidence (probability {p_mal:.0%}, "
-                        f"ruled out below {self.confident_negative_below:.0%}): refer for review.")
+            msgs.append(f"A {self.positive_term} is not ruled out with confidence (probability {percent(p_mal)}, "
+                        f"ruled out only below {percent(self.confident_negative_below)}): refer for review.")
         return status, msgs, p_mal, malignant
 
     def extend(self, res: AnalysisResult, x: np.ndarray, rgb: np.ndarray, geometry: dict, timings: dict) -> None:

@@ -306,6 +306,6 @@ def test_a_negative_inside_the_referral_band_is_referred():
     assert an.decide(clear, None)[0] == "ok"
     status, msgs, p_mal, malignant = an.decide(doubtful, None)
     assert (status, malignant) == ("uncertain", False) and p_mal == pytest.approx(0.24)
-    assert any("not ruled out with confidence" in m and "24%" in m for m in msgs)
+    assert any("not ruled out with confidence (probability 24.0%, ruled out only below 10.0%)" in m for m in msgs)
     an.confident_negative_below = None
     assert an.decide(doubtful, None)[0] == "ok"
