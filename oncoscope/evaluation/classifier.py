@@ -22,7 +22,7 @@ from ..analyzers.render import heatmap_overlay
 from ..ml import metrics as M
 from ..training.data import load_manifest, manifest_samples
 from ..training import loso
-from ..training.recipes import RECIPES
+from ..training.recipes import RECIPES, data_root as recipe_root, joins_datasets
 from .sources import left_out, per_source, source_markdown, test_pointing
 from .smear import (REPO, _classify, _fmt, _round, card_header, ci_text, flagged_fraction, flagged_share,
                     generated_sources, latency_summary, md_header, metric_plots, pooled_flagged, run_test_split,
@@ -95,7 +95,7 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
 
     # Out-of-domain: the other analyzers' data and generated images.
     datasets_dir = Path(datasets_dir) if datasets_dir else (
-        Path(data_root) if "sources" in recipe.get("split", {}) else Path(data_root).parent)
+        Path(data_root) if joins_datasets(recipe) else Path(data_root).parent)
     ood_eval = {"threshold": an.ood_threshold, "test_images_flagged": float((st == "out_of_domain").mean()),
                 "sources": {}}
     for name, other in OOD_SOURCES.items():
@@ -180,14 +180,13 @@ def heatmap_on_border(results, frac: float = 0.1) -> dict:
 def source_sections(ev, analyzer_id: str, work: Path | None) -> dict:
     """Per-source test figures, the pointing game and leave-one-source-out figures (recipes whose
     split joins several sources)."""
-    if "sources" not in ev.recipe.get("split", {}):
+    if not joins_datasets(ev.recipe):
         return {}
-    typed = set(ev.an.malignant_labels)
-    out = {"sources": per_source(ev, typed), "localisation": test_pointing(ev, analyzer_id)}
+    out = {"sources": per_source(ev), "localisation": test_pointing(ev, analyzer_id)}
     if work is not None and loso.runs(analyzer_id, work):
         rule = ev.an.config.to_dict().get("calibration", {}).get("confident_negative_rule") or {}
         out["leave_one_source_out"] = left_out(loso.held_out_predictions(analyzer_id, work),
-                                               set(ev.an.malignant_labels), typed, ev.an.confident_negative_below,
+                                               set(ev.an.malignant_labels), ev.an.confident_negative_below,
                                                rule.get("ood_threshold_scale", 1.0))
     return out
 
@@ -195,8 +194,7 @@ def source_sections(ev, analyzer_id: str, work: Path | None) -> dict:
 def foreign_test_files(analyzer_id: str, datasets_dir: Path, n: int, seed: int = 0) -> list[Path]:
     """Up to ``n`` files of another analyzer's test split (empty when its dataset is absent)."""
     r = RECIPES[analyzer_id]
-    root = Path(datasets_dir) if "sources" in r.get("split", {}) else Path(datasets_dir) / r["dataset"]
-    base = root / (r.get("subdir") or "")
+    base = recipe_root(analyzer_id, datasets=datasets_dir) / (r.get("subdir") or "")
     if not (Path(datasets_dir) / r["dataset"]).is_dir():
         return []
     samples = manifest_samples(load_manifest(r["manifest"]), "test")
@@ -231,11 +229,7 @@ OPTIONAL_SECTIONS = ("leave_one_source_out.", "localisation.")  # absent without
 def targets(card: dict, recipe: dict) -> list[dict]:
     """The recipe's targets checked against the card; a figure of an optional section that the card
     lacks is missed (None), any other missing path is an error in the recipe."""
-    optional = [t for t in recipe["targets"] if t[1].startswith(OPTIONAL_SECTIONS)]
-    rows = {t[0]: r for t, r in zip(optional, check_targets(card, optional, missing_ok=True))}
-    required = [t for t in recipe["targets"] if t not in optional]
-    rows.update({t[0]: r for t, r in zip(required, check_targets(card, required))})
-    return [rows[t[0]] for t in recipe["targets"]]
+    return [check_targets(card, [t], missing_ok=t[1].startswith(OPTIONAL_SECTIONS))[0] for t in recipe["targets"]]
 
 
 def _overlays(out: Path, labels, y, test, rgbs, results) -> None:

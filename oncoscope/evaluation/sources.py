@@ -24,7 +24,7 @@ def _rate(k: int, n: int) -> dict | None:
     return {"k": int(k), "n": int(n), "rate": round(p, 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
-def call_figures(rows: list[dict], malignant: set[str], typed: set[str]) -> dict:
+def call_figures(rows: list[dict], malignant: set[str]) -> dict:
     """Rows: label, status, called (bool), top. Confident errors are the ones nobody is asked to
     look at again: status ok and the tumour call wrong."""
     tumour = [r for r in rows if r["label"] in malignant]
@@ -38,7 +38,7 @@ def call_figures(rows: list[dict], malignant: set[str], typed: set[str]) -> dict
         "confident_misses": _rate(sum(r["status"] == "ok" and not r["called"] for r in tumour), len(tumour)),
         "confident_false_alarms": _rate(sum(r["status"] == "ok" and r["called"] for r in clear), len(clear)),
     }
-    if len({r["label"] for r in rows if r["label"] in typed}) > 1:  # a source with tumour types
+    if len({r["label"] for r in tumour}) > 1:  # a source with several tumour types
         fig["accuracy"] = _rate(sum(r["top"] == r["label"] for r in rows), len(rows))
     return fig
 
@@ -54,7 +54,7 @@ def pointing_figures(points: list[dict | None]) -> dict | None:
             f"within_{loso.POINTING_TOLERANCE_PX}px": _rate(sum(p["near"] for p in scored), len(scored))}
 
 
-def per_source(ev, typed: set[str]) -> dict:
+def per_source(ev) -> dict:
     """The shipped model on the test split, one row of figures per source."""
     malignant = set(ev.an.malignant_labels)
     called = ev.probs[:, ev.mal].sum(1) >= ev.thr
@@ -67,7 +67,7 @@ def per_source(ev, typed: set[str]) -> dict:
         by[src].append({"label": s.label, "status": str(ev.st[i]), "called": bool(called[i]),
                         "top": ev.results[i].label})
     # blocks: patients (TCGA) or groups of copies; slices of one patient are not independent
-    return {src: dict(call_figures(rows, malignant, typed), blocks=len(blocks[src])) for src, rows in sorted(by.items())}
+    return {src: dict(call_figures(rows, malignant), blocks=len(blocks[src])) for src, rows in sorted(by.items())}
 
 
 def test_pointing(ev, analyzer_id: str) -> dict | None:
@@ -77,8 +77,7 @@ def test_pointing(ev, analyzer_id: str) -> dict | None:
     return pointing_figures(pts) if pts else None
 
 
-def left_out(records: list[dict], malignant: set[str], typed: set[str], band: float | None,
-             scale: float = 1.0) -> dict:
+def left_out(records: list[dict], malignant: set[str], band: float | None, scale: float = 1.0) -> dict:
     """Leave-one-source-out figures per left-out source, on all its images and on its test images,
     with the shipped referral rule applied (``scale``: the out-of-domain threshold's factor;
     ``band``: confident 'no tumour' only below it), and without it."""
@@ -88,21 +87,18 @@ def left_out(records: list[dict], malignant: set[str], typed: set[str], band: fl
         rows = [_row(r, band, scale) for r in mine]
         out[name] = {
             "blocks": len({r.get("block") for r in mine}),
-            "all_images": call_figures(rows, malignant, typed),
-            "test_images": dict(call_figures([x for x, r in zip(rows, mine) if r["split"] == "test"], malignant, typed),
+            "all_images": call_figures(rows, malignant),
+            "test_images": dict(call_figures([x for x, r in zip(rows, mine) if r["split"] == "test"], malignant),
                                 blocks=len({r.get("block") for r in mine if r["split"] == "test"})),
-            "without_referral_rule": call_figures([_row(r, None, 1.0) for r in mine], malignant, typed),
+            "without_referral_rule": call_figures([_row(r, None, 1.0) for r in mine], malignant),
             "pointing": pointing_figures([r["pointing"] for r in mine if "pointing" in r]),
         }
     return out
 
 
 def _row(r: dict, band: float | None, scale: float) -> dict:
-    called = r["p_malignant"] is not None and r["p_malignant"] >= r["malignant_threshold"]
-    status = loso._status(r, scale)
-    if status == "ok" and not called and band is not None and r["p_malignant"] >= band:
-        status = "uncertain"
-    return {"label": r["label"], "status": status, "called": called, "top": r["top"]}
+    return {"label": r["label"], "status": loso.status_under(r, band, scale), "called": loso.called(r),
+            "top": r["top"]}
 
 
 # ----------------------------------------------------------------------------- card text

@@ -254,6 +254,10 @@ def _units(facts: list[ImageFacts], groups: list[int], run_length: int, group_re
     return out
 
 
+def _fractions(val_frac: float, test_frac: float) -> dict[str, float]:
+    return {"test": test_frac, "val": val_frac, "train": 1.0 - val_frac - test_frac}
+
+
 def _assign(facts: list[ImageFacts], unit_of: list[tuple], groups: list[int], sources: list[str],
             fractions: dict[str, float], seed: int) -> dict[str, dict]:
     """Files -> split. Units joined by a near-duplicate group form a *block*, assigned whole;
@@ -319,9 +323,8 @@ def make_split(root: str | os.PathLike, subdir: str | None = None, *, val_frac: 
     classes, facts = scan(root, subdir, progress=progress)
     groups = near_duplicate_groups(facts, min_correlation)
     name = dataset_name or Path(root).name
-    fractions = {"test": test_frac, "val": val_frac, "train": 1.0 - val_frac - test_frac}
-    files = _assign(facts, _units(facts, groups, run_length, group_regex), groups, [name] * len(facts), fractions,
-                    seed)
+    files = _assign(facts, _units(facts, groups, run_length, group_regex), groups, [name] * len(facts),
+                    _fractions(val_frac, test_frac), seed)
     params = {"val_frac": val_frac, "test_frac": test_frac, "run_length": run_length, "group_regex": group_regex,
               "min_correlation": min_correlation, "seed": seed}
     return _manifest(name, subdir, classes, files, groups, params)
@@ -351,8 +354,7 @@ def make_multi_split(datasets_root: str | os.PathLike, specs: list[SourceSpec], 
         for i, u in zip(idx, _units([facts[i] for i in idx], [groups[i] for i in idx], spec.run_length,
                                     spec.group_regex)):
             unit_of[i] = (u[0], f"{spec.dataset}:{u[1]}")
-    fractions = {"test": test_frac, "val": val_frac, "train": 1.0 - val_frac - test_frac}
-    files = _assign(facts, unit_of, groups, sources, fractions, seed)
+    files = _assign(facts, unit_of, groups, sources, _fractions(val_frac, test_frac), seed)
     classes = sorted({f.sample.label for f in facts})
     params = {"val_frac": val_frac, "test_frac": test_frac, "min_correlation": min_correlation, "seed": seed,
               "sources": [asdict(s) for s in specs]}

@@ -119,27 +119,29 @@ def held_out_predictions(analyzer_id: str, work: Path, refresh: bool = False) ->
     return records
 
 
-def _status(r: dict, scale: float) -> str:
-    """The status had the out-of-domain distance threshold been ``scale`` times its fitted value."""
+def called(r: dict) -> bool:
+    """The record's positive call (at its own model's threshold)."""
+    return r["p_malignant"] is not None and r["p_malignant"] >= r["malignant_threshold"]
+
+
+def status_under(r: dict, band: float | None, scale: float) -> str:
+    """The record's status had its model applied the referral rule: the out-of-domain distance
+    threshold ``scale`` times its fitted value, and a negative ok only below ``band`` (None: no band).
+    The offline twin of ``ImageClassifierAnalyzer.decide``, on stored answers."""
     if r["status"] != "out_of_domain" and r.get("ood_distance") is not None and r["ood_distance"] > scale:
         return "out_of_domain"
+    if r["status"] == "ok" and band is not None and not called(r) and r["p_malignant"] >= band:
+        return "uncertain"
     return r["status"]
 
 
 def _is_miss(r: dict, malignant: set[str], below: float, scale: float = 1.0) -> bool:
     """A tumour image answered 'no tumour' with status ok, had the band started at ``below``."""
-    return (r["label"] in malignant and _status(r, scale) == "ok" and r["p_malignant"] is not None
-            and r["p_malignant"] < min(below, r["malignant_threshold"]))
+    return r["label"] in malignant and not called(r) and status_under(r, below, scale) == "ok"
 
 
 SCALES = np.round(np.arange(1.0, 0.295, -0.01), 2)  # out-of-domain threshold x 1.0 ... 0.3
 BANDS_STEP = 0.001
-
-
-def _referred(r: dict, band: float, scale: float) -> bool:
-    if _status(r, scale) != "ok":
-        return True
-    return r["p_malignant"] is not None and band <= r["p_malignant"] < r["malignant_threshold"]
 
 
 def fit_referral(records: list[dict], malignant: set[str], threshold: float,
@@ -165,7 +167,7 @@ def fit_referral(records: list[dict], malignant: set[str], threshold: float,
         passing = [float(b) for b in bands if sum(_is_miss(r, malignant, b, scale) for r in tumour) <= allowed]
         if passing:
             band = max(passing)  # within a scale, a higher band only refers fewer
-            cost = float(np.mean([_referred(r, band, scale) for r in validation])) if validation else 0.0
+            cost = float(np.mean([status_under(r, band, scale) != "ok" for r in validation])) if validation else 0.0
             options.append((cost, -scale, float(scale), band))
             if not validation:
                 break
@@ -180,7 +182,7 @@ def fit_referral(records: list[dict], malignant: set[str], threshold: float,
                     "rules that meet it, the one referring the fewest of the shipped model's validation images",
             "ood_threshold_scale": scale,
             "confident_misses_at_fit": sum(_is_miss(r, malignant, band, scale) for r in tumour),
-            "left_out_referred_at_fit": round(float(np.mean([_referred(r, band, scale) for r in fit])), 4),
+            "left_out_referred_at_fit": round(float(np.mean([status_under(r, band, scale) != "ok" for r in fit])), 4),
             **({"validation_referred": round(cost, 4), "validation_images": len(validation)} if validation else {})}
     return scale, band, info
 

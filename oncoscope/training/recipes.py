@@ -188,20 +188,26 @@ RECIPES = {
 }
 
 
-def data_root(analyzer_id: str, given: str | Path | None = None) -> Path:
+def joins_datasets(recipe: dict) -> bool:
+    """Whether the recipe's split joins several dataset folders (its paths start with the dataset)."""
+    return "sources" in recipe.get("split", {})
+
+
+def data_root(analyzer_id: str, given: str | Path | None = None, datasets: str | Path | None = None) -> Path:
     """The folder the recipe's manifest paths are relative to: the dataset's own folder, or the
-    datasets folder when the split joins several datasets."""
+    datasets folder (``datasets``, default ../shared/datasets) when the split joins several."""
     if given:
         return Path(given)
     r = RECIPES[analyzer_id]
-    return DEFAULT_DATASETS if "sources" in r.get("split", {}) else DEFAULT_DATASETS / r["dataset"]
+    folder = Path(datasets) if datasets else DEFAULT_DATASETS
+    return folder if joins_datasets(r) else folder / r["dataset"]
 
 
 def recipe_split(analyzer_id: str, datasets: str | Path | None = None) -> dict:
     """The analyzer's split manifest, made by the rules its recipe names."""
     r = RECIPES[analyzer_id]
     rule = dict(r.get("split", {}))
-    if "sources" in rule:
+    if joins_datasets(r):
         return make_multi_split(datasets or DEFAULT_DATASETS, rule.pop("sources"), analyzer_id, **rule)
     return make_split(Path(datasets or DEFAULT_DATASETS) / r["dataset"], r.get("subdir"), dataset_name=r["dataset"],
                       **rule)

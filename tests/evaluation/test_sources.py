@@ -15,7 +15,7 @@ def row(label, called, status="ok", top=None):
 def test_call_figures_count_confident_errors():
     rows = ([row("glioma", True)] * 8 + [row("glioma", False)] + [row("glioma", False, "uncertain")]
             + [row("notumor", False)] * 9 + [row("notumor", True, "ok", "glioma")])
-    f = S.call_figures(rows, MAL, MAL)
+    f = S.call_figures(rows, MAL)
     assert f["sensitivity"]["rate"] == pytest.approx(0.8) and f["sensitivity"]["n"] == 10
     assert f["specificity"]["rate"] == pytest.approx(0.9)
     assert f["confident_misses"]["k"] == 1 and f["confident_misses"]["n"] == 10
@@ -28,15 +28,15 @@ def test_call_figures_count_confident_errors():
 
 def test_accuracy_only_for_sources_with_types():
     rows = [row("glioma", True), row("meningioma", True, top="glioma"), row("notumor", False)]
-    assert S.call_figures(rows, MAL, MAL)["accuracy"]["k"] == 2
+    assert S.call_figures(rows, MAL)["accuracy"]["k"] == 2
 
 
 def test_left_out_applies_the_band_and_keeps_test_images_apart():
     recs = [{"label": "glioma", "p_malignant": p, "malignant_threshold": 0.4, "status": "ok", "top": "notumor",
              "split": split, "left_out": "tcga"} for p, split in [(0.05, "train"), (0.2, "test"), (0.9, "val")]]
-    out = S.left_out(recs, MAL, MAL, band=0.1)["tcga"]
+    out = S.left_out(recs, MAL, band=0.1)["tcga"]
     recs[0]["ood_distance"] = 0.8  # within the validation threshold, beyond a 0.7 scale
-    tightened = S.left_out(recs, MAL, MAL, band=0.1, scale=0.7)["tcga"]
+    tightened = S.left_out(recs, MAL, band=0.1, scale=0.7)["tcga"]
     assert tightened["all_images"]["confident_misses"]["k"] == 0 and tightened["all_images"]["out_of_domain"]["k"] == 1
     assert out["all_images"]["confident_misses"]["k"] == 1  # 0.05 < band: stays ok, a confident miss
     assert out["all_images"]["referred"]["k"] == 1  # 0.2: inside the band, referred
@@ -67,7 +67,7 @@ def test_per_source_and_card_text():
                          probs=probs, mal=[0, 1, 3], thr=0.08, test=test, manifest={"files": files, "dataset": "x"},
                          st=np.array(["ok", "uncertain", "ok", "ok"]),
                          results=[SimpleNamespace(label=labels[int(np.argmax(p))]) for p in probs])
-    out = S.per_source(ev, MAL)
+    out = S.per_source(ev)
     assert out["tcga/DU"]["blocks"] == 1 and out["tcga/DU"]["n"] == 2
     assert out["kaggle"]["confident_misses"]["k"] == 1  # f2: glioma at P(tumour) 0.01, ok
     assert out["kaggle"]["accuracy"]["k"] == 1  # two tumour types in kaggle: accuracy shown
