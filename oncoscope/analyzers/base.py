@@ -124,7 +124,13 @@ class Analyzer:
         self.modality: str = cfg.modality
         self.labels: list[str] = list(cfg.labels)
         self.display_names: dict[str, str] = dict(cfg.display_names)
-        self.malignant_labels: set[str] = set(cfg.malignant_labels)
+        self.malignant_labels: set[str] = set(cfg.malignant_labels)  # network outputs that make the positive call
+        # the untyped call (positive, its type withheld) is no network output: ``labels`` index the
+        # probabilities; ``call_labels`` are every call a result or a reader can make, ``positive_calls``
+        # the positive ones
+        self.untyped_label: str | None = cfg.untyped_label
+        self.call_labels: list[str] = self.labels + ([cfg.untyped_label] if cfg.untyped_label else [])
+        self.positive_calls: set[str] = self.malignant_labels | ({cfg.untyped_label} if cfg.untyped_label else set())
         self.report_wording: dict[str, str] = cfg.report_wording.as_dict()
         # What the analyzer expects to see, what its positive call is called, and what an image is
         # called in its field (used in messages, pages and reports: no analyzer-specific text elsewhere).
@@ -165,16 +171,19 @@ class Analyzer:
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "version": self.version, "modality": self.modality,
                 "labels": self.labels, "display_names": self.display_names,
-                "malignant_labels": sorted(self.malignant_labels), "positive_term": self.positive_term,
+                "malignant_labels": sorted(self.malignant_labels), "untyped_label": self.untyped_label,
+                "positive_term": self.positive_term,
                 "input_description": self.input_description, "dicom_modalities": self.dicom_modalities,
                 "sha256": self.model_info.sha256}
 
     def interpretation(self, label: str | None) -> str | None:
         """The analyzer's report sentence for an AI label (its ``report_wording``), or None."""
-        if label not in self.labels:
+        if label not in self.call_labels:
             return None
         wording = self.config.report_wording
-        template = wording.malignant if label in self.malignant_labels else wording.benign
+        if label == self.untyped_label and wording.untyped:
+            return wording.untyped
+        template = wording.malignant if label in self.positive_calls else wording.benign
         return template.format(label=self.config.display_name(label)) if template else None
 
     def modality_mismatch(self, loaded: LoadedImage) -> str | None:

@@ -26,7 +26,7 @@ from ..vocab import percent
 from ..ml.scores import gate_features, gate_probability, is_blank, softmax
 from ..imaging.imageio import pad_to_square, to_gray3
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
-from .config import ModalityGate, OutOfDomain
+from .config import ModalityGate, OutOfDomain, TypeDomain
 
 MAX_WORKING_SIDE = 4096
 
@@ -67,6 +67,9 @@ class ImageClassifierAnalyzer(Analyzer):
         self.gate_threshold = None
         if cal.ood is not None:
             self._load_ood(cal.ood)
+        self.type_domain = None
+        if cal.type_domain is not None:
+            self._load_type_domain(cal.type_domain)
         self.blank_std = cfg.blank_image_std
 
     def _load_ood(self, ood: OutOfDomain) -> None:
@@ -92,6 +95,16 @@ class ImageClassifierAnalyzer(Analyzer):
             self.gate_threshold = ood.gate.threshold
             self.gate = {k: st[k].astype(np.float64) for k in ModalityGate.ARRAYS}
 
+    def _load_type_domain(self, td: TypeDomain) -> None:
+        if self.config.calibration.ood is None:
+            raise self.config.error("calibration.type_domain", "is measured on the out-of-domain features: "
+                                                               "calibration.ood is needed too")
+        st = np.load(self.model_dir / td.stats)
+        missing = [k for k in TypeDomain.ARRAYS if k not in st.files]
+        if missing:
+            raise self.config.error("calibration.type_domain.stats", f"{td.stats} lacks the arrays {', '.join(missing)}")
+        self.type_domain = (st["type_mean"].astype(np.float64), st["type_precision"].astype(np.float64), td.threshold)
+
     # -- pieces reused by calibration and evaluation ---------------------------------
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int], int]:
         """Model input (1, 3, S, S), the (top, left) padding offset and the padded side."""
@@ -108,6 +121,28 @@ class ImageClassifierAnalyzer(Analyzer):
         d = e[:, None, :] - self.ood_means[None]  # (N, C, D)
         m = np.einsum("ncd,de,nce->nc", d, self.ood_precision, d)
         return np.sqrt(np.maximum(m.min(axis=1), 0.0))
+
+    def type_distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance to the positive images of the collections with every type; (N,)."""
+        mean, precision, _ = self.type_domain
+        d = features.astype(np.float64) - mean
+        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, precision, d), 0.0))
+
+    def withhold_type(self, res: AnalysisResult, features: np.ndarray) -> None:
+        """A positive call on an input unlike the typed collections keeps its call, loses its type: the
+        label becomes the untyped call, its confidence the probability of the call. The probabilities
+        stay the network's own (per type), as for every result."""
+        if self.type_domain is None or res.label not in self.malignant_labels:
+            return  # no type shown, none to withhold
+        dist = float(self.type_distance(features[None])[0])
+        res.extra["type_distance"] = round(dist, 3)
+        if dist <= self.type_domain[2]:
+            return
+        res.label, res.confidence = self.untyped_label, res.malignant_probability
+        res.label_display = self.config.display_name(self.untyped_label)
+        res.messages.append(f"No {self.positive_term} type is suggested: this {self.input_description} is unlike "
+                            f"the images the types were learned from (distance {dist:.1f} > "
+                            f"{self.type_domain[2]:.1f}). The {self.positive_term} call stands.")
 
     def foreign_probability(self, out: dict[str, np.ndarray]) -> np.ndarray:
         """The modality gate's probability that each image belongs to another analyzer; (N,)."""
@@ -202,6 +237,8 @@ class ImageClassifierAnalyzer(Analyzer):
         res.label = self.labels[k]
         res.label_display = self.config.display_name(res.label)
         res.malignant, res.malignant_probability = malignant, p_mal
+        if self.type_domain is not None:
+            self.withhold_type(res, out[self.ood_input][0])
         geometry = {"top": top, "left": left, "side": side, "h": h, "w": w, "oh": oh, "ow": ow, "back": back}
         self.extend(res, x, rgb, geometry, t)
         t4 = time.perf_counter()

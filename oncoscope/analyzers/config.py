@@ -219,6 +219,25 @@ class OutOfDomain:
 
 
 @dataclass(frozen=True)
+class TypeDomain:
+    """Where the positive call's type is worth suggesting: Mahalanobis distance of the OOD features to
+    the positive images of the collections that have every type. Farther than ``threshold``, the call
+    stands but its type is withheld (the analyzer's ``untyped_label``)."""
+
+    stats: str  # file in the model folder with ``type_mean`` and ``type_precision``
+    threshold: float
+
+    KEYS: ClassVar = frozenset({"stats", "threshold"})
+    NOTES: ClassVar = frozenset({"method", "sources", "threshold_rule", "reference_n", "validation"})
+    ARRAYS: ClassVar = ("type_mean", "type_precision")
+
+    @classmethod
+    def parse(cls, s: _Section) -> "TypeDomain":
+        s.check_keys(cls.KEYS | cls.NOTES)
+        return cls(stats=s.text("stats"), threshold=s.number("threshold", low=0.0, low_open=True))
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Fitted on the validation split by ``oncoscope train``; absent before the first calibration."""
 
@@ -230,9 +249,10 @@ class Calibration:
     # referred. Fitted on sources left out of training, so that confident misses stay rare on a new one.
     confident_negative_below: float | None = None
     ood: OutOfDomain | None = None  # no out-of-domain check when absent
+    type_domain: TypeDomain | None = None  # every positive call typed when absent
 
     KEYS: ClassVar = frozenset({"temperature", "class_bias", "uncertain_below", "malignant_threshold",
-                                "confident_negative_below", "ood"})
+                                "confident_negative_below", "ood", "type_domain"})
     NOTES: ClassVar = frozenset({"malignant_threshold_rule", "fitted_on", "val_accuracy_uncalibrated",
                                  "val_malignant_sensitivity_at_threshold", "val_benign_specificity_at_threshold",
                                  "val_confident_fraction", "confident_negative_rule"})
@@ -242,14 +262,15 @@ class Calibration:
         if s is None:
             return cls(class_bias=(0.0,) * len(labels))
         s.check_keys(cls.KEYS | cls.NOTES)
-        ood = s.section("ood")
+        ood, types = s.section("ood"), s.section("type_domain")
         threshold = s.number("malignant_threshold", 0.5, 0.0, 1.0)
         return cls(class_bias=s.numbers("class_bias", len(labels), (0.0,) * len(labels), " (one per label)"),
                    temperature=s.number("temperature", 1.0, low=0.0, low_open=True),
                    uncertain_below=s.number("uncertain_below", 0.0, 0.0, 1.0),
                    malignant_threshold=threshold,
                    confident_negative_below=s.number("confident_negative_below", None, 0.0, threshold),
-                   ood=OutOfDomain.parse(ood) if ood else None)
+                   ood=OutOfDomain.parse(ood) if ood else None,
+                   type_domain=TypeDomain.parse(types) if types else None)
 
 
 @dataclass(frozen=True)
@@ -354,8 +375,9 @@ class ReportWording:
     malignant: str | None = None
     benign: str | None = None
     disclaimer: str | None = None
+    untyped: str | None = None  # a positive call whose type is withheld (the analyzer's untyped_label)
 
-    KEYS: ClassVar = frozenset({"finding", "malignant", "benign", "disclaimer"})
+    KEYS: ClassVar = frozenset({"finding", "malignant", "benign", "disclaimer", "untyped"})
 
     @classmethod
     def parse(cls, s: _Section | None) -> "ReportWording":
@@ -373,7 +395,8 @@ class ReportWording:
     def as_dict(self) -> dict[str, str]:
         """The sentences given (absent ones left out, so callers' ``.get(key, default)`` still works)."""
         return {k: v for k, v in (("finding", self.finding), ("malignant", self.malignant),
-                                  ("benign", self.benign), ("disclaimer", self.disclaimer)) if v is not None}
+                                  ("benign", self.benign), ("disclaimer", self.disclaimer),
+                                  ("untyped", self.untyped)) if v is not None}
 
 
 # ----------------------------------------------------------------------------- the config
@@ -391,6 +414,9 @@ class AnalyzerConfig:
     id: str | None = None  # the analyzer that reads this folder
     display_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     malignant_labels: tuple[str, ...] = ()
+    # a positive call without a type (not a network output): given when the input is unlike the
+    # collections the types were learned from (calibration.type_domain)
+    untyped_label: str | None = None
     positive_term: str = "malignancy"  # what the positive call is called
     input_description: str = "image"  # what the analyzer expects to see
     image_noun: str = "Image"  # what an image is called in its field
@@ -403,7 +429,7 @@ class AnalyzerConfig:
     source_json: str = field(default="{}", compare=False, repr=False)  # the file as written
 
     KEYS: ClassVar = frozenset({"id", "name", "version", "modality", "labels", "display_names", "malignant_labels",
-                                "positive_term", "input_description", "image_noun", "dicom_modalities",
+                                "untyped_label", "positive_term", "input_description", "image_noun", "dicom_modalities",
                                 "report_wording", "blank_image_std", "preprocess", "files", "calibration",
                                 "segmenter", "cells"})
 
@@ -428,11 +454,14 @@ class AnalyzerConfig:
         s = _Section(data, path)
         s.check_keys(cls.KEYS)
         labels = s.texts("labels", non_empty=True)
+        untyped = s.text("untyped_label", None)
+        if untyped in labels:
+            raise s.error("untyped_label", f"{untyped!r} is a network output; the untyped call must be another code")
         names = s.section("display_names")
         display_names = {}
         if names is not None:
             for label in names.data:
-                if label not in labels:
+                if label not in labels + ((untyped,) if untyped else ()):
                     raise names.error(label, f"unknown label {label!r} (labels: {', '.join(labels)})")
                 display_names[label] = names.text(label)
         preprocess = Preprocess.parse(s.section("preprocess", required=True))
@@ -443,7 +472,7 @@ class AnalyzerConfig:
             preprocess=preprocess, files=s.texts("files"),
             calibration=Calibration.parse(s.section("calibration"), labels),
             id=s.text("id", None), display_names=MappingProxyType(display_names),
-            malignant_labels=s.texts("malignant_labels", (), labels=labels),
+            malignant_labels=s.texts("malignant_labels", (), labels=labels), untyped_label=untyped,
             positive_term=s.text("positive_term", "malignancy"), input_description=s.text("input_description", "image"),
             image_noun=s.text("image_noun", "Image"), dicom_modalities=s.texts("dicom_modalities", ()),
             report_wording=ReportWording.parse(s.section("report_wording")),
@@ -469,10 +498,13 @@ class AnalyzerConfig:
             raise AnalyzerConfigError(path, "preprocess.size", f"is {self.preprocess.size}, but a "
                                       f"{self.cells.field_um:g} µm crop at {self.cells.microns_per_pixel:g} µm/px is "
                                       f"{round(self.cells.field_um / self.cells.microns_per_pixel)} px")
-        ood = self.calibration.ood
-        if ood is not None and ood.stats not in self.files:
-            raise AnalyzerConfigError(path, "calibration.ood.stats",
-                                      f"{ood.stats!r} is not listed in 'files' (the model digest must cover it)")
+        for key, section in (("ood", self.calibration.ood), ("type_domain", self.calibration.type_domain)):
+            if section is not None and section.stats not in self.files:
+                raise AnalyzerConfigError(path, f"calibration.{key}.stats", f"{section.stats!r} is not listed in "
+                                                                           "'files' (the model digest must cover it)")
+        if self.calibration.type_domain is not None and not self.untyped_label:
+            raise AnalyzerConfigError(path, "calibration.type_domain",
+                                      "needs 'untyped_label', the call given when the type is withheld")
 
     @property
     def path(self) -> Path | None:

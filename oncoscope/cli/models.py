@@ -25,10 +25,11 @@ from ..training.recipes import model_dir as default_model_dir
 @click.option("--analyzer", "analyzer_id", default="smear-all", show_default=True)
 @click.option("--data", "data_root", default=None, help="Dataset folder (default: ../shared/datasets/<dataset>).")
 @click.option("--stage", type=click.Choice(["all", "crops", "classifier", "calibrate", "segmenter", "export", "loso",
-                                           "referral"]),
+                                           "referral", "types"]),
               default="all", show_default=True,
               help="crops: smear-differential only; segmenter: smear-all only; loso: one model per source the "
-                   "recipe leaves out; referral: the referral band fitted on those models' answers.")
+                   "recipe leaves out; referral: the referral band fitted on those models' answers; types: where "
+                   "the type of a positive call is suggested (recipes naming typed_sources).")
 @click.option("--work", default="runs", show_default=True, help="Folder for checkpoints and logs.")
 @click.option("--out", default=None, help="Model folder to write (default: the shipped oncoscope/models/<id>).")
 @click.option("--epochs", default=None, type=int)

@@ -64,15 +64,29 @@ def per_source(ev) -> dict:
         entry = ev.manifest["files"][s.path]
         src = entry.get("source", ev.manifest["dataset"])
         blocks[src].add(entry["block"])
+        # top: the network's own class (the served label may withhold the type, counted apart)
         by[src].append({"label": s.label, "status": str(ev.st[i]), "called": bool(called[i]),
-                        "top": ev.results[i].label})
+                        "top": ev.an.labels[int(ev.probs[i].argmax())], "served": ev.results[i].label})
     # blocks: patients (TCGA) or groups of copies; slices of one patient are not independent
-    return {src: dict(call_figures(rows, malignant), blocks=len(blocks[src])) for src, rows in sorted(by.items())}
+    out = {src: dict(call_figures(rows, malignant), blocks=len(blocks[src])) for src, rows in sorted(by.items())}
+    if ev.an.untyped_label:
+        for src, rows in by.items():
+            out[src]["type_suggestion"] = type_figures(rows, ev.an.positive_calls, ev.an.untyped_label)
+    return out
+
+
+def type_figures(rows: list[dict], positive_calls: set[str], untyped: str) -> dict:
+    """Of the tumour images given a tumour call on top, how many carry a type, and how many of those
+    types are right."""
+    shown = [r for r in rows if r["label"] in positive_calls and r["served"] in positive_calls]
+    typed = [r for r in shown if r["served"] != untyped]
+    return {"tumour_calls": len(shown), "typed": _rate(len(typed), len(shown)),
+            "type_right": _rate(sum(r["served"] == r["label"] for r in typed), len(typed))}
 
 
 def test_pointing(ev, analyzer_id: str) -> dict | None:
     masks = loso.mask_paths(analyzer_id)
-    pts = [loso.pointing(ev.results[i], masks[s.path], ev.an.malignant_labels)
+    pts = [loso.pointing(ev.results[i], masks[s.path], ev.an.positive_calls)
            for i, s in enumerate(ev.test) if s.path in masks]
     return pointing_figures(pts) if pts else None
 
@@ -146,6 +160,16 @@ def source_markdown(card: dict, positive: str) -> list[str]:
               *_table({k: v["test_images"] for k, v in lo.items()}, positive),
               "", "Without the referral rule (the models' own validation thresholds):", "",
               *_table({k: v["without_referral_rule"] for k, v in lo.items()}, positive)]
+    types = {k: v["type_suggestion"] for k, v in card["sources"].items() if v.get("type_suggestion")}
+    if types:
+        td = cal.get("type_domain") or {}
+        L += ["", "## Tumour type suggestion (test split)",
+              "The type is shown only on slices like the tumours of the collections with every type "
+              f"({', '.join(td.get('sources', []))}; distance threshold {td.get('threshold')}, "
+              f"{td.get('threshold_rule', '')}); elsewhere the call reads 'type not suggested'. Labels of TCGA "
+              "tumours are glioma by collection.", "",
+              "| source | tumour images called tumour | type shown | type right when shown |", "|---|---|---|---|"]
+        L += [f"| {k} | {v['tumour_calls']} | {_pct(v['typed'])} | {_pct(v['type_right'])} |" for k, v in types.items()]
     pts = [(k, v["pointing"]) for k, v in (lo or {}).items() if v.get("pointing")]
     tol = loso.POINTING_TOLERANCE_PX
     if card.get("localisation") or pts:

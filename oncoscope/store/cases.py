@@ -382,16 +382,36 @@ def aggregate(case: Case) -> Aggregate:
     an = registry.installed(case.analyzer_id)
     if classifies_cells(an):
         return _differential_call(an, usable, len(done), total)
-    labels = list(usable[0].probabilities)
-    mean = {k: float(np.mean([a.probabilities[k] for a in usable])) for k in labels}
-    label = max(mean, key=mean.get)
-    uncertain = any(a.result_status == "uncertain" for a in usable) or len({a.label for a in usable}) > 1 \
-        or len(usable) < len(done)
-    status = "uncertain" if uncertain else "ok"
-    text = f"mean probability over {len(usable)} of {total} image{'s' if total > 1 else ''}"
-    if len({a.label for a in usable}) > 1:
+    return _image_call(an, usable, len(done), total)
+
+
+def _suspicion(an, a: Analysis) -> float:
+    """P(malignant labels) of one image: as stored, or summed from its probabilities for rows kept
+    without it."""
+    if a.malignant_probability is not None:
+        return float(a.malignant_probability)
+    positive = an.malignant_labels if an is not None else set()
+    return float(sum(p for k, p in (a.probabilities or {}).items() if k in positive))
+
+
+def _image_call(an, usable: list, n_done: int, total: int) -> Aggregate:
+    """A screening case is as positive as its most suspicious image: one tumour slice among twenty
+    clear ones is a tumour case, which a mean over the slices would call clear. The case takes that
+    image's probabilities and label; it is unsure when any image is, when the images disagree or
+    when some could not be used."""
+    lead = max(usable, key=lambda a: _suspicion(an, a))
+    threshold = getattr(an, "malignant_threshold", 0.5)
+    positive = sum(1 for a in usable if (a.malignant if a.malignant is not None else _suspicion(an, a) >= threshold))
+    disagree = len({a.label for a in usable}) > 1
+    status = "uncertain" if (any(a.result_status == "uncertain" for a in usable) or disagree
+                             or len(usable) < n_done) else "ok"
+    term = getattr(an, "positive_term", "malignancy")
+    noun = f"image{'s' if total > 1 else ''}"
+    text = (f"{positive} of {len(usable)} usable {noun} ({total} in all) positive for {term}; "
+            f"the case follows the most suspicious image")
+    if disagree:
         text += " (images disagree)"
-    return Aggregate(label, status, mean, len(usable), total, text + ".")
+    return Aggregate(lead.label, status, dict(lead.probabilities or {}), len(usable), total, text + ".")
 
 
 def _differential_call(an, usable: list, n_done: int, total: int) -> Aggregate:
@@ -429,7 +449,7 @@ def label_names(analyzer) -> dict[str, str]:
 
 def diagnosis_options(analyzer) -> list[tuple[str, str]]:
     names = label_names(analyzer)
-    return [(l, names.get(l, l)) for l in analyzer.labels] + [(NONDIAGNOSTIC, NONDIAGNOSTIC_NAME)]
+    return [(l, names.get(l, l)) for l in analyzer.call_labels] + [(NONDIAGNOSTIC, NONDIAGNOSTIC_NAME)]
 
 
 def _review_hash(case: Case, r: Review) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 from ..analyzers import registry
 from ..imaging.imageio import load_image
 from ..ml.scores import gate_features, gate_probability, softmax
-from .data import load_manifest, manifest_samples
+from .data import Sample, load_manifest, manifest_samples, source_matches
 from .recipes import RECIPES, data_root
 
 
@@ -224,3 +224,55 @@ def calibrate(analyzer_id: str, root: Path, recipe: dict, work_dir: Path, model_
     registry.clear()
     print(json.dumps(cal, indent=1))
     return cal
+
+
+def _positives(manifest: dict, split: str, malignant: set[str], sources: list[str], inside: bool) -> list[Sample]:
+    """The split's positive images from (or, ``inside`` False, not from) the named sources."""
+    files = manifest["files"]
+    return [smp for smp in manifest_samples(manifest, split) if smp.label in malignant
+            and source_matches(files[smp.path].get("source", manifest["dataset"]), sources) == inside]
+
+
+def fit_type_domain(analyzer_id: str, root: Path, recipe: dict, model_dir: Path) -> dict:
+    """Where the shipped model's type is worth suggesting: one Gaussian over the OOD features of the
+    positive training images of the collections that have every type (``typed_sources``); the
+    threshold is the 99th percentile of their validation images, so about 1 in 100 of them loses its
+    type. Written into ``ood.npz`` and the config's ``calibration.type_domain``."""
+    manifest = load_manifest(recipe["manifest"])
+    base = Path(root) / recipe["subdir"] if recipe.get("subdir") else Path(root)
+    an = registry.get(analyzer_id, model_dir=model_dir)
+    typed = list(recipe["typed_sources"])
+    mal = set(an.labels) & an.malignant_labels
+    tr = embed_split(an, base, _positives(manifest, "train", mal, typed, True))
+    va = embed_split(an, base, _positives(manifest, "val", mal, typed, True))
+    others = _positives(manifest, "val", mal, typed, False)
+    mean, precision = fit_ood(tr["ood"])
+
+    def distance(feats: np.ndarray) -> np.ndarray:
+        d = feats - mean
+        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, precision, d), 0.0))
+
+    d_va = distance(va["ood"])
+    threshold = float(np.quantile(d_va, 0.99))
+    kept = d_va <= threshold
+    right = va["logits"].argmax(1) == va["y"]
+    validation = {"typed_images": int(len(d_va)), "typed_kept": round(float(kept.mean()), 4),
+                  "type_accuracy_kept": round(float(right[kept].mean()), 4),
+                  "type_accuracy_all": round(float(right.mean()), 4)}
+    if others:
+        d_other = distance(embed_split(an, base, others)["ood"])
+        validation.update(other_images=len(others), other_withheld=round(float((d_other > threshold).mean()), 4))
+    stats_path = model_dir / "ood.npz"
+    arrays = dict(np.load(stats_path)) if stats_path.exists() else {}
+    np.savez_compressed(stats_path, **arrays, type_mean=mean.astype(np.float32), type_precision=precision.astype(np.float32))
+    section = {"method": "Mahalanobis distance (Ledoit-Wolf covariance) of the out-of-domain features to the positive "
+                         "training images of the collections with every type",
+               "stats": "ood.npz", "threshold": round(threshold, 3), "sources": typed,
+               "threshold_rule": "99th percentile of those collections' positive validation images",
+               "reference_n": int(len(tr["y"])), "validation": validation}
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.setdefault("calibration", {})["type_domain"] = section
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    registry.clear()
+    return section

@@ -53,12 +53,12 @@ def mask_paths(analyzer_id: str) -> dict[str, Path]:
                 for row in csv.DictReader(fh) if row.get(spec["column"])}
 
 
-def pointing(res, mask_file: Path, malignant_labels) -> dict | None:
+def pointing(res, mask_file: Path, positive_calls) -> dict | None:
     """Does the heatmap's peak fall inside the tumour mask (or within a few pixels of it)? Only for
     a tumour call whose top class is a tumour: the heatmap then explains a tumour class (None
     otherwise; with a low threshold a slice can be called tumour with 'no tumour' on top)."""
     heatmap = res.heatmap
-    if heatmap is None or not res.malignant or res.label not in malignant_labels:
+    if heatmap is None or not res.malignant or res.label not in positive_calls:
         return None
     mask = np.asarray(Image.open(mask_file).convert("L").resize(heatmap.shape[::-1], Image.NEAREST)) > 127
     y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
@@ -91,7 +91,7 @@ def record(an, path: Path, rel: str, entry: dict, masks: dict[str, Path]) -> dic
            "p_malignant": float(np.sum([probs[i] for i in mal])) if probs else None,
            "malignant_threshold": an.malignant_threshold, "ood_distance": distance, "ood_gate": gate}
     if rel in masks:
-        out["pointing"] = pointing(res, masks[rel], an.malignant_labels)
+        out["pointing"] = pointing(res, masks[rel], an.positive_calls)
     return out
 
 

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .calibrate import calibrate
+from .calibrate import calibrate, fit_type_domain
 from .data import write_without
 from . import loso
 from .loso import write_referral_band
@@ -43,6 +43,10 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
         all_stages.remove("segmenter")
         if stage == "segmenter":
             raise SystemExit(f"analyzer {analyzer_id!r} has no segmenter")
+    if r.get("typed_sources") and not without:
+        all_stages.append("types")  # after calibrate, which rewrites the calibration it joins
+    elif stage == "types":
+        raise SystemExit(f"analyzer {analyzer_id!r} names no collections with types (recipe 'typed_sources')")
     if r.get("loso_sources") and loso.runs(analyzer_id, Path(work)) and not without:
         all_stages.append("referral")  # the band would be lost with the calibration it belongs to
     stages = all_stages if stage == "all" else [stage]
@@ -62,6 +66,9 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
                               subdir=r["subdir"], image_size=r["image_size"], epochs=epochs or r["epochs"], seed=seed,
                               **r.get("train", {}))
             train(cfg)
+        elif st == "types":
+            write_config(r, out_dir)  # the untyped call and its wording come with the static config
+            print(json.dumps(fit_type_domain(analyzer_id, root, r, out_dir), indent=1))
         elif st == "calibrate":
             calibrate(analyzer_id, root, r, work_dir, out_dir)
         elif st == "segmenter":
@@ -71,7 +78,9 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
             write_config(r, out_dir)
         log[st] = round((time.time() - ts) / 60, 2)
     record_path = work_dir / "training_record.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
+    # one stage re-run on a shipped model (a fresh clone has no work folder) adds to its record
+    earlier = record_path if record_path.exists() or stage == "all" else out_dir / "training_record.json"
+    record = json.loads(earlier.read_text()) if earlier.exists() else {"stages": {}}
     record["stages"].update(log)
     record.setdefault("commands", []).append(command)
     record["dataset_root"] = str(root)

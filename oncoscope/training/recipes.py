@@ -124,6 +124,9 @@ RECIPES = {
         # Each left out in turn (`--stage loso`); their answers fit the referral band (`--stage referral`).
         # The two largest institutions; CS (48 slices) and FG (35) would add a few patients each.
         "loso_sources": ["tcga-lgg-flair", "tcga-lgg-flair/DU", "tcga-lgg-flair/HT"],
+        # the tumour type is suggested only on slices like this collection's tumours (`--stage types`):
+        # TCGA adds gliomas alone, so its look says nothing about meningioma or pituitary tumours
+        "typed_sources": ["brain-mri"],
         "image_size": 176,
         "epochs": 12,
         "train": {"augment": "radiology", "max_angle": 15.0, "gray": True, "pad": True, "freeze_blocks": 5,
@@ -157,27 +160,31 @@ RECIPES = {
             "mostly one collection of T2-weighted axial web JPEGs): the model can learn the collection. TCGA-LGG "
             "adds tumour and tumour-free FLAIR slices of the same patients, but only gliomas; its 'no tumour' "
             "slices come from glioma patients, not healthy brains.",
-            "The tumour type is learnt from one collection only (the Kaggle mix); on other collections read the "
-            "tumour call, not the type.",
+            "The tumour type is learnt from one collection only (the Kaggle mix): on slices unlike its tumours the "
+            "type is withheld ('type not suggested'), and where it is shown on another collection, read the tumour "
+            "call, not the type.",
             "Four classes only; other lesions (metastases, abscess, stroke) are not represented and may be called "
             "a tumour type or 'no tumour'. A slice without a tumour does not exclude one elsewhere in the brain.",
         ],
         "config": {
             "id": "brain-mri",
             "name": "Brain MR slice: brain tumour or not, type suggested (glioma, meningioma, pituitary)",
-            "version": "1.0.0",
+            "version": "1.1.0",
             "modality": "radiology/mr",
             "input_description": "brain MR slice",
             "image_noun": "Slice",
             "dicom_modalities": ["MR"],
             "labels": ["glioma", "meningioma", "notumor", "pituitary"],
             "display_names": {"glioma": "Glioma", "meningioma": "Meningioma", "notumor": "No tumour",
-                              "pituitary": "Pituitary tumour"},
+                              "pituitary": "Pituitary tumour", "tumour": "Brain tumour, type not suggested"},
             "malignant_labels": ["glioma", "meningioma", "pituitary"],
+            "untyped_label": "tumour",
             "positive_term": "brain tumour",
             "report_wording": {
                 "finding": "Brain MR slice, automated tumour detection and typing",
                 "malignant": "Appearance suggestive of an intracranial tumour (most likely: {label}).",
+                "untyped": "Appearance suggestive of an intracranial tumour; no type is suggested (the slice is "
+                           "unlike the images the types were learned from).",
                 "benign": "No intracranial tumour detected by the model on this slice.",
                 "disclaimer": "AI output is decision support only and must be confirmed by a neuroradiologist; "
                               "a single slice cannot exclude a lesion elsewhere.",

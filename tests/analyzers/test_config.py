@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from oncoscope.analyzers import registry
+from oncoscope.analyzers.base import AnalysisResult
 from oncoscope.analyzers.config import AnalyzerConfig, AnalyzerConfigError, Segmenter
 
 SHIPPED = ["smear-all", "bone-xray", "brain-mri"]
@@ -172,6 +173,14 @@ CASES = {
     "ood stats not listed": (put("files", ["classifier.onnx", "head.npz", "segmenter.onnx"]),
                              "calibration.ood.stats", "not listed in 'files'"),
     "file outside the folder": (put("files", ["../classifier.onnx"]), "files", "plain file name"),
+    # the untyped call
+    "untyped label is an output": (put("untyped_label", "Early"), "untyped_label", "network output"),
+    "type domain without untyped call": (put("calibration.type_domain", {"stats": "ood.npz", "threshold": 3.0}),
+                                         "calibration.type_domain", "untyped_label"),
+    "type domain stats not listed": (put("calibration.type_domain", {"stats": "types.npz", "threshold": 3.0}),
+                                     "calibration.type_domain.stats", "not listed in 'files'"),
+    "type domain threshold zero": (put("calibration.type_domain", {"stats": "ood.npz", "threshold": 0}),
+                                   "calibration.type_domain.threshold", "must be in"),
 }
 
 
@@ -309,3 +318,32 @@ def test_a_negative_inside_the_referral_band_is_referred():
     assert any("not ruled out with confidence (probability 24.0%, ruled out only below 10.0%)" in m for m in msgs)
     an.confident_negative_below = None
     assert an.decide(doubtful, None)[0] == "ok"
+
+
+# ----------------------------------------------------------------------------- the withheld type
+def _tumour_result(an, top: str):
+    probs = {l: (0.85 if l == top else 0.05) for l in an.labels}
+    return AnalysisResult(analyzer_id=an.id, status="ok", label=top, label_display=an.config.display_name(top),
+                          probabilities=dict(probs), confidence=0.85, malignant=top in an.malignant_labels,
+                          malignant_probability=sum(p for l, p in probs.items() if l in an.malignant_labels))
+
+
+def test_a_tumour_call_unlike_the_typed_collection_loses_its_type_not_its_call():
+    an = copy.copy(registry.get("brain-mri"))
+    assert an.type_domain is not None and an.untyped_label == "tumour" and "tumour" in an.positive_calls
+    mean, precision, threshold = an.type_domain
+    near, far = mean[0], mean[0] + 10 * threshold / np.sqrt(precision.diagonal())  # far along every axis
+    res = _tumour_result(an, "meningioma")
+    an.withhold_type(res, near)
+    assert (res.label, res.confidence) == ("meningioma", 0.85) and res.extra["type_distance"] < threshold
+    res = _tumour_result(an, "meningioma")
+    before = dict(res.probabilities)
+    an.withhold_type(res, far)
+    assert (res.label, res.label_display, res.malignant) == ("tumour", "Brain tumour, type not suggested", True)
+    assert res.confidence == pytest.approx(0.95) and res.probabilities == before  # the network's own, per type
+    assert any("No brain tumour type is suggested" in m and "call stands" in m for m in res.messages)
+    assert an.interpretation("tumour").startswith("Appearance suggestive of an intracranial tumour; no type")
+    clear = _tumour_result(an, "notumor")
+    an.withhold_type(clear, far)
+    assert clear.label == "notumor" and "type_distance" not in clear.extra  # no type shown, none withheld
+

@@ -63,11 +63,17 @@ def test_per_source_and_card_text():
     files = {"f0": {"source": "tcga/DU", "block": 1}, "f1": {"source": "tcga/DU", "block": 1},
              "f2": {"source": "kaggle", "block": 2}, "f3": {"source": "kaggle", "block": 3}}
     probs = np.array([[0.9, 0, 0.1, 0], [0.05, 0, 0.95, 0], [0.01, 0, 0.99, 0], [0.1, 0.8, 0.1, 0]])
-    ev = SimpleNamespace(an=SimpleNamespace(malignant_labels=["glioma", "meningioma", "pituitary"]),
-                         probs=probs, mal=[0, 1, 3], thr=0.08, test=test, manifest={"files": files, "dataset": "x"},
-                         st=np.array(["ok", "uncertain", "ok", "ok"]),
-                         results=[SimpleNamespace(label=labels[int(np.argmax(p))]) for p in probs])
+    served = [labels[int(np.argmax(p))] for p in probs]
+    served[3] = "tumour"  # f3's type withheld: the served call differs from the network's top class
+    an = SimpleNamespace(labels=labels, malignant_labels=["glioma", "meningioma", "pituitary"], untyped_label="tumour",
+                         positive_calls={"glioma", "meningioma", "pituitary", "tumour"})
+    ev = SimpleNamespace(an=an, probs=probs, mal=[0, 1, 3], thr=0.08, test=test,
+                         manifest={"files": files, "dataset": "x"}, st=np.array(["ok", "uncertain", "ok", "ok"]),
+                         results=[SimpleNamespace(label=l) for l in served])
     out = S.per_source(ev)
+    assert out["tcga/DU"]["type_suggestion"]["typed"]["k"] == 1 and out["tcga/DU"]["type_suggestion"]["type_right"]["k"] == 1
+    kaggle_types = out["kaggle"]["type_suggestion"]  # f2 called no tumour; f3 called tumour without a type
+    assert kaggle_types["tumour_calls"] == 1 and kaggle_types["typed"]["k"] == 0 and kaggle_types["type_right"] is None
     assert out["tcga/DU"]["blocks"] == 1 and out["tcga/DU"]["n"] == 2
     assert out["kaggle"]["confident_misses"]["k"] == 1  # f2: glioma at P(tumour) 0.01, ok
     assert out["kaggle"]["accuracy"]["k"] == 1  # two tumour types in kaggle: accuracy shown
@@ -81,4 +87,5 @@ def test_per_source_and_card_text():
     assert "## Per source (test split)" in text and "| tcga/DU | 2 (1) |" in text
     assert "P(brain tumour) < 0.02" in text and "| tcga | 2 (5) |" in text
     assert "| shipped model, test split | 3 | 1 | 50.0% (10-90; 1/2) | 100.0% (30-100; 2/2) |" in text
+    assert "## Tumour type suggestion (test split)" in text and "| kaggle | 1 | 0.0% (" in text
     assert S.source_markdown({}, "x") == []

@@ -256,13 +256,13 @@ def _exports(g) -> dict[str, bytes]:
     return out
 
 
-GOLDEN = {  # re-recorded when smear-all's subtype wording changed (issue 13); otherwise as before the split
-    'a.pdf': '964e301b66c42a3c34409685b7ffb3e01c79ec52400e40670666ff51e0f8b267',
-    'a.fhir.json': 'd4c6c04a7e6a6354e4c1e2369b0f8a5a3bd8384353f2bc8586263c1f0abbd94b',
-    'a.fhir-as-built.json': '4dfeab437e8c41ee69fea9c932dbd5ab434a7489cfd4fefa527227e6360df66f',
-    'a.fhir-urn.json': '22a5ffe96c021ce60c7c26378e12ab413698b7806465bd9382bab24f84a68a74',
-    'a.hl7': '5508437e9a0e13b7f6df3fe4dce7e34449826a5706936972cd83cfe79dbbc99a',
-    'a.hl7-custom': 'a707ae3036b4bf1ee1c8fae31c0308642b091f9aac63f643e9c09c09dcd498b4',
+GOLDEN = {
+    'a.pdf': '4010a30cb3ea4706ec49db12374ccb15775e0f115d5c66fafe322b8c4228f72b',
+    'a.fhir.json': '485b1cb4d218606b10ed4988f4aa36aed159f8a90027d030cab5d781ea6db618',
+    'a.fhir-as-built.json': '87d1724c383e95ffc48bfe5db37d7af781f7310cc4a3e883f60744af54ca640d',
+    'a.fhir-urn.json': '62e8e218dee998cc0832e5f3f0e946791c0de00153a63d942a8d08daeac6b491',
+    'a.hl7': '8aa0486264fdaccfd0f6224fa763420d156e1e99fa59c10e0d12a714162f5830',
+    'a.hl7-custom': '5cd296a31f961d3b31406fd24e6cea108856bdc496c917c3867235aaae6a48b4',
     'a.sr.dcm': '75c6aff3279115d3b26822eb914756d5d3944d47285d3e1eb930a504893d52c5',
     'a.sr-study.dcm': 'a26511e576112b1dbebb49d142c26b8660eaf779974e9c917c754c0595b7ad80',
     'b.pdf': '32e41778abc63c26ecf4ac0f258eadb27685cef2c51efa59f4289fe31031ec2d',
@@ -273,9 +273,9 @@ GOLDEN = {  # re-recorded when smear-all's subtype wording changed (issue 13); o
     'b.hl7-custom': '81e0f1e920a55141ef8b00913c25c25751534612a1111d0faf6c3990f49a712b',
     'b.sr.dcm': 'bcf8b576c6b105b70c21cd5b798576abb246339640eb5a2cf773c9572c0cdf84',
     'b.sr-study.dcm': 'b12d81f4426f7728e58ffe269a51e34767604f8a4f5fb5f3c174848eb3b24fe2',
-    'c.pdf': '8eb6e246f20b37bc9560ef2a1f1d2c92ccc87d5379bade04d6d75de969f22a27',
-    'd.pdf': 'c7d7d05c761146db5d08eaa07ca38d4fceeaa2633803317171e1be0d29f238c0',
-    'd.fhir.json': 'ba1ff293fdbca0b92af5799f1a5e4f1046fcd36f16a23538370868f95f831a05',
+    'c.pdf': 'ba9c90b96a1b8c767591f60eaf6e46c4134f517bdb88c9e222bf585d684ba6fd',
+    'd.pdf': 'de548cb7c8f5816d5b9264f9628d7f1628a4efde3fa2a338651880d4b460ad9a',
+    'd.fhir.json': '91e224b571257d8e85c6efe7ea8adb5d6b35d3f11df1a7502abba4dc1eb3e53a',
     'd.sr.dcm': 'ccb1f24a3d52c25aab9b07ad6426b7886861de0ec930af5f1db0249314cfbcef',
     'seg-png.dcm': '2fc79c639941b03dde8fd8a30e17b20735c1b2f626930327cf9811a4ec4d8cc7',
     'seg-rgb-half.dcm': '55cecc678d7ae9f10e5cfa9ab37c662cb40ac7fe7b39823d6b2d0da11b09339c',

@@ -192,7 +192,7 @@ def test_obx_values(db, analyzer):
         assert all(r[6] == "smear-all:1.0.0^ONCOSCOPE" for r in mine)
     case_level = {r[0]: r for r in rows if r[1] == ""}
     assert set(case_level) == {"AI-CALL", "AI-CALL-STATUS", "FINAL-DX", "AI-AGREE"}
-    assert case_level["AI-CALL"][2] == "ST" and case_level["AI-CALL"][3].startswith("Pro-B ALL: mean probability")
+    assert case_level["AI-CALL"][2] == "ST" and case_level["AI-CALL"][3].startswith("Pro-B ALL: 2 of 2 usable images (2 in all) positive for malignancy")
     assert case_level["AI-CALL-STATUS"][3] == "ok"
     assert case_level["FINAL-DX"][2] == "CWE" and case_level["FINAL-DX"][3] == "Pro^Pro-B ALL^L"
     assert case_level["AI-AGREE"][3] == "Y^Yes^HL70136"

@@ -100,6 +100,24 @@ def test_the_aggregate_call_says_when_it_is_unsure(world):
     assert (agg.label, agg.status, agg.n_used) == ("Pre", "ok", 3) and abs(sum(agg.probabilities.values()) - 1) < 1e-9
 
 
+def test_one_suspicious_image_makes_the_case_suspicious(world):
+    """Screening: one malignant-looking image among clear ones is not averaged away."""
+    s, u, _, p, files = world
+    c = case_store.create_case(s, u, p, "smear-all")
+    out = case_store.add_images(s, files, c, u, [(f"{i}.png", png_bytes(i)) for i in range(1, 6)], 10 * MB)
+    first, *rest = (i.analysis for i in out.added)
+    for a in rest:
+        _done(a, "ok", "Benign", top=0.97)
+    _done(first, "ok", "Pro", top=0.7)
+    agg = case_store.aggregate(c)
+    assert (agg.label, agg.status) == ("Pro", "uncertain") and agg.probabilities["Pro"] == pytest.approx(0.7)
+    assert "1 of 5 usable images" in agg.text and "images disagree" in agg.text
+    _done(first, "ok", "Benign", top=0.9)  # all clear: the least clear image speaks for the case
+    agg = case_store.aggregate(c)
+    assert (agg.label, agg.status) == ("Benign", "ok") and agg.probabilities["Benign"] == pytest.approx(0.9)
+    assert agg.text.startswith("0 of 5 usable images")
+
+
 def test_sign_problems_lists_everything_at_once(world):
     s, u, _, p, files = world
     c = case_store.create_case(s, u, p, "smear-all")
@@ -146,3 +164,10 @@ def test_display_names_cover_non_diagnostic(world):
     assert names[NONDIAGNOSTIC] == "Non-diagnostic sample" and names["Benign"] == "Benign (hematogone)"
     assert case_store.label_names(None) == {NONDIAGNOSTIC: "Non-diagnostic sample"}
     assert [k for k, _ in case_store.diagnosis_options(an)][-1] == NONDIAGNOSTIC
+
+
+def test_a_reader_can_sign_the_untyped_call():
+    """brain-mri's 'tumour, type not suggested' is no network output, but a call a reader can make."""
+    from oncoscope.analyzers import registry
+    options = case_store.diagnosis_options(registry.get("brain-mri"))
+    assert ("tumour", "Brain tumour, type not suggested") in options and options[-1][0] == NONDIAGNOSTIC

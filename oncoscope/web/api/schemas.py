@@ -92,7 +92,8 @@ SCHEMAS: dict[str, dict] = {
                          "case": ref("Case")}, ["added", "duplicates", "errors"]),
     "Analyzer": obj({"id": STR, "name": STR, "version": STR, "modality": STR, "labels": {"type": "array", "items": STR},
                      "display_names": {"type": "object", "additionalProperties": STR},
-                     "malignant_labels": {"type": "array", "items": STR}, "positive_term": STR,
+                     "malignant_labels": {"type": "array", "items": STR}, "untyped_label": NSTR,
+                     "positive_term": STR,
                      "input_description": STR, "dicom_modalities": {"type": "array", "items": STR}, "sha256": STR,
                      "validation_summary": STR}, ["id", "name", "version", "labels"]),
 }
