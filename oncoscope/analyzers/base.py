@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,14 +187,35 @@ class Analyzer:
         template = wording.malignant if label in self.positive_calls else wording.benign
         return template.format(label=self.config.display_name(label)) if template else None
 
-    def modality_mismatch(self, loaded: LoadedImage) -> str | None:
-        """Why a DICOM file's declared modality rules it out for this analyzer (None when it does not)."""
+    def dicom_mismatch(self, loaded: LoadedImage) -> str | None:
+        """Why a DICOM file rules itself out for this analyzer by what it says it is (None when it does
+        not): another modality, body part, slice plane or kind of series than the model was trained on."""
         meta = loaded.dicom
-        modality = getattr(meta, "modality", "") if meta is not None else ""
-        if not modality or not self.dicom_modalities or modality in self.dicom_modalities:
+        if meta is None:
             return None
-        return (f"This DICOM file is modality {modality}; {self.name} reads {self.input_description}s "
-                f"(DICOM modality {', '.join(self.dicom_modalities)}). No diagnosis is given.")
+        reads = f"{self.name} reads {self.input_description}s"
+        modality = getattr(meta, "modality", "")
+        if modality and self.dicom_modalities and modality not in self.dicom_modalities:
+            return (f"This DICOM file is modality {modality}; {reads} (DICOM modality "
+                    f"{', '.join(self.dicom_modalities)}). No diagnosis is given.")
+        checks = self.config.dicom_checks
+        body_part = getattr(meta, "body_part", "")
+        if body_part and checks.body_parts and body_part not in checks.body_parts:
+            return (f"This DICOM file shows body part {body_part}; {reads} (body part "
+                    f"{', '.join(checks.body_parts)}). No diagnosis is given.")
+        plane = getattr(meta, "plane", "")
+        if plane and checks.planes and plane not in checks.planes:
+            return (f"This slice is {plane}; {reads} in the {', '.join(checks.planes)} planes only, as trained. "
+                    "No diagnosis is given.")
+        words = set(re.findall(r"[A-Z0-9]+", getattr(meta, "acquisition", "").upper()))
+        refused = [w for w in checks.refused_words if w in words]
+        b_value = getattr(meta, "b_value", None)
+        if checks.refuse_diffusion and b_value:
+            refused.append(f"b-value {b_value:g}")
+        if refused:
+            return (f"This series is not a kind the model was trained on ({', '.join(refused)}: "
+                    f"'{getattr(meta, 'acquisition', '')}'); {reads}. No diagnosis is given.")
+        return None
 
     def analyze(self, image) -> AnalysisResult:
         """``image``: path, bytes, file object, RGB uint8 array or LoadedImage. Never raises on bad input."""
@@ -203,7 +225,7 @@ class Analyzer:
             loaded = image if isinstance(image, LoadedImage) else load_image(image)
         except ImageLoadError as exc:
             return AnalysisResult.failed(self.id, str(exc), self.model_info, self.counts_cells)
-        why = self.modality_mismatch(loaded)
+        why = self.dicom_mismatch(loaded)
         if why:
             h, w = loaded.rgb.shape[:2]
             return AnalysisResult(analyzer_id=self.id, status=STATUS_OOD, model=self.model_info, messages=[why],

@@ -399,6 +399,30 @@ class ReportWording:
                                   ("untyped", self.untyped)) if v is not None}
 
 
+@dataclass(frozen=True)
+class DicomChecks:
+    """What a DICOM file must say about its acquisition for the model to read it (what it was trained
+    on); a file that says otherwise is out of domain. A value the file does not state passes (plain
+    image files state none: the out-of-domain score is their check)."""
+
+    body_parts: tuple[str, ...] = ()  # Body Part Examined accepted (empty: any)
+    planes: tuple[str, ...] = ()  # slice planes accepted (empty: any)
+    refused_words: tuple[str, ...] = ()  # a word of these in the series' description, image type or
+    # sequence rules it out (diffusion maps, angiography, localisers: series the model never saw)
+    refuse_diffusion: bool = False  # a b-value above zero rules the series out
+
+    KEYS: ClassVar = frozenset({"body_parts", "planes", "refused_words", "refuse_diffusion"})
+    PLANES: ClassVar = ("axial", "coronal", "sagittal", "oblique")
+
+    @classmethod
+    def parse(cls, s: _Section) -> "DicomChecks":
+        s.check_keys(cls.KEYS)
+        return cls(body_parts=tuple(x.upper() for x in s.texts("body_parts", ())),
+                   planes=s.texts("planes", (), labels=cls.PLANES),
+                   refused_words=tuple(x.upper() for x in s.texts("refused_words", ())),
+                   refuse_diffusion=s.flag("refuse_diffusion", False))
+
+
 # ----------------------------------------------------------------------------- the config
 @dataclass(frozen=True)
 class AnalyzerConfig:
@@ -421,6 +445,7 @@ class AnalyzerConfig:
     input_description: str = "image"  # what the analyzer expects to see
     image_noun: str = "Image"  # what an image is called in its field
     dicom_modalities: tuple[str, ...] = ()  # DICOM modalities accepted (empty: any)
+    dicom_checks: DicomChecks = DicomChecks()  # body part, plane and series a DICOM file must match
     report_wording: ReportWording = ReportWording()
     blank_image_std: float = 2.0  # grey-level spread under which an image is blank
     segmenter: Segmenter | None = None
@@ -430,6 +455,7 @@ class AnalyzerConfig:
 
     KEYS: ClassVar = frozenset({"id", "name", "version", "modality", "labels", "display_names", "malignant_labels",
                                 "untyped_label", "positive_term", "input_description", "image_noun", "dicom_modalities",
+                                "dicom_checks",
                                 "report_wording", "blank_image_std", "preprocess", "files", "calibration",
                                 "segmenter", "cells"})
 
@@ -475,6 +501,7 @@ class AnalyzerConfig:
             malignant_labels=s.texts("malignant_labels", (), labels=labels), untyped_label=untyped,
             positive_term=s.text("positive_term", "malignancy"), input_description=s.text("input_description", "image"),
             image_noun=s.text("image_noun", "Image"), dicom_modalities=s.texts("dicom_modalities", ()),
+            dicom_checks=DicomChecks.parse(checks) if (checks := s.section("dicom_checks")) else DicomChecks(),
             report_wording=ReportWording.parse(s.section("report_wording")),
             blank_image_std=s.number("blank_image_std", 2.0, low=0.0),
             segmenter=Segmenter.parse(segmenter, preprocess) if segmenter else None,

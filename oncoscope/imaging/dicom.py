@@ -64,6 +64,11 @@ class DicomImage:
     transfer_syntax: str = ""
     frame_index: int | None = 0  # the frame used; None when the tiles of a whole-slide level were stitched
     window: tuple[float, float] | None = None  # (center, width) applied, if any
+    # what the acquisition was, for an analyzer's checks of what it was trained on (empty: not stated)
+    body_part: str = ""  # Body Part Examined, upper case
+    plane: str = ""  # "axial", "coronal", "sagittal" or "oblique", from Image Orientation (Patient)
+    acquisition: str = ""  # Series Description, Image Type, Scanning Sequence, Sequence Name: words to match
+    b_value: float | None = None  # Diffusion b-value (diffusion-weighted series)
 
     def without_pixels(self) -> "DicomImage":
         return replace(self, rgb=None)
@@ -755,7 +760,36 @@ def _metadata(ds) -> dict:
         "sop_class_uid": uid("SOPClassUID"),
         "modality": text("Modality").upper(),
         "description": text("SeriesDescription") or text("StudyDescription"),
+        "body_part": text("BodyPartExamined").upper(),
+        "plane": _plane(ds),
+        "acquisition": " ".join(text(k) for k in ("SeriesDescription", "ImageType", "ScanningSequence", "SequenceName")
+                                if text(k)),
+        "b_value": _first_number(one("DiffusionBValue")),
     }
+
+
+OBLIQUE_COS = 0.906  # cos 25 degrees: a slice tilted more than this from every body plane is oblique
+
+
+def _plane(ds) -> str:
+    """The body plane of the slice, from its row and column directions (the slice normal's axis)."""
+    iop = _values(ds, "ImageOrientationPatient")
+    if len(iop) != 6:
+        item = _functional_item(ds, 0, "PlaneOrientationSequence")
+        iop = _values(item, "ImageOrientationPatient") if item is not None else []
+    try:
+        v = np.array([float(x) for x in iop], np.float64)
+    except (TypeError, ValueError):
+        return ""
+    if v.size != 6:
+        return ""
+    normal = np.cross(v[:3], v[3:])
+    length = float(np.linalg.norm(normal))
+    if length < 1e-6:
+        return ""
+    n = np.abs(normal) / length
+    axis = int(np.argmax(n))
+    return ("sagittal", "coronal", "axial")[axis] if n[axis] >= OBLIQUE_COS else "oblique"
 
 
 # ============================================================================= shared output helpers

@@ -174,6 +174,15 @@ RECIPES = {
             "input_description": "brain MR slice",
             "image_noun": "Slice",
             "dicom_modalities": ["MR"],
+            # trained on T1 (contrast), T2 and FLAIR slices of the head in the three body planes
+            "dicom_checks": {
+                "body_parts": ["HEAD", "BRAIN", "SKULL", "HEADNECK"],
+                "planes": ["axial", "coronal", "sagittal"],
+                "refused_words": ["DWI", "DIFF", "DIFFUSION", "ADC", "TRACE", "TRACEW", "DTI", "TENSOR", "FA",
+                                  "SWI", "SWAN", "PERFUSION", "PERF", "DSC", "DCE", "ASL", "BOLD", "MRA", "TOF",
+                                  "ANGIO", "LOCALIZER", "LOCALISER", "SCOUT", "SURVEY", "MRS", "SPECTROSCOPY", "CSI"],
+                "refuse_diffusion": True,
+            },
             "labels": ["glioma", "meningioma", "notumor", "pituitary"],
             "display_names": {"glioma": "Glioma", "meningioma": "Meningioma", "notumor": "No tumour",
                               "pituitary": "Pituitary tumour", "tumour": "Brain tumour, type not suggested"},

@@ -38,7 +38,7 @@ def test_analyzer_declares_its_contract(radiology_analyzer):
     assert d["modality"].startswith("radiology/")
     assert exp["dicom"] in d["dicom_modalities"] and exp["wrong_dicom"] not in d["dicom_modalities"]
     assert d["positive_term"] and d["input_description"]
-    assert set(d["display_names"]) == set(exp["labels"])
+    assert set(d["display_names"]) == set(exp["labels"]) | ({d["untyped_label"]} if d["untyped_label"] else set())
     wording = an.report_wording
     assert {"finding", "malignant", "benign", "disclaimer"} <= set(wording)
     positive = exp["malignant"][0]
@@ -109,6 +109,43 @@ def test_dicom_modality_is_checked_before_the_network(radiology_analyzer, case):
         assert f"modality {modality}" in r.messages[0]
     else:
         assert not any("DICOM modality" in m for m in r.messages)
+
+
+BRAIN_SERIES = {  # what the DICOM header says -> the word the refusal names (None: read)
+    "axial FLAIR": ({"SeriesDescription": "AX T2 FLAIR", "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+                     "BodyPartExamined": "HEAD"}, None),
+    "coronal T1 post": ({"SeriesDescription": "COR T1 +C", "ImageOrientationPatient": [1, 0, 0, 0, 0, -1]}, None),
+    "ADC map": ({"SeriesDescription": "ep2d_diff ADC", "ImageType": ["DERIVED", "PRIMARY", "ADC"]}, "ADC"),
+    "diffusion by b-value": ({"SeriesDescription": "axial b1000", "DiffusionBValue": 1000}, "b-value 1000"),
+    "localiser": ({"SeriesDescription": "localizer"}, "LOCALIZER"),
+    "oblique slice": ({"ImageOrientationPatient": [1, 0, 0, 0, 0.7071, 0.7071]}, "oblique"),
+    "knee": ({"BodyPartExamined": "KNEE"}, "KNEE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BRAIN_SERIES))
+def test_brain_series_the_model_never_saw_are_refused_by_their_header(case):
+    """An MR file is not enough: diffusion maps, localisers, oblique slices and other body parts were
+    never in training, and the header says so before the network is asked."""
+    an = registry.get("brain-mri")
+    tags, refused = BRAIN_SERIES[case]
+    gray = synthetic.radiograph_like(5)[..., 0]
+    ds = make_dicom(gray, modality="MR", extra=tags)
+    r = an.analyze(load_image(io.BytesIO(to_bytes(ds))))
+    if refused is None:
+        assert r.status != "out_of_domain" or "not a kind" not in " ".join(r.messages)
+        assert not any("No diagnosis is given" in m and "reads brain MR slices" in m for m in r.messages)
+    else:
+        assert r.status == "out_of_domain" and r.label is None and refused in r.messages[0], r.messages
+
+
+def test_the_slice_plane_comes_from_the_orientation():
+    gray = synthetic.radiograph_like(5)[..., 0]
+    planes = {"axial": [1, 0, 0, 0, 1, 0], "coronal": [1, 0, 0, 0, 0, -1], "sagittal": [0, 1, 0, 0, 0, -1],
+              "oblique": [1, 0, 0, 0, 0.7071, 0.7071], "": None}
+    for plane, iop in planes.items():
+        ds = make_dicom(gray, modality="MR", extra={"ImageOrientationPatient": iop} if iop else {})
+        assert load_image(io.BytesIO(to_bytes(ds))).dicom.plane == plane
 
 
 def test_blank_and_bad_input(radiology_analyzer):
