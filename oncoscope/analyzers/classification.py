@@ -71,6 +71,13 @@ class ImageClassifierAnalyzer(Analyzer):
         if cal.type_domain is not None:
             self._load_type_domain(cal.type_domain)
         self.blank_std = cfg.blank_image_std
+        self.heatmap_weights = None  # the top class's row of the head, unless the map explains the call
+        if cfg.heatmap == "positive_call":
+            pos = [i for i, l in enumerate(self.labels) if l in self.malignant_labels]
+            neg = [i for i, l in enumerate(self.labels) if l not in self.malignant_labels]
+            if not pos or not neg:
+                raise cfg.error("heatmap", "'positive_call' needs positive and negative labels")
+            self.heatmap_weights = cam_mod.contrast_weights(self.head_weight, pos, neg)
 
     def _load_ood(self, ood: OutOfDomain) -> None:
         """Out-of-domain statistics (and the optional modality gate), checked against the network now."""
@@ -242,7 +249,7 @@ class ImageClassifierAnalyzer(Analyzer):
         geometry = {"top": top, "left": left, "side": side, "h": h, "w": w, "oh": oh, "ow": ow, "back": back}
         self.extend(res, x, rgb, geometry, t)
         t4 = time.perf_counter()
-        hm = cam_mod.heatmap(out["features"][0], self.head_weight, k, self.size, self.size)
+        hm = cam_mod.heatmap(out["features"][0], self.head_weight, k, self.size, self.size, self.heatmap_weights)
         hm_big = np.asarray(Image.fromarray(hm, "F").resize((side, side), Image.BILINEAR), np.float32)
         res.heatmap = np.clip(hm_big[top:top + h, left:left + w], 0.0, 1.0)
         t["heatmap"] = (time.perf_counter() - t4) * 1e3

@@ -423,6 +423,9 @@ class DicomChecks:
                    refuse_diffusion=s.flag("refuse_diffusion", False))
 
 
+HEATMAPS = ("top_class", "positive_call")
+
+
 # ----------------------------------------------------------------------------- the config
 @dataclass(frozen=True)
 class AnalyzerConfig:
@@ -446,6 +449,9 @@ class AnalyzerConfig:
     image_noun: str = "Image"  # what an image is called in its field
     dicom_modalities: tuple[str, ...] = ()  # DICOM modalities accepted (empty: any)
     dicom_checks: DicomChecks = DicomChecks()  # body part, plane and series a DICOM file must match
+    # what the Grad-CAM heatmap explains: the top class, or the positive call against the negative
+    # classes (one map for "tumour or not", whichever type is on top)
+    heatmap: str = "top_class"
     report_wording: ReportWording = ReportWording()
     blank_image_std: float = 2.0  # grey-level spread under which an image is blank
     segmenter: Segmenter | None = None
@@ -455,7 +461,7 @@ class AnalyzerConfig:
 
     KEYS: ClassVar = frozenset({"id", "name", "version", "modality", "labels", "display_names", "malignant_labels",
                                 "untyped_label", "positive_term", "input_description", "image_noun", "dicom_modalities",
-                                "dicom_checks",
+                                "dicom_checks", "heatmap",
                                 "report_wording", "blank_image_std", "preprocess", "files", "calibration",
                                 "segmenter", "cells"})
 
@@ -502,6 +508,7 @@ class AnalyzerConfig:
             positive_term=s.text("positive_term", "malignancy"), input_description=s.text("input_description", "image"),
             image_noun=s.text("image_noun", "Image"), dicom_modalities=s.texts("dicom_modalities", ()),
             dicom_checks=DicomChecks.parse(checks) if (checks := s.section("dicom_checks")) else DicomChecks(),
+            heatmap=s.text("heatmap", "top_class", choices=HEATMAPS),
             report_wording=ReportWording.parse(s.section("report_wording")),
             blank_image_std=s.number("blank_image_std", 2.0, low=0.0),
             segmenter=Segmenter.parse(segmenter, preprocess) if segmenter else None,

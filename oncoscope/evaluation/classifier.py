@@ -148,7 +148,7 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
                  "n_clusters": int(len(np.unique(clusters))), "selective": selective,
                  "reliability": M.reliability(probs, y)},
         "shortcuts": shortcuts,
-        "heatmaps": {"peak_on_border": heatmap_on_border(results)},
+        "heatmaps": {"explains": an.config.heatmap, "peak_on_border": heatmap_on_border(results)},
         **source_sections(ev, analyzer_id, work),
         "out_of_domain": ood_eval,
         "latency_ms_during_evaluation": latency_summary(times),
@@ -288,8 +288,11 @@ def render_markdown(card: dict, positive: str) -> str:
     L = [*md_header(card), "## Intended use",
          f"Screen a single {a['input_description']} and suggest one of: "
          + ", ".join(a["display_names"].get(l, l) for l in a["labels"])
-         + f"; the {positive} call is P({' + '.join(a['malignant_labels'])}). A Grad-CAM heatmap shows which region "
-         "drove the call. Accepted DICOM modalities: " + ", ".join(a["dicom_modalities"]) + ". Not validated on "
+         + f"; the {positive} call is P({' + '.join(a['malignant_labels'])}). "
+         + ("A Grad-CAM heatmap shows where the evidence for the " + positive + " call against the other classes "
+            "lies, whichever class is on top." if card.get("heatmaps", {}).get("explains") == "positive_call"
+            else "A Grad-CAM heatmap shows which region drove the top class.")
+         + " Accepted DICOM modalities: " + ", ".join(a["dicom_modalities"]) + ". Not validated on "
          "other populations, scanners or views than the public collection below; research data only.", "",
          "## Data and split",
          f"- Dataset: {d['dataset']}. {d['citation']}",

@@ -13,14 +13,23 @@ from __future__ import annotations
 import numpy as np
 
 
-def cam(features: np.ndarray, head_weight: np.ndarray, class_idx: int) -> np.ndarray:
+def cam(features: np.ndarray, head_weight: np.ndarray, class_idx: int | None = None,
+        weights: np.ndarray | None = None) -> np.ndarray:
     """Raw Grad-CAM map (h, w) for one image: ``relu(sum_k w_ck A_k) / (h * w)``.
 
-    ``features``: (C, h, w) last feature map; ``head_weight``: (n_classes, C).
+    ``features``: (C, h, w) last feature map; ``head_weight``: (n_classes, C). ``weights`` (C,), in
+    place of a class's row: a contrast of classes (the map of a logit difference, by linearity).
     """
     c, h, w = features.shape
-    m = np.tensordot(head_weight[class_idx].astype(np.float64), features.astype(np.float64), axes=(0, 0))
+    vec = head_weight[class_idx] if weights is None else weights
+    m = np.tensordot(vec.astype(np.float64), features.astype(np.float64), axes=(0, 0))
     return np.maximum(m, 0.0) / (h * w)
+
+
+def contrast_weights(head_weight: np.ndarray, positive: list[int], negative: list[int]) -> np.ndarray:
+    """Channel weights of "the positive classes against the negative ones" (mean logit of each group):
+    a map of what speaks for the positive call, whichever of its classes is on top."""
+    return head_weight[positive].mean(axis=0) - head_weight[negative].mean(axis=0)
 
 
 def upsample_bilinear(m: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -48,6 +57,7 @@ def normalise01(m: np.ndarray) -> np.ndarray:
     return ((m - lo) / (hi - lo)).astype(np.float32)
 
 
-def heatmap(features: np.ndarray, head_weight: np.ndarray, class_idx: int, out_h: int, out_w: int) -> np.ndarray:
+def heatmap(features: np.ndarray, head_weight: np.ndarray, class_idx: int | None, out_h: int, out_w: int,
+            weights: np.ndarray | None = None) -> np.ndarray:
     """Grad-CAM heatmap in [0, 1] at (out_h, out_w): upsample, then min-max (as MONAI does)."""
-    return normalise01(upsample_bilinear(cam(features, head_weight, class_idx), out_h, out_w))
+    return normalise01(upsample_bilinear(cam(features, head_weight, class_idx, weights), out_h, out_w))

@@ -263,8 +263,9 @@ def fit_type_domain(analyzer_id: str, root: Path, recipe: dict, model_dir: Path)
         d_other = distance(embed_split(an, base, others)["ood"])
         validation.update(other_images=len(others), other_withheld=round(float((d_other > threshold).mean()), 4))
     stats_path = model_dir / "ood.npz"
-    arrays = dict(np.load(stats_path)) if stats_path.exists() else {}
-    np.savez_compressed(stats_path, **arrays, type_mean=mean.astype(np.float32), type_precision=precision.astype(np.float32))
+    arrays = dict(np.load(stats_path)) if stats_path.exists() else {}  # a refit replaces its own arrays only
+    arrays.update(type_mean=mean.astype(np.float32), type_precision=precision.astype(np.float32))
+    np.savez_compressed(stats_path, **arrays)
     section = {"method": "Mahalanobis distance (Ledoit-Wolf covariance) of the out-of-domain features to the positive "
                          "training images of the collections with every type",
                "stats": "ood.npz", "threshold": round(threshold, 3), "sources": typed,

@@ -173,6 +173,7 @@ CASES = {
     "ood stats not listed": (put("files", ["classifier.onnx", "head.npz", "segmenter.onnx"]),
                              "calibration.ood.stats", "not listed in 'files'"),
     "file outside the folder": (put("files", ["../classifier.onnx"]), "files", "plain file name"),
+    "unknown heatmap": (put("heatmap", "gradcam++"), "heatmap", "'gradcam++'", "positive_call"),
     # the untyped call
     "untyped label is an output": (put("untyped_label", "Early"), "untyped_label", "network output"),
     "type domain without untyped call": (put("calibration.type_domain", {"stats": "ood.npz", "threshold": 3.0}),
@@ -347,3 +348,12 @@ def test_a_tumour_call_unlike_the_typed_collection_loses_its_type_not_its_call()
     an.withhold_type(clear, far)
     assert clear.label == "notumor" and "type_distance" not in clear.extra  # no type shown, none withheld
 
+
+
+def test_the_brain_heatmap_explains_the_tumour_call_not_the_type():
+    an = registry.get("brain-mri")
+    w, labels = an.head_weight, an.labels
+    tumour = [labels.index(l) for l in ("glioma", "meningioma", "pituitary")]
+    expected = w[tumour].mean(0) - w[labels.index("notumor")]
+    np.testing.assert_allclose(an.heatmap_weights, expected)
+    assert registry.get("bone-xray").heatmap_weights is None  # the top class, as before

@@ -57,3 +57,29 @@ def test_upsample_matches_torch_interpolate():
 
 def test_normalise_constant_map():
     assert cam.normalise01(np.ones((3, 3))).max() == 0.0
+
+
+class _Contrast(torch.nn.Module):
+    """One output: mean logit of the positive classes minus mean logit of the negative ones."""
+
+    def __init__(self, model, positive, negative):
+        super().__init__()
+        self.model, self.positive, self.negative = model, positive, negative
+
+    def forward(self, x):
+        logits = self.model(x)
+        return (logits[:, self.positive].mean(1) - logits[:, self.negative].mean(1))[:, None]
+
+
+def test_the_positive_call_map_is_torch_gradcam_of_the_logit_contrast(model_and_session):
+    """brain-mri's heatmap explains 'tumour against no tumour': MONAI's Grad-CAM of that logit difference."""
+    model, sess = model_and_session
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    (feats,) = sess.run(["features"], {"image": x.numpy()})
+    w = model.head.weight.detach().numpy()
+    pos, neg = [0, 1, 3], [2]
+    gc = GradCAM(nn_module=_Contrast(model, pos, neg), target_layers="model.cam_layer", postprocessing=lambda m: m)
+    raw_torch = gc.compute_map(x, class_idx=0)[0, 0].detach().numpy()
+    raw_onnx = cam.cam(feats[0], w, weights=cam.contrast_weights(w, pos, neg))
+    assert raw_torch.max() > 0, "degenerate test: empty Grad-CAM"
+    np.testing.assert_allclose(raw_onnx, raw_torch, rtol=1e-3, atol=1e-6 * raw_torch.max())
