@@ -411,7 +411,13 @@ def _image_call(an, usable: list, n_done: int, total: int) -> Aggregate:
             f"the case follows the most suspicious image")
     if disagree:
         text += " (images disagree)"
-    return Aggregate(lead.label, status, dict(lead.probabilities or {}), len(usable), total, text + ".")
+    probabilities = dict(lead.probabilities or {})
+    if an is not None and an.untyped_label and lead.label == an.untyped_label:
+        # the type was withheld: the page shows the call's probability, not the types it withheld
+        typed = {k for k in probabilities if k in an.malignant_labels}
+        probabilities = {an.untyped_label: sum(probabilities[k] for k in typed),
+                         **{k: v for k, v in probabilities.items() if k not in typed}}
+    return Aggregate(lead.label, status, probabilities, len(usable), total, text + ".")
 
 
 def _differential_call(an, usable: list, n_done: int, total: int) -> Aggregate:

@@ -171,3 +171,15 @@ def test_a_reader_can_sign_the_untyped_call():
     from oncoscope.analyzers import registry
     options = case_store.diagnosis_options(registry.get("brain-mri"))
     assert ("tumour", "Brain tumour, type not suggested") in options and options[-1][0] == NONDIAGNOSTIC
+
+
+def test_a_case_called_without_a_type_shows_the_call_not_the_types(world):
+    s, u, _, p, files = world
+    c = case_store.create_case(s, u, p, "brain-mri")
+    out = case_store.add_images(s, files, c, u, [("a.png", png_bytes(1)), ("b.png", png_bytes(2))], 10 * MB)
+    typed, untyped = (i.analysis for i in out.added)
+    for a, label, probs in ((typed, "notumor", {"glioma": 0.01, "meningioma": 0.01, "notumor": 0.97, "pituitary": 0.01}),
+                            (untyped, "tumour", {"glioma": 0.5, "meningioma": 0.3, "notumor": 0.05, "pituitary": 0.15})):
+        a.job_status, a.result_status, a.label, a.probabilities = "done", "ok", label, probs
+    agg = case_store.aggregate(c)
+    assert agg.label == "tumour" and agg.probabilities == pytest.approx({"tumour": 0.95, "notumor": 0.05})
