@@ -63,6 +63,11 @@ class AnalysisResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def network_probabilities(self) -> dict[str, float]:
+        """One probability per network output (a call without a type shows them summed)."""
+        return self.extra.get("network_probabilities") or self.probabilities
+
+    @property
     def cell_count(self) -> int | None:
         return len(self.cells) if self.counts_cells else None
 

@@ -137,15 +137,17 @@ class ImageClassifierAnalyzer(Analyzer):
 
     def withhold_type(self, res: AnalysisResult, features: np.ndarray) -> None:
         """A positive call on an input unlike the typed collections keeps its call, loses its type: the
-        label becomes the untyped call, its confidence the probability of the call. The probabilities
-        stay the network's own (per type), as for every result."""
-        if self.type_domain is None or res.label not in self.malignant_labels:
+        label becomes the untyped call, the types' probabilities are summed into it (pages and reports
+        show no type), and the network's own per-type probabilities are kept apart for evaluation."""
+        if self.type_domain is None or res.label not in self.malignant_labels or not res.malignant:
             return  # no type shown, none to withhold
         dist = float(self.type_distance(features[None])[0])
         res.extra["type_distance"] = round(dist, 3)
         if dist <= self.type_domain[2]:
             return
-        res.label, res.confidence = self.untyped_label, res.malignant_probability
+        res.extra["network_probabilities"] = dict(res.probabilities)
+        res.probabilities = untyped_probabilities(res.probabilities, self.malignant_labels, self.untyped_label)
+        res.label, res.confidence = self.untyped_label, res.probabilities[self.untyped_label]
         res.label_display = self.config.display_name(self.untyped_label)
         res.messages.append(f"No {self.positive_term} type is suggested: this {self.input_description} is unlike "
                             f"the images the types were learned from (distance {dist:.1f} > "
@@ -249,10 +251,19 @@ class ImageClassifierAnalyzer(Analyzer):
         geometry = {"top": top, "left": left, "side": side, "h": h, "w": w, "oh": oh, "ow": ow, "back": back}
         self.extend(res, x, rgb, geometry, t)
         t4 = time.perf_counter()
-        hm = cam_mod.heatmap(out["features"][0], self.head_weight, k, self.size, self.size, self.heatmap_weights)
+        # the call's map for a positive call; a negative call shows its top class (a contrast map,
+        # min-max scaled, would paint faint tumour evidence at full colour under "no tumour")
+        weights = self.heatmap_weights if malignant else None
+        hm = cam_mod.heatmap(out["features"][0], self.head_weight, k, self.size, self.size, weights)
         hm_big = np.asarray(Image.fromarray(hm, "F").resize((side, side), Image.BILINEAR), np.float32)
         res.heatmap = np.clip(hm_big[top:top + h, left:left + w], 0.0, 1.0)
         t["heatmap"] = (time.perf_counter() - t4) * 1e3
         t["total"] = (time.perf_counter() - t0) * 1e3
         res.timings_ms = t
         return res
+
+
+def untyped_probabilities(probabilities: dict[str, float], typed: set[str], untyped: str) -> dict[str, float]:
+    """The probabilities of a call without a type: the typed classes summed into the untyped call."""
+    return {untyped: float(sum(v for k, v in probabilities.items() if k in typed)),
+            **{k: v for k, v in probabilities.items() if k not in typed}}

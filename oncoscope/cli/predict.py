@@ -76,7 +76,7 @@ def predict(paths, analyzer_id, as_json, model_dir, csv_path):
 
 def _predict_csv(an, files: list[str], out: Path) -> None:
     cols = (["path", "status", "label", "confidence", "malignant", "malignant_probability", "cell_count", "ood_score"]
-            + [f"p_{l}" for l in an.labels] + ["model_version", "model_sha256", "error"])
+            + [f"p_{l}" for l in an.call_labels] + ["model_version", "model_sha256", "error"])
     done: set[str] = set()
     if out.exists() and out.stat().st_size:
         with open(out, newline="") as fh:
@@ -93,7 +93,7 @@ def _predict_csv(an, files: list[str], out: Path) -> None:
         for path in tqdm(todo, desc="analysing", unit="img", disable=not sys.stderr.isatty()):
             rec = predict_record(an, path)
             row = {k: rec.get(k) for k in cols if not k.startswith("p_")}
-            row.update({f"p_{l}": rec["probabilities"].get(l) for l in an.labels})
+            row.update({f"p_{l}": rec["probabilities"].get(l) for l in an.call_labels})
             row["model_version"] = (rec.get("model") or {}).get("version")
             row["model_sha256"] = (rec.get("model") or {}).get("sha256")
             w.writerow(row)

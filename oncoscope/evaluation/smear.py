@@ -172,7 +172,7 @@ def run_test_split(analyzer_id: str, model_dir: Path, data_root: Path, cluster_k
     results, times = analyze_timed(an, rgbs, progress)
     # Out-of-domain test images carry probabilities too: the metrics are of the classifier itself;
     # `selective` shows what the statuses add on top.
-    probs = np.array([[r.probabilities[l] for l in labels] for r in results])
+    probs = np.array([[r.network_probabilities[l] for l in labels] for r in results])
     st = np.array([r.status for r in results])
     return SimpleNamespace(
         an=an, recipe=recipe, manifest=manifest, base=base, labels=labels, mal=mal, thr=thr, test=test, rgbs=rgbs,

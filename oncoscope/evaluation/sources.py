@@ -64,9 +64,11 @@ def per_source(ev) -> dict:
         entry = ev.manifest["files"][s.path]
         src = entry.get("source", ev.manifest["dataset"])
         blocks[src].add(entry["block"])
-        # top: the network's own class (the served label may withhold the type, counted apart)
-        by[src].append({"label": s.label, "status": str(ev.st[i]), "called": bool(called[i]),
-                        "top": ev.an.labels[int(ev.probs[i].argmax())], "served": ev.results[i].label})
+        # top: the network's own class (the served label may withhold the type, counted apart); none
+        # for an image refused as out of domain, which is given no class
+        top = None if ev.st[i] == "out_of_domain" else ev.an.labels[int(ev.probs[i].argmax())]
+        by[src].append({"label": s.label, "status": str(ev.st[i]), "called": bool(called[i]), "top": top,
+                        "served": ev.results[i].label})
     # blocks: patients (TCGA) or groups of copies; slices of one patient are not independent
     out = {src: dict(call_figures(rows, malignant), blocks=len(blocks[src])) for src, rows in sorted(by.items())}
     if ev.an.untyped_label:

@@ -317,6 +317,7 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
         _check_frames(ds, ts, index, _grid(rows, cols, tiled), (rows, cols, samples, bits))
     arr, out_pi = _decode(decoder, ds, ts, index, pixel_kw, (rows, cols, frames, tiled))
     rgb, window = _to_rgb(arr, ds, index or 0, photometric, samples, out_pi)
+    meta.update(_acquisition(ds, index or 0))
     return DicomImage(rgb=rgb, photometric=photometric, frame_count=frames, frame_index=index,
                       transfer_syntax=str(ts), window=window, **meta)
 
@@ -760,28 +761,54 @@ def _metadata(ds) -> dict:
         "sop_class_uid": uid("SOPClassUID"),
         "modality": text("Modality").upper(),
         "description": text("SeriesDescription") or text("StudyDescription"),
-        "body_part": text("BodyPartExamined").upper(),
-        "plane": _plane(ds),
-        "acquisition": " ".join(text(k) for k in ("SeriesDescription", "ImageType", "ScanningSequence", "SequenceName")
-                                if text(k)),
-        "b_value": _first_number(one("DiffusionBValue")),
     }
+
+
+def _acquisition(ds, index: int) -> dict:
+    """What the file says it shows, for the frame analysed: body part, slice plane, the words of its
+    series description, image type and sequence, and a diffusion b-value. Optional facts: a value
+    that cannot be read is left out (empty), never an error that refuses the file."""
+    out = {"body_part": "", "plane": "", "acquisition": "", "b_value": None}
+    for key, read in (("body_part", lambda: _text(ds, "BodyPartExamined").upper()),
+                      ("plane", lambda: _plane(ds, index)),
+                      ("acquisition", lambda: " ".join(t for k in ("SeriesDescription", "ImageType", "ScanningSequence",
+                                                                  "SequenceName") if (t := _text(ds, k)))),
+                      ("b_value", lambda: _b_value(ds, index))):
+        try:
+            out[key] = read()
+        except Exception:  # noqa: BLE001 - a malformed optional value
+            pass
+    return out
+
+
+def _text(ds, keyword: str) -> str:
+    return "\\".join(str(v).strip() for v in _values(ds, keyword)).strip()
+
+
+def _b_value(ds, index: int) -> float | None:
+    """The diffusion b-value: the file's own, or the analysed frame's (enhanced MR functional groups)."""
+    value = _first_number(ds.get("DiffusionBValue"))
+    if value is None:
+        item = _functional_item(ds, index, "MRDiffusionSequence")
+        value = _first_number(item.get("DiffusionBValue")) if item is not None else None
+    return value
 
 
 OBLIQUE_COS = 0.906  # cos 25 degrees: a slice tilted more than this from every body plane is oblique
 
 
-def _plane(ds) -> str:
-    """The body plane of the slice, from its row and column directions (the slice normal's axis)."""
+def _plane(ds, index: int = 0) -> str:
+    """The body plane of the slice (of frame ``index``), from its row and column directions: the axis
+    of the slice normal; "" when the file does not say or says nonsense."""
     iop = _values(ds, "ImageOrientationPatient")
     if len(iop) != 6:
-        item = _functional_item(ds, 0, "PlaneOrientationSequence")
+        item = _functional_item(ds, index, "PlaneOrientationSequence")
         iop = _values(item, "ImageOrientationPatient") if item is not None else []
     try:
         v = np.array([float(x) for x in iop], np.float64)
     except (TypeError, ValueError):
         return ""
-    if v.size != 6:
+    if v.size != 6 or not np.isfinite(v).all():
         return ""
     normal = np.cross(v[:3], v[3:])
     length = float(np.linalg.norm(normal))

@@ -386,22 +386,37 @@ def aggregate(case: Case) -> Aggregate:
 
 
 def _suspicion(an, a: Analysis) -> float:
-    """P(malignant labels) of one image: as stored, or summed from its probabilities for rows kept
+    """P(positive call) of one image: as stored, or summed from its probabilities for rows kept
     without it."""
     if a.malignant_probability is not None:
         return float(a.malignant_probability)
-    positive = an.malignant_labels if an is not None else set()
+    positive = an.positive_calls if an is not None else set()
     return float(sum(p for k, p in (a.probabilities or {}).items() if k in positive))
+
+
+def _called_positive(an, a: Analysis) -> bool:
+    return a.malignant if a.malignant is not None else _suspicion(an, a) >= getattr(an, "malignant_threshold", 0.5)
+
+
+def _case_label(an, lead: Analysis) -> str | None:
+    """The lead image's label, unless its top class contradicts its own positive call (a low
+    threshold calls a slice positive with 'no tumour' on top): then the positive call without a type,
+    or the likeliest positive class, so that the case never reads 'no tumour' over a tumour call."""
+    if an is None or not _called_positive(an, lead) or lead.label in an.positive_calls:
+        return lead.label
+    if an.untyped_label:
+        return an.untyped_label
+    probs = lead.probabilities or {}
+    return max(an.malignant_labels, key=lambda k: probs.get(k, 0.0))
 
 
 def _image_call(an, usable: list, n_done: int, total: int) -> Aggregate:
     """A screening case is as positive as its most suspicious image: one tumour slice among twenty
     clear ones is a tumour case, which a mean over the slices would call clear. The case takes that
-    image's probabilities and label; it is unsure when any image is, when the images disagree or
+    image's probabilities and call; it is unsure when any image is, when the images disagree or
     when some could not be used."""
     lead = max(usable, key=lambda a: _suspicion(an, a))
-    threshold = getattr(an, "malignant_threshold", 0.5)
-    positive = sum(1 for a in usable if (a.malignant if a.malignant is not None else _suspicion(an, a) >= threshold))
+    positive = sum(1 for a in usable if _called_positive(an, a))
     disagree = len({a.label for a in usable}) > 1
     status = "uncertain" if (any(a.result_status == "uncertain" for a in usable) or disagree
                              or len(usable) < n_done) else "ok"
@@ -411,13 +426,7 @@ def _image_call(an, usable: list, n_done: int, total: int) -> Aggregate:
             f"the case follows the most suspicious image")
     if disagree:
         text += " (images disagree)"
-    probabilities = dict(lead.probabilities or {})
-    if an is not None and an.untyped_label and lead.label == an.untyped_label:
-        # the type was withheld: the page shows the call's probability, not the types it withheld
-        typed = {k for k in probabilities if k in an.malignant_labels}
-        probabilities = {an.untyped_label: sum(probabilities[k] for k in typed),
-                         **{k: v for k, v in probabilities.items() if k not in typed}}
-    return Aggregate(lead.label, status, probabilities, len(usable), total, text + ".")
+    return Aggregate(_case_label(an, lead), status, dict(lead.probabilities or {}), len(usable), total, text + ".")
 
 
 def _differential_call(an, usable: list, n_done: int, total: int) -> Aggregate:
@@ -475,6 +484,17 @@ CASE_CHANGED = ("The case changed while you were reviewing it (an image was adde
                 "Nothing was signed: review it again.")
 
 
+def agrees_with_ai(case: Case, ai_label: str | None, final_diagnosis: str) -> bool:
+    """The reader's diagnosis is the AI's call, or adds a type to a positive call given without one
+    (the AI claimed no type: naming one is no override)."""
+    if ai_label is None:
+        return False
+    if final_diagnosis == ai_label:
+        return True
+    an = registry.installed(case.analyzer_id)
+    return an is not None and ai_label == an.untyped_label and final_diagnosis in an.malignant_labels
+
+
 def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels: list[str], comment: str = "",
          override_reason: str = "", uncertainty_note: str = "", amendment_reason: str = "",
          revision: int | None = None, differential: dict | None = None, confirm_unverified: bool = False) -> Review:
@@ -492,7 +512,7 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
     texts = _sign_texts(override_reason=override_reason, uncertainty_note=uncertainty_note, comment=comment,
                         amendment_reason=amendment_reason)
     agg = aggregate(case)
-    agrees = agg.label is not None and final_diagnosis == agg.label
+    agrees = agrees_with_ai(case, agg.label, final_diagnosis)
     previous = case.current_review
     problems = sign_problems(case, final_diagnosis, valid_labels, agg=agg, differential=differential,
                              confirm_unverified=confirm_unverified, **texts)
@@ -520,7 +540,7 @@ def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], ove
     d = differential or {}
     pending = [f"{n} cell{'s' if n != 1 else ''} {what}" for n, what in (
         (d.get("unverified", 0), "not verified"), (d.get("unidentified_left", 0), "still unidentified")) if n]
-    agrees = agg.label is not None and final_diagnosis == agg.label
+    agrees = agrees_with_ai(case, agg.label, final_diagnosis)
     return [(f, msg) for f, msg, bad in (
         ("final_diagnosis", "Choose a diagnosis from the list.", final_diagnosis not in valid_labels),
         ("override_reason", "Give the reason for overriding the AI result." if agg.label is not None else

@@ -238,6 +238,9 @@ def fit_type_domain(analyzer_id: str, root: Path, recipe: dict, model_dir: Path)
     positive training images of the collections that have every type (``typed_sources``); the
     threshold is the 99th percentile of their validation images, so about 1 in 100 of them loses its
     type. Written into ``ood.npz`` and the config's ``calibration.type_domain``."""
+    if "ood" not in json.loads((model_dir / "config.json").read_text()).get("calibration", {}):
+        raise SystemExit(f"{model_dir} has no out-of-domain calibration, which the type domain is measured on: "
+                         "run --stage calibrate first")
     manifest = load_manifest(recipe["manifest"])
     base = Path(root) / recipe["subdir"] if recipe.get("subdir") else Path(root)
     an = registry.get(analyzer_id, model_dir=model_dir)
@@ -255,7 +258,7 @@ def fit_type_domain(analyzer_id: str, root: Path, recipe: dict, model_dir: Path)
     d_va = distance(va["ood"])
     threshold = float(np.quantile(d_va, 0.99))
     kept = d_va <= threshold
-    right = va["logits"].argmax(1) == va["y"]
+    right = (va["logits"] / an.temperature + an.class_bias).argmax(1) == va["y"]  # the served, calibrated class
     validation = {"typed_images": int(len(d_va)), "typed_kept": round(float(kept.mean()), 4),
                   "type_accuracy_kept": round(float(right[kept].mean()), 4),
                   "type_accuracy_all": round(float(right.mean()), 4)}

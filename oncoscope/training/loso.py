@@ -84,7 +84,8 @@ def record(an, path: Path, rel: str, entry: dict, masks: dict[str, Path]) -> dic
     res = an.analyze(rgb)
     distance, gate = _ood_parts(an, rgb)
     mal = [i for i, l in enumerate(an.labels) if l in an.malignant_labels]
-    probs = [float(res.probabilities.get(l, np.nan)) for l in an.labels] if res.probabilities else None
+    net = res.network_probabilities
+    probs = [float(net.get(l, np.nan)) for l in an.labels] if net else None
     out = {"path": rel, "source": entry.get("source"), "block": entry["block"], "label": entry["label"],
            "split": entry["split"],
            "status": res.status, "top": res.label, "probabilities": probs,

@@ -71,6 +71,8 @@ def run_training(analyzer_id: str, data_root: str | None, stage: str, work: str,
             print(json.dumps(fit_type_domain(analyzer_id, root, r, out_dir), indent=1))
         elif st == "calibrate":
             calibrate(analyzer_id, root, r, work_dir, out_dir)
+            if stage == "calibrate" and r.get("typed_sources"):
+                print("note: the calibration was rewritten without its type domain: run --stage types again")
         elif st == "segmenter":
             train_segmenter(root, r, work_dir / "segmenter", seed=seed)
         elif st == "export":

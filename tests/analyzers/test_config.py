@@ -174,6 +174,8 @@ CASES = {
                              "calibration.ood.stats", "not listed in 'files'"),
     "file outside the folder": (put("files", ["../classifier.onnx"]), "files", "plain file name"),
     "unknown heatmap": (put("heatmap", "gradcam++"), "heatmap", "'gradcam++'", "positive_call"),
+    "unknown slice plane": (put("dicom_checks", {"planes": ["transverse"]}), "dicom_checks.planes", "'transverse'"),
+    "misspelt dicom check": (put("dicom_checks", {"plane": ["axial"]}), "dicom_checks.plane", "unknown key"),
     # the untyped call
     "untyped label is an output": (put("untyped_label", "Early"), "untyped_label", "network output"),
     "type domain without untyped call": (put("calibration.type_domain", {"stats": "ood.npz", "threshold": 3.0}),
@@ -341,7 +343,8 @@ def test_a_tumour_call_unlike_the_typed_collection_loses_its_type_not_its_call()
     before = dict(res.probabilities)
     an.withhold_type(res, far)
     assert (res.label, res.label_display, res.malignant) == ("tumour", "Brain tumour, type not suggested", True)
-    assert res.confidence == pytest.approx(0.95) and res.probabilities == before  # the network's own, per type
+    assert res.probabilities == pytest.approx({"tumour": 0.95, "notumor": 0.05}) and res.confidence == pytest.approx(0.95)
+    assert res.network_probabilities == before  # the network's own, per type, kept for evaluation
     assert any("No brain tumour type is suggested" in m and "call stands" in m for m in res.messages)
     assert an.interpretation("tumour").startswith("Appearance suggestive of an intracranial tumour; no type")
     clear = _tumour_result(an, "notumor")
@@ -357,3 +360,20 @@ def test_the_brain_heatmap_explains_the_tumour_call_not_the_type():
     expected = w[tumour].mean(0) - w[labels.index("notumor")]
     np.testing.assert_allclose(an.heatmap_weights, expected)
     assert registry.get("bone-xray").heatmap_weights is None  # the top class, as before
+
+
+def test_a_real_tumour_slice_served_without_its_type(brain_data):
+    """End to end: with the type domain shrunk to nothing, a test-split glioma keeps its tumour call
+    and is served without a type."""
+    from oncoscope.training.data import load_manifest
+    from oncoscope.training.recipes import RECIPES
+
+    an = copy.copy(registry.get("brain-mri"))
+    an.type_domain = (*an.type_domain[:2], 1e-9)
+    m = load_manifest(RECIPES["brain-mri"]["manifest"])
+    path = next(p for p, e in sorted(m["files"].items()) if e["split"] == "test" and e["label"] == "glioma"
+                and p.startswith("brain-mri/"))
+    res = an.analyze(brain_data.parent / path)
+    assert res.malignant and res.label == "tumour" and set(res.probabilities) == {"tumour", "notumor"}
+    assert set(res.network_probabilities) == set(an.labels) and res.extra["type_distance"] > 0
+    assert res.to_dict()["label_display"] == "Brain tumour, type not suggested"

@@ -345,3 +345,35 @@ def test_load_image_non_dicom_has_no_dicom_metadata():
     buf = io.BytesIO()
     Image.fromarray(colour()).save(buf, "PNG")
     assert load_image(buf.getvalue()).dicom is None
+
+
+def test_what_the_file_says_it_shows():
+    """Body part, slice plane, acquisition words and b-value: read for the analysed frame, and a
+    malformed optional value is left out, never a refusal of the file."""
+    px = np.full((32, 32), 90, np.uint8)
+    d = read_dicom(to_bytes(make_dicom(px, modality="MR", extra={
+        "BodyPartExamined": "head", "ImageOrientationPatient": [0, 1, 0, 0, 0, -1],
+        "ImageType": ["DERIVED", "PRIMARY", "ADC"], "DiffusionBValue": 0})))
+    assert (d.body_part, d.plane, d.b_value) == ("HEAD", "sagittal", 0.0)
+    assert "ADC" in d.acquisition.split("\\") and d.acquisition.startswith("test MONOCHROME2")
+    for bad in ([float("nan")] * 6, [0, 0, 0, 0, 0, 0], [1, 0, 0]):
+        assert read_dicom(to_bytes(make_dicom(px, modality="MR", extra={"ImageOrientationPatient": bad}))).plane == ""
+    plain = read_dicom(to_bytes(make_dicom(px)))
+    assert (plain.body_part, plain.plane, plain.b_value) == ("", "", None)
+
+
+def test_enhanced_mr_gives_the_b_value_and_plane_of_the_middle_frame():
+    from pydicom.dataset import Dataset as DS
+    from pydicom.sequence import Sequence
+
+    frames = np.stack([np.full((16, 16), 40 * (i + 1), np.uint8) for i in range(3)])
+    per_frame = []
+    for b in (0, 1000, 0):
+        item, diffusion, plane = DS(), DS(), DS()
+        diffusion.DiffusionBValue = b
+        plane.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        item.MRDiffusionSequence, item.PlaneOrientationSequence = Sequence([diffusion]), Sequence([plane])
+        per_frame.append(item)
+    ds = make_dicom(frames, frames=3, modality="MR", extra={"PerFrameFunctionalGroupsSequence": Sequence(per_frame)})
+    d = read_dicom(to_bytes(ds))
+    assert d.frame_index == 1 and d.b_value == 1000.0 and d.plane == "axial"

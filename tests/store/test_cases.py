@@ -173,13 +173,25 @@ def test_a_reader_can_sign_the_untyped_call():
     assert ("tumour", "Brain tumour, type not suggested") in options and options[-1][0] == NONDIAGNOSTIC
 
 
-def test_a_case_called_without_a_type_shows_the_call_not_the_types(world):
+def test_a_case_never_reads_clear_over_a_positive_call(world):
+    """brain-mri calls a slice positive from P(tumour) 0.08: with 'no tumour' on top, the case reads
+    the call without a type; the probabilities are the lead slice's own."""
     s, u, _, p, files = world
     c = case_store.create_case(s, u, p, "brain-mri")
     out = case_store.add_images(s, files, c, u, [("a.png", png_bytes(1)), ("b.png", png_bytes(2))], 10 * MB)
-    typed, untyped = (i.analysis for i in out.added)
-    for a, label, probs in ((typed, "notumor", {"glioma": 0.01, "meningioma": 0.01, "notumor": 0.97, "pituitary": 0.01}),
-                            (untyped, "tumour", {"glioma": 0.5, "meningioma": 0.3, "notumor": 0.05, "pituitary": 0.15})):
-        a.job_status, a.result_status, a.label, a.probabilities = "done", "ok", label, probs
+    clear, doubtful = (i.analysis for i in out.added)
+    for a, probs, called in ((clear, {"glioma": 0.01, "meningioma": 0.01, "notumor": 0.97, "pituitary": 0.01}, False),
+                             (doubtful, {"glioma": 0.1, "meningioma": 0.03, "notumor": 0.85, "pituitary": 0.02}, True)):
+        a.job_status, a.result_status, a.label, a.probabilities = "done", "uncertain" if called else "ok", "notumor", probs
+        a.malignant, a.malignant_probability = called, 1 - probs["notumor"]
     agg = case_store.aggregate(c)
-    assert agg.label == "tumour" and agg.probabilities == pytest.approx({"tumour": 0.95, "notumor": 0.05})
+    assert (agg.label, agg.status) == ("tumour", "uncertain") and agg.probabilities["notumor"] == 0.85
+    assert agg.text.startswith("1 of 2 usable images")
+
+
+def test_naming_the_type_of_an_untyped_call_agrees_with_the_ai(world):
+    s, u, _, p, files = world
+    c = case_store.create_case(s, u, p, "brain-mri")
+    assert case_store.agrees_with_ai(c, "tumour", "glioma") and case_store.agrees_with_ai(c, "tumour", "tumour")
+    assert not case_store.agrees_with_ai(c, "tumour", "notumor") and not case_store.agrees_with_ai(c, "glioma", "tumour")
+    assert not case_store.agrees_with_ai(c, None, "glioma")
