@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..imaging.imageio import load_image
 from ..ml.wbc import THUMB_PX, THUMB_UM, stored_cell_crop
-from ..store.cases import aggregate, label_names
+from ..store.cases import label_names, signed_call
 from ..store.files import FileStore
 from .case_facts import (DEFAULT_DISCLAIMER, ai_call_text, case_analyzer, first_model_analysis, image_messages,
                          image_status, is_done)
@@ -39,7 +39,7 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
     an = case_analyzer(case)
     names = label_names(an)
     p = case.patient
-    agg = aggregate(case)
+    agg = signed_call(case)
     r = case.current_review
     a0 = first_model_analysis(case)
     wording = an.report_wording if an else {}

@@ -40,7 +40,7 @@ from fhir.resources.R4B.practitioner import Practitioner
 from PIL import Image
 
 from ..imaging.imageio import load_image
-from ..store.cases import aggregate, label_names
+from ..store.cases import label_names, signed_call
 from .case_facts import case_analyzer, differential_rows, image_messages, is_done
 
 OBS_SYSTEM = "urn:oncoscope:observation"
@@ -308,7 +308,7 @@ def _image_observations(ctx: _Context, i: int, img, media_url: str, title: str, 
 # ----------------------------------------------------------------------------- the case
 def _aggregate_observation(ctx: _Context, class_refs: list[dict], devices: _Devices) -> dict:
     """The case-level AI call, as signed (the review keeps the label and status the doctor saw)."""
-    agg = aggregate(ctx.case)
+    agg = signed_call(ctx.case)
     an, review, signed_at = ctx.analyzer, ctx.review, ctx.signed_at
     ai_status = review.ai_status or agg.status
     components = [{"code": {"coding": [{"system": OBS_SYSTEM, "code": "ai-status",

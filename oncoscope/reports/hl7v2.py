@@ -30,7 +30,7 @@ import re
 import socket
 import time
 
-from ..store.cases import aggregate, label_names
+from ..store.cases import label_names, signed_call
 from .case_facts import DEFAULT_DISCLAIMER, ai_call_text, differential_rows, first_model_analysis, is_done
 
 __all__ = ["HL7SendError", "ack_for", "escape", "oru_r01", "send_mllp", "unescape"]
@@ -244,7 +244,7 @@ def _image_obx(obx: _ObxGroup, sub: str, a, names: dict[str, str]) -> None:
 
 def _case_obx(obx: _ObxGroup, case, review, names: dict[str, str], signer: tuple[str, str]) -> None:
     """The case (no sub-ID): the AI call and its status, the signed diagnosis and the agreement."""
-    agg = aggregate(case)
+    agg = signed_call(case)
     first = first_model_analysis(case)
     eq = obx.equipment(first.model_version if first else None)
     obx.add("ST", "AI-CALL", "AI aggregate call", escape(ai_call_text(agg, names)), equipment=eq)

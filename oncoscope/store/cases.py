@@ -365,6 +365,23 @@ class Aggregate:
     differential: dict | None = None  # counts over every cell of every image (cell-classifying analyzers)
 
 
+def _frozen(agg: Aggregate) -> dict:
+    return {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities, "text": agg.text,
+            "n_used": agg.n_used, "n_total": agg.n_total}
+
+
+def signed_call(case: Case) -> Aggregate:
+    """The AI call a report of the case states: as its current review was signed, else as computed
+    now (unsigned cases, and reviews signed before the call was kept). The cell differential is
+    always today's (a signed one is frozen in the review's own ``differential``)."""
+    live = aggregate(case)
+    r = case.current_review
+    if r is None or r.ai_call is None:
+        return live
+    c = r.ai_call
+    return Aggregate(c["label"], c["status"], c["probabilities"], c["n_used"], c["n_total"], c["text"], live.differential)
+
+
 def classifies_cells(analyzer) -> bool:
     """The analyzer gives each white cell a class (a differential), not only an image label."""
     return getattr(analyzer, "decision", None) is not None
@@ -474,6 +491,7 @@ def _review_hash(case: Case, r: Review) -> str:
         "note": r.uncertainty_note, "comment": r.comment, "amendment": r.amendment_reason,
         "signer": r.signed_by_id, "signed_at": r.signed_at.isoformat(),
         **({"differential": r.differential} if r.differential is not None else {}),
+        **({"ai_call": r.ai_call} if r.ai_call is not None else {}),
         "analyses": [[i.sha256, i.analysis.label if i.analysis else None,
                       i.analysis.model_sha256 if i.analysis else None] for i in case.images],
     }
@@ -523,7 +541,7 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
         raise CaseError(CASE_CHANGED)
     r = Review(case_id=case.id, version=(previous.version + 1) if previous else 1, ai_label=agg.label,
                ai_status=agg.status, final_diagnosis=final_diagnosis, agrees_with_ai=agrees, signed_by_id=user.id,
-               signed_at=utcnow(), content_sha256="", differential=differential, **texts)
+               signed_at=utcnow(), content_sha256="", differential=differential, ai_call=_frozen(agg), **texts)
     s.add(r)
     case.reviews.append(r)
     r.content_sha256 = _review_hash(case, r)

@@ -196,6 +196,10 @@ class Review(Base):
     # Cell-classifying analyzers: the differential as signed (AI and verified counts, cells left
     # unverified) -- frozen, so later reclassification for an amendment never changes this version.
     differential: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # The case's AI call as the signer saw it (label, status, probabilities, text, images used): a
+    # report of this version says what was signed, whatever a later rule or model makes of the case.
+    # None for reviews signed before it was kept (their reports recompute it).
+    ai_call: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     case: Mapped[Case] = relationship(back_populates="reviews")
     signed_by: Mapped[User] = relationship()

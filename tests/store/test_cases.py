@@ -195,3 +195,24 @@ def test_naming_the_type_of_an_untyped_call_agrees_with_the_ai(world):
     assert case_store.agrees_with_ai(c, "tumour", "glioma") and case_store.agrees_with_ai(c, "tumour", "tumour")
     assert not case_store.agrees_with_ai(c, "tumour", "notumor") and not case_store.agrees_with_ai(c, "glioma", "tumour")
     assert not case_store.agrees_with_ai(c, None, "glioma")
+
+
+def test_a_signed_case_reports_the_ai_call_it_was_signed_with(world):
+    """Reports state the call the signer saw, even after a later rule or re-analysis changes what the
+    case's images make of it now; the review's hash covers it."""
+    s, u, _, p, files = world
+    c = case_store.create_case(s, u, p, "smear-all")
+    out = case_store.add_images(s, files, c, u, [("a.png", png_bytes(1))], 10 * MB)
+    a = out.added[0].analysis
+    _done(a, "ok", "Pre")
+    c.status = "ready"
+    s.commit()
+    r = case_store.sign(s, c, u, "Pre", ["Benign", "Early", "Pre", "Pro", NONDIAGNOSTIC])
+    assert r.ai_call["label"] == "Pre" and r.ai_call["text"] == case_store.aggregate(c).text and r.agrees_with_ai
+    _done(a, "ok", "Benign", top=0.97)  # what a re-analysis under another model would now say
+    assert case_store.aggregate(c).label == "Benign"
+    frozen = case_store.signed_call(c)
+    assert (frozen.label, frozen.status, frozen.probabilities["Pre"]) == ("Pre", "ok", pytest.approx(0.9))
+    before = r.content_sha256
+    r.ai_call = dict(r.ai_call, label="Benign")
+    assert case_store._review_hash(c, r) != before  # a changed stored call no longer verifies
