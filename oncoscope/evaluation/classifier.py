@@ -23,7 +23,7 @@ from ..ml import metrics as M
 from ..training.data import load_manifest, manifest_samples
 from ..training import loso
 from ..training.recipes import RECIPES, data_root as recipe_root, joins_datasets
-from .sources import left_out, per_source, source_markdown, test_pointing
+from .sources import class_sources, class_sources_line, left_out, per_source, source_markdown, test_pointing
 from .smear import (REPO, _classify, _fmt, _round, card_header, ci_text, flagged_fraction, flagged_share,
                     generated_sources, latency_summary, md_header, metric_plots, pooled_flagged, run_test_split,
                     training_files)
@@ -120,6 +120,7 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
             "data_sha256": manifest["data_sha256"],
             "test_files_verified": len(test),
             "held_out": recipe["held_out"],
+            "class_sources": class_sources(manifest),
         },
         "training": {
             "commands": training.get("commands", []),
@@ -300,7 +301,8 @@ def render_markdown(card: dict, positive: str) -> str:
          "files verified against it.",
          f"- Split rule: {d['held_out']}; {split_rule_text(d['manifest_params'])}.",
          "- Counts: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in x.items())
-                                 for s, x in d["split_counts"].items()), "",
+                                 for s, x in d["split_counts"].items()),
+         *([class_sources_line(d["class_sources"], a["display_names"])] if d.get("class_sources") else []), "",
          "## Training", "```", *(tr["commands"] or ["(not recorded)"]), "```",
          f"- Minutes on 2 CPU cores: {tr['stage_minutes']} (total {tr.get('total_minutes')}).",
          *[f"- {k}: {v}" for k, v in tr["recipe"].items()], "",

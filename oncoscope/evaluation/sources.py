@@ -86,6 +86,30 @@ def type_figures(rows: list[dict], positive_calls: set[str], untyped: str) -> di
             "type_right": _rate(sum(r["served"] == r["label"] for r in typed), len(typed))}
 
 
+def class_sources(manifest: dict) -> dict[str, list[str]]:
+    """The collections each class comes from (a TCGA institution counts as its collection): a class
+    from one collection alone can be learnt as that collection's look, and the card must say so."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for e in manifest["files"].values():
+        if not e.get("error"):
+            out[e["label"]].add(e.get("source", manifest["dataset"]).split("/")[0])
+    return {label: sorted(v) for label, v in sorted(out.items())}
+
+
+def class_sources_line(sources: dict[str, list[str]], names: dict[str, str]) -> str:
+    single = [label for label, v in sources.items() if len(v) == 1]
+    where = "; ".join(f"{names.get(k, k)}: {', '.join(v)}" for k, v in sources.items())
+    if not single:
+        return f"- Collections per class: {where}."
+    if len(single) == len(sources) and len({v[0] for v in sources.values()}) == 1:
+        return (f"- Collections per class: every class comes from one collection ({where.split(': ')[-1]}): the "
+                "model may have learnt that collection's look along with the classes; another hospital's images "
+                "are a new source.")
+    return (f"- Collections per class: {where}. **From one collection only: "
+            f"{', '.join(names.get(k, k) for k in single)}**: the model may have learnt that collection's look "
+            "for these classes.")
+
+
 def test_pointing(ev, analyzer_id: str) -> dict | None:
     masks = loso.mask_paths(analyzer_id)
     pts = [loso.pointing(ev.results[i], masks[s.path], ev.an.positive_calls)

@@ -89,3 +89,17 @@ def test_per_source_and_card_text():
     assert "| shipped model, test split | 3 | 1 | 50.0% (10-90; 1/2) | 100.0% (30-100; 2/2) |" in text
     assert "## Tumour type suggestion (test split)" in text and "| kaggle | 1 | 0.0% (" in text
     assert S.source_markdown({}, "x") == []
+
+
+def test_a_class_from_one_collection_is_named_in_the_card():
+    m = {"dataset": "kaggle", "files": {
+        "a": {"label": "glioma", "source": "kaggle"}, "b": {"label": "glioma", "source": "tcga/DU"},
+        "c": {"label": "meningioma", "source": "kaggle"}, "d": {"label": "notumor", "source": "tcga/HT"},
+        "e": {"label": "notumor"}, "f": {"label": "pituitary", "source": "kaggle", "error": "unreadable"}}}
+    sources = S.class_sources(m)
+    assert sources == {"glioma": ["kaggle", "tcga"], "meningioma": ["kaggle"], "notumor": ["kaggle", "tcga"]}
+    line = S.class_sources_line(sources, {"meningioma": "Meningioma"})
+    assert "**From one collection only: Meningioma**" in line
+    one = S.class_sources_line({"cancer": ["bone"], "normal": ["bone"]}, {})
+    assert "every class comes from one collection (bone)" in one
+    assert "only" not in S.class_sources_line({"x": ["a", "b"]}, {})
