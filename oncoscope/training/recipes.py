@@ -192,10 +192,11 @@ RECIPES = {
             "untyped_label": "tumour",
             "positive_term": "brain tumour",
             "report_wording": {
-                "finding": "Brain MR slice, automated tumour detection and typing",
+                "finding": "Brain MR slice, automated tumour detection (a type suggested where the slice resembles "
+                           "the images the types were learned from)",
                 "malignant": "Appearance suggestive of an intracranial tumour (most likely: {label}).",
-                "untyped": "Appearance suggestive of an intracranial tumour; no type is suggested (the slice is "
-                           "unlike the images the types were learned from).",
+                "untyped": "Appearance suggestive of an intracranial tumour; no type is suggested (unlike the "
+                           "images the types were learned from).",
                 "benign": "No intracranial tumour detected by the model on this slice.",
                 "disclaimer": "AI output is decision support only and must be confirmed by a neuroradiologist; "
                               "a single slice cannot exclude a lesion elsewhere.",
