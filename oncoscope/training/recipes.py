@@ -57,7 +57,7 @@ RECIPES = {
         # Copies of one radiograph share the stem before `.rf.`; the correlation check adds copies filed
         # under another stem (bone films of one anatomy look alike: below 0.95 they chain into one group).
         "split": {"group_regex": r"^(.*?)\.rf\.", "run_length": 0, "min_correlation": 0.95},
-        "image_size": 176,
+        "image_size": 224,  # chosen on validation: AUC 0.964 vs 0.960 and accuracy 90.6% vs 90.3% at 176 px
         "epochs": 9,
         "train": {"augment": "radiology", "max_angle": 30.0, "gray": True, "pad": True, "freeze_blocks": 5,
                   "edges_p": 0.5},
@@ -88,7 +88,7 @@ RECIPES = {
         "config": {
             "id": "bone-xray",
             "name": "Bone radiograph: bone tumour screening (cancer / normal)",
-            "version": "1.0.0",
+            "version": "1.1.0",
             "modality": "radiology/x-ray",
             "input_description": "bone radiograph",
             "image_noun": "Radiograph",
