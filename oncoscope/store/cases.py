@@ -19,7 +19,8 @@ from ..ml.differential import REPORTED, blast_call, summarise
 from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, CellLabel, Patient, PatientAccess, Review, User, utcnow
-from .patients import Page, like_text
+from .patients import Page
+from .patients import matches as patient_matches
 from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
 
 
@@ -595,8 +596,7 @@ def history(s: Session, user: User, *, status: str = "", diagnosis: str = "", do
     if date_to and date_to < dt.date.max:  # (up to 9999-12-31 is no bound: the day after does not exist)
         q = q.where(Case.created_at < dt.datetime.combine(date_to + dt.timedelta(days=1), dt.time()))
     if text:
-        matching = select(Patient.id).where(or_(Patient.mrn == storable(text).strip(),
-                                                like_text(Patient.family_name, text)))
+        matching = select(Patient.id).where(patient_matches(text))
         q = q.where(Case.patient_id.in_(matching))
     total = s.scalar(q.with_only_columns(func.count(Case.id)).order_by(None))
     pages = max(1, -(-total // per_page))

@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Patient, PatientAccess, User
@@ -51,21 +51,49 @@ def get_visible_by_mrn(s: Session, user: User, mrn: str) -> Patient | None:
 LIKE_ESCAPE = "/"
 
 
-def like_text(column, text: str, *, prefix: bool = False):
+def like_text(column, text: str, *, prefix: bool = False, any_case: bool = False):
     """``column LIKE`` the user's ``text`` taken literally (``%`` and ``_`` match only themselves):
-    anywhere in the column, or at its start with ``prefix``. Trimmed; unstorable characters dropped."""
+    anywhere in the column, or at its start with ``prefix``; ``any_case``: upper and lower case alike
+    on every backend (PostgreSQL's LIKE tells them apart). Trimmed; unstorable characters dropped."""
     t = storable(text).strip()
     for ch in (LIKE_ESCAPE, "%", "_"):
         t = t.replace(ch, LIKE_ESCAPE + ch)
-    return column.like(("" if prefix else "%") + t + "%", escape=LIKE_ESCAPE)
+    pattern = ("" if prefix else "%") + t + "%"
+    return column.ilike(pattern, escape=LIKE_ESCAPE) if any_case else column.like(pattern, escape=LIKE_ESCAPE)
+
+
+_DATE_FORMATS = ("%Y-%m-%d", "%d.%m.%Y", "%d/%m/%Y")
+
+
+def _birth_date(text: str) -> dt.date | None:
+    """A birth date as people type it (ISO, or day first with dots or slashes), or None."""
+    for fmt in _DATE_FORMATS:
+        try:
+            return dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            pass
+    return None
+
+
+def matches(text: str):
+    """Who a search text names: an MRN (exact, or its start), a birth date, or a name in any order
+    ("Family, Given", "Given Family": every word in the family or the given name). None for no text."""
+    t = storable(text).strip()
+    if not t:
+        return None
+    words = [w for w in re.split(r"[\s,]+", t) if w]
+    either = [or_(like_text(Patient.family_name, w, any_case=True), like_text(Patient.given_name, w, any_case=True))
+              for w in words]
+    terms = [Patient.mrn == t, like_text(Patient.mrn, t, prefix=True), and_(*either)]
+    if (born := _birth_date(t)) is not None:
+        terms.append(Patient.birth_date == born)
+    return or_(*terms)
 
 
 def search(s: Session, user: User, text: str = "", page: int = 1, per_page: int = 25) -> Page:
     q = visible_patients(user)
-    t = storable(text).strip()
-    if t:
-        q = q.where(or_(Patient.mrn == t, like_text(Patient.mrn, t, prefix=True), like_text(Patient.family_name, t),
-                        like_text(Patient.given_name, t)))
+    if (cond := matches(text)) is not None:
+        q = q.where(cond)
     total = s.scalar(q.with_only_columns(func.count(Patient.id)).order_by(None))
     pages = max(1, math.ceil(total / per_page))
     page = min(max(1, page), pages)

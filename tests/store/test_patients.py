@@ -104,3 +104,22 @@ def test_a_patient_stored_before_the_mrn_rule_stays_editable_and_is_listed(sessi
     patient_store.update(session, legacy, dict(values, mrn="OLD-7"))  # corrected
     session.commit()
     assert patient_store.legacy_mrns(session) == []
+
+
+def test_search_finds_a_patient_however_people_type_the_name_or_birth_date(session):
+    import datetime as dt
+
+    admin = User(email="a2@clinic.test", name="Admin", role="admin", password_hash="x")
+    session.add_all([admin, Patient(mrn="N-1", family_name="García López", given_name="María José",
+                                    birth_date=dt.date(1980, 2, 3)),
+                     Patient(mrn="N-2", family_name="Maria", given_name="Lopez", birth_date=dt.date(1990, 1, 1))])
+    session.commit()
+    mrns = lambda text: {p.mrn for p in patient_store.search(session, admin, text, 1, 100).items}  # noqa: E731
+    assert mrns("García, María") == {"N-1"}  # "Family, Given"
+    assert mrns("María García") == {"N-1"}  # "Given Family"
+    assert mrns("maría josé garcía lópez") == {"N-1"}  # any case, every word somewhere in the name
+    assert mrns("maria, lopez") >= {"N-2"}  # (MariaDB's collation may also find N-1 without its accents)
+    assert mrns("1980-02-03") == {"N-1"} and mrns("03.02.1980") == {"N-1"} and mrns("01/01/1990") == {"N-2"}
+    assert mrns("N-") == {"N-1", "N-2"} and mrns("N-2") == {"N-2"}
+    assert mrns("García Smith") == set()  # every word must match
+    assert _found(case_store.history(session, admin, text="García, María", per_page=100)) == set()  # no cases
