@@ -184,10 +184,10 @@ class _Context:
         return {"coding": [{"system": label_system(self.case.analyzer_id), "code": label, "display": display}],
                 "text": display}
 
-    def observation(self, kind: str, index: int, **fields) -> dict:
+    def observation(self, kind: str, index: int, status: str = "final", **fields) -> dict:
         """Add an Observation about the subject; returns its reference."""
         url = self.full_url(kind, index)
-        self.observations.append((url, Observation(id=_id(url), status="final", code=_obs_code(kind),
+        self.observations.append((url, Observation(id=_id(url), status=status, code=_obs_code(kind),
                                                    subject=self.subject, **fields)))
         return _ref(url)
 
@@ -324,12 +324,19 @@ def _aggregate_observation(ctx: _Context, class_refs: list[dict], devices: _Devi
         "not-applicable" if ai_status == "out_of_domain" else "error", f"no AI call ({ai_status})"), **fields)
 
 
+def report_status(version: int) -> str:
+    """A signed report is final; each amendment of it corrects it (FHIR's 'corrected', HL7's C)."""
+    return "corrected" if version > 1 else "final"
+
+
 def _final_diagnosis_observations(ctx: _Context, signer_ref: dict, aggregate_ref: dict) -> None:
     """The doctor's diagnosis, and whether it agrees with the AI call."""
     review, version, signed_at = ctx.review, ctx.review.version, ctx.signed_at
     notes = [t for t in (review.comment, review.uncertainty_note and f"Uncertainty note: {review.uncertainty_note}",
                          review.amendment_reason and f"Amendment (version {version}): {review.amendment_reason}") if t]
-    doctor = {"performer": [signer_ref], "effectiveDateTime": signed_at, "issued": signed_at}
+    # an amendment corrects the reader's observations (the AI's stay as they were)
+    doctor = {"performer": [signer_ref], "effectiveDateTime": signed_at, "issued": signed_at,
+              "status": report_status(version)}
     final_ref = ctx.observation("final-diagnosis", 0, valueCodeableConcept=ctx.label_cc(review.final_diagnosis),
                                 note=[{"text": t} for t in notes] or None, derivedFrom=[aggregate_ref], **doctor)
     # with no AI call there is nothing to agree with: not-applicable, never a "false" that reads as an override
@@ -383,7 +390,7 @@ def _diagnostic_report(ctx: _Context, pdf: bytes, signer_ref: dict,
     return url, DiagnosticReport(
         id=_id(url),
         identifier=[{"system": ctx.system("report"), "value": f"case-{case.id}-v{version}"}],
-        status="amended" if version > 1 else "final",
+        status=report_status(version),
         code={"coding": [{"system": REPORT_SYSTEM, "code": case.analyzer_id, "display": name}], "text": name},
         subject=ctx.subject,
         effectiveDateTime=_instant(case.created_at),

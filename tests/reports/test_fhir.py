@@ -241,13 +241,16 @@ def test_override_then_amendment(world, analyzer):
     v2 = case_bundle(case, PDF + b"v2")
     assert Bundle.model_validate(v2) is not None
     (dr2,) = entries(v2, "DiagnosticReport")
-    assert dr2["status"] == "amended"
+    assert dr2["status"] == "corrected"
     assert dr2["conclusionCode"][0]["coding"][0]["code"] == "Pre"
     assert "Second look agrees with AI." in dr2["conclusion"]
     assert dr2["presentedForm"][0]["title"] == f"oncoscope-case-{case.id}-v2.pdf"
     assert base64.b64decode(dr2["presentedForm"][0]["data"]) == PDF + b"v2"
     assert v2["identifier"]["value"] == f"case-{case.id}-v2"
     assert obs(v2, "ai-vs-final")[0]["valueBoolean"] is True
+    # the amendment corrects the reader's observations; the AI's stay final, as they were
+    assert obs(v2, "final-diagnosis")[0]["status"] == obs(v2, "ai-vs-final")[0]["status"] == "corrected"
+    assert obs(v2, "ai-aggregate")[0]["status"] == "final" and obs(v1, "final-diagnosis")[0]["status"] == "final"
     assert any("Second look" in n["text"] for n in obs(v2, "final-diagnosis")[0]["note"])
     # a new version gets new ids; the old one is unchanged
     assert not {e["fullUrl"] for e in v1["entry"]} & {e["fullUrl"] for e in v2["entry"]}

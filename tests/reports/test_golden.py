@@ -258,9 +258,9 @@ def _exports(g) -> dict[str, bytes]:
 
 GOLDEN = {
     'a.pdf': '4010a30cb3ea4706ec49db12374ccb15775e0f115d5c66fafe322b8c4228f72b',
-    'a.fhir.json': '485b1cb4d218606b10ed4988f4aa36aed159f8a90027d030cab5d781ea6db618',
-    'a.fhir-as-built.json': '87d1724c383e95ffc48bfe5db37d7af781f7310cc4a3e883f60744af54ca640d',
-    'a.fhir-urn.json': '62e8e218dee998cc0832e5f3f0e946791c0de00153a63d942a8d08daeac6b491',
+    'a.fhir.json': '91123a27a5268091996e82816be5db25ac299cf815bc80533db5b4422c22563b',
+    'a.fhir-as-built.json': '6ca534255f84634500b49b57a8b3e7a9e76a09b11303eef94155faae1cc1e060',
+    'a.fhir-urn.json': '0312e5c5b1d38eca7055ee7959352caf85f8d3f28eb578ef1c4e07bb187337dd',
     'a.hl7': '8aa0486264fdaccfd0f6224fa763420d156e1e99fa59c10e0d12a714162f5830',
     'a.hl7-custom': '5cd296a31f961d3b31406fd24e6cea108856bdc496c917c3867235aaae6a48b4',
     'a.sr.dcm': '75c6aff3279115d3b26822eb914756d5d3944d47285d3e1eb930a504893d52c5',
