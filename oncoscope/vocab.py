@@ -15,6 +15,10 @@ def percent(p: float | None) -> str:
     return ">99.9%" if v > 99.9 else "<0.1%" if v < 0.1 else f"{v:.1f}%"
 
 
+# How urgent a case is, set when it is created (worklists put STAT first).
+PRIORITIES = {"stat": "STAT", "routine": "Routine"}
+
+
 # Exports of a case (services/exports.py raises with the first; the case page's send button says the second).
 EXPORT_NEEDS_SIGNATURE = "Only signed cases can be exported."
 SEND_NEEDS_SIGNATURE = "Only signed cases can be sent."

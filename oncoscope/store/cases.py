@@ -16,7 +16,7 @@ from ..analyzers import registry
 from ..imaging.dicom import is_dicom_uid
 from ..imaging.imageio import ImageLoadError, load_image
 from ..ml.differential import REPORTED, blast_call, summarise
-from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME
+from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME, PRIORITIES
 from .files import FileStore
 from .models import Analysis, Case, CaseImage, CellLabel, Patient, PatientAccess, Review, User, utcnow
 from .patients import Page
@@ -85,12 +85,16 @@ def advance(s: Session, case: Case, status: str, from_statuses: tuple[str, ...],
 
 
 # ----------------------------------------------------------------------------- creation and uploads
-def create_case(s: Session, user: User, patient: Patient, analyzer_id: str, note: str = "") -> Case:
+def create_case(s: Session, user: User, patient: Patient, analyzer_id: str, note: str = "",
+                priority: str = "routine") -> Case:
     if analyzer_id not in registry.available():
         raise CaseError("Choose an analyzer from the list.", "analyzer_id")
     if unstorable(note):
         raise CaseError(f"The clinical note {UNSTORABLE_MESSAGE}", "clinical_note")
-    c = Case(patient_id=patient.id, analyzer_id=analyzer_id, clinical_note=(note or "")[:5000], created_by_id=user.id)
+    if priority not in PRIORITIES:
+        raise CaseError(f"Choose a priority: {', '.join(PRIORITIES)}.", "priority")
+    c = Case(patient_id=patient.id, analyzer_id=analyzer_id, clinical_note=(note or "")[:5000], created_by_id=user.id,
+             priority=priority)
     s.add(c)
     s.flush()
     return c

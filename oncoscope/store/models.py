@@ -95,6 +95,7 @@ class Case(Base):
     # The white-cell count from the haematology analyser (x10^9/L), entered by a person: turns the
     # differential's percentages into absolute counts.
     wbc_count: Mapped[float | None] = mapped_column(Float, nullable=True)
+    priority: Mapped[str] = mapped_column(String(10), nullable=False, default="routine", server_default="routine")
 
     patient: Mapped[Patient] = relationship(back_populates="cases")
     images: Mapped[list["CaseImage"]] = relationship(back_populates="case", order_by="CaseImage.id")

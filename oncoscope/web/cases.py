@@ -80,7 +80,8 @@ def new(patient_id: int):
     if form.validate_on_submit():
         uploads = _uploads()
         try:
-            case = case_store.create_case(s, me(), patient, form.analyzer_id.data, form.clinical_note.data or "")
+            case = case_store.create_case(s, me(), patient, form.analyzer_id.data, form.clinical_note.data or "",
+                                          form.priority.data)
             outcome = case_store.add_images(s, files(), case, me(), uploads, settings().max_upload_mb * 1024 * 1024)
             if uploads and not outcome.added:  # no usable image: no empty case is left behind
                 msg = "No image could be added, so no case was created."

@@ -8,6 +8,7 @@ from wtforms import (BooleanField, DateField, EmailField, HiddenField, IntegerFi
 from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, Regexp
 
 from ..store.patients import MRN_MAX, MRN_RULE
+from ..vocab import PRIORITIES
 
 Email = lambda: Regexp(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", message="Enter a valid email address.")  # noqa: E731
 
@@ -66,6 +67,8 @@ class AssignForm(FlaskForm):
 
 class CaseForm(FlaskForm):
     analyzer_id = SelectField("Analyzer", validators=[DataRequired()])
+    priority = SelectField("Priority", choices=list(PRIORITIES.items()), default="routine",
+                           validators=[DataRequired()])
     clinical_note = TextAreaField("Clinical note", validators=[Optional(), Length(max=5000)])
 
 

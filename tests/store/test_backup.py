@@ -286,14 +286,15 @@ def _as_older_schema(content: dict[str, bytes], key) -> dict[str, bytes]:
     """The archive an oncoscope at schema OLDER wrote: users still had the lockout counters that
     e1f2a3b4c5d6 dropped, and cases.revision, idempotency_records.patient_id and the login_throttle
     table did not exist yet (nor what f2a3b4c5d6e7 added: the cell review tables, cases.wbc_count,
-    reviews.differential, analyses.microns_per_pixel)."""
+    reviews.differential, analyses.microns_per_pixel; nor reviews.ai_call and cases.priority)."""
     users = _rows(content, "users")
     for u in users:
         u.update(failed_logins=0, locked_until=None)
     users[1].update(failed_logins=3, locked_until="2026-01-01T10:00:00")
-    cases = [{k: v for k, v in c.items() if k not in ("revision", "wbc_count")} for c in _rows(content, "cases")]
+    cases = [{k: v for k, v in c.items() if k not in ("revision", "wbc_count", "priority")}
+             for c in _rows(content, "cases")]
     idem = [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(content, "idempotency_records")]
-    reviews = [{k: v for k, v in r.items() if k != "differential"} for r in _rows(content, "reviews")]
+    reviews = [{k: v for k, v in r.items() if k not in ("differential", "ai_call")} for r in _rows(content, "reviews")]
     analyses = [{k: v for k, v in a.items() if k != "microns_per_pixel"} for a in _rows(content, "analyses")]
     return _rewrite(content, {"users": users, "cases": cases, "idempotency_records": idem, "login_throttle": None,
                               "reviews": reviews, "analyses": analyses, "cell_labels": None, "cell_changes": None},

@@ -216,3 +216,12 @@ def test_a_signed_case_reports_the_ai_call_it_was_signed_with(world):
     before = r.content_sha256
     r.ai_call = dict(r.ai_call, label="Benign")
     assert case_store._review_hash(c, r) != before  # a changed stored call no longer verifies
+
+
+def test_a_case_is_created_stat_or_routine(world):
+    s, u, _, p, _ = world
+    assert case_store.create_case(s, u, p, "smear-all").priority == "routine"
+    assert case_store.create_case(s, u, p, "smear-all", priority="stat").priority == "stat"
+    with pytest.raises(case_store.CaseError) as e:
+        case_store.create_case(s, u, p, "smear-all", priority="urgent")
+    assert e.value.field == "priority" and "stat, routine" in str(e.value)

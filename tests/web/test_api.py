@@ -436,3 +436,17 @@ def test_an_idempotent_replay_rechecks_access_and_records_expire(app, tok):
     assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
     with sessions_of(app)() as s:
         assert s.query(IdempotencyRecord).count() == 1  # the expired record was removed
+
+
+def test_a_case_is_created_with_its_priority(app, tok):
+    c = app.test_client()
+    t = h(tok("doc_a"))
+    made = c.post(f"/api/v1/patients/{PATIENT_A_ID}/cases", json={"analyzer_id": "smear-all", "priority": "stat"},
+                  headers=t)
+    assert made.status_code == 201 and made.get_json()["priority"] == "stat"
+    assert c.get(f"/api/v1/cases/{made.get_json()['id']}", headers=t).get_json()["priority"] == "stat"
+    bad = c.post(f"/api/v1/patients/{PATIENT_A_ID}/cases", json={"analyzer_id": "smear-all", "priority": "urgent"},
+                 headers=t)
+    assert bad.status_code == 422 and "priority" in bad.get_data(as_text=True)
+    page = c.get(f"/cases/{made.get_json()['id']}")  # (the API client is not signed in: the page redirects)
+    assert page.status_code == 302

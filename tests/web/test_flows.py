@@ -878,3 +878,17 @@ def test_csrf_token_works_over_https_without_a_referer(make_app):
     assert r.status_code == 302
     r = c.post("/login", base_url="https://clinic.example", data={"email": DOC_A.email, "password": DOC_A.password})
     assert r.status_code == 400  # still no token, no entry
+
+
+def test_a_stat_case_says_so_wherever_it_is_listed(app, client_for):
+    c = client_for("doc_a")
+    assert 'name="priority"' in c.get(f"/patients/{P}/cases/new").data.decode()
+    r = c.post(f"/patients/{P}/cases/new", data={"analyzer_id": "smear-all", "priority": "stat"},
+               content_type=MULTIPART)
+    cid = case_id_of(r)
+    assert one(app, select(Case.priority).where(Case.id == cid)) == "stat"
+    for url in (f"/cases/{cid}", f"/patients/{P}", "/cases/"):
+        assert 'class="badge stat"' in c.get(url).data.decode(), url
+    bad = c.post(f"/patients/{P}/cases/new", data={"analyzer_id": "smear-all", "priority": "urgent"},
+                 content_type=MULTIPART)
+    assert bad.status_code == 200 and "Not a valid choice" in bad.data.decode()

@@ -50,7 +50,8 @@ def create_case(patient_id: int):
     p = patient_or_404(patient_id)
     data = validate_fields(json_body(), "CaseInput")
     with committed(case_store.CaseError, _invalid) as s:
-        c = case_store.create_case(s, g.api_user, p, data["analyzer_id"], data.get("clinical_note", ""))
+        c = case_store.create_case(s, g.api_user, p, data["analyzer_id"], data.get("clinical_note", ""),
+                                   data.get("priority", "routine"))
     audit.subject(resource=("case", c.id))
     return case_json(c)
 

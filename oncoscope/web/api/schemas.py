@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ...store import cells as cell_store
 from ...store import patients as patient_store
+from ...vocab import PRIORITIES
 
 
 def obj(props: dict, required: list[str] | None = None, **kw) -> dict:
@@ -60,6 +61,7 @@ SCHEMAS: dict[str, dict] = {
                                     "description": "The differential as signed (cell-classifying analyzers)"}},
                   ["version", "final_diagnosis", "agrees_with_ai", "signed_by", "signed_at"]),
     "Case": obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "revision": INT, "clinical_note": STR,
+                 "priority": {"type": "string", "enum": list(PRIORITIES)},
                  "created_at": DATETIME, "final_diagnosis": NSTR,
                  "aggregate": obj({"label": NSTR, "status": STR, "probabilities": {"type": "object"},
                                    "text": STR,
@@ -73,7 +75,8 @@ SCHEMAS: dict[str, dict] = {
                  "cell_review": {"oneOf": [ref("CellReview"), {"type": "null"}]}},
                 ["id", "patient_id", "analyzer_id", "status", "revision", "images", "reviews"]),
     "CaseInput": obj({"analyzer_id": {"type": "string", "maxLength": 64},
-                      "clinical_note": {"type": "string", "maxLength": 5000}}, ["analyzer_id"],
+                      "clinical_note": {"type": "string", "maxLength": 5000},
+                      "priority": {"type": "string", "enum": list(PRIORITIES)}}, ["analyzer_id"],
                      additionalProperties=False),
     "SignInput": obj({"final_diagnosis": {"type": "string", "maxLength": 64},
                       "override_reason": {"type": "string", "maxLength": 5000},

@@ -49,7 +49,7 @@ def review_json(r) -> dict:
 def case_json(c) -> dict:
     agg = case_store.aggregate(c)
     return {"id": c.id, "patient_id": c.patient_id, "analyzer_id": c.analyzer_id, "status": c.status,
-            "revision": c.revision,
+            "revision": c.revision, "priority": c.priority,
             "clinical_note": c.clinical_note, "created_at": iso(c.created_at), "final_diagnosis": c.final_diagnosis,
             "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
                           "text": agg.text, "differential": agg.differential},
