@@ -92,11 +92,17 @@ def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg:/
             dispatched = QueueDispatcher(make_session_factory(engine), st).dispatch_due()
         finally:
             engine.dispose()
-        first = WorkerProcess(env, home / "worker-1.log").start()
+        killed: list[WorkerProcess] = []
         second = None
         try:
             deadline = time.monotonic() + timeout_s
-            victim_job, done_at_kill = _kill_while_running(first, url, ids, n * kill_after, deadline)
+            # a kill that lands between two jobs (each takes tens of milliseconds) tests nothing: the
+            # worker is replaced and killed again, up to KILL_ATTEMPTS times, until it dies holding one
+            for _ in range(KILL_ATTEMPTS):
+                killed.append(WorkerProcess(env, home / f"worker-1-{len(killed)}.log").start())
+                victim_job, done_at_kill, held = _kill_while_running(killed[-1], url, ids, n * kill_after, deadline)
+                if held:
+                    break
             victim_state = next(r for r in analysis_rows(url, [victim_job]))
             killed_at = time.monotonic()
             second = WorkerProcess(env, home / "worker-2.log").start()
@@ -108,14 +114,15 @@ def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg:/
             recovered_s = time.monotonic() - killed_at
             rows = analysis_rows(url, ids)
         finally:
-            first.stop()
+            for w in killed:
+                w.stop()
             if second is not None:
                 second.stop()
         victim_final = next(r for r in rows if r["id"] == victim_job)
         done = [r for r in rows if r["job_status"] == "done"]
         rep = {
             "scenario": "kill a worker mid-queue", "analyses": n, "dispatched": dispatched,
-            "done_when_killed": done_at_kill, "killed_while_running_job": victim_job,
+            "done_when_killed": done_at_kill, "killed_while_running_job": victim_job, "kills": len(killed),
             "victim_state_after_kill": victim_state["job_status"], "victim_attempts": victim_final["attempts"],
             "results": len(done), "failed": sum(r["job_status"] == "failed" for r in rows),
             "result_rows_per_image": max((sum(1 for r in rows if r["image_id"] == x["image_id"]) for x in rows),
@@ -131,14 +138,17 @@ def kill_worker_scenario(n: int = 100, database_url: str = "postgresql+psycopg:/
         return rep
 
 
+KILL_ATTEMPTS = 5
+
+
 def _kill_while_running(worker: "WorkerProcess", url: str, ids: list[int], done_before: float,
-                        deadline: float) -> tuple[int, int]:
+                        deadline: float) -> tuple[int, int, bool]:
     """Kill the worker once enough is done, and name the job it held at that moment.
 
     The job seen running a moment before the kill can finish in between (a job takes tens of
     milliseconds), so the victim is read after the kill: a row still `running` under the dead
     worker's pid is the one it was holding. Killed between two jobs, the victim is the job last
-    seen, and the report says it was not running.
+    seen, and the third value (held) is False.
     """
     while time.monotonic() < deadline:
         rows = analysis_rows(url, ids)
@@ -148,7 +158,7 @@ def _kill_while_running(worker: "WorkerProcess", url: str, ids: list[int], done_
             worker.kill()
             held = [r for r in analysis_rows(url, ids)
                     if r["job_status"] == "running" and f":{worker.pid}:" in (r["worker"] or "")]
-            return (held or mine)[0]["id"], done
+            return (held or mine)[0]["id"], done, bool(held)
         if worker.proc.poll() is not None:
             raise RuntimeError(f"worker exited early: {worker.log_tail()}")
         time.sleep(0.01)
