@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..ml import cam as cam_mod
 from ..vocab import percent
-from ..ml.scores import gate_features, gate_probability, is_blank, softmax
+from ..ml.scores import gate_features, gate_probability, is_blank, nearest_distance, softmax, whitening
 from ..imaging.imageio import pad_to_square, to_gray3
 from .base import STATUS_OK, STATUS_OOD, STATUS_UNCERTAIN, AnalysisResult, Analyzer, SessionPool
 from .config import ModalityGate, OutOfDomain, TypeDomain
@@ -93,8 +93,7 @@ class ImageClassifierAnalyzer(Analyzer):
         missing = [k for k in needed if k not in st.files]
         if missing:
             raise self.config.error("calibration.ood.stats", f"{ood.stats} lacks the arrays {', '.join(missing)}")
-        self.ood_means = st["means"].astype(np.float64)
-        self.ood_precision = st["precision"].astype(np.float64)
+        self.ood_whitening = whitening(st["means"], st["precision"])
         self.ood_threshold = ood.threshold
         self.ood_input = ood.input
         # modality gate (optional): a linear classifier, this analyzer's images vs other analyzers'
@@ -111,6 +110,7 @@ class ImageClassifierAnalyzer(Analyzer):
         if missing:
             raise self.config.error("calibration.type_domain.stats", f"{td.stats} lacks the arrays {', '.join(missing)}")
         self.type_domain = (st["type_mean"].astype(np.float64), st["type_precision"].astype(np.float64), td.threshold)
+        self.type_whitening = whitening(st["type_mean"], st["type_precision"])
 
     # -- pieces reused by calibration and evaluation ---------------------------------
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int], int]:
@@ -124,16 +124,11 @@ class ImageClassifierAnalyzer(Analyzer):
 
     def ood_score(self, features: np.ndarray) -> np.ndarray:
         """Minimum Mahalanobis distance (shared covariance) to the reference means; (N,)."""
-        e = features.astype(np.float64)
-        d = e[:, None, :] - self.ood_means[None]  # (N, C, D)
-        m = np.einsum("ncd,de,nce->nc", d, self.ood_precision, d)
-        return np.sqrt(np.maximum(m.min(axis=1), 0.0))
+        return nearest_distance(features, self.ood_whitening)
 
     def type_distance(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance to the positive images of the collections with every type; (N,)."""
-        mean, precision, _ = self.type_domain
-        d = features.astype(np.float64) - mean
-        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, precision, d), 0.0))
+        return nearest_distance(features, self.type_whitening)
 
     def withhold_type(self, res: AnalysisResult, features: np.ndarray) -> None:
         """A positive call on an input unlike the typed collections keeps its call, loses its type: the
@@ -246,7 +241,7 @@ class ImageClassifierAnalyzer(Analyzer):
         res.label = self.labels[k]
         res.label_display = self.config.display_name(res.label)
         res.malignant, res.malignant_probability = malignant, p_mal
-        if self.type_domain is not None:
+        if self.type_domain is not None:  # (ood_input exists only with an out-of-domain check)
             self.withhold_type(res, out[self.ood_input][0])
         geometry = {"top": top, "left": left, "side": side, "h": h, "w": w, "oh": oh, "ow": ow, "back": back}
         self.extend(res, x, rgb, geometry, t)

@@ -738,9 +738,6 @@ def _values(ds, keyword: str) -> list:
 
 
 def _metadata(ds) -> dict:
-    def text(keyword: str) -> str:  # several values joined as DICOM writes them
-        return "\\".join(str(v).strip() for v in _values(ds, keyword)).strip()
-
     def one(keyword: str):
         values = _values(ds, keyword)
         return values[0] if len(values) == 1 else None
@@ -752,15 +749,15 @@ def _metadata(ds) -> dict:
     names = _values(ds, "PatientName")
     return {
         "patient_name": _person_name(names[0] if names else None),
-        "patient_id": text("PatientID"),  # "A\\B": the MRN rule refuses it with its message, and says why
+        "patient_id": _text(ds, "PatientID"),  # "A\\B": the MRN rule refuses it with its message, and says why
         "birth_date": _iso_date(one("PatientBirthDate")),
-        "sex": text("PatientSex").upper(),
+        "sex": _text(ds, "PatientSex").upper(),
         "study_uid": uid("StudyInstanceUID"),
         "series_uid": uid("SeriesInstanceUID"),
         "sop_instance_uid": uid("SOPInstanceUID"),
         "sop_class_uid": uid("SOPClassUID"),
-        "modality": text("Modality").upper(),
-        "description": text("SeriesDescription") or text("StudyDescription"),
+        "modality": _text(ds, "Modality").upper(),
+        "description": _text(ds, "SeriesDescription") or _text(ds, "StudyDescription"),
     }
 
 
@@ -782,6 +779,7 @@ def _acquisition(ds, index: int) -> dict:
 
 
 def _text(ds, keyword: str) -> str:
+    """An element's values joined as DICOM writes them ("" when absent)."""
     return "\\".join(str(v).strip() for v in _values(ds, keyword)).strip()
 
 

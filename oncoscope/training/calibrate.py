@@ -23,7 +23,7 @@ import numpy as np
 
 from ..analyzers import registry
 from ..imaging.imageio import load_image
-from ..ml.scores import gate_features, gate_probability, softmax
+from ..ml.scores import gate_features, gate_probability, nearest_distance, softmax, whitening
 from .data import Sample, load_manifest, manifest_samples, source_matches
 from .recipes import RECIPES, data_root
 
@@ -185,8 +185,7 @@ def calibrate(analyzer_id: str, root: Path, recipe: dict, work_dir: Path, model_
         else ({}, None)
     np.savez_compressed(model_dir / "ood.npz", means=means.astype(np.float32), precision=precision.astype(np.float32),
                         **gate_stats)
-    d = va["ood"][:, None, :] - means[None]
-    va_scores = np.sqrt(np.einsum("ncd,de,nce->nc", d, precision, d).min(axis=1))
+    va_scores = nearest_distance(va["ood"], whitening(means, precision))
     ood_thr = float(np.quantile(va_scores, 0.995))
     probs = softmax(va["logits"] / temp + (bias if bias is not None else 0.0))
     unc = choose_uncertain(probs, va["y"])
@@ -245,17 +244,13 @@ def fit_type_domain(analyzer_id: str, root: Path, recipe: dict, model_dir: Path)
     base = Path(root) / recipe["subdir"] if recipe.get("subdir") else Path(root)
     an = registry.get(analyzer_id, model_dir=model_dir)
     typed = list(recipe["typed_sources"])
-    mal = set(an.labels) & an.malignant_labels
+    mal = an.malignant_labels
     tr = embed_split(an, base, _positives(manifest, "train", mal, typed, True))
     va = embed_split(an, base, _positives(manifest, "val", mal, typed, True))
     others = _positives(manifest, "val", mal, typed, False)
     mean, precision = fit_ood(tr["ood"])
-
-    def distance(feats: np.ndarray) -> np.ndarray:
-        d = feats - mean
-        return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, precision, d), 0.0))
-
-    d_va = distance(va["ood"])
+    reference = whitening(mean, precision)
+    d_va = nearest_distance(va["ood"], reference)
     threshold = float(np.quantile(d_va, 0.99))
     kept = d_va <= threshold
     right = (va["logits"] / an.temperature + an.class_bias).argmax(1) == va["y"]  # the served, calibrated class
@@ -263,7 +258,7 @@ def fit_type_domain(analyzer_id: str, root: Path, recipe: dict, model_dir: Path)
                   "type_accuracy_kept": round(float(right[kept].mean()), 4),
                   "type_accuracy_all": round(float(right.mean()), 4)}
     if others:
-        d_other = distance(embed_split(an, base, others)["ood"])
+        d_other = nearest_distance(embed_split(an, base, others)["ood"], reference)
         validation.update(other_images=len(others), other_withheld=round(float((d_other > threshold).mean()), 4))
     stats_path = model_dir / "ood.npz"
     arrays = dict(np.load(stats_path)) if stats_path.exists() else {}  # a refit replaces its own arrays only
