@@ -888,7 +888,7 @@ def test_a_stat_case_says_so_wherever_it_is_listed(app, client_for):
     cid = case_id_of(r)
     assert one(app, select(Case.priority).where(Case.id == cid)) == "stat"
     for url in (f"/cases/{cid}", f"/patients/{P}", "/cases/"):
-        assert 'class="badge stat"' in c.get(url).data.decode(), url
+        assert 'class="badge prio-stat"' in c.get(url).data.decode(), url
     bad = c.post(f"/patients/{P}/cases/new", data={"analyzer_id": "smear-all", "priority": "urgent"},
                  content_type=MULTIPART)
     assert bad.status_code == 200 and "Not a valid choice" in bad.data.decode()
