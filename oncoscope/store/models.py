@@ -18,9 +18,13 @@ class Base(DeclarativeBase):
     pass
 
 
-ROLES = ("admin", "doctor")
+# technologist: prepares (reclassifies cells, writes a preliminary result), never signs final;
+# reviewer: reads the cases assigned to them and answers consults, changes nothing.
+ROLES = ("admin", "doctor", "technologist", "reviewer")
 JOB_STATUSES = ("queued", "running", "done", "failed", "retried")
-CASE_STATUSES = ("open", "analysing", "ready", "signed")
+# open/analysing/ready: being prepared; preliminary: a preliminary result is written; second_read:
+# the first reader signed, a second doctor must confirm; signed: final (corrected once amended).
+CASE_STATUSES = ("open", "analysing", "ready", "preliminary", "second_read", "signed", "cancelled")
 
 
 class User(Base):
@@ -77,7 +81,8 @@ class Patient(Base):
 
 class Case(Base):
     __tablename__ = "cases"
-    __table_args__ = (Index("ix_cases_created", "created_at"), Index("ix_cases_status", "status"))
+    __table_args__ = (Index("ix_cases_created", "created_at"), Index("ix_cases_status", "status"),
+                      Index("ix_cases_worklist", "status", "priority", "created_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -96,10 +101,18 @@ class Case(Base):
     # differential's percentages into absolute counts.
     wbc_count: Mapped[float | None] = mapped_column(Float, nullable=True)
     priority: Mapped[str] = mapped_column(String(10), nullable=False, default="routine", server_default="routine")
+    # Kept by the worker when the last analysis ends (store/cases), so worklists sort on columns: the
+    # AI's case call is positive (malignant, blasts present), and when the case became ready to read.
+    ai_flag: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    cancel_reason: Mapped[str] = mapped_column(Text, nullable=False, default="", server_default="")
 
     patient: Mapped[Patient] = relationship(back_populates="cases")
     images: Mapped[list["CaseImage"]] = relationship(back_populates="case", order_by="CaseImage.id")
     reviews: Mapped[list["Review"]] = relationship(back_populates="case", order_by="Review.version")
+    readings: Mapped[list["Reading"]] = relationship(back_populates="case", order_by="Reading.id")
+    transitions: Mapped[list["CaseTransition"]] = relationship(order_by="CaseTransition.id", viewonly=True)
+    consults: Mapped[list["Consult"]] = relationship(back_populates="case", order_by="Consult.id")
     created_by: Mapped[User | None] = relationship()
     # read-only here: cells change through store/cells.py only
     cell_labels: Mapped[list["CellLabel"]] = relationship(
@@ -132,6 +145,8 @@ class CaseImage(Base):
     dicom_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     dicom_sop_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # DICOM PixelSpacing (row, column) in mm, when the header gives it: the viewer measures in mm
+    pixel_spacing: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
     case: Mapped[Case] = relationship(back_populates="images")
     analysis: Mapped["Analysis | None"] = relationship(back_populates="image", uselist=False)
@@ -201,9 +216,121 @@ class Review(Base):
     # report of this version says what was signed, whatever a later rule or model makes of the case.
     # None for reviews signed before it was kept (their reports recompute it).
     ai_call: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # Second reading (the analyzer's policy asked for one): who confirmed, their own blinded
+    # diagnosis, and whether it was the first reader's.
+    second_reader_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    second_diagnosis: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    second_agrees: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    second_read_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     case: Mapped[Case] = relationship(back_populates="reviews")
-    signed_by: Mapped[User] = relationship()
+    signed_by: Mapped[User] = relationship(foreign_keys=[signed_by_id])
+    second_reader: Mapped[User | None] = relationship(foreign_keys=[second_reader_id])
+
+
+class Reading(Base):
+    """A person's reading of a case that is not (yet) the signed report: a preliminary result, the
+    first reading waiting for a second reader, and the second reader's blinded reading."""
+
+    __tablename__ = "readings"
+    __table_args__ = (Index("ix_readings_case", "case_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # preliminary | first | second
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    diagnosis: Mapped[str] = mapped_column(String(64), nullable=False)
+    comment: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    override_reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    uncertainty_note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    revision: Mapped[int] = mapped_column(Integer, nullable=False)  # the case revision read
+    ai_call: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    differential: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    # a reading stops counting when the case moves on without it (a newer preliminary, a discordance resolved)
+    current: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+
+    case: Mapped[Case] = relationship(back_populates="readings")
+    user: Mapped[User] = relationship()
+
+
+class CaseTransition(Base):
+    """Who moved a case's report from one state to the next, and when (open -> preliminary -> final ->
+    corrected, cancelled): the case page and the PDF header list them."""
+
+    __tablename__ = "case_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)
+    from_state: Mapped[str] = mapped_column(String(20), nullable=False)
+    to_state: Mapped[str] = mapped_column(String(20), nullable=False)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    note: Mapped[str] = mapped_column(Text, nullable=False, default="")
+
+    user: Mapped[User | None] = relationship()
+
+
+class Consult(Base):
+    """A question on a case to a named colleague or to any reviewer, optionally about a region of one
+    image or some cells. While open, the consultant may read that case (only that one)."""
+
+    __tablename__ = "consults"
+    __table_args__ = (Index("ix_consults_open", "status", "consultant_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)
+    asked_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    consultant_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)  # None: any reviewer
+    question: Mapped[str] = mapped_column(Text, nullable=False)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("case_images.id", ondelete="SET NULL"), nullable=True)
+    region: Mapped[list | None] = mapped_column(JSON, nullable=True)  # [x, y, w, h] in image pixels
+    cell_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(10), nullable=False, default="open")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    closed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+
+    case: Mapped[Case] = relationship(back_populates="consults")
+    asked_by: Mapped[User] = relationship(foreign_keys=[asked_by_id])
+    consultant: Mapped[User | None] = relationship(foreign_keys=[consultant_id])
+    messages: Mapped[list["ConsultMessage"]] = relationship(back_populates="consult", order_by="ConsultMessage.id")
+
+
+class ConsultMessage(Base):
+    __tablename__ = "consult_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    consult_id: Mapped[int] = mapped_column(ForeignKey("consults.id", ondelete="CASCADE"), nullable=False, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+    consult: Mapped[Consult] = relationship(back_populates="messages")
+    user: Mapped[User] = relationship()
+
+
+class AnalyzerPolicy(Base):
+    """What the administrator set for one analyzer: when a second reader must confirm."""
+
+    __tablename__ = "analyzer_policies"
+
+    analyzer_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    second_reader: Mapped[str] = mapped_column(String(16), nullable=False, default="none")
+    updated_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class SiteSetting(Base):
+    """A setting the administrator changes in the app (not the environment): e.g. whether preliminary
+    results may be released to the hospital system."""
+
+    __tablename__ = "site_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON, nullable=False)
+    updated_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class CellLabel(Base):
