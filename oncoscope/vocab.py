@@ -5,6 +5,22 @@ from __future__ import annotations
 # The diagnosis every analyzer offers besides its own labels: the sample cannot be judged.
 NONDIAGNOSTIC = "Nondiagnostic"
 NONDIAGNOSTIC_NAME = "Non-diagnostic sample"
+# What it means, for the class pages and the PDF appendix (the analyzers' own classes are described
+# in their model folders' class_info.json; this one entry is shared by all of them).
+NONDIAGNOSTIC_INFO = {
+    "summary": "The person signing judged that these images cannot support a diagnosis, for example because "
+               "of poor staining, focus or exposure, too few cells, artefacts, or the wrong kind of image. It "
+               "is neither a negative nor a positive result.",
+    "confirmation": "Nothing is confirmed yet: an adequate new sample or study is needed (a fresh, well-made "
+                    "blood film, or a bone marrow examination where indicated; for imaging, a repeat or a more "
+                    "suitable study as advised by a radiologist).",
+    "referral": "Arrange the repeat promptly and do not treat the case as normal. If the clinical picture "
+                "suggests a malignancy (for example unexplained cytopenias, bruising or bleeding, a growing bone "
+                "lesion, or new neurological signs), refer as that picture warrants without waiting for the repeat.",
+    "references": [{"text": "National Institute for Health and Care Excellence. Suspected cancer: recognition and "
+                            "referral. NICE guideline NG12; 2015, with later updates.",
+                    "url": "https://www.nice.org.uk/guidance/ng12"}],
+}
 
 
 def percent(p: float | None) -> str:
@@ -22,3 +38,16 @@ PRIORITIES = {"stat": "STAT", "routine": "Routine"}
 # Exports of a case (services/exports.py raises with the first; the case page's send button says the second).
 EXPORT_NEEDS_SIGNATURE = "Only signed cases can be exported."
 SEND_NEEDS_SIGNATURE = "Only signed cases can be sent."
+
+
+# When a second doctor must confirm a first reading before the report is final (set per analyzer).
+SECOND_READER_POLICIES = {
+    "none": "No second reader",
+    "disagree": "When the first reader overrides the AI",
+    "positive": "When the AI or the first reader calls it positive (malignant, blasts)",
+    "always": "Always",
+}
+
+# The report's states, as people read them (store/cases.report_state).
+REPORT_STATE_NAMES = {"open": "Open", "preliminary": "Preliminary", "final": "Final", "corrected": "Corrected",
+                      "cancelled": "Cancelled"}

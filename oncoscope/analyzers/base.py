@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..imaging.imageio import ImageLoadError, LoadedImage, load_image
-from .config import AnalyzerConfig
+from .config import SHARED_CLASS_INFO, AnalyzerConfig, ClassInfo
 
 STATUS_OK = "ok"
 STATUS_UNCERTAIN = "uncertain"
@@ -191,6 +191,18 @@ class Analyzer:
             return wording.untyped
         template = wording.malignant if label in self.positive_calls else wording.benign
         return template.format(label=self.config.display_name(label)) if template else None
+
+    def class_info(self, label: str | None) -> ClassInfo | None:
+        """What a diagnosis code (or a reported cell class) means, what usually confirms it and when to
+        refer, with references (the model folder's ``class_info.json``); None when nothing is written."""
+        if label in SHARED_CLASS_INFO:
+            return SHARED_CLASS_INFO[label]
+        return self.config.class_info.get(label) if label else None
+
+    @property
+    def described_classes(self) -> list[str]:
+        """The labels that have a class page: the call labels, reported cell classes, then the shared ones."""
+        return list(self.config.class_info) + list(SHARED_CLASS_INFO) if self.config.class_info else []
 
     def dicom_mismatch(self, loaded: LoadedImage) -> str | None:
         """Why a DICOM file rules itself out for this analyzer by what it says it is (None when it does

@@ -14,6 +14,10 @@ Unknown keys are refused for the same reason; keys that only document how a valu
 (``threshold_rule``, ``fitted_on``, the validation figures written by ``oncoscope train``) are
 listed in each section's ``NOTES`` and kept, unparsed, in :meth:`AnalyzerConfig.to_dict`, which
 returns the file as written (model cards print the calibration block from it).
+
+Beside ``config.json``, an optional ``class_info.json`` describes each class for people (what it means,
+what usually confirms it, when to refer, references: :class:`ClassInfo`). It is parsed and checked here
+too, but it is not in the model digest: correcting a sentence does not make a new model.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
 from ..ml.differential import CELL_CLASSES
+from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_INFO
 
 CONFIG_FILE = "config.json"
+CLASS_INFO_FILE = "class_info.json"  # what each class means, beside config.json (see ClassInfo)
 TTA_MODES = ("hflip",)  # test-time augmentation the classifier pipeline knows
 
 
@@ -423,6 +429,85 @@ class DicomChecks:
                    refuse_diffusion=s.flag("refuse_diffusion", False))
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A published source: how it is cited, and where it can be read (optional)."""
+
+    text: str
+    url: str | None = None
+
+    KEYS: ClassVar = frozenset({"text", "url"})
+
+    @classmethod
+    def parse(cls, s: _Section) -> "Reference":
+        s.check_keys(cls.KEYS)
+        url = s.text("url", None)
+        if url is not None and (not url.startswith(("https://", "http://")) or any(c.isspace() for c in url)):
+            raise s.error("url", f"expected an http(s) address, got {url!r}")
+        return cls(text=s.text("text"), url=url)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """What a diagnosis means, what usually confirms it and when to refer, with references: the page a
+    class links to (case page, analyzer page) and the PDF report's appendix. Written by people in the
+    model folder's ``class_info.json`` (one entry per call label; a cell classifier's reported cell
+    classes may have one too), which is not part of the model digest: correcting a sentence or a
+    reference does not make a new model."""
+
+    summary: str  # what it means, in plain words
+    confirmation: str  # what usually confirms it
+    referral: str  # when to refer, and how urgently
+    references: tuple[Reference, ...]
+
+    KEYS: ClassVar = frozenset({"summary", "confirmation", "referral", "references"})
+
+    @classmethod
+    def parse(cls, s: _Section) -> "ClassInfo":
+        s.check_keys(cls.KEYS)
+        _, refs = s._value("references", _REQUIRED)
+        if not isinstance(refs, list) or not refs:
+            raise s.error("references", f"expected a non-empty list of references, got {_show(refs)}")
+        return cls(summary=s.text("summary"), confirmation=s.text("confirmation"), referral=s.text("referral"),
+                   references=tuple(Reference.parse(_Section(r, s.path, f"{s.key('references')}[{i}]"))
+                                    for i, r in enumerate(refs)))
+
+    @classmethod
+    def parse_file(cls, s: _Section, call_labels: tuple[str, ...],
+                   cell_classes: tuple[str, ...] = ()) -> dict[str, "ClassInfo"]:
+        """Every call label must have an entry; a reported cell class may; nothing else may."""
+        known = call_labels + tuple(c for c in cell_classes if c not in call_labels)
+        for label in s.data:
+            if label == NONDIAGNOSTIC:
+                raise s.error(label, f"{NONDIAGNOSTIC!r} is shared by every analyzer (oncoscope/vocab.py)")
+            if label not in known:
+                raise s.error(label, f"unknown label {label!r} (labels: {', '.join(known)})")
+        for label in call_labels:
+            if label not in s.data:
+                raise s.error(label, "missing: every call label needs an entry")
+        return {label: cls.parse(s.section(label)) for label in known if label in s.data}
+
+
+# What a non-diagnostic sign-off means (every analyzer offers it; its wording lives in vocab.py).
+SHARED_CLASS_INFO: Mapping[str, ClassInfo] = MappingProxyType({NONDIAGNOSTIC: ClassInfo(
+    summary=NONDIAGNOSTIC_INFO["summary"], confirmation=NONDIAGNOSTIC_INFO["confirmation"],
+    referral=NONDIAGNOSTIC_INFO["referral"],
+    references=tuple(Reference(**r) for r in NONDIAGNOSTIC_INFO["references"]))})
+
+
+def _read_class_info(folder: Path, call_labels: tuple[str, ...], cells: Cells | None) -> Mapping[str, ClassInfo]:
+    """``folder/class_info.json`` parsed (empty when the folder has none)."""
+    path = folder / CLASS_INFO_FILE
+    if not path.is_file():
+        return MappingProxyType({})
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnalyzerConfigError(path, "(file)", f"not valid JSON: {exc}") from None
+    reported = tuple(c for c in cells.classes if c not in cells.served_as) if cells is not None else ()
+    return MappingProxyType(ClassInfo.parse_file(_Section(data, path), call_labels, reported))
+
+
 HEATMAPS = ("top_class", "positive_call")
 
 
@@ -456,6 +541,8 @@ class AnalyzerConfig:
     blank_image_std: float = 2.0  # grey-level spread under which an image is blank
     segmenter: Segmenter | None = None
     cells: Cells | None = None
+    # label -> what it means, what confirms it, when to refer (class_info.json; empty without one)
+    class_info: Mapping[str, ClassInfo] = field(default_factory=lambda: MappingProxyType({}))
     folder: Path | None = field(default=None, compare=False)
     source_json: str = field(default="{}", compare=False, repr=False)  # the file as written
 
@@ -480,7 +567,8 @@ class AnalyzerConfig:
 
     @classmethod
     def from_dict(cls, data: Any, folder: Path | str) -> "AnalyzerConfig":
-        """Parse a config already read; errors name ``folder/config.json``; listed files must exist there."""
+        """Parse a config already read; errors name ``folder/config.json``; listed files must exist there.
+        The folder's ``class_info.json``, when there is one, is read and checked here too."""
         folder = Path(folder)
         path = folder / CONFIG_FILE
         s = _Section(data, path)
@@ -498,7 +586,7 @@ class AnalyzerConfig:
                 display_names[label] = names.text(label)
         preprocess = Preprocess.parse(s.section("preprocess", required=True))
         segmenter = s.section("segmenter")
-        cells = s.section("cells")
+        cells = Cells.parse(section) if (section := s.section("cells")) else None
         cfg = cls(
             name=s.text("name"), version=s.text("version"), modality=s.text("modality"), labels=labels,
             preprocess=preprocess, files=s.texts("files"),
@@ -512,7 +600,7 @@ class AnalyzerConfig:
             report_wording=ReportWording.parse(s.section("report_wording")),
             blank_image_std=s.number("blank_image_std", 2.0, low=0.0),
             segmenter=Segmenter.parse(segmenter, preprocess) if segmenter else None,
-            cells=Cells.parse(cells) if cells else None,
+            cells=cells, class_info=_read_class_info(folder, labels + ((untyped,) if untyped else ()), cells),
             folder=folder, source_json=json.dumps(data))
         cfg._check_files(path)
         return cfg

@@ -22,7 +22,7 @@ from sqlalchemy import insert, text
 from ..ml.synthetic import smear_like
 from ..store import users as user_store
 from ..store.db import make_engine, make_session_factory, session_scope
-from ..store.models import Analysis, Case, CaseImage, Patient, PatientAccess
+from ..store.models import Analysis, Case, CaseImage, Patient, PatientAccess, Reading
 
 DOCTOR_PASSWORD = "Bench-doctor-pass-1"
 ADMIN_EMAIL, ADMIN_PASSWORD = "admin@bench.test", "Bench-admin-pass-1"
@@ -64,17 +64,24 @@ def seed_instance(settings, n_patients: int = 10_000, n_analyses: int = 50_000, 
         c.execute(insert(PatientAccess), [{"patient_id": i + 1, "user_id": doc_ids[i % len(doc_ids)], "granted_at": now}
                                           for i in range(n_patients)])
         n_cases = n_analyses // 2
-        statuses = ["ready", "signed", "signed", "signed"]
+        # a working lab: most cases signed, the rest spread over the worklists' states
+        statuses = ["ready", "preliminary", "second_read", "signed", "signed", "signed", "signed", "signed"]
         labels = ["Benign", "Early", "Pre", "Pro"]
         cases = []
         for i in range(n_cases):
             st = rng.choice(statuses)
             cases.append({"id": i + 1, "patient_id": rng.randint(1, n_patients), "analyzer_id": "smear-all",
-                          "clinical_note": "", "status": st,
+                          "clinical_note": "", "status": st, "priority": "stat" if i % 9 == 0 else "routine",
+                          "ai_flag": rng.random() < 0.3, "ready_at": now - dt.timedelta(minutes=13 * i - 5),
                           "created_by_id": doc_ids[i % len(doc_ids)],
                           "created_at": now - dt.timedelta(minutes=13 * i), "updated_at": now,
                           "final_diagnosis": rng.choice(labels) if st == "signed" else None})
         c.execute(insert(Case), cases)
+        firsts = [{"case_id": k["id"], "kind": "first", "user_id": doc_ids[(k["id"] + 1) % len(doc_ids)],
+                   "diagnosis": rng.choice(labels), "comment": "", "override_reason": "", "uncertainty_note": "",
+                   "revision": 0, "at": now, "current": True} for k in cases if k["status"] == "second_read"]
+        if firsts:  # cases waiting for a second reader have their first reading, by another doctor
+            c.execute(insert(Reading), firsts)
         imgs, ans = [], []
         for i in range(n_analyses):
             cid = i // 2 + 1

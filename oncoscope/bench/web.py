@@ -53,6 +53,11 @@ def time_pages(app, repeats: int = 60) -> dict:
             "history_all": lambda: f"/cases/?page={rng.randint(1, 50)}",
             "history_filtered": lambda: f"/cases/?status=signed&diagnosis={rng.choice(['Early', 'Pre'])}&from=2026-09-01",
             "history_patient": lambda: f"/cases/?q=Smith{rng.randint(0, 96)}",
+            # the worklists (each page also counts the user's queues for the navigation)
+            "worklist_verify": lambda: f"/worklist/verify?sort={rng.choice(['priority', 'ai', 'age', 'tat'])}",
+            "worklist_prepare": lambda: f"/worklist/prepare?page={rng.randint(1, 5)}",
+            "worklist_second_read": lambda: "/worklist/second-read",
+            "worklist_consults": lambda: "/worklist/consults",
         }
         for name, url in pages.items():
             client.get(url())  # warm

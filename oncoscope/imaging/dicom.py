@@ -69,6 +69,9 @@ class DicomImage:
     plane: str = ""  # "axial", "coronal", "sagittal" or "oblique", from Image Orientation (Patient)
     acquisition: str = ""  # Series Description, Image Type, Scanning Sequence, Sequence Name: words to match
     b_value: float | None = None  # Diffusion b-value (diffusion-weighted series)
+    # (row spacing, column spacing) in mm of the pixels of ``rgb``: Pixel Spacing, else Imager Pixel Spacing
+    # (at the detector: not corrected for magnification); None when absent or not two numbers in (0, 10) mm
+    pixel_spacing: tuple[float, float] | None = None
 
     def without_pixels(self) -> "DicomImage":
         return replace(self, rgb=None)
@@ -318,6 +321,8 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
     arr, out_pi = _decode(decoder, ds, ts, index, pixel_kw, (rows, cols, frames, tiled))
     rgb, window = _to_rgb(arr, ds, index or 0, photometric, samples, out_pi)
     meta.update(_acquisition(ds, index or 0))
+    # the pixels are read at their native size (a stitched whole-slide level too), so the spacing applies as is
+    meta["pixel_spacing"] = _pixel_spacing(ds, index or 0)
     return DicomImage(rgb=rgb, photometric=photometric, frame_count=frames, frame_index=index,
                       transfer_syntax=str(ts), window=window, **meta)
 
@@ -776,6 +781,34 @@ def _acquisition(ds, index: int) -> dict:
         except Exception:  # noqa: BLE001 - a malformed optional value
             pass
     return out
+
+
+MAX_PIXEL_SPACING_MM = 10.0  # a larger spacing is no image anyone measures on: a unit or encoding error
+
+
+def _pixel_spacing(ds, index: int = 0) -> tuple[float, float] | None:
+    """(row spacing, column spacing) in mm: Pixel Spacing of the file, else of the frame's functional groups
+    (enhanced MR / CT, whole-slide images), else Imager Pixel Spacing (projection radiographs, measured at the
+    detector). None when absent, or not two finite numbers above 0 and under 10 mm: a distance is then shown
+    in pixels, never in millimetres made up from a wrong value."""
+    def per_frame() -> list:
+        item = _functional_item(ds, index, "PixelMeasuresSequence")
+        return _values(item, "PixelSpacing") if item is not None else []
+
+    for read in (lambda: _values(ds, "PixelSpacing"), per_frame, lambda: _values(ds, "ImagerPixelSpacing")):
+        try:
+            values = read()
+        except Exception:  # noqa: BLE001 - a malformed optional value
+            continue
+        if not values:
+            continue
+        try:
+            pair = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            return None
+        ok = len(pair) == 2 and all(math.isfinite(v) and 0 < v < MAX_PIXEL_SPACING_MM for v in pair)
+        return pair if ok else None  # the first stated value decides: a wrong one is not replaced by another
+    return None
 
 
 def _text(ds, keyword: str) -> str:

@@ -97,3 +97,64 @@ def differential_rows(review) -> list[DifferentialRow]:
                                     cls == "blast" and bool(d.get("blast_flag")), int(cur["white_cells"]),
                                     int(cur["differential"].get("unidentified", 0))))
     return rows
+
+
+# ----------------------------------------------------------------------------- the report's state
+REPORT_STATUS_HL7 = {"preliminary": "P", "final": "F", "corrected": "C"}
+
+
+@dataclass(frozen=True)
+class PreliminaryResult:
+    """A preliminary reading reported before a doctor signs (when the administrator releases them):
+    read by the exports like a signed review, as version 0, whose status is 'preliminary'."""
+
+    final_diagnosis: str
+    signed_by: object
+    signed_by_id: int
+    signed_at: object
+    comment: str
+    ai_label: str | None
+    ai_status: str | None
+    ai_call: dict | None
+    agrees_with_ai: bool
+    version: int = 0
+    override_reason: str = ""
+    uncertainty_note: str = ""
+    amendment_reason: str = ""
+    differential: dict | None = None
+    content_sha256: str = ""
+    second_reader_id: int | None = None
+    second_reader: object = None
+    second_diagnosis: str | None = None
+    second_agrees: bool | None = None
+    second_read_at: object = None
+
+
+def result_status(version: int) -> str:
+    """'preliminary' (version 0: a preliminary result), 'final' (the first signed version) or 'corrected'."""
+    return "preliminary" if version == 0 else "corrected" if version > 1 else "final"
+
+
+def preliminary_result(case) -> PreliminaryResult | None:
+    """The case's current preliminary reading as a report, or None (signed, or none written)."""
+    if case.status != "preliminary":
+        return None
+    rows = [r for r in case.readings if r.kind == "preliminary" and r.current]
+    if not rows:
+        return None
+    r = rows[-1]
+    call = r.ai_call or {}
+    return PreliminaryResult(final_diagnosis=r.diagnosis, signed_by=r.user, signed_by_id=r.user_id, signed_at=r.at,
+                             comment=r.comment, ai_label=call.get("label"), ai_status=call.get("status"), ai_call=r.ai_call,
+                             agrees_with_ai=call.get("label") == r.diagnosis)
+
+
+def reported_review(case):
+    """What an export reports: the signed review, else the preliminary result, else None."""
+    return case.current_review if case.status == "signed" and case.current_review else preliminary_result(case)
+
+
+def lifecycle(case) -> list[dict]:
+    """The report's history (who moved it to which state, when, why), oldest first."""
+    return [{"state": t.to_state, "at": t.at, "by": t.user.name if t.user else "", "note": t.note}
+            for t in case.transitions]

@@ -14,7 +14,7 @@ from ..imaging.imageio import load_image
 from ..ml.wbc import THUMB_PX, THUMB_UM, stored_cell_crop
 from ..store.cases import label_names, signed_call
 from ..store.files import FileStore
-from .case_facts import (DEFAULT_DISCLAIMER, ai_call_text, case_analyzer, first_model_analysis, image_messages,
+from .case_facts import (DEFAULT_DISCLAIMER, ai_call_text, case_analyzer, first_model_analysis, image_messages, lifecycle,
                          image_status, is_done)
 from .pdf import render_case_report
 
@@ -65,7 +65,53 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
         "review_cells": _review_cells(case, store),
         "disclaimer": wording.get("disclaimer", DEFAULT_DISCLAIMER),
         "generated_note": f"Report for case {case.id}" + (f", version {r.version}" if r else " (draft)"),
+        "lifecycle": _lifecycle_line(case),
+        "about": _about(an, names, r.ai_label if r is not None else agg.label, r),
     }
+
+
+STATE_WORDS = {"preliminary": "Preliminary result", "second_read": "First reading", "final": "Final",
+               "corrected": "Corrected", "cancelled": "Cancelled", "open": "Reopened"}
+
+
+def _lifecycle_line(case) -> str:
+    """One line for the PDF header: the report's state now and who moved it there, when; the second
+    reader who confirmed it; then the earlier states (the last move to each), newest first, so that a
+    line too long for the page loses the oldest."""
+    last: dict[str, dict] = {}
+    for t in lifecycle(case):
+        last.pop(t["state"], None)
+        last[t["state"]] = t
+    if not last:
+        return ""
+    moves = [f"{STATE_WORDS.get(k, k)}: {t['by'] or 'system'} {_fmt(t['at'])}" for k, t in reversed(last.items())]
+    confirmed = next((r for r in case.reviews if r.second_reader_id is not None), None)
+    if confirmed is not None:
+        who = confirmed.second_reader.name if confirmed.second_reader else str(confirmed.second_reader_id)
+        moves.insert(1, f"second reader {who} ({'agreed' if confirmed.second_agrees else 'disagreed; consensus signed'})")
+    return " · ".join(moves)
+
+
+def _about(an, names: dict[str, str], ai_label: str | None, r) -> list[dict]:
+    """The appendix: what the signed diagnosis means, what usually confirms it and when to refer (the
+    analyzer's class information), and the same for the AI's call when it differs (a draft: the AI's call)."""
+    if an is None:
+        return []
+    picks = []
+    if r is not None:
+        picks.append((r.final_diagnosis, "signed diagnosis, as the AI suggested" if r.final_diagnosis == ai_label
+                      else "signed diagnosis"))
+    if ai_label and (r is None or ai_label != r.final_diagnosis):
+        picks.append((ai_label, "AI suggestion, not signed" if r is None
+                      else "AI suggestion, not the signed diagnosis"))
+    out = []
+    for label, role in picks:
+        info = an.class_info(label)
+        if info is not None:
+            out.append({"name": names.get(label, label), "role": role, "summary": info.summary,
+                        "confirmation": info.confirmation, "referral": info.referral,
+                        "references": [{"text": ref.text, "url": ref.url} for ref in info.references]})
+    return out
 
 
 def _image_data(i: int, img, analyzer_id: str, an, names: dict[str, str], store: FileStore) -> dict:

@@ -41,7 +41,7 @@ from PIL import Image
 
 from ..imaging.imageio import load_image
 from ..store.cases import label_names, signed_call
-from .case_facts import case_analyzer, differential_rows, image_messages, is_done
+from .case_facts import case_analyzer, differential_rows, image_messages, is_done, reported_review, result_status
 
 OBS_SYSTEM = "urn:oncoscope:observation"
 REPORT_SYSTEM = "urn:oncoscope:report"
@@ -104,10 +104,11 @@ def case_bundle(case, pdf: bytes, base_url: str = "urn:oncoscope", images: dict[
     original file name. ``analyzer``: the case's analyzer object (default: looked up in the registry;
     only its name, version, labels, display names and modality are read).
 
-    Raises ``ValueError("case is not signed")`` for a case without a signed review.
+    Raises ``ValueError("case is not signed")`` for a case without a signed review or a preliminary
+    result (reported with status 'preliminary'; whether one may leave is the caller's decision).
     """
-    review = case.current_review
-    if case.status != "signed" or review is None:
+    review = reported_review(case)
+    if review is None:
         raise ValueError("case is not signed")
     an = analyzer if analyzer is not None else case_analyzer(case)
     ctx = _Context(case, review, base_url, an, label_names(an))
@@ -325,8 +326,9 @@ def _aggregate_observation(ctx: _Context, class_refs: list[dict], devices: _Devi
 
 
 def report_status(version: int) -> str:
-    """A signed report is final; each amendment of it corrects it (FHIR's 'corrected', HL7's C)."""
-    return "corrected" if version > 1 else "final"
+    """A preliminary result (version 0) is preliminary; a signed report is final; each amendment of it
+    corrects it (FHIR's 'corrected', HL7's C)."""
+    return result_status(version)
 
 
 def _final_diagnosis_observations(ctx: _Context, signer_ref: dict, aggregate_ref: dict) -> None:

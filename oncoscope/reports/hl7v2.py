@@ -31,7 +31,8 @@ import socket
 import time
 
 from ..store.cases import label_names, signed_call
-from .case_facts import DEFAULT_DISCLAIMER, ai_call_text, differential_rows, first_model_analysis, is_done
+from .case_facts import (REPORT_STATUS_HL7, DEFAULT_DISCLAIMER, ai_call_text, differential_rows, first_model_analysis,
+                         is_done, reported_review, result_status)
 
 __all__ = ["HL7SendError", "ack_for", "escape", "oru_r01", "send_mllp", "unescape"]
 
@@ -121,7 +122,7 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
     """
     review = _signed_review(case, analyzer)
     control_id = _control_id(case, review, control_id)
-    status = "C" if review.version > 1 else "F"
+    status = REPORT_STATUS_HL7[result_status(review.version)]
     names = label_names(analyzer)
     signer = _signer(review)
     # MSH: MSH-1 is the field separator itself, so MSH-2 is the first item after "MSH|".
@@ -141,9 +142,10 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
 
 
 def _signed_review(case, analyzer):
-    review = case.current_review
-    if case.status != "signed" or review is None:
-        raise ValueError(f"case {case.id} is not signed; only signed cases can be sent as ORU^R01")
+    review = reported_review(case)
+    if review is None:
+        raise ValueError(f"case {case.id} is not signed; only signed cases (or released preliminary results) "
+                         "can be sent as ORU^R01")
     if getattr(analyzer, "id", None) != case.analyzer_id:
         raise ValueError(f"analyzer {getattr(analyzer, 'id', None)!r} does not match the case's "
                          f"analyzer {case.analyzer_id!r}")

@@ -509,6 +509,7 @@ class _Furniture:
         self.draft = not review
         self.disclaimer = _short_disclaimer(_s(data.get("disclaimer")))
         self.kind = _s(data.get("report_kind")).strip() or "Laboratory report"
+        self.lifecycle = " ".join(_s(data.get("lifecycle")).split())
 
     def header(self, canv: Canvas, _doc: Any = None) -> None:
         canv.saveState()
@@ -532,6 +533,10 @@ class _Furniture:
         canv.setLineWidth(0.6)
         y = top - 17
         canv.line(MARGIN_X, y, right, y)
+        if self.lifecycle:  # who moved the report to each state, when (below the rule, above the body)
+            canv.setFillColor(INK)
+            canv.setFont("Helvetica", 7.5)
+            canv.drawString(MARGIN_X, y - 9, _truncate(self.lifecycle, "Helvetica", 7.5, FRAME_W))
         if self.draft:
             canv.setFillColor(WATERMARK)
             canv.setFont("Helvetica-Bold", 64)
@@ -622,7 +627,7 @@ def _document(buf: io.BytesIO, data: dict, furniture: _Furniture) -> BaseDocTemp
 
 def _story(data: dict) -> list[Flowable]:
     """The body, top to bottom: title, patient and case, each image, the AI call, the review, the
-    model, and the decision-support statement."""
+    model, the decision-support statement, and an appendix page about the diagnosis."""
     images = data.get("images") or []
     story = _title_block(data.get("case") or {}, data.get("review"))
     story += _patient_case_section(data.get("patient") or {}, data.get("case") or {})
@@ -637,6 +642,7 @@ def _story(data: dict) -> list[Flowable]:
     story += _review_section(data.get("review"))
     story += _model_section(data.get("model") or {})
     story += _statement(data)
+    story += _about_section(data.get("about"))
     return story
 
 
@@ -738,4 +744,30 @@ def _statement(data: dict) -> list[Flowable]:
     note = _s(data.get("generated_note")).strip()
     if note:
         out += [Spacer(1, 6), _p(note, "small")]
+    return out
+
+
+def _about_section(about: list[dict] | None) -> list[Flowable]:
+    """Appendix page: what the signed diagnosis (and the AI's call, when different) means, what usually
+    confirms it and when to refer, with references: the analyzer's class information."""
+    if not about:
+        return []
+    out: list[Flowable] = [PageBreak(), _section("Appendix: About this diagnosis"), _p(
+        "General information about the diagnosis, written for this analyzer. It is not part of the signed "
+        "findings and does not replace local guidelines or specialist advice.", "small"), Spacer(1, 4)]
+    for entry in about:
+        block: list[Flowable] = [_p(f'{_esc(entry.get("name"))} <font color="#{MUTED.hexval()[2:]}">'
+                                    f'({_esc(entry.get("role"))})</font>', "h2", markup=True)]
+        block += _field("What it means", entry.get("summary"))
+        block += _field("What usually confirms it", entry.get("confirmation"))
+        block += _field("When to refer", entry.get("referral"))
+        refs = entry.get("references") or []
+        if refs:
+            block.append(_p("References", "fieldlabel"))
+            for i, ref in enumerate(refs, start=1):
+                url = _s(ref.get("url")).strip()
+                link = (f' <a href="{escape(url, {chr(34): "&quot;"})}" color="#{ACCENT.hexval()[2:]}">{_esc(url)}</a>'
+                        if url else "")
+                block.append(_p(f"{i}. {_esc(ref.get('text'))}{link}", "small", markup=True))
+        out += [KeepTogether(block), Spacer(1, 10)]
     return out

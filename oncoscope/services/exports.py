@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from sqlalchemy.orm import object_session
 
 from ..analyzers import registry
+from ..reports.case_facts import preliminary_result
 from ..reports.case_report import case_report_pdf
 from ..reports.dicom_common import case_study_uid
 from ..reports.dicom_seg import mask_to_seg
@@ -22,6 +24,7 @@ from ..reports.dicom_sr import case_to_sr
 from ..reports.fhir import case_bundle, original_pngs
 from ..reports.hl7v2 import HL7SendError, oru_r01, send_mllp
 from ..store import cases as case_store
+from ..store import workflow
 from ..store.files import FileStore
 from ..vocab import EXPORT_NEEDS_SIGNATURE
 
@@ -57,9 +60,15 @@ class ImageNotInCase(LookupError):
         super().__init__(f"No image {image_id} in case {case.id}.")
 
 
-def _signed(case) -> None:
-    if case.current_review is None:
-        raise NotSigned()
+def _signed(case, preliminary_ok: bool = True) -> None:
+    """Only a signed case leaves, or a preliminary result when the administrator releases them
+    (store/workflow's setting; it is reported as preliminary: FHIR status, HL7 P)."""
+    if case.status == "signed" and case.current_review is not None:
+        return
+    if preliminary_ok and preliminary_result(case) is not None and workflow.preliminary_release_allowed(
+            object_session(case)):
+        return
+    raise NotSigned()
 
 
 def pdf_report(case, files: FileStore, clinic: str, *, version_in_name: bool = True) -> Export:
@@ -87,8 +96,9 @@ def hl7_message(case) -> Export:
 
 
 def dicom_sr(case, clinic: str) -> Export:
-    """DICOM Comprehensive SR, in the study of the case's DICOM images when they came from one."""
-    _signed(case)
+    """DICOM Comprehensive SR, in the study of the case's DICOM images when they came from one (signed
+    reports only: the SR is what a PACS keeps)."""
+    _signed(case, preliminary_ok=False)
     data = case_to_sr(case, registry.get(case.analyzer_id), study_uid=case_store.dicom_study_uid(case),
                       institution=clinic)
     return Export(data, DICOM, f"oncoscope-case-{case.id}-sr.dcm")

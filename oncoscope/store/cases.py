@@ -7,7 +7,6 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-import numpy as np
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, joinedload, object_session
@@ -17,8 +16,9 @@ from ..imaging.dicom import is_dicom_uid
 from ..imaging.imageio import ImageLoadError, load_image
 from ..ml.differential import REPORTED, blast_call, summarise
 from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME, PRIORITIES
+from . import access
 from .files import FileStore
-from .models import Analysis, Case, CaseImage, CellLabel, Patient, PatientAccess, Review, User, utcnow
+from .models import Analysis, Case, CaseImage, CaseTransition, CellLabel, Patient, Reading, Review, User, utcnow
 from .patients import Page
 from .patients import matches as patient_matches
 from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
@@ -40,12 +40,11 @@ class CaseGone(CaseError):
 
 
 def visible_cases(user: User):
-    """Cases of patients the user may see (the one object-level rule, reused)."""
+    """Cases the user may see (the one object-level rule, reused): every case for an admin, else the
+    cases of their patients and those they are consulted on (store/access)."""
     if user.is_admin:
         return select(Case)
-    # uncorrelated IN (see visible_patients): counts per status went from 13.6 to 0.3 ms on 25k cases
-    return select(Case).where(Case.patient_id.in_(select(PatientAccess.patient_id)
-                                                  .where(PatientAccess.user_id == user.id)))
+    return select(Case).where(or_(access.via_patient(user), access.consulted_on(user)))
 
 
 def get_visible(s: Session, user: User, case_id: int) -> Case | None:
@@ -54,7 +53,34 @@ def get_visible(s: Session, user: User, case_id: int) -> Case | None:
 
 # ----------------------------------------------------------------------------- state changes
 UNSIGNED = ("open", "analysing", "ready")
+# a preliminary result does not freeze the case: new images send it back to analysis (and void the result)
+UPLOADABLE = (*UNSIGNED, "preliminary")
 PENDING = ("queued", "running", "retried")  # job states that keep a case 'analysing'
+
+# The report's state, as pages, PDF, FHIR and HL7 name it, from the case's status and its review.
+REPORT_STATES = ("open", "preliminary", "final", "corrected", "cancelled")
+
+
+def report_state(case: Case) -> str:
+    if case.status == "cancelled":
+        return "cancelled"
+    if case.status == "signed":
+        return "corrected" if case.current_review is not None and case.current_review.version > 1 else "final"
+    return "preliminary" if case.status in ("preliminary", "second_read") else "open"
+
+
+def record_transition(s: Session, case: Case, user: User | None, from_state: str, to_state: str,
+                      note: str = "") -> None:
+    """One line of the case's report history (who moved it, when, why)."""
+    s.add(CaseTransition(case_id=case.id, from_state=from_state, to_state=to_state,
+                         user_id=user.id if user is not None else None, at=utcnow(), note=note[:2000]))
+
+
+def not_uploadable(case: Case) -> str:
+    """Why images cannot be added to the case in its state."""
+    return {"second_read": "This case is waiting for its second reading: images cannot be added now.",
+            "cancelled": "This case was cancelled: images cannot be added. Open a new case."}.get(
+        case.status, SIGNED_NO_IMAGES)
 
 
 def lock_case(s: Session, case: Case) -> None:
@@ -131,18 +157,21 @@ def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: li
     The slow part (decoding, thumbnails, files) runs first, without any lock. Then the case row is
     locked (where the database can) for the row writes only, and the final conditional UPDATE
     refuses the whole upload if a sign-off committed meanwhile: a signed case never gains images."""
-    if case.status == "signed":
-        raise CaseError(SIGNED_NO_IMAGES)
+    if case.status not in UPLOADABLE:
+        raise CaseError(not_uploadable(case))
     out = UploadOutcome()
     try:
         ready = [r for r in (_store_file(store, case, name, data, max_bytes, out) for name, data in uploads) if r]
         lock_case(s, case)
-        if case.status == "signed":
-            raise CaseError(SIGNED_NO_IMAGES)
+        if case.status not in UPLOADABLE:
+            raise CaseError(not_uploadable(case))
         for name, data, loaded in ready:
             _add_image_row(s, case, user, name, data, loaded, out)
-        if out.added and not advance(s, case, "analysing", from_statuses=UNSIGNED):
-            raise CaseError(SIGNED_NO_IMAGES)
+        was = case.status
+        if out.added and not advance(s, case, "analysing", from_statuses=UPLOADABLE):
+            raise CaseError(not_uploadable(case))
+        if out.added and was == "preliminary":
+            void_preliminary(s, case, user, "new images added: the preliminary result no longer covers the case")
     except BaseException:
         discard_new_files(s, store, out.new_files)
         raise
@@ -188,6 +217,7 @@ def _add_image_row(s: Session, case: Case, user: User, name: str, data: bytes, l
         img.dicom_series_uid = storable(meta.series_uid)[:64] or None
         img.dicom_sop_uid = storable(meta.sop_instance_uid)[:64] or None
         img.modality = storable(meta.modality)[:16] or None
+        img.pixel_spacing = list(meta.pixel_spacing) if meta.pixel_spacing else None  # [row, col] mm, or unknown
     s.add(img)
     s.flush()
     s.add(Analysis(image_id=img.id, analyzer_id=case.analyzer_id, job_status="queued"))
@@ -338,9 +368,21 @@ def retry_failed(s: Session, a: Analysis) -> None:
     """Queue a failed analysis again; refused once the case is signed (it would reopen it)."""
     if a.job_status != "failed":
         return
-    if not advance(s, a.image.case, "analysing", from_statuses=UNSIGNED):
-        raise CaseError("This case is signed; its analyses cannot be re-run. Amend it or open a new case.")
+    case = a.image.case
+    was = case.status
+    if not advance(s, case, "analysing", from_statuses=UPLOADABLE):
+        raise CaseError("This case is signed, cancelled or waiting for its second reading; its analyses cannot be "
+                        "re-run. Amend it or open a new case.")
+    if was == "preliminary":
+        void_preliminary(s, case, None, "an analysis was re-run: the preliminary result no longer covers the case")
     a.job_status, a.attempts, a.queued_at, a.enqueued_at = "retried", 0, utcnow(), None
+
+
+def void_preliminary(s: Session, case: Case, user: User | None, why: str) -> None:
+    """The case changed under its preliminary result: the result stops counting, the report is open again."""
+    s.execute(update(Reading).where(Reading.case_id == case.id, Reading.kind == "preliminary")
+              .values(current=False).execution_options(synchronize_session=False))
+    record_transition(s, case, user, "preliminary", "open", why)
 
 
 def _refresh_case_status(case: Case) -> None:
@@ -353,9 +395,15 @@ def _refresh_case_status(case: Case) -> None:
     states = s.scalars(select(Analysis.job_status).join(CaseImage, CaseImage.id == Analysis.image_id)
                        .where(CaseImage.case_id == case.id).with_for_update(read=True))
     pending = any(st in PENDING for st in states)
+    values = {"status": "analysing" if pending else "ready"}
+    if not pending:  # the worklists' columns: when the case became ready to read, and the AI's flag
+        s.expire(case, ["images"])
+        agg = aggregate(case)
+        an = registry.installed(case.analyzer_id)
+        values.update(ready_at=utcnow(), ai_flag=bool(an is not None and agg.label in an.positive_calls))
     s.execute(update(Case).where(Case.id == case.id, Case.status.in_(UNSIGNED))
-              .values(status="analysing" if pending else "ready").execution_options(synchronize_session=False))
-    s.refresh(case, ["status"])
+              .values(**values).execution_options(synchronize_session=False))
+    s.refresh(case, list(values))
 
 
 # ----------------------------------------------------------------------------- aggregate call
@@ -497,11 +545,16 @@ def _review_hash(case: Case, r: Review) -> str:
         "signer": r.signed_by_id, "signed_at": r.signed_at.isoformat(),
         **({"differential": r.differential} if r.differential is not None else {}),
         **({"ai_call": r.ai_call} if r.ai_call is not None else {}),
+        **({"second": [r.second_reader_id, r.second_diagnosis, r.second_agrees,
+                       r.second_read_at.isoformat() if r.second_read_at else None]}
+           if r.second_reader_id is not None else {}),
         "analyses": [[i.sha256, i.analysis.label if i.analysis else None,
                       i.analysis.model_sha256 if i.analysis else None] for i in case.images],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+
+SIGNABLE = ("ready", "preliminary", "second_read", "signed")
 
 CASE_CHANGED = ("The case changed while you were reviewing it (an image was added, or someone else signed it). "
                 "Nothing was signed: review it again.")
@@ -520,11 +573,13 @@ def agrees_with_ai(case: Case, ai_label: str | None, final_diagnosis: str) -> bo
 
 def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels: list[str], comment: str = "",
          override_reason: str = "", uncertainty_note: str = "", amendment_reason: str = "",
-         revision: int | None = None, differential: dict | None = None, confirm_unverified: bool = False) -> Review:
+         revision: int | None = None, differential: dict | None = None, confirm_unverified: bool = False,
+         second: dict | None = None) -> Review:
     """Sign (or amend) the diagnosis of exactly the images the signer reviewed: ``revision`` is the
     case revision the signer saw (None: the one read now). The review's hash covers that image set.
     ``differential`` (cell-classifying analyzers, from store.cells) is frozen with the review; cells
-    left unverified need ``confirm_unverified``."""
+    left unverified need ``confirm_unverified``. ``second``: the second reading that confirmed it
+    (store/workflow decides when one is needed)."""
     lock_case(s, case)
     if revision is not None and revision != case.revision:
         raise CaseError(CASE_CHANGED)
@@ -541,15 +596,18 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
                              confirm_unverified=confirm_unverified, **texts)
     if problems:  # all of them at once: the signer fixes the form in one pass
         raise CaseError(problems[0][1], problems[0][0], problems)
-    if not advance(s, case, "signed", from_statuses=("ready", "signed"), revision=case.revision,
+    before = "second_read" if case.status == "second_read" else report_state(case)
+    if not advance(s, case, "signed", from_statuses=SIGNABLE, revision=case.revision,
                    final_diagnosis=final_diagnosis):
         raise CaseError(CASE_CHANGED)
     r = Review(case_id=case.id, version=(previous.version + 1) if previous else 1, ai_label=agg.label,
                ai_status=agg.status, final_diagnosis=final_diagnosis, agrees_with_ai=agrees, signed_by_id=user.id,
-               signed_at=utcnow(), content_sha256="", differential=differential, ai_call=_frozen(agg), **texts)
+               signed_at=utcnow(), content_sha256="", differential=differential, ai_call=_frozen(agg),
+               **(second or {}), **texts)
     s.add(r)
     case.reviews.append(r)
     r.content_sha256 = _review_hash(case, r)
+    record_transition(s, case, user, before, report_state(case), texts["amendment_reason"])
     s.flush()
     return r
 

@@ -82,6 +82,7 @@ def reclassify(s: Session, case: Case, user: User, changes: list[Change]) -> str
     keeps the differential and the cell classes it signed). Bumps the case revision, so a sign-off
     made on an older view of the cells fails instead of signing what its signer did not see.
     """
+    _changeable(case)
     if not changes:
         raise CaseError("No cells were given.", "cells")
     if len(changes) > MAX_BATCH:
@@ -125,6 +126,7 @@ def _bump(s: Session, case: Case) -> None:
 def undo_last(s: Session, case: Case, user: User) -> list[CellLabel]:
     """Undo this user's latest batch on the case since its last sign-off; returns the cells it restored.
     (Another reviewer's changes are theirs to undo.)"""
+    _changeable(case)
     lock_case(s, case)
     q = select(CellChange).where(CellChange.case_id == case.id, CellChange.user_id == user.id,
                                  CellChange.undone.is_(False), CellChange.signed.is_(False))
@@ -183,6 +185,7 @@ def differential(s: Session, case: Case, count_target: int = 100, blast_flag_pct
 def set_wbc_count(s: Session, case: Case, value: float | None) -> None:
     if value is not None and not (0 < value < 1000):
         raise CaseError("The white-cell count must be greater than 0 and below 1000 (x10^9/L).", "wbc_count")
+    _changeable(case)
     lock_case(s, case)
     case.wbc_count = value
     s.flush()
@@ -205,5 +208,19 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
         frozen = differential(s, case, an.cells_cfg.count_target, blast_flag_pct, with_cells=True)
     review = case_store.sign(s, case, user, final_diagnosis, valid_labels, differential=frozen,
                              confirm_unverified=confirm_unverified, **texts)
-    s.execute(update(CellChange).where(CellChange.case_id == case.id).values(signed=True))
+    mark_signed(s, case)
     return review
+
+
+def mark_signed(s: Session, case: Case) -> None:
+    """The case's cell changes are in a signed review: no longer undoable."""
+    s.execute(update(CellChange).where(CellChange.case_id == case.id).values(signed=True))
+
+
+FROZEN = {"second_read": "This case is waiting for its second reading: its cells are as the first reader signed them.",
+          "cancelled": "This case was cancelled: its cells cannot be changed."}
+
+
+def _changeable(case: Case) -> None:
+    if case.status in FROZEN:
+        raise CaseError(FROZEN[case.status], "cells")

@@ -182,9 +182,14 @@ def legacy_mrns(s: Session) -> list[tuple[int, str]]:
             if mrn_problem(mrn)]
 
 
+# who can be given a patient: every role but the administrator's (who sees all)
+STAFF_ROLES = ("doctor", "technologist", "reviewer")
+
+
 def set_doctors(s: Session, patient: Patient, doctor_ids: list[int]) -> None:
+    """Who may see the patient: doctors, technologists and reviewers (a reviewer only reads)."""
     wanted = set(doctor_ids)
-    valid = set(s.scalars(select(User.id).where(User.id.in_(wanted), User.role == "doctor")))
+    valid = set(s.scalars(select(User.id).where(User.id.in_(wanted), User.role.in_(STAFF_ROLES))))
     current = set(s.scalars(select(PatientAccess.user_id).where(PatientAccess.patient_id == patient.id)))
     for uid in current - valid:
         s.delete(s.get(PatientAccess, (patient.id, uid)))

@@ -1,4 +1,4 @@
-"""Administration: user accounts and the audit trail."""
+"""Administration: user accounts, the audit trail and the dashboards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import datetime as dt
 from flask import Blueprint, Response, abort, flash, redirect, render_template, request, stream_with_context, url_for
 from sqlalchemy import select
 
+from ..analyzers import registry
 from ..store import audit as audit_store
+from ..store import dashboards as dashboard_store
 from ..store import users as user_store
 from ..store.models import User
 from .forms import EmptyForm, ResetPasswordForm, RoleForm, UserForm
@@ -133,3 +135,26 @@ def audit_csv():
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Response(stream_with_context(audit_store.export_csv(s, f)), mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="oncoscope-audit-{stamp}.csv"'})
+
+
+def _dashboards():
+    """The period asked for (?weeks=N, 1 to 104, default 12) and its dashboards, one per analyzer."""
+    weeks = int_arg(request.args.get("weeks"), default=12, hi=104)
+    return weeks, dashboard_store.dashboards(db(), me(), registry.available(), weeks)
+
+
+@bp.get("/dashboards")
+@admin_required
+def dashboards():
+    weeks, boards = _dashboards()
+    return render_template("admin/dashboards.html", boards=boards, weeks=weeks, title="Dashboards")
+
+
+@bp.get("/dashboards.csv")
+@admin_required
+def dashboards_csv():
+    weeks, boards = _dashboards()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = f"oncoscope-dashboards-{weeks}w-{stamp}.csv"
+    return Response(dashboard_store.dashboards_csv(boards), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -35,10 +35,13 @@ ACTIONS: dict[str, dict[str, str]] = {
     "admin.toggle_active": {"POST": "admin.user_active"},
     "admin.audit_log": {"GET": "audit.search"},
     "admin.audit_csv": {"GET": "audit.export"},
+    "admin.dashboards": {"GET": "dashboard.analytics"},
+    "admin.dashboards_csv": {"GET": "dashboard.export"},
     # pages
     "main.home": {"GET": "dashboard.view"},
     "main.analyzer": {"GET": "analyzer.view"},
     "main.analyzer_plot": {"GET": "analyzer.plot"},
+    "main.class_info": {"GET": "analyzer.class_info"},
     # patients
     "patients.index": {"GET": "patient.list"},
     "patients.new": {"GET": "patient.new_form", "POST": "patient.create"},
@@ -65,6 +68,16 @@ ACTIONS: dict[str, dict[str, str]] = {
     "cases.export": {"GET": "report.export"},
     "cases.export_seg": {"GET": "report.dicom_seg"},
     "cases.send_hl7": {"POST": "report.hl7_send"},
+    # report workflow, consults, worklists
+    "workflow.preliminary": {"POST": "case.preliminary"},
+    "workflow.second_read": {"POST": "case.second_read"},
+    "workflow.cancel": {"POST": "case.cancel"},
+    "workflow.ask": {"POST": "consult.ask"},
+    "workflow.consult": {"GET": "consult.view"},
+    "workflow.answer": {"POST": "consult.answer"},
+    "workflow.close": {"POST": "consult.close"},
+    "workflow.worklist": {"GET": "worklist.view"},
+    "workflow.settings_page": {"GET": "settings.workflow_view", "POST": "settings.workflow_update"},
     # JSON API
     "api.list_analyzers": {"GET": "analyzer.list"},
     "api.list_patients": {"GET": "patient.list"},
@@ -102,10 +115,10 @@ EXEMPT: dict[tuple[str, str], str] = {
 }
 
 # view argument -> record type, most specific first
-RESOURCES = (("image_id", "image"), ("token_id", "api_token"), ("user_id", "user"), ("case_id", "case"),
+RESOURCES = (("image_id", "image"), ("consult_id", "consult"), ("token_id", "api_token"), ("user_id", "user"), ("case_id", "case"),
              ("patient_id", "patient"), ("analyzer_id", "analyzer"))
 QUERY_KEYS = ("q", "status", "diagnosis", "doctor", "from", "to", "page", "per_page", "fmt", "actor", "action",
-              "outcome", "patient", "resource", "ip", "patient_id")
+              "outcome", "patient", "resource", "ip", "patient_id", "queue", "sort")
 
 
 def action_for(endpoint: str | None, method: str) -> str | None:

@@ -16,26 +16,18 @@ from ..analyzers.render import png_bytes
 from ..imaging.imageio import load_image
 from ..services import exports
 from ..store import cases as case_store
-from ..store import cells as cell_store
 from ..store import patients as patient_store
+from ..store import workflow
 from ..store.models import CaseImage, User
 from ..vocab import SEND_NEEDS_SIGNATURE
 from . import audit
-from .api.serializers import cell_review_json
+from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page as _case_page
 from .forms import CaseForm, EmptyForm, SignForm
-from .helpers import db, download, files, int_arg, me, notify_workers, settings, show_errors
+from .helpers import db, download, files, int_arg, me, notify_workers, role_required, settings, show_errors
 
 bp = Blueprint("cases", __name__)
 
 IMAGE_KINDS = {"original", "thumb", "cells", "heatmap", "heatmap-layer"}
-
-
-def _case_or_404(case_id: int):
-    c = case_store.get_visible(db(), me(), case_id)
-    if c is None:
-        abort(404)
-    audit.subject(patient_id=c.patient_id)
-    return c
 
 
 def _uploads() -> list[tuple[str, bytes]]:
@@ -61,7 +53,7 @@ def _report_outcome(outcome) -> None:
 
 
 @bp.route("/patients/<int:patient_id>/cases/new", methods=["GET", "POST"])
-@login_required
+@role_required("edit")
 def new(patient_id: int):
     s = db()
     patient = patient_store.get_visible(s, me(), patient_id)
@@ -104,42 +96,6 @@ def new(patient_id: int):
                            max_mb=settings().max_upload_mb, title="New case")
 
 
-CHOOSE = ("", "Choose a diagnosis…")
-
-
-def _sign_form(c, an, agg) -> SignForm:
-    """A fresh sign-off form. Pre-selected only with something a person or the AI actually said:
-    an amendment starts from the signed version (its texts too), a first sign-off from the AI's
-    label when the AI was sure of it; with no AI label, or an uncertain one, nothing is chosen and
-    the signer must pick one explicitly (one click must not accept a result the AI itself refers)."""
-    form = SignForm(formdata=None)
-    form.final_diagnosis.choices = [CHOOSE] + case_store.diagnosis_options(an)
-    current = c.current_review
-    if current is not None:
-        form.final_diagnosis.data = current.final_diagnosis
-        form.override_reason.data = current.override_reason
-        form.uncertainty_note.data = current.uncertainty_note
-        form.comment.data = current.comment
-    else:
-        form.final_diagnosis.data = agg.label if agg.label and agg.status == "ok" else ""
-    form.revision.data = str(c.revision)
-    return form
-
-
-def _case_page(c, sign_form: SignForm | None = None, status: int = 200):
-    """The case page; ``sign_form`` carries a rejected submission, else a fresh pre-filled form is made."""
-    an = registry.installed(c.analyzer_id)
-    agg = case_store.aggregate(c)
-    if sign_form is None and an is not None:
-        sign_form = _sign_form(c, an, agg)
-    if sign_form is not None and agg.label is None:
-        sign_form.override_reason.label.text = "Reason for this diagnosis"
-    cell_review = cell_review_json(c, settings().blast_flag_pct)
-    return render_template("cases/view.html", case=c, analyzer=an, agg=agg, sign_form=sign_form, cell_review=cell_review,
-                           upload_form=EmptyForm(), max_mb=settings().max_upload_mb,
-                           title=f"Case {c.id}"), status
-
-
 @bp.get("/cases/<int:case_id>")
 @login_required
 def view(case_id: int):
@@ -147,9 +103,9 @@ def view(case_id: int):
 
 
 @bp.post("/cases/<int:case_id>/images")
-@login_required
+@role_required("edit")
 def upload(case_id: int):
-    c = _case_or_404(case_id)
+    c = _case_or_404(case_id, "edit")
     s = db()
     form = EmptyForm()
     wants_json = request.accept_mimetypes.best == "application/json"
@@ -205,9 +161,9 @@ def image(case_id: int, image_id: int, kind: str):
 
 
 @bp.post("/cases/<int:case_id>/images/<int:image_id>/retry")
-@login_required
+@role_required("edit")
 def retry(case_id: int, image_id: int):
-    c = _case_or_404(case_id)
+    c = _case_or_404(case_id, "edit")
     img = db().scalar(select(CaseImage).where(CaseImage.id == image_id, CaseImage.case_id == c.id))
     if img is None or img.analysis is None or not EmptyForm().validate_on_submit():
         abort(404)
@@ -223,9 +179,9 @@ def retry(case_id: int, image_id: int):
 
 
 @bp.post("/cases/<int:case_id>/sign")
-@login_required
+@role_required("sign")
 def sign(case_id: int):
-    c = _case_or_404(case_id)
+    c = _case_or_404(case_id, "sign")
     options = case_store.diagnosis_options(registry.get(c.analyzer_id))
     labels = [k for k, _ in options]
     form = SignForm()
@@ -234,17 +190,21 @@ def sign(case_id: int):
     s = db()
     if form.validate_on_submit():
         try:
-            r = cell_store.sign(s, c, me(), form.final_diagnosis.data, labels, comment=form.comment.data,
-                                override_reason=form.override_reason.data, uncertainty_note=form.uncertainty_note.data,
-                                amendment_reason=form.amendment_reason.data, revision=seen,
-                                confirm_unverified=bool(form.confirm_unverified.data),
-                                blast_flag_pct=settings().blast_flag_pct)
+            done = workflow.sign(s, c, me(), form.final_diagnosis.data, labels, comment=form.comment.data,
+                                 override_reason=form.override_reason.data, uncertainty_note=form.uncertainty_note.data,
+                                 amendment_reason=form.amendment_reason.data, revision=seen,
+                                 confirm_unverified=bool(form.confirm_unverified.data),
+                                 blast_flag_pct=settings().blast_flag_pct)
             s.commit()
         except case_store.CaseError as exc:
             s.rollback()
             show_errors(form, exc)
         else:
-            flash(f"Case signed (version {r.version}).", "ok")
+            if done.review is None:
+                flash("Your reading is recorded. The analyzer's policy asks a second doctor to confirm it before the "
+                      "report is final; the case is in the second-read worklist.", "ok")
+            else:
+                flash(f"Case signed (version {done.review.version}).", "ok")
             return redirect(url_for("cases.view", case_id=c.id))
     else:  # the form itself was refused: say everything else the sign-off lacks too, in one pass
         problems = [(f, m) for f, m in case_store.sign_problems(
@@ -261,9 +221,9 @@ def sign(case_id: int):
 
 
 @bp.post("/cases/<int:case_id>/delete")
-@login_required
+@role_required("edit")
 def delete(case_id: int):
-    c = _case_or_404(case_id)
+    c = _case_or_404(case_id, "edit")
     if not EmptyForm().validate_on_submit():
         abort(400)
     patient_id = c.patient_id
@@ -320,9 +280,9 @@ def export_seg(case_id: int, image_id: int):
 
 
 @bp.post("/cases/<int:case_id>/hl7/send")
-@login_required
+@role_required("edit")
 def send_hl7(case_id: int):
-    c = _case_or_404(case_id)
+    c = _case_or_404(case_id, "edit")
     if not EmptyForm().validate_on_submit():
         abort(400)
     try:

@@ -14,10 +14,10 @@ from ..store import cells as cell_store
 from ..store.models import CaseImage
 from . import audit
 from .api.serializers import cell_review_json, cells_json
-from .cases import _case_or_404
+from .case_page import case_or_404 as _case_or_404
 from .errors import error_response
 from .forms import WbcCountForm
-from .helpers import db, files, me, settings
+from .helpers import db, files, me, role_required, settings
 
 bp = Blueprint("cells", __name__)
 
@@ -25,8 +25,8 @@ bp = Blueprint("cells", __name__)
 KEYS = dict(zip("1234567890", cell_store.GALLERY_ORDER))
 
 
-def _gallery_case(case_id: int):
-    c = _case_or_404(case_id)
+def _gallery_case(case_id: int, need: str | None = None):
+    c = _case_or_404(case_id, need)
     if not case_store.classifies_cells(registry.installed(c.analyzer_id)):
         abort(404)
     return c
@@ -91,9 +91,9 @@ def _changes(data) -> list[cell_store.Change] | None:
 
 
 @bp.post("/cases/<int:case_id>/cells")
-@login_required
+@role_required("prepare")
 def reclassify(case_id: int):
-    c = _gallery_case(case_id)
+    c = _gallery_case(case_id, "prepare")
     changes = _changes(request.get_json(silent=True))
     if changes is None:
         return _json_error(case_store.CaseError(
@@ -118,9 +118,9 @@ def _changed(s, c, cells, **extra):
 
 
 @bp.post("/cases/<int:case_id>/cells/undo")
-@login_required
+@role_required("prepare")
 def undo(case_id: int):
-    c = _gallery_case(case_id)
+    c = _gallery_case(case_id, "prepare")
     s = db()
     try:
         cells = cell_store.undo_last(s, c, me())
@@ -133,9 +133,9 @@ def undo(case_id: int):
 
 
 @bp.post("/cases/<int:case_id>/wbc-count")
-@login_required
+@role_required("prepare")
 def wbc_count(case_id: int):
-    c = _gallery_case(case_id)
+    c = _gallery_case(case_id, "prepare")
     form = WbcCountForm()
     if not form.validate_on_submit():
         abort(400)

@@ -7,8 +7,11 @@ from wtforms import (BooleanField, DateField, EmailField, HiddenField, IntegerFi
                      SelectMultipleField, StringField, TextAreaField)
 from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, Regexp
 
+from ..store.access import ROLE_NAMES
 from ..store.patients import MRN_MAX, MRN_RULE
-from ..vocab import PRIORITIES
+from ..vocab import PRIORITIES, SECOND_READER_POLICIES
+
+ROLE_CHOICES = [(k, v) for k, v in ROLE_NAMES.items() if k != "admin"] + [("admin", ROLE_NAMES["admin"])]
 
 Email = lambda: Regexp(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", message="Enter a valid email address.")  # noqa: E731
 
@@ -34,7 +37,7 @@ class PasswordForm(FlaskForm):
 class UserForm(FlaskForm):
     name = StringField("Name", validators=[DataRequired(), Length(max=200)])
     email = EmailField("Email", validators=[DataRequired(), Email(), Length(max=255)])
-    role = SelectField("Role", choices=[("doctor", "Doctor"), ("admin", "Administrator")])
+    role = SelectField("Role", choices=ROLE_CHOICES)
     password = PasswordField("Initial password", validators=[DataRequired(), Length(min=10, max=256)])
 
 
@@ -43,7 +46,7 @@ class ResetPasswordForm(FlaskForm):
 
 
 class RoleForm(FlaskForm):
-    role = SelectField("Role", choices=[("doctor", "Doctor"), ("admin", "Administrator")])
+    role = SelectField("Role", choices=ROLE_CHOICES)
 
 
 class EmptyForm(FlaskForm):
@@ -62,7 +65,7 @@ class PatientForm(FlaskForm):
 
 
 class AssignForm(FlaskForm):
-    doctors = SelectMultipleField("Doctors who may see this patient", coerce=int)
+    doctors = SelectMultipleField("Staff who may see this patient", coerce=int)
 
 
 class CaseForm(FlaskForm):
@@ -94,3 +97,41 @@ class WbcCountForm(FlaskForm):
 class TokenForm(FlaskForm):
     name = StringField("Name (what uses it)", validators=[DataRequired(), Length(max=100)])
     expires_in_days = IntegerField("Expires after (days)", validators=[Optional(), NumberRange(1, 3650)])
+
+
+class PreliminaryForm(FlaskForm):
+    diagnosis = SelectField("Preliminary diagnosis", validators=[DataRequired("Choose a diagnosis.")])
+    comment = TextAreaField("Comment for the doctor", validators=[Optional(), Length(max=10000)])
+    revision = HiddenField(validators=[Optional(), Regexp(r"^\d{1,9}$")])
+
+
+class SecondReadForm(FlaskForm):
+    diagnosis = SelectField("Your diagnosis", validators=[DataRequired("Choose a diagnosis.")])
+    comment = TextAreaField("Comment", validators=[Optional(), Length(max=10000)])
+    confirm = BooleanField("I have reviewed the images and give my own reading",
+                           validators=[DataRequired("Confirm that you reviewed the case.")])
+    revision = HiddenField(validators=[Optional(), Regexp(r"^\d{1,9}$")])
+
+
+class CancelForm(FlaskForm):
+    reason = TextAreaField("Reason for cancelling", validators=[DataRequired("Give the reason."), Length(max=2000)])
+
+
+class ConsultForm(FlaskForm):
+    consultant_id = SelectField("Ask", coerce=int)  # 0: any reviewer
+    question = TextAreaField("Question", validators=[DataRequired("Write the question."), Length(max=5000)])
+    image_id = SelectField("About image", coerce=int, validators=[Optional()])  # 0: the whole case
+    region = HiddenField(validators=[Optional(), Regexp(r"^\d{1,6},\d{1,6},\d{1,6},\d{1,6}$",
+                                                          message="Draw the box on the image again.")])
+
+
+class AnswerForm(FlaskForm):
+    body = TextAreaField("Answer", validators=[DataRequired("Write the answer."), Length(max=5000)])
+
+
+class WorkflowSettingsForm(FlaskForm):
+    release_preliminary = BooleanField("Preliminary results may be sent to the hospital system (marked preliminary)")
+
+
+def policy_field():
+    return SelectField("Second reader", choices=list(SECOND_READER_POLICIES.items()))

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..services.exports import Export
+from ..store import access
 from ..store.files import FileStore
 from ..store.models import User
 
@@ -109,6 +110,21 @@ def admin_required(view):
         return view(*a, **kw)
 
     return wrapper
+
+
+def role_required(capability: str):
+    """The signed-in user's role must allow ``capability`` (store/access), checked before any lookup."""
+    def decorate(view):
+        @wraps(view)
+        @login_required
+        def wrapper(*a, **kw):
+            if not access.may(me(), capability):
+                abort(403)
+            return view(*a, **kw)
+
+        return wrapper
+
+    return decorate
 
 
 def show_errors(form, exc, default: str | None = None) -> None:

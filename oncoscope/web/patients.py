@@ -9,11 +9,13 @@ from flask_login import login_required
 from sqlalchemy import select
 
 from ..imaging.imageio import ImageLoadError, load_image
+from ..store import access
+from ..store import history as history_store
 from ..store import patients as patient_store
 from ..store.models import User
 from .forms import AssignForm, EmptyForm, PatientForm
 from . import audit
-from .helpers import admin_required, db, int_arg, me, settings, show_errors
+from .helpers import admin_required, db, int_arg, me, role_required, settings, show_errors
 
 bp = Blueprint("patients", __name__, url_prefix="/patients")
 
@@ -36,7 +38,7 @@ def index():
 
 
 @bp.route("/new", methods=["GET", "POST"])
-@login_required
+@role_required("edit")
 def new():
     form = PatientForm()
     if form.validate_on_submit():
@@ -55,7 +57,7 @@ def new():
 
 
 @bp.post("/from-dicom")
-@login_required
+@role_required("edit")
 def from_dicom():
     """Pre-fill the new-patient form from a DICOM file's patient module (nothing is stored)."""
     if not EmptyForm().validate_on_submit():
@@ -95,11 +97,13 @@ def view(patient_id: int):
         assign = AssignForm()
         assign.doctors.choices = _doctor_choices()
         assign.doctors.data = [d.id for d in p.doctors]
-    return render_template("patients/view.html", patient=p, assign=assign, title=p.display_name)
+    history = history_store.patient_timeline(db(), me(), p)
+    return render_template("patients/view.html", patient=p, assign=assign, history=history,
+                           blast_flag_pct=settings().blast_flag_pct, title=p.display_name)
 
 
 @bp.route("/<int:patient_id>/edit", methods=["GET", "POST"])
-@login_required
+@role_required("edit")
 def edit(patient_id: int):
     p = _patient_or_404(patient_id)
     form = PatientForm(obj=p)
@@ -118,8 +122,9 @@ def edit(patient_id: int):
 
 
 def _doctor_choices():
-    return [(u.id, f"{u.name} ({u.email})") for u in
-            db().scalars(select(User).where(User.role == "doctor", User.is_active.is_(True)).order_by(User.name))]
+    staff = select(User).where(User.role.in_(patient_store.STAFF_ROLES), User.is_active.is_(True))
+    return [(u.id, f"{u.name} ({access.ROLE_NAMES[u.role].lower()}, {u.email})")
+            for u in db().scalars(staff.order_by(User.name))]
 
 
 @bp.post("/<int:patient_id>/doctors")

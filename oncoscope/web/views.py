@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from flask import Blueprint, abort, jsonify, redirect, render_template, send_file, url_for
+from flask import Blueprint, abort, g, jsonify, redirect, render_template, send_file, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import func, select
 
 from ..analyzers import registry
 from ..store import cases as case_store
+from ..store import worklists
 from ..store.db import ping
-from ..store.models import User
+from ..store.models import User, utcnow
 from ..store.users import has_users
-from ..vocab import percent
+from ..vocab import REPORT_STATE_NAMES, percent
 from . import audit
 from .helpers import db, ext, me
 
@@ -81,7 +82,38 @@ def analyzer(analyzer_id: str):
     card = an.model_card
     plots = [p for p in sorted(PLOTS) if (registry.MODELS_DIR / analyzer_id / p).exists()]
     return render_template("analyzer.html", info=an.describe(), card=card, plots=plots,
-                           summary=an.validation_summary(), title=an.name)
+                           summary=an.validation_summary(), title=an.name,
+                           classes=[(label, _class_name(an, label)) for label in an.described_classes])
+
+
+@bp.get("/analyzers/<analyzer_id>/classes/<label>")
+@login_required
+def class_info(analyzer_id: str, label: str):
+    """One class of an analyzer: what it means, what usually confirms it, when to refer (its class_info)."""
+    if analyzer_id not in registry.available():
+        abort(404)
+    an = registry.get(analyzer_id)
+    info = an.class_info(label)
+    if info is None:
+        abort(404)
+    name = _class_name(an, label)
+    return render_template("class_info.html", analyzer=an.describe(), label=label, name=name, info=info,
+                           title=f"{name} · {an.name}")
+
+
+def _class_name(an, label: str) -> str:
+    """A diagnosis as people read it; a cell class (the differential's) named as one."""
+    names = case_store.label_names(an)
+    return names[label] if label in names else f"{label.replace('_', ' ').capitalize()} (cell class)"
+
+
+@bp.app_template_global()
+def class_page(analyzer_id: str, label: str | None) -> str | None:
+    """The page about a diagnosis code or cell class, or None when its analyzer describes none."""
+    an = registry.installed(analyzer_id)
+    if an is None or an.class_info(label) is None:
+        return None
+    return url_for("main.class_info", analyzer_id=analyzer_id, label=label)
 
 
 @bp.get("/analyzers/<analyzer_id>/plots/<name>")
@@ -96,6 +128,17 @@ def analyzer_plot(analyzer_id: str, name: str):
 
 
 bp.add_app_template_filter(percent, "pct")
+
+
+@bp.app_template_filter("age")
+def age(v) -> str:
+    """How long ago, as a worklist says it: minutes, hours or days (the exact time is in the title)."""
+    if v is None:
+        return "–"
+    minutes = max(0, int((utcnow() - v).total_seconds() // 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d}" if minutes < 48 * 60 else f"{minutes // 1440} d"
 
 
 @bp.app_template_filter("dtfmt")
@@ -132,3 +175,36 @@ def status_name(status: str | None) -> str:
 def analyzer_name(analyzer_id: str) -> str:
     an = registry.installed(analyzer_id)
     return an.name if an else analyzer_id
+
+
+@bp.app_context_processor
+def _worklist_names() -> dict:
+    return {"worklist_names": worklists.QUEUES}
+
+
+@bp.app_template_global()
+def worklist_counts() -> dict[str, int]:
+    """The signed-in user's queues with how many cases wait in each (the navigation), once per request."""
+    if "worklist_counts" not in g:
+        g.worklist_counts = worklists.counts(db(), me())
+    return g.worklist_counts
+
+
+READINGS = {"preliminary": "Preliminary", "first": "First reading", "second": "Second reading"}
+TRANSITIONS = {"open": "reopened", "preliminary": "preliminary", "second_read": "first reading",
+               "final": "final", "corrected": "corrected", "cancelled": "cancelled"}
+
+
+@bp.app_template_global()
+def reading_name(kind: str) -> str:
+    return READINGS.get(kind, kind)
+
+
+@bp.app_template_global()
+def transition_name(state: str) -> str:
+    return TRANSITIONS.get(state, state)
+
+
+@bp.app_template_global()
+def report_state_name(state: str) -> str:
+    return REPORT_STATE_NAMES.get(state, state)

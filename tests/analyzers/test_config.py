@@ -377,3 +377,95 @@ def test_a_real_tumour_slice_served_without_its_type(brain_data):
     assert res.malignant and res.label == "tumour" and set(res.probabilities) == {"tumour", "notumor"}
     assert set(res.network_probabilities) == set(an.labels) and res.extra["type_distance"] > 0
     assert res.to_dict()["label_display"] == "Brain tumour, type not suggested"
+
+
+# ----------------------------------------------------------------------------- class information
+def shipped_class_info(analyzer_id: str) -> dict:
+    return json.loads((registry.MODELS_DIR / analyzer_id / "class_info.json").read_text())
+
+
+@pytest.mark.parametrize("analyzer_id", registry.available())
+def test_every_call_of_a_shipped_analyzer_is_described(analyzer_id):
+    an = registry.get(analyzer_id)
+    assert an.described_classes[-1] == "Nondiagnostic" and set(an.call_labels) <= set(an.described_classes)
+    for label in an.call_labels + ["Nondiagnostic"]:
+        info = an.class_info(label)
+        assert info.summary and info.confirmation and info.referral, label
+        assert all(r.text and (r.url is None or r.url.startswith("https://")) for r in info.references)
+    assert all(info.references for info in an.config.class_info.values())
+    assert an.class_info("no-such-class") is None and an.class_info(None) is None
+    assert dict(an.config.class_info) == {k: an.class_info(k) for k in shipped_class_info(analyzer_id)}
+
+
+def test_a_cell_class_may_be_described_by_the_differential_only():
+    if "smear-differential" not in registry.available():
+        pytest.skip("smear-differential model not installed")
+    blast = registry.get("smear-differential").class_info("blast")
+    assert "immature" in blast.summary and any("ICSH" in r.text for r in blast.references)
+    assert registry.get("smear-all").class_info("blast") is None
+
+
+def class_info_folder(tmp_path: Path, edit, analyzer_id: str = "bone-xray") -> Path:
+    """A model folder (see ``model_folder``) with the shipped class_info.json after ``edit(info)``."""
+    folder = model_folder(tmp_path, lambda cfg: None, analyzer_id)
+    info = copy.deepcopy(shipped_class_info(analyzer_id))
+    edit(info)
+    (folder / "class_info.json").write_text(json.dumps(info))
+    return folder
+
+
+CLASS_INFO_CASES = {
+    "a call label left out": (delete("normal"), "normal", "missing", "every call label"),
+    "an unknown label": (put("osteoma", {}), "osteoma", "unknown label 'osteoma'", "cancer, normal"),
+    "the shared label": (put("Nondiagnostic", {}), "Nondiagnostic", "shared by every analyzer"),
+    "an entry as text": (put("cancer", "bad"), "cancer", "expected an object"),
+    "a missing summary": (delete("cancer.summary"), "cancer.summary", "missing"),
+    "an empty referral": (put("cancer.referral", ""), "cancer.referral", "non-empty string"),
+    "a number as confirmation": (put("cancer.confirmation", 3), "cancer.confirmation", "non-empty string"),
+    "a misspelt key": (put("cancer.refferal", "soon"), "cancer.refferal", "unknown key"),
+    "no references": (put("cancer.references", []), "cancer.references", "non-empty list"),
+    "references as text": (put("cancer.references", "WHO 2020"), "cancer.references", "non-empty list"),
+    "a reference as text": (put("cancer.references", ["WHO 2020"]), "cancer.references[0]", "expected an object"),
+    "a reference without text": (put("cancer.references", [{"url": "https://example.org"}]),
+                                 "cancer.references[0].text", "missing"),
+    "a reference link to a script": (put("cancer.references", [{"text": "x", "url": "javascript:alert(1)"}]),
+                                     "cancer.references[0].url", "http(s) address"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASS_INFO_CASES))
+def test_broken_class_info_names_its_file_and_key(tmp_path, case):
+    edit, key, *words = CLASS_INFO_CASES[case]
+    folder = class_info_folder(tmp_path, edit)
+    with pytest.raises(AnalyzerConfigError) as err:
+        AnalyzerConfig.load(folder)
+    assert err.value.key == key and err.value.path == folder / "class_info.json", str(err.value)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_class_info_that_is_not_json_or_not_an_object(tmp_path):
+    folder = class_info_folder(tmp_path, lambda info: None)
+    (folder / "class_info.json").write_text('{"cancer": ')
+    with pytest.raises(AnalyzerConfigError, match="not valid JSON"):
+        AnalyzerConfig.load(folder)
+    (folder / "class_info.json").write_text('["cancer"]')
+    with pytest.raises(AnalyzerConfigError, match="expected an object") as err:
+        AnalyzerConfig.load(folder)
+    assert err.value.path == folder / "class_info.json"
+
+
+def test_class_info_is_optional_and_outside_the_model_digest(tmp_path):
+    """A folder without class_info.json has no class pages (only the shared non-diagnostic one is
+    known); rewording a class page changes neither the config nor the model's digest."""
+    bare = model_folder(tmp_path / "bare", lambda cfg: None, "bone-xray", real_files=True)
+    an = registry.get("bone-xray", model_dir=bare)
+    assert an.config.class_info == {} and an.described_classes == [] and an.class_info("cancer") is None
+    assert an.class_info("Nondiagnostic") is not None
+    reworded = model_folder(tmp_path / "reworded", lambda cfg: None, "bone-xray", real_files=True)
+    info = shipped_class_info("bone-xray")
+    info["cancer"]["summary"] = "Reworded."
+    (reworded / "class_info.json").write_text(json.dumps(info))
+    an2 = registry.get("bone-xray", model_dir=reworded)
+    assert an2.class_info("cancer").summary == "Reworded." and an2.model_info.sha256 == an.model_info.sha256
+    assert an2.config.to_dict() == an.config.to_dict()

@@ -377,3 +377,38 @@ def test_enhanced_mr_gives_the_b_value_and_plane_of_the_middle_frame():
     ds = make_dicom(frames, frames=3, modality="MR", extra={"PerFrameFunctionalGroupsSequence": Sequence(per_frame)})
     d = read_dicom(to_bytes(ds))
     assert d.frame_index == 1 and d.b_value == 1000.0 and d.plane == "axial"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_pixel_spacing_is_read_and_checked():
+    """Pixel Spacing (row, column mm), else the frame's functional groups, else Imager Pixel Spacing; anything
+    but two finite numbers in (0, 10) mm is unknown (None), never a refusal of the file."""
+    from pydicom.dataset import Dataset as DS
+    from pydicom.sequence import Sequence
+
+    px = np.full((32, 32), 90, np.uint8)
+
+    def spacing(**extra):
+        return read_dicom(to_bytes(make_dicom(px, modality="CR", extra=extra))).pixel_spacing
+
+    assert spacing(PixelSpacing=[0.5, 0.25]) == (0.5, 0.25)
+    assert spacing(ImagerPixelSpacing=["0.143", "0.143"]) == (0.143, 0.143)
+    assert spacing(PixelSpacing=[0.2, 0.2], ImagerPixelSpacing=[0.3, 0.3]) == (0.2, 0.2)  # the corrected one first
+    assert spacing() is None
+    for bad in ([0, 0.5], [-0.5, 0.5], [0.5], [0.5, 0.5, 0.5], [12, 12], ["nan", "0.5"], ["inf", "0.5"]):
+        assert spacing(PixelSpacing=bad) is None, bad
+    assert spacing(PixelSpacing=[40, 40], ImagerPixelSpacing=[0.2, 0.2]) is None  # a wrong value is not replaced
+    raw = to_bytes(make_dicom(px, extra={"PixelSpacing": ["0.25", "0.25"]}))  # text pydicom would not write
+    for text in (b"abcd\\0.25", b"0.25\\1e99"):
+        assert read_dicom(raw.replace(b"0.25\\0.25", text)).pixel_spacing is None, text
+    # enhanced multi-frame: the shared functional groups' Pixel Measures
+    measures, shared = DS(), DS()
+    measures.PixelSpacing = [0.8, 0.9]
+    shared.PixelMeasuresSequence = Sequence([measures])
+    frames = np.stack([px] * 3)
+    d = read_dicom(to_bytes(make_dicom(frames, frames=3, modality="MR",
+                                       extra={"SharedFunctionalGroupsSequence": Sequence([shared])})))
+    assert d.pixel_spacing == (0.8, 0.9)
+    # kept on the metadata that LoadedImage carries
+    loaded = load_image(to_bytes(make_dicom(px, modality="CR", extra={"PixelSpacing": [0.5, 0.5]})))
+    assert loaded.dicom.pixel_spacing == (0.5, 0.5) and loaded.dicom.rgb is None

@@ -13,6 +13,8 @@ from pypdf import PdfReader
 
 from oncoscope.reports.pdf import render_case_report
 
+from tests.reports.test_golden import golden  # noqa: F401 - fixture: fixed signed, non-diagnostic and draft cases
+
 VALIDATION = (
     "Test split (n=417, slide-block held out): accuracy 100.0%, malignant sensitivity 100.0%, "
     "specificity 92.5%, ECE 0.010"
@@ -232,3 +234,63 @@ def test_an_out_of_domain_image_shows_no_class_probabilities(tmp_path):
             case_report_pdf(c, FileStore(tmp_path / "images"), "Clinic"))).pages)
     engine.dispose()
     assert "No class probabilities available." in text and "40.0%" not in text
+
+
+# ----------------------------------------------------------------------------- appendix: about this diagnosis
+ABOUT = [{"name": "Pro-B ALL", "role": "signed diagnosis", "summary": "Lymphoblasts of B-ALL <b>not bold</b>.",
+          "confirmation": "Flow cytometry & bone marrow.", "referral": "Same-day discussion with haematology.",
+          "references": [{"text": "Alaggio R, et al. Leukemia. 2022;36(7):1720–1748.",
+                          "url": "https://doi.org/10.1038/s41375-022-01620-2"}, {"text": "A book \"quoted\"."}]}]
+
+
+def _pdftotext(pdf: bytes, tmp_path) -> list[str]:
+    """The pages' text as poppler's pdftotext reads it (pages split on form feeds)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext (poppler-utils) not installed")
+    path = tmp_path / "report.pdf"
+    path.write_bytes(pdf)
+    out = subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True, check=True).stdout
+    return [page for page in out.split("\f") if page.strip()]
+
+
+def test_the_appendix_page_explains_the_diagnosis(tmp_path):
+    plain = _pdftotext(render_case_report(_data()), tmp_path)
+    pages = _pdftotext(render_case_report(dict(_data(), about=ABOUT)), tmp_path)
+    assert len(pages) == len(plain) + 1 and "About this diagnosis" not in "".join(plain)
+    last = _flat(pages[-1])
+    assert "Appendix: About this diagnosis" in last and "Pro-B ALL (signed diagnosis)" in last
+    for heading, text in (("What it means", "Lymphoblasts of B-ALL <b>not bold</b>."),
+                          ("What usually confirms it", "Flow cytometry & bone marrow."),
+                          ("When to refer", "Same-day discussion with haematology."), ("References", "")):
+        assert f"{heading} {text}".strip() in last, heading
+    assert "1. Alaggio R, et al. Leukemia. 2022;36(7):1720–1748. https://doi.org/10.1038/s41375-022-01620-2" in last
+    assert '2. A book "quoted".' in last
+    assert f"Page {len(pages)} of {len(pages)}" in last and "Case 12" in last  # the page furniture
+
+
+def test_the_report_appendix_follows_the_signed_diagnosis(golden, tmp_path):
+    """Signed and overriding the AI: both classes, the signed one first; signed non-diagnostic: the shared
+    entry; a draft: the AI's call; an analyzer no longer installed: no appendix."""
+    from oncoscope.reports.case_report import build_report_data, case_report_pdf
+
+    an = golden.analyzer
+
+    def about(case):
+        return [(e["name"], e["role"]) for e in build_report_data(case, golden.store, "Clinic")["about"]]
+
+    assert about(golden.a) == [("Pro-B ALL", "signed diagnosis"),
+                               ("Pre-B ALL", "AI suggestion, not the signed diagnosis")]
+    assert about(golden.b) == [("Non-diagnostic sample", "signed diagnosis")]
+    assert about(golden.c) == [("Benign (hematogone)", "AI suggestion, not signed")]
+    assert about(golden.d) == []
+    last = _flat(_pdftotext(case_report_pdf(golden.a, golden.store, "Clinic"), tmp_path)[-1])
+    pro, pre = an.class_info("Pro"), an.class_info("Pre")
+    assert last.index("Pro-B ALL (signed diagnosis)") < last.index("Pre-B ALL (AI suggestion, not the signed")
+    for info in (pro, pre):
+        assert _flat(info.summary) in last and _flat(info.referral) in last
+    assert all(_flat(r.text) in last for r in pro.references)
+    d = "".join(_pdftotext(case_report_pdf(golden.d, golden.store, "Clinic"), tmp_path))
+    assert "About this diagnosis" not in d

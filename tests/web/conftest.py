@@ -56,7 +56,10 @@ ADMIN = Account("admin", "admin@clinic.test", "Ada Admin", "admin-pass-123!", "a
 DOC_A = Account("doc_a", "doctor.a@clinic.test", "Dr Alice A", "doctor-a-pass-123!", "doctor", 2)
 DOC_B = Account("doc_b", "doctor.b@clinic.test", "Dr Bob B", "doctor-b-pass-123!", "doctor", 3)
 SPARE = Account("spare", "spare@clinic.test", "Dr Spare S", "spare-pass-1234!", "doctor", 4)
-ACCOUNTS = {a.key: a for a in (ADMIN, DOC_A, DOC_B, SPARE)}
+# the preparing and the consulted roles (not in the seeded world; tests create them with make_users)
+TECH = Account("tech", "tech@clinic.test", "Tom Tech", "tech-pass-12345!", "technologist", 5)
+REVIEWER = Account("rev", "reviewer@clinic.test", "Dr Rita Reviewer", "reviewer-pass-123!", "reviewer", 6)
+ACCOUNTS = {a.key: a for a in (ADMIN, DOC_A, DOC_B, SPARE, TECH, REVIEWER)}
 
 PATIENT_A = {"mrn": "MRN-A-0001", "family_name": "Doe", "given_name": "Jane", "sex": "female",
              "birth_date": "1980-02-03", "notes": ""}
@@ -278,6 +281,24 @@ def client_for(app):
             r = login(c, ACCOUNTS[key])
             assert r.status_code == 302, r.data[:500]
         return c
+
+    return _make
+
+
+@pytest.fixture()
+def staff(app):
+    """staff("tech") -> the technologist (or reviewer "rev") account created and assigned to patient A."""
+
+    def _make(key: str):
+        from oncoscope.store import patients as patient_store
+        from oncoscope.store.models import Patient, PatientAccess
+
+        with sessions_of(app)() as s:
+            made = make_users(s, (ACCOUNTS[key],))[key]
+            current = [a.user_id for a in s.query(PatientAccess).filter_by(patient_id=PATIENT_A_ID)]
+            patient_store.set_doctors(s, s.get(Patient, PATIENT_A_ID), current + [made.id])
+            s.commit()
+        return ACCOUNTS[key]
 
     return _make
 

@@ -217,7 +217,7 @@ def test_export_reviewed_writes_a_dataset_train_reads_without_identifiers(app, c
     assert len(set(crops.groups)) == 1  # one case: one group, never split across train and test
 
 
-def test_conflicts_own_undo_revision_and_signed_classes(app, case, client_for, tmp_path):
+def test_conflicts_own_undo_revision_and_signed_classes(app, case, client_for, staff, tmp_path):
     """What two reviewers and an amendment must not do: overwrite each other silently, undo each
     other's work, or change what a signed version shows and exports."""
     from oncoscope.services.reviewed import export_reviewed
@@ -231,12 +231,13 @@ def test_conflicts_own_undo_revision_and_signed_classes(app, case, client_for, t
     rev0 = c.get(f"/cases/{cid}/status.json").json
     assert c.post(f"/cases/{cid}/cells", json={"changes": [{"id": ids[0], "class": "blast", "from": shown[ids[0]]}]}
                   ).status_code == 200
-    # a second reviewer still showing the old class: refused, not overwritten
-    stale = client_for("admin").post(f"/cases/{cid}/cells",
+    # a second reviewer (a technologist) still showing the old class: refused, not overwritten
+    staff("tech")
+    stale = client_for("tech").post(f"/cases/{cid}/cells",
                                      json={"changes": [{"id": ids[0], "class": "monocyte", "from": shown[ids[0]]}]})
     assert stale.status_code == 409 and "someone else" in stale.json["error"]["message"]
     # nor can they undo the first reviewer's work
-    assert client_for("admin").post(f"/cases/{cid}/cells/undo").status_code == 409
+    assert client_for("tech").post(f"/cases/{cid}/cells/undo").status_code == 409
     for bad in ([{"id": True, "class": "blast"}], [{"id": 2**63, "class": "blast"}], [{"id": 1, "class": "x", "y": 1}]):
         assert c.post(f"/cases/{cid}/cells", json={"changes": bad}).status_code == 400
     # a cell change is a change of the case: a sign-off made on the older view fails

@@ -9,12 +9,12 @@ from flask import Response, g, request
 
 from ...analyzers import registry
 from ...store import cases as case_store
-from ...store import cells as cell_store
+from ...store import workflow
 from .. import audit
 from ..errors import ApiError
 from ..helpers import db, files, notify_workers, settings
 from .core import api, committed
-from .inputs import case_or_404, json_body, page_args, patient_or_404, validate_fields
+from .inputs import case_or_404, json_body, page_args, patient_or_404, require_role, validate_fields
 from .schemas import ID, PAGE_PARAMS
 from .serializers import case_json
 
@@ -47,6 +47,7 @@ def list_patient_cases(patient_id: int):
 @api("/patients/{patient_id}/cases", "POST", summary="Create a case (then upload images to it)", tag="cases",
      response="Case", status=201, body="CaseInput", idempotent_key=True)
 def create_case(patient_id: int):
+    require_role("edit")
     p = patient_or_404(patient_id)
     data = validate_fields(json_body(), "CaseInput")
     with committed(case_store.CaseError, _invalid) as s:
@@ -97,7 +98,7 @@ def _not_failed(_exc) -> ApiError:
 @api("/cases/{case_id}/images/{image_id}/retry", "POST", summary="Re-queue a failed analysis", tag="cases",
      response="Case", errors={409: "The analysis has not failed, or the case is signed"})
 def retry_analysis(case_id: int, image_id: int):
-    c = case_or_404(case_id)
+    c = case_or_404(case_id, "edit")
     img = next((i for i in c.images if i.id == image_id), None)
     if img is None or img.analysis is None:
         raise ApiError(404, "not_found", f"No image {image_id} in case {c.id}.")
@@ -117,7 +118,7 @@ def get_case(case_id: int):
 @api("/cases/{case_id}/images", "POST", summary="Upload one or more images (multipart field 'images')",
      tag="cases", response="UploadResult", multipart=True, idempotent_key=True)
 def upload_images(case_id: int):
-    c = case_or_404(case_id)
+    c = case_or_404(case_id, "edit")
     limit = settings().max_upload_mb * 1024 * 1024
     uploads = [(f.filename or "image", f.stream.read(limit + 1)) for f in request.files.getlist("images") if f]
     if not uploads:
@@ -149,16 +150,16 @@ def _not_signable(exc: case_store.CaseError) -> ApiError:
 @api("/cases/{case_id}/sign", "POST", summary="Sign (or amend) the diagnosis", tag="cases", response="Case",
      body="SignInput", errors={409: "Images are still being analysed, or the case changed since the given revision"})
 def sign_case(case_id: int):
-    c = case_or_404(case_id)
+    c = case_or_404(case_id, "sign")
     data = validate_fields(json_body(), "SignInput")
     labels = [k for k, _ in case_store.diagnosis_options(registry.get(c.analyzer_id))]
     with committed(case_store.CaseError, _not_signable) as s:
-        cell_store.sign(s, c, g.api_user, data.get("final_diagnosis", ""), labels, comment=data.get("comment", ""),
-                        override_reason=data.get("override_reason", ""),
-                        uncertainty_note=data.get("uncertainty_note", ""),
-                        amendment_reason=data.get("amendment_reason", ""), revision=data.get("revision"),
-                        confirm_unverified=data.get("confirm_unverified", False),
-                        blast_flag_pct=settings().blast_flag_pct)
+        workflow.sign(s, c, g.api_user, data.get("final_diagnosis", ""), labels, comment=data.get("comment", ""),
+                      override_reason=data.get("override_reason", ""),
+                      uncertainty_note=data.get("uncertainty_note", ""),
+                      amendment_reason=data.get("amendment_reason", ""), revision=data.get("revision"),
+                      confirm_unverified=data.get("confirm_unverified", False),
+                      blast_flag_pct=settings().blast_flag_pct)
     return case_json(c)
 
 
@@ -169,7 +170,7 @@ def _not_empty(exc: case_store.CaseError) -> ApiError:
 @api("/cases/{case_id}", "DELETE", summary="Delete an empty case (no images, never signed)", tag="cases",
      status=204, media="text/plain", errors={409: "The case holds images or was signed"})
 def delete_case(case_id: int):
-    c = case_or_404(case_id)
+    c = case_or_404(case_id, "edit")
     with committed(case_store.CaseError, _not_empty) as s:
         case_store.delete_empty_case(s, c)
     return Response(status=204, mimetype="text/plain")  # as documented (Flask's default would be text/html)

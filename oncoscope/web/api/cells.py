@@ -23,8 +23,8 @@ CELL_QUERY = [{"name": "class", "in": "query", "required": False, "schema": CELL
                "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
 
 
-def _cell_classifying(case_id: int):
-    c = case_or_404(case_id)
+def _cell_classifying(case_id: int, need: str | None = None):
+    c = case_or_404(case_id, need)
     if not case_store.classifies_cells(registry.installed(c.analyzer_id)):
         raise ApiError(409, "no_cells", f"Case {c.id}'s analyzer ({c.analyzer_id}) does not classify cells.")
     return c
@@ -56,7 +56,7 @@ def list_cells(case_id: int):
      "audited, undoable until sign-off)", tag="cells", response="CellChangeResult", body="CellPatch",
      errors={409: "The case's analyzer does not classify cells, or a cell's class is no longer the given 'from'"})
 def reclassify_cells(case_id: int):
-    c = _cell_classifying(case_id)
+    c = _cell_classifying(case_id, "prepare")
     data = validate_fields(json_body(), "CellPatch")
     changes = [cell_store.Change(ch["id"], ch["class"], ch.get("from")) for ch in data["changes"]]
     with committed(case_store.CaseError, _refused) as s:
@@ -70,7 +70,7 @@ def reclassify_cells(case_id: int):
      tag="cells", response="CellChangeResult",
      errors={409: "The case's analyzer does not classify cells, or there is nothing to undo"})
 def undo_cells(case_id: int):
-    c = _cell_classifying(case_id)
+    c = _cell_classifying(case_id, "prepare")
     with committed(case_store.CaseError, _nothing_to_undo) as s:
         cells = cell_store.undo_last(s, c, g.api_user)
     audit.subject(cells=len(cells))

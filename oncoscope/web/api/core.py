@@ -85,6 +85,8 @@ class Route:
         r = {}
         if not self.public:
             r["401"] = _err("Missing, invalid, revoked or expired token")
+            if self.method != "GET":
+                r["403"] = _err("The user's role does not allow this, or the user was only consulted on the case")
         if self.path_names():
             r["404"] = _err("Not found, or not visible to this user")
         if self.body:

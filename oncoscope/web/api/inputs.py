@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import g, request
 
+from ...store import access
 from ...store import cases as case_store
 from ...store import patients as patient_store
 from .. import audit
@@ -103,9 +104,23 @@ def patient_or_404(pid: int):
     return p
 
 
-def case_or_404(cid: int):
+def require_role(capability: str) -> None:
+    """403 unless the user's role allows ``capability`` (store/access), before any lookup."""
+    if not access.may(g.api_user, capability):
+        raise ApiError(403, "forbidden", access.REFUSED[capability])
+
+
+def case_or_404(cid: int, need: str | None = None):
+    """The case if visible (else 404); with ``need``, full access for that capability (else 403)."""
+    if need is not None:
+        require_role(need)
     c = case_store.get_visible(db(), g.api_user, cid)
     if c is None:
         raise ApiError(404, "not_found", f"No case {cid} visible to you.")
     audit.subject(patient_id=c.patient_id)
+    if need is not None:
+        try:
+            access.require(db(), g.api_user, need, c)
+        except access.Forbidden as exc:
+            raise ApiError(403, "forbidden", str(exc)) from None
     return c

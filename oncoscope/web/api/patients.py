@@ -9,7 +9,7 @@ from .. import audit
 from ..errors import ApiError
 from ..helpers import db
 from .core import api, committed
-from .inputs import json_body, page_args, patient_or_404, validate_fields
+from .inputs import json_body, page_args, patient_or_404, require_role, validate_fields
 from .schemas import PAGE_PARAMS
 from .serializers import patient_json
 
@@ -38,6 +38,7 @@ def list_patients():
 @api("/patients", "POST", summary="Create a patient", tag="patients", response="Patient", status=201,
      body="PatientInput", idempotent_key=True, errors={409: "A patient with this MRN already exists"})
 def create_patient():
+    require_role("edit")
     data = validate_fields(json_body(), "PatientInput")
     with committed(patient_store.PatientError, _patient_error) as s:
         p = patient_store.create(s, g.api_user, data)
@@ -53,6 +54,7 @@ def get_patient(patient_id: int):
 @api("/patients/{patient_id}", "PATCH", summary="Update a patient", tag="patients", response="Patient",
      body="PatientPatch", errors={409: "A patient with this MRN already exists"})
 def update_patient(patient_id: int):
+    require_role("edit")
     p = patient_or_404(patient_id)
     data = validate_fields(json_body(), "PatientPatch")
     merged = {k: getattr(p, k) for k in EDITABLE} | data

@@ -1,0 +1,234 @@
+"""The report's workflow on the case page: preliminary result, second reading, cancelling, consults;
+the worklists; the administrator's workflow settings. Thin views over store/workflow, store/consults
+and store/worklists."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_login import login_required
+
+from ..analyzers import registry
+from ..store import access
+from ..store import cases as case_store
+from ..store import consults as consult_store
+from ..store import workflow
+from ..store import worklists
+from ..vocab import SECOND_READER_POLICIES
+from . import audit
+from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page
+from .forms import (AnswerForm, CancelForm, ConsultForm, EmptyForm, PreliminaryForm, SecondReadForm, WorkflowSettingsForm,
+                    policy_field)
+from .helpers import admin_required, db, int_arg, me, role_required, show_errors
+
+bp = Blueprint("workflow", __name__)
+
+
+# ----------------------------------------------------------------------------- the case page's part
+def _options(c) -> list[tuple[str, str]]:
+    an = registry.installed(c.analyzer_id)
+    return case_store.diagnosis_options(an) if an is not None else []
+
+
+def _back(c, anchor: str = ""):
+    return redirect(url_for("cases.view", case_id=c.id) + anchor)
+
+
+def _rerender(c, status: int = 400, **forms):
+    return case_page(c, workflow_forms=forms, status=status)
+
+
+# ----------------------------------------------------------------------------- transitions
+@bp.post("/cases/<int:case_id>/preliminary")
+@role_required("prepare")
+def preliminary(case_id: int):
+    c = _case_or_404(case_id, "prepare")
+    form = PreliminaryForm()
+    form.diagnosis.choices = [CHOOSE] + _options(c)
+    if form.validate_on_submit():
+        seen = int(form.revision.data) if (form.revision.data or "").isdigit() else None
+        try:
+            workflow.write_preliminary(db(), c, me(), form.diagnosis.data, [k for k, _ in _options(c)],
+                                       form.comment.data or "", revision=seen)
+            db().commit()
+        except case_store.CaseError as exc:
+            db().rollback()
+            show_errors(form, exc, "diagnosis")
+        else:
+            flash("Preliminary result saved; the case is in the doctors' worklist to verify.", "ok")
+            return _back(c)
+    return _rerender(_case_or_404(case_id), preliminary=form)
+
+
+@bp.post("/cases/<int:case_id>/second-read")
+@role_required("sign")
+def second_read(case_id: int):
+    c = _case_or_404(case_id, "sign")
+    form = SecondReadForm()
+    form.diagnosis.choices = [CHOOSE] + _options(c)
+    if form.validate_on_submit():
+        seen = int(form.revision.data) if (form.revision.data or "").isdigit() else None
+        try:
+            review = workflow.second_read(db(), c, me(), form.diagnosis.data, [k for k, _ in _options(c)],
+                                          form.comment.data or "", revision=seen)
+            db().commit()
+        except case_store.CaseError as exc:
+            db().rollback()
+            show_errors(form, exc, "diagnosis")
+        else:
+            audit.subject(agrees=review is not None)
+            if review is not None:
+                flash("Your reading agrees with the first reader's: the report is final.", "ok")
+            else:
+                flash("Your reading differs from the first reader's. Both readings are now shown to both of you: "
+                      "one of you signs the agreed diagnosis.", "info")
+            return _back(c)
+    return _rerender(_case_or_404(case_id), second=form)
+
+
+@bp.post("/cases/<int:case_id>/cancel")
+@role_required("edit")
+def cancel(case_id: int):
+    c = _case_or_404(case_id, "edit")
+    form = CancelForm()
+    if form.validate_on_submit():
+        try:
+            workflow.cancel(db(), c, me(), form.reason.data)
+            db().commit()
+        except case_store.CaseError as exc:
+            db().rollback()
+            show_errors(form, exc, "reason")
+        else:
+            flash(f"Case #{c.id} cancelled.", "ok")
+            return _back(c)
+    return _rerender(_case_or_404(case_id), cancel=form)
+
+
+# ----------------------------------------------------------------------------- consults
+@bp.post("/cases/<int:case_id>/consults")
+@role_required("consult")
+def ask(case_id: int):
+    c = _case_or_404(case_id, "consult")
+    form = ConsultForm()
+    form.consultant_id.choices = [(0, "")] + [(x.id, "") for x in consult_store.consultant_choices(db(), me())]
+    form.image_id.choices = [(0, "")] + [(i.id, "") for i in c.images]
+    if form.validate_on_submit():
+        region = [int(v) for v in form.region.data.split(",")] if form.region.data else None
+        try:
+            k = consult_store.ask(db(), c, me(), form.consultant_id.data or None, form.question.data,
+                                  form.image_id.data or None, region)
+            db().commit()
+        except case_store.CaseError as exc:
+            db().rollback()
+            show_errors(form, exc, "question")
+        else:
+            audit.subject(resource=("consult", k.id), consultant=k.consultant_id)
+            flash("Consult sent.", "ok")
+            return redirect(url_for("workflow.consult", consult_id=k.id))
+    return _rerender(_case_or_404(case_id), consult=form)
+
+
+def _consult_or_404(consult_id: int):
+    k = consult_store.get_visible(db(), me(), consult_id)
+    if k is None:
+        abort(404)
+    audit.subject(patient_id=k.case.patient_id)
+    return k
+
+
+@bp.get("/consults/<int:consult_id>")
+@login_required
+def consult(consult_id: int):
+    k = _consult_or_404(consult_id)
+    may_open_case = case_store.get_visible(db(), me(), k.case_id) is not None
+    return render_template("cases/consult.html", consult=k, form=AnswerForm(formdata=None),
+                           may_answer=consult_store.may_answer(me(), k), may_open_case=may_open_case,
+                           may_close=k.status == "open" and (me().id in (k.asked_by_id, k.consultant_id) or me().is_admin),
+                           title=f"Consult {k.id} on case {k.case_id}")
+
+
+@bp.post("/consults/<int:consult_id>/messages")
+@login_required
+def answer(consult_id: int):
+    k = _consult_or_404(consult_id)
+    if not consult_store.may_answer(me(), k) and k.status == "open":
+        abort(403)
+    form = AnswerForm()
+    if form.validate_on_submit():
+        try:
+            consult_store.answer(db(), k, me(), form.body.data)
+            db().commit()
+        except access.Forbidden:
+            db().rollback()
+            abort(403)
+        except case_store.CaseError as exc:
+            db().rollback()
+            show_errors(form, exc, "body")
+        else:
+            return redirect(url_for("workflow.consult", consult_id=k.id))
+    return render_template("cases/consult.html", consult=k, form=form, may_answer=consult_store.may_answer(me(), k),
+                           may_open_case=True, may_close=False, title=f"Consult {k.id}"), 400
+
+
+@bp.post("/consults/<int:consult_id>/close")
+@login_required
+def close(consult_id: int):
+    k = _consult_or_404(consult_id)
+    if not EmptyForm().validate_on_submit():
+        abort(400)
+    try:
+        consult_store.close(db(), k, me())
+        db().commit()
+    except access.Forbidden:
+        db().rollback()
+        abort(403)
+    except case_store.CaseError as exc:
+        db().rollback()
+        flash(str(exc), "error")
+    else:
+        flash("Consult closed; the consultant's access to the case ended.", "ok")
+    return redirect(url_for("workflow.consult", consult_id=k.id))
+
+
+# ----------------------------------------------------------------------------- worklists
+@bp.get("/worklist/<queue>")
+@login_required
+def worklist(queue: str):
+    if queue not in worklists.QUEUES:
+        abort(404)
+    sort = request.args.get("sort", "priority")
+    sort = sort if sort in worklists.SORTS else "priority"
+    page = worklists.queue_page(db(), me(), queue, sort, int_arg(request.args.get("page")))
+    shown = [x.case_id for x in page.items] if queue == "consults" else [x.id for x in page.items]
+    audit.subject(shown_cases=shown)
+    return render_template("worklist.html", queue=queue, queues=worklists.QUEUES, sort=sort, sorts=worklists.SORTS,
+                           page=page, title=worklists.QUEUES[queue])
+
+
+# ----------------------------------------------------------------------------- settings
+@bp.route("/admin/workflow", methods=["GET", "POST"])
+@admin_required
+def settings_page():
+    s = db()
+    form = WorkflowSettingsForm()
+    fields = {a: policy_field() for a in registry.available()}
+    if request.method == "POST" and form.validate_on_submit():
+        try:
+            for a in registry.available():
+                chosen = request.form.get(f"policy-{a}", "")
+                if chosen:
+                    workflow.set_second_reader_policy(s, me(), a, chosen)
+            workflow.set_preliminary_release(s, me(), bool(form.release_preliminary.data))
+            s.commit()
+        except case_store.CaseError as exc:
+            s.rollback()
+            flash(str(exc), "error")
+        else:
+            audit.subject(policies=workflow.policies(s), release_preliminary=workflow.preliminary_release_allowed(s))
+            flash("Workflow settings saved.", "ok")
+            return redirect(url_for("workflow.settings_page"))
+    if request.method == "GET":
+        form.release_preliminary.data = workflow.preliminary_release_allowed(s)
+    return render_template("admin/workflow.html", form=form, fields=fields, policies=workflow.policies(s),
+                           choices=SECOND_READER_POLICIES, analyzer_names={a: registry.get(a).name
+                                                                           for a in registry.available()},
+                           title="Workflow settings")
