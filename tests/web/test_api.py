@@ -450,3 +450,59 @@ def test_a_case_is_created_with_its_priority(app, tok):
     assert bad.status_code == 422 and "priority" in bad.get_data(as_text=True)
     page = c.get(f"/cases/{made.get_json()['id']}")  # (the API client is not signed in: the page redirects)
     assert page.status_code == 302
+
+
+# Every API route x the technologist (assigned to patient A) and the reviewer (consulted on case A by
+# doctor A, no patient): the status an empty or harmless request gets. 403: the role may never do it
+# (refused before any lookup); a consulted reviewer reads the case, not its patient.
+STAFF_API = {  # (method, path): (tech, rev)
+    ("GET", "/api/v1/analyzers"): (200, 200),
+    ("GET", "/api/v1/patients"): (200, 200),
+    ("POST", "/api/v1/patients"): (422, 403),
+    ("GET", f"/api/v1/patients/{PATIENT_A_ID}"): (200, 404),
+    ("PATCH", f"/api/v1/patients/{PATIENT_A_ID}"): (200, 403),  # nothing to change
+    ("PUT", f"/api/v1/patients/{PATIENT_A_ID}/doctors"): (403, 403),
+    ("GET", f"/api/v1/patients/{PATIENT_A_ID}/cases"): (200, 404),
+    ("POST", f"/api/v1/patients/{PATIENT_A_ID}/cases"): (422, 403),
+    ("GET", "/api/v1/cases"): (200, 200),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}"): (200, 200),
+    ("DELETE", f"/api/v1/cases/{CASE_A_ID}"): (409, 403),
+    ("POST", f"/api/v1/cases/{CASE_A_ID}/images"): (422, 403),
+    ("POST", f"/api/v1/cases/{CASE_A_ID}/images/1/retry"): (409, 403),
+    ("POST", f"/api/v1/cases/{CASE_A_ID}/sign"): (403, 403),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}/cells"): (409, 409),
+    ("PATCH", f"/api/v1/cases/{CASE_A_ID}/cells"): (409, 403),
+    ("POST", f"/api/v1/cases/{CASE_A_ID}/cells/undo"): (409, 403),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}/report.pdf"): (200, 200),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}/fhir"): (409, 409),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}/hl7"): (409, 409),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}/dicom-sr"): (409, 409),
+    ("GET", f"/api/v1/cases/{CASE_A_ID}/images/1/dicom-seg"): (409, 409),
+    ("POST", f"/api/v1/cases/{CASE_A_ID}/hl7/send"): (409, 403),
+}
+
+
+def test_api_routes_for_the_technologist_and_the_reviewer(app, tok, staff):
+    import re
+
+    staff("tech")
+    with sessions_of(app)() as s:
+        from oncoscope.store import consults
+        from oncoscope.store.models import Case
+
+        from .conftest import REVIEWER, make_users
+
+        rev = make_users(s, (REVIEWER,))["rev"]
+        consults.ask(s, s.get(Case, CASE_A_ID), s.get(User, ACCOUNTS["doc_a"].id), rev.id, "Blast?")
+        s.commit()
+    rules = {(m, re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", r.rule)) for r in app.url_map.iter_rules()
+             if r.rule.startswith("/api/v1/") and r.endpoint not in ("api.openapi_json", "api.docs")
+             for m in r.methods & {"GET", "POST", "PATCH", "PUT", "DELETE"}}
+    covered = {(m, re.sub(r"/\d+", "/{id}", p)) for m, p in STAFF_API}
+    assert {(m, re.sub(r"\{[^}]+\}", "{id}", p)) for m, p in rules} == covered
+    c = app.test_client()
+    tokens = {"tech": tok("tech"), "rev": tok("rev")}
+    for (method, path), expected in STAFF_API.items():
+        for who, want in zip(("tech", "rev"), expected):
+            r = c.open(path, method=method, headers=h(tokens[who]), json={} if method in ("POST", "PATCH", "PUT") else None)
+            assert r.status_code == want, f"{who} {method} {path}: {r.status_code} {r.data[:200]}"

@@ -62,7 +62,7 @@ def image_dicom_seg(case_id: int, image_id: int):
              502: "The receiving system refused the message or could not be reached"})
 def case_hl7_send(case_id: int):
     st = settings()
-    delivery = exports.send_hl7(case_or_404(case_id), st.hl7_host, st.hl7_port)
+    delivery = exports.send_hl7(case_or_404(case_id, "edit"), st.hl7_host, st.hl7_port)
     if delivery.outcome == exports.NO_DESTINATION:
         raise ApiError(409, "hl7_not_configured", "No HL7 destination is configured (ONCOSCOPE_HL7_HOST/PORT).")
     if not delivery.sent:
