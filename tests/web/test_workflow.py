@@ -85,9 +85,13 @@ def test_technologist_doctor_second_reader_consult_final_corrected(app, client_f
     assert rev.get(f"/patients/{P}").status_code == 404  # the case only
     assert sign(rev, cid, final_diagnosis="Pre").status_code == 403
     assert f"/consults/".encode() in rev.get("/worklist/consults").data
+    seq = _seq(app)
     assert rev.post(f"{consult_url}/messages", data={"body": "A myeloblast."}).status_code == 302
+    assert _actions(app, seq) == ["consult.answer"]
     assert b"A myeloblast." in doc_b.get(consult_url).data
+    seq = _seq(app)
     assert doc_b.post(f"{consult_url}/close").status_code == 302
+    assert _actions(app, seq) == ["consult.close"]
     assert rev.get(f"/cases/{cid}").status_code == 404  # access ended with the consult
 
     # doctor B commits the same reading: final, signed by A, confirmed by B
@@ -135,8 +139,10 @@ def test_cancel_needs_a_reason_and_an_empty_or_failed_case(app, client_for):
     c = client_for("doc_a")
     r = c.post("/cases/1/cancel", data={"reason": ""})
     assert r.status_code == 400
+    seq = _seq(app)
     r = c.post("/cases/1/cancel", data={"reason": "smear unreadable; redrawn"})  # out of domain: nothing to read
     assert r.status_code == 302
+    assert _actions(app, seq) == ["case.cancel"]
     assert q(app, select(Case.status, Case.cancel_reason).where(Case.id == 1)) == [("cancelled",
                                                                                    "smear unreadable; redrawn")]
     page = c.get("/cases/1").data.decode()
