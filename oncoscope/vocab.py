@@ -51,3 +51,6 @@ SECOND_READER_POLICIES = {
 # The report's states, as people read them (store/cases.report_state).
 REPORT_STATE_NAMES = {"open": "Open", "preliminary": "Preliminary", "final": "Final", "corrected": "Corrected",
                       "cancelled": "Cancelled"}
+# A move of the report, by the state it went to (the case page's report history, the PDF header).
+TRANSITION_NAMES = {"preliminary": "Preliminary result", "second_read": "First reading", "final": "Final",
+                    "corrected": "Corrected", "cancelled": "Cancelled", "open": "Reopened"}

@@ -14,6 +14,7 @@ from ..imaging.imageio import load_image
 from ..ml.wbc import THUMB_PX, THUMB_UM, stored_cell_crop
 from ..store.cases import label_names, signed_call
 from ..store.files import FileStore
+from ..vocab import TRANSITION_NAMES
 from .case_facts import (DEFAULT_DISCLAIMER, ai_call_text, case_analyzer, first_model_analysis, image_messages, lifecycle,
                          image_status, is_done)
 from .pdf import render_case_report
@@ -70,10 +71,6 @@ def build_report_data(case, store: FileStore, clinic_name: str) -> dict:
     }
 
 
-STATE_WORDS = {"preliminary": "Preliminary result", "second_read": "First reading", "final": "Final",
-               "corrected": "Corrected", "cancelled": "Cancelled", "open": "Reopened"}
-
-
 def _lifecycle_line(case) -> str:
     """One line for the PDF header: the report's state now and who moved it there, when; the second
     reader who confirmed it; then the earlier states (the last move to each), newest first, so that a
@@ -84,7 +81,7 @@ def _lifecycle_line(case) -> str:
         last[t["state"]] = t
     if not last:
         return ""
-    moves = [f"{STATE_WORDS.get(k, k)}: {t['by'] or 'system'} {_fmt(t['at'])}" for k, t in reversed(last.items())]
+    moves = [f"{TRANSITION_NAMES.get(k, k)}: {t['by'] or 'system'} {_fmt(t['at'])}" for k, t in reversed(last.items())]
     confirmed = next((r for r in case.reviews if r.second_reader_id is not None), None)
     if confirmed is not None:
         who = confirmed.second_reader.name if confirmed.second_reader else str(confirmed.second_reader_id)

@@ -42,12 +42,17 @@ def may(user: User, capability: str) -> bool:
     return user.role in CAPABILITIES[capability]
 
 
-def consulted_on(user: User):
-    """SQL condition: a case with an open consult addressed to ``user`` (by name, or to any reviewer)."""
+def addressed_to(user: User):
+    """SQL condition on consults: open and addressed to ``user`` (by name, or to any reviewer)."""
     to_me = Consult.consultant_id == user.id
     if user.role == "reviewer":
         to_me = or_(to_me, Consult.consultant_id.is_(None))
-    return Case.id.in_(select(Consult.case_id).where(Consult.status == "open", to_me))
+    return and_(Consult.status == "open", to_me)
+
+
+def consulted_on(user: User):
+    """SQL condition: a case with an open consult addressed to ``user``."""
+    return Case.id.in_(select(Consult.case_id).where(addressed_to(user)))
 
 
 def via_patient(user: User):

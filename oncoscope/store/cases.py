@@ -57,11 +57,9 @@ UNSIGNED = ("open", "analysing", "ready")
 UPLOADABLE = (*UNSIGNED, "preliminary")
 PENDING = ("queued", "running", "retried")  # job states that keep a case 'analysing'
 
-# The report's state, as pages, PDF, FHIR and HL7 name it, from the case's status and its review.
-REPORT_STATES = ("open", "preliminary", "final", "corrected", "cancelled")
-
-
 def report_state(case: Case) -> str:
+    """The report's state, as pages, PDF, FHIR and HL7 name it (vocab.REPORT_STATE_NAMES), from the
+    case's status and its review."""
     if case.status == "cancelled":
         return "cancelled"
     if case.status == "signed":
@@ -418,7 +416,7 @@ class Aggregate:
     differential: dict | None = None  # counts over every cell of every image (cell-classifying analyzers)
 
 
-def _frozen(agg: Aggregate) -> dict:
+def frozen_call(agg: Aggregate) -> dict:
     return {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities, "text": agg.text,
             "n_used": agg.n_used, "n_total": agg.n_total}
 
@@ -574,20 +572,20 @@ def agrees_with_ai(case: Case, ai_label: str | None, final_diagnosis: str) -> bo
 def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels: list[str], comment: str = "",
          override_reason: str = "", uncertainty_note: str = "", amendment_reason: str = "",
          revision: int | None = None, differential: dict | None = None, confirm_unverified: bool = False,
-         second: dict | None = None) -> Review:
+         second: dict | None = None, moved_by: User | None = None, transition_note: str | None = None) -> Review:
     """Sign (or amend) the diagnosis of exactly the images the signer reviewed: ``revision`` is the
     case revision the signer saw (None: the one read now). The review's hash covers that image set.
     ``differential`` (cell-classifying analyzers, from store.cells) is frozen with the review; cells
     left unverified need ``confirm_unverified``. ``second``: the second reading that confirmed it
-    (store/workflow decides when one is needed)."""
+    (store/workflow decides when one is needed). The report history names ``moved_by`` (default: the
+    signer; the second reader who made the report final) and ``transition_note`` (default: the
+    amendment's reason)."""
     lock_case(s, case)
     if revision is not None and revision != case.revision:
         raise CaseError(CASE_CHANGED)
-    if not case.images:
-        raise CaseError("Upload at least one image before signing.")
-    if any(i.analysis and i.analysis.job_status in PENDING for i in case.images):
-        raise CaseError("Wait until every image is analysed before signing.")
-    texts = _sign_texts(override_reason=override_reason, uncertainty_note=uncertainty_note, comment=comment,
+    if (waiting := not_ready_to_sign(case)) is not None:
+        raise CaseError(waiting)
+    texts = sign_texts(override_reason=override_reason, uncertainty_note=uncertainty_note, comment=comment,
                         amendment_reason=amendment_reason)
     agg = aggregate(case)
     agrees = agrees_with_ai(case, agg.label, final_diagnosis)
@@ -602,12 +600,13 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
         raise CaseError(CASE_CHANGED)
     r = Review(case_id=case.id, version=(previous.version + 1) if previous else 1, ai_label=agg.label,
                ai_status=agg.status, final_diagnosis=final_diagnosis, agrees_with_ai=agrees, signed_by_id=user.id,
-               signed_at=utcnow(), content_sha256="", differential=differential, ai_call=_frozen(agg),
+               signed_at=utcnow(), content_sha256="", differential=differential, ai_call=frozen_call(agg),
                **(second or {}), **texts)
     s.add(r)
     case.reviews.append(r)
     r.content_sha256 = _review_hash(case, r)
-    record_transition(s, case, user, before, report_state(case), texts["amendment_reason"])
+    record_transition(s, case, moved_by or user, before, report_state(case),
+                      texts["amendment_reason"] if transition_note is None else transition_note)
     s.flush()
     return r
 
@@ -634,7 +633,17 @@ def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], ove
          "sign with them as they are.", bool(pending) and not confirm_unverified)) if bad]
 
 
-def _sign_texts(**texts: str) -> dict[str, str]:
+def not_ready_to_sign(case: Case) -> str | None:
+    """Why no reading of the case can be signed yet (no image, analyses still running), or None."""
+    if not case.images:
+        return "Upload at least one image before signing."
+    if any(i.analysis and i.analysis.job_status in PENDING for i in case.images):
+        return "Wait until every image is analysed before signing."
+    return None
+
+
+def sign_texts(**texts: str) -> dict[str, str]:
+    """A sign-off's free texts, checked (storable) and trimmed to their limits."""
     limits = {"override_reason": 5000, "uncertainty_note": 5000, "comment": 10000, "amendment_reason": 5000}
     for k, v in texts.items():
         if unstorable(v):

@@ -200,16 +200,22 @@ def cell_image(s: Session, cell: CellLabel) -> tuple[CaseImage, dict]:
 def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels: list[str], *,
          blast_flag_pct: float | None = None, confirm_unverified: bool = False, **texts) -> Review:
     """Sign a case; for a cell-classifying analyzer the live differential is frozen into the review."""
-    an = registry.installed(case.analyzer_id)
-    frozen = None
-    if case_store.classifies_cells(an):
-        lock_case(s, case)  # first: a batch committing now is either in the frozen differential or refused
-        ensure_cells(s, case)
-        frozen = differential(s, case, an.cells_cfg.count_target, blast_flag_pct, with_cells=True)
-    review = case_store.sign(s, case, user, final_diagnosis, valid_labels, differential=frozen,
+    review = case_store.sign(s, case, user, final_diagnosis, valid_labels,
+                             differential=frozen_differential(s, case, blast_flag_pct),
                              confirm_unverified=confirm_unverified, **texts)
     mark_signed(s, case)
     return review
+
+
+def frozen_differential(s: Session, case: Case, blast_flag_pct: float | None) -> dict | None:
+    """The differential a reading of the case signs (every cell's class with it), or None for an
+    analyzer that does not classify cells."""
+    an = registry.installed(case.analyzer_id)
+    if not case_store.classifies_cells(an):
+        return None
+    lock_case(s, case)  # first: a batch committing now is either in the frozen differential or refused
+    ensure_cells(s, case)
+    return differential(s, case, an.cells_cfg.count_target, blast_flag_pct, with_cells=True)
 
 
 def mark_signed(s: Session, case: Case) -> None:

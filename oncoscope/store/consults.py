@@ -4,7 +4,7 @@ consultant may read that case, and only that case (store/access); closing it end
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from . import access
@@ -70,18 +70,26 @@ def ask(s: Session, case: Case, asker: User, consultant_id: int | None, question
     return c
 
 
+def _takes_part(user: User, c: Consult) -> bool:
+    """The user asked it, is its consultant (or a reviewer while it is open to all reviewers), or is
+    an administrator."""
+    return (user.id in (c.asked_by_id, c.consultant_id) or user.is_admin
+            or (c.consultant_id is None and user.role == "reviewer" and c.status == "open"))
+
+
 def get_visible(s: Session, user: User, consult_id: int) -> Consult | None:
-    """A consult the user takes part in (asker, consultant, any reviewer for an open one to all
-    reviewers) or whose case they may fully see."""
+    """A consult the user takes part in, or whose case they may fully see."""
     c = s.get(Consult, consult_id)
-    if c is None:
-        return None
-    if user.id in (c.asked_by_id, c.consultant_id) or user.is_admin:
-        return c
-    if c.consultant_id is None and user.role == "reviewer" and c.status == "open":
+    if c is None or _takes_part(user, c):
         return c
     case = case_store.get_visible(s, user, c.case_id)
     return c if case is not None and access.case_access(s, user, case) == "full" else None
+
+
+def shown_on(case: Case, user: User, full_access: bool) -> list[Consult]:
+    """The case's consults its page lists for the user: all of them with full access to the case,
+    else those the user takes part in (the same rule as ``get_visible``)."""
+    return [c for c in case.consults if full_access or _takes_part(user, c)]
 
 
 def may_answer(user: User, c: Consult) -> bool:
@@ -102,9 +110,13 @@ def answer(s: Session, c: Consult, user: User, body: str) -> ConsultMessage:
     return m
 
 
+def may_close(user: User, c: Consult) -> bool:
+    return user.id in (c.asked_by_id, c.consultant_id) or user.is_admin
+
+
 def close(s: Session, c: Consult, user: User) -> None:
     """Close the consult (the asker, the consultant or an admin); the consultant's access ends."""
-    if user.id not in (c.asked_by_id, c.consultant_id) and not user.is_admin:
+    if not may_close(user, c):
         raise access.Forbidden("Only the person who asked, the consultant or an administrator closes a consult.")
     if c.status != "open":
         raise CaseError("This consult is already closed.")
@@ -114,8 +126,4 @@ def close(s: Session, c: Consult, user: User) -> None:
 
 def for_me(user: User):
     """Open consults addressed to the user (by name, or to every reviewer)."""
-    q = select(Consult).where(Consult.status == "open")
-    to_me = Consult.consultant_id == user.id
-    if user.role == "reviewer":
-        to_me = or_(to_me, Consult.consultant_id.is_(None))
-    return q.where(to_me)
+    return select(Consult).where(access.addressed_to(user))

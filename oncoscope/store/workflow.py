@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ..analyzers import registry
@@ -24,7 +24,7 @@ from . import access
 from . import cases as case_store
 from . import cells as cell_store
 from .cases import CASE_CHANGED, CaseError, advance, lock_case, record_transition, report_state
-from .models import AnalyzerPolicy, Case, CaseTransition, Reading, Review, SiteSetting, User, utcnow
+from .models import AnalyzerPolicy, Case, Reading, Review, SiteSetting, User, utcnow
 
 RELEASE_PRELIMINARY = "release_preliminary"
 
@@ -79,10 +79,6 @@ def current_reading(case: Case, kind: str) -> Reading | None:
     return rows[-1] if rows else None
 
 
-def _texts(**texts: str) -> dict[str, str]:
-    return case_store._sign_texts(**texts)
-
-
 def write_preliminary(s: Session, case: Case, user: User, diagnosis: str, valid_labels: list[str],
                       comment: str = "", revision: int | None = None) -> Reading:
     """A preliminary result (technologist or doctor): what the case shows before a doctor signs. A
@@ -95,7 +91,7 @@ def write_preliminary(s: Session, case: Case, user: User, diagnosis: str, valid_
         raise CaseError("A preliminary result is written once every image is analysed, before the case is signed.")
     if diagnosis not in valid_labels:
         raise CaseError("Choose a diagnosis from the list.", "final_diagnosis")
-    texts = _texts(comment=comment)
+    texts = case_store.sign_texts(comment=comment)
     agg = case_store.aggregate(case)
     before = case.status
     if not advance(s, case, "preliminary", from_statuses=("ready", "preliminary"), revision=case.revision):
@@ -103,7 +99,7 @@ def write_preliminary(s: Session, case: Case, user: User, diagnosis: str, valid_
     s.execute(update(Reading).where(Reading.case_id == case.id, Reading.kind == "preliminary")
               .values(current=False).execution_options(synchronize_session=False))
     r = Reading(case_id=case.id, kind="preliminary", user_id=user.id, diagnosis=diagnosis, revision=case.revision,
-                ai_call=case_store._frozen(agg), at=utcnow(), current=True, **texts)
+                ai_call=case_store.frozen_call(agg), at=utcnow(), current=True, **texts)
     s.add(r)
     record_transition(s, case, user, "open" if before == "ready" else "preliminary", "preliminary",
                       "revised" if before == "preliminary" else "")
@@ -139,27 +135,23 @@ def sign(s: Session, case: Case, user: User, final_diagnosis: str, valid_labels:
 def _first_reading(s: Session, case: Case, user: User, diagnosis: str, valid_labels: list[str],
                    blast_flag_pct: float | None, *, revision: int | None = None, confirm_unverified: bool = False,
                    amendment_reason: str = "", **texts) -> Reading:
-    an = registry.installed(case.analyzer_id)
     lock_case(s, case)
     if revision is not None and revision != case.revision:
         raise CaseError(CASE_CHANGED)
-    frozen = None
-    if case_store.classifies_cells(an):
-        cell_store.ensure_cells(s, case)
-        frozen = cell_store.differential(s, case, an.cells_cfg.count_target, blast_flag_pct, with_cells=True)
-    texts = _texts(**texts)
+    frozen = cell_store.frozen_differential(s, case, blast_flag_pct)
+    texts = case_store.sign_texts(**texts)
     agg = case_store.aggregate(case)
     problems = case_store.sign_problems(case, diagnosis, valid_labels, agg=agg, differential=frozen,
                                         confirm_unverified=confirm_unverified, **texts)
-    if any(i.analysis and i.analysis.job_status in case_store.PENDING for i in case.images) or not case.images:
-        problems.insert(0, (None, "Wait until every image is analysed before signing."))
+    if (waiting := case_store.not_ready_to_sign(case)) is not None:
+        problems.insert(0, (None, waiting))
     if problems:
         raise CaseError(problems[0][1], problems[0][0], problems)
     before = report_state(case)
     if not advance(s, case, "second_read", from_statuses=("ready", "preliminary"), revision=case.revision):
         raise CaseError(CASE_CHANGED)
     r = Reading(case_id=case.id, kind="first", user_id=user.id, diagnosis=diagnosis, revision=case.revision,
-                ai_call=case_store._frozen(agg), differential=frozen, at=utcnow(), current=True, **texts)
+                ai_call=case_store.frozen_call(agg), differential=frozen, at=utcnow(), current=True, **texts)
     s.add(r)
     record_transition(s, case, user, before, "second_read", "awaiting a second reader")
     s.flush()
@@ -193,7 +185,7 @@ def second_read(s: Session, case: Case, user: User, diagnosis: str, valid_labels
         raise CaseError("The second reader must be another doctor than the first reader.")
     if diagnosis not in valid_labels:
         raise CaseError("Choose a diagnosis from the list.", "final_diagnosis")
-    texts = _texts(comment=comment)
+    texts = case_store.sign_texts(comment=comment)
     second = Reading(case_id=case.id, kind="second", user_id=user.id, diagnosis=diagnosis, revision=case.revision,
                      at=utcnow(), current=True, **texts)
     s.add(second)
@@ -220,18 +212,10 @@ def _final_from_first(s: Session, case: Case, user: User, first: Reading, second
     review = case_store.sign(s, case, signer, first.diagnosis, labels, comment=first.comment,
                              override_reason=first.override_reason, uncertainty_note=first.uncertainty_note,
                              differential=first.differential, confirm_unverified=True,
-                             second=_second_fields(second, True))
+                             second=_second_fields(second, True), moved_by=user,
+                             transition_note="confirmed by the second reader")
     cell_store.mark_signed(s, case)
-    _retag_last_transition(s, case, user, "confirmed by the second reader")
     return review
-
-
-def _retag_last_transition(s: Session, case: Case, user: User, note: str) -> None:
-    """case_store.sign recorded the move under the signer; the second reader made it happen."""
-    t = s.scalar(select(CaseTransition).where(CaseTransition.case_id == case.id)
-                 .order_by(CaseTransition.id.desc()).limit(1))
-    if t is not None:
-        t.user_id, t.note = user.id, note
 
 
 def _settle(s: Session, case: Case, user: User, diagnosis: str, valid_labels: list[str],
@@ -241,11 +225,9 @@ def _settle(s: Session, case: Case, user: User, diagnosis: str, valid_labels: li
         raise CaseError("This case is waiting for its second reading; the second reader gives it first.")
     if user.id not in (first.user_id, second.user_id):
         raise CaseError("Only the two readers of this case settle its diagnosis.")
-    fields.setdefault("comment", "")
-    review = cell_store.sign(s, case, user, diagnosis, valid_labels, blast_flag_pct=blast_flag_pct,
-                             second=_second_fields(second, False), **fields)
-    _retag_last_transition(s, case, user, "consensus of the two readers")
-    return review
+    return cell_store.sign(s, case, user, diagnosis, valid_labels, blast_flag_pct=blast_flag_pct,
+                           second=_second_fields(second, False), transition_note="consensus of the two readers",
+                           **fields)
 
 
 # ----------------------------------------------------------------------------- cancelling

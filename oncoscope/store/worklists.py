@@ -70,37 +70,37 @@ def _cases(user: User, queue: str):
 
 def queue_page(s: Session, user: User, queue: str, sort: str = "priority", page: int = 1, per_page: int = 25) -> Page:
     """One page of a queue: cases (prepare, verify, second-read) or open consults (consults)."""
+    total = _count(s, user, queue)
     if queue == "consults":
-        q = for_me(user)
-        total = s.scalar(select(func.count()).select_from(q.order_by(None).subquery()))
-        order = (sql_case((Case.priority == "stat", 0), else_=1), Consult.created_at)
-        q = (q.join(Case, Case.id == Consult.case_id).order_by(*order)
+        q = (for_me(user).join(Case, Case.id == Consult.case_id).order_by(*_consult_order())
              .options(joinedload(Consult.case).joinedload(Case.patient), joinedload(Consult.asked_by)))
     else:
-        q = _cases(user, queue)
-        total = s.scalar(q.with_only_columns(func.count(Case.id)).order_by(None))
-        q = q.options(joinedload(Case.patient)).order_by(*ORDER.get(sort, ORDER["priority"])())
+        q = _cases(user, queue).options(joinedload(Case.patient)).order_by(*ORDER.get(sort, ORDER["priority"])())
     pages = max(1, -(-total // per_page))
     page = min(max(1, page), pages)
     items = list(s.scalars(q.offset((page - 1) * per_page).limit(per_page)).unique())
     return Page(items, page, pages, total)
 
 
+def _count(s: Session, user: User, queue: str) -> int:
+    if queue == "consults":
+        return s.scalar(select(func.count()).select_from(for_me(user).subquery()))
+    return s.scalar(_cases(user, queue).with_only_columns(func.count(Case.id)).order_by(None))
+
+
+def _consult_order():
+    return _stat_first(), Consult.created_at
+
+
 def counts(s: Session, user: User) -> dict[str, int]:
     """The counts the navigation shows for the user's queues."""
-    out = {}
-    for name in ROLE_QUEUES.get(user.role, ()):
-        if name == "consults":
-            out[name] = s.scalar(select(func.count()).select_from(for_me(user).order_by(None).subquery()))
-        else:
-            out[name] = s.scalar(_cases(user, name).with_only_columns(func.count(Case.id)).order_by(None))
-    return out
+    return {name: _count(s, user, name) for name in ROLE_QUEUES.get(user.role, ())}
 
 
 def next_case(s: Session, user: User, queue: str, current_id: int, sort: str = "priority") -> int | None:
     """The first case of the queue (in its order) other than the one being read: the key "n"."""
     if queue == "consults":
         q = for_me(user).join(Case, Case.id == Consult.case_id).where(Consult.case_id != current_id)
-        return s.scalar(q.with_only_columns(Consult.case_id).order_by(_stat_first(), Consult.created_at).limit(1))
+        return s.scalar(q.with_only_columns(Consult.case_id).order_by(*_consult_order()).limit(1))
     q = _cases(user, queue).where(Case.id != current_id).order_by(*ORDER.get(sort, ORDER["priority"])())
     return s.scalar(q.with_only_columns(Case.id).limit(1))

@@ -72,9 +72,15 @@ def case_page(c, sign_form: SignForm | None = None, status: int = 200, workflow_
                            next_case=next_case, worklist_queue=queue, title=f"Case {c.id}"), status
 
 
-def _options(c) -> list[tuple[str, str]]:
+def diagnosis_choices(c) -> list[tuple[str, str]]:
+    """What a reading of the case can name (none when its analyzer is no longer installed)."""
     an = registry.installed(c.analyzer_id)
     return case_store.diagnosis_options(an) if an is not None else []
+
+
+def seen_revision(form) -> int | None:
+    """The case revision the form was filled in on (its hidden field), or None."""
+    return int(form.revision.data) if (form.revision.data or "").isdigit() else None
 
 
 def panel(c, forms: dict | None = None) -> dict:
@@ -85,9 +91,9 @@ def panel(c, forms: dict | None = None) -> dict:
     blind = workflow.blinded(c, u)
     readings = [] if blind else [r for r in c.readings if r.current]
     prelim = PreliminaryForm(formdata=None) if "preliminary" not in forms else forms["preliminary"]
-    prelim.diagnosis.choices = [CHOOSE] + _options(c)
+    prelim.diagnosis.choices = [CHOOSE] + diagnosis_choices(c)
     second = SecondReadForm(formdata=None) if "second" not in forms else forms["second"]
-    second.diagnosis.choices = [CHOOSE] + _options(c)
+    second.diagnosis.choices = [CHOOSE] + diagnosis_choices(c)
     for f in (prelim, second):
         f.revision.data = str(c.revision)
     consult = forms.get("consult") or ConsultForm(formdata=None)
@@ -95,7 +101,7 @@ def panel(c, forms: dict | None = None) -> dict:
         (x.id, f"{x.name} ({access.ROLE_NAMES[x.role].lower()})") for x in consult_store.consultant_choices(s, u)]
     consult.image_id.choices = [(0, "The whole case")] + [(i.id, f"Image {n}: {i.original_filename}")
                                                           for n, i in enumerate(c.images, start=1)]
-    mine = [k for k in c.consults if consult_store.get_visible(s, u, k.id) is not None]
+    mine = consult_store.shown_on(c, u, full)
     readers = {r.user_id for r in c.readings if r.current and r.kind in ("first", "second")}
     analyses = [i.analysis for i in c.images if i.analysis is not None]
     nothing_to_read = not any(a.job_status == "done" and a.result_status in ("ok", "uncertain") for a in analyses)

@@ -21,7 +21,7 @@ from ..store import workflow
 from ..store.models import CaseImage, User
 from ..vocab import SEND_NEEDS_SIGNATURE
 from . import audit
-from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page as _case_page
+from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page as _case_page, seen_revision
 from .forms import CaseForm, EmptyForm, SignForm
 from .helpers import db, download, files, int_arg, me, notify_workers, role_required, settings, show_errors
 
@@ -186,7 +186,7 @@ def sign(case_id: int):
     labels = [k for k, _ in options]
     form = SignForm()
     form.final_diagnosis.choices = [CHOOSE] + options
-    seen = int(form.revision.data) if (form.revision.data or "").isdigit() else None
+    seen = seen_revision(form)
     s = db()
     if form.validate_on_submit():
         try:

@@ -9,7 +9,7 @@ from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optio
 
 from ..store.access import ROLE_NAMES
 from ..store.patients import MRN_MAX, MRN_RULE
-from ..vocab import PRIORITIES, SECOND_READER_POLICIES
+from ..vocab import PRIORITIES
 
 ROLE_CHOICES = [(k, v) for k, v in ROLE_NAMES.items() if k != "admin"] + [("admin", ROLE_NAMES["admin"])]
 
@@ -131,7 +131,3 @@ class AnswerForm(FlaskForm):
 
 class WorkflowSettingsForm(FlaskForm):
     release_preliminary = BooleanField("Preliminary results may be sent to the hospital system (marked preliminary)")
-
-
-def policy_field():
-    return SelectField("Second reader", choices=list(SECOND_READER_POLICIES.items()))

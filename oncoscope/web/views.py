@@ -14,7 +14,7 @@ from ..store import worklists
 from ..store.db import ping
 from ..store.models import User, utcnow
 from ..store.users import has_users
-from ..vocab import REPORT_STATE_NAMES, percent
+from ..vocab import REPORT_STATE_NAMES, TRANSITION_NAMES, percent
 from . import audit
 from .helpers import db, ext, me
 
@@ -191,8 +191,6 @@ def worklist_counts() -> dict[str, int]:
 
 
 READINGS = {"preliminary": "Preliminary", "first": "First reading", "second": "Second reading"}
-TRANSITIONS = {"open": "reopened", "preliminary": "preliminary", "second_read": "first reading",
-               "final": "final", "corrected": "corrected", "cancelled": "cancelled"}
 
 
 @bp.app_template_global()
@@ -202,7 +200,7 @@ def reading_name(kind: str) -> str:
 
 @bp.app_template_global()
 def transition_name(state: str) -> str:
-    return TRANSITIONS.get(state, state)
+    return TRANSITION_NAMES.get(state, state)
 
 
 @bp.app_template_global()

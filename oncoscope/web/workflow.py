@@ -15,26 +15,40 @@ from ..store import workflow
 from ..store import worklists
 from ..vocab import SECOND_READER_POLICIES
 from . import audit
-from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page
-from .forms import (AnswerForm, CancelForm, ConsultForm, EmptyForm, PreliminaryForm, SecondReadForm, WorkflowSettingsForm,
-                    policy_field)
+from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page, diagnosis_choices, seen_revision
+from .forms import (AnswerForm, CancelForm, ConsultForm, EmptyForm, PreliminaryForm, SecondReadForm,
+                    WorkflowSettingsForm)
 from .helpers import admin_required, db, int_arg, me, role_required, show_errors
 
 bp = Blueprint("workflow", __name__)
 
 
 # ----------------------------------------------------------------------------- the case page's part
-def _options(c) -> list[tuple[str, str]]:
-    an = registry.installed(c.analyzer_id)
-    return case_store.diagnosis_options(an) if an is not None else []
-
-
-def _back(c, anchor: str = ""):
-    return redirect(url_for("cases.view", case_id=c.id) + anchor)
+def _back(c):
+    return redirect(url_for("cases.view", case_id=c.id))
 
 
 def _rerender(c, status: int = 400, **forms):
     return case_page(c, workflow_forms=forms, status=status)
+
+
+def _saved(form, field: str, act):
+    """Run a store change and commit it: (True, its result), or (False, None) with the refusal shown
+    on the form (``field`` when the store named none)."""
+    try:
+        out = act()
+        db().commit()
+    except case_store.CaseError as exc:
+        db().rollback()
+        show_errors(form, exc, field)
+        return False, None
+    return True, out
+
+
+def _diagnosis_form(form_class, c):
+    form = form_class()
+    form.diagnosis.choices = [CHOOSE] + diagnosis_choices(c)
+    return form
 
 
 # ----------------------------------------------------------------------------- transitions
@@ -42,18 +56,12 @@ def _rerender(c, status: int = 400, **forms):
 @role_required("prepare")
 def preliminary(case_id: int):
     c = _case_or_404(case_id, "prepare")
-    form = PreliminaryForm()
-    form.diagnosis.choices = [CHOOSE] + _options(c)
+    form = _diagnosis_form(PreliminaryForm, c)
     if form.validate_on_submit():
-        seen = int(form.revision.data) if (form.revision.data or "").isdigit() else None
-        try:
-            workflow.write_preliminary(db(), c, me(), form.diagnosis.data, [k for k, _ in _options(c)],
-                                       form.comment.data or "", revision=seen)
-            db().commit()
-        except case_store.CaseError as exc:
-            db().rollback()
-            show_errors(form, exc, "diagnosis")
-        else:
+        ok, _ = _saved(form, "diagnosis", lambda: workflow.write_preliminary(
+            db(), c, me(), form.diagnosis.data, [k for k, _ in diagnosis_choices(c)], form.comment.data or "",
+            revision=seen_revision(form)))
+        if ok:
             flash("Preliminary result saved; the case is in the doctors' worklist to verify.", "ok")
             return _back(c)
     return _rerender(_case_or_404(case_id), preliminary=form)
@@ -63,18 +71,12 @@ def preliminary(case_id: int):
 @role_required("sign")
 def second_read(case_id: int):
     c = _case_or_404(case_id, "sign")
-    form = SecondReadForm()
-    form.diagnosis.choices = [CHOOSE] + _options(c)
+    form = _diagnosis_form(SecondReadForm, c)
     if form.validate_on_submit():
-        seen = int(form.revision.data) if (form.revision.data or "").isdigit() else None
-        try:
-            review = workflow.second_read(db(), c, me(), form.diagnosis.data, [k for k, _ in _options(c)],
-                                          form.comment.data or "", revision=seen)
-            db().commit()
-        except case_store.CaseError as exc:
-            db().rollback()
-            show_errors(form, exc, "diagnosis")
-        else:
+        ok, review = _saved(form, "diagnosis", lambda: workflow.second_read(
+            db(), c, me(), form.diagnosis.data, [k for k, _ in diagnosis_choices(c)], form.comment.data or "",
+            revision=seen_revision(form)))
+        if ok:
             audit.subject(agrees=review is not None)
             if review is not None:
                 flash("Your reading agrees with the first reader's: the report is final.", "ok")
@@ -91,13 +93,8 @@ def cancel(case_id: int):
     c = _case_or_404(case_id, "edit")
     form = CancelForm()
     if form.validate_on_submit():
-        try:
-            workflow.cancel(db(), c, me(), form.reason.data)
-            db().commit()
-        except case_store.CaseError as exc:
-            db().rollback()
-            show_errors(form, exc, "reason")
-        else:
+        ok, _ = _saved(form, "reason", lambda: workflow.cancel(db(), c, me(), form.reason.data))
+        if ok:
             flash(f"Case #{c.id} cancelled.", "ok")
             return _back(c)
     return _rerender(_case_or_404(case_id), cancel=form)
@@ -113,14 +110,9 @@ def ask(case_id: int):
     form.image_id.choices = [(0, "")] + [(i.id, "") for i in c.images]
     if form.validate_on_submit():
         region = [int(v) for v in form.region.data.split(",")] if form.region.data else None
-        try:
-            k = consult_store.ask(db(), c, me(), form.consultant_id.data or None, form.question.data,
-                                  form.image_id.data or None, region)
-            db().commit()
-        except case_store.CaseError as exc:
-            db().rollback()
-            show_errors(form, exc, "question")
-        else:
+        ok, k = _saved(form, "question", lambda: consult_store.ask(
+            db(), c, me(), form.consultant_id.data or None, form.question.data, form.image_id.data or None, region))
+        if ok:
             audit.subject(resource=("consult", k.id), consultant=k.consultant_id)
             flash("Consult sent.", "ok")
             return redirect(url_for("workflow.consult", consult_id=k.id))
@@ -138,12 +130,14 @@ def _consult_or_404(consult_id: int):
 @bp.get("/consults/<int:consult_id>")
 @login_required
 def consult(consult_id: int):
-    k = _consult_or_404(consult_id)
-    may_open_case = case_store.get_visible(db(), me(), k.case_id) is not None
-    return render_template("cases/consult.html", consult=k, form=AnswerForm(formdata=None),
-                           may_answer=consult_store.may_answer(me(), k), may_open_case=may_open_case,
-                           may_close=k.status == "open" and (me().id in (k.asked_by_id, k.consultant_id) or me().is_admin),
-                           title=f"Consult {k.id} on case {k.case_id}")
+    return _consult_page(_consult_or_404(consult_id), AnswerForm(formdata=None))
+
+
+def _consult_page(k, form, status: int = 200):
+    return render_template("cases/consult.html", consult=k, form=form, may_answer=consult_store.may_answer(me(), k),
+                           may_open_case=case_store.get_visible(db(), me(), k.case_id) is not None,
+                           may_close=k.status == "open" and consult_store.may_close(me(), k),
+                           title=f"Consult {k.id} on case {k.case_id}"), status
 
 
 @bp.post("/consults/<int:consult_id>/messages")
@@ -152,21 +146,12 @@ def answer(consult_id: int):
     k = _consult_or_404(consult_id)
     if not consult_store.may_answer(me(), k) and k.status == "open":
         abort(403)
-    form = AnswerForm()
+    form = AnswerForm()  # (a closed consult is refused by the store, with its message on the form)
     if form.validate_on_submit():
-        try:
-            consult_store.answer(db(), k, me(), form.body.data)
-            db().commit()
-        except access.Forbidden:
-            db().rollback()
-            abort(403)
-        except case_store.CaseError as exc:
-            db().rollback()
-            show_errors(form, exc, "body")
-        else:
+        ok, _ = _saved(form, "body", lambda: consult_store.answer(db(), k, me(), form.body.data))
+        if ok:
             return redirect(url_for("workflow.consult", consult_id=k.id))
-    return render_template("cases/consult.html", consult=k, form=form, may_answer=consult_store.may_answer(me(), k),
-                           may_open_case=True, may_close=False, title=f"Consult {k.id}"), 400
+    return _consult_page(k, form, 400)
 
 
 @bp.post("/consults/<int:consult_id>/close")
@@ -210,7 +195,6 @@ def worklist(queue: str):
 def settings_page():
     s = db()
     form = WorkflowSettingsForm()
-    fields = {a: policy_field() for a in registry.available()}
     if request.method == "POST" and form.validate_on_submit():
         try:
             for a in registry.available():
@@ -228,7 +212,7 @@ def settings_page():
             return redirect(url_for("workflow.settings_page"))
     if request.method == "GET":
         form.release_preliminary.data = workflow.preliminary_release_allowed(s)
-    return render_template("admin/workflow.html", form=form, fields=fields, policies=workflow.policies(s),
+    return render_template("admin/workflow.html", form=form, policies=workflow.policies(s),
                            choices=SECOND_READER_POLICIES, analyzer_names={a: registry.get(a).name
                                                                            for a in registry.available()},
                            title="Workflow settings")

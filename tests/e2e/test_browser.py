@@ -116,23 +116,10 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
     # 1. first-run setup
-    page.goto(server + "/")
-    assert page.url.endswith("/setup")
-    shot(page, "01-setup")
-    page.fill("#name", "Ada Admin")
-    page.fill("#email", "admin@clinic.test")
-    page.fill("#password", "Admin-pass-2026")
-    page.fill("#confirm", "Admin-pass-2026")
-    page.click("main button[type=submit]")
-    page.wait_for_url("**/admin/users")
+    first_run_setup(page, server, screenshot="01-setup")
 
     # 2. admin creates a doctor
-    page.fill("#name", "Dr Hema Tologist")
-    page.fill("#email", "doctor@clinic.test")
-    page.select_option("#role", "doctor")
-    page.fill("#password", "Doctor-pass-2026")
-    page.click("main form[novalidate] button[type=submit]")
-    page.wait_for_selector("text=Account created for Dr Hema Tologist")  # waits: hashing is slow on a busy machine
+    create_account(page, "Dr Hema Tologist", "doctor@clinic.test", "doctor", "Doctor-pass-2026")
     shot(page, "02-admin-users")
     page.goto(server + "/")
     shot(page, "03-admin-home")
@@ -225,6 +212,35 @@ def test_full_clinical_workflow(server, browser, tmp_path):
     assert "Doctor-pass-2026" not in page.content()
     assert not [e for e in errors if "Content Security Policy" in e], errors
     ctx.close()
+
+
+ADMIN_ACCOUNT = ("Ada Admin", "admin@clinic.test", "Admin-pass-2026")
+
+
+def first_run_setup(page, server: str, screenshot: str | None = None) -> None:
+    """The first visit of a fresh instance: the setup page creates the administrator, who lands on
+    the accounts page."""
+    page.goto(server + "/")
+    assert page.url.endswith("/setup")
+    if screenshot:
+        shot(page, screenshot)
+    name, email, password = ADMIN_ACCOUNT
+    page.fill("#name", name)
+    page.fill("#email", email)
+    page.fill("#password", password)
+    page.fill("#confirm", password)
+    page.click("main button[type=submit]")
+    page.wait_for_url("**/admin/users")
+
+
+def create_account(page, name: str, email: str, role: str, password: str) -> None:
+    """On the administrator's accounts page: create one account and wait for the confirmation."""
+    page.fill("#name", name)
+    page.fill("#email", email)
+    page.select_option("#role", role)
+    page.fill("#password", password)
+    page.click("main form[novalidate] button[type=submit]")
+    page.wait_for_selector(f"text=Account created for {name}")  # waits: hashing is slow on a busy machine
 
 
 def _sign_in(page, server: str, email: str, password: str) -> None:

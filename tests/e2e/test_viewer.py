@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.test_browser import (ARTIFACTS, SMEAR, XRAY_DIR, _create_case_and_wait, _sign_in, browser,  # noqa: F401
-                                    server, smear_file, xray_file)
+from tests.e2e.test_browser import (ARTIFACTS, SMEAR, XRAY_DIR, _create_case_and_wait, _sign_in,  # noqa: F401
+                                    browser, create_account, first_run_setup, server, smear_file, xray_file)
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +29,8 @@ def snap(page, name: str) -> None:
 
 def _setup(page, server: str) -> None:
     """First-run setup, an administrator creates a doctor, who signs in and creates the patient."""
-    page.goto(server + "/")
-    assert page.url.endswith("/setup")
-    page.fill("#name", "Ada Admin")
-    page.fill("#email", "admin@clinic.test")
-    page.fill("#password", "Admin-pass-2026")
-    page.fill("#confirm", "Admin-pass-2026")
-    page.click("main button[type=submit]")
-    page.wait_for_url("**/admin/users")
-    page.fill("#name", "Dr Ray Diologist")
-    page.fill("#email", DOCTOR[0])
-    page.select_option("#role", "doctor")
-    page.fill("#password", DOCTOR[1])
-    page.click("main form[novalidate] button[type=submit]")
-    page.wait_for_selector("text=Account created for Dr Ray Diologist")
+    first_run_setup(page, server)
+    create_account(page, "Dr Ray Diologist", DOCTOR[0], "doctor", DOCTOR[1])
     page.click("text=Sign out")
     _sign_in(page, server, *DOCTOR)
     page.goto(server + "/patients/new")

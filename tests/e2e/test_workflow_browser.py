@@ -10,11 +10,11 @@ import subprocess
 import pytest
 
 from tests.e2e.test_browser import (  # noqa: F401  (pytest fixtures used by name)
-    ARTIFACTS, _create_case_and_wait, browser, server, shot, smear_file)
+    ARTIFACTS, _create_case_and_wait, _sign_in, browser, create_account, first_run_setup, server, shot,
+    smear_file)
 
 pytestmark = pytest.mark.slow
 
-ADMIN = ("Ada Admin", "admin@clinic.test", "Admin-pass-2026")
 TECH = ("Tom Technologist", "tech@clinic.test", "Tech-pass-2026")
 DOC1 = ("Dr Una First", "doc1@clinic.test", "Doc1-pass-2026")
 DOC2 = ("Dr Dos Second", "doc2@clinic.test", "Doc2-pass-2026")
@@ -26,11 +26,7 @@ def _login(browser, server, who, errors):
     ctx = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
     page.on("console", lambda m: errors.append(f"{page.url}: {m.text[:80]}") if m.type == "error" else None)
-    page.goto(server + "/login")
-    page.fill("#email", who[1])
-    page.fill("#password", who[2])
-    page.click("main button[type=submit]")
-    page.wait_for_url(server + "/")
+    _sign_in(page, server, who[1], who[2])
     return page
 
 
@@ -50,23 +46,11 @@ def test_second_reader_consult_and_correction(server, browser, tmp_path):
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     admin = ctx.new_page()
     admin.on("console", lambda m: errors.append(f"{admin.url}: {m.text[:80]}") if m.type == "error" else None)
-    admin.goto(server + "/")
-    if admin.url.endswith("/setup"):
-        admin.fill("#name", ADMIN[0])
-        admin.fill("#email", ADMIN[1])
-        admin.fill("#password", ADMIN[2])
-        admin.fill("#confirm", ADMIN[2])
-        admin.click("main button[type=submit]")
-        admin.wait_for_url("**/admin/users")
+    first_run_setup(admin, server)
     for (name, email, password), role in ((TECH, "technologist"), (DOC1, "doctor"), (DOC2, "doctor"),
                                           (REVIEWER, "reviewer")):
         admin.goto(server + "/admin/users")
-        admin.fill("#name", name)
-        admin.fill("#email", email)
-        admin.select_option("#role", role)
-        admin.fill("#password", password)
-        admin.click("main form[novalidate] button[type=submit]")
-        _flash(admin, f"Account created for {name}")
+        create_account(admin, name, email, role, password)
     admin.goto(server + "/admin/workflow")
     admin.select_option("select[name='policy-smear-all']", "always")
     admin.click("main button:text-is('Save')")

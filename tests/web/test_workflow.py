@@ -84,7 +84,7 @@ def test_technologist_doctor_second_reader_consult_final_corrected(app, client_f
     assert rev.get(f"/cases/{cid}").status_code == 200 and b"You were consulted" in rev.get(f"/cases/{cid}").data
     assert rev.get(f"/patients/{P}").status_code == 404  # the case only
     assert sign(rev, cid, final_diagnosis="Pre").status_code == 403
-    assert f"/consults/".encode() in rev.get("/worklist/consults").data
+    assert "/consults/".encode() in rev.get("/worklist/consults").data
     seq = _seq(app)
     assert rev.post(f"{consult_url}/messages", data={"body": "A myeloblast."}).status_code == 302
     assert _actions(app, seq) == ["consult.answer"]
