@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 
 from ..ml.metrics import wilson
 from ..training import loso

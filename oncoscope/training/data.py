@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..imaging.imageio import IMAGE_EXTENSIONS, ImageLoadError, load_image, pad_to_square, resize_rgb, to_gray3
 from .near_duplicates import DEFAULT_MIN_CORRELATION, HASH_NAME, UnionFind, groups_within, signature, similarity
