@@ -234,6 +234,9 @@
     img.src = d.original;
   }
   dlg.addEventListener("close", function () {
+    // The close event is queued, not sent at once: when the viewer was opened again before it arrived
+    // (Esc, then Enter straight away), it belongs to the earlier opening and must not cancel this one's load.
+    if (dlg.open) return;
     generation++;
     grey = null;
     layer.grey.width = layer.grey.height = 0;  // the pixels' copies are let go
