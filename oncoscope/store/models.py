@@ -193,7 +193,9 @@ class Review(Base):
     """A signed diagnosis. Signing freezes the case; an amendment adds version n+1 and keeps n."""
 
     __tablename__ = "reviews"
-    __table_args__ = (UniqueConstraint("case_id", "version", name="uq_review_version"),)
+    # signed_at: the dashboards count a period's sign-offs
+    __table_args__ = (UniqueConstraint("case_id", "version", name="uq_review_version"),
+                      Index("ix_reviews_signed_at", "signed_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)

@@ -92,9 +92,11 @@ def _consult_order():
     return _stat_first(), Consult.created_at
 
 
-def counts(s: Session, user: User) -> dict[str, int]:
-    """The counts the navigation shows for the user's queues."""
-    return {name: _count(s, user, name) for name in ROLE_QUEUES.get(user.role, ())}
+def counts(s: Session, user: User, known: dict[str, int] | None = None) -> dict[str, int]:
+    """The counts the navigation shows for the user's queues (``known``: counts already taken, e.g.
+    by the queue page on screen)."""
+    known = known or {}
+    return {name: known[name] if name in known else _count(s, user, name) for name in ROLE_QUEUES.get(user.role, ())}
 
 
 def next_case(s: Session, user: User, queue: str, current_id: int, sort: str = "priority") -> int | None:

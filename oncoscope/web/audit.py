@@ -102,6 +102,15 @@ ACTIONS: dict[str, dict[str, str]] = {
     "api.case_dicom_sr": {"GET": "report.dicom_sr"},
     "api.image_dicom_seg": {"GET": "report.dicom_seg"},
     "api.case_hl7_send": {"POST": "report.hl7_send"},
+    "api.write_preliminary": {"POST": "case.preliminary"},
+    "api.second_read": {"POST": "case.second_read"},
+    "api.cancel_case": {"POST": "case.cancel"},
+    "api.list_consults": {"GET": "consult.list"},
+    "api.ask_consult": {"POST": "consult.ask"},
+    "api.get_consult": {"GET": "consult.view"},
+    "api.answer_consult": {"POST": "consult.answer"},
+    "api.close_consult": {"POST": "consult.close"},
+    "api.worklist": {"GET": "worklist.view"},
 }
 
 # Routes that show no account or patient data (with the reason, for the completeness test).

@@ -83,6 +83,16 @@ def seen_revision(form) -> int | None:
     return int(form.revision.data) if (form.revision.data or "").isdigit() else None
 
 
+def consult_form(c, form: ConsultForm | None = None) -> ConsultForm:
+    """The form to ask about case ``c`` (the submitted one, or a blank one), with its choices."""
+    form = form or ConsultForm(formdata=None)
+    form.consultant_id.choices = [(0, "Any reviewer")] + [
+        (x.id, f"{x.name} ({access.ROLE_NAMES[x.role].lower()})") for x in consult_store.consultant_choices(db(), me())]
+    form.image_id.choices = [(0, "The whole case")] + [(i.id, f"Image {n}: {i.original_filename}")
+                                                       for n, i in enumerate(c.images, start=1)]
+    return form
+
+
 def panel(c, forms: dict | None = None) -> dict:
     """What the case page shows of the workflow to the signed-in user (blinding included)."""
     s, u = db(), me()
@@ -96,11 +106,7 @@ def panel(c, forms: dict | None = None) -> dict:
     second.diagnosis.choices = [CHOOSE] + diagnosis_choices(c)
     for f in (prelim, second):
         f.revision.data = str(c.revision)
-    consult = forms.get("consult") or ConsultForm(formdata=None)
-    consult.consultant_id.choices = [(0, "Any reviewer")] + [
-        (x.id, f"{x.name} ({access.ROLE_NAMES[x.role].lower()})") for x in consult_store.consultant_choices(s, u)]
-    consult.image_id.choices = [(0, "The whole case")] + [(i.id, f"Image {n}: {i.original_filename}")
-                                                          for n, i in enumerate(c.images, start=1)]
+    consult = consult_form(c, forms.get("consult"))
     mine = consult_store.shown_on(c, u, full)
     readers = {r.user_id for r in c.readings if r.current and r.kind in ("first", "second")}
     analyses = [i.analysis for i in c.images if i.analysis is not None]

@@ -9,12 +9,13 @@ from sqlalchemy import select
 
 from ..analyzers import registry
 from ..services import gallery
+from ..store import access
 from ..store import cases as case_store
 from ..store import cells as cell_store
 from ..store.models import CaseImage
 from . import audit
 from .api.serializers import cell_review_json, cells_json
-from .case_page import case_or_404 as _case_or_404
+from .case_page import case_or_404 as _case_or_404, consult_form
 from .errors import error_response
 from .forms import WbcCountForm
 from .helpers import db, files, me, role_required, settings
@@ -48,14 +49,26 @@ def view(case_id: int):
     review = cell_review_json(c, settings().blast_flag_pct)
     form = WbcCountForm(formdata=None)
     form.wbc_count.data = "" if c.wbc_count is None else f"{c.wbc_count:g}"
-    payload = _cells_payload(s, cells)
-    # per image, not per cell: 500 cells would repeat the same two addresses 500 times
+    payload, images = _with_images(c, _cells_payload(s, cells))
+    may_ask = access.case_access(s, me(), c) == "full" and access.may(me(), "consult") and c.status != "cancelled"
+    return render_template("cases/cells.html", case=c, cells=payload, review=review, images=images,
+                           order=cell_store.GALLERY_ORDER, keys=KEYS, wbc_form=form, title=f"Case {c.id}: cells",
+                           thumb_px=gallery.THUMB_PX, thumb_um=gallery.THUMB_UM, columns=gallery.COLUMNS,
+                           consult_form=consult_form(c) if may_ask else None)
+
+
+def _with_images(c, payload: list[dict]) -> tuple[list[dict], dict]:
+    """The cells and, per image (not per cell: 500 cells would repeat the same two addresses 500
+    times), where its sprite and its field are."""
     images = {i: {"sprite": url_for("cells.sprite", case_id=c.id, image_id=i),
                   "field": url_for("cases.image", case_id=c.id, image_id=i, kind="original")}
               for i in sorted({d["image_id"] for d in payload})}
-    return render_template("cases/cells.html", case=c, cells=payload, review=review, images=images,
-                           order=cell_store.GALLERY_ORDER, keys=KEYS, wbc_form=form, title=f"Case {c.id}: cells",
-                           thumb_px=gallery.THUMB_PX, thumb_um=gallery.THUMB_UM, columns=gallery.COLUMNS)
+    return payload, images
+
+
+def thumbnails(s, c, cell_ids: list[int]) -> tuple[list[dict], dict]:
+    """Some cells of a case as the gallery shows them (a consult's cells), with their images."""
+    return _with_images(c, _cells_payload(s, cell_store.cells_by_id(s, c, cell_ids)))
 
 
 @bp.get("/cases/<int:case_id>/images/<int:image_id>/gallery.jpg")

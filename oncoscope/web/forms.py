@@ -123,6 +123,8 @@ class ConsultForm(FlaskForm):
     image_id = SelectField("About image", coerce=int, validators=[Optional()])  # 0: the whole case
     region = HiddenField(validators=[Optional(), Regexp(r"^\d{1,6},\d{1,6},\d{1,6},\d{1,6}$",
                                                           message="Draw the box on the image again.")])
+    cell_ids = HiddenField(validators=[Optional(), Regexp(r"^\d{1,10}(,\d{1,10}){0,199}$",
+                                                          message="Select the cells again (at most 200).")])
 
 
 class AnswerForm(FlaskForm):

@@ -184,7 +184,8 @@ def _worklist_names() -> dict:
 
 @bp.app_template_global()
 def worklist_counts() -> dict[str, int]:
-    """The signed-in user's queues with how many cases wait in each (the navigation), once per request."""
+    """The signed-in user's queues with how many cases wait in each (the navigation), once per request
+    (the worklist page fills it in, reusing the count of the queue it shows)."""
     if "worklist_counts" not in g:
         g.worklist_counts = worklists.counts(db(), me())
     return g.worklist_counts

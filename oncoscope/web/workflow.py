@@ -4,10 +4,11 @@ and store/worklists."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 from flask_login import login_required
 
 from ..analyzers import registry
+from ..services import gallery
 from ..store import access
 from ..store import cases as case_store
 from ..store import consults as consult_store
@@ -15,7 +16,8 @@ from ..store import workflow
 from ..store import worklists
 from ..vocab import SECOND_READER_POLICIES
 from . import audit
-from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page, diagnosis_choices, seen_revision
+from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page, consult_form, diagnosis_choices, seen_revision
+from .cells import thumbnails
 from .forms import (AnswerForm, CancelForm, ConsultForm, EmptyForm, PreliminaryForm, SecondReadForm,
                     WorkflowSettingsForm)
 from .helpers import admin_required, db, int_arg, me, role_required, show_errors
@@ -105,17 +107,23 @@ def cancel(case_id: int):
 @role_required("consult")
 def ask(case_id: int):
     c = _case_or_404(case_id, "consult")
-    form = ConsultForm()
-    form.consultant_id.choices = [(0, "")] + [(x.id, "") for x in consult_store.consultant_choices(db(), me())]
-    form.image_id.choices = [(0, "")] + [(i.id, "") for i in c.images]
+    form = consult_form(c, ConsultForm())
     if form.validate_on_submit():
         region = [int(v) for v in form.region.data.split(",")] if form.region.data else None
+        cells = [int(v) for v in form.cell_ids.data.split(",")] if form.cell_ids.data else None
         ok, k = _saved(form, "question", lambda: consult_store.ask(
-            db(), c, me(), form.consultant_id.data or None, form.question.data, form.image_id.data or None, region))
+            db(), c, me(), form.consultant_id.data or None, form.question.data, form.image_id.data or None, region,
+            cells))
         if ok:
-            audit.subject(resource=("consult", k.id), consultant=k.consultant_id)
+            audit.subject(resource=("consult", k.id), consultant=k.consultant_id, cells=len(k.cell_ids or []))
             flash("Consult sent.", "ok")
             return redirect(url_for("workflow.consult", consult_id=k.id))
+    if request.form.get("from") == "cells":  # asked from the gallery: back to it, with the reasons
+        for errors in form.errors.values():
+            for message in errors:
+                flash(message, "error")
+        audit.note("rejected")
+        return redirect(url_for("cells.view", case_id=c.id))
     return _rerender(_case_or_404(case_id), consult=form)
 
 
@@ -134,7 +142,9 @@ def consult(consult_id: int):
 
 
 def _consult_page(k, form, status: int = 200):
+    cells, images = thumbnails(db(), k.case, k.cell_ids) if k.cell_ids else ([], {})
     return render_template("cases/consult.html", consult=k, form=form, may_answer=consult_store.may_answer(me(), k),
+                           cells=cells, images=images, thumb_px=gallery.THUMB_PX, columns=gallery.COLUMNS,
                            may_open_case=case_store.get_visible(db(), me(), k.case_id) is not None,
                            may_close=k.status == "open" and consult_store.may_close(me(), k),
                            title=f"Consult {k.id} on case {k.case_id}"), status
@@ -183,6 +193,7 @@ def worklist(queue: str):
     sort = request.args.get("sort", "priority")
     sort = sort if sort in worklists.SORTS else "priority"
     page = worklists.queue_page(db(), me(), queue, sort, int_arg(request.args.get("page")))
+    g.worklist_counts = worklists.counts(db(), me(), known={queue: page.total})  # (the navigation's)
     shown = [x.case_id for x in page.items] if queue == "consults" else [x.id for x in page.items]
     audit.subject(shown_cases=shown)
     return render_template("worklist.html", queue=queue, queues=worklists.QUEUES, sort=sort, sorts=worklists.SORTS,

@@ -115,6 +115,15 @@ API_CALLS = [  # (method, path, json body, endpoint) - harmless for the shared w
     ("GET", f"/api/v1/cases/{C}/cells", None),  # a smear-all case: refused, no cells to review
     ("PATCH", f"/api/v1/cases/{C}/cells", {"changes": [{"id": 1, "class": "blast"}]}),
     ("POST", f"/api/v1/cases/{C}/cells/undo", None),
+    ("POST", f"/api/v1/cases/{C}/preliminary", {"diagnosis": "no such class"}),
+    ("POST", f"/api/v1/cases/{C}/second-read", {"diagnosis": "Benign"}),  # not waiting for one: refused
+    ("POST", f"/api/v1/cases/{C}/cancel", {"reason": ""}),
+    ("GET", f"/api/v1/cases/{C}/consults", None),
+    ("POST", f"/api/v1/cases/{C}/consults", {"question": ""}),
+    ("GET", "/api/v1/consults/999", None),
+    ("POST", "/api/v1/consults/999/messages", {"body": "Hello"}),
+    ("POST", "/api/v1/consults/999/close", None),
+    ("GET", "/api/v1/worklist?queue=verify", None),
     ("DELETE", f"/api/v1/cases/{C}", None),  # case 1 holds an image: refused, nothing deleted
 ]
 

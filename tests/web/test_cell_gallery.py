@@ -256,3 +256,36 @@ def test_conflicts_own_undo_revision_and_signed_classes(app, case, client_for, s
     labels = (tmp_path / "x" / "labels.csv").read_text()
     assert ",blast," in labels and ",lymphocyte," not in labels
     assert rev0["case"] == cid
+
+
+def test_a_consult_points_at_cells_picked_in_the_gallery(app, case, client_for):
+    from sqlalchemy import select
+
+    from oncoscope.store.models import AuditEvent, Consult
+
+    from .conftest import ACCOUNTS, q
+
+    c, cid = case
+    page = c.get(f"/cases/{cid}/cells").data.decode()
+    assert 'id="cell-consult"' in page and "thumbs.js" in page
+    ids = [int(i) for i in re.findall(r'data-id="(\d+)"', page)][:2]
+    ask = {"from": "cells", "consultant_id": str(ACCOUNTS["doc_b"].id), "question": "Blasts?"}
+    # a malformed selection sends the doctor back to the gallery with the reason (audited as rejected)
+    r = c.post(f"/cases/{cid}/consults", data={**ask, "cell_ids": "1,x"})
+    assert r.status_code == 302 and r.headers["Location"].endswith(f"/cases/{cid}/cells")
+    assert "Select the cells again" in " ".join(flashes(c.get(f"/cases/{cid}/cells").data))
+    assert q(app, select(AuditEvent.outcome).where(AuditEvent.action == "consult.ask")) == [("rejected",)]
+    r = c.post(f"/cases/{cid}/consults", data={**ask, "cell_ids": "999999"})  # not a cell of this case
+    assert r.status_code == 302 and "not cells of this case" in " ".join(flashes(c.get(f"/cases/{cid}/cells").data))
+
+    r = c.post(f"/cases/{cid}/consults", data={**ask, "cell_ids": ",".join(map(str, ids))})
+    assert r.status_code == 302 and "/consults/" in r.headers["Location"]
+    assert q(app, select(Consult.cell_ids)) == [(sorted(ids),)]
+    # the consultant (doctor B, not assigned to the patient) sees the two cells and opens them in the gallery
+    doc_b = client_for("doc_b")
+    thread = doc_b.get(r.headers["Location"]).data.decode()
+    assert "About 2 cells" in thread and thread.count('<a class="cell') == 2
+    sprite = re.search(r'&#34;sprite&#34;: &#34;([^&]+)&#34;', thread).group(1)
+    assert doc_b.get(sprite).status_code == 200
+    assert doc_b.get(f"/cases/{cid}/cells").status_code == 200
+    assert f'/cases/{cid}/cells#cell-{ids[0]}' in thread

@@ -56,8 +56,10 @@ def test_technologist_doctor_second_reader_consult_final_corrected(app, client_f
     assert f'/cases/{cid}?wl=verify'.encode() in doc_a.get("/worklist/verify").data
 
     # doctor A signs: the policy makes it the first reading
+    seq = _seq(app)
     r = sign(doc_a, cid, final_diagnosis="Pre", override_reason="reviewed by eye", uncertainty_note="reviewed by eye")
     assert r.status_code == 302, re.findall(r'<p class="error"[^>]*>(.*?)</p>', r.data.decode())
+    assert _actions(app, seq) == ["case.sign"]
     assert "second doctor" in " ".join(flashes(doc_a.get(f"/cases/{cid}").data))
     assert one(app, select(Case.status).where(Case.id == cid)) == "second_read"
     assert one(app, select(Review.id).where(Review.case_id == cid)) is None
@@ -77,9 +79,11 @@ def test_technologist_doctor_second_reader_consult_final_corrected(app, client_f
     rev = client_for("rev")
     assert rev.get(f"/cases/{cid}").status_code == 404  # not yet consulted
     image_id = one(app, select(CaseImage.id).where(CaseImage.case_id == cid))
+    seq = _seq(app)
     r = doc_b.post(f"/cases/{cid}/consults", data={"consultant_id": str(ACCOUNTS["rev"].id), "question": "Blast or not?",
                                                   "image_id": str(image_id), "region": "10,10,40,30"})
     assert r.status_code == 302, r.data[:3000]
+    assert _actions(app, seq) == ["consult.ask"]
     consult_url = r.headers["Location"]
     assert rev.get(f"/cases/{cid}").status_code == 200 and b"You were consulted" in rev.get(f"/cases/{cid}").data
     assert rev.get(f"/patients/{P}").status_code == 404  # the case only
@@ -106,9 +110,11 @@ def test_technologist_doctor_second_reader_consult_final_corrected(app, client_f
     assert "report final" in page and "Report history" in page
 
     # an amendment corrects it; the exports say so
+    seq = _seq(app)
     r = sign(doc_a, cid, final_diagnosis="Pro", override_reason="more promyelocytes", uncertainty_note="x",
              amendment_reason="re-read after the consult")
     assert r.status_code == 302
+    assert _actions(app, seq) == ["case.sign"]
     hl7 = doc_a.get(f"/cases/{cid}/export/hl7").data.decode()
     obr = next(seg for seg in hl7.split("\r") if seg.startswith("OBR"))
     assert obr.split("|")[25] == "C"

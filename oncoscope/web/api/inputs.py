@@ -60,9 +60,12 @@ def _check_value(k: str, v, spec: dict) -> None:
         if not isinstance(v, list) or not lo <= len(v) <= hi:
             raise ApiError(422, "invalid", f"{k} must be a list of {lo} to {hi} items.", k)
         for i, item in enumerate(v):
-            if not isinstance(item, dict):
+            if spec["items"]["type"] != "object":
+                _check_value(f"{k}[{i}]", item, spec["items"])
+            elif not isinstance(item, dict):
                 raise ApiError(422, "invalid", f"{k}[{i}] must be an object.", k)
-            _check_object(item, spec["items"], f"{k}[{i}].")
+            else:
+                _check_object(item, spec["items"], f"{k}[{i}].")
         return
     if "integer" in types and v is not None:
         if not isinstance(v, int) or isinstance(v, bool) or not spec["minimum"] <= v <= spec["maximum"]:

@@ -61,6 +61,13 @@ SCHEMAS: dict[str, dict] = {
                                     "description": "The differential as signed (cell-classifying analyzers)"}},
                   ["version", "final_diagnosis", "agrees_with_ai", "signed_by", "signed_at"]),
     "Case": obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "revision": INT, "clinical_note": STR,
+                 "report_state": {"type": "string", "enum": ["open", "preliminary", "final", "corrected", "cancelled"]},
+                 "cancel_reason": STR, "ai_flag": {"type": ["boolean", "null"]},
+                 "readings": {"type": "array", "items": ref("Reading"),
+                              "description": "Current readings: the preliminary result; the first and second "
+                                             "readings unless the caller is blinded (second reading pending)"},
+                 "transitions": {"type": "array", "items": obj({"from": STR, "to": STR, "by": NSTR,
+                                                               "at": DATETIME, "note": STR})},
                  "priority": {"type": "string", "enum": list(PRIORITIES)},
                  "created_at": DATETIME, "final_diagnosis": NSTR,
                  "aggregate": obj({"label": NSTR, "status": STR, "probabilities": {"type": "object"},
@@ -131,6 +138,40 @@ SCHEMAS["CellChangeResult"] = obj({"batch": STR, "cells": {"type": "array", "ite
                                    "cell_review": ref("CellReview")}, ["cells", "cell_review"])
 
 
+REVISION = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
+            "description": "The case revision the reader saw: 409 if the case changed since"}
+SCHEMAS["Reading"] = obj({"kind": {"type": "string", "enum": ["preliminary", "first", "second"]}, "diagnosis": STR,
+                          "comment": STR, "by": STR, "at": DATETIME}, ["kind", "diagnosis", "by", "at"])
+SCHEMAS["ReadingInput"] = obj({"diagnosis": {"type": "string", "minLength": 1, "maxLength": 64},
+                               "comment": {"type": "string", "maxLength": 10000}, "revision": REVISION},
+                              ["diagnosis"], additionalProperties=False)
+SCHEMAS["CancelInput"] = obj({"reason": {"type": "string", "minLength": 1, "maxLength": 2000}}, ["reason"],
+                             additionalProperties=False)
+SCHEMAS["ConsultInput"] = obj({
+    "consultant_id": {**ID, "description": "An active doctor or reviewer; omit to ask every reviewer"},
+    "question": {"type": "string", "minLength": 1, "maxLength": 5000},
+    "image_id": {**ID, "description": "The image the question (and region) is about"},
+    "region": {"type": "array", "minItems": 4, "maxItems": 4, "items": {"type": "integer", "minimum": 0,
+                                                                        "maximum": 2**31 - 1},
+               "description": "[x, y, width, height] in image pixels"},
+    "cell_ids": {"type": "array", "maxItems": 200, "items": ID, "description": "Cells of this case (Cell.id)"}},
+    ["question"], additionalProperties=False)
+SCHEMAS["ConsultMessageInput"] = obj({"body": {"type": "string", "minLength": 1, "maxLength": 5000}}, ["body"],
+                                     additionalProperties=False)
+SCHEMAS["Consult"] = obj({"id": INT, "case_id": INT, "asked_by": STR, "consultant": NSTR, "consultant_id": NINT,
+                          "question": STR, "image_id": NINT, "region": {"type": ["array", "null"], "items": INT},
+                          "cell_ids": {"type": "array", "items": INT},
+                          "status": {"type": "string", "enum": ["open", "closed"]}, "created_at": DATETIME,
+                          "closed_at": DATETIME,
+                          "messages": {"type": "array", "items": obj({"by": STR, "body": STR, "at": DATETIME})}},
+                         ["id", "case_id", "question", "status", "messages"])
+SCHEMAS["ConsultList"] = obj({"items": {"type": "array", "items": ref("Consult")}}, ["items"])
+SCHEMAS["WorklistItem"] = obj({"case_id": INT, "patient_id": INT, "patient": STR, "mrn": STR, "analyzer_id": STR,
+                               "status": STR, "priority": STR, "ai_flag": {"type": ["boolean", "null"]},
+                               "created_at": DATETIME, "ready_at": DATETIME, "consult_id": NINT,
+                               "question": NSTR}, ["case_id", "patient_id", "status", "priority"])
+
+
 def page_schema(item: str) -> dict:
     return obj({"items": {"type": "array", "items": ref(item)}, "page": INT,
                 "per_page": INT, "pages": INT, "total": INT}, ["items", "page", "per_page", "pages", "total"])
@@ -139,6 +180,9 @@ def page_schema(item: str) -> dict:
 SCHEMAS["PatientPage"] = page_schema("Patient")
 SCHEMAS["CasePage"] = page_schema("Case")
 SCHEMAS["CellPage"] = page_schema("Cell")
+SCHEMAS["WorklistPage"] = page_schema("WorklistItem")
+SCHEMAS["WorklistPage"]["properties"]["counts"] = {"type": "object", "additionalProperties": INT,
+                                                   "description": "The caller's queues and how many wait in each"}
 SCHEMAS["DoctorList"] = obj({"doctor_ids": {"type": "array", "maxItems": 1000, "items": ID}},
                             ["doctor_ids"], additionalProperties=False)
 SCHEMAS["Hl7SendResult"] = obj({"sent": BOOL, "ack": STR}, ["sent", "ack"])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 
 from ...analyzers import registry
+from flask import g
 from sqlalchemy.orm import object_session
 
 from ...store import cases as case_store
 from ...store import cells as cell_store
+from ...store import workflow
 from ..helpers import settings
 
 
@@ -46,10 +48,33 @@ def review_json(r) -> dict:
             "signed_at": iso(r.signed_at), "content_sha256": r.content_sha256, "differential": r.differential}
 
 
-def case_json(c) -> dict:
+def reading_json(r) -> dict:
+    return {"kind": r.kind, "diagnosis": r.diagnosis, "comment": r.comment, "by": r.user.name, "at": iso(r.at)}
+
+
+def _readings(c, viewer) -> list[dict]:
+    """The current readings the viewer may see: the preliminary result always; the first and second
+    readings not while the viewer is blinded (anyone but the first reader, until the second reading
+    is given)."""
+    shown = []
+    for kind in ("preliminary", "first", "second"):
+        r = workflow.current_reading(c, kind)
+        if r is None or (kind != "preliminary" and viewer is not None and workflow.blinded(c, viewer)):
+            continue
+        shown.append(reading_json(r))
+    return shown
+
+
+def case_json(c, viewer=None) -> dict:
+    """A case (``Case``) as ``viewer`` (default: the API caller) may see it."""
+    viewer = viewer if viewer is not None else g.get("api_user")
     agg = case_store.aggregate(c)
     return {"id": c.id, "patient_id": c.patient_id, "analyzer_id": c.analyzer_id, "status": c.status,
-            "revision": c.revision, "priority": c.priority,
+            "report_state": case_store.report_state(c), "cancel_reason": c.cancel_reason,
+            "readings": _readings(c, viewer),
+            "transitions": [{"from": t.from_state, "to": t.to_state, "by": t.user.name if t.user else None,
+                             "at": iso(t.at), "note": t.note} for t in c.transitions],
+            "revision": c.revision, "priority": c.priority, "ai_flag": c.ai_flag,
             "clinical_note": c.clinical_note, "created_at": iso(c.created_at), "final_diagnosis": c.final_diagnosis,
             "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
                           "text": agg.text, "differential": agg.differential},
@@ -83,3 +108,21 @@ def cells_json(s, cells) -> list[dict]:
         image, stored = cell_store.cell_image(s, cell)
         out.append(cell_json(cell, stored, image.id))
     return out
+
+
+def consult_json(k) -> dict:
+    """A consult and its thread (``Consult``)."""
+    return {"id": k.id, "case_id": k.case_id, "asked_by": k.asked_by.name,
+            "consultant": k.consultant.name if k.consultant else None, "consultant_id": k.consultant_id,
+            "question": k.question, "image_id": k.image_id, "region": k.region, "cell_ids": k.cell_ids or [],
+            "status": k.status, "created_at": iso(k.created_at), "closed_at": iso(k.closed_at),
+            "messages": [{"by": m.user.name, "body": m.body, "at": iso(m.at)} for m in k.messages]}
+
+
+def worklist_item_json(x) -> dict:
+    """A worklist row: a case, or (consults queue) an open consult and its case."""
+    consult, c = (x, x.case) if hasattr(x, "question") else (None, x)
+    return {"case_id": c.id, "patient_id": c.patient_id, "patient": f"{c.patient.family_name}, {c.patient.given_name}",
+            "mrn": c.patient.mrn, "analyzer_id": c.analyzer_id, "status": c.status, "priority": c.priority,
+            "ai_flag": c.ai_flag, "created_at": iso(c.created_at), "ready_at": iso(c.ready_at),
+            "consult_id": consult.id if consult else None, "question": consult.question if consult else None}

@@ -6,27 +6,12 @@
   if (!gal) return;
   var cells = Array.prototype.slice.call(gal.querySelectorAll(".cell"));
   var KEYS = JSON.parse(gal.dataset.keys);
-  var THUMB = Number(gal.dataset.thumb), COLUMNS = Number(gal.dataset.columns);  // the sprite's grid  // "1" -> "blast", ... (the server's class order)
   var status = document.getElementById("gal-status");
   var info = document.getElementById("sel-info");
   var focus = 0, anchor = 0, busy = false;
 
   var IMAGES = JSON.parse(gal.dataset.images);  // image id -> {sprite, field} addresses
-  function paint(el) {
-    // thumbnails come from one sprite per image (set here: the page's CSP forbids inline styles),
-    // scaled to the thumbnail's inner box (the border is not part of the background area)
-    var s = el.clientWidth / THUMB;
-    el.style.backgroundImage = "url(" + IMAGES[el.dataset.image].sprite + ")";
-    el.style.backgroundSize = (COLUMNS * THUMB * s) + "px auto";
-    el.style.backgroundPosition = (-el.dataset.x * s) + "px " + (-el.dataset.y * s) + "px";
-  }
-  // lazy: a sprite is fetched when one of its cells comes near the screen
-  if ("IntersectionObserver" in window) {
-    var seen = new IntersectionObserver(function (entries) {
-      entries.forEach(function (en) { if (en.isIntersecting) { paint(en.target); seen.unobserve(en.target); } });
-    }, { rootMargin: "400px" });
-    cells.forEach(function (el) { seen.observe(el); });
-  } else cells.forEach(paint);
+  window.OncoscopeThumbs.lazy(gal);
 
   cells.forEach(function (el, i) {
     el.addEventListener("click", function (e) {
@@ -56,8 +41,25 @@
     if (select) { clear(); toggle(el, true); anchor = focus; }
     el.scrollIntoView({ block: "nearest" });
     showField(el);
-    info.textContent = selection().length ? "(" + selection().length + " selected)" : "";
+    showCount();
   }
+  var ask = document.getElementById("cell-consult");  // "ask a colleague about the selected cells"
+  function showCount() {
+    var n = selection().length;
+    info.textContent = n ? "(" + n + " selected)" : "";
+    if (ask) ask.querySelector(".ask-count").textContent = n ? n + " cell" + (n > 1 ? "s" : "") + " selected."
+      : "Select the cells to ask about in the gallery.";
+  }
+  if (ask) ask.addEventListener("submit", function (e) {
+    var ids = selection().map(function (el) { return el.dataset.id; });
+    if (!ids.length || ids.length > 200) {
+      e.preventDefault();
+      ask.querySelector(".ask-count").textContent = ids.length ? "Ask about at most 200 cells at a time."
+        : "Select the cells to ask about in the gallery first.";
+      return;
+    }
+    ask.elements["cell_ids"].value = ids.join(",");
+  });
   function perRow() {
     var top = cells[focus].offsetTop, n = 0;
     for (var k = focus; k < cells.length && cells[k].offsetTop === top; k++) n++;
@@ -172,9 +174,11 @@
       e.preventDefault();
       var cls = cells[focus].dataset["class"];  // the current class (cells stay where they were drawn)
       cells.forEach(function (el) { toggle(el, el.dataset["class"] === cls); });
-      info.textContent = "(" + selection().length + " selected)";
+      showCount();
     }
   });
+  // a link to one cell (a consult's cells link here) selects it
+  for (var h = 0; h < cells.length; h++) if ("#" + cells[h].id === location.hash) { setFocus(h, true); break; }
   // Tabbing in starts at the first cell; a click starts at the clicked one (selecting the first cell on
   // mousedown would scroll the page and the click would land on another cell).
   var pointer = false;
