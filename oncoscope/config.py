@@ -36,6 +36,18 @@ image store and secret key, as the explicit first step of whatever runs the inst
   to an RQ queue run by ``oncoscope worker`` processes. ``ONCOSCOPE_JOB_LEASE_SECONDS`` (default
   300): a job running longer is presumed to have lost its worker and is run again.
   ``ONCOSCOPE_JOB_TIMEOUT_SECONDS`` (default 120): a single analysis is stopped after this.
+* Hospital integration. DICOM receiver (``oncoscope dicom listen``): ``ONCOSCOPE_DICOM_AE_TITLE``
+  (ONCOSCOPE), ``ONCOSCOPE_DICOM_PORT`` (11112), ``ONCOSCOPE_DICOM_ALLOWED_AETS`` (comma-separated calling
+  AE titles that may store; unset or empty refuses every association), ``ONCOSCOPE_DICOM_ROUTES`` (the
+  routing table, see ``analyzers/routing.py``; unset: from the analyzers' configs). PACS over DICOMweb:
+  ``ONCOSCOPE_DICOMWEB_URL`` (the base of QIDO-RS/WADO-RS/STOW-RS, e.g.
+  ``https://pacs.example/dicom-web``; unset: no PACS), ``ONCOSCOPE_DICOMWEB_USER`` /
+  ``ONCOSCOPE_DICOMWEB_PASSWORD`` (HTTP Basic) or ``ONCOSCOPE_DICOMWEB_TOKEN`` (Bearer),
+  ``ONCOSCOPE_DICOMWEB_CA_FILE`` (the CA bundle that verifies an https PACS; default the system's),
+  ``ONCOSCOPE_DICOMWEB_STORE_ON_FINAL`` (1: store the signed SR and SEG to the PACS when a report is
+  final or corrected). LIS orders (``oncoscope lis listen``): ``ONCOSCOPE_LIS_PORT`` (2575); results go
+  back to ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT``. ``ONCOSCOPE_DELIVERY_MAX_ATTEMPTS`` (8): a
+  result that could not be delivered is retried with growing pauses, then marked failed.
 """
 
 from __future__ import annotations
@@ -130,6 +142,18 @@ class Settings:
     idempotency_hours: int = 24
     secure_cookies: bool = False
     web_processes: int = 2
+    dicom_ae_title: str = "ONCOSCOPE"
+    dicom_port: int = 11112
+    dicom_allowed_aets: tuple[str, ...] = ()
+    dicom_routes: str = ""
+    dicomweb_url: str = ""
+    dicomweb_user: str = ""
+    dicomweb_password: str = field(default="", repr=False)
+    dicomweb_token: str = field(default="", repr=False)
+    dicomweb_ca_file: Path | None = None
+    dicomweb_store_on_final: bool = True
+    lis_port: int = 2575
+    delivery_max_attempts: int = 8
 
     @property
     def images_dir(self) -> Path:
@@ -193,6 +217,20 @@ class Settings:
             idempotency_hours=_int("ONCOSCOPE_IDEMPOTENCY_HOURS", 24),
             secure_cookies=os.environ.get("ONCOSCOPE_SECURE_COOKIES", "0").lower() in ("1", "true", "yes"),
             web_processes=_int("ONCOSCOPE_WEB_PROCESSES", min(2, os.cpu_count() or 1)),
+            dicom_ae_title=os.environ.get("ONCOSCOPE_DICOM_AE_TITLE", "ONCOSCOPE").strip(),
+            dicom_port=_int("ONCOSCOPE_DICOM_PORT", 11112),
+            dicom_allowed_aets=tuple(a.strip() for a in os.environ.get("ONCOSCOPE_DICOM_ALLOWED_AETS", "").split(",")
+                                     if a.strip()),
+            dicom_routes=os.environ.get("ONCOSCOPE_DICOM_ROUTES", ""),
+            dicomweb_url=os.environ.get("ONCOSCOPE_DICOMWEB_URL", "").rstrip("/"),
+            dicomweb_user=os.environ.get("ONCOSCOPE_DICOMWEB_USER", ""),
+            dicomweb_password=os.environ.get("ONCOSCOPE_DICOMWEB_PASSWORD", ""),
+            dicomweb_token=os.environ.get("ONCOSCOPE_DICOMWEB_TOKEN", ""),
+            dicomweb_ca_file=_path("ONCOSCOPE_DICOMWEB_CA_FILE"),
+            dicomweb_store_on_final=os.environ.get("ONCOSCOPE_DICOMWEB_STORE_ON_FINAL", "1").lower() in ("1", "true",
+                                                                                                      "yes"),
+            lis_port=_int("ONCOSCOPE_LIS_PORT", 2575),
+            delivery_max_attempts=_int("ONCOSCOPE_DELIVERY_MAX_ATTEMPTS", 8),
         )
         for k, v in overrides.items():
             if not hasattr(s, k):
@@ -204,6 +242,12 @@ class Settings:
             raise SettingsError("ONCOSCOPE_TRUSTED_PROXIES must be between 0 and 5")
         if s.idempotency_hours < 1:
             raise SettingsError("ONCOSCOPE_IDEMPOTENCY_HOURS must be at least 1")
+        for title in (s.dicom_ae_title, *s.dicom_allowed_aets):
+            if not 0 < len(title) <= 16 or "\\" in title or not title.isprintable():
+                raise SettingsError(f"AE title {title!r}: 1 to 16 printable characters, no backslash "
+                                    "(ONCOSCOPE_DICOM_AE_TITLE, ONCOSCOPE_DICOM_ALLOWED_AETS)")
+        if s.dicomweb_url and not s.dicomweb_url.startswith(("http://", "https://")):
+            raise SettingsError("ONCOSCOPE_DICOMWEB_URL must be an http:// or https:// URL")
         if s.job_timeout_seconds >= s.job_lease_seconds:
             raise SettingsError("ONCOSCOPE_JOB_LEASE_SECONDS must be longer than ONCOSCOPE_JOB_TIMEOUT_SECONDS")
         return s

@@ -61,6 +61,7 @@ class DicomImage:
     frame_count: int
     description: str  # Series Description, else Study Description, else ""
     sop_class_uid: str | None = None
+    accession_number: str = ""  # the order this study answers (the LIS's accession), "" when not stated
     transfer_syntax: str = ""
     frame_index: int | None = 0  # the frame used; None when the tiles of a whole-slide level were stitched
     window: tuple[float, float] | None = None  # (center, width) applied, if any
@@ -763,6 +764,7 @@ def _metadata(ds) -> dict:
         "sop_class_uid": uid("SOPClassUID"),
         "modality": _text(ds, "Modality").upper(),
         "description": _text(ds, "SeriesDescription") or _text(ds, "StudyDescription"),
+        "accession_number": _text(ds, "AccessionNumber")[:64],
     }
 
 

@@ -109,15 +109,17 @@ def advance(s: Session, case: Case, status: str, from_statuses: tuple[str, ...],
 
 
 # ----------------------------------------------------------------------------- creation and uploads
-def create_case(s: Session, user: User, patient: Patient, analyzer_id: str, note: str = "",
+def create_case(s: Session, user: User | None, patient: Patient, analyzer_id: str, note: str = "",
                 priority: str = "routine") -> Case:
+    """A new open case (``user`` None: made by the DICOM receiver or a LIS order, not a person)."""
     if analyzer_id not in registry.available():
         raise CaseError("Choose an analyzer from the list.", "analyzer_id")
     if unstorable(note):
         raise CaseError(f"The clinical note {UNSTORABLE_MESSAGE}", "clinical_note")
     if priority not in PRIORITIES:
         raise CaseError(f"Choose a priority: {', '.join(PRIORITIES)}.", "priority")
-    c = Case(patient_id=patient.id, analyzer_id=analyzer_id, clinical_note=(note or "")[:5000], created_by_id=user.id,
+    c = Case(patient_id=patient.id, analyzer_id=analyzer_id, clinical_note=(note or "")[:5000],
+             created_by_id=user.id if user is not None else None,
              priority=priority)
     s.add(c)
     s.flush()
@@ -148,7 +150,7 @@ class UploadOutcome:
 SIGNED_NO_IMAGES = "This case is signed; amend it to change the diagnosis. Images cannot be added."
 
 
-def add_images(s: Session, store: FileStore, case: Case, user: User, uploads: list[tuple[str, bytes]],
+def add_images(s: Session, store: FileStore, case: Case, user: User | None, uploads: list[tuple[str, bytes]],
                max_bytes: int) -> UploadOutcome:
     """Validate by content, store by hash, create one queued analysis per new image.
 
@@ -200,14 +202,15 @@ def _store_file(store: FileStore, case: Case, name: str, data: bytes, max_bytes:
     return name, data, loaded
 
 
-def _add_image_row(s: Session, case: Case, user: User, name: str, data: bytes, loaded, out: UploadOutcome) -> None:
+def _add_image_row(s: Session, case: Case, user: User | None, name: str, data: bytes, loaded,
+                   out: UploadOutcome) -> None:
     sha = hashlib.sha256(data).hexdigest()
     if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
         out.duplicates.append(name)
         return
     img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
                     width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
-                    uploaded_by_id=user.id)
+                    uploaded_by_id=user.id if user is not None else None)
     meta = loaded.dicom
     if meta is not None:  # identifiers as the file has them, less NUL (PostgreSQL refuses it in text)
         img.dicom_patient_id = storable(meta.patient_id)[:64] or None

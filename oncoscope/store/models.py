@@ -82,7 +82,8 @@ class Patient(Base):
 class Case(Base):
     __tablename__ = "cases"
     __table_args__ = (Index("ix_cases_created", "created_at"), Index("ix_cases_status", "status"),
-                      Index("ix_cases_worklist", "status", "priority", "created_at"))
+                      Index("ix_cases_worklist", "status", "priority", "created_at"),
+                      UniqueConstraint("dicom_study_uid", name="uq_cases_dicom_study_uid"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -106,6 +107,12 @@ class Case(Base):
     ai_flag: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     cancel_reason: Mapped[str] = mapped_column(Text, nullable=False, default="", server_default="")
+    # Hospital integration (services/pacs, services/lis): the DICOM study a case was filed under by the
+    # receiver (one case per study), and the order it fulfils (LIS accession and placer order number).
+    dicom_study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    placer_order: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    order_info: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the LIS order's sender, control id, orderer
 
     patient: Mapped[Patient] = relationship(back_populates="cases")
     images: Mapped[list["CaseImage"]] = relationship(back_populates="case", order_by="CaseImage.id")
@@ -333,6 +340,57 @@ class SiteSetting(Base):
     value: Mapped[dict] = mapped_column(JSON, nullable=False)
     updated_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class DicomInboxItem(Base):
+    """A DICOM instance received (C-STORE) or retrieved (WADO-RS) but not filed into a case: no routing
+    rule matched it, or its study's case no longer takes images. Stored (the file is in the image
+    store), shown in the DICOM inbox until a person files it under an analyzer or dismisses it."""
+
+    __tablename__ = "dicom_inbox"
+    __table_args__ = (Index("ix_dicom_inbox_open", "resolved_at", "study_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    source: Mapped[str] = mapped_column(String(64), nullable=False)  # "AE STORESCU" / "DICOMweb <host>"
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), nullable=True,
+                                                   index=True)  # (none: a patient ID that could not be used)
+    study_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    series_uid: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    sop_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    modality: Mapped[str] = mapped_column(String(16), nullable=False, default="")
+    body_part: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    description: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    resolved_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("cases.id", ondelete="SET NULL"), nullable=True)
+
+    patient: Mapped[Patient | None] = relationship()
+
+
+class Delivery(Base):
+    """One result sent to a hospital system: the signed DICOM SR or SEG stored to the PACS (STOW-RS), or
+    the ORU^R01 answering a LIS order. Retried with backoff until sent or given up; shown on the case."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),
+                      UniqueConstraint("case_id", "review_version", "kind", "target", name="uq_delivery"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), nullable=False, index=True)
+    review_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # dicom-sr | dicom-seg | oru
+    target: Mapped[str] = mapped_column(String(255), nullable=False)
+    status: Mapped[str] = mapped_column(String(10), nullable=False, default="pending")  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    detail: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # what the peer answered (ACK, stored UIDs)
 
 
 class CellLabel(Base):

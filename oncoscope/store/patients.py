@@ -155,14 +155,16 @@ def _clean(values: dict, stored_mrn: str | None = None) -> dict:
             "birth_date": bd or None, "sex": sex, "notes": (values.get("notes") or "")[:5000]}
 
 
-def create(s: Session, creator: User, values: dict) -> Patient:
+def create(s: Session, creator: User | None, values: dict) -> Patient:
+    """A new patient; the creator (a person; None: the DICOM receiver or a LIS order) gets access,
+    unless an administrator (who sees every patient)."""
     v = _clean(values)
     if s.scalar(select(Patient.id).where(Patient.mrn == v["mrn"])):
         raise PatientError("A patient with this MRN already exists.", "mrn")
-    p = Patient(created_by_id=creator.id, **v)
+    p = Patient(created_by_id=creator.id if creator is not None else None, **v)
     s.add(p)
     s.flush()
-    if not creator.is_admin:
+    if creator is not None and not creator.is_admin:
         s.add(PatientAccess(patient_id=p.id, user_id=creator.id))
     return p
 

@@ -287,12 +287,14 @@ def _as_older_schema(content: dict[str, bytes], key) -> dict[str, bytes]:
     e1f2a3b4c5d6 dropped, and cases.revision, idempotency_records.patient_id and the login_throttle
     table did not exist yet (nor what f2a3b4c5d6e7 added: the cell review tables, cases.wbc_count,
     reviews.differential, analyses.microns_per_pixel; nor reviews.ai_call and cases.priority; nor the
-    clinical workflow's tables and columns of c2d3e4f5a6b7)."""
+    clinical workflow's tables and columns of c2d3e4f5a6b7, nor the hospital integration's of e4f5a6b7c8d9)."""
     users = _rows(content, "users")
     for u in users:
         u.update(failed_logins=0, locked_until=None)
     users[1].update(failed_logins=3, locked_until="2026-01-01T10:00:00")
-    cases = [{k: v for k, v in c.items() if k not in ("revision", "wbc_count", "priority", "ai_flag", "ready_at", "cancel_reason")}
+    cases = [{k: v for k, v in c.items() if k not in ("revision", "wbc_count", "priority", "ai_flag", "ready_at", "cancel_reason",
+                                                          "dicom_study_uid", "accession_number", "placer_order",
+                                                          "order_info")}
              for c in _rows(content, "cases")]
     idem = [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(content, "idempotency_records")]
     reviews = [{k: v for k, v in r.items() if k not in ("differential", "ai_call", "second_reader_id", "second_diagnosis",
@@ -301,7 +303,7 @@ def _as_older_schema(content: dict[str, bytes], key) -> dict[str, bytes]:
     analyses = [{k: v for k, v in a.items() if k != "microns_per_pixel"} for a in _rows(content, "analyses")]
     images = [{k: v for k, v in i.items() if k != "pixel_spacing"} for i in _rows(content, "case_images")]
     new_tables = dict.fromkeys(("readings", "case_transitions", "consults", "consult_messages", "analyzer_policies",
-                                "site_settings"))
+                                "site_settings", "dicom_inbox", "deliveries"))
     return _rewrite(content, {"users": users, "cases": cases, "idempotency_records": idem, "login_throttle": None,
                               "reviews": reviews, "analyses": analyses, "cell_labels": None, "cell_changes": None,
                               "case_images": images, **new_tables},
@@ -337,7 +339,8 @@ def test_archive_made_at_an_older_schema_is_restored_and_migrated(world, tmp_pat
                  id="columns_the_revision_does_not_have"),
     pytest.param({"alembic_revision": OLDER},
                  r"has tables \['analyzer_policies', 'case_transitions', 'cell_changes', 'cell_labels', "
-                 r"'consult_messages', 'consults', 'login_throttle', 'readings', 'site_settings'\] that schema "
+                 r"'consult_messages', 'consults', 'deliveries', 'dicom_inbox', 'login_throttle', 'readings', "
+                 r"'site_settings'\] that schema "
                  r"revision d7e8f9a0b1c2",
                  id="table_the_revision_does_not_have"),
 ])

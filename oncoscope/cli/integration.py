@@ -1,0 +1,61 @@
+"""``oncoscope dicom listen`` (the DICOM receiver) and ``oncoscope lis listen`` (LIS orders over MLLP):
+the hospital's systems sending to oncoscope. Both run until stopped (Ctrl-C, SIGTERM)."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ..analyzers import routing
+from ..config import Settings
+from ..store.db import make_engine, make_session_factory
+from ..store.files import FileStore
+from .server import ready_schema
+
+
+def _instance():
+    st = Settings.from_env().prepare()
+    ready_schema(st.database_url, create=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return st, make_session_factory(make_engine(st.database_url)), FileStore(st.images_dir)
+
+
+@click.group()
+def dicom() -> None:
+    """DICOM: receive images from modalities and PACS (C-STORE SCP)."""
+
+
+@dicom.command("listen")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=None, type=int, help="Default: ONCOSCOPE_DICOM_PORT (11112).")
+@click.option("--ae-title", default=None, help="Default: ONCOSCOPE_DICOM_AE_TITLE (ONCOSCOPE).")
+@click.option("--workers", default=0, show_default=True, type=int,
+              help="Also run this many analysis threads here (0: `oncoscope serve` or `oncoscope worker` runs "
+                   "the analyses the receiver queues).")
+def listen(host, port, ae_title, workers):
+    """Receive DICOM images (C-STORE, C-ECHO) from the AE titles in ONCOSCOPE_DICOM_ALLOWED_AETS."""
+    from ..services.dicom_receiver import Receiver
+    from ..services.jobs import WorkerPool
+
+    st, sessions, files = _instance()
+    try:
+        routing.table(st.dicom_routes)
+    except routing.RouteError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not st.dicom_allowed_aets:
+        click.echo("WARNING: ONCOSCOPE_DICOM_ALLOWED_AETS is empty: every association will be refused", err=True)
+    pool = None
+    if workers > 0:
+        pool = WorkerPool(sessions, files, workers, st.job_max_attempts, st.job_lease_seconds)
+        pool.start()
+    receiver = Receiver(st, sessions, files, host=host, port=port, ae_title=ae_title)
+    click.echo(f"oncoscope DICOM receiver {receiver.ae_title} on {host}:{receiver.port}; allowed calling AE "
+               f"titles: {', '.join(st.dicom_allowed_aets) or '(none)'}")
+    try:
+        receiver.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if pool is not None:
+            pool.shutdown()

@@ -1,0 +1,270 @@
+"""Filing DICOM images that arrive without a person (C-STORE from a modality or PACS, WADO-RS
+retrieval): the patient by Patient ID (created when new, refused when the stored patient's name or
+birth date disagree), one case per study (or the LIS order the study's accession number names), the
+analyzer from the routing table, one queued analysis per image. An image no rule routes, or whose
+study's case is closed, is stored in the DICOM inbox instead, for a person to file or dismiss.
+
+The same checks as an upload (``cases.add_images``: content, size, limits), the same records; no
+protocol here (services/pacs maps the outcomes to DICOM statuses)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..analyzers import routing
+from ..imaging.imageio import ImageLoadError, load_image
+from . import cases as case_store
+from . import patients as patient_store
+from .files import FileStore
+from .models import Case, DicomInboxItem, Patient, User, utcnow
+from .text import storable
+
+# refusals, by kind (services/pacs gives each its DICOM status)
+UNREADABLE = "unreadable"
+NO_PATIENT_ID = "no_patient_id"
+PATIENT_CONFLICT = "patient_conflict"
+STUDY_CONFLICT = "study_conflict"
+NO_STUDY = "no_study"
+
+
+@dataclass
+class Filed:
+    """What became of one instance: ``kind`` is filed, duplicate, inbox or one of the refusals."""
+
+    kind: str
+    message: str = ""
+    patient_id: int | None = None
+    case_id: int | None = None
+    image_id: int | None = None
+    inbox_id: int | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.kind not in ("filed", "duplicate", "inbox")
+
+
+class Refused(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, rules: list[routing.Rule],
+            max_bytes: int) -> Filed:
+    """File one DICOM instance (Part 10 bytes) and commit. A race with another association filing the
+    same new patient or study (a unique key) is retried once, then finds the other's rows."""
+    try:
+        loaded = load_image(data)
+    except ImageLoadError as exc:
+        return Filed(UNREADABLE, str(exc))
+    meta = loaded.dicom
+    if meta is None:
+        return Filed(UNREADABLE, "Not a DICOM image.")
+    if len(data) > max_bytes:
+        return Filed(UNREADABLE, f"Larger than the {max_bytes // (1024 * 1024)} MB limit.")
+    for attempt in (1, 2):
+        s = sessions()
+        try:
+            return _file(s, store, data, meta, source, rules, max_bytes)
+        except Refused as exc:
+            s.rollback()
+            return Filed(exc.kind, exc.message)
+        except IntegrityError:
+            s.rollback()
+            if attempt == 2:
+                raise
+        finally:
+            s.close()
+    raise AssertionError("unreachable")
+
+
+def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, max_bytes: int) -> Filed:
+    patient = patient_for(s, meta, source)
+    if not meta.study_uid:
+        raise Refused(NO_STUDY, "The instance has no valid Study Instance UID.")
+    case = s.scalar(select(Case).where(Case.dicom_study_uid == meta.study_uid))
+    if case is not None and case.patient_id != patient.id:
+        raise Refused(STUDY_CONFLICT, f"Study {meta.study_uid} is filed under another patient (MRN "
+                                      f"{case.patient.mrn}), not {patient.mrn}.")
+    if case is None:
+        case = _ordered_case(s, patient, meta)
+    if case is None:
+        analyzer_id = routing.route(rules, meta.modality, meta.body_part, meta.sop_class_uid or "")
+        if analyzer_id is None:
+            return _to_inbox(s, store, data, meta, source, patient, "No routing rule matches modality "
+                             f"{meta.modality or '(none)'}, body part {meta.body_part or '(none)'}.")
+        case = case_store.create_case(s, None, patient, analyzer_id, f"Received over DICOM from {source}.")
+        case.dicom_study_uid = meta.study_uid
+        case.accession_number = storable(meta.accession_number)[:64] or None
+        s.flush()  # (a concurrent association that made this study's case first: IntegrityError, retried)
+    if case.status not in case_store.UPLOADABLE:
+        return _to_inbox(s, store, data, meta, source, patient,
+                         f"Case #{case.id} of this study takes no more images ({case.status}).", case)
+    name = f"{meta.modality or 'DICOM'}-{meta.sop_instance_uid or hashlib.sha256(data).hexdigest()[:16]}.dcm"
+    out = case_store.add_images(s, store, case, None, [(name, data)], max_bytes)
+    case_store.commit_upload(s, store, out)
+    if out.errors:
+        raise Refused(UNREADABLE, out.errors[0][1])
+    if out.duplicates:
+        return Filed("duplicate", "Already stored.", patient.id, case.id)
+    return Filed("filed", "", patient.id, case.id, out.added[0].id)
+
+
+def patient_for(s: Session, meta, source: str) -> Patient:
+    """The patient the DICOM Patient ID names (its MRN): found, or created from the file's patient
+    module; refused when it cannot be an MRN, or when name or birth date contradict the stored patient."""
+    mrn = (meta.patient_id or "").strip()
+    if not mrn:
+        raise Refused(NO_PATIENT_ID, "The instance has no Patient ID: it cannot be filed to a patient.")
+    if problem := patient_store.mrn_problem(mrn):
+        raise Refused(NO_PATIENT_ID, f"The Patient ID {mrn!r} cannot be used as an MRN. {problem}")
+    family, _, given = (meta.patient_name or "").partition(", ")
+    p = s.scalar(select(Patient).where(Patient.mrn == mrn))
+    if p is None:
+        try:
+            return patient_store.create(s, None, {
+                "mrn": mrn, "family_name": family.strip() or "(no name in DICOM)", "given_name": given.strip()[:100],
+                "birth_date": meta.birth_date, "sex": meta.sex_word,
+                "notes": f"Created by the DICOM receiver from {source}."})
+        except patient_store.PatientError as exc:
+            raise Refused(NO_PATIENT_ID, f"The patient module cannot be stored: {exc}") from None
+    clash = []
+    if family.strip() and p.family_name and family.strip().casefold() != p.family_name.casefold():
+        clash.append(f"name {meta.patient_name!r} (stored: {p.display_name!r})")
+    if meta.birth_date and p.birth_date and meta.birth_date != p.birth_date.isoformat():
+        clash.append(f"birth date {meta.birth_date} (stored: {p.birth_date.isoformat()})")
+    if clash:
+        raise Refused(PATIENT_CONFLICT, f"Patient ID {mrn} is a patient whose " + " and ".join(clash)
+                      + " differ: not filed (correct the PACS or the patient record).")
+    return p
+
+
+def _ordered_case(s: Session, patient: Patient, meta) -> Case | None:
+    """The patient's open case for the LIS order this study's accession number names, if any: it
+    takes the study."""
+    if not meta.accession_number:
+        return None
+    case = s.scalar(select(Case).where(Case.patient_id == patient.id, Case.accession_number == meta.accession_number,
+                                       Case.dicom_study_uid.is_(None), Case.status.in_(case_store.UPLOADABLE))
+                    .order_by(Case.id).limit(1))
+    if case is not None:
+        case.dicom_study_uid = meta.study_uid
+        s.flush()
+    return case
+
+
+def _to_inbox(s: Session, store: FileStore, data: bytes, meta, source: str, patient: Patient, reason: str,
+              case: Case | None = None) -> Filed:
+    sha = hashlib.sha256(data).hexdigest()
+    sop = meta.sop_instance_uid or sha[:64]
+    held = s.scalar(select(DicomInboxItem.id).where(DicomInboxItem.sop_uid == sop, DicomInboxItem.sha256 == sha,
+                                                    DicomInboxItem.resolved_at.is_(None)))
+    if held:
+        s.commit()
+        return Filed("duplicate", "Already in the DICOM inbox.", patient.id, inbox_id=held)
+    new_file = not store.exists(sha)
+    store.put_original(data)
+    try:
+        item = DicomInboxItem(source=source[:64], patient_id=patient.id, study_uid=meta.study_uid,
+                              series_uid=meta.series_uid or "", sop_uid=sop, sop_class_uid=meta.sop_class_uid or "",
+                              modality=storable(meta.modality)[:16], body_part=storable(meta.body_part)[:64],
+                              description=storable(meta.description)[:255], sha256=sha, reason=reason,
+                              case_id=case.id if case is not None else None)
+        s.add(item)
+        s.commit()
+    except BaseException:
+        s.rollback()
+        if new_file:
+            case_store.discard_new_files(s, store, [sha])
+        raise
+    return Filed("inbox", reason, patient.id, inbox_id=item.id)
+
+
+# ----------------------------------------------------------------------------- the inbox
+@dataclass
+class InboxStudy:
+    study_uid: str
+    patient: Patient | None
+    count: int
+    modality: str
+    body_part: str
+    description: str
+    source: str
+    received_at: object
+    reason: str
+
+
+def _visible(user: User):
+    q = select(DicomInboxItem).where(DicomInboxItem.resolved_at.is_(None))
+    if user.is_admin:
+        return q
+    return q.where(DicomInboxItem.patient_id.in_(patient_store.visible_patients(user).with_only_columns(Patient.id)))
+
+
+def inbox(s: Session, user: User, limit: int = 200) -> list[InboxStudy]:
+    """The open inbox as studies (newest first), those of patients the user may see."""
+    items = list(s.scalars(_visible(user).order_by(DicomInboxItem.received_at.desc(), DicomInboxItem.id.desc())
+                           .limit(5000)))
+    studies: dict[str, InboxStudy] = {}
+    for i in items:
+        st = studies.get(i.study_uid)
+        if st is None:
+            studies[i.study_uid] = InboxStudy(i.study_uid, i.patient, 1, i.modality, i.body_part, i.description,
+                                              i.source, i.received_at, i.reason)
+        else:
+            st.count += 1
+    return list(studies.values())[:limit]
+
+
+def inbox_count(s: Session, user: User) -> int:
+    sub = _visible(user).with_only_columns(DicomInboxItem.study_uid).distinct().subquery()
+    return s.scalar(select(func.count()).select_from(sub))
+
+
+def _study_items(s: Session, user: User, study_uid: str) -> list[DicomInboxItem]:
+    items = list(s.scalars(_visible(user).where(DicomInboxItem.study_uid == study_uid).order_by(DicomInboxItem.id)))
+    if not items:
+        raise case_store.CaseGone("Nothing of this study is waiting in the DICOM inbox (filed or dismissed meanwhile).")
+    return items
+
+
+def file_study(s: Session, store: FileStore, user: User, study_uid: str, analyzer_id: str, max_bytes: int) -> Case:
+    """A person files an inbox study under an analyzer: the study's case (when it still takes images)
+    or a new one; its images are analysed. The caller commits with ``cases.commit_upload``."""
+    items = _study_items(s, user, study_uid)
+    patient = s.get(Patient, items[0].patient_id) if items[0].patient_id else None
+    if patient is None:
+        raise case_store.CaseError("These images name no usable patient; they can only be dismissed.")
+    case = s.scalar(select(Case).where(Case.dicom_study_uid == study_uid))
+    if case is None or case.status not in case_store.UPLOADABLE or case.analyzer_id != analyzer_id:
+        case = case_store.create_case(s, user, patient, analyzer_id, f"Filed from the DICOM inbox by {user.name}.")
+        if s.scalar(select(Case.id).where(Case.dicom_study_uid == study_uid)) is None:
+            case.dicom_study_uid = study_uid
+    uploads = [(f"{i.modality or 'DICOM'}-{i.sop_uid}.dcm", store.path(i.sha256).read_bytes()) for i in items]
+    out = case_store.add_images(s, store, case, user, uploads, max_bytes)
+    if out.errors and not out.added and not out.duplicates:
+        raise case_store.CaseError(f"None of the images could be filed: {out.errors[0][1]}")
+    _resolve(items, user, case)
+    s.flush()
+    return case
+
+
+def dismiss(s: Session, user: User, study_uid: str) -> int:
+    """Take a study out of the inbox without analysing it (the files stay with the audit's record)."""
+    items = _study_items(s, user, study_uid)
+    _resolve(items, user, None)
+    s.flush()
+    return len(items)
+
+
+def _resolve(items: list[DicomInboxItem], user: User, case: Case | None) -> None:
+    now = utcnow()
+    for i in items:
+        i.resolved_at, i.resolved_by_id = now, user.id
+        if case is not None:
+            i.case_id = case.id
