@@ -28,13 +28,16 @@ test: venv browser
 	bash scripts/test.sh
 
 # Debian's Chromium for the Playwright end-to-end test (Playwright's own browser download is not used),
-# and poppler-utils (pdftotext, pdftoppm) for the tests that read the PDF reports back.
+# poppler-utils (pdftotext, pdftoppm) for the tests that read the PDF reports back, and Orthanc with its
+# DICOMweb plugin: the PACS the integration tests start privately (own config, storage and ports).
 browser:
-	@command -v chromium >/dev/null 2>&1 && command -v pdftotext >/dev/null 2>&1 || { \
+	@command -v chromium >/dev/null 2>&1 && command -v pdftotext >/dev/null 2>&1 && command -v Orthanc >/dev/null 2>&1 \
+	  && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils >/dev/null) \
-	      || echo "WARNING: could not install chromium / poppler-utils; the tests needing them will be skipped"; \
-	  else echo "WARNING: chromium or poppler-utils missing and not root; the tests needing them will be skipped"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils orthanc \
+	      orthanc-dicomweb >/dev/null) \
+	      || echo "WARNING: could not install chromium / poppler-utils / orthanc; the tests needing them will be skipped"; \
+	  else echo "WARNING: chromium, poppler-utils or orthanc missing and not root; the tests needing them will be skipped"; fi; }
 
 train: venv
 	$(BIN)/oncoscope train --analyzer smear-all
