@@ -45,8 +45,9 @@ image store and secret key, as the explicit first step of whatever runs the inst
   ``ONCOSCOPE_DICOMWEB_PASSWORD`` (HTTP Basic) or ``ONCOSCOPE_DICOMWEB_TOKEN`` (Bearer),
   ``ONCOSCOPE_DICOMWEB_CA_FILE`` (the CA bundle that verifies an https PACS; default the system's),
   ``ONCOSCOPE_DICOMWEB_STORE_ON_FINAL`` (1: store the signed SR and SEG to the PACS when a report is
-  final or corrected). LIS orders (``oncoscope lis listen``): ``ONCOSCOPE_LIS_PORT`` (2575); results go
-  back to ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT``. ``ONCOSCOPE_DELIVERY_MAX_ATTEMPTS`` (8): a
+  final or corrected). LIS orders (``oncoscope lis listen``): ``ONCOSCOPE_LIS_PORT`` (2575),
+  ``ONCOSCOPE_LIS_TESTS`` (``CODE=analyzer;...``: which analyzer an order's test code means; an analyzer's
+  id is always understood); results go back to ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT``. ``ONCOSCOPE_DELIVERY_MAX_ATTEMPTS`` (8): a
   result that could not be delivered is retried with growing pauses, then marked failed.
 """
 
@@ -153,6 +154,7 @@ class Settings:
     dicomweb_ca_file: Path | None = None
     dicomweb_store_on_final: bool = True
     lis_port: int = 2575
+    lis_tests: str = ""
     delivery_max_attempts: int = 8
 
     @property
@@ -230,6 +232,7 @@ class Settings:
             dicomweb_store_on_final=os.environ.get("ONCOSCOPE_DICOMWEB_STORE_ON_FINAL", "1").lower() in ("1", "true",
                                                                                                       "yes"),
             lis_port=_int("ONCOSCOPE_LIS_PORT", 2575),
+            lis_tests=os.environ.get("ONCOSCOPE_LIS_TESTS", ""),
             delivery_max_attempts=_int("ONCOSCOPE_DELIVERY_MAX_ATTEMPTS", 8),
         )
         for k, v in overrides.items():

@@ -1,4 +1,4 @@
-"""Command line: ``oncoscope serve|worker|db|dicom|train|evaluate|predict|bench|data|users|backup|restore|public-key|audit``.
+"""Command line: ``oncoscope serve|worker|db|dicom|lis|train|evaluate|predict|bench|data|users|backup|restore|public-key|audit``.
 
 One module per family of commands: ``data`` (dataset audits and splits), ``models`` (train and
 evaluate: torch), ``predict`` (the shipped ONNX models, no torch), ``server`` (serve, worker),
@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Run analyses from the Redis queue (scaled-out mode; needs ONCOSCOPE_QUEUE_URL)."),
     "db": ("oncoscope.cli.db:db", "Database schema migrations (Alembic)."),
     "dicom": ("oncoscope.cli.integration:dicom", "DICOM: receive images from modalities and PACS (C-STORE SCP)."),
+    "lis": ("oncoscope.cli.integration:lis", "LIS: receive laboratory orders (HL7 v2 OML^O33 / ORM^O01 over MLLP)."),
     "export-reviewed": ("oncoscope.cli.reviewed:export_reviewed_cmd",
                         "Verified cells of signed cases as a training dataset (no patient identifiers)."),
     "users": ("oncoscope.cli.accounts:users", "User accounts."),

@@ -59,3 +59,26 @@ def listen(host, port, ae_title, workers):
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+@click.group()
+def lis() -> None:
+    """LIS: receive laboratory orders (HL7 v2 OML^O33 / ORM^O01 over MLLP)."""
+
+
+@lis.command("listen")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=None, type=int, help="Default: ONCOSCOPE_LIS_PORT (2575).")
+def lis_listen(host, port):
+    """Place (and cancel) orders sent by the LIS; each message is answered with an ACK and audited."""
+    from ..services.lis import LisListener
+
+    st, sessions, _files = _instance()
+    server = LisListener(st, sessions, host=host, port=port)
+    click.echo(f"oncoscope LIS order listener on {host}:{server.port} (MLLP)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

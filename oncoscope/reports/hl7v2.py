@@ -133,7 +133,7 @@ def oru_r01(case, analyzer, sending_app: str = "ONCOSCOPE", sending_facility: st
     for idx, img in enumerate(case.images, start=1):
         _image_obx(obx, str(idx), img.analysis, names)
     _case_obx(obx, case, review, names, signer)
-    segments = [_msh(msh), _pid(case.patient, sending_facility),
+    segments = [_msh(msh), _pid(case.patient, sending_facility), *_orc(case, sending_app, sending_facility),
                 _obr(case, analyzer, review, status, signer, sending_app, sending_facility),
                 *_nte_segments(review, analyzer), *obx.segments()]
     if any(ord(c) > 127 for seg in segments for c in seg):  # UTF-8 on the wire (send_mllp): MSH-18
@@ -178,12 +178,29 @@ def _pid(patient, sending_facility: str) -> str:
     })
 
 
+def _placer(case, sending_app: str) -> str:
+    """The placer order number: the LIS order's own (with the LIS's namespace) when the case answers
+    one, else the case id under our name."""
+    if getattr(case, "placer_order", None):
+        return _comp(case.placer_order, (case.order_info or {}).get("placer_app", ""))
+    return _comp(case.id, sending_app)
+
+
+def _orc(case, sending_app: str, sending_facility: str) -> list[str]:
+    """ORC (results answering a LIS order): RE, the order's placer number and ours as filler."""
+    if not getattr(case, "placer_order", None):
+        return []
+    return [_segment("ORC", {1: "RE", 2: _placer(case, sending_app), 3: _comp(case.id, sending_facility), 5: "CM"})]
+
+
 def _obr(case, analyzer, review, status: str, signer: tuple[str, str], sending_app: str,
          sending_facility: str) -> str:
+    accession = getattr(case, "accession_number", None)
     return _segment("OBR", {
         1: "1",
-        2: _comp(case.id, sending_app),
+        2: _placer(case, sending_app),
         3: _comp(case.id, sending_facility),
+        **({18: escape(accession)} if accession else {}),
         4: _comp(analyzer.id, analyzer.name, "L"),
         7: _ts(case.created_at),
         22: _ts(review.signed_at),

@@ -35,6 +35,7 @@ class Study:
     modalities: list[str] = field(default_factory=list)
     series_count: int | None = None
     instance_count: int | None = None
+    series: list["Series"] = field(default_factory=list)  # (filled by services/pacs.studies)
 
 
 @dataclass

@@ -197,3 +197,33 @@ def set_doctors(s: Session, patient: Patient, doctor_ids: list[int]) -> None:
         s.delete(s.get(PatientAccess, (patient.id, uid)))
     for uid in valid - current:
         s.add(PatientAccess(patient_id=patient.id, user_id=uid))
+
+
+class PatientConflict(PatientError):
+    """A message names a known MRN with another name or birth date: filed nowhere, for a person to settle."""
+
+
+def match_or_create(s: Session, mrn: str, family: str, given: str = "", birth_date: str | None = None,
+                    sex: str = "unknown", note: str = "") -> Patient:
+    """The patient a hospital system's message names by MRN (DICOM Patient ID, HL7 PID-3): found, or
+    created (by nobody: only administrators see them until staff are assigned). Raises PatientError when
+    the MRN cannot be one, PatientConflict when the stored patient's family name or birth date differ."""
+    mrn = (mrn or "").strip()
+    if not mrn:
+        raise PatientError("No patient ID: the record cannot be filed to a patient.", "mrn")
+    if problem := mrn_problem(mrn):
+        raise PatientError(f"The patient ID {mrn!r} cannot be used as an MRN. {problem}", "mrn")
+    family, given = (family or "").strip(), (given or "").strip()
+    p = s.scalar(select(Patient).where(Patient.mrn == mrn))
+    if p is None:
+        return create(s, None, {"mrn": mrn, "family_name": family or "(no name given)", "given_name": given[:100],
+                                "birth_date": birth_date, "sex": sex, "notes": note})
+    clash = []
+    if family and p.family_name and family.casefold() != p.family_name.casefold():
+        clash.append(f"family name {family!r} (stored: {p.family_name!r})")
+    if birth_date and p.birth_date and str(birth_date) != p.birth_date.isoformat():
+        clash.append(f"birth date {birth_date} (stored: {p.birth_date.isoformat()})")
+    if clash:
+        raise PatientConflict(f"MRN {mrn} is a patient whose " + " and ".join(clash) + " differ: nothing was filed "
+                              "(correct the sending system or the patient record).", "mrn")
+    return p

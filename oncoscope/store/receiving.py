@@ -55,9 +55,11 @@ class Refused(Exception):
 
 
 def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, rules: list[routing.Rule],
-            max_bytes: int) -> Filed:
-    """File one DICOM instance (Part 10 bytes) and commit. A race with another association filing the
-    same new patient or study (a unique key) is retried once, then finds the other's rows."""
+            max_bytes: int, user: User | None = None, expected_mrn: str | None = None) -> Filed:
+    """File one DICOM instance (Part 10 bytes) and commit. ``user``: the person who fetched it (None:
+    sent to us); ``expected_mrn``: refuse an instance of another patient (a retrieval for a patient).
+    A race with another association filing the same new patient or study (a unique key) is retried
+    once, then finds the other's rows."""
     try:
         loaded = load_image(data)
     except ImageLoadError as exc:
@@ -70,7 +72,10 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
     for attempt in (1, 2):
         s = sessions()
         try:
-            return _file(s, store, data, meta, source, rules, max_bytes)
+            if expected_mrn is not None and (meta.patient_id or "").strip() != expected_mrn:
+                raise Refused(PATIENT_CONFLICT, f"The instance is of Patient ID {meta.patient_id!r}, not "
+                                                f"{expected_mrn!r}.")
+            return _file(s, store, data, meta, source, rules, max_bytes, s.merge(user) if user else None)
         except Refused as exc:
             s.rollback()
             return Filed(exc.kind, exc.message)
@@ -83,7 +88,8 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
     raise AssertionError("unreachable")
 
 
-def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, max_bytes: int) -> Filed:
+def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, max_bytes: int,
+          user: User | None) -> Filed:
     patient = patient_for(s, meta, source)
     if not meta.study_uid:
         raise Refused(NO_STUDY, "The instance has no valid Study Instance UID.")
@@ -98,7 +104,7 @@ def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, m
         if analyzer_id is None:
             return _to_inbox(s, store, data, meta, source, patient, "No routing rule matches modality "
                              f"{meta.modality or '(none)'}, body part {meta.body_part or '(none)'}.")
-        case = case_store.create_case(s, None, patient, analyzer_id, f"Received over DICOM from {source}.")
+        case = case_store.create_case(s, user, patient, analyzer_id, f"Received over DICOM from {source}.")
         case.dicom_study_uid = meta.study_uid
         case.accession_number = storable(meta.accession_number)[:64] or None
         s.flush()  # (a concurrent association that made this study's case first: IntegrityError, retried)
@@ -106,7 +112,7 @@ def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, m
         return _to_inbox(s, store, data, meta, source, patient,
                          f"Case #{case.id} of this study takes no more images ({case.status}).", case)
     name = f"{meta.modality or 'DICOM'}-{meta.sop_instance_uid or hashlib.sha256(data).hexdigest()[:16]}.dcm"
-    out = case_store.add_images(s, store, case, None, [(name, data)], max_bytes)
+    out = case_store.add_images(s, store, case, user, [(name, data)], max_bytes)
     case_store.commit_upload(s, store, out)
     if out.errors:
         raise Refused(UNREADABLE, out.errors[0][1])
@@ -116,32 +122,16 @@ def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, m
 
 
 def patient_for(s: Session, meta, source: str) -> Patient:
-    """The patient the DICOM Patient ID names (its MRN): found, or created from the file's patient
-    module; refused when it cannot be an MRN, or when name or birth date contradict the stored patient."""
-    mrn = (meta.patient_id or "").strip()
-    if not mrn:
-        raise Refused(NO_PATIENT_ID, "The instance has no Patient ID: it cannot be filed to a patient.")
-    if problem := patient_store.mrn_problem(mrn):
-        raise Refused(NO_PATIENT_ID, f"The Patient ID {mrn!r} cannot be used as an MRN. {problem}")
+    """The patient the DICOM Patient ID names (store/patients.match_or_create): found, or created from the
+    file's patient module; refused when it cannot be an MRN, or contradicts the stored patient."""
     family, _, given = (meta.patient_name or "").partition(", ")
-    p = s.scalar(select(Patient).where(Patient.mrn == mrn))
-    if p is None:
-        try:
-            return patient_store.create(s, None, {
-                "mrn": mrn, "family_name": family.strip() or "(no name in DICOM)", "given_name": given.strip()[:100],
-                "birth_date": meta.birth_date, "sex": meta.sex_word,
-                "notes": f"Created by the DICOM receiver from {source}."})
-        except patient_store.PatientError as exc:
-            raise Refused(NO_PATIENT_ID, f"The patient module cannot be stored: {exc}") from None
-    clash = []
-    if family.strip() and p.family_name and family.strip().casefold() != p.family_name.casefold():
-        clash.append(f"name {meta.patient_name!r} (stored: {p.display_name!r})")
-    if meta.birth_date and p.birth_date and meta.birth_date != p.birth_date.isoformat():
-        clash.append(f"birth date {meta.birth_date} (stored: {p.birth_date.isoformat()})")
-    if clash:
-        raise Refused(PATIENT_CONFLICT, f"Patient ID {mrn} is a patient whose " + " and ".join(clash)
-                      + " differ: not filed (correct the PACS or the patient record).")
-    return p
+    try:
+        return patient_store.match_or_create(s, meta.patient_id, family, given, meta.birth_date, meta.sex_word,
+                                             f"Created by the DICOM receiver from {source}.")
+    except patient_store.PatientConflict as exc:
+        raise Refused(PATIENT_CONFLICT, str(exc)) from None
+    except patient_store.PatientError as exc:
+        raise Refused(NO_PATIENT_ID, str(exc)) from None
 
 
 def _ordered_case(s: Session, patient: Patient, meta) -> Case | None:

@@ -9,6 +9,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 from ..config import Settings
+from ..services.deliveries import start_delivery_pump
 from ..services.jobs import start_worker_pool
 from ..store.db import make_engine, make_session_factory
 from ..store.files import FileStore
@@ -33,6 +34,7 @@ def create_app(config: dict | None = None, settings: Settings | None = None, sta
     audit.init_app(app)  # after the other hooks: its after_request runs first and sees the final answer
     if start_workers and not app.config.get("TESTING_NO_WORKERS"):
         start_worker_pool(app)
+        start_delivery_pump(app)
     return app
 
 

@@ -1,0 +1,51 @@
+"""Pulling images from the PACS into cases (QIDO-RS to find a patient's studies, WADO-RS to fetch the
+series a person chose), filed like images the receiver gets (store/receiving), under the analyzer the
+person chose. No Flask: the patient page and the API call these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..analyzers import routing
+from ..store import receiving
+from .dicomweb import Client, Study
+
+
+@dataclass
+class Retrieved:
+    filed: int = 0
+    duplicates: int = 0
+    inbox: int = 0
+    refused: list[str] = field(default_factory=list)
+    case_ids: set[int] = field(default_factory=set)
+
+
+def studies(settings, mrn: str) -> list[Study]:
+    """The patient's studies in the PACS (with their series), newest first."""
+    pacs = Client.from_settings(settings)
+    found = sorted(pacs.studies(patient_id=mrn), key=lambda st: st.date, reverse=True)
+    for st in found:
+        st.series = pacs.series(st.study_uid)
+    return found
+
+
+def retrieve(settings, sessions, files, user, patient_mrn: str, study_uid: str, series_uids: list[str],
+             analyzer_id: str) -> Retrieved:
+    """Fetch the chosen series of one of the patient's studies and file them into the study's case,
+    analysed by ``analyzer_id`` (instances of another patient are refused)."""
+    pacs = Client.from_settings(settings)
+    rules = [routing.Rule(frozenset(), frozenset(), frozenset(), analyzer_id)]
+    out = Retrieved()
+    for series_uid in series_uids:
+        for data in pacs.retrieve_series(study_uid, series_uid):
+            got = receiving.receive(sessions, files, data, f"DICOMweb {pacs.host}", rules,
+                                    settings.max_upload_mb * 1024 * 1024, user=user, expected_mrn=patient_mrn)
+            if got.refused:
+                out.refused.append(got.message)
+                continue
+            out.filed += got.kind == "filed"
+            out.duplicates += got.kind == "duplicate"
+            out.inbox += got.kind == "inbox"
+            if got.case_id:
+                out.case_ids.add(got.case_id)
+    return out

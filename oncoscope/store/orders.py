@@ -1,0 +1,112 @@
+"""Orders from the laboratory information system (services/lis parses the HL7 messages): a new
+order becomes a pending case (no images yet) carrying the order's accession and placer number, its
+priority and the analyzer its test code names; the worklists show it until the images arrive (a
+study with that accession number is filed into it, store/receiving). A cancelled order cancels its
+case while nothing was done on it. The same order sent twice is the same case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..analyzers import registry
+from . import cases as case_store
+from . import patients as patient_store
+from .models import Case
+from .text import storable
+
+
+class OrderError(ValueError):
+    """The order cannot be placed; ``reject`` (AR): the message itself is wrong, else (AE) its content."""
+
+    def __init__(self, message: str, reject: bool = False):
+        super().__init__(message)
+        self.reject = reject
+
+
+@dataclass
+class Order:
+    control: str  # ORC-1: NW (new), CA (cancel)
+    placer: str  # ORC-2 / OBR-2: the LIS's order number
+    test_code: str  # OBR-4.1
+    test_text: str  # OBR-4.2
+    mrn: str
+    family: str = ""
+    given: str = ""
+    birth_date: str | None = None
+    sex: str = "unknown"
+    accession: str = ""
+    stat: bool = False
+    placer_app: str = ""  # the placer number's namespace (ORC-2.2)
+    sender: str = ""  # MSH-3^MSH-4
+    control_id: str = ""  # MSH-10
+    orderer: str = ""  # ORC-12 / OBR-16
+    note: str = ""
+
+
+def analyzer_for(test_code: str, test_text: str, table: str = "") -> str:
+    """The analyzer an order's test names: ``ONCOSCOPE_LIS_TESTS`` (``CODE=analyzer;...``), else a code or
+    text that is an analyzer's id."""
+    mapping = {}
+    for rule in (r for r in table.split(";") if "=" in r):
+        code, _, aid = rule.partition("=")
+        mapping[code.strip().upper()] = aid.strip()
+    available = registry.available()
+    for key in (test_code, test_text):
+        aid = mapping.get((key or "").strip().upper()) or (key or "").strip().lower()
+        if aid in available:
+            return aid
+    raise OrderError(f"The ordered test {test_code or test_text!r} is not an analysis oncoscope runs (tests: "
+                     f"{', '.join(available)}, or ONCOSCOPE_LIS_TESTS).")
+
+
+def _existing(s: Session, o: Order) -> Case | None:
+    return s.scalar(select(Case).where(Case.placer_order == o.placer).order_by(Case.id.desc()).limit(1))
+
+
+def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
+    """A new order's pending case, and whether it was created now (False: the order was known)."""
+    if not o.placer:
+        raise OrderError("The order has no placer order number (ORC-2 or OBR-2).", reject=True)
+    known = _existing(s, o)
+    if known is not None:
+        if known.patient.mrn != o.mrn.strip():
+            raise OrderError(f"Order {o.placer} is already placed for another patient (MRN {known.patient.mrn}).")
+        return known, False
+    analyzer_id = analyzer_for(o.test_code, o.test_text, tests_table)
+    try:
+        patient = patient_store.match_or_create(s, o.mrn, o.family, o.given, o.birth_date, o.sex,
+                                                f"Created by a LIS order from {o.sender}.")
+    except patient_store.PatientError as exc:
+        raise OrderError(str(exc)) from None
+    note = f"Ordered by {o.sender or 'the LIS'}" + (f", {o.orderer}" if o.orderer else "") + "." + \
+        (f" {o.note}" if o.note else "")
+    case = case_store.create_case(s, None, patient, analyzer_id, storable(note)[:5000],
+                                  "stat" if o.stat else "routine")
+    case.accession_number = storable(o.accession or o.placer)[:64]
+    case.placer_order = storable(o.placer)[:64]
+    case.order_info = {"placer_app": storable(o.placer_app)[:64], "sender": storable(o.sender)[:128],
+                       "control_id": storable(o.control_id)[:64], "orderer": storable(o.orderer)[:128]}
+    s.flush()
+    return case, True
+
+
+def cancel(s: Session, o: Order) -> Case:
+    """The LIS cancels an order: its case is cancelled while it holds no images and no reading."""
+    case = _existing(s, o)
+    if case is None:
+        raise OrderError(f"No order {o.placer} is known here.")
+    if case.status == "cancelled":
+        return case
+    if case.images or case.status not in case_store.UNSIGNED:
+        raise OrderError(f"Order {o.placer} cannot be cancelled here: case #{case.id} already holds images or "
+                         "a result; ask the laboratory.")
+    case_store.lock_case(s, case)
+    reason = storable(f"Order cancelled by {o.sender or 'the LIS'}.")
+    if not case_store.advance(s, case, "cancelled", from_statuses=case_store.UNSIGNED, cancel_reason=reason):
+        raise OrderError(f"Order {o.placer}'s case #{case.id} changed meanwhile; send the cancellation again.")
+    case_store.record_transition(s, case, None, "open", "cancelled", reason)
+    s.flush()
+    return case
