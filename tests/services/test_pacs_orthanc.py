@@ -87,3 +87,56 @@ def test_dicomweb_query_retrieve_and_store_round_trip(orthanc):
         dicomweb.Client(orthanc.dicomweb, user=USER, password="wrong").studies()
     with pytest.raises(dicomweb.DicomWebError, match="cannot be reached"):
         dicomweb.Client("http://127.0.0.1:9/dicom-web", timeout=2).studies()
+
+
+def test_a_final_report_is_stored_to_the_pacs_and_read_back(instance, orthanc):  # noqa: F811
+    """The receiver files a study; the report is signed; the delivery pump STOWs the SR (and SEG, when
+    there is a mask) into Orthanc; the SR is then found in the same study through QIDO and WADO."""
+    import datetime as dt
+
+    from oncoscope.analyzers import registry
+    from oncoscope.services import deliveries, dicomweb
+    from oncoscope.store import cases as case_store
+    from oncoscope.store.models import Delivery, SiteSetting, User
+    from tests.orthanc import PASSWORD, USER
+
+    rx, sessions = instance
+    study = generate_uid()
+    orthanc.add_peer("oncoscope", "ONCOSCOPE", rx.port)
+    orthanc.upload(to_bytes(slice_(study, patient_id="MRN-STOW")))
+    (sid,) = orthanc.get("/studies")
+    orthanc.post("/modalities/oncoscope/store", {"Resources": [sid], "Synchronous": True})
+    with sessions() as s:
+        s.add(User(email="doc@clinic.test", name="Dr Lee", role="doctor", password_hash="x"))
+        s.merge(SiteSetting(key=deliveries.SINCE_KEY, value={"at": "2000-01-01T00:00:00"}))
+        case = s.scalar(select(Case))
+        a = case.images[0].analysis
+        a.job_status, a.result_status, a.label, a.confidence = "done", "ok", "glioma", 0.9
+        a.malignant, a.probabilities, a.finished_at = True, {"glioma": 0.9}, dt.datetime(2026, 12, 4)
+        case.status = "ready"
+        s.flush()
+        labels = [k for k, _ in case_store.diagnosis_options(registry.get("brain-mri"))]
+        case_store.sign(s, case, s.scalar(select(User)), labels[0], labels, override_reason="x",
+                        uncertainty_note="x", confirm_unverified=True)
+        s.commit()
+    st = rx.settings
+    st.dicomweb_url, st.dicomweb_user, st.dicomweb_password = orthanc.dicomweb, USER, PASSWORD
+    pump = deliveries.DeliveryPump(sessions, st, rx.files)
+    assert pump.run_once() == 1
+    with sessions() as s:
+        (d,) = s.scalars(select(Delivery)).all()
+        assert (d.kind, d.status) == ("dicom", "sent") and d.detail["stored"]
+    pacs = dicomweb.Client(orthanc.dicomweb, user=USER, password=PASSWORD)
+    series = {x.modality: x for x in pacs.series(study)}
+    assert set(series) == {"MR", "SR"}  # the report went into the study of its images
+    (sr,) = pacs.retrieve_series(study, series["SR"].series_uid)
+    ds = pydicom.dcmread(io.BytesIO(sr))
+    assert ds.PatientID == "MRN-STOW" and ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "VERIFIED"
+    # the PACS going away: the delivery waits and says why, then a person can send it again
+    st.dicomweb_url = "http://127.0.0.1:9/dicom-web"
+    with sessions() as s:
+        d = s.scalar(select(Delivery))
+        d.status, d.review_version = "pending", 1
+        deliveries.attempt(s, st, rx.files, d)
+        assert d.status == "pending" and d.attempts == 2 and "cannot be reached" in d.last_error
+        s.rollback()
