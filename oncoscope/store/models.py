@@ -120,6 +120,7 @@ class Case(Base):
     readings: Mapped[list["Reading"]] = relationship(back_populates="case", order_by="Reading.id")
     transitions: Mapped[list["CaseTransition"]] = relationship(order_by="CaseTransition.id", viewonly=True)
     consults: Mapped[list["Consult"]] = relationship(back_populates="case", order_by="Consult.id")
+    deliveries: Mapped[list["Delivery"]] = relationship(order_by="Delivery.id", viewonly=True)
     created_by: Mapped[User | None] = relationship()
     # read-only here: cells change through store/cells.py only
     cell_labels: Mapped[list["CellLabel"]] = relationship(

@@ -235,6 +235,7 @@ def file_study(s: Session, store: FileStore, user: User, study_uid: str, analyze
         case = case_store.create_case(s, user, patient, analyzer_id, f"Filed from the DICOM inbox by {user.name}.")
         if s.scalar(select(Case.id).where(Case.dicom_study_uid == study_uid)) is None:
             case.dicom_study_uid = study_uid
+            s.flush()
     uploads = [(f"{i.modality or 'DICOM'}-{i.sop_uid}.dcm", store.path(i.sha256).read_bytes()) for i in items]
     out = case_store.add_images(s, store, case, user, uploads, max_bytes)
     if out.errors and not out.added and not out.duplicates:

@@ -13,11 +13,11 @@ from ..services.deliveries import start_delivery_pump
 from ..services.jobs import start_worker_pool
 from ..store.db import make_engine, make_session_factory
 from ..store.files import FileStore
-from . import admin, api, audit, auth, cases, cells, errors, patients, security, sessions, views, workflow
+from . import admin, api, audit, auth, cases, cells, errors, integration, patients, security, sessions, views, workflow
 from .helpers import db_session_teardown
 from .security import csrf
 
-BLUEPRINTS = (views.bp, auth.bp, patients.bp, cases.bp, cells.bp, workflow.bp, admin.bp, api.bp)
+BLUEPRINTS = (views.bp, auth.bp, patients.bp, cases.bp, cells.bp, workflow.bp, integration.bp, admin.bp, api.bp)
 
 
 def create_app(config: dict | None = None, settings: Settings | None = None, start_workers: bool = True) -> Flask:

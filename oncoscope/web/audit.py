@@ -78,6 +78,13 @@ ACTIONS: dict[str, dict[str, str]] = {
     "workflow.close": {"POST": "consult.close"},
     "workflow.worklist": {"GET": "worklist.view"},
     "workflow.settings_page": {"GET": "settings.workflow_view", "POST": "settings.workflow_update"},
+    # hospital integration
+    "integration.inbox": {"GET": "dicom.inbox_view"},
+    "integration.file_study": {"POST": "dicom.inbox_file"},
+    "integration.dismiss_study": {"POST": "dicom.inbox_dismiss"},
+    "integration.pacs_studies": {"GET": "pacs.query"},
+    "integration.pacs_retrieve": {"POST": "pacs.retrieve"},
+    "integration.send_again": {"POST": "delivery.retry"},
     # JSON API
     "api.list_analyzers": {"GET": "analyzer.list"},
     "api.list_patients": {"GET": "patient.list"},
@@ -111,6 +118,10 @@ ACTIONS: dict[str, dict[str, str]] = {
     "api.answer_consult": {"POST": "consult.answer"},
     "api.close_consult": {"POST": "consult.close"},
     "api.worklist": {"GET": "worklist.view"},
+    "api.pacs_studies": {"GET": "pacs.query"},
+    "api.pacs_retrieve": {"POST": "pacs.retrieve"},
+    "api.dicom_inbox": {"GET": "dicom.inbox_view"},
+    "api.retry_delivery": {"POST": "delivery.retry"},
 }
 
 # Routes that show no account or patient data (with the reason, for the completeness test).

@@ -9,14 +9,17 @@ from flask_login import current_user, login_required
 from sqlalchemy import func, select
 
 from ..analyzers import registry
+from ..services import deliveries
+from ..store import access
 from ..store import cases as case_store
+from ..store import receiving
 from ..store import worklists
 from ..store.db import ping
 from ..store.models import User, utcnow
 from ..store.users import has_users
 from ..vocab import REPORT_STATE_NAMES, TRANSITION_NAMES, percent
 from . import audit
-from .helpers import db, ext, me
+from .helpers import db, ext, me, settings
 
 bp = Blueprint("main", __name__)
 
@@ -189,6 +192,24 @@ def worklist_counts() -> dict[str, int]:
     if "worklist_counts" not in g:
         g.worklist_counts = worklists.counts(db(), me())
     return g.worklist_counts
+
+
+@bp.app_template_global()
+def inbox_count() -> int:
+    """Studies waiting in the DICOM inbox that the user may file (the navigation), once per request."""
+    if "inbox_count" not in g:
+        g.inbox_count = receiving.inbox_count(db(), me()) if access.may(me(), "edit") else 0
+    return g.inbox_count
+
+
+@bp.app_template_global()
+def pacs_configured() -> bool:
+    return bool(settings().dicomweb_url)
+
+
+@bp.app_template_global()
+def delivery_name(kind: str) -> str:
+    return deliveries.KIND_NAMES.get(kind, kind)
 
 
 READINGS = {"preliminary": "Preliminary", "first": "First reading", "second": "Second reading"}

@@ -487,6 +487,10 @@ STAFF_API = {  # (method, path): (tech, rev)
     ("GET", "/api/v1/consults/1"): (200, 200),
     ("POST", "/api/v1/consults/1/messages"): (403, 422),  # the technologist takes no part in it
     ("GET", "/api/v1/worklist?queue=consults"): (200, 200),
+    ("GET", f"/api/v1/patients/{PATIENT_A_ID}/pacs/studies"): (409, 403),  # no PACS configured
+    ("POST", f"/api/v1/patients/{PATIENT_A_ID}/pacs/retrieve"): (422, 403),
+    ("GET", "/api/v1/dicom-inbox"): (200, 403),
+    ("POST", f"/api/v1/cases/{CASE_A_ID}/deliveries/1/retry"): (404, 403),
     ("POST", "/api/v1/consults/1/close"): (403, 200),  # last: the reviewer's access ends here
 }
 

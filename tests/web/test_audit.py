@@ -124,6 +124,11 @@ API_CALLS = [  # (method, path, json body, endpoint) - harmless for the shared w
     ("POST", "/api/v1/consults/999/messages", {"body": "Hello"}),
     ("POST", "/api/v1/consults/999/close", None),
     ("GET", "/api/v1/worklist?queue=verify", None),
+    ("GET", f"/api/v1/patients/{P}/pacs/studies", None),  # no PACS configured: 409
+    ("POST", f"/api/v1/patients/{P}/pacs/retrieve", {"study_uid": "1.2", "series_uids": ["1.2.3"],
+                                                     "analyzer_id": "nope"}),
+    ("GET", "/api/v1/dicom-inbox", None),
+    ("POST", f"/api/v1/cases/{C}/deliveries/999/retry", None),
     ("DELETE", f"/api/v1/cases/{C}", None),  # case 1 holds an image: refused, nothing deleted
 ]
 

@@ -90,6 +90,13 @@ MATRIX: dict[tuple[str, str], tuple[int, int, int, int]] = {
     ("GET", "/worklist/consults"): (302, 200, 200, 200),
     ("GET", "/admin/workflow"): (302, 403, 403, 200),
     ("POST", "/admin/workflow"): (302, 403, 403, 302),  # nothing chosen: the settings stay as they are
+    # hospital integration (no PACS configured here: the page says so)
+    ("GET", "/inbox"): (302, 200, 200, 200),
+    ("POST", "/inbox/1.2.3/file"): (302, 302, 302, 302),  # no analyzer chosen: back with the reason
+    ("POST", "/inbox/1.2.3/dismiss"): (302, 404, 404, 404),  # nothing of that study waits
+    ("GET", f"/patients/{P}/pacs"): (302, 200, 404, 200),
+    ("POST", f"/patients/{P}/pacs/retrieve"): (302, 302, 404, 302),  # nothing chosen: back
+    ("POST", f"/cases/{C}/deliveries/1/retry"): (302, 404, 404, 404),  # no such delivery
     # administration
     ("GET", "/admin/users"): (302, 403, 403, 200),
     ("POST", "/admin/users"): (302, 403, 403, 200),  # empty form: re-rendered
@@ -157,6 +164,12 @@ STAFF: dict[tuple[str, str], tuple[int, int]] = {
     ("POST", "/consults/2/close"): (403, 302),
     ("GET", "/worklist/verify"): (200, 200),
     ("GET", "/worklist/consults"): (200, 200),
+    ("GET", "/inbox"): (200, 403),
+    ("POST", "/inbox/1.2.3/file"): (302, 403),
+    ("POST", "/inbox/1.2.3/dismiss"): (404, 403),
+    ("GET", f"/patients/{P}/pacs"): (200, 403),
+    ("POST", f"/patients/{P}/pacs/retrieve"): (302, 403),
+    ("POST", f"/cases/{C}/deliveries/1/retry"): (404, 403),
     ("GET", "/admin/users"): (403, 403),
     ("POST", "/admin/users"): (403, 403),
     ("GET", f"/admin/users/{SPARE.id}"): (403, 403),
@@ -206,6 +219,9 @@ NONEXISTENT: dict[tuple[str, str], tuple[int, int, int]] = {  # (doc_a, doc_b, a
     ("POST", f"/consults/{MISSING}/messages"): (404, 404, 404),
     ("POST", f"/consults/{MISSING}/close"): (404, 404, 404),
     ("GET", "/worklist/nope"): (404, 404, 404),
+    ("GET", f"/patients/{MISSING}/pacs"): (404, 404, 404),
+    ("POST", f"/patients/{MISSING}/pacs/retrieve"): (404, 404, 404),
+    ("POST", f"/cases/{MISSING}/deliveries/1/retry"): (404, 404, 404),
     ("POST", f"/cases/{MISSING}/delete"): (404, 404, 404),
     ("GET", f"/cases/{MISSING}/report.pdf"): (404, 404, 404),
     ("GET", f"/admin/users/{MISSING}"): (403, 403, 404),

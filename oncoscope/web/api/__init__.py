@@ -10,7 +10,7 @@ Idempotency-Key replay; ``inputs``: request bodies, paging and the records a pat
 from __future__ import annotations
 
 # importing a resource module declares its routes (docs last: its routes follow theirs)
-from . import analyzers, patients, cases, cells, exports, workflow, docs
+from . import analyzers, patients, cases, cells, exports, workflow, integration, docs
 from .core import bp
 
-__all__ = ["bp", "analyzers", "patients", "cases", "cells", "exports", "workflow", "docs"]
+__all__ = ["bp", "analyzers", "patients", "cases", "cells", "exports", "workflow", "integration", "docs"]

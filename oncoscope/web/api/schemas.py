@@ -63,6 +63,9 @@ SCHEMAS: dict[str, dict] = {
     "Case": obj({"id": INT, "patient_id": INT, "analyzer_id": STR, "status": STR, "revision": INT, "clinical_note": STR,
                  "report_state": {"type": "string", "enum": ["open", "preliminary", "final", "corrected", "cancelled"]},
                  "cancel_reason": STR, "ai_flag": {"type": ["boolean", "null"]},
+                 "dicom_study_uid": NSTR, "accession_number": NSTR, "placer_order": NSTR,
+                 "deliveries": {"type": "array", "items": ref("Delivery"),
+                                "description": "Results sent on their own to the PACS and the LIS"},
                  "readings": {"type": "array", "items": ref("Reading"),
                               "description": "Current readings: the preliminary result; the first and second "
                                              "readings unless the caller is blinded (second reading pending)"},
@@ -166,6 +169,26 @@ SCHEMAS["Consult"] = obj({"id": INT, "case_id": INT, "asked_by": STR, "consultan
                           "messages": {"type": "array", "items": obj({"by": STR, "body": STR, "at": DATETIME})}},
                          ["id", "case_id", "question", "status", "messages"])
 SCHEMAS["ConsultList"] = obj({"items": {"type": "array", "items": ref("Consult")}}, ["items"])
+UID = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^(0|[1-9][0-9]*)(\\.(0|[1-9][0-9]*))*$"}
+SCHEMAS["PacsStudyList"] = obj({"items": {"type": "array", "items": obj({
+    "study_uid": STR, "date": STR, "description": STR, "accession": STR,
+    "modalities": {"type": "array", "items": STR},
+    "series": {"type": "array", "items": obj({"series_uid": STR, "modality": STR, "description": STR,
+                                              "body_part": STR, "instance_count": NINT})}})}}, ["items"])
+SCHEMAS["RetrieveInput"] = obj({"study_uid": UID, "series_uids": {"type": "array", "minItems": 1, "maxItems": 50,
+                                                                  "items": UID},
+                                "analyzer_id": {"type": "string", "maxLength": 64}},
+                               ["study_uid", "series_uids", "analyzer_id"], additionalProperties=False)
+SCHEMAS["RetrieveResult"] = obj({"filed": INT, "duplicates": INT, "inbox": INT, "refused": {"type": "array", "items": STR},
+                                 "case_ids": {"type": "array", "items": INT}},
+                                ["filed", "duplicates", "inbox", "refused", "case_ids"])
+SCHEMAS["InboxList"] = obj({"items": {"type": "array", "items": obj({
+    "study_uid": STR, "patient_id": NINT, "instances": INT, "modality": STR, "body_part": STR, "description": STR,
+    "source": STR, "received_at": DATETIME, "reason": STR})}}, ["items"])
+SCHEMAS["Delivery"] = obj({"id": INT, "kind": {"type": "string", "enum": ["dicom", "oru"]}, "review_version": INT,
+                           "target": STR, "status": {"type": "string", "enum": ["pending", "sent", "failed"]},
+                           "attempts": INT, "last_error": STR, "next_attempt_at": DATETIME, "sent_at": DATETIME},
+                          ["id", "kind", "status"])
 SCHEMAS["WorklistItem"] = obj({"case_id": INT, "patient_id": INT, "patient": STR, "mrn": STR, "analyzer_id": STR,
                                "status": STR, "priority": STR, "ai_flag": {"type": ["boolean", "null"]},
                                "created_at": DATETIME, "ready_at": DATETIME, "consult_id": NINT,

@@ -75,6 +75,8 @@ def case_json(c, viewer=None) -> dict:
             "transitions": [{"from": t.from_state, "to": t.to_state, "by": t.user.name if t.user else None,
                              "at": iso(t.at), "note": t.note} for t in c.transitions],
             "revision": c.revision, "priority": c.priority, "ai_flag": c.ai_flag,
+            "dicom_study_uid": c.dicom_study_uid, "accession_number": c.accession_number,
+            "placer_order": c.placer_order, "deliveries": [delivery_json(d) for d in c.deliveries],
             "clinical_note": c.clinical_note, "created_at": iso(c.created_at), "final_diagnosis": c.final_diagnosis,
             "aggregate": {"label": agg.label, "status": agg.status, "probabilities": agg.probabilities,
                           "text": agg.text, "differential": agg.differential},
@@ -108,6 +110,12 @@ def cells_json(s, cells) -> list[dict]:
         image, stored = cell_store.cell_image(s, cell)
         out.append(cell_json(cell, stored, image.id))
     return out
+
+
+def delivery_json(d) -> dict:
+    return {"id": d.id, "kind": d.kind, "review_version": d.review_version, "target": d.target, "status": d.status,
+            "attempts": d.attempts, "last_error": d.last_error, "next_attempt_at": iso(d.next_attempt_at),
+            "sent_at": iso(d.sent_at)}
 
 
 def consult_json(k) -> dict:
