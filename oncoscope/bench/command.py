@@ -26,6 +26,8 @@ from .model import run_bench
 @click.option("--threads", default=2, show_default=True)
 @click.option("--data", "data_root", default=None)
 @click.option("--web", "web", is_flag=True, help="Web benchmark: 10k patients / 50k analyses, 8 concurrent uploads.")
+@click.option("--dicom", "dicom", is_flag=True,
+              help="DICOM receiver: 100 MR slices by C-STORE versus their analyses alone (--runs slices).")
 @click.option("--patients", "n_patients", default=10_000, show_default=True, help="--web/--load: patients to seed.")
 @click.option("--analyses", "n_analyses", default=50_000, show_default=True, help="--web/--load: analyses to seed.")
 @click.option("--load", "load", is_flag=True,
@@ -38,8 +40,8 @@ from .model import run_bench
 @click.option("--duration", default=120.0, show_default=True, help="--load: seconds of load.")
 @click.option("--database-url", default=None, help="--load: database (default: SQLite in a fresh instance; "
               "PostgreSQL gets its own scratch database, dropped afterwards).")
-def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root, web, n_patients, n_analyses,
-          load, users, faults, redis_url, scaled, duration, database_url):
+def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data_root, web, dicom, n_patients,
+          n_analyses, load, users, faults, redis_url, scaled, duration, database_url):
     """Benchmark latency, memory and FLOPs against a Keras-style VGG16 + U-Net (or the web app with --web / --load)."""
     # The web and load benchmarks are imported only when asked for: they bring the web stack (Flask,
     # SQLAlchemy, waitress), which would otherwise count in the model benchmark's own peak memory figure.
@@ -55,6 +57,12 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
             out["faults"] = run_faults(database_url, redis_url, progress=say)
             text += "\n" + format_faults(out["faults"])
         click.echo(json.dumps(out) if as_json else text)
+        return
+    if dicom:
+        from .dicom import run_dicom_bench  # (the receiver and the worker pool: only when asked for)
+
+        out = run_dicom_bench(n=runs, workers=threads)
+        click.echo(json.dumps(out) if as_json else json.dumps(out, indent=1))
         return
     if web:
         from .web import run_web_bench  # the web stack only when asked for (see above)

@@ -49,7 +49,8 @@ def listen(host, port, ae_title, workers):
     if workers > 0:
         pool = WorkerPool(sessions, files, workers, st.job_max_attempts, st.job_lease_seconds)
         pool.start()
-    receiver = Receiver(st, sessions, files, host=host, port=port, ae_title=ae_title)
+    receiver = Receiver(st, sessions, files, host=host, port=port, ae_title=ae_title,
+                        on_filed=pool.notify if pool is not None else None)
     click.echo(f"oncoscope DICOM receiver {receiver.ae_title} on {host}:{receiver.port}; allowed calling AE "
                f"titles: {', '.join(st.dicom_allowed_aets) or '(none)'}")
     try:

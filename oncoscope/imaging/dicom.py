@@ -328,6 +328,49 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
                       transfer_syntax=str(ts), window=window, **meta)
 
 
+@dataclass(frozen=True)
+class DicomHeader:
+    """What a received single-frame DICOM image says about itself, read without decoding its pixels
+    (``read_header``): the metadata of :class:`DicomImage` (``image``, ``rgb`` None) and its size."""
+
+    image: DicomImage
+    width: int
+    height: int
+
+
+def read_header(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> DicomHeader | None:
+    """The checks and metadata of :func:`read_dicom` without decoding the pixels: for an uncompressed
+    single-frame image, whose pixel data can be checked by its length alone (the DICOM receiver files
+    each instance in a few milliseconds; the analysis decodes it). ``None`` when the image is not of that
+    kind (multi-frame, compressed, whole-slide): the caller decodes it with :func:`read_dicom`. Raises
+    :class:`ImageLoadError` on what :func:`read_dicom` would refuse before decoding."""
+    from pydicom.uid import UID
+
+    data = bytes(data)
+    if not is_dicom(data):
+        raise ImageLoadError("The file is not a DICOM file (no 'DICM' marker at byte 128).")
+    ds = parse_dataset(data)
+    try:
+        meta = _metadata(ds)
+    except Exception:  # noqa: BLE001 - malformed values surface lazily
+        raise ImageLoadError("The DICOM file is corrupt: its header cannot be read.") from None
+    pixel_kw = _pixel_keyword(ds, meta)
+    rows, cols, samples, photometric, frames, bits = _geometry(ds)
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+    if frames != 1 or ts.is_encapsulated or pixel_kw != "PixelData" or photometric not in (
+            "MONOCHROME1", "MONOCHROME2", "RGB"):
+        return None
+    check_dimensions(cols, rows, max_pixels, min_side)
+    if len(ds.PixelData) < rows * cols * samples * (bits // 8):
+        raise ImageLoadError("The DICOM file is corrupt or truncated: its pixel data is shorter than its "
+                             f"{cols}x{rows} image.")
+    meta.update(_acquisition(ds, 0))
+    meta["pixel_spacing"] = _pixel_spacing(ds, 0)
+    image = DicomImage(rgb=None, photometric=photometric, frame_count=1, frame_index=0, transfer_syntax=str(ts),
+                       **meta)
+    return DicomHeader(image, cols, rows)
+
+
 def _decode_bpp(ts, samples: int, bits: int) -> float:
     """Bytes per pixel alive at once while a frame is decoded, then converted (measured). Decoding: a native frame
     is held once; an RLE, JPEG or JPEG-LS one about four times; JPEG 2000 costs openjpeg ~10 bytes a sample (its

@@ -60,7 +60,7 @@ class Receiver:
     """The SCP. ``start()`` listens in the background (``stop()`` ends it); ``serve()`` blocks."""
 
     def __init__(self, settings, sessions, files, host: str = "0.0.0.0", port: int | None = None,
-                 ae_title: str | None = None):
+                 ae_title: str | None = None, on_filed=None):
         self.settings, self.sessions, self.files = settings, sessions, files
         self.host, self.port = host, port if port is not None else settings.dicom_port
         self.ae_title = ae_title or settings.dicom_ae_title
@@ -70,12 +70,14 @@ class Receiver:
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
         self.server = None
+        self.on_filed = on_filed  # called after an image was filed (wakes an in-process worker pool)
 
     # ------------------------------------------------------------------ the application entity
     def _ae(self):
         from pynetdicom import AE, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
+        _acknowledge_at_once()
         ae = AE(ae_title=self.ae_title)
         syntaxes = _transfer_syntaxes()
         for cx in AllStoragePresentationContexts:
@@ -165,6 +167,8 @@ class Receiver:
         if filed.case_id:
             st.cases.add(filed.case_id)
         st.stored += filed.kind == "filed"
+        if filed.kind == "filed" and self.on_filed is not None:
+            self.on_filed()
         st.inbox += filed.kind == "inbox"
         st.duplicates += filed.kind == "duplicate"
         return 0x0000
@@ -191,6 +195,36 @@ class Receiver:
                                        "cases": sorted(st.cases)[:100], "patients": sorted(st.patients)[:100]})
         except Exception:  # noqa: BLE001 - neither database nor spool: say so loudly, keep receiving
             log.exception("DICOM association from %s could not be audited", st.calling)
+
+
+_QUICKACK_LOCK = threading.Lock()
+
+
+def _acknowledge_at_once() -> None:
+    """Acknowledge every TCP segment at once (Linux TCP_QUICKACK, re-armed after each read, as the kernel
+    drops it). Senders leave Nagle's algorithm on (DCMTK in Orthanc, pynetdicom): the last segment of
+    each instance then waits for our delayed ACK, 40 ms, which made every C-STORE take 45 ms instead of
+    4 ms (measured with Orthanc sending 512x512 MR slices). Installed once in the process."""
+    import socket
+
+    from pynetdicom import transport
+
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    with _QUICKACK_LOCK:
+        if quickack is None or getattr(transport.AssociationSocket.recv, "_oncoscope", False):
+            return
+        plain = transport.AssociationSocket.recv
+
+        def recv(self, nr_bytes: int) -> bytearray:
+            data = plain(self, nr_bytes)
+            try:
+                self.socket.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+            except (OSError, AttributeError):  # closed meanwhile, or not a TCP socket
+                pass
+            return data
+
+        recv._oncoscope = True
+        transport.AssociationSocket.recv = recv
 
 
 def _transfer_syntaxes() -> list[str]:

@@ -58,6 +58,8 @@ def _analyse(files, a) -> object:
     img = a.image
     analyzer = registry.get(a.analyzer_id)
     loaded = load_image(files.path(img.sha256))
+    if not files.exists(img.sha256, "thumb"):  # received over DICOM: filed without decoding (store/receiving)
+        files.put_thumbnail(img.sha256, loaded.rgb)
     result = analyzer.analyze(loaded)
     # overlays are named by image and analyzer and are deterministic: a re-run rewrites the same bytes
     if result.mask is not None:

@@ -162,20 +162,60 @@ def add_images(s: Session, store: FileStore, case: Case, user: User | None, uplo
     out = UploadOutcome()
     try:
         ready = [r for r in (_store_file(store, case, name, data, max_bytes, out) for name, data in uploads) if r]
-        lock_case(s, case)
-        if case.status not in UPLOADABLE:
-            raise CaseError(not_uploadable(case))
-        for name, data, loaded in ready:
-            _add_image_row(s, case, user, name, data, loaded, out)
-        was = case.status
-        if out.added and not advance(s, case, "analysing", from_statuses=UPLOADABLE):
-            raise CaseError(not_uploadable(case))
-        if out.added and was == "preliminary":
-            void_preliminary(s, case, user, "new images added: the preliminary result no longer covers the case")
+        _add_rows(s, case, user, [(name, data, _Facts(loaded.format or "", loaded.rgb.shape[1], loaded.rgb.shape[0],
+                                                     loaded.dicom)) for name, data, loaded in ready], out)
     except BaseException:
         discard_new_files(s, store, out.new_files)
         raise
     return out
+
+
+@dataclass
+class _Facts:
+    """What an image row records about the file: its format, size (pixels analysed) and DICOM metadata."""
+
+    format: str
+    width: int
+    height: int
+    dicom: object | None
+
+
+def add_received(s: Session, store: FileStore, case: Case, user: User | None, name: str, data: bytes,
+                 header) -> UploadOutcome:
+    """A DICOM image the receiver checked from its header alone (``imaging.dicom.read_header``): stored
+    and queued like an upload, without decoding it here (its analysis does; the worker writes its
+    thumbnail). The same locking and refusals as :func:`add_images`."""
+    if case.status not in UPLOADABLE:
+        raise CaseError(not_uploadable(case))
+    meta = header.image
+    if meta.patient_id and meta.patient_id.strip() != case.patient.mrn:
+        raise CaseError(f"this DICOM belongs to patient ID {meta.patient_id!r}, not to MRN {case.patient.mrn}")
+    out = UploadOutcome()
+    try:
+        sha = hashlib.sha256(data).hexdigest()
+        if not store.exists(sha):
+            out.new_files.append(sha)
+        store.put_original(data)
+        _add_rows(s, case, user, [(clean_filename(name), data, _Facts("DICOM", header.width, header.height, meta))],
+                  out)
+    except BaseException:
+        discard_new_files(s, store, out.new_files)
+        raise
+    return out
+
+
+def _add_rows(s: Session, case: Case, user: User | None, ready: list, out: UploadOutcome) -> None:
+    """The rows of stored files, under the case's lock; refused whole if the case was signed meanwhile."""
+    lock_case(s, case)
+    if case.status not in UPLOADABLE:
+        raise CaseError(not_uploadable(case))
+    for name, data, facts in ready:
+        _add_image_row(s, case, user, name, data, facts, out)
+    was = case.status
+    if out.added and not advance(s, case, "analysing", from_statuses=UPLOADABLE):
+        raise CaseError(not_uploadable(case))
+    if out.added and was == "preliminary":
+        void_preliminary(s, case, user, "new images added: the preliminary result no longer covers the case")
 
 
 def _store_file(store: FileStore, case: Case, name: str, data: bytes, max_bytes: int, out: UploadOutcome):
@@ -202,16 +242,16 @@ def _store_file(store: FileStore, case: Case, name: str, data: bytes, max_bytes:
     return name, data, loaded
 
 
-def _add_image_row(s: Session, case: Case, user: User | None, name: str, data: bytes, loaded,
+def _add_image_row(s: Session, case: Case, user: User | None, name: str, data: bytes, facts: _Facts,
                    out: UploadOutcome) -> None:
     sha = hashlib.sha256(data).hexdigest()
     if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
         out.duplicates.append(name)
         return
-    img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=loaded.format or "",
-                    width=loaded.rgb.shape[1], height=loaded.rgb.shape[0], size_bytes=len(data),
+    img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=facts.format,
+                    width=facts.width, height=facts.height, size_bytes=len(data),
                     uploaded_by_id=user.id if user is not None else None)
-    meta = loaded.dicom
+    meta = facts.dicom
     if meta is not None:  # identifiers as the file has them, less NUL (PostgreSQL refuses it in text)
         img.dicom_patient_id = storable(meta.patient_id)[:64] or None
         img.dicom_study_uid = storable(meta.study_uid)[:64] or None

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..analyzers import routing
+from ..imaging.dicom import read_header
 from ..imaging.imageio import ImageLoadError, load_image
 from . import cases as case_store
 from . import patients as patient_store
@@ -60,22 +61,22 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
     sent to us); ``expected_mrn``: refuse an instance of another patient (a retrieval for a patient).
     A race with another association filing the same new patient or study (a unique key) is retried
     once, then finds the other's rows."""
-    try:
-        loaded = load_image(data)
-    except ImageLoadError as exc:
-        return Filed(UNREADABLE, str(exc))
-    meta = loaded.dicom
-    if meta is None:
-        return Filed(UNREADABLE, "Not a DICOM image.")
     if len(data) > max_bytes:
         return Filed(UNREADABLE, f"Larger than the {max_bytes // (1024 * 1024)} MB limit.")
+    try:  # an uncompressed single frame is checked from its header (fast); anything else is decoded
+        header = read_header(data)
+        meta = header.image if header is not None else load_image(data).dicom
+    except ImageLoadError as exc:
+        return Filed(UNREADABLE, str(exc))
+    if meta is None:
+        return Filed(UNREADABLE, "Not a DICOM image.")
     for attempt in (1, 2):
         s = sessions()
         try:
             if expected_mrn is not None and (meta.patient_id or "").strip() != expected_mrn:
                 raise Refused(PATIENT_CONFLICT, f"The instance is of Patient ID {meta.patient_id!r}, not "
                                                 f"{expected_mrn!r}.")
-            return _file(s, store, data, meta, source, rules, max_bytes, s.merge(user) if user else None)
+            return _file(s, store, data, meta, header, source, rules, max_bytes, s.merge(user) if user else None)
         except Refused as exc:
             s.rollback()
             return Filed(exc.kind, exc.message)
@@ -88,7 +89,7 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
     raise AssertionError("unreachable")
 
 
-def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, max_bytes: int,
+def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, rules, max_bytes: int,
           user: User | None) -> Filed:
     patient = patient_for(s, meta, source)
     if not meta.study_uid:
@@ -112,7 +113,10 @@ def _file(s: Session, store: FileStore, data: bytes, meta, source: str, rules, m
         return _to_inbox(s, store, data, meta, source, patient,
                          f"Case #{case.id} of this study takes no more images ({case.status}).", case)
     name = f"{meta.modality or 'DICOM'}-{meta.sop_instance_uid or hashlib.sha256(data).hexdigest()[:16]}.dcm"
-    out = case_store.add_images(s, store, case, user, [(name, data)], max_bytes)
+    if header is not None:
+        out = case_store.add_received(s, store, case, user, name, data, header)
+    else:
+        out = case_store.add_images(s, store, case, user, [(name, data)], max_bytes)
     case_store.commit_upload(s, store, out)
     if out.errors:
         raise Refused(UNREADABLE, out.errors[0][1])

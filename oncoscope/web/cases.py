@@ -152,6 +152,8 @@ def image(case_id: int, image_id: int, kind: str):
         rgb = load_image(store.path(img.sha256)).rgb
         return Response(png_bytes(rgb), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
     name = kind if kind == "thumb" else f"{kind}-{c.analyzer_id}"
+    if kind == "thumb" and not store.exists(img.sha256, name) and store.exists(img.sha256):
+        store.put_thumbnail(img.sha256, load_image(store.path(img.sha256)).rgb)  # received, not yet analysed
     if not store.exists(img.sha256, name):
         abort(404)
     resp = send_file(store.path(img.sha256, name), mimetype="image/png", max_age=3600)
