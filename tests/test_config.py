@@ -76,3 +76,19 @@ def test_settings_defaults_and_bad_values(tmp_path, monkeypatch):
     monkeypatch.delenv("ONCOSCOPE_MAX_UPLOAD_MB")
     with pytest.raises(SettingsError, match="unknown setting"):
         Settings.from_env(home=tmp_path, no_such_setting=1)
+
+
+def test_hospital_integration_settings_are_read_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONCOSCOPE_DICOM_ALLOWED_AETS", " MODALITY1, PACS ,,")
+    monkeypatch.setenv("ONCOSCOPE_DICOMWEB_URL", "https://pacs.example/dicom-web/")
+    monkeypatch.setenv("ONCOSCOPE_DICOMWEB_PASSWORD", "not-in-repr")
+    s = Settings.from_env(home=tmp_path)
+    assert s.dicom_allowed_aets == ("MODALITY1", "PACS") and s.dicom_ae_title == "ONCOSCOPE"
+    assert s.dicomweb_url == "https://pacs.example/dicom-web" and "not-in-repr" not in repr(s)
+    monkeypatch.setenv("ONCOSCOPE_DICOM_ALLOWED_AETS", "A" * 17)
+    with pytest.raises(SettingsError, match="AE title"):
+        Settings.from_env(home=tmp_path)
+    monkeypatch.delenv("ONCOSCOPE_DICOM_ALLOWED_AETS")
+    monkeypatch.setenv("ONCOSCOPE_DICOMWEB_URL", "ftp://pacs")
+    with pytest.raises(SettingsError, match="DICOMWEB_URL"):
+        Settings.from_env(home=tmp_path)
