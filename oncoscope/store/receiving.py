@@ -112,7 +112,7 @@ def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, 
     if case.status not in case_store.UPLOADABLE:
         return _to_inbox(s, store, data, meta, source, patient,
                          f"Case #{case.id} of this study takes no more images ({case.status}).", case)
-    name = f"{meta.modality or 'DICOM'}-{meta.sop_instance_uid or hashlib.sha256(data).hexdigest()[:16]}.dcm"
+    name = file_name(meta.modality, meta.sop_instance_uid or hashlib.sha256(data).hexdigest())
     if header is not None:
         out = case_store.add_received(s, store, case, user, name, data, header)
     else:
@@ -123,6 +123,12 @@ def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, 
     if out.duplicates:
         return Filed("duplicate", "Already stored.", patient.id, case.id)
     return Filed("filed", "", patient.id, case.id, out.added[0].id)
+
+
+def file_name(modality: str, sop_uid: str) -> str:
+    """The name a received image is shown under: its modality and the end of its SOP Instance UID (the
+    whole UID is kept on the image row)."""
+    return f"{modality or 'DICOM'} …{sop_uid[-10:]}.dcm"
 
 
 def patient_for(s: Session, meta, source: str) -> Patient:
@@ -240,7 +246,7 @@ def file_study(s: Session, store: FileStore, user: User, study_uid: str, analyze
         if s.scalar(select(Case.id).where(Case.dicom_study_uid == study_uid)) is None:
             case.dicom_study_uid = study_uid
             s.flush()
-    uploads = [(f"{i.modality or 'DICOM'}-{i.sop_uid}.dcm", store.path(i.sha256).read_bytes()) for i in items]
+    uploads = [(file_name(i.modality, i.sop_uid), store.path(i.sha256).read_bytes()) for i in items]
     out = case_store.add_images(s, store, case, user, uploads, max_bytes)
     if out.errors and not out.added and not out.duplicates:
         raise case_store.CaseError(f"None of the images could be filed: {out.errors[0][1]}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 
-from ..analyzers import registry
+from ..analyzers import registry, routing
 from ..services import deliveries, pacs
 from ..services.dicomweb import DicomWebError
 from ..store import cases as case_store
@@ -102,8 +102,13 @@ def pacs_studies(patient_id: int):
         if settings().dicomweb_url:  # (none configured: the page says so; nothing failed)
             audit.note("failure")
     audit.subject(studies=len(found))
-    return render_template("integration/pacs.html", patient=p, studies=found, problem=problem,
-                           analyzers=_analyzer_choices(), form=EmptyForm(), title=f"PACS: {p.display_name}")
+    rules = routing.table(settings().dicom_routes)
+    suggested = {st.study_uid: next((a for se in st.series if (a := routing.route(rules, se.modality, se.body_part, ""))),
+                                    "") for st in found}
+    filed = {c.dicom_study_uid: c.id for c in p.cases if c.dicom_study_uid}
+    return render_template("integration/pacs.html", patient=p, studies=found, problem=problem, suggested=suggested,
+                           filed=filed, analyzers=_analyzer_choices(), form=EmptyForm(),
+                           title=f"PACS: {p.display_name}")
 
 
 @bp.post("/patients/<int:patient_id>/pacs/retrieve")
