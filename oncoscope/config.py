@@ -47,7 +47,8 @@ image store and secret key, as the explicit first step of whatever runs the inst
   ``ONCOSCOPE_DICOMWEB_STORE_ON_FINAL`` (1: store the signed SR and SEG to the PACS when a report is
   final or corrected). LIS orders (``oncoscope lis listen``): ``ONCOSCOPE_LIS_PORT`` (2575),
   ``ONCOSCOPE_LIS_TESTS`` (``CODE=analyzer;...``: which analyzer an order's test code means; an analyzer's
-  id is always understood); results go back to ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT``. ``ONCOSCOPE_DELIVERY_MAX_ATTEMPTS`` (8): a
+  id is always understood), ``ONCOSCOPE_LIS_ALLOWED_HOSTS`` (comma-separated addresses that may send
+  orders; unset or empty refuses every connection); results go back to ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT``. ``ONCOSCOPE_DELIVERY_MAX_ATTEMPTS`` (8): a
   result that could not be delivered is retried with growing pauses, then marked failed.
 """
 
@@ -155,6 +156,7 @@ class Settings:
     dicomweb_store_on_final: bool = True
     lis_port: int = 2575
     lis_tests: str = ""
+    lis_allowed_hosts: tuple[str, ...] = ()
     delivery_max_attempts: int = 8
 
     @property
@@ -233,6 +235,8 @@ class Settings:
                                                                                                       "yes"),
             lis_port=_int("ONCOSCOPE_LIS_PORT", 2575),
             lis_tests=os.environ.get("ONCOSCOPE_LIS_TESTS", ""),
+            lis_allowed_hosts=tuple(h.strip() for h in os.environ.get("ONCOSCOPE_LIS_ALLOWED_HOSTS", "").split(",")
+                                    if h.strip()),
             delivery_max_attempts=_int("ONCOSCOPE_DELIVERY_MAX_ATTEMPTS", 8),
         )
         for k, v in overrides.items():

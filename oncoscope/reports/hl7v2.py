@@ -182,7 +182,7 @@ def _placer(case, sending_app: str) -> str:
     """The placer order number: the LIS order's own (with the LIS's namespace) when the case answers
     one, else the case id under our name."""
     if getattr(case, "placer_order", None):
-        return _comp(case.placer_order, (case.order_info or {}).get("placer_app", ""))
+        return _comp(case.placer_order, getattr(case, "placer_app", None) or "")
     return _comp(case.id, sending_app)
 
 

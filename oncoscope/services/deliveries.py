@@ -15,7 +15,8 @@ import datetime as dt
 import logging
 import threading
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, exists, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..store.models import Case, Delivery, Review, SiteSetting, utcnow
@@ -53,7 +54,8 @@ def _since(s: Session) -> dt.datetime:
 
 
 def plan(s: Session, settings) -> int:
-    """Create the missing deliveries of reviews signed since the integration was switched on."""
+    """Create the missing deliveries of reviews signed since the integration was switched on (another
+    pump planning the same ones at once: the unique key keeps one, this round plans nothing more)."""
     made = 0
     for kind, target in targets(settings).items():
         since = _since(s)
@@ -64,21 +66,62 @@ def plan(s: Session, settings) -> int:
         if kind == ORU:
             q = q.where(Case.placer_order.is_not(None))  # an answer to a LIS order
         for case_id, version in s.execute(q.limit(500)).all():
-            s.add(Delivery(case_id=case_id, review_version=version, kind=kind, target=target))
-            made += 1
+            try:
+                with s.begin_nested():
+                    s.add(Delivery(case_id=case_id, review_version=version, kind=kind, target=target))
+                made += 1
+            except IntegrityError:
+                continue
     s.flush()
     return made
 
 
 def send_due(s: Session, settings, files, limit: int = 20) -> int:
-    """Try every delivery that is due (committing each); returns how many were sent."""
+    """Try every delivery that is due, each claimed first (several servers may run a pump: a claimed
+    delivery is theirs for ``CLAIM`` and sent once), each committed; returns how many were sent. A
+    delivery that fails in an unforeseen way is recorded as a failed try like any other, so it never
+    blocks the ones behind it."""
     sent = 0
-    due = s.scalars(select(Delivery).where(Delivery.status == "pending", Delivery.next_attempt_at <= utcnow())
+    due = s.scalars(select(Delivery.id).where(Delivery.status == "pending", Delivery.next_attempt_at <= utcnow())
                     .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit)).all()
-    for d in due:
-        sent += attempt(s, settings, files, d)
-        s.commit()
+    for delivery_id in due:
+        if not _claim(s, delivery_id):
+            continue
+        d = s.get(Delivery, delivery_id)
+        try:
+            sent += attempt(s, settings, files, d)
+            s.commit()
+        except Exception as exc:  # noqa: BLE001 - a broken export (analyzer removed, unreadable file): recorded
+            s.rollback()
+            log.exception("delivery %s failed unexpectedly", delivery_id)
+            _failed(s.get(Delivery, delivery_id), settings, f"{exc.__class__.__name__}: {exc}", counted=False)
+            s.commit()
     return sent
+
+
+CLAIM = dt.timedelta(minutes=5)  # longer than any one send (urllib and MLLP time out sooner)
+
+
+def _claim(s: Session, delivery_id: int) -> bool:
+    """Take a due delivery for this pump (a conditional UPDATE: one pump wins); a crash mid-send leaves
+    it due again when the claim runs out."""
+    now = utcnow()
+    won = s.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.status == "pending",
+                                           Delivery.next_attempt_at <= now)
+                    .values(next_attempt_at=now + CLAIM).execution_options(synchronize_session=False)).rowcount
+    s.commit()
+    return won == 1
+
+
+def _failed(d: Delivery, settings, why: str, counted: bool = True) -> None:
+    """Record a failed try: the reason, the pause before the next one, or failed for good."""
+    if not counted:
+        d.attempts += 1
+    d.last_error = why[:2000]
+    if d.attempts >= settings.delivery_max_attempts:
+        d.status = "failed"
+    else:
+        d.next_attempt_at = utcnow() + min(BACKOFF * 2 ** (d.attempts - 1), MAX_PAUSE)
 
 
 def attempt(s: Session, settings, files, d: Delivery) -> bool:
@@ -91,11 +134,7 @@ def attempt(s: Session, settings, files, d: Delivery) -> bool:
             return False
         d.detail = _send(settings, files, case, d)
     except (DicomWebError, exports.ExportRefused, exports.HL7SendError, OSError) as exc:
-        d.last_error = str(exc)[:2000]
-        if d.attempts >= settings.delivery_max_attempts:
-            d.status = "failed"
-        else:
-            d.next_attempt_at = utcnow() + min(BACKOFF * 2 ** (d.attempts - 1), MAX_PAUSE)
+        _failed(d, settings, str(exc))
         log.warning("delivery %s (%s, case %s) failed: %s", d.id, d.kind, d.case_id, d.last_error[:200])
         return False
     d.status, d.sent_at, d.last_error = "sent", utcnow(), ""

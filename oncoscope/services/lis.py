@@ -11,6 +11,7 @@ import logging
 import socketserver
 import threading
 
+from ..reports.hl7v2 import escape
 from ..store import orders
 from ..store.audit import AuditLog
 from ..store.db import session_scope
@@ -42,13 +43,27 @@ class Message:
     def first(self, name: str) -> list[str] | None:
         return next((s for s in self.segments if s[0] == name), None)
 
-    def get(self, name: str, field: int, component: int = 1) -> str:
+    def get(self, name: str, field: int, component: int = 1, repetition: int = 0) -> str:
         seg = self.first(name)
         if seg is None or field >= len(seg):
             return ""
-        value = seg[field].split("~")[0]
-        parts = value.split("^")
+        reps = seg[field].split("~") if not (name == "MSH" and field == 2) else [seg[field]]
+        if repetition >= len(reps):
+            return ""
+        parts = reps[repetition].split("^")
         return _unescape(parts[component - 1]) if component <= len(parts) else ""
+
+    def repetitions(self, name: str, field: int) -> int:
+        seg = self.first(name)
+        return len(seg[field].split("~")) if seg is not None and field < len(seg) and seg[field] else 0
+
+
+def _mrn(m: Message) -> str:
+    """PID-3: the identifier whose type (PID-3.5) is MR, else the first one."""
+    for r in range(m.repetitions("PID", 3)):
+        if m.get("PID", 3, 5, r).upper() == "MR":
+            return m.get("PID", 3, 1, r)
+    return m.get("PID", 3)
 
 
 def _unescape(v: str) -> str:
@@ -78,12 +93,12 @@ def order_of(m: Message) -> orders.Order:
         raise orders.OrderError(f"{kind[0]}^{kind[1]} is not an order message (OML^O33 or ORM^O01 expected).",
                                 reject=True)
     if m.first("PID") is None or m.first("OBR") is None:
-        raise orders.OrderError("The order has no PID or no OBR segment.", reject=True)
+        raise orders.OrderError("The order has no PID or no OBR segment.", reject=True, missing=True)
     priority = (m.get("TQ1", 9) or m.get("ORC", 7, 6) or m.get("OBR", 27, 6)).upper()
     return orders.Order(
         control=(m.get("ORC", 1) or "NW").upper(), placer=m.get("ORC", 2) or m.get("OBR", 2),
         placer_app=m.get("ORC", 2, 2) or m.get("OBR", 2, 2),
-        test_code=m.get("OBR", 4, 1), test_text=m.get("OBR", 4, 2), mrn=m.get("PID", 3),
+        test_code=m.get("OBR", 4, 1), test_text=m.get("OBR", 4, 2), mrn=_mrn(m),
         family=m.get("PID", 5, 1), given=m.get("PID", 5, 2), birth_date=_date(m.get("PID", 7)),
         sex={"F": "female", "M": "male", "O": "other"}.get(m.get("PID", 8).upper(), "unknown"),
         accession=m.get("OBR", 18) or m.get("ORC", 2), stat=priority in ("S", "A"),
@@ -93,18 +108,26 @@ def order_of(m: Message) -> orders.Order:
         note=m.get("NTE", 3))
 
 
-def ack(m: Message | None, code: str, text: str = "", now: dt.datetime | None = None) -> str:
-    """The ACK for ``m`` (AA, AE or AR), with an ERR segment saying why when not AA."""
+# HL7 table 0357 (message error condition codes) as used in ERR-3
+ERR_UNSUPPORTED_TYPE = ("200", "Unsupported message type")
+ERR_MISSING_FIELD = ("101", "Required field missing")
+ERR_APPLICATION = ("207", "Application internal error")
+
+
+def ack(m: Message | None, code: str, text: str = "", error: tuple[str, str] = ERR_APPLICATION,
+        now: dt.datetime | None = None) -> str:
+    """The ACK for ``m`` (AA, AE or AR), with an ERR segment saying why when not AA. Everything echoed
+    from the message is escaped again: a sender cannot forge our acknowledgement's fields."""
     now = now or dt.datetime.now()
     stamp = now.strftime("%Y%m%d%H%M%S")
-    sender = (m.get("MSH", 3), m.get("MSH", 4)) if m else ("", "")
-    trigger = m.get("MSH", 9, 2) if m else ""
-    control = m.get("MSH", 10) if m else ""
-    clean = text.replace("|", "/").replace("^", " ").replace("~", "-").replace("\\", "/").replace("&", "+")
-    segs = [f"MSH|^~\\&|ONCOSCOPE|LAB|{sender[0]}|{sender[1]}|{stamp}||ACK^{trigger}^ACK|ACK{stamp}{control[-8:]}"
-            f"|P|2.5.1", f"MSA|{code}|{control}" + (f"|{clean[:200]}" if code != "AA" and clean else "")]
+    sender = (escape(m.get("MSH", 3)), escape(m.get("MSH", 4))) if m else ("", "")
+    trigger = escape(m.get("MSH", 9, 2)) if m else ""
+    control = escape(m.get("MSH", 10)) if m else ""
+    why = escape(text)
+    segs = [f"MSH|^~\\&|ONCOSCOPE|LAB|{sender[0]}|{sender[1]}|{stamp}||ACK^{trigger}^ACK|ACK{stamp}"
+            f"|P|2.5.1", f"MSA|{code}|{control}" + (f"|{why[:80]}" if code != "AA" and why else "")]
     if code != "AA":
-        segs.append(f"ERR||||E|{'100' if code == 'AR' else '207'}^{'Segment sequence error' if code == 'AR' else 'Application internal error'}^HL70357|||{clean[:500]}")
+        segs.append(f"ERR|||{error[0]}^{error[1]}^HL70357|E||||{why[:500]}")
     return "\r".join(segs)
 
 
@@ -118,26 +141,28 @@ class OrderDesk:
         self.tests_table = settings.lis_tests
 
     def handle(self, raw: bytes, peer: str = "") -> str:
-        text = raw.decode("utf-8", "replace")
         try:
-            m = Message(text)
+            m = Message(_decode(raw))
         except ValueError as exc:
             self._audit(peer, None, "rejected", str(exc), None)
-            return ack(None, "AR", str(exc))
+            return ack(None, "AR", str(exc), ERR_UNSUPPORTED_TYPE)
         try:
             o = order_of(m)
             with session_scope(self.sessions) as s:
                 if o.control == "CA":
                     case, created = orders.cancel(s, o), False
-                elif o.control in ("NW", "SC", "XO"):
+                elif o.control == "NW":
                     case, created = orders.place(s, o, self.tests_table)
-                else:
-                    raise orders.OrderError(f"Order control {o.control} is not handled (NW or CA).")
+                else:  # XO (change), SC (status): not applied; said so rather than answered AA and dropped
+                    raise orders.OrderError(f"Order control {o.control} is not handled here (NW and CA are); "
+                                            "cancel the order and place it again.")
                 case_id, patient_id, status = case.id, case.patient_id, case.status
         except (orders.OrderError, PatientError) as exc:
             code = "AR" if getattr(exc, "reject", False) else "AE"
             self._audit(peer, m, "rejected", str(exc), None)
-            return ack(m, code, str(exc))
+            error = (ERR_MISSING_FIELD if getattr(exc, "missing", False)
+                     else ERR_UNSUPPORTED_TYPE if code == "AR" else ERR_APPLICATION)
+            return ack(m, code, str(exc), error)
         except Exception as exc:  # noqa: BLE001 - the database is away: AE, the LIS sends it again
             log.exception("LIS order could not be placed")
             self._audit(peer, m, "error", f"{exc.__class__.__name__}", None)
@@ -156,6 +181,18 @@ class OrderDesk:
                                        "control_id": m.get("MSH", 10) if m else "", "why": why, **details})
         except Exception:  # noqa: BLE001 - neither database nor spool: logged, the ACK still goes
             log.exception("LIS order could not be audited")
+
+
+def _decode(raw: bytes) -> str:
+    """The message's text: Latin-1 when MSH-18 says 8859/1 (or the bytes are not UTF-8), else UTF-8, so
+    that a name's accents survive (a replacement character would not match the stored patient)."""
+    head = raw.split(b"\r", 1)[0]
+    if b"8859/1" in head:
+        return raw.decode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def frames(buffer: bytearray) -> list[bytes]:
@@ -200,6 +237,20 @@ class LisListener(socketserver.ThreadingTCPServer):
     def __init__(self, settings, sessions, host: str = "0.0.0.0", port: int | None = None):
         super().__init__((host, settings.lis_port if port is None else port), _Handler)
         self.desk = OrderDesk(settings, sessions)
+        self.allowed = set(settings.lis_allowed_hosts)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Only the addresses in ONCOSCOPE_LIS_ALLOWED_HOSTS may send orders (none listed: nobody); a
+        refused connection is closed unanswered and audited."""
+        if client_address[0] in self.allowed:
+            return True
+        try:
+            self.desk.audit.record(actor=f"host {client_address[0]}", channel="hl7", action="lis.connection",
+                                   outcome="denied", ip=client_address[0],
+                                   details={"why": "address not in ONCOSCOPE_LIS_ALLOWED_HOSTS"})
+        except Exception:  # noqa: BLE001 - neither database nor spool: logged; the connection is refused anyway
+            log.exception("refused LIS connection could not be audited")
+        return False
 
     @property
     def port(self) -> int:

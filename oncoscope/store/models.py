@@ -83,7 +83,8 @@ class Case(Base):
     __tablename__ = "cases"
     __table_args__ = (Index("ix_cases_created", "created_at"), Index("ix_cases_status", "status"),
                       Index("ix_cases_worklist", "status", "priority", "created_at"),
-                      UniqueConstraint("dicom_study_uid", name="uq_cases_dicom_study_uid"))
+                      UniqueConstraint("dicom_study_uid", name="uq_cases_dicom_study_uid"),
+                      UniqueConstraint("placer_order", "placer_app", name="uq_cases_placer_order"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -112,6 +113,7 @@ class Case(Base):
     dicom_study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     placer_order: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    placer_app: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the placer number's namespace
     order_info: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the LIS order's sender, control id, orderer
 
     patient: Mapped[Patient] = relationship(back_populates="cases")

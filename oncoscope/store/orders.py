@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..analyzers import registry
@@ -19,11 +20,12 @@ from .text import storable
 
 
 class OrderError(ValueError):
-    """The order cannot be placed; ``reject`` (AR): the message itself is wrong, else (AE) its content."""
+    """The order cannot be placed; ``reject`` (AR): the message itself is wrong, else (AE) its content.
+    ``missing``: a required field or segment is absent (said so in the answer's error code)."""
 
-    def __init__(self, message: str, reject: bool = False):
+    def __init__(self, message: str, reject: bool = False, missing: bool = False):
         super().__init__(message)
-        self.reject = reject
+        self.reject, self.missing = reject, missing
 
 
 @dataclass
@@ -63,13 +65,15 @@ def analyzer_for(test_code: str, test_text: str, table: str = "") -> str:
 
 
 def _existing(s: Session, o: Order) -> Case | None:
-    return s.scalar(select(Case).where(Case.placer_order == o.placer).order_by(Case.id.desc()).limit(1))
+    """The case of this order: its placer number within the placer's namespace (two LIS may number alike)."""
+    return s.scalar(select(Case).where(Case.placer_order == storable(o.placer)[:64],
+                                       Case.placer_app == (storable(o.placer_app)[:64] or None)))
 
 
 def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
     """A new order's pending case, and whether it was created now (False: the order was known)."""
     if not o.placer:
-        raise OrderError("The order has no placer order number (ORC-2 or OBR-2).", reject=True)
+        raise OrderError("The order has no placer order number (ORC-2 or OBR-2).", reject=True, missing=True)
     known = _existing(s, o)
     if known is not None:
         if known.patient.mrn != o.mrn.strip():
@@ -86,27 +90,34 @@ def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
     case = case_store.create_case(s, None, patient, analyzer_id, storable(note)[:5000],
                                   "stat" if o.stat else "routine")
     case.accession_number = storable(o.accession or o.placer)[:64]
-    case.placer_order = storable(o.placer)[:64]
-    case.order_info = {"placer_app": storable(o.placer_app)[:64], "sender": storable(o.sender)[:128],
-                       "control_id": storable(o.control_id)[:64], "orderer": storable(o.orderer)[:128]}
-    s.flush()
+    case.placer_order, case.placer_app = storable(o.placer)[:64], storable(o.placer_app)[:64] or None
+    case.order_info = {"sender": storable(o.sender)[:128], "control_id": storable(o.control_id)[:64],
+                       "orderer": storable(o.orderer)[:128]}
+    try:
+        with s.begin_nested():  # the same order arriving twice at once: the other placed it
+            s.flush()
+    except IntegrityError:
+        known = _existing(s, o)
+        if known is None:
+            raise
+        return known, False
     return case, True
 
 
 def cancel(s: Session, o: Order) -> Case:
-    """The LIS cancels an order: its case is cancelled while it holds no images and no reading."""
+    """The LIS cancels an order: its case is cancelled while it holds no images and no reading (checked
+    under the case's lock: a study filed meanwhile keeps the case)."""
     case = _existing(s, o)
-    if case is None:
-        raise OrderError(f"No order {o.placer} is known here.")
+    if case is None or case.patient.mrn != o.mrn.strip():
+        raise OrderError(f"No order {o.placer} of patient {o.mrn} is known here.")
     if case.status == "cancelled":
         return case
-    if case.images or case.status not in case_store.UNSIGNED:
+    case_store.lock_case(s, case)
+    s.refresh(case)
+    reason = storable(f"Order cancelled by {o.sender or 'the LIS'}.")
+    if case.images or not case_store.advance(s, case, "cancelled", from_statuses=("open",), cancel_reason=reason):
         raise OrderError(f"Order {o.placer} cannot be cancelled here: case #{case.id} already holds images or "
                          "a result; ask the laboratory.")
-    case_store.lock_case(s, case)
-    reason = storable(f"Order cancelled by {o.sender or 'the LIS'}.")
-    if not case_store.advance(s, case, "cancelled", from_statuses=case_store.UNSIGNED, cancel_reason=reason):
-        raise OrderError(f"Order {o.placer}'s case #{case.id} changed meanwhile; send the cancellation again.")
     case_store.record_transition(s, case, None, "open", "cancelled", reason)
     s.flush()
     return case

@@ -60,7 +60,8 @@ def lis(tmp_path):
         s.add(Patient(mrn="MRN-KNOWN", family_name="Curie", given_name="Marie", birth_date=dt.date(1967, 11, 7)))
         s.add(User(email="doc@clinic.test", name="Dr Lee", role="doctor", password_hash="x"))
         s.commit()
-    st = Settings.from_env(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}").prepare()
+    st = Settings.from_env(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                           lis_allowed_hosts=("127.0.0.1",)).prepare()
     sessions = make_session_factory(make_engine(st.database_url))
     server = LisListener(st, sessions, host="127.0.0.1", port=0).start()
     yield st, sessions, server
@@ -79,7 +80,7 @@ def test_an_order_places_one_pending_case_and_a_repeat_places_none(lis):
         (case,) = s.scalars(select(Case)).all()
         assert (case.analyzer_id, case.priority, case.status) == ("brain-mri", "stat", "open")
         assert (case.accession_number, case.placer_order) == ("ACC-ORD-1001", "ORD-1001")
-        assert case.order_info["placer_app"] == "LABSYS" and "Curie" in case.clinical_note
+        assert case.placer_app == "LABSYS" and "Curie" in case.clinical_note
         assert case.patient.display_name == "Hopper, Grace" and case.patient.birth_date == dt.date(1906, 12, 9)
         entries = s.scalars(select(AuditEvent).where(AuditEvent.action == "lis.order").order_by(AuditEvent.seq)).all()
     assert [(e.outcome, e.details.get("created")) for e in entries] == [("success", True), ("success", False),
@@ -172,3 +173,34 @@ def test_the_ordered_study_fills_the_case_and_the_result_answers_the_order(lis, 
     with sessions() as s:
         (d,) = s.scalars(select(Delivery)).all()
         assert (d.kind, d.status, d.attempts) == ("oru", "sent", 1) and "MSA|AA" in d.detail["ack"]
+
+
+def test_only_listed_hosts_may_send_orders_and_acks_echo_nothing_raw(lis):
+    st, sessions, server = lis
+    server.allowed = set()  # as with ONCOSCOPE_LIS_ALLOWED_HOSTS unset
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as c:
+        c.sendall(b"\x0b" + oml().encode() + b"\x1c\r")
+        assert c.recv(100) == b""  # closed unanswered
+    server.allowed = {"127.0.0.1"}
+    forged = exchange(server.port, oml(msg_id="C1\\F\\AR", test="nope^Unknown"))
+    msh, msa_seg, err = forged.split("\r")
+    assert msa_seg.split("|")[:3] == ["MSA", "AE", "C1\\F\\AR"]  # the delimiter stays escaped
+    assert err.startswith("ERR|||207^Application internal error^HL70357|E")
+    wrong = exchange(server.port, oml(kind="ADT^A01"))
+    assert "200^Unsupported message type" in wrong
+    assert msa(exchange(server.port, oml(control="XO", placer="ORD-9")))[1] == "AE"
+    with sessions() as s:
+        assert s.scalars(select(AuditEvent.outcome).where(AuditEvent.action == "lis.connection")).all() == ["denied"]
+        assert s.scalar(select(Case.id)) is None
+
+
+def test_the_mrn_is_the_identifier_of_type_mr_and_latin1_names_survive(lis):
+    st, sessions, server = lis
+    msg = oml(mrn="123-45-6789^^^SSA^SS~MRN-LIS-7^^^HOSP^MR", name="Müller^Jürgen")
+    msg = msg.replace("|P|2.5.1", "|P|2.5.1|||||8859/1", 1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
+        c.sendall(b"\x0b" + msg.encode("latin-1") + b"\x1c\r")
+        assert b"MSA|AA" in c.recv(65536)
+    with sessions() as s:
+        p = s.scalar(select(Case)).patient
+        assert (p.mrn, p.family_name, p.given_name) == ("MRN-LIS-7", "Müller", "Jürgen")

@@ -294,7 +294,7 @@ def _as_older_schema(content: dict[str, bytes], key) -> dict[str, bytes]:
     users[1].update(failed_logins=3, locked_until="2026-01-01T10:00:00")
     cases = [{k: v for k, v in c.items() if k not in ("revision", "wbc_count", "priority", "ai_flag", "ready_at", "cancel_reason",
                                                           "dicom_study_uid", "accession_number", "placer_order",
-                                                          "order_info")}
+                                                          "placer_app", "order_info")}
              for c in _rows(content, "cases")]
     idem = [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(content, "idempotency_records")]
     reviews = [{k: v for k, v in r.items() if k not in ("differential", "ai_call", "second_reader_id", "second_diagnosis",

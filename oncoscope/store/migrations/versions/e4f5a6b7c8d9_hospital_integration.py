@@ -19,8 +19,10 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("dicom_study_uid", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("accession_number", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("placer_order", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("placer_app", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("order_info", sa.JSON(), nullable=True))
         batch_op.create_unique_constraint("uq_cases_dicom_study_uid", ["dicom_study_uid"])
+        batch_op.create_unique_constraint("uq_cases_placer_order", ["placer_order", "placer_app"])
         batch_op.create_index("ix_cases_accession_number", ["accession_number"], unique=False)
     op.create_table(
         "dicom_inbox",
@@ -75,7 +77,9 @@ def downgrade() -> None:
     with op.batch_alter_table("cases", schema=None) as batch_op:
         batch_op.drop_index("ix_cases_accession_number")
         batch_op.drop_constraint("uq_cases_dicom_study_uid", type_="unique")
+        batch_op.drop_constraint("uq_cases_placer_order", type_="unique")
         batch_op.drop_column("order_info")
+        batch_op.drop_column("placer_app")
         batch_op.drop_column("placer_order")
         batch_op.drop_column("accession_number")
         batch_op.drop_column("dicom_study_uid")
