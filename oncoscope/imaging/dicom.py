@@ -357,9 +357,10 @@ def read_header(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MI
     pixel_kw = _pixel_keyword(ds, meta)
     rows, cols, samples, photometric, frames, bits = _geometry(ds)
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
-    if frames != 1 or ts.is_encapsulated or pixel_kw != "PixelData" or photometric not in (
-            "MONOCHROME1", "MONOCHROME2", "RGB"):
-        return None
+    plain = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3}
+    if (frames != 1 or ts.is_encapsulated or pixel_kw != "PixelData" or plain.get(photometric) != samples
+            or bits not in (8, 16)):
+        return None  # anything unusual: the full decoder checks it
     check_dimensions(cols, rows, max_pixels, min_side)
     if len(ds.PixelData) < rows * cols * samples * (bits // 8):
         raise ImageLoadError("The DICOM file is corrupt or truncated: its pixel data is shorter than its "

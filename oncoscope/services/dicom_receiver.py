@@ -187,7 +187,7 @@ class Receiver:
                    else "rejected" if (st.refusals or st.refused_contexts) and not kept else "success")
         try:
             self.audit.record(actor=f"AE {st.calling or '?'}", channel="dicom", action="dicom.association",
-                              outcome=outcome, ip=st.address.split(":")[0], path=f"AE {st.called}",
+                              outcome=outcome, ip=st.address, path=f"AE {st.called}",
                               patient_id=next(iter(st.patients)) if len(st.patients) == 1 else None,
                               details={"called_ae": st.called, "calling_ae": st.calling, "accepted": st.accepted,
                                        "stored": st.stored, "inbox": st.inbox, "duplicates": st.duplicates,

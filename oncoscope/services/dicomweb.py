@@ -89,6 +89,9 @@ class Client:
                      "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode() if user else "")
         self.context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None) \
             if self.base.startswith("https://") else None
+        # no redirects: urllib would carry our Authorization header to wherever it points (another host,
+        # or from https to http)
+        self.opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context), _NoRedirect)
 
     @classmethod
     def from_settings(cls, settings) -> "Client":
@@ -111,7 +114,7 @@ class Client:
         if ctype:
             req.add_header("Content-Type", ctype)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as r:
+            with self.opener.open(req, timeout=self.timeout) as r:
                 data = r.read(MAX_RESPONSE + 1)
                 if len(data) > MAX_RESPONSE:
                     raise DicomWebError("The PACS answer is larger than 2 GB; retrieve fewer series at a time.")
@@ -121,6 +124,9 @@ class Client:
                 raise DicomWebError(f"The PACS refused our credentials (HTTP {exc.code}).") from None
             if exc.code == 404 and method == "GET":
                 return b"", ""
+            if 300 <= exc.code < 400:
+                raise DicomWebError(f"The PACS redirected to {exc.headers.get('Location', '?')}; set "
+                                    "ONCOSCOPE_DICOMWEB_URL to the final address.") from None
             detail = exc.read(2000).decode("utf-8", "replace").strip()
             raise DicomWebError(f"The PACS answered HTTP {exc.code} {exc.reason}"
                                 + (f": {detail[:300]}" if detail else "")) from None
@@ -189,6 +195,11 @@ class Client:
         if not stored and not failed:
             raise DicomWebError("The PACS did not say which instances it stored.")
         return Stored(stored, failed)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # the 3xx answer surfaces as an HTTPError, said plainly by Client._call
 
 
 def _uid(uid: str | None) -> str:

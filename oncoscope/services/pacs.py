@@ -23,7 +23,9 @@ class Retrieved:
 def studies(settings, mrn: str) -> list[Study]:
     """The patient's studies in the PACS (with their series), newest first."""
     pacs = Client.from_settings(settings)
-    found = sorted(pacs.studies(patient_id=mrn), key=lambda st: st.date, reverse=True)
+    # only studies whose Patient ID is exactly this MRN: a PACS may match loosely (wildcards, other issuers)
+    found = sorted((st for st in pacs.studies(patient_id=mrn) if st.patient_id == mrn), key=lambda st: st.date,
+                   reverse=True)
     for st in found:
         st.series = pacs.series(st.study_uid)
     return found
@@ -31,8 +33,9 @@ def studies(settings, mrn: str) -> list[Study]:
 
 def retrieve(settings, sessions, files, user, patient_mrn: str, study_uid: str, series_uids: list[str],
              analyzer_id: str) -> Retrieved:
-    """Fetch the chosen series of one of the patient's studies and file them into the study's case,
-    analysed by ``analyzer_id`` (instances of another patient are refused)."""
+    """Fetch the chosen series of one of the patient's studies and file them into the study's case
+    (its analyzer stays when the study already has one), else a new case analysed by ``analyzer_id``;
+    instances of another patient are refused."""
     pacs = Client.from_settings(settings)
     rules = [routing.Rule(frozenset(), frozenset(), frozenset(), analyzer_id)]
     out = Retrieved()

@@ -18,7 +18,8 @@ from ..ml.differential import REPORTED, blast_call, summarise
 from ..vocab import NONDIAGNOSTIC, NONDIAGNOSTIC_NAME, PRIORITIES
 from . import access
 from .files import FileStore
-from .models import Analysis, Case, CaseImage, CaseTransition, CellLabel, Patient, Reading, Review, User, utcnow
+from .models import (Analysis, Case, CaseImage, CaseTransition, CellLabel, DicomInboxItem, Patient, Reading, Review,
+                     User, utcnow)
 from .patients import Page
 from .patients import matches as patient_matches
 from .text import UNSTORABLE_MESSAGE, clean_filename, storable, unstorable
@@ -245,7 +246,11 @@ def _store_file(store: FileStore, case: Case, name: str, data: bytes, max_bytes:
 def _add_image_row(s: Session, case: Case, user: User | None, name: str, data: bytes, facts: _Facts,
                    out: UploadOutcome) -> None:
     sha = hashlib.sha256(data).hexdigest()
-    if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, CaseImage.sha256 == sha)):
+    same = CaseImage.sha256 == sha
+    sop = storable(getattr(facts.dicom, "sop_instance_uid", None))[:64]
+    if sop:  # the same DICOM instance sent again transcoded (other bytes) is still the same image
+        same = or_(same, CaseImage.dicom_sop_uid == sop)
+    if s.scalar(select(CaseImage.id).where(CaseImage.case_id == case.id, same).limit(1)):
         out.duplicates.append(name)
         return
     img = CaseImage(case_id=case.id, sha256=sha, original_filename=name, content_type=facts.format,
@@ -273,6 +278,7 @@ def discard_new_files(s: Session, store: FileStore, shas: list[str]) -> None:
     try:
         s.rollback()
         kept = set(s.scalars(select(CaseImage.sha256).where(CaseImage.sha256.in_(shas))))
+        kept |= set(s.scalars(select(DicomInboxItem.sha256).where(DicomInboxItem.sha256.in_(shas))))
     except Exception:  # noqa: BLE001 - the database is away: it took no new reference either
         kept = set()
     for sha in shas:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,7 +23,7 @@ from . import cases as case_store
 from . import patients as patient_store
 from .files import FileStore
 from .models import Case, DicomInboxItem, Patient, User, utcnow
-from .text import storable
+from .text import clean_filename, storable
 
 # refusals, by kind (services/pacs gives each its DICOM status)
 UNREADABLE = "unreadable"
@@ -74,13 +74,15 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
         s = sessions()
         try:
             if expected_mrn is not None and (meta.patient_id or "").strip() != expected_mrn:
-                raise Refused(PATIENT_CONFLICT, f"The instance is of Patient ID {meta.patient_id!r}, not "
-                                                f"{expected_mrn!r}.")
+                raise Refused(PATIENT_CONFLICT, f"An instance of another patient (not MRN {expected_mrn}) was "
+                                                "not filed.")
             return _file(s, store, data, meta, header, source, rules, max_bytes, s.merge(user) if user else None)
         except Refused as exc:
             s.rollback()
             return Filed(exc.kind, exc.message)
-        except IntegrityError:
+        except (IntegrityError, case_store.CaseError):
+            # a concurrent association made the same patient or study, or the case was signed between
+            # our check and its lock: once more, which then finds their rows (or files to the inbox)
             s.rollback()
             if attempt == 2:
                 raise
@@ -117,9 +119,10 @@ def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, 
         out = case_store.add_received(s, store, case, user, name, data, header)
     else:
         out = case_store.add_images(s, store, case, user, [(name, data)], max_bytes)
-    case_store.commit_upload(s, store, out)
-    if out.errors:
+    if out.errors:  # (nothing filed: the case this made, if any, is rolled back with it)
+        case_store.discard_new_files(s, store, out.new_files)
         raise Refused(UNREADABLE, out.errors[0][1])
+    case_store.commit_upload(s, store, out)
     if out.duplicates:
         return Filed("duplicate", "Already stored.", patient.id, case.id)
     return Filed("filed", "", patient.id, case.id, out.added[0].id)
@@ -152,9 +155,14 @@ def _ordered_case(s: Session, patient: Patient, meta) -> Case | None:
     case = s.scalar(select(Case).where(Case.patient_id == patient.id, Case.accession_number == meta.accession_number,
                                        Case.dicom_study_uid.is_(None), Case.status.in_(case_store.UPLOADABLE))
                     .order_by(Case.id).limit(1))
-    if case is not None:
-        case.dicom_study_uid = meta.study_uid
-        s.flush()
+    if case is None:
+        return None
+    taken = s.execute(update(Case).where(Case.id == case.id, Case.dicom_study_uid.is_(None))
+                      .values(dicom_study_uid=meta.study_uid).execution_options(synchronize_session=False))
+    if taken.rowcount != 1:  # another study with this accession took the order first: this one gets its own case
+        s.expire(case)
+        return None
+    s.refresh(case)
     return case
 
 
@@ -246,11 +254,13 @@ def file_study(s: Session, store: FileStore, user: User, study_uid: str, analyze
         if s.scalar(select(Case.id).where(Case.dicom_study_uid == study_uid)) is None:
             case.dicom_study_uid = study_uid
             s.flush()
-    uploads = [(file_name(i.modality, i.sop_uid), store.path(i.sha256).read_bytes()) for i in items]
+    uploads = [(f"{n:04d} {file_name(i.modality, i.sop_uid)}", store.path(i.sha256).read_bytes())
+               for n, i in enumerate(items)]
     out = case_store.add_images(s, store, case, user, uploads, max_bytes)
     if out.errors and not out.added and not out.duplicates:
         raise case_store.CaseError(f"None of the images could be filed: {out.errors[0][1]}")
-    _resolve(items, user, case)
+    refused = {name for name, _ in out.errors}
+    _resolve([i for (name, _), i in zip(uploads, items) if clean_filename(name) not in refused], user, case)
     s.flush()
     return case
 

@@ -13,7 +13,7 @@ from werkzeug.datastructures import MultiDict
 
 from ..analyzers import registry
 from ..analyzers.render import png_bytes
-from ..imaging.imageio import load_image
+from ..imaging.imageio import ImageLoadError, load_image
 from ..services import exports
 from ..store import cases as case_store
 from ..store import patients as patient_store
@@ -153,7 +153,10 @@ def image(case_id: int, image_id: int, kind: str):
         return Response(png_bytes(rgb), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
     name = kind if kind == "thumb" else f"{kind}-{c.analyzer_id}"
     if kind == "thumb" and not store.exists(img.sha256, name) and store.exists(img.sha256):
-        store.put_thumbnail(img.sha256, load_image(store.path(img.sha256)).rgb)  # received, not yet analysed
+        try:  # received over DICOM, not yet analysed (its analysis says why if it cannot be read)
+            store.put_thumbnail(img.sha256, load_image(store.path(img.sha256)).rgb)
+        except ImageLoadError:
+            abort(404)
     if not store.exists(img.sha256, name):
         abort(404)
     resp = send_file(store.path(img.sha256, name), mimetype="image/png", max_age=3600)
