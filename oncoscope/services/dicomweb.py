@@ -170,13 +170,33 @@ class Client:
                 for r in rows if _value(r, "0020000E")]
 
     # ------------------------------------------------------------------ WADO-RS
-    def retrieve_series(self, study_uid: str, series_uid: str) -> list[bytes]:
-        """The series' instances as Part-10 files."""
-        data, ctype = self._call("GET", f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}",
+    def instances(self, study_uid: str, series_uid: str) -> list[str]:
+        """The SOP Instance UIDs of a series (QIDO-RS)."""
+        rows = self._json(f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}/instances?includefield=00080018")
+        return [_value(r, "00080018") for r in rows if _value(r, "00080018")]
+
+    def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+        """One instance as a Part-10 file."""
+        data, ctype = self._call("GET", f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}/instances/"
+                                        f"{_uid(sop_uid)}",
                                  accept='multipart/related; type="application/dicom"; transfer-syntax=*')
         if not data:
-            raise DicomWebError(f"The PACS has no series {series_uid} in study {study_uid}.")
-        return parse_multipart(data, ctype)
+            raise DicomWebError(f"The PACS has no instance {sop_uid} in series {series_uid}.")
+        return parse_multipart(data, ctype)[0]
+
+    def retrieve_series(self, study_uid: str, series_uid: str):
+        """The series' instances as Part-10 files, one request each (a series of any size is held one
+        instance at a time); the whole series in one request when the PACS does not list its instances."""
+        sops = self.instances(study_uid, series_uid)
+        if not sops:
+            data, ctype = self._call("GET", f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}",
+                                     accept='multipart/related; type="application/dicom"; transfer-syntax=*')
+            if not data:
+                raise DicomWebError(f"The PACS has no series {series_uid} in study {study_uid}.")
+            yield from parse_multipart(data, ctype)
+            return
+        for sop in sops:
+            yield self.retrieve_instance(study_uid, series_uid, sop)
 
     # ------------------------------------------------------------------ STOW-RS
     def store(self, instances: list[bytes], study_uid: str | None = None) -> Stored:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..analyzers import routing
 from ..store import receiving
-from .dicomweb import Client, Study
+from .dicomweb import Client, DicomWebError, Study
 
 
 @dataclass
@@ -39,16 +39,25 @@ def retrieve(settings, sessions, files, user, patient_mrn: str, study_uid: str, 
     pacs = Client.from_settings(settings)
     rules = [routing.Rule(frozenset(), frozenset(), frozenset(), analyzer_id)]
     out = Retrieved()
-    for series_uid in series_uids:
-        for data in pacs.retrieve_series(study_uid, series_uid):
-            got = receiving.receive(sessions, files, data, f"DICOMweb {pacs.host}", rules,
-                                    settings.max_upload_mb * 1024 * 1024, user=user, expected_mrn=patient_mrn)
-            if got.refused:
-                out.refused.append(got.message)
-                continue
-            out.filed += got.kind == "filed"
-            out.duplicates += got.kind == "duplicate"
-            out.inbox += got.kind == "inbox"
-            if got.case_id:
-                out.case_ids.add(got.case_id)
+    try:
+        for series_uid in series_uids:
+            for data in pacs.retrieve_series(study_uid, series_uid):  # one instance at a time, each filed
+                _file(out, receiving.receive(sessions, files, data, f"DICOMweb {pacs.host}", rules,
+                                             settings.max_upload_mb * 1024 * 1024, user=user,
+                                             expected_mrn=patient_mrn))
+    except DicomWebError as exc:
+        if not (out.filed or out.duplicates or out.inbox):
+            raise
+        out.refused.append(f"The PACS stopped after {out.filed + out.duplicates + out.inbox} images: {exc}")
     return out
+
+
+def _file(out: Retrieved, got) -> None:
+    if got.refused:
+        out.refused.append(got.message)
+        return
+    out.filed += got.kind == "filed"
+    out.duplicates += got.kind == "duplicate"
+    out.inbox += got.kind == "inbox"
+    if got.case_id:
+        out.case_ids.add(got.case_id)

@@ -32,11 +32,15 @@ class _Pacs(http.server.BaseHTTPRequestHandler):
             self.send_response(401)
             self.end_headers()
             return
-        if "/series/" in self.path:
-            body = (b"--XyZ\r\nContent-Type: application/dicom\r\n\r\nfirst\r\n--XyZ\r\n"
-                    b"Content-Type: application/dicom\r\n\r\nsecond\r\n--XyZ--\r\n")
+        if "/instances/" in self.path:  # one instance (WADO-RS)
+            sop = self.path.rsplit("/", 1)[1].encode()
+            body = b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + sop + b"\r\n--XyZ--\r\n"
             self.send_response(200)
             self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=XyZ')
+        elif "/instances?" in self.path:  # the series' instances (QIDO-RS)
+            body = json.dumps([{"00080018": {"vr": "UI", "Value": [u]}} for u in ("1.1", "1.2")]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
         else:
             body = json.dumps(STUDY).encode()
             self.send_response(200)
@@ -84,7 +88,7 @@ def test_bearer_over_verified_tls_and_the_answers_parsed(https_pacs):
     pacs = dicomweb.Client(url, token="t0ken", ca_file=ca, timeout=5)
     (st,) = pacs.studies(patient_id="MRN-1")
     assert (st.study_uid, st.patient_name, st.modalities, st.instance_count) == ("1.2.3", "Doe^Jane", ["MR", "SR"], 12)
-    assert pacs.retrieve_series("1.2.3", "1.2.3.4") == [b"first", b"second"]
+    assert list(pacs.retrieve_series("1.2.3", "1.2.3.4")) == [b"1.1", b"1.2"]  # one request per instance
     path, auth, accept = _Pacs.seen[0]
     assert path.startswith("/dicom-web/studies?") and "PatientID=MRN-1" in path and auth == "Bearer t0ken"
     assert accept == "application/dicom+json"
@@ -97,6 +101,6 @@ def test_an_unknown_certificate_and_a_non_uid_are_refused(https_pacs):
     with pytest.raises(dicomweb.DicomWebError, match="TLS|cannot be reached"):
         dicomweb.Client(url, token="t0ken", timeout=5).studies()  # the system's CAs do not know it
     with pytest.raises(dicomweb.DicomWebError, match="not a DICOM UID"):
-        dicomweb.Client(url, token="t0ken").retrieve_series("1.2/../../etc", "1")
+        list(dicomweb.Client(url, token="t0ken").retrieve_series("1.2/../../etc", "1"))
     with pytest.raises(dicomweb.DicomWebError, match="http:// or https://"):
         dicomweb.Client("file:///etc/passwd")

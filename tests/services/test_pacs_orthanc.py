@@ -74,14 +74,14 @@ def test_dicomweb_query_retrieve_and_store_round_trip(orthanc):
     assert pacs.studies(patient_id="MRN-NOBODY") == []
     (series,) = pacs.series(study)
     assert series.modality == "MR" and series.instance_count in (None, 2)
-    files = pacs.retrieve_series(study, series.series_uid)
+    files = list(pacs.retrieve_series(study, series.series_uid))
     assert sorted(pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID for f in files) == sorted(d.SOPInstanceUID
                                                                                            for d in sent)
     # STOW: a new instance in the same study is stored, and read back through WADO
     extra = slice_(study, patient_id="MRN-QIDO", n=3)
     got = pacs.store([to_bytes(extra)], study)
     assert got.stored and not got.failed
-    assert len(pacs.retrieve_series(study, extra.SeriesInstanceUID)) == 1
+    assert len(list(pacs.retrieve_series(study, extra.SeriesInstanceUID))) == 1
     # wrong credentials and an unreachable PACS are said plainly
     with pytest.raises(dicomweb.DicomWebError, match="refused our credentials"):
         dicomweb.Client(orthanc.dicomweb, user=USER, password="wrong").studies()
@@ -129,7 +129,7 @@ def test_a_final_report_is_stored_to_the_pacs_and_read_back(instance, orthanc): 
     pacs = dicomweb.Client(orthanc.dicomweb, user=USER, password=PASSWORD)
     series = {x.modality: x for x in pacs.series(study)}
     assert set(series) == {"MR", "SR"}  # the report went into the study of its images
-    (sr,) = pacs.retrieve_series(study, series["SR"].series_uid)
+    (sr,) = list(pacs.retrieve_series(study, series["SR"].series_uid))
     ds = pydicom.dcmread(io.BytesIO(sr))
     assert ds.PatientID == "MRN-STOW" and ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "VERIFIED"
     # the PACS going away: the delivery waits and says why, then a person can send it again
