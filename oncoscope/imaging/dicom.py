@@ -281,14 +281,8 @@ def tiled_full(ds) -> tuple[int, int] | None:
 MAX_INFLATED_BYTES = 64_000_000
 
 
-def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE,
-               max_bytes: int = MAX_DECODE_BYTES) -> DicomImage:
-    """Decode a DICOM Part-10 file to RGB uint8 plus metadata. Raises only :class:`ImageLoadError`.
-
-    The transfer syntax, the declared dimensions and the memory they imply are checked before any pixel
-    data is decoded (see :mod:`oncoscope.imaging.imageio`)."""
-    from pydicom.uid import UID
-
+def _opened(data: bytes):
+    """(dataset, metadata, pixel keyword) of a Part-10 file that holds an image, or ImageLoadError."""
     data = bytes(data)
     if not is_dicom(data):
         raise ImageLoadError("The file is not a DICOM file (no 'DICM' marker at byte 128).")
@@ -297,7 +291,18 @@ def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN
         meta = _metadata(ds)
     except Exception:  # noqa: BLE001 - malformed values surface lazily
         raise ImageLoadError("The DICOM file is corrupt: its header cannot be read.") from None
-    pixel_kw = _pixel_keyword(ds, meta)
+    return ds, meta, _pixel_keyword(ds, meta)
+
+
+def read_dicom(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE,
+               max_bytes: int = MAX_DECODE_BYTES) -> DicomImage:
+    """Decode a DICOM Part-10 file to RGB uint8 plus metadata. Raises only :class:`ImageLoadError`.
+
+    The transfer syntax, the declared dimensions and the memory they imply are checked before any pixel
+    data is decoded (see :mod:`oncoscope.imaging.imageio`)."""
+    from pydicom.uid import UID
+
+    ds, meta, pixel_kw = _opened(data)
     rows, cols, samples, photometric, frames, bits = _geometry(ds)
     check_dimensions(cols, rows, max_pixels, 0)
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
@@ -346,15 +351,7 @@ def read_header(data: bytes, *, max_pixels: int = MAX_PIXELS, min_side: int = MI
     :class:`ImageLoadError` on what :func:`read_dicom` would refuse before decoding."""
     from pydicom.uid import UID
 
-    data = bytes(data)
-    if not is_dicom(data):
-        raise ImageLoadError("The file is not a DICOM file (no 'DICM' marker at byte 128).")
-    ds = parse_dataset(data)
-    try:
-        meta = _metadata(ds)
-    except Exception:  # noqa: BLE001 - malformed values surface lazily
-        raise ImageLoadError("The DICOM file is corrupt: its header cannot be read.") from None
-    pixel_kw = _pixel_keyword(ds, meta)
+    ds, meta, pixel_kw = _opened(data)
     rows, cols, samples, photometric, frames, bits = _geometry(ds)
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
     plain = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3}

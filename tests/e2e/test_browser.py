@@ -37,26 +37,32 @@ def server(tmp_path_factory):
         pytest.skip("Chromium not installed (make test installs Debian's chromium)")
     pytest.importorskip("playwright")
     home = tmp_path_factory.mktemp("instance")
-    env = dict(os.environ, ONCOSCOPE_HOME=str(home), ONCOSCOPE_ANALYSIS_WORKERS="1")
+    base, proc = start_serve(home, ONCOSCOPE_HOME=str(home), ONCOSCOPE_ANALYSIS_WORKERS="1")
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def start_serve(home: Path, *args: str, **env_vars: str) -> tuple[str, subprocess.Popen]:
+    """A migrated instance served by `oncoscope serve` (``args``: more of its options), its log in
+    ``home``; returns its address and process once it answers."""
+    env = dict(os.environ, **env_vars)
     env.pop("DATABASE_URL", None)
     exe = str(Path(sys.executable).parent / "oncoscope")
     subprocess.run([exe, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
     port = _free_port()
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen([exe, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([exe, "serve", "--port", str(port), *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
             urllib.request.urlopen(base + "/healthz", timeout=1)
-            break
+            return base, proc
         except Exception:  # noqa: BLE001
             time.sleep(0.25)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + (home / "server.log").read_text()[-2000:])
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    proc.kill()
+    pytest.fail("server did not start: " + (home / "server.log").read_text()[-2000:])
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 from oncoscope.bench.dicom import slices
 from tests.e2e.test_browser import (  # noqa: F401  (pytest fixtures used by name)
-    CHROMIUM, _free_port, _sign_in, browser, create_account, first_run_setup, shot)
+    CHROMIUM, _free_port, _sign_in, browser, create_account, first_run_setup, shot, start_serve)
 from tests.orthanc import PASSWORD, USER, Orthanc
 
 pytestmark = pytest.mark.slow
@@ -53,24 +53,20 @@ def site(tmp_path_factory):
     pytest.importorskip("playwright")
     home = tmp_path_factory.mktemp("pacs-instance")
     orthanc = Orthanc(home / "orthanc", aet="PACS").start()
-    dicom_port, web_port = _free_port(), _free_port()
-    env = dict(os.environ, ONCOSCOPE_HOME=str(home / "oncoscope"), ONCOSCOPE_ANALYSIS_WORKERS="1",
-               ONCOSCOPE_DICOMWEB_URL=orthanc.dicomweb, ONCOSCOPE_DICOMWEB_USER=USER,
-               ONCOSCOPE_DICOMWEB_PASSWORD=PASSWORD, ONCOSCOPE_DICOM_ALLOWED_AETS="PACS")
-    env.pop("DATABASE_URL", None)
-    exe = str(Path(sys.executable).parent / "oncoscope")
-    subprocess.run([exe, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
-    logs = [open(home / f"{n}.log", "w") for n in ("serve", "dicom")]
-    procs = [subprocess.Popen([exe, "serve", "--port", str(web_port), "--processes", "1"], env=env, stdout=logs[0],
-                              stderr=subprocess.STDOUT),
-             subprocess.Popen([exe, "dicom", "listen", "--host", "127.0.0.1", "--port", str(dicom_port)], env=env,
-                              stdout=logs[1], stderr=subprocess.STDOUT)]
-    base = f"http://127.0.0.1:{web_port}"
-    for _ in range(120):
+    env = {"ONCOSCOPE_HOME": str(home / "oncoscope"), "ONCOSCOPE_ANALYSIS_WORKERS": "1",
+           "ONCOSCOPE_DICOMWEB_URL": orthanc.dicomweb, "ONCOSCOPE_DICOMWEB_USER": USER,
+           "ONCOSCOPE_DICOMWEB_PASSWORD": PASSWORD, "ONCOSCOPE_DICOM_ALLOWED_AETS": "PACS"}
+    base, serve = start_serve(home, "--processes", "1", **env)
+    dicom_port = _free_port()
+    listener = subprocess.Popen([str(Path(sys.executable).parent / "oncoscope"), "dicom", "listen", "--host",
+                                 "127.0.0.1", "--port", str(dicom_port)], env=dict(os.environ, **env),
+                                stdout=open(home / "dicom.log", "w"), stderr=subprocess.STDOUT)
+    procs = [serve, listener]
+    for _ in range(120):  # the listener's port opens once its imports are done
         try:
-            urllib.request.urlopen(base + "/healthz", timeout=1)
+            socket.create_connection(("127.0.0.1", dicom_port), timeout=1).close()
             break
-        except Exception:  # noqa: BLE001
+        except OSError:
             time.sleep(0.25)
     orthanc.add_peer("oncoscope", "ONCOSCOPE", dicom_port)
     yield base, orthanc, home
