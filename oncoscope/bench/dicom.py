@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import func, select
 
+from ..analyzers import registry
 from ..config import Settings, datasets_dir
 from ..services.dicom_receiver import Receiver
 from ..services.jobs import WorkerPool
@@ -31,7 +32,7 @@ from ..store import migrate
 from ..store import patients as patient_store
 from ..store.db import make_engine, make_session_factory
 from ..store.files import FileStore
-from ..store.models import Analysis
+from ..store.models import Analysis, Case
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -156,16 +157,12 @@ def received(data: list[bytes], workers: int, timeout: float) -> dict:
             rx.stop()
             pool.shutdown()
         with sessions() as s:
-            from ..store.models import Case
-
             cases = s.scalar(select(func.count()).select_from(Case))
             done = s.scalar(select(func.count()).select_from(Analysis).where(Analysis.job_status == "done"))
         return {"total_s": total, "c_store_s": sent, "statuses_ok": ok, "cases": cases, "analyses_done": done}
 
 
 def run_dicom_bench(n: int = 100, workers: int = 2, repeats: int = 2, timeout: float = 900) -> dict:
-    from ..analyzers import registry
-
     registry.get("brain-mri")  # ONNX sessions loaded once, before anything is timed
     data, source = slices(n)
     alone, got = [], []

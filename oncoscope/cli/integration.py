@@ -9,6 +9,9 @@ import click
 
 from ..analyzers import routing
 from ..config import Settings
+from ..services.dicom_receiver import Receiver
+from ..services.jobs import WorkerPool
+from ..services.lis import LisListener
 from ..store.db import make_engine, make_session_factory
 from ..store.files import FileStore
 from .server import ready_schema
@@ -35,9 +38,6 @@ def dicom() -> None:
                    "the analyses the receiver queues).")
 def listen(host, port, ae_title, workers):
     """Receive DICOM images (C-STORE, C-ECHO) from the AE titles in ONCOSCOPE_DICOM_ALLOWED_AETS."""
-    from ..services.dicom_receiver import Receiver
-    from ..services.jobs import WorkerPool
-
     st, sessions, files = _instance()
     try:
         routing.table(st.dicom_routes)
@@ -72,8 +72,6 @@ def lis() -> None:
 @click.option("--port", default=None, type=int, help="Default: ONCOSCOPE_LIS_PORT (2575).")
 def lis_listen(host, port):
     """Place (and cancel) orders sent by the LIS; each message is answered with an ACK and audited."""
-    from ..services.lis import LisListener
-
     st, sessions, _files = _instance()
     server = LisListener(st, sessions, host=host, port=port)
     click.echo(f"oncoscope LIS order listener on {host}:{server.port} (MLLP)")
