@@ -14,7 +14,6 @@ import threading
 from ..reports.hl7v2 import escape
 from ..store import orders
 from ..store.audit import AuditLog
-from ..store.db import session_scope
 from ..store.patients import PatientError
 
 log = logging.getLogger("oncoscope.services.lis")
@@ -148,15 +147,7 @@ class OrderDesk:
             return ack(None, "AR", str(exc), ERR_UNSUPPORTED_TYPE)
         try:
             o = order_of(m)
-            with session_scope(self.sessions) as s:
-                if o.control == "CA":
-                    case, created = orders.cancel(s, o), False
-                elif o.control == "NW":
-                    case, created = orders.place(s, o, self.tests_table)
-                else:  # XO (change), SC (status): not applied; said so rather than answered AA and dropped
-                    raise orders.OrderError(f"Order control {o.control} is not handled here (NW and CA are); "
-                                            "cancel the order and place it again.")
-                case_id, patient_id, status = case.id, case.patient_id, case.status
+            case_id, patient_id, status, created = orders.apply(self.sessions, o, self.tests_table)
         except (orders.OrderError, PatientError) as exc:
             code = "AR" if getattr(exc, "reject", False) else "AE"
             self._audit(peer, m, "rejected", str(exc), None)
