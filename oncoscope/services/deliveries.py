@@ -66,13 +66,13 @@ def plan(s: Session, settings) -> int:
         if kind == ORU:
             q = q.where(Case.placer_order.is_not(None))  # an answer to a LIS order
         for case_id, version in s.execute(q.limit(500)).all():
-            try:
-                with s.begin_nested():
-                    s.add(Delivery(case_id=case_id, review_version=version, kind=kind, target=target))
-                made += 1
-            except IntegrityError:
-                continue
-    s.flush()
+            s.add(Delivery(case_id=case_id, review_version=version, kind=kind, target=target))
+            made += 1
+    try:
+        s.flush()
+    except IntegrityError:  # another pump planned them at the same moment: theirs stand
+        s.rollback()
+        return 0
     return made
 
 
@@ -160,9 +160,13 @@ def _send(settings, files, case: Case, d: Delivery) -> dict:
 
 
 def send_again(s: Session, d: Delivery) -> None:
-    """A person asks for another try now (a failed or waiting delivery)."""
+    """A person asks for another round of tries of a delivery that failed for good. (A waiting one is
+    left alone: a pump may be sending it at this moment, and pulling its time forward would let a
+    second pump send it twice.)"""
     if d.status == "sent":
         raise ValueError("This delivery was already sent.")
+    if d.status != "failed":
+        raise ValueError(f"This delivery is waiting for its next try ({d.next_attempt_at:%Y-%m-%d %H:%M} UTC).")
     d.status, d.next_attempt_at, d.attempts = "pending", utcnow(), 0
 
 

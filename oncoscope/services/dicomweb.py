@@ -188,7 +188,8 @@ class Client:
         """The series' instances as Part-10 files, one request each (a series of any size is held one
         instance at a time); the whole series in one request when the PACS does not list its instances."""
         sops = self.instances(study_uid, series_uid)
-        if not sops:
+        listed = next((se.instance_count for se in self.series(study_uid) if se.series_uid == series_uid), None)
+        if not sops or (listed is not None and len(sops) < listed):  # a PACS that pages or caps its lists
             data, ctype = self._call("GET", f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}",
                                      accept='multipart/related; type="application/dicom"; transfer-syntax=*')
             if not data:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
 import socketserver
 import threading
+import time
 
 from ..reports.hl7v2 import escape
 from ..store import orders
@@ -122,11 +124,12 @@ def ack(m: Message | None, code: str, text: str = "", error: tuple[str, str] = E
     sender = (escape(m.get("MSH", 3)), escape(m.get("MSH", 4))) if m else ("", "")
     trigger = escape(m.get("MSH", 9, 2)) if m else ""
     control = escape(m.get("MSH", 10)) if m else ""
-    why = escape(text)
-    segs = [f"MSH|^~\\&|ONCOSCOPE|LAB|{sender[0]}|{sender[1]}|{stamp}||ACK^{trigger}^ACK|ACK{stamp}"
-            f"|P|2.5.1", f"MSA|{code}|{control}" + (f"|{why[:80]}" if code != "AA" and why else "")]
-    if code != "AA":
-        segs.append(f"ERR|||{error[0]}^{error[1]}^HL70357|E||||{why[:500]}")
+    latin1 = m is not None and m.get("MSH", 18) == "8859/1"  # answered as it was asked
+    segs = [f"MSH|^~\\&|ONCOSCOPE|LAB|{sender[0]}|{sender[1]}|{stamp}||ACK^{trigger}^ACK|ACK{secrets.token_hex(8)}"
+            f"|P|2.5.1" + ("||||||8859/1" if latin1 else ""),
+            f"MSA|{code}|{control}" + (f"|{escape(text[:80])}" if code != "AA" and text else "")]
+    if code != "AA":  # (cut before escaping: an escape sequence is never cut in two)
+        segs.append(f"ERR|||{error[0]}^{error[1]}^HL70357|E||||{escape(text[:500])}")
     return "\r".join(segs)
 
 
@@ -174,16 +177,22 @@ class OrderDesk:
             log.exception("LIS order could not be audited")
 
 
-def _decode(raw: bytes) -> str:
-    """The message's text: Latin-1 when MSH-18 says 8859/1 (or the bytes are not UTF-8), else UTF-8, so
-    that a name's accents survive (a replacement character would not match the stored patient)."""
-    head = raw.split(b"\r", 1)[0]
-    if b"8859/1" in head:
-        return raw.decode("latin-1")
+def charset(raw: bytes) -> str:
+    """The message's encoding: Latin-1 when MSH-18 is 8859/1 (or the bytes are not UTF-8), else UTF-8."""
+    head = raw.replace(b"\n", b"\r").split(b"\r", 1)[0].split(b"|")
+    if len(head) > 17 and head[17].strip() == b"8859/1":
+        return "latin-1"
     try:
-        return raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        return "latin-1"
+    return "utf-8"
+
+
+def _decode(raw: bytes) -> str:
+    """The message's text, so that a name's accents survive (a replacement character would not match
+    the stored patient)."""
+    return raw.decode(charset(raw))
 
 
 def frames(buffer: bytearray) -> list[bytes]:
@@ -217,8 +226,8 @@ class _Handler(socketserver.BaseRequestHandler):
             if len(buffer) > MAX_MESSAGE:
                 self.request.sendall(START + ack(None, "AR", "Message larger than 1 MB.").encode() + END)
                 return
-            for message in frames(buffer):
-                self.request.sendall(START + desk.handle(message, peer).encode("utf-8") + END)
+            for message in frames(buffer):  # the answer in the message's own encoding
+                self.request.sendall(START + desk.handle(message, peer).encode(charset(message), "replace") + END)
 
 
 class LisListener(socketserver.ThreadingTCPServer):
@@ -229,12 +238,17 @@ class LisListener(socketserver.ThreadingTCPServer):
         super().__init__((host, settings.lis_port if port is None else port), _Handler)
         self.desk = OrderDesk(settings, sessions)
         self.allowed = set(settings.lis_allowed_hosts)
+        self._refused: dict[str, float] = {}
 
     def verify_request(self, request, client_address) -> bool:
         """Only the addresses in ONCOSCOPE_LIS_ALLOWED_HOSTS may send orders (none listed: nobody); a
         refused connection is closed unanswered and audited."""
         if client_address[0] in self.allowed:
             return True
+        last = self._refused.get(client_address[0], 0.0)
+        self._refused[client_address[0]] = time.monotonic()
+        if time.monotonic() - last < 60:  # a scanner or a health check: one entry a minute per address
+            return False
         try:
             self.desk.audit.record(actor=f"host {client_address[0]}", channel="hl7", action="lis.connection",
                                    outcome="denied", ip=client_address[0],

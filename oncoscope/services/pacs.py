@@ -39,16 +39,18 @@ def retrieve(settings, sessions, files, user, patient_mrn: str, study_uid: str, 
     pacs = Client.from_settings(settings)
     rules = [routing.Rule(frozenset(), frozenset(), frozenset(), analyzer_id)]
     out = Retrieved()
-    try:
-        for series_uid in series_uids:
+    failures = []
+    for series_uid in series_uids:
+        try:
             for data in pacs.retrieve_series(study_uid, series_uid):  # one instance at a time, each filed
                 _file(out, receiving.receive(sessions, files, data, f"DICOMweb {pacs.host}", rules,
                                              settings.max_upload_mb * 1024 * 1024, user=user,
                                              expected_mrn=patient_mrn))
-    except DicomWebError as exc:
-        if not (out.filed or out.duplicates or out.inbox):
-            raise
-        out.refused.append(f"The PACS stopped after {out.filed + out.duplicates + out.inbox} images: {exc}")
+        except DicomWebError as exc:  # this series stops here; the others are still fetched
+            failures.append(exc)
+            out.refused.append(f"Series {series_uid}: {exc}")
+    if failures and not (out.filed or out.duplicates or out.inbox):
+        raise failures[0]
     return out
 
 

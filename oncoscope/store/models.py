@@ -113,7 +113,8 @@ class Case(Base):
     dicom_study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     placer_order: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    placer_app: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the placer number's namespace
+    # the placer number's namespace; "" (not NULL) when the LIS names none, so the unique key holds
+    placer_app: Mapped[str] = mapped_column(String(64), nullable=False, default="", server_default="")
     order_info: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the LIS order's sender, control id, orderer
 
     patient: Mapped[Patient] = relationship(back_populates="cases")

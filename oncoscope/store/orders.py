@@ -67,7 +67,7 @@ def analyzer_for(test_code: str, test_text: str, table: str = "") -> str:
 def _existing(s: Session, o: Order) -> Case | None:
     """The case of this order: its placer number within the placer's namespace (two LIS may number alike)."""
     return s.scalar(select(Case).where(Case.placer_order == storable(o.placer)[:64],
-                                       Case.placer_app == (storable(o.placer_app)[:64] or None)))
+                                       Case.placer_app == storable(o.placer_app)[:64]))
 
 
 def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
@@ -90,17 +90,10 @@ def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
     case = case_store.create_case(s, None, patient, analyzer_id, storable(note)[:5000],
                                   "stat" if o.stat else "routine")
     case.accession_number = storable(o.accession or o.placer)[:64]
-    case.placer_order, case.placer_app = storable(o.placer)[:64], storable(o.placer_app)[:64] or None
+    case.placer_order, case.placer_app = storable(o.placer)[:64], storable(o.placer_app)[:64]
     case.order_info = {"sender": storable(o.sender)[:128], "control_id": storable(o.control_id)[:64],
                        "orderer": storable(o.orderer)[:128]}
-    try:
-        with s.begin_nested():  # the same order arriving twice at once: the other placed it
-            s.flush()
-    except IntegrityError:
-        known = _existing(s, o)
-        if known is None:
-            raise
-        return known, False
+    s.flush()  # the same order placed at once by another message: IntegrityError, retried by apply()
     return case, True
 
 

@@ -98,8 +98,8 @@ def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, 
         raise Refused(NO_STUDY, "The instance has no valid Study Instance UID.")
     case = s.scalar(select(Case).where(Case.dicom_study_uid == meta.study_uid))
     if case is not None and case.patient_id != patient.id:
-        raise Refused(STUDY_CONFLICT, f"Study {meta.study_uid} is filed under another patient (MRN "
-                                      f"{case.patient.mrn}), not {patient.mrn}.")
+        raise Refused(STUDY_CONFLICT, f"Study {meta.study_uid} is filed under another patient, not MRN "
+                                      f"{patient.mrn} (see the audit trail).")
     if case is None:
         case = _ordered_case(s, patient, meta)
     if case is None:
@@ -248,7 +248,7 @@ def file_study(s: Session, store: FileStore, user: User, study_uid: str, analyze
     patient = s.get(Patient, items[0].patient_id) if items[0].patient_id else None
     if patient is None:
         raise case_store.CaseError("These images name no usable patient; they can only be dismissed.")
-    case = s.scalar(select(Case).where(Case.dicom_study_uid == study_uid))
+    case = s.scalar(select(Case).where(Case.dicom_study_uid == study_uid, Case.patient_id == patient.id))
     if case is None or case.status not in case_store.UPLOADABLE or case.analyzer_id != analyzer_id:
         case = case_store.create_case(s, user, patient, analyzer_id, f"Filed from the DICOM inbox by {user.name}.")
         if s.scalar(select(Case.id).where(Case.dicom_study_uid == study_uid)) is None:

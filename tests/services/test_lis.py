@@ -197,10 +197,11 @@ def test_only_listed_hosts_may_send_orders_and_acks_echo_nothing_raw(lis):
 def test_the_mrn_is_the_identifier_of_type_mr_and_latin1_names_survive(lis):
     st, sessions, server = lis
     msg = oml(mrn="123-45-6789^^^SSA^SS~MRN-LIS-7^^^HOSP^MR", name="Müller^Jürgen")
-    msg = msg.replace("|P|2.5.1", "|P|2.5.1|||||8859/1", 1)
+    msg = msg.replace("|P|2.5.1", "|P|2.5.1||||||8859/1", 1)  # MSH-18
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
         c.sendall(b"\x0b" + msg.encode("latin-1") + b"\x1c\r")
-        assert b"MSA|AA" in c.recv(65536)
+        answer = c.recv(65536)[1:-2].decode("latin-1")
+    assert "MSA|AA" in answer and answer.split("\r")[0].split("|")[17] == "8859/1"  # MSH-18, as asked
     with sessions() as s:
         p = s.scalar(select(Case)).patient
         assert (p.mrn, p.family_name, p.given_name) == ("MRN-LIS-7", "Müller", "Jürgen")

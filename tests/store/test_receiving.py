@@ -69,3 +69,16 @@ def test_the_same_order_sent_twice_at_once_is_one_case(factory):
     assert got[0][0] == got[1][0] and sorted(g[3] for g in got) == [False, True]
     with factory() as s:
         assert s.scalar(select(func.count()).select_from(Case)) == 1
+
+
+def test_the_same_order_without_a_namespace_twice_at_once_for_a_known_patient_is_one_case(factory):
+    """ORC-2.2 empty (common): the unique key still holds ('' is not NULL), and the race with a patient
+    already on file (no race on the patient row) is settled by the retry."""
+    with factory() as s:
+        s.add(Patient(mrn="MRN-ORDER-2", family_name="Curie", given_name="Marie"))
+        s.commit()
+    order = orders.Order(control="NW", placer="ORD-NS", test_code="brain-mri", test_text="", mrn="MRN-ORDER-2",
+                         family="Curie", sender="LABSYS")
+    got = _together(3, lambda _: orders.apply(factory, order))
+    assert not any(isinstance(g, Exception) for g in got), got
+    assert len({g[0] for g in got}) == 1 and sum(g[3] for g in got) == 1

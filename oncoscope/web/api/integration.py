@@ -83,7 +83,7 @@ def dicom_inbox():
 
 @api("/cases/{case_id}/deliveries/{delivery_id}/retry", "POST", summary="Send a waiting or failed delivery "
      "(SR/SEG to the PACS, ORU to the LIS) again now", tag="pacs", response="Case",
-     errors={409: "The delivery was already sent"})
+     errors={409: "The delivery was already sent, or is waiting for its next try"})
 def retry_delivery(case_id: int, delivery_id: int):
     c = case_or_404(case_id, "edit")
     d = db().get(Delivery, delivery_id)
@@ -94,7 +94,7 @@ def retry_delivery(case_id: int, delivery_id: int):
         db().commit()
     except ValueError as exc:
         db().rollback()
-        raise ApiError(409, "already_sent", str(exc)) from None
+        raise ApiError(409, "not_failed", str(exc)) from None
     pump = ext().get("deliveries")
     if pump is not None:
         pump.notify()

@@ -19,7 +19,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("dicom_study_uid", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("accession_number", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("placer_order", sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column("placer_app", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("placer_app", sa.String(length=64), nullable=False, server_default=""))
         batch_op.add_column(sa.Column("order_info", sa.JSON(), nullable=True))
         batch_op.create_unique_constraint("uq_cases_dicom_study_uid", ["dicom_study_uid"])
         batch_op.create_unique_constraint("uq_cases_placer_order", ["placer_order", "placer_app"])
