@@ -81,6 +81,20 @@ def defaults() -> list[Rule]:
     return rules
 
 
+# modalities whose images are radiology: an analyzer that names no DICOM modality (a microscopy one)
+# does not read them
+RADIOLOGY = frozenset({"CR", "CT", "DR", "DX", "MG", "MR", "NM", "PT", "RF", "RG", "US", "XA"})
+
+
+def can_read(analyzer_id: str, modality: str) -> bool:
+    """Whether an analyzer reads images of this modality at all (what a person may file a study under)."""
+    cfg = AnalyzerConfig.load(registry.MODELS_DIR / analyzer_id)
+    modality = (modality or "").upper()
+    if cfg.dicom_modalities:
+        return modality in cfg.dicom_modalities
+    return modality not in RADIOLOGY
+
+
 def table(text: str) -> list[Rule]:
     """The configured table, else the default one."""
     return parse(text) if text.strip() else defaults()

@@ -19,6 +19,7 @@ from sqlalchemy import and_, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..store.audit import AuditLog
 from ..store.models import Case, Delivery, Review, SiteSetting, utcnow
 from ..store.db import session_scope
 from . import exports
@@ -26,7 +27,7 @@ from .dicomweb import Client, DicomWebError
 
 log = logging.getLogger("oncoscope.services.deliveries")
 PACS, ORU = "dicom", "oru"
-KIND_NAMES = {PACS: "DICOM SR and SEG to the PACS", ORU: "HL7 ORU^R01 to the LIS"}
+KIND_NAMES = {PACS: "DICOM SR (and cell SEGs) to the PACS", ORU: "HL7 ORU^R01 to the LIS"}
 SINCE_KEY = "deliveries_since"
 BACKOFF = dt.timedelta(seconds=30)
 MAX_PAUSE = dt.timedelta(hours=1)
@@ -76,7 +77,7 @@ def plan(s: Session, settings) -> int:
     return made
 
 
-def send_due(s: Session, settings, files, limit: int = 20) -> int:
+def send_due(s: Session, settings, files, limit: int = 20, audit: AuditLog | None = None) -> int:
     """Try every delivery that is due, each claimed first (several servers may run a pump: a claimed
     delivery is theirs for ``CLAIM`` and sent once), each committed; returns how many were sent. A
     delivery that fails in an unforeseen way is recorded as a failed try like any other, so it never
@@ -89,14 +90,31 @@ def send_due(s: Session, settings, files, limit: int = 20) -> int:
             continue
         d = s.get(Delivery, delivery_id)
         try:
-            sent += attempt(s, settings, files, d)
+            ok = attempt(s, settings, files, d)
             s.commit()
         except Exception as exc:  # noqa: BLE001 - a broken export (analyzer removed, unreadable file): recorded
             s.rollback()
             log.exception("delivery %s failed unexpectedly", delivery_id)
+            ok = False
             _failed(s.get(Delivery, delivery_id), settings, f"{exc.__class__.__name__}: {exc}", counted=False)
             s.commit()
+        sent += ok
+        if audit is not None:
+            _audit(s, audit, s.get(Delivery, delivery_id), ok)
     return sent
+
+
+def _audit(s: Session, audit: AuditLog, d: Delivery, ok: bool) -> None:
+    """One entry per try: what left for where, or why not."""
+    case = s.get(Case, d.case_id)
+    try:
+        audit.record(actor="oncoscope deliveries", channel="system", action="delivery.send",
+                     outcome="success" if ok else "failure", resource_type="case", resource_id=d.case_id,
+                     patient_id=case.patient_id if case else None,
+                     details={"kind": d.kind, "target": d.target, "version": d.review_version, "try": d.attempts,
+                              "status": d.status, "error": d.last_error[:300]})
+    except Exception:  # noqa: BLE001 - neither database nor spool: logged; the delivery stands as recorded
+        log.exception("delivery %s could not be audited", d.id)
 
 
 CLAIM = dt.timedelta(minutes=5)  # longer than any one send (urllib and MLLP time out sooner)
@@ -175,6 +193,7 @@ class DeliveryPump:
 
     def __init__(self, sessions, settings, files, every: float = 5.0):
         self.sessions, self.settings, self.files, self.every = sessions, settings, files, every
+        self.audit = AuditLog(sessions, settings.audit_spool)
         self.wake, self.stop_event = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._loop, name="oncoscope-deliveries", daemon=True)
 
@@ -195,7 +214,7 @@ class DeliveryPump:
             plan(s, self.settings)
         s = self.sessions()
         try:
-            return send_due(s, self.settings, self.files)
+            return send_due(s, self.settings, self.files, audit=self.audit)
         finally:
             s.close()
 

@@ -28,6 +28,7 @@ class DicomWebError(Exception):
 class Study:
     study_uid: str
     date: str = ""
+    time: str = ""
     description: str = ""
     accession: str = ""
     patient_id: str = ""
@@ -150,13 +151,14 @@ class Client:
 
     # ------------------------------------------------------------------ QIDO-RS
     def studies(self, *, patient_id: str = "", accession: str = "", limit: int = 50) -> list[Study]:
-        q = {"limit": str(limit), "includefield": "00081030,00080061,00201206,00201208"}
+        q = {"limit": str(limit), "includefield": "00080030,00081030,00080061,00201206,00201208"}
         if patient_id:
             q["PatientID"] = patient_id
         if accession:
             q["AccessionNumber"] = accession
         rows = self._json("/studies?" + urllib.parse.urlencode(q))
-        return [Study(study_uid=_value(r, "0020000D"), date=_value(r, "00080020"), description=_value(r, "00081030"),
+        return [Study(study_uid=_value(r, "0020000D"), date=_value(r, "00080020"), time=str(_value(r, "00080030")),
+                      description=_value(r, "00081030"),
                       accession=_value(r, "00080050"), patient_id=_value(r, "00100020"),
                       patient_name=_value(r, "00100010"), modalities=[str(m) for m in _values(r, "00080061")],
                       series_count=_int(r, "00201206"), instance_count=_int(r, "00201208"))

@@ -24,8 +24,8 @@ def studies(settings, mrn: str) -> list[Study]:
     """The patient's studies in the PACS (with their series), newest first."""
     pacs = Client.from_settings(settings)
     # only studies whose Patient ID is exactly this MRN: a PACS may match loosely (wildcards, other issuers)
-    found = sorted((st for st in pacs.studies(patient_id=mrn) if st.patient_id == mrn), key=lambda st: st.date,
-                   reverse=True)
+    found = sorted((st for st in pacs.studies(patient_id=mrn) if st.patient_id == mrn),
+                   key=lambda st: (st.date, st.time), reverse=True)  # newest first
     for st in found:
         st.series = pacs.series(st.study_uid)
     return found
@@ -45,7 +45,8 @@ def retrieve(settings, sessions, files, user, patient_mrn: str, study_uid: str, 
             for data in pacs.retrieve_series(study_uid, series_uid):  # one instance at a time, each filed
                 _file(out, receiving.receive(sessions, files, data, f"DICOMweb {pacs.host}", rules,
                                              settings.max_upload_mb * 1024 * 1024, user=user,
-                                             expected_mrn=patient_mrn))
+                                             expected_mrn=patient_mrn,
+                                             note=f"Retrieved from the PACS ({pacs.host}) by {user.name}."))
         except DicomWebError as exc:  # this series stops here; the others are still fetched
             failures.append(exc)
             out.refused.append(f"Series {series_uid}: {exc}")

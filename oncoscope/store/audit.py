@@ -59,7 +59,9 @@ log = logging.getLogger("oncoscope.audit")
 GENESIS = "0" * 64
 # entries written outside web requests
 SYSTEM_ACTIONS = ("backup.create", "backup.restore", "audit.verify", "audit.checkpoint", "audit.export_cli",
-                  "user.create_cli", "user.update_cli")
+                  "user.create_cli", "user.update_cli",
+                  # hospital integration: what other systems did (services/dicom_receiver, lis, deliveries)
+                  "dicom.association", "lis.order", "lis.connection", "delivery.send")
 OUTCOMES = ("success", "denied", "failure", "rejected", "error")
 # the columns covered by the hash, in the order they are exported
 HASHED = ("seq", "at", "actor_id", "actor", "actor_role", "channel", "action", "method", "path", "resource_type",

@@ -56,7 +56,8 @@ class Refused(Exception):
 
 
 def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, rules: list[routing.Rule],
-            max_bytes: int, user: User | None = None, expected_mrn: str | None = None) -> Filed:
+            max_bytes: int, user: User | None = None, expected_mrn: str | None = None,
+            note: str | None = None) -> Filed:
     """File one DICOM instance (Part 10 bytes) and commit. ``user``: the person who fetched it (None:
     sent to us); ``expected_mrn``: refuse an instance of another patient (a retrieval for a patient).
     A race with another association filing the same new patient or study (a unique key) is retried
@@ -76,7 +77,8 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
             if expected_mrn is not None and (meta.patient_id or "").strip() != expected_mrn:
                 raise Refused(PATIENT_CONFLICT, f"An instance of another patient (not MRN {expected_mrn}) was "
                                                 "not filed.")
-            return _file(s, store, data, meta, header, source, rules, max_bytes, s.merge(user) if user else None)
+            return _file(s, store, data, meta, header, source, rules, max_bytes, s.merge(user) if user else None,
+                         note or f"Received over DICOM from {source}.")
         except Refused as exc:
             s.rollback()
             return Filed(exc.kind, exc.message)
@@ -92,7 +94,7 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
 
 
 def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, rules, max_bytes: int,
-          user: User | None) -> Filed:
+          user: User | None, note: str) -> Filed:
     patient = patient_for(s, meta, source)
     if not meta.study_uid:
         raise Refused(NO_STUDY, "The instance has no valid Study Instance UID.")
@@ -107,7 +109,7 @@ def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, 
         if analyzer_id is None:
             return _to_inbox(s, store, data, meta, source, patient, "No routing rule matches modality "
                              f"{meta.modality or '(none)'}, body part {meta.body_part or '(none)'}.")
-        case = case_store.create_case(s, user, patient, analyzer_id, f"Received over DICOM from {source}.")
+        case = case_store.create_case(s, user, patient, analyzer_id, note)
         case.dicom_study_uid = meta.study_uid
         case.accession_number = storable(meta.accession_number)[:64] or None
         s.flush()  # (a concurrent association that made this study's case first: IntegrityError, retried)

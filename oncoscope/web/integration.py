@@ -32,9 +32,11 @@ def _checked_form() -> None:
 
 def _analyzer_arg() -> str:
     aid = request.form.get("analyzer_id", "")
-    if aid not in registry.available():
+    if not aid:
         flash("Choose the analyzer that should read these images.", "error")
-        return ""
+    elif aid not in registry.available():
+        flash(f"There is no analyzer {aid!r} here; choose one from the list.", "error")
+        aid = ""
     return aid
 
 
@@ -44,8 +46,10 @@ def _analyzer_arg() -> str:
 def inbox():
     studies = receiving.inbox(db(), me())
     audit.subject(studies=len(studies))
-    return render_template("integration/inbox.html", studies=studies, analyzers=_analyzer_choices(),
-                           form=EmptyForm(), title="DICOM inbox")
+    choices = _analyzer_choices()
+    readers = {st.study_uid: [(k, n) for k, n in choices if routing.can_read(k, st.modality)] for st in studies}
+    return render_template("integration/inbox.html", studies=studies, readers=readers, form=EmptyForm(),
+                           title="DICOM inbox")
 
 
 @bp.post("/inbox/<study_uid>/file")
@@ -53,7 +57,12 @@ def inbox():
 def file_study(study_uid: str):
     _checked_form()
     aid = _analyzer_arg()
+    study = next((st for st in receiving.inbox(db(), me()) if st.study_uid == study_uid), None)
+    if aid and study is not None and not routing.can_read(aid, study.modality):
+        flash(f"{registry.get(aid).name} does not read {study.modality or 'these'} images.", "error")
+        aid = ""
     if not aid:
+        audit.note("rejected")
         return redirect(url_for("integration.inbox"))
     s = db()
     try:
@@ -101,6 +110,7 @@ def pacs_studies(patient_id: int):
         problem = str(exc)
         if settings().dicomweb_url:  # (none configured: the page says so; nothing failed)
             audit.note("failure")
+            audit.subject(error=problem)
     audit.subject(studies=len(found))
     rules = routing.table(settings().dicom_routes)
     suggested = {st.study_uid: next((a for se in st.series if (a := routing.route(rules, se.modality, se.body_part, ""))),
@@ -128,6 +138,7 @@ def pacs_retrieve(patient_id: int):
     except DicomWebError as exc:
         flash(f"Nothing retrieved: {exc}", "error")
         audit.note("failure")
+        audit.subject(study_uid=study_uid, error=str(exc))
         return redirect(url_for("integration.pacs_studies", patient_id=p.id))
     notify_workers()
     audit.subject(study_uid=study_uid, series=series[:50], filed=got.filed, refused=len(got.refused),

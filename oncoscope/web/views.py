@@ -208,6 +208,11 @@ def pacs_configured() -> bool:
 
 
 @bp.app_template_global()
+def hl7_configured() -> bool:
+    return bool(settings().hl7_host and settings().hl7_port)
+
+
+@bp.app_template_global()
 def delivery_name(kind: str) -> str:
     return deliveries.KIND_NAMES.get(kind, kind)
 

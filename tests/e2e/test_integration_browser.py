@@ -125,6 +125,7 @@ def test_pacs_to_oncoscope_and_back(site, browser):
     doc.goto(server + "/inbox")
     assert "No routing rule matches modality CT" in doc.locator("main").inner_text()
     shot(doc, "int-02-inbox")
+    doc.once("dialog", lambda d: d.accept())  # "Dismiss these 1 image(s)? ..."
     doc.click("main button:text-is('Dismiss')")
     doc.wait_for_selector("text=Nothing waiting")
 

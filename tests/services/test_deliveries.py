@@ -89,3 +89,14 @@ def test_one_pump_claims_a_delivery_and_planning_twice_plans_once(site):
     with sessions() as a, sessions() as b:
         assert deliveries._claim(a, first) is True
         assert deliveries._claim(b, first) is False  # the other server's pump leaves it alone
+
+
+def test_every_try_is_audited(site):
+    from oncoscope.store.models import AuditEvent
+
+    st, sessions, files, his = site
+    deliveries.DeliveryPump(sessions, st, files).run_once()
+    with sessions() as s:
+        got = s.scalars(select(AuditEvent).where(AuditEvent.action == "delivery.send")).all()
+    assert sorted((e.outcome, e.details["kind"]) for e in got) == [("success", "oru"), ("success", "oru")]
+    assert {e.resource_id for e in got} == {"1", "2"} and all(e.patient_id for e in got)

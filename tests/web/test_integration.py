@@ -18,6 +18,7 @@ from tests.services.test_dicom_receiver import CT, slice_
 from .conftest import DOC_A, PATIENT_A, PATIENT_A_ID, files_of, flashes, login, one, q, sessions_of
 
 P = PATIENT_A_ID
+SC = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 MRN, NAME = PATIENT_A["mrn"], "Doe^Jane"
 
 
@@ -27,37 +28,41 @@ def _receive(app, ds) -> receiving.Filed:
 
 
 def test_an_unrouted_study_waits_in_the_inbox_until_a_person_files_it(app, client_for):
-    study = generate_uid()
+    study = generate_uid()  # secondary captures: no rule routes them, a smear analyzer can read them
     for n in (1, 2):
-        got = _receive(app, slice_(study, patient_id=MRN, name=NAME, modality="CT", sop_class=CT, body_part="HAND",
+        got = _receive(app, slice_(study, patient_id=MRN, name=NAME, modality="OT", sop_class=SC, body_part="",
                                    n=n, PatientBirthDate="19800203"))
         assert got.kind == "inbox", got
+    ct = generate_uid()
+    _receive(app, slice_(ct, patient_id=MRN, name=NAME, modality="CT", sop_class=CT, PatientBirthDate="19800203"))
     c = client_for("doc_a")
     home = c.get("/").data.decode()
-    assert 'data-queue="inbox"' in home and 'aria-label="1 studies waiting"' in home
+    assert 'data-queue="inbox"' in home and 'aria-label="2 studies waiting"' in home
     page = c.get("/inbox").data.decode()
     assert "No routing rule matches modality CT" in page and "Doe, Jane" in page
+    assert "No installed analyzer reads CT images" in page and "data-confirm" in page  # nothing reads CT
     assert 'data-queue="inbox"' not in client_for("doc_b").get("/").data.decode()  # not doctor B's patient
     assert "Nothing waiting" in client_for("doc_b").get("/inbox").data.decode()
 
-    r = c.post(f"/inbox/{study}/file", data={"analyzer_id": "bone-xray"})
+    r = c.post(f"/inbox/{study}/file", data={"analyzer_id": "smear-all"})
     assert r.status_code == 302 and "/cases/" in r.headers["Location"]
     cid = int(r.headers["Location"].rsplit("/", 1)[1])
     assert q(app, select(Case.analyzer_id, Case.dicom_study_uid, Case.patient_id).where(Case.id == cid)) == [
-        ("bone-xray", study, P)]
+        ("smear-all", study, P)]
     jobs = q(app, select(Analysis.job_status).join(CaseImage).where(CaseImage.case_id == cid))
     assert jobs == [("queued",), ("queued",)]
     assert one(app, select(AuditEvent.action).order_by(AuditEvent.seq.desc()).limit(1)) == "dicom.inbox_file"
-    assert "Nothing waiting" in c.get("/inbox").data.decode()
-    assert c.post(f"/inbox/{study}/file", data={"analyzer_id": "bone-xray"}).status_code == 404  # filed already
+    assert c.post(f"/inbox/{study}/file", data={"analyzer_id": "smear-all"}).status_code == 404  # filed already
 
-    other = generate_uid()
-    _receive(app, slice_(other, patient_id=MRN, name=NAME, modality="CT", sop_class=CT, PatientBirthDate="19800203"))
-    r = c.post(f"/inbox/{other}/file", data={"analyzer_id": "nope"})
-    assert r.status_code == 302 and "Choose the analyzer" in " ".join(flashes(c.get("/inbox").data))
-    assert c.post(f"/inbox/{other}/dismiss").status_code == 302
-    assert q(app, select(DicomInboxItem.resolved_at.is_not(None)).where(DicomInboxItem.study_uid == other)) == [
+    # the CT: no analyzer reads it (refused even when posted by hand), an unknown one is named; dismissed
+    r = c.post(f"/inbox/{ct}/file", data={"analyzer_id": "bone-xray"})
+    assert r.status_code == 302 and "does not read CT images" in " ".join(flashes(c.get("/inbox").data))
+    r = c.post(f"/inbox/{ct}/file", data={"analyzer_id": "nope"})
+    assert r.status_code == 302 and "no analyzer &#39;nope&#39;" in " ".join(flashes(c.get("/inbox").data))
+    assert c.post(f"/inbox/{ct}/dismiss").status_code == 302
+    assert q(app, select(DicomInboxItem.resolved_at.is_not(None)).where(DicomInboxItem.study_uid == ct)) == [
         (True,)]
+    assert "Nothing waiting" in c.get("/inbox").data.decode()
 
 
 @pytest.fixture()

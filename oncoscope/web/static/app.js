@@ -77,3 +77,9 @@
     apply();
   });
 })();
+
+// Forms that do something final ask first (data-confirm holds the question; the CSP forbids inline handlers).
+document.addEventListener("submit", function (e) {
+  var form = e.target;
+  if (form && form.dataset && form.dataset.confirm && !window.confirm(form.dataset.confirm)) e.preventDefault();
+}, true);
