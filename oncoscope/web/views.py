@@ -70,7 +70,8 @@ def home():
         ctx["n_users"] = s.scalar(select(func.count(User.id)).where(User.is_active.is_(True)))
         ctx["volume"] = case_store.volume_per_day(s, 14)
         ctx["failed"] = case_store.failed_jobs(s, 20)
-        ctx["analyzers"] = [{"info": registry.get(a).describe(), "summary": registry.get(a).validation_summary()}
+        ctx["analyzers"] = [{"info": registry.get(a).describe(), "summary": registry.get(a).validation_summary(),
+                             "plots": _plots(a, ("confusion_matrix.png", "roc.png", "reliability.png"))}
                             for a in registry.available()]
         return render_template("home_admin.html", **ctx)
     return render_template("home_doctor.html", **ctx)
@@ -83,7 +84,7 @@ def analyzer(analyzer_id: str):
         abort(404)
     an = registry.get(analyzer_id)
     card = an.model_card
-    plots = [p for p in sorted(PLOTS) if (registry.MODELS_DIR / analyzer_id / p).exists()]
+    plots = _plots(analyzer_id, sorted(PLOTS))
     return render_template("analyzer.html", info=an.describe(), card=card, plots=plots,
                            summary=an.validation_summary(), title=an.name,
                            classes=[(label, _class_name(an, label)) for label in an.described_classes])
@@ -117,6 +118,11 @@ def class_page(analyzer_id: str, label: str | None) -> str | None:
     if an is None or an.class_info(label) is None:
         return None
     return url_for("main.class_info", analyzer_id=analyzer_id, label=label)
+
+
+def _plots(analyzer_id: str, names) -> list[str]:
+    """The plots of these names the analyzer's model folder holds (a cell classifier has no ROC)."""
+    return [p for p in names if (registry.MODELS_DIR / analyzer_id / p).exists()]
 
 
 @bp.get("/analyzers/<analyzer_id>/plots/<name>")
