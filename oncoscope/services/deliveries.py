@@ -57,9 +57,11 @@ def _since(s: Session) -> dt.datetime:
 def plan(s: Session, settings) -> int:
     """Create the missing deliveries of reviews signed since the integration was switched on (another
     pump planning the same ones at once: the unique key keeps one, this round plans nothing more)."""
-    made = 0
-    for kind, target in targets(settings).items():
-        since = _since(s)
+    destinations = targets(settings)
+    if not destinations:
+        return 0
+    made, since = 0, _since(s)
+    for kind, target in destinations.items():
         q = (select(Review.case_id, Review.version).join(Case, Case.id == Review.case_id)
              .where(Review.signed_at >= since, Case.status == "signed")
              .where(~exists().where(and_(Delivery.case_id == Review.case_id, Delivery.review_version == Review.version,
@@ -107,14 +109,11 @@ def send_due(s: Session, settings, files, limit: int = 20, audit: AuditLog | Non
 def _audit(s: Session, audit: AuditLog, d: Delivery, ok: bool) -> None:
     """One entry per try: what left for where, or why not."""
     case = s.get(Case, d.case_id)
-    try:
-        audit.record(actor="oncoscope deliveries", channel="system", action="delivery.send",
-                     outcome="success" if ok else "failure", resource_type="case", resource_id=d.case_id,
-                     patient_id=case.patient_id if case else None,
-                     details={"kind": d.kind, "target": d.target, "version": d.review_version, "try": d.attempts,
-                              "status": d.status, "error": d.last_error[:300]})
-    except Exception:  # noqa: BLE001 - neither database nor spool: logged; the delivery stands as recorded
-        log.exception("delivery %s could not be audited", d.id)
+    audit.record_or_log(actor="oncoscope deliveries", channel="system", action="delivery.send",
+                        outcome="success" if ok else "failure", resource_type="case", resource_id=d.case_id,
+                        patient_id=case.patient_id if case else None,
+                        details={"kind": d.kind, "target": d.target, "version": d.review_version, "try": d.attempts,
+                                 "status": d.status, "error": d.last_error[:300]})
 
 
 CLAIM = dt.timedelta(minutes=5)  # longer than any one send (urllib and MLLP time out sooner)

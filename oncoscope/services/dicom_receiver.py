@@ -185,16 +185,13 @@ class Receiver:
         kept = st.stored or st.inbox or st.duplicates
         outcome = ("denied" if not st.accepted
                    else "rejected" if (st.refusals or st.refused_contexts) and not kept else "success")
-        try:
-            self.audit.record(actor=f"AE {st.calling or '?'}", channel="dicom", action="dicom.association",
-                              outcome=outcome, ip=st.address, path=f"AE {st.called}",
-                              patient_id=next(iter(st.patients)) if len(st.patients) == 1 else None,
-                              details={"called_ae": st.called, "calling_ae": st.calling, "accepted": st.accepted,
-                                       "stored": st.stored, "inbox": st.inbox, "duplicates": st.duplicates,
-                                       "refused": st.refusals[:50], "refused_contexts": st.refused_contexts,
-                                       "cases": sorted(st.cases)[:100], "patients": sorted(st.patients)[:100]})
-        except Exception:  # noqa: BLE001 - neither database nor spool: say so loudly, keep receiving
-            log.exception("DICOM association from %s could not be audited", st.calling)
+        self.audit.record_or_log(actor=f"AE {st.calling or '?'}", channel="dicom", action="dicom.association",
+                                 outcome=outcome, ip=st.address, path=f"AE {st.called}",
+                                 patient_id=next(iter(st.patients)) if len(st.patients) == 1 else None,
+                                 details={"called_ae": st.called, "calling_ae": st.calling, "accepted": st.accepted,
+                                          "stored": st.stored, "inbox": st.inbox, "duplicates": st.duplicates,
+                                          "refused": st.refusals[:50], "refused_contexts": st.refused_contexts,
+                                          "cases": sorted(st.cases)[:100], "patients": sorted(st.patients)[:100]})
 
 
 _QUICKACK_LOCK = threading.Lock()

@@ -166,15 +166,12 @@ class OrderDesk:
         return ack(m, "AA")
 
     def _audit(self, peer: str, m: Message | None, outcome: str, why: str, patient_id, **details) -> None:
-        try:
-            self.audit.record(actor=f"LIS {m.get('MSH', 3) if m else '?'}", channel="hl7", action="lis.order",
-                              outcome=outcome, ip=peer, patient_id=patient_id,
-                              resource_type="case" if details.get("case") else "",
-                              resource_id=details.get("case") or "",
-                              details={"message": f"{m.get('MSH', 9, 1)}^{m.get('MSH', 9, 2)}" if m else "",
-                                       "control_id": m.get("MSH", 10) if m else "", "why": why, **details})
-        except Exception:  # noqa: BLE001 - neither database nor spool: logged, the ACK still goes
-            log.exception("LIS order could not be audited")
+        self.audit.record_or_log(actor=f"LIS {m.get('MSH', 3) if m else '?'}", channel="hl7", action="lis.order",
+                                 outcome=outcome, ip=peer, patient_id=patient_id,
+                                 resource_type="case" if details.get("case") else "",
+                                 resource_id=details.get("case") or "",
+                                 details={"message": f"{m.get('MSH', 9, 1)}^{m.get('MSH', 9, 2)}" if m else "",
+                                          "control_id": m.get("MSH", 10) if m else "", "why": why, **details})
 
 
 def charset(raw: bytes) -> str:
@@ -249,12 +246,9 @@ class LisListener(socketserver.ThreadingTCPServer):
         self._refused[client_address[0]] = time.monotonic()
         if time.monotonic() - last < 60:  # a scanner or a health check: one entry a minute per address
             return False
-        try:
-            self.desk.audit.record(actor=f"host {client_address[0]}", channel="hl7", action="lis.connection",
-                                   outcome="denied", ip=client_address[0],
-                                   details={"why": "address not in ONCOSCOPE_LIS_ALLOWED_HOSTS"})
-        except Exception:  # noqa: BLE001 - neither database nor spool: logged; the connection is refused anyway
-            log.exception("refused LIS connection could not be audited")
+        self.desk.audit.record_or_log(actor=f"host {client_address[0]}", channel="hl7", action="lis.connection",
+                                      outcome="denied", ip=client_address[0],
+                                      details={"why": "address not in ONCOSCOPE_LIS_ALLOWED_HOSTS"})
         return False
 
     @property

@@ -194,6 +194,15 @@ class AuditLog:
                 self._spool(e)
             return False
 
+    def record_or_log(self, **event) -> bool:
+        """``record`` for what other systems and background work did (no request to refuse): when
+        neither the database nor the spool takes the entry, say so in the log and carry on."""
+        try:
+            return self.record(**event)
+        except Exception:  # noqa: BLE001 - neither database nor spool
+            log.exception("audit entry %s could not be written anywhere", event.get("action"))
+            return False
+
     def _spool(self, e: dict) -> None:
         line = json.dumps(dict(e, at=e["at"].isoformat()), sort_keys=True) + "\n"
         fd = os.open(self.spool, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
