@@ -12,6 +12,7 @@ images stating none, which the analyzer itself then checks)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from . import registry
 from .config import AnalyzerConfig
@@ -67,12 +68,18 @@ def parse(text: str, known: list[str] | None = None) -> list[Rule]:
     return rules
 
 
+@lru_cache(maxsize=None)
+def analyzer_config(analyzer_id: str) -> AnalyzerConfig:
+    """An installed analyzer's config, read once per process (without loading its model)."""
+    return AnalyzerConfig.load(registry.MODELS_DIR / analyzer_id)
+
+
 def defaults() -> list[Rule]:
     """The table the installed analyzers' configs imply (analyzers that name no DICOM modality, like
     the smear analyzers, receive nothing unless a rule names them)."""
     rules = []
     for aid in registry.available():
-        cfg = AnalyzerConfig.load(registry.MODELS_DIR / aid)
+        cfg = analyzer_config(aid)
         if not cfg.dicom_modalities:
             continue
         parts = cfg.dicom_checks.body_parts
@@ -88,7 +95,7 @@ RADIOLOGY = frozenset({"CR", "CT", "DR", "DX", "MG", "MR", "NM", "PT", "RF", "RG
 
 def can_read(analyzer_id: str, modality: str) -> bool:
     """Whether an analyzer reads images of this modality at all (what a person may file a study under)."""
-    cfg = AnalyzerConfig.load(registry.MODELS_DIR / analyzer_id)
+    cfg = analyzer_config(analyzer_id)
     modality = (modality or "").upper()
     if cfg.dicom_modalities:
         return modality in cfg.dicom_modalities

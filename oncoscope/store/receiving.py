@@ -245,8 +245,12 @@ def _study_items(s: Session, user: User, study_uid: str) -> list[DicomInboxItem]
 
 def file_study(s: Session, store: FileStore, user: User, study_uid: str, analyzer_id: str, max_bytes: int) -> Case:
     """A person files an inbox study under an analyzer: the study's case (when it still takes images)
-    or a new one; its images are analysed. The caller commits with ``cases.commit_upload``."""
+    or a new one; its images are analysed. Refused (CaseError) when the analyzer does not read the
+    study's modality. The caller commits with ``cases.commit_upload``."""
     items = _study_items(s, user, study_uid)
+    if not routing.can_read(analyzer_id, items[0].modality):
+        raise case_store.CaseError(f"{routing.analyzer_config(analyzer_id).name} does not read "
+                                   f"{items[0].modality or 'these'} images.")
     patient = s.get(Patient, items[0].patient_id) if items[0].patient_id else None
     if patient is None:
         raise case_store.CaseError("These images name no usable patient; they can only be dismissed.")

@@ -57,10 +57,6 @@ def inbox():
 def file_study(study_uid: str):
     _checked_form()
     aid = _analyzer_arg()
-    study = next((st for st in receiving.inbox(db(), me()) if st.study_uid == study_uid), None)
-    if aid and study is not None and not routing.can_read(aid, study.modality):
-        flash(f"{registry.get(aid).name} does not read {study.modality or 'these'} images.", "error")
-        aid = ""
     if not aid:
         audit.note("rejected")
         return redirect(url_for("integration.inbox"))
