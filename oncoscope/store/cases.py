@@ -584,6 +584,11 @@ def diagnosis_options(analyzer) -> list[tuple[str, str]]:
     return [(l, names.get(l, l)) for l in analyzer.call_labels] + [(NONDIAGNOSTIC, NONDIAGNOSTIC_NAME)]
 
 
+def diagnosis_labels(analyzer) -> list[str]:
+    """The diagnoses a reading may name (the keys of :func:`diagnosis_options`)."""
+    return [k for k, _ in diagnosis_options(analyzer)]
+
+
 def _review_hash(case: Case, r: Review) -> str:
     payload = {
         "case": case.id, "patient": case.patient_id, "version": r.version, "final": r.final_diagnosis,

@@ -208,7 +208,7 @@ def _final_from_first(s: Session, case: Case, user: User, first: Reading, second
     """The first reading becomes the final report, confirmed by the second reader."""
     signer = s.get(User, first.user_id)
     an = registry.installed(case.analyzer_id)
-    labels = [k for k, _ in case_store.diagnosis_options(an)] if an is not None else [first.diagnosis]
+    labels = case_store.diagnosis_labels(an) if an is not None else [first.diagnosis]
     review = case_store.sign(s, case, signer, first.diagnosis, labels, comment=first.comment,
                              override_reason=first.override_reason, uncertainty_note=first.uncertainty_note,
                              differential=first.differential, confirm_unverified=True,

@@ -146,7 +146,7 @@ def test_the_ordered_study_fills_the_case_and_the_result_answers_the_order(lis, 
         a.malignant, a.probabilities, a.finished_at = True, {"glioma": 0.9}, dt.datetime(2026, 12, 4)
         case.status = "ready"
         s.flush()
-        labels = [k for k, _ in case_store.diagnosis_options(registry.get("brain-mri"))]
+        labels = case_store.diagnosis_labels(registry.get("brain-mri"))
         case_store.sign(s, case, s.scalar(select(User)), labels[0], labels, override_reason="x", uncertainty_note="x",
                         confirm_unverified=True)
         s.commit()

@@ -115,7 +115,7 @@ def test_a_final_report_is_stored_to_the_pacs_and_read_back(instance, orthanc): 
         a.malignant, a.probabilities, a.finished_at = True, {"glioma": 0.9}, dt.datetime(2026, 12, 4)
         case.status = "ready"
         s.flush()
-        labels = [k for k, _ in case_store.diagnosis_options(registry.get("brain-mri"))]
+        labels = case_store.diagnosis_labels(registry.get("brain-mri"))
         case_store.sign(s, case, s.scalar(select(User)), labels[0], labels, override_reason="x",
                         uncertainty_note="x", confirm_unverified=True)
         s.commit()

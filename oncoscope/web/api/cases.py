@@ -152,7 +152,7 @@ def _not_signable(exc: case_store.CaseError) -> ApiError:
 def sign_case(case_id: int):
     c = case_or_404(case_id, "sign")
     data = validate_fields(json_body(), "SignInput")
-    labels = [k for k, _ in case_store.diagnosis_options(registry.get(c.analyzer_id))]
+    labels = case_store.diagnosis_labels(registry.get(c.analyzer_id))
     with committed(case_store.CaseError, _not_signable) as s:
         workflow.sign(s, c, g.api_user, data.get("final_diagnosis", ""), labels, comment=data.get("comment", ""),
                       override_reason=data.get("override_reason", ""),

@@ -28,7 +28,7 @@ STATE_409 = {409: "The case is not in a state that allows this, or it changed si
 
 
 def _labels(c) -> list[str]:
-    return [k for k, _ in case_store.diagnosis_options(registry.get(c.analyzer_id))]
+    return case_store.diagnosis_labels(registry.get(c.analyzer_id))
 
 
 def _refused(exc: case_store.CaseError) -> ApiError:
