@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -44,6 +44,26 @@ def session_scope(factory: sessionmaker[Session]):
         raise
     finally:
         s.close()
+
+
+def once_more_on_race(factory: sessionmaker[Session], work, retry_on: tuple = (IntegrityError,)):
+    """``work(session)`` in a session of its own (it commits what it wants kept). When it meets
+    ``retry_on`` (a unique key another writer filled at the same moment, by default), it is rolled
+    back and run once more in a fresh session, which then finds the other writer's rows."""
+    for attempt in (1, 2):
+        s = factory()
+        try:
+            return work(s)
+        except retry_on:
+            s.rollback()
+            if attempt == 2:
+                raise
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+    raise AssertionError("unreachable")
 
 
 @contextmanager

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..analyzers import registry
 from . import cases as case_store
 from . import patients as patient_store
+from .db import once_more_on_race
 from .models import Case
 from .text import storable
 
@@ -101,29 +101,19 @@ def apply(sessions: sessionmaker, o: Order, tests_table: str = "") -> tuple[int,
     """Place (NW) or cancel (CA) an order and commit: (case id, patient id, case status, created now).
     A race with the same order or the same new patient arriving at once (a unique key) is retried once,
     which then finds the other's rows."""
-    for attempt in (1, 2):
-        s = sessions()
-        try:
-            if o.control == "CA":
-                case, created = cancel(s, o), False
-            elif o.control == "NW":
-                case, created = place(s, o, tests_table)
-            else:  # XO (change), SC (status): not applied; said so rather than acknowledged and dropped
-                raise OrderError(f"Order control {o.control} is not handled here (NW and CA are); cancel the "
-                                 "order and place it again.")
-            out = (case.id, case.patient_id, case.status, created)
-            s.commit()
-            return out
-        except IntegrityError:
-            s.rollback()
-            if attempt == 2:
-                raise
-        except BaseException:
-            s.rollback()
-            raise
-        finally:
-            s.close()
-    raise AssertionError("unreachable")
+    def work(s: Session) -> tuple[int, int, str, bool]:
+        if o.control == "CA":
+            case, created = cancel(s, o), False
+        elif o.control == "NW":
+            case, created = place(s, o, tests_table)
+        else:  # XO (change), SC (status): not applied; said so rather than acknowledged and dropped
+            raise OrderError(f"Order control {o.control} is not handled here (NW and CA are); cancel the "
+                             "order and place it again.")
+        out = (case.id, case.patient_id, case.status, created)
+        s.commit()
+        return out
+
+    return once_more_on_race(sessions, work)
 
 
 def cancel(s: Session, o: Order) -> Case:

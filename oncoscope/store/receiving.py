@@ -21,6 +21,7 @@ from ..imaging.dicom import read_header
 from ..imaging.imageio import ImageLoadError, load_image
 from . import cases as case_store
 from . import patients as patient_store
+from .db import once_more_on_race
 from .files import FileStore
 from .models import Case, DicomInboxItem, Patient, User, utcnow
 from .text import clean_filename, storable
@@ -71,26 +72,20 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
         return Filed(UNREADABLE, str(exc))
     if meta is None:
         return Filed(UNREADABLE, "Not a DICOM image.")
-    for attempt in (1, 2):
-        s = sessions()
+    if expected_mrn is not None and (meta.patient_id or "").strip() != expected_mrn:
+        return Filed(PATIENT_CONFLICT, f"An instance of another patient (not MRN {expected_mrn}) was not filed.")
+
+    def work(s: Session) -> Filed:
         try:
-            if expected_mrn is not None and (meta.patient_id or "").strip() != expected_mrn:
-                raise Refused(PATIENT_CONFLICT, f"An instance of another patient (not MRN {expected_mrn}) was "
-                                                "not filed.")
             return _file(s, store, data, meta, header, source, rules, max_bytes, s.merge(user) if user else None,
                          note or f"Received over DICOM from {source}.")
         except Refused as exc:
             s.rollback()
             return Filed(exc.kind, exc.message)
-        except (IntegrityError, case_store.CaseError):
-            # a concurrent association made the same patient or study, or the case was signed between
-            # our check and its lock: once more, which then finds their rows (or files to the inbox)
-            s.rollback()
-            if attempt == 2:
-                raise
-        finally:
-            s.close()
-    raise AssertionError("unreachable")
+
+    # a concurrent association made the same patient or study, or the case was signed between our check
+    # and its lock: once more, which then finds their rows (or files to the inbox)
+    return once_more_on_race(sessions, work, (IntegrityError, case_store.CaseError))
 
 
 def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, rules, max_bytes: int,
