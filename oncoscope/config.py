@@ -174,6 +174,12 @@ class Settings:
         return self.home / "audit-spool.jsonl"
 
     @property
+    def wake_dir(self) -> Path:
+        """Where this machine's worker pools listen for "new jobs" from processes that queue analyses
+        without running them (services/jobs.wake_pools)."""
+        return self.home / "run"
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

@@ -61,7 +61,7 @@ def bench(analyzer_id, as_json, runs, baseline_runs, no_baselines, threads, data
     if dicom:
         from .dicom import run_dicom_bench  # (the receiver and the worker pool: only when asked for)
 
-        out = run_dicom_bench(n=runs, workers=threads)
+        out = run_dicom_bench(n=runs, workers=threads, repeats=3)
         click.echo(json.dumps(out) if as_json else json.dumps(out, indent=1))
         return
     if web:

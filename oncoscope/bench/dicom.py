@@ -7,6 +7,10 @@ within the time the analyses themselves take, +10%.
    (``--threads`` workers) is timed until every analysis is done.
 2. **Received**: a fresh instance with the DICOM receiver and the same pool; timed from the start of
    the association (one C-STORE per slice, pynetdicom's SCU) until every analysis is done.
+3. **A core for the receiver**: both of the above again with the pool held to all cores but one and
+   the receiver (own process) and the sending modality on the last one, as on a machine whose
+   analyses leave the receiver a core: how much receiving costs beyond its CPU, i.e. whether filing
+   keeps pace with the analyses.
 
 The slices are real brain MR images (the brain-mri dataset's test images, wrapped as MR DICOM with one
 Study and Series UID) when ``../shared/datasets`` is present, else synthetic ones.
@@ -15,6 +19,7 @@ Study and Series UID) when ``../shared/datasets`` is present, else synthetic one
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +102,16 @@ def _wait(sessions, n: int, timeout: float) -> None:
         time.sleep(0.02)
 
 
+def pin_process(cpus: set[int]) -> None:
+    """Every thread of this process (the pool's, ONNX Runtime's) onto ``cpus``; threads started later
+    inherit it."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
 def analyses_alone(data: list[bytes], workers: int, timeout: float) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         st, sessions, files = _instance(Path(tmp), workers)
@@ -130,14 +145,17 @@ def send_folder(folder: str, port: int, calling: str = "BENCHSCU", called: str =
     print(f"{start} {ok} {time.time() - start}")
 
 
-def received(data: list[bytes], workers: int, timeout: float, separate: bool = False) -> dict:
+def received(data: list[bytes], workers: int, timeout: float, separate: bool = False,
+             receiver_cpus: set[int] | None = None) -> dict:
     """The modality in a process of its own; the receiver and the worker pool in this process
     (``oncoscope dicom listen --workers``), or (``separate``) the receiver in its own process
-    (``oncoscope dicom listen``) and the pool in this one, as ``oncoscope serve`` runs it."""
-    import os
+    (``oncoscope dicom listen``) and the pool in this one, as ``oncoscope serve`` runs it;
+    ``receiver_cpus``: the receiver's and the modality's processes held to those cores."""
     import socket
     import subprocess
     import sys
+
+    pin = (lambda: os.sched_setaffinity(0, receiver_cpus)) if receiver_cpus else None
 
     with tempfile.TemporaryDirectory() as tmp:
         st, sessions, files = _instance(Path(tmp), workers)
@@ -145,7 +163,7 @@ def received(data: list[bytes], workers: int, timeout: float, separate: bool = F
         folder.mkdir()
         for i, d in enumerate(data):
             (folder / f"{i:04d}.dcm").write_bytes(d)
-        pool = WorkerPool(sessions, files, workers, st.job_max_attempts)
+        pool = WorkerPool(sessions, files, workers, st.job_max_attempts, wake_dir=st.wake_dir)  # as serve has it
         pool.start()
         listener, rx = None, None
         if separate:
@@ -156,16 +174,18 @@ def received(data: list[bytes], workers: int, timeout: float, separate: bool = F
                        ONCOSCOPE_DICOM_ALLOWED_AETS="BENCHSCU")
             listener = subprocess.Popen([sys.executable, "-m", "oncoscope.cli", "dicom", "listen", "--host",
                                          "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, preexec_fn=pin)
             _wait_port(port, timeout)
         else:
-            rx = Receiver(st, sessions, files, host="127.0.0.1", port=0, on_filed=pool.notify)
+            rx = Receiver(st, sessions, files, host="127.0.0.1", port=0, on_filed=pool.notify,
+                          thumbnails=False)  # (as `dicom listen --workers`)
             rx.start()
             port = rx.port
         try:
             out = subprocess.run([sys.executable, "-c", "import sys; from oncoscope.bench.dicom import send_folder; "
                                   "send_folder(sys.argv[1], int(sys.argv[2]))", str(folder), str(port)],
-                                 capture_output=True, text=True, timeout=timeout, check=True).stdout.split()
+                                 capture_output=True, text=True, timeout=timeout, check=True,
+                                 preexec_fn=pin).stdout.split()
             start, ok, sent = float(out[0]), int(out[1]), float(out[2])
             _wait(sessions, len(data), timeout)
             total = time.time() - start
@@ -198,17 +218,30 @@ def _wait_port(port: int, timeout: float) -> None:
 def run_dicom_bench(n: int = 100, workers: int = 2, repeats: int = 2, timeout: float = 900) -> dict:
     registry.get("brain-mri")  # ONNX sessions loaded once, before anything is timed
     data, source = slices(n)
-    alone, got, apart = [], [], []
-    for _ in range(repeats):  # interleaved, so drift on the machine hits both the same
+    cpus = sorted(os.sched_getaffinity(0))
+    analyses_alone(data[:20], workers, timeout)  # warm-up, untimed: first-use costs would fall on one run
+    alone, got, apart, alone_pinned, own_core = [], [], [], [], []
+    for _ in range(repeats):  # interleaved, so drift on the machine hits every scenario the same
         alone.append(analyses_alone(data, workers, timeout))
         got.append(received(data, workers, timeout))
         apart.append(received(data, workers, timeout, separate=True))
-    out = {"slices": n, "source": source, "workers": workers, "repeats": repeats,
+        if len(cpus) > 1:
+            pin_process(set(cpus[:-1]))
+            try:
+                alone_pinned.append(analyses_alone(data, workers, timeout))
+                own_core.append(received(data, workers, timeout, separate=True, receiver_cpus={cpus[-1]}))
+            finally:
+                pin_process(set(cpus))
+    out = {"slices": n, "source": source, "workers": workers, "repeats": repeats, "cpus": len(cpus),
            "analyses_alone_s": [round(x, 2) for x in alone], "target_ratio": 1.10}
-    for name, runs in (("in_process", got), ("separate_receiver", apart)):
+    scenarios = [("in_process", got, alone), ("separate_receiver", apart, alone)]
+    if own_core:
+        out["analyses_alone_without_last_cpu_s"] = [round(x, 2) for x in alone_pinned]
+        scenarios.append(("receiver_on_own_cpu", own_core, alone_pinned))
+    for name, runs, base in scenarios:
         best = min(runs, key=lambda r: r["total_s"])
         out[name] = {"received_s": [round(r["total_s"], 2) for r in runs],
                      "c_store_s": [round(r["c_store_s"], 2) for r in runs],
-                     "ratio_median": round(float(np.median([r["total_s"] for r in runs]) / np.median(alone)), 3),
+                     "ratio_median": round(float(np.median([r["total_s"] for r in runs]) / np.median(base)), 3),
                      "cases": best["cases"], "analyses_done": best["analyses_done"], "statuses_ok": best["statuses_ok"]}
     return out

@@ -10,7 +10,7 @@ import click
 from ..analyzers import routing
 from ..config import Settings
 from ..services.dicom_receiver import Receiver
-from ..services.jobs import WorkerPool
+from ..services.jobs import WorkerPool, job_notifier
 from ..services.lis import LisListener
 from ..store.db import make_engine, make_session_factory
 from ..store.files import FileStore
@@ -47,10 +47,11 @@ def listen(host, port, ae_title, workers):
         click.echo("WARNING: ONCOSCOPE_DICOM_ALLOWED_AETS is empty: every association will be refused", err=True)
     pool = None
     if workers > 0:
-        pool = WorkerPool(sessions, files, workers, st.job_max_attempts, st.job_lease_seconds)
+        pool = WorkerPool(sessions, files, workers, st.job_max_attempts, st.job_lease_seconds, wake_dir=st.wake_dir)
         pool.start()
     receiver = Receiver(st, sessions, files, host=host, port=port, ae_title=ae_title,
-                        on_filed=pool.notify if pool is not None else None)
+                        on_filed=pool.notify if pool is not None else job_notifier(st, sessions),
+                        thumbnails=pool is None)
     click.echo(f"oncoscope DICOM receiver {receiver.ae_title} on {host}:{receiver.port}; allowed calling AE "
                f"titles: {', '.join(st.dicom_allowed_aets) or '(none)'}")
     try:

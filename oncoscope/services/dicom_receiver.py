@@ -16,12 +16,15 @@ name or birth date contradict the stored patient; 0xC003 the study is filed unde
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import queue
 import secrets
 import threading
 from dataclasses import dataclass, field
 
 from ..analyzers import routing
+from ..imaging.imageio import ImageLoadError, load_image
 from ..store import receiving
 from ..store.audit import AuditLog
 
@@ -56,11 +59,50 @@ class _Association:
     patients: set[int] = field(default_factory=set)
 
 
+class Thumbnails:
+    """Thumbnails of filed images, made by one background thread after the C-STORE was answered: a
+    received image is filed from its header (store/receiving), and its thumbnail would otherwise be made
+    by its analysis (the analyses' time) or by the first page that shows it. Best effort: when the queue
+    is full, or this process ends first, the analysis or the page makes it (the same bytes)."""
+
+    def __init__(self, files, size: int = 512):
+        self.files = files
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="oncoscope-dicom-thumbnails", daemon=True)
+        self._thread.start()
+
+    def add(self, data: bytes) -> None:
+        try:
+            self._queue.put_nowait(data)
+        except queue.Full:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            sha = hashlib.sha256(data).hexdigest()
+            try:
+                if not self.files.exists(sha, "thumb"):
+                    self.files.put_thumbnail(sha, load_image(data).rgb)
+            except ImageLoadError as exc:  # its analysis reports it
+                log.info("no thumbnail for received image %s: %s", sha[:12], exc)
+            except Exception:  # noqa: BLE001 - the disk: the analysis or the page tries again
+                log.exception("could not write the thumbnail of received image %s", sha[:12])
+
+
 class Receiver:
     """The SCP. ``start()`` listens in the background (``stop()`` ends it); ``serve()`` blocks."""
 
     def __init__(self, settings, sessions, files, host: str = "0.0.0.0", port: int | None = None,
-                 ae_title: str | None = None, on_filed=None):
+                 ae_title: str | None = None, on_filed=None, thumbnails: bool = True):
         self.settings, self.sessions, self.files = settings, sessions, files
         self.host, self.port = host, port if port is not None else settings.dicom_port
         self.ae_title = ae_title or settings.dicom_ae_title
@@ -70,7 +112,9 @@ class Receiver:
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
         self.server = None
-        self.on_filed = on_filed  # called after an image was filed (wakes an in-process worker pool)
+        self.on_filed = on_filed  # called after an image was filed (wakes the worker pools)
+        # (off when the analyses run in this process: they write the thumbnail from the image they decode)
+        self.thumbnails = Thumbnails(files) if thumbnails else None
 
     # ------------------------------------------------------------------ the application entity
     def _ae(self):
@@ -94,6 +138,8 @@ class Receiver:
 
     def start(self) -> None:
         ae, handlers = self._ae()
+        if self.thumbnails is not None:
+            self.thumbnails.start()
         self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self.server.server_address[1]  # (port 0: the one the system chose)
         log.info("DICOM receiver %s listening on %s:%s; routes: %s", self.ae_title, self.host, self.port,
@@ -110,6 +156,8 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        if self.thumbnails is not None:
+            self.thumbnails.stop()
 
     # ------------------------------------------------------------------ events
     def _state(self, event) -> _Association:
@@ -167,8 +215,11 @@ class Receiver:
         if filed.case_id:
             st.cases.add(filed.case_id)
         st.stored += filed.kind == "filed"
-        if filed.kind == "filed" and self.on_filed is not None:
-            self.on_filed()
+        if filed.kind == "filed":
+            if self.on_filed is not None:
+                self.on_filed()
+            if self.thumbnails is not None:
+                self.thumbnails.add(data)
         st.inbox += filed.kind == "inbox"
         st.duplicates += filed.kind == "duplicate"
         return 0x0000

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -114,8 +115,40 @@ def execute(sessions, files, analysis_id: int, name: str, max_attempts: int) -> 
 
 
 # ----------------------------------------------------------------------------- default: in-process pool
+# A Unix socket's path has at most 107 bytes; longer, the pool does without (it polls).
+_MAX_SOCKET_PATH = 100
+IDLE_POLL_S = 0.5
+
+
+def wake_pools(folder: Path) -> int:
+    """Tell the worker pools listening in ``folder`` (``Settings.wake_dir``) that jobs were queued: one
+    datagram each, never blocking. Returns how many were told. Without it a pool in another process
+    notices new jobs at its next poll, up to half a second later, for every image of a study."""
+    told = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for path in folder.glob("pool-*.sock"):
+            try:
+                sock.sendto(b"!", str(path))
+                told += 1
+            except ConnectionRefusedError:  # its process ended without removing it
+                path.unlink(missing_ok=True)
+            except OSError:  # (its queue is full: it has been told already) or removed meanwhile
+                pass
+    return told
+
+
+def job_notifier(settings, sessions):
+    """What a process that queues analyses without running them (``oncoscope dicom listen`` alone) calls
+    after each commit: Redis gets the jobs when the app is scaled out, else this machine's pools wake."""
+    if settings.queue_url:
+        return QueueDispatcher(sessions, settings).notify
+    return lambda: wake_pools(settings.wake_dir)
+
+
 class WorkerPool:
-    def __init__(self, session_factory, files, n_workers: int, max_attempts: int, lease_seconds: int = 300):
+    def __init__(self, session_factory, files, n_workers: int, max_attempts: int, lease_seconds: int = 300,
+                 wake_dir: Path | None = None):
         self.sessions = session_factory
         self.files = files
         self.n = max(1, n_workers)
@@ -125,9 +158,14 @@ class WorkerPool:
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.wake_dir = wake_dir
+        self._socket: socket.socket | None = None
+        self._socket_path: Path | None = None
 
     def start(self) -> None:
         load_analyzers()
+        if self.wake_dir is not None:
+            self._listen_for_wakes(self.wake_dir)
         try:
             with session_scope(self.sessions) as s:
                 # one process owns every job here, so anything left 'running' belonged to a dead process
@@ -142,11 +180,53 @@ class WorkerPool:
     def notify(self) -> None:
         self.wake.set()
 
+    def _listen_for_wakes(self, folder: Path) -> None:
+        """A datagram socket in ``folder`` that other processes' :func:`wake_pools` write to."""
+        path = folder / f"pool-{os.getpid()}-{id(self):x}.sock"
+        if len(os.fsencode(str(path))) > _MAX_SOCKET_PATH:
+            log.warning("worker pool: %s is too long a path for a socket; jobs queued by other processes "
+                        "start within %.1f s instead of at once", path, IDLE_POLL_S)
+            return
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(str(path))
+        except OSError as exc:
+            log.warning("worker pool: cannot listen at %s (%s); jobs queued by other processes start within "
+                        "%.1f s instead of at once", path, exc, IDLE_POLL_S)
+            return
+        sock.settimeout(1.0)  # (shutdown writes to it; this only bounds a missed write)
+        self._socket, self._socket_path = sock, path
+
+        def listen():
+            while not self.stop.is_set():
+                try:
+                    sock.recv(64)
+                    self.wake.set()
+                except TimeoutError:
+                    continue
+                except OSError:  # closed by shutdown
+                    return
+
+        t = threading.Thread(target=listen, name="oncoscope-worker-wake", daemon=True)
+        t.start()
+        self.threads.append(t)
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self.stop.set()
         self.wake.set()
+        if self._socket is not None:
+            try:  # ends the listener's wait; then no more wakes from others
+                self._socket.sendto(b"!", str(self._socket_path))
+            except OSError:
+                pass
+            self._socket_path.unlink(missing_ok=True)
         for t in self.threads:
             t.join(timeout)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def _sweep(self) -> None:
         """A job whose result could not be written (the database went away mid-job) stays 'running';
@@ -172,7 +252,7 @@ class WorkerPool:
                 log.exception("worker loop error")
                 did = False
             if not did:
-                self.wake.wait(0.5)
+                self.wake.wait(IDLE_POLL_S)
                 self.wake.clear()
 
     def run_one(self, name: str = "inline") -> bool:
@@ -298,7 +378,7 @@ def start_worker_pool(app):
         runner.notify()  # jobs left from before (or queued while Redis was away)
     else:
         runner = WorkerPool(ext["sessions"], ext["files"], st.analysis_workers, st.job_max_attempts,
-                            st.job_lease_seconds)
+                            st.job_lease_seconds, wake_dir=st.wake_dir)
         runner.start()
     ext["workers"] = runner
     return runner

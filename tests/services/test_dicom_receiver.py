@@ -6,6 +6,8 @@ association."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import logging
 
 import numpy as np
 import pytest
@@ -124,9 +126,31 @@ def test_a_study_becomes_one_case_with_one_queued_analysis_per_slice(instance):
         jobs = s.scalars(select(Analysis.job_status).join(CaseImage).where(CaseImage.case_id == case.id)).all()
         assert jobs == ["queued"] * 6
         assert {i.dicom_study_uid for i in case.images} == {study} and all(i.modality == "MR" for i in case.images)
-    rx.stop()
+    rx.stop()  # (waits for the thumbnails still queued)
     first = audits(sessions)[0]
     assert first.details["stored"] == 5 and first.details["cases"] == [case.id] and first.patient_id == case.patient_id
+    # filed from the header, not analysed yet: the receiver made every thumbnail after answering
+    with sessions() as s:
+        shas = s.scalars(select(CaseImage.sha256)).all()
+    assert len(shas) == 6 and all(rx.files.exists(sha, "thumb") for sha in shas)
+
+
+def test_a_thumbnail_that_cannot_be_made_is_left_to_the_analysis(tmp_path, caplog):
+    """Full queue: dropped, not waited for; an unreadable image: logged, the thread goes on."""
+    from oncoscope.services.dicom_receiver import Thumbnails
+
+    caplog.set_level(logging.INFO, logger="oncoscope.services.dicom_receiver")
+    files = FileStore(tmp_path / "images")
+    thumbs = Thumbnails(files, size=1)
+    good, bad = to_bytes(slice_(generate_uid())), b"DICM but not really"
+    thumbs.add(bad)
+    thumbs.add(good)  # (the queue holds one: dropped, the C-STORE is not held up)
+    assert not files.exists(hashlib.sha256(good).hexdigest(), "thumb")
+    thumbs.start()
+    thumbs.add(good)
+    thumbs.stop()
+    assert files.exists(hashlib.sha256(good).hexdigest(), "thumb")
+    assert "no thumbnail for received image" in caplog.text
 
 
 def test_bad_input_is_refused_with_its_status_and_audited(instance, tmp_path, monkeypatch):

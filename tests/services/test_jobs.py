@@ -5,6 +5,10 @@ delivered twice runs nothing twice. The Redis / several-worker paths are in test
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -103,3 +107,66 @@ def test_a_dead_workers_job_is_queued_again_after_its_lease(world):
     assert _analysis(sessions, ids["analysis"]).job_status == "retried"
     assert jobs.WorkerPool(sessions, files, 1, 3).run_one() is True
     assert _analysis(sessions, ids["analysis"]).job_status == "done"
+
+
+def _queue_another(sessions, files) -> int:
+    """A second case with a queued analysis, committed without telling any pool (as another process does)."""
+    with sessions() as s:
+        u, p = s.query(User).one(), s.query(Patient).one()
+        c = case_store.create_case(s, u, p, "smear-all")
+        out = case_store.add_images(s, files, c, u, [("g.png", png_bytes(4))], 10 * 2**20)
+        s.commit()
+        return out.added[0].analysis.id
+
+
+def _wait_done(sessions, aid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if _analysis(sessions, aid).job_status == "done":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_idle_pool_starts_a_job_another_process_queued_when_told(world, monkeypatch):
+    sessions, files, ids = world
+    monkeypatch.setattr(jobs, "IDLE_POLL_S", 60.0)  # without the wake-up it would wait a minute
+    wake_dir = Path(tempfile.mkdtemp(prefix="wk"))  # (short: a socket's path has at most 107 bytes)
+    pool = jobs.WorkerPool(sessions, files, 1, 3, wake_dir=wake_dir)
+    pool.start()
+    try:
+        assert _wait_done(sessions, ids["analysis"], 30)  # the job queued before it started
+        time.sleep(0.2)  # idle now, waiting
+        aid = _queue_another(sessions, files)
+        assert jobs.wake_pools(wake_dir) == 1
+        assert _wait_done(sessions, aid, 20)
+    finally:
+        pool.shutdown()
+    assert not list(wake_dir.glob("pool-*.sock")) and not any(t.is_alive() for t in pool.threads)
+    assert jobs.wake_pools(wake_dir) == 0
+
+
+def test_a_dead_pools_socket_is_removed_and_a_too_long_path_only_polls(world, tmp_path, caplog):
+    sessions, files, _ids = world
+    wake_dir = Path(tempfile.mkdtemp(prefix="wk"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dead:
+        dead.bind(str(wake_dir / "pool-1-dead.sock"))
+    assert jobs.wake_pools(wake_dir) == 0 and not (wake_dir / "pool-1-dead.sock").exists()
+
+    deep = tmp_path / ("x" * 120)
+    pool = jobs.WorkerPool(sessions, files, 1, 3, wake_dir=deep)
+    pool._listen_for_wakes(deep)
+    assert pool._socket is None and "too long a path for a socket" in caplog.text
+
+
+def test_the_receiver_alone_tells_the_pools_or_redis(tmp_path):
+    from oncoscope.config import Settings
+
+    st = Settings.from_env(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'n.db'}")
+    st.wake_dir.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as pool_socket:
+        pool_socket.bind(str(Path(tempfile.mkdtemp(prefix="wk")) / "s"))  # (the home's path may be too long)
+        (st.wake_dir / "pool-2-x.sock").symlink_to(pool_socket.getsockname())
+        pool_socket.settimeout(5)
+        jobs.job_notifier(st, None)()
+        assert pool_socket.recv(8) == b"!"

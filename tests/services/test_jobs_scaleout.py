@@ -249,3 +249,13 @@ def test_postgresql_stopped_during_uploads(tmp_path):
     rep = faultbench.pg_outage_scenario(uploaders=2, before_s=3, outage_s=4, after_s=6)
     assert all(rep["targets_met"].values()), json.dumps(rep, indent=1, default=str)[:4000]
     assert rep["during_outage"] > 0 and rep["uploads_accepted"] > 0
+
+
+def test_the_receiver_on_its_own_hands_its_jobs_to_redis(redis_url, sqlite_instance):
+    """`oncoscope dicom listen` without workers, scaled out: what it queues goes to Redis at once."""
+    st, sessions = sqlite_instance
+    st.queue_url = redis_url
+    ids = faultbench.queue_analyses(st, 2)
+    jobs.job_notifier(st, sessions)()
+    assert jobs.QueueDispatcher(sessions, st).queued() == 2
+    assert all(a.enqueued_at is not None for a in _rows(sessions, ids).values())
