@@ -155,7 +155,10 @@ def received(data: list[bytes], workers: int, timeout: float, separate: bool = F
     import subprocess
     import sys
 
-    pin = (lambda: os.sched_setaffinity(0, receiver_cpus)) if receiver_cpus else None
+    def pinned(proc):  # (just started: one thread, which the threads it starts inherit this from)
+        if receiver_cpus:
+            os.sched_setaffinity(proc.pid, receiver_cpus)
+        return proc
 
     with tempfile.TemporaryDirectory() as tmp:
         st, sessions, files = _instance(Path(tmp), workers)
@@ -172,9 +175,9 @@ def received(data: list[bytes], workers: int, timeout: float, separate: bool = F
                 port = probe.getsockname()[1]
             env = dict(os.environ, ONCOSCOPE_HOME=str(st.home), DATABASE_URL=st.database_url,
                        ONCOSCOPE_DICOM_ALLOWED_AETS="BENCHSCU")
-            listener = subprocess.Popen([sys.executable, "-m", "oncoscope.cli", "dicom", "listen", "--host",
-                                         "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, preexec_fn=pin)
+            listener = pinned(subprocess.Popen([sys.executable, "-m", "oncoscope.cli", "dicom", "listen", "--host",
+                                                "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
             _wait_port(port, timeout)
         else:
             rx = Receiver(st, sessions, files, host="127.0.0.1", port=0, on_filed=pool.notify,
@@ -182,10 +185,13 @@ def received(data: list[bytes], workers: int, timeout: float, separate: bool = F
             rx.start()
             port = rx.port
         try:
-            out = subprocess.run([sys.executable, "-c", "import sys; from oncoscope.bench.dicom import send_folder; "
-                                  "send_folder(sys.argv[1], int(sys.argv[2]))", str(folder), str(port)],
-                                 capture_output=True, text=True, timeout=timeout, check=True,
-                                 preexec_fn=pin).stdout.split()
+            sender = pinned(subprocess.Popen([sys.executable, "-c", "import sys; from oncoscope.bench.dicom import "
+                                              "send_folder; send_folder(sys.argv[1], int(sys.argv[2]))", str(folder),
+                                              str(port)], stdout=subprocess.PIPE, text=True))
+            printed, _ = sender.communicate(timeout=timeout)
+            if sender.returncode != 0:
+                raise RuntimeError(f"the sending modality failed (exit {sender.returncode})")
+            out = printed.split()
             start, ok, sent = float(out[0]), int(out[1]), float(out[2])
             _wait(sessions, len(data), timeout)
             total = time.time() - start

@@ -16,7 +16,6 @@ name or birth date contradict the stored patient; 0xC003 the study is filed unde
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import secrets
@@ -63,35 +62,46 @@ class Thumbnails:
     """Thumbnails of filed images, made by one background thread after the C-STORE was answered: a
     received image is filed from its header (store/receiving), and its thumbnail would otherwise be made
     by its analysis (the analyses' time) or by the first page that shows it. Best effort: when the queue
-    is full, or this process ends first, the analysis or the page makes it (the same bytes)."""
+    is full, or the process stops first, the analysis or the page makes it (the same bytes). The queue
+    holds content hashes; the thread reads the stored file back."""
 
-    def __init__(self, files, size: int = 512):
+    def __init__(self, files, size: int = 1024):
         self.files = files
         self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="oncoscope-dicom-thumbnails", daemon=True)
         self._thread.start()
 
-    def add(self, data: bytes) -> None:
+    def add(self, sha: str) -> None:
         try:
-            self._queue.put_nowait(data)
+            self._queue.put_nowait(sha)
         except queue.Full:
             pass
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+        """Ends the thread after the thumbnail it is making; the rest are left to the analyses."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)  # (wakes a thread waiting on an empty queue)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        self._thread = None
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            sha = hashlib.sha256(data).hexdigest()
+        while not self._stop.is_set():
+            sha = self._queue.get()
+            if sha is None:
+                continue
             try:
                 if not self.files.exists(sha, "thumb"):
-                    self.files.put_thumbnail(sha, load_image(data).rgb)
+                    self.files.put_thumbnail(sha, load_image(self.files.path(sha)).rgb)
             except ImageLoadError as exc:  # its analysis reports it
                 log.info("no thumbnail for received image %s: %s", sha[:12], exc)
             except Exception:  # noqa: BLE001 - the disk: the analysis or the page tries again
@@ -138,9 +148,9 @@ class Receiver:
 
     def start(self) -> None:
         ae, handlers = self._ae()
+        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         if self.thumbnails is not None:
             self.thumbnails.start()
-        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self.server.server_address[1]  # (port 0: the one the system chose)
         log.info("DICOM receiver %s listening on %s:%s; routes: %s", self.ae_title, self.host, self.port,
                  "; ".join(r.describe() for r in self.rules) or "(none: everything to the inbox)")
@@ -216,10 +226,13 @@ class Receiver:
             st.cases.add(filed.case_id)
         st.stored += filed.kind == "filed"
         if filed.kind == "filed":
-            if self.on_filed is not None:
-                self.on_filed()
-            if self.thumbnails is not None:
-                self.thumbnails.add(data)
+            try:  # the image is filed: nothing after this may answer the sender that it failed
+                if self.on_filed is not None:
+                    self.on_filed()
+                if self.thumbnails is not None:
+                    self.thumbnails.add(filed.sha256)
+            except Exception:  # noqa: BLE001 - the pools poll, the analysis writes the thumbnail
+                log.exception("after filing an image from %s", st.calling)
         st.inbox += filed.kind == "inbox"
         st.duplicates += filed.kind == "duplicate"
         return 0x0000

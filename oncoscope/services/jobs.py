@@ -138,12 +138,34 @@ def wake_pools(folder: Path) -> int:
     return told
 
 
-def job_notifier(settings, sessions):
+class Coalesced:
+    """``fn`` run by a background thread after a call, once for however many calls came meanwhile:
+    the caller (a C-STORE being answered) never waits for Redis (2 s when it is away) or a socket."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._due = threading.Event()
+        threading.Thread(target=self._run, name="oncoscope-job-notifier", daemon=True).start()
+
+    def __call__(self) -> None:
+        self._due.set()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                self.fn()
+            except Exception:  # noqa: BLE001 - the jobs are safe in the database; the next call tries again
+                log.exception("could not tell the workers about new jobs")
+
+
+def job_notifier(settings, sessions) -> Coalesced:
     """What a process that queues analyses without running them (``oncoscope dicom listen`` alone) calls
     after each commit: Redis gets the jobs when the app is scaled out, else this machine's pools wake."""
     if settings.queue_url:
-        return QueueDispatcher(sessions, settings).notify
-    return lambda: wake_pools(settings.wake_dir)
+        return Coalesced(QueueDispatcher(sessions, settings).notify)
+    return Coalesced(lambda: wake_pools(settings.wake_dir))
 
 
 class WorkerPool:
@@ -189,7 +211,8 @@ class WorkerPool:
             return
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)
+            wake_pools(folder)  # (removes the sockets of pools that ended without removing theirs)
+            path.unlink(missing_ok=True)  # (a dead process's, whose pid this one now has)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind(str(path))
         except OSError as exc:

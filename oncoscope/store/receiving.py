@@ -44,6 +44,7 @@ class Filed:
     case_id: int | None = None
     image_id: int | None = None
     inbox_id: int | None = None
+    sha256: str = ""  # the stored file (filed)
 
     @property
     def refused(self) -> bool:
@@ -122,7 +123,7 @@ def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, 
     case_store.commit_upload(s, store, out)
     if out.duplicates:
         return Filed("duplicate", "Already stored.", patient.id, case.id)
-    return Filed("filed", "", patient.id, case.id, out.added[0].id)
+    return Filed("filed", "", patient.id, case.id, out.added[0].id, sha256=out.added[0].sha256)
 
 
 def file_name(modality: str, sop_uid: str) -> str:

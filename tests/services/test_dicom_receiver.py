@@ -6,8 +6,8 @@ association."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -136,21 +136,31 @@ def test_a_study_becomes_one_case_with_one_queued_analysis_per_slice(instance):
 
 
 def test_a_thumbnail_that_cannot_be_made_is_left_to_the_analysis(tmp_path, caplog):
-    """Full queue: dropped, not waited for; an unreadable image: logged, the thread goes on."""
+    """Full queue: dropped, not waited for; an unreadable image: logged, the thread goes on; stop does
+    not wait for the rest of the queue."""
     from oncoscope.services.dicom_receiver import Thumbnails
 
     caplog.set_level(logging.INFO, logger="oncoscope.services.dicom_receiver")
     files = FileStore(tmp_path / "images")
     thumbs = Thumbnails(files, size=1)
-    good, bad = to_bytes(slice_(generate_uid())), b"DICM but not really"
+    good = files.put_original(to_bytes(slice_(generate_uid())))
+    bad = files.put_original(b"DICM but not really")
     thumbs.add(bad)
     thumbs.add(good)  # (the queue holds one: dropped, the C-STORE is not held up)
-    assert not files.exists(hashlib.sha256(good).hexdigest(), "thumb")
     thumbs.start()
     thumbs.add(good)
-    thumbs.stop()
-    assert files.exists(hashlib.sha256(good).hexdigest(), "thumb")
+    deadline = time.monotonic() + 10
+    while not files.exists(good, "thumb") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert files.exists(good, "thumb")
     assert "no thumbnail for received image" in caplog.text
+    later = [files.put_original(to_bytes(slice_(generate_uid(), n=i))) for i in range(2, 6)]
+    thumbs = Thumbnails(files, size=10)
+    thumbs.start()
+    for sha in later:
+        thumbs.add(sha)
+    thumbs.stop()
+    assert thumbs._thread is None and not all(files.exists(sha, "thumb") for sha in later)
 
 
 def test_bad_input_is_refused_with_its_status_and_audited(instance, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ delivered twice runs nothing twice. The Redis / several-worker paths are in test
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import socket
 import tempfile
 import time
@@ -128,10 +129,18 @@ def _wait_done(sessions, aid: int, within: float) -> bool:
     return False
 
 
-def test_an_idle_pool_starts_a_job_another_process_queued_when_told(world, monkeypatch):
+@pytest.fixture()
+def short_dir():
+    """A folder with a short path: a Unix socket's path has at most 107 bytes, pytest's may be longer."""
+    folder = Path(tempfile.mkdtemp(prefix="wk", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_idle_pool_starts_a_job_another_process_queued_when_told(world, monkeypatch, short_dir):
     sessions, files, ids = world
     monkeypatch.setattr(jobs, "IDLE_POLL_S", 60.0)  # without the wake-up it would wait a minute
-    wake_dir = Path(tempfile.mkdtemp(prefix="wk"))  # (short: a socket's path has at most 107 bytes)
+    wake_dir = short_dir
     pool = jobs.WorkerPool(sessions, files, 1, 3, wake_dir=wake_dir)
     pool.start()
     try:
@@ -146,9 +155,9 @@ def test_an_idle_pool_starts_a_job_another_process_queued_when_told(world, monke
     assert jobs.wake_pools(wake_dir) == 0
 
 
-def test_a_dead_pools_socket_is_removed_and_a_too_long_path_only_polls(world, tmp_path, caplog):
+def test_a_dead_pools_socket_is_removed_and_a_too_long_path_only_polls(world, tmp_path, caplog, short_dir):
     sessions, files, _ids = world
-    wake_dir = Path(tempfile.mkdtemp(prefix="wk"))
+    wake_dir = short_dir
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dead:
         dead.bind(str(wake_dir / "pool-1-dead.sock"))
     assert jobs.wake_pools(wake_dir) == 0 and not (wake_dir / "pool-1-dead.sock").exists()
@@ -159,14 +168,25 @@ def test_a_dead_pools_socket_is_removed_and_a_too_long_path_only_polls(world, tm
     assert pool._socket is None and "too long a path for a socket" in caplog.text
 
 
-def test_the_receiver_alone_tells_the_pools_or_redis(tmp_path):
+def test_the_receiver_alone_wakes_the_pools_without_waiting(short_dir):
+    """(Redis, when scaled out: tests/services/test_jobs_scaleout.py)"""
     from oncoscope.config import Settings
 
-    st = Settings.from_env(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'n.db'}")
+    st = Settings.from_env(home=short_dir, database_url=f"sqlite:///{short_dir / 'n.db'}")
     st.wake_dir.mkdir()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as pool_socket:
-        pool_socket.bind(str(Path(tempfile.mkdtemp(prefix="wk")) / "s"))  # (the home's path may be too long)
-        (st.wake_dir / "pool-2-x.sock").symlink_to(pool_socket.getsockname())
+        pool_socket.bind(str(st.wake_dir / "pool-2-x.sock"))
         pool_socket.settimeout(5)
-        jobs.job_notifier(st, None)()
+        notify = jobs.job_notifier(st, None)
+        for _ in range(50):  # fifty images filed in a burst: the pool is told, at most a few times
+            notify()
         assert pool_socket.recv(8) == b"!"
+        pool_socket.settimeout(0.3)
+        extra = 0
+        try:
+            while True:
+                pool_socket.recv(8)
+                extra += 1
+        except TimeoutError:
+            pass
+        assert extra < 10

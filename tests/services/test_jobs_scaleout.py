@@ -256,6 +256,21 @@ def test_the_receiver_on_its_own_hands_its_jobs_to_redis(redis_url, sqlite_insta
     st, sessions = sqlite_instance
     st.queue_url = redis_url
     ids = faultbench.queue_analyses(st, 2)
-    jobs.job_notifier(st, sessions)()
+    notify = jobs.job_notifier(st, sessions)
+    notify()  # (returns at once; a thread hands the jobs over)
+    deadline = time.monotonic() + 10
+    while jobs.QueueDispatcher(sessions, st).queued() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert jobs.QueueDispatcher(sessions, st).queued() == 2
     assert all(a.enqueued_at is not None for a in _rows(sessions, ids).values())
+
+
+def test_the_receiver_does_not_wait_for_redis_when_it_is_away(sqlite_instance):
+    st, sessions = sqlite_instance
+    st.queue_url = "redis://127.0.0.1:1/0"  # nothing listens there
+    faultbench.queue_analyses(st, 1)
+    notify = jobs.job_notifier(st, sessions)
+    t0 = time.monotonic()
+    for _ in range(20):  # twenty C-STOREs answered
+        notify()
+    assert time.monotonic() - t0 < 0.5
