@@ -679,6 +679,9 @@ def sign_problems(case: Case, final_diagnosis: str, valid_labels: list[str], ove
         ("final_diagnosis", "Choose a diagnosis from the list.", final_diagnosis not in valid_labels),
         ("override_reason", "Give the reason for overriding the AI result." if agg.label is not None else
          "The AI gave no diagnosis: give the reason for yours.", not agrees and not (override_reason or "").strip()),
+        # (a report would read "agrees with the AI result; reason for overriding it: ...")
+        ("override_reason", "Your diagnosis agrees with the AI result, so there is nothing to override: clear "
+         "this box, or put the text under Comment.", agrees and bool((override_reason or "").strip())),
         ("uncertainty_note", "The AI result is not confident (uncertain, out of domain or failed): add an explicit "
          "note to sign anyway.", agg.status != "ok" and not (uncertainty_note or "").strip()),
         ("amendment_reason", "This case is already signed: give the reason for the amendment.",

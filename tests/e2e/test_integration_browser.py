@@ -146,14 +146,20 @@ def test_pacs_to_oncoscope_and_back(site, browser):
     ai = doc.locator("#sign select[name=final_diagnosis]").input_value()
     options = doc.locator("#sign select[name=final_diagnosis] option").evaluate_all("els => els.map(e => e.value)")
     doc.select_option("#sign select[name=final_diagnosis]", ai or [o for o in options if o][0])
-    for name in ("override_reason", "uncertainty_note"):
+    # as a doctor does: sign, and give the reason for overriding only if the form says it is needed
+    for name in ("uncertainty_note", "override_reason"):
         box = doc.locator(f"#sign textarea[name={name}]")
-        if box.count() and box.is_visible():
+        if name == "uncertainty_note" and box.count() and box.is_visible():
             box.fill("Read on the full series at the workstation.")
-    confirm = doc.locator("#sign input[name=confirm]")
-    if confirm.count():
-        confirm.check()
-    doc.click("#sign button:text-is('Sign')")
+        elif name == "override_reason":
+            if not doc.locator("text=Give the reason for overriding the AI result").count():
+                break
+            box.fill("Read on the full series at the workstation.")
+        confirm = doc.locator("#sign input[name=confirm]")
+        if confirm.count():
+            confirm.check()
+        doc.click("#sign button:text-is('Sign')")
+        doc.wait_for_load_state()
     doc.wait_for_selector("text=Case signed")
     for _ in range(60):  # the delivery pump runs every few seconds
         doc.goto(case_url)

@@ -147,7 +147,7 @@ def test_the_ordered_study_fills_the_case_and_the_result_answers_the_order(lis, 
         case.status = "ready"
         s.flush()
         labels = case_store.diagnosis_labels(registry.get("brain-mri"))
-        case_store.sign(s, case, s.scalar(select(User)), labels[0], labels, override_reason="x", uncertainty_note="x",
+        case_store.sign(s, case, s.scalar(select(User)), "glioma", labels, uncertainty_note="x",
                         confirm_unverified=True)
         s.commit()
     his = socketserver.TCPServer(("127.0.0.1", 0), _HisAck)

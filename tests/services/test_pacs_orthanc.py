@@ -116,7 +116,7 @@ def test_a_final_report_is_stored_to_the_pacs_and_read_back(instance, orthanc): 
         case.status = "ready"
         s.flush()
         labels = case_store.diagnosis_labels(registry.get("brain-mri"))
-        case_store.sign(s, case, s.scalar(select(User)), labels[0], labels, override_reason="x",
+        case_store.sign(s, case, s.scalar(select(User)), "glioma", labels,
                         uncertainty_note="x", confirm_unverified=True)
         s.commit()
     st = rx.settings

@@ -619,6 +619,13 @@ def test_sign_override_agree_amend_and_report(app, client_for, pool, gate_off):
     assert sign(c, cid, final_diagnosis="Made-up").status_code == 400
     assert one(app, select(func.count(Review.id)).where(Review.case_id == cid)) == 0
 
+    # agreeing with the AI and giving a reason for overriding it would read as a contradiction in the report
+    r = sign(c, cid, final_diagnosis=ai_label, override_reason="stain too pale")
+    assert r.status_code == 400 and field_errors(r.data, "override_reason") == [
+        "Your diagnosis agrees with the AI result, so there is nothing to override: clear this box, or put the "
+        "text under Comment."]
+    assert "stain too pale" in r.data.decode()  # kept in the form: nothing typed is lost
+
     # agreeing with a confident result signs without further notes
     r = sign(c, cid, final_diagnosis=ai_label, comment="<b>typical</b> morphology")
     assert r.status_code == 302

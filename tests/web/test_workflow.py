@@ -111,7 +111,7 @@ def test_technologist_doctor_second_reader_consult_final_corrected(app, client_f
 
     # an amendment corrects it; the exports say so
     seq = _seq(app)
-    r = sign(doc_a, cid, final_diagnosis="Pro", override_reason="more promyelocytes", uncertainty_note="x",
+    r = sign(doc_a, cid, final_diagnosis="Pro", uncertainty_note="x",  # (as the AI said: no override reason)
              amendment_reason="re-read after the consult")
     assert r.status_code == 302
     assert _actions(app, seq) == ["case.sign"]

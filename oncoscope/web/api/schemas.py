@@ -89,7 +89,9 @@ SCHEMAS: dict[str, dict] = {
                       "priority": {"type": "string", "enum": list(PRIORITIES)}}, ["analyzer_id"],
                      additionalProperties=False),
     "SignInput": obj({"final_diagnosis": {"type": "string", "maxLength": 64},
-                      "override_reason": {"type": "string", "maxLength": 5000},
+                      "override_reason": {"type": "string", "maxLength": 5000,
+                                          "description": "Required when the diagnosis differs from the AI result "
+                                                         "(or the AI gave none); refused (422) when it agrees."},
                       "uncertainty_note": {"type": "string", "maxLength": 5000},
                       "comment": {"type": "string", "maxLength": 10000},
                       "amendment_reason": {"type": "string", "maxLength": 5000},
