@@ -78,6 +78,11 @@ def diagnosis_choices(c) -> list[tuple[str, str]]:
     return case_store.diagnosis_options(an) if an is not None else []
 
 
+def diagnosis_codes(c) -> list[str]:
+    """The codes of :func:`diagnosis_choices`, which a reading is checked against."""
+    return [k for k, _ in diagnosis_choices(c)]
+
+
 def seen_revision(form) -> int | None:
     """The case revision the form was filled in on (its hidden field), or None."""
     return int(form.revision.data) if (form.revision.data or "").isdigit() else None

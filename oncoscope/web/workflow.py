@@ -16,7 +16,8 @@ from ..store import workflow
 from ..store import worklists
 from ..vocab import SECOND_READER_POLICIES
 from . import audit
-from .case_page import CHOOSE, case_or_404 as _case_or_404, case_page, consult_form, diagnosis_choices, seen_revision
+from .case_page import (CHOOSE, case_or_404 as _case_or_404, case_page, consult_form, diagnosis_choices,
+                        diagnosis_codes, seen_revision)
 from .cells import thumbnails
 from .forms import (AnswerForm, CancelForm, ConsultForm, EmptyForm, PreliminaryForm, SecondReadForm,
                     WorkflowSettingsForm)
@@ -61,7 +62,7 @@ def preliminary(case_id: int):
     form = _diagnosis_form(PreliminaryForm, c)
     if form.validate_on_submit():
         ok, _ = _saved(form, "diagnosis", lambda: workflow.write_preliminary(
-            db(), c, me(), form.diagnosis.data, [k for k, _ in diagnosis_choices(c)], form.comment.data or "",
+            db(), c, me(), form.diagnosis.data, diagnosis_codes(c), form.comment.data or "",
             revision=seen_revision(form)))
         if ok:
             flash("Preliminary result saved; the case is in the doctors' worklist to verify.", "ok")
@@ -76,7 +77,7 @@ def second_read(case_id: int):
     form = _diagnosis_form(SecondReadForm, c)
     if form.validate_on_submit():
         ok, review = _saved(form, "diagnosis", lambda: workflow.second_read(
-            db(), c, me(), form.diagnosis.data, [k for k, _ in diagnosis_choices(c)], form.comment.data or "",
+            db(), c, me(), form.diagnosis.data, diagnosis_codes(c), form.comment.data or "",
             revision=seen_revision(form)))
         if ok:
             audit.subject(agrees=review is not None)
