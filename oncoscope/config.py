@@ -50,6 +50,9 @@ image store and secret key, as the explicit first step of whatever runs the inst
   id is always understood), ``ONCOSCOPE_LIS_ALLOWED_HOSTS`` (comma-separated addresses that may send
   orders; unset or empty refuses every connection); results go back to ``ONCOSCOPE_HL7_HOST`` / ``ONCOSCOPE_HL7_PORT``. ``ONCOSCOPE_DELIVERY_MAX_ATTEMPTS`` (8): a
   result that could not be delivered is retried with growing pauses, then marked failed.
+  ``ONCOSCOPE_INTEGRATION_READERS``: comma-separated e-mail addresses of the accounts given access to
+  every patient that the DICOM receiver or a LIS order creates (unset: only administrators see such
+  patients until they assign staff on the patient page).
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ class Settings:
     dicom_ae_title: str = "ONCOSCOPE"
     dicom_port: int = 11112
     dicom_allowed_aets: tuple[str, ...] = ()
+    integration_readers: tuple[str, ...] = ()
     dicom_routes: str = ""
     dicomweb_url: str = ""
     dicomweb_user: str = ""
@@ -232,6 +236,8 @@ class Settings:
             dicom_allowed_aets=tuple(a.strip() for a in os.environ.get("ONCOSCOPE_DICOM_ALLOWED_AETS", "").split(",")
                                      if a.strip()),
             dicom_routes=os.environ.get("ONCOSCOPE_DICOM_ROUTES", ""),
+            integration_readers=tuple(a.strip().lower() for a in os.environ.get("ONCOSCOPE_INTEGRATION_READERS", "")
+                                      .split(",") if a.strip()),
             dicomweb_url=os.environ.get("ONCOSCOPE_DICOMWEB_URL", "").rstrip("/"),
             dicomweb_user=os.environ.get("ONCOSCOPE_DICOMWEB_USER", ""),
             dicomweb_password=os.environ.get("ONCOSCOPE_DICOMWEB_PASSWORD", ""),

@@ -12,6 +12,7 @@ from ..config import Settings
 from ..services.dicom_receiver import Receiver
 from ..services.jobs import WorkerPool, job_notifier
 from ..services.lis import LisListener
+from ..store import patients as patient_store
 from ..store.db import make_engine, make_session_factory
 from ..store.files import FileStore
 from .server import ready_schema
@@ -21,7 +22,22 @@ def _instance():
     st = Settings.from_env().prepare()
     ready_schema(st.database_url, create=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return st, make_session_factory(make_engine(st.database_url)), FileStore(st.images_dir)
+    sessions = make_session_factory(make_engine(st.database_url))
+    _say_who_reads(st, sessions)
+    return st, sessions, FileStore(st.images_dir)
+
+
+def _say_who_reads(st, sessions) -> None:
+    """Warn when the patients this listener creates would reach nobody but the administrators."""
+    if not st.integration_readers:
+        click.echo("WARNING: ONCOSCOPE_INTEGRATION_READERS is empty: patients created from what arrives are seen "
+                   "only by administrators until they assign staff on the patient page", err=True)
+        return
+    with sessions() as s:
+        missing = patient_store.unmatched_readers(s, st.integration_readers)
+    if missing:
+        click.echo(f"WARNING: ONCOSCOPE_INTEGRATION_READERS names no active staff account for: {', '.join(missing)}",
+                   err=True)
 
 
 @click.group()

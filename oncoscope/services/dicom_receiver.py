@@ -214,7 +214,8 @@ class Receiver:
         try:
             data = event.encoded_dataset()
             filed = receiving.receive(self.sessions, self.files, data, f"AE {st.calling}", self.rules,
-                                      self.settings.max_upload_mb * 1024 * 1024)
+                                      self.settings.max_upload_mb * 1024 * 1024,
+                                      readers=self.settings.integration_readers)
         except Exception:  # noqa: BLE001 - database or disk: the sender keeps the image and retries
             log.exception("C-STORE from %s could not be filed", st.calling)
             return self._refuse(st, OUT_OF_RESOURCES, "the database or the image store failed")

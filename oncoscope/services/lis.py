@@ -150,7 +150,8 @@ class OrderDesk:
             return ack(None, "AR", str(exc), ERR_UNSUPPORTED_TYPE)
         try:
             o = order_of(m)
-            case_id, patient_id, status, created = orders.apply(self.sessions, o, self.tests_table)
+            case_id, patient_id, status, created = orders.apply(self.sessions, o, self.tests_table,
+                                                                self.settings.integration_readers)
         except (orders.OrderError, PatientError) as exc:
             code = "AR" if getattr(exc, "reject", False) else "AE"
             self._audit(peer, m, "rejected", str(exc), None)

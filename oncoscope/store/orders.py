@@ -70,7 +70,7 @@ def _existing(s: Session, o: Order) -> Case | None:
                                        Case.placer_app == storable(o.placer_app)[:64]))
 
 
-def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
+def place(s: Session, o: Order, tests_table: str = "", readers: tuple[str, ...] = ()) -> tuple[Case, bool]:
     """A new order's pending case, and whether it was created now (False: the order was known)."""
     if not o.placer:
         raise OrderError("The order has no placer order number (ORC-2 or OBR-2).", reject=True, missing=True)
@@ -82,7 +82,7 @@ def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
     analyzer_id = analyzer_for(o.test_code, o.test_text, tests_table)
     try:
         patient = patient_store.match_or_create(s, o.mrn, o.family, o.given, o.birth_date, o.sex,
-                                                f"Created by a LIS order from {o.sender}.")
+                                                f"Created by a LIS order from {o.sender}.", readers)
     except patient_store.PatientError as exc:
         raise OrderError(str(exc)) from None
     note = f"Ordered by {o.sender or 'the LIS'}" + (f", {o.orderer}" if o.orderer else "") + "." + \
@@ -97,15 +97,17 @@ def place(s: Session, o: Order, tests_table: str = "") -> tuple[Case, bool]:
     return case, True
 
 
-def apply(sessions: sessionmaker, o: Order, tests_table: str = "") -> tuple[int, int, str, bool]:
-    """Place (NW) or cancel (CA) an order and commit: (case id, patient id, case status, created now).
+def apply(sessions: sessionmaker, o: Order, tests_table: str = "",
+          readers: tuple[str, ...] = ()) -> tuple[int, int, str, bool]:
+    """Place (NW) or cancel (CA) an order and commit: (case id, patient id, case status, created now);
+    ``readers``: who is given a patient the order creates.
     A race with the same order or the same new patient arriving at once (a unique key) is retried once,
     which then finds the other's rows."""
     def work(s: Session) -> tuple[int, int, str, bool]:
         if o.control == "CA":
             case, created = cancel(s, o), False
         elif o.control == "NW":
-            case, created = place(s, o, tests_table)
+            case, created = place(s, o, tests_table, readers)
         else:  # XO (change), SC (status): not applied; said so rather than acknowledged and dropped
             raise OrderError(f"Order control {o.control} is not handled here (NW and CA are); cancel the "
                              "order and place it again.")

@@ -203,11 +203,26 @@ class PatientConflict(PatientError):
     """A message names a known MRN with another name or birth date: filed nowhere, for a person to settle."""
 
 
+def reader_ids(s: Session, emails: tuple[str, ...]) -> list[int]:
+    """The active staff accounts of these e-mail addresses (administrators see every patient anyway)."""
+    if not emails:
+        return []
+    return list(s.scalars(select(User.id).where(func.lower(User.email).in_(emails), User.is_active.is_(True),
+                                                User.role != "admin").order_by(User.id)))
+
+
+def unmatched_readers(s: Session, emails: tuple[str, ...]) -> list[str]:
+    """Those of ``emails`` that name no active staff account (a typo, a leaver, an administrator)."""
+    found = {e.lower() for e in s.scalars(select(User.email).where(User.id.in_(reader_ids(s, emails))))}
+    return [e for e in emails if e not in found]
+
+
 def match_or_create(s: Session, mrn: str, family: str, given: str = "", birth_date: str | None = None,
-                    sex: str = "unknown", note: str = "") -> Patient:
+                    sex: str = "unknown", note: str = "", readers: tuple[str, ...] = ()) -> Patient:
     """The patient a hospital system's message names by MRN (DICOM Patient ID, HL7 PID-3): found, or
-    created (by nobody: only administrators see them until staff are assigned). Raises PatientError when
-    the MRN cannot be one, PatientConflict when the stored patient's family name or birth date differ."""
+    created by nobody and given to ``readers`` (``ONCOSCOPE_INTEGRATION_READERS``; none: only
+    administrators see it until staff are assigned). Raises PatientError when the MRN cannot be one,
+    PatientConflict when the stored patient's family name or birth date differ."""
     mrn = (mrn or "").strip()
     if not mrn:
         raise PatientError("No patient ID: the record cannot be filed to a patient.", "mrn")
@@ -216,8 +231,11 @@ def match_or_create(s: Session, mrn: str, family: str, given: str = "", birth_da
     family, given = (family or "").strip(), (given or "").strip()
     p = s.scalar(select(Patient).where(Patient.mrn == mrn))
     if p is None:
-        return create(s, None, {"mrn": mrn, "family_name": family or "(no name given)", "given_name": given[:100],
-                                "birth_date": birth_date, "sex": sex, "notes": note})
+        p = create(s, None, {"mrn": mrn, "family_name": family or "(no name given)", "given_name": given[:100],
+                             "birth_date": birth_date, "sex": sex, "notes": note})
+        for uid in reader_ids(s, readers):
+            s.add(PatientAccess(patient_id=p.id, user_id=uid))
+        return p
     clash = []
     if family and p.family_name and family.casefold() != p.family_name.casefold():
         clash.append(f"family name {family!r} (stored: {p.family_name!r})")

@@ -59,9 +59,10 @@ class Refused(Exception):
 
 def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, rules: list[routing.Rule],
             max_bytes: int, user: User | None = None, expected_mrn: str | None = None,
-            note: str | None = None) -> Filed:
+            note: str | None = None, readers: tuple[str, ...] = ()) -> Filed:
     """File one DICOM instance (Part 10 bytes) and commit. ``user``: the person who fetched it (None:
-    sent to us); ``expected_mrn``: refuse an instance of another patient (a retrieval for a patient).
+    sent to us); ``expected_mrn``: refuse an instance of another patient (a retrieval for a patient);
+    ``readers``: who is given a patient this creates (``Settings.integration_readers``).
     A race with another association filing the same new patient or study (a unique key) is retried
     once, then finds the other's rows."""
     if len(data) > max_bytes:
@@ -79,7 +80,7 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
     def work(s: Session) -> Filed:
         try:
             return _file(s, store, data, meta, header, source, rules, max_bytes, s.merge(user) if user else None,
-                         note or f"Received over DICOM from {source}.")
+                         note or f"Received over DICOM from {source}.", readers)
         except Refused as exc:
             s.rollback()
             return Filed(exc.kind, exc.message)
@@ -90,8 +91,8 @@ def receive(sessions: sessionmaker, store: FileStore, data: bytes, source: str, 
 
 
 def _file(s: Session, store: FileStore, data: bytes, meta, header, source: str, rules, max_bytes: int,
-          user: User | None, note: str) -> Filed:
-    patient = patient_for(s, meta, source)
+          user: User | None, note: str, readers: tuple[str, ...]) -> Filed:
+    patient = patient_for(s, meta, source, readers)
     if not meta.study_uid:
         raise Refused(NO_STUDY, "The instance has no valid Study Instance UID.")
     case = s.scalar(select(Case).where(Case.dicom_study_uid == meta.study_uid))
@@ -132,13 +133,13 @@ def file_name(modality: str, sop_uid: str) -> str:
     return f"{modality or 'DICOM'} …{sop_uid[-10:]}.dcm"
 
 
-def patient_for(s: Session, meta, source: str) -> Patient:
+def patient_for(s: Session, meta, source: str, readers: tuple[str, ...] = ()) -> Patient:
     """The patient the DICOM Patient ID names (store/patients.match_or_create): found, or created from the
     file's patient module; refused when it cannot be an MRN, or contradicts the stored patient."""
     family, _, given = (meta.patient_name or "").partition(", ")
     try:
         return patient_store.match_or_create(s, meta.patient_id, family, given, meta.birth_date, meta.sex_word,
-                                             f"Created by the DICOM receiver from {source}.")
+                                             f"Created by the DICOM receiver from {source}.", readers)
     except patient_store.PatientConflict as exc:
         raise Refused(PATIENT_CONFLICT, str(exc)) from None
     except patient_store.PatientError as exc:

@@ -60,3 +60,11 @@ def test_with_its_own_workers_the_receiver_wakes_them_and_leaves_thumbnails_to_t
     assert r.exit_code == 0, r.output
     assert wired["thumbnails"] is False and wired["on_filed"].__name__ == "notify" and wired["pool_stopped"]
     assert wired["pool_wake_dir"] == tmp_path / "inst" / "run"
+
+
+def test_the_listener_warns_when_its_patients_would_reach_only_administrators(wired, monkeypatch):
+    r = CliRunner().invoke(main, ["dicom", "listen", "--port", "0"])
+    assert "ONCOSCOPE_INTEGRATION_READERS is empty" in r.output
+    monkeypatch.setenv("ONCOSCOPE_INTEGRATION_READERS", "Typo@clinic.test")
+    r = CliRunner().invoke(main, ["dicom", "listen", "--port", "0"])
+    assert "names no active staff account for: typo@clinic.test" in r.output and r.exit_code == 0

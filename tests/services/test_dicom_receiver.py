@@ -163,6 +163,25 @@ def test_a_thumbnail_that_cannot_be_made_is_left_to_the_analysis(tmp_path, caplo
     assert thumbs._thread is None and not all(files.exists(sha, "thumb") for sha in later)
 
 
+def test_the_integration_readers_see_a_received_study_of_a_new_patient(instance):
+    from oncoscope.store import patients as patient_store
+    from oncoscope.store.models import User
+
+    rx, sessions = instance
+    with sessions() as s:
+        s.add_all([User(email="reader@clinic.test", name="Dr Reader", role="doctor", password_hash="x"),
+                   User(email="boss@clinic.test", name="Admin", role="admin", password_hash="x"),
+                   User(email="left@clinic.test", name="Dr Left", role="doctor", password_hash="x", is_active=False)])
+        s.commit()
+    rx.settings.integration_readers = ("reader@clinic.test", "boss@clinic.test", "left@clinic.test")
+    assert send(rx, [slice_(generate_uid(), patient_id="MRN-NEW-9")]) == [0]
+    with sessions() as s:
+        reader = s.scalar(select(User).where(User.email == "reader@clinic.test"))
+        (case,) = s.scalars(select(Case)).all()
+        assert [p.mrn for p in s.scalars(patient_store.visible_patients(reader))] == ["MRN-NEW-9"]
+        assert [u.email for u in case.patient.doctors] == ["reader@clinic.test"]  # (not the admin, not a leaver)
+
+
 def test_bad_input_is_refused_with_its_status_and_audited(instance, tmp_path, monkeypatch):
     rx, sessions = instance
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)  # a file goes as its meta says

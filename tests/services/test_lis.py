@@ -205,3 +205,23 @@ def test_the_mrn_is_the_identifier_of_type_mr_and_latin1_names_survive(lis):
     with sessions() as s:
         p = s.scalar(select(Case)).patient
         assert (p.mrn, p.family_name, p.given_name) == ("MRN-LIS-7", "Müller", "Jürgen")
+
+
+def test_a_patient_an_order_creates_is_given_to_the_integration_readers(lis):
+    """ONCOSCOPE_INTEGRATION_READERS: listed staff see the new patient; an unknown address is skipped."""
+    from oncoscope.store import patients as patient_store
+    from oncoscope.store.models import PatientAccess
+
+    st, sessions, server = lis
+    st.integration_readers = ("doc@clinic.test", "nobody@clinic.test")
+    assert msa(exchange(server.port, oml()))[1] == "AA"
+    known = oml(placer="ORD-2", mrn="MRN-KNOWN", name="Curie^Marie", birth="19671107")
+    assert msa(exchange(server.port, known))[1] == "AA"
+    with sessions() as s:
+        doc = s.scalar(select(User).where(User.email == "doc@clinic.test"))
+        new = s.scalar(select(Patient).where(Patient.mrn == "MRN-LIS-1"))
+        assert s.scalars(select(PatientAccess.user_id).where(PatientAccess.patient_id == new.id)).all() == [doc.id]
+        assert patient_store.get_visible(s, doc, new.id) is not None
+        known = s.scalar(select(Patient).where(Patient.mrn == "MRN-KNOWN"))  # (an existing patient keeps its staff)
+        assert patient_store.get_visible(s, doc, known.id) is None
+        assert patient_store.unmatched_readers(s, st.integration_readers) == ["nobody@clinic.test"]
