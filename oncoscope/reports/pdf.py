@@ -239,6 +239,9 @@ _STATUS = {
         "The AI output must not be relied upon.",
     ),
     "error": ("ERROR", ERR_BG, ERR_FG, "The analysis failed; no valid AI result is available."),
+    # (a draft printed while images are still being analysed: a signed report never has one)
+    "pending": ("NOT YET ANALYSED", WARN_BG, WARN_FG,
+                "The analysis of this image had not finished when this draft was printed."),
 }
 
 
@@ -728,6 +731,8 @@ def _patient_case_section(patient: dict, case: dict) -> list[Flowable]:
         ("Date of birth", patient.get("birth_date"), "Sex", patient.get("sex")),
         ("Case ID", case.get("id"), "Created", case.get("created_at")),
         ("Analyzer", case.get("analyzer_name"), "Analyzer ID", case.get("analyzer_id")),
+        *([("Accession", case.get("accession") or "—", "LIS order", case.get("placer_order") or "—")]
+          if case.get("accession") or case.get("placer_order") else []),
     ]), Spacer(1, 4)]
     out += _field("Examination", case.get("finding"))
     out += _field("Clinical note", case.get("clinical_note"))

@@ -273,7 +273,7 @@ GOLDEN = {
     'b.hl7-custom': '81e0f1e920a55141ef8b00913c25c25751534612a1111d0faf6c3990f49a712b',
     'b.sr.dcm': 'bcf8b576c6b105b70c21cd5b798576abb246339640eb5a2cf773c9572c0cdf84',
     'b.sr-study.dcm': 'b12d81f4426f7728e58ffe269a51e34767604f8a4f5fb5f3c174848eb3b24fe2',
-    'c.pdf': 'b1f30741de1a8db93943e395aee987567ad4e3401fafa30cbffa77a21d0db448',
+    'c.pdf': '0e53a0b106b1f4193a613a649b31d2436df7c66d9854666e4bf90a1088960020',  # (a queued image: "not yet analysed", 2026-12-05)
     'd.pdf': 'de548cb7c8f5816d5b9264f9628d7f1628a4efde3fa2a338651880d4b460ad9a',
     'd.fhir.json': '91e224b571257d8e85c6efe7ea8adb5d6b35d3f11df1a7502abba4dc1eb3e53a',
     'd.sr.dcm': 'ccb1f24a3d52c25aab9b07ad6426b7886861de0ec930af5f1db0249314cfbcef',

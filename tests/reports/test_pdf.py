@@ -130,6 +130,14 @@ def test_non_ok_image_shows_warning_and_messages(status):
     assert "Top-2 margin 0.04 below threshold 0.10" in text
 
 
+def test_a_draft_printed_before_the_analyses_ended_says_so():
+    data = _data(review=False)
+    data["images"][0] = _image(1, status="pending", messages=[])
+    text = _flat("\n".join(_pages_text(render_case_report(data))))
+    assert "NOT YET ANALYSED" in text and "had not finished when this draft was printed" in text
+    assert "Unrecognised" not in text
+
+
 def test_missing_images_and_fields_are_tolerated():
     data = _data()
     img = data["images"][0]

@@ -4,8 +4,11 @@ page (waiting, failed, sent again)."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from pydicom.uid import generate_uid
+from pypdf import PdfReader
 from sqlalchemy import select
 
 from oncoscope.analyzers import routing
@@ -134,3 +137,18 @@ def test_pacs_over_the_api(make_app, tok, orthanc):
     assert case["dicom_study_uid"] == study and case["deliveries"] == []
     orthanc.stop()
     assert c.get(f"/api/v1/patients/{P}/pacs/studies", headers=h).status_code == 502
+
+
+def test_a_received_study_shows_its_accession_on_the_case_page(app, client_for):
+    """How clinicians name an exam: by its accession number, not the Study Instance UID alone."""
+    study = generate_uid()
+    got = _receive(app, slice_(study, patient_id=MRN, name=NAME, AccessionNumber="ACC-2026-0042",
+                               PatientBirthDate="19800203"))
+    assert got.kind == "filed", got
+    c = client_for("doc_a")
+    page = c.get(f"/cases/{got.case_id}").data.decode()
+    assert "Accession <strong>ACC-2026-0042</strong> · DICOM study" in page and study in page
+    pdf = c.get(f"/cases/{got.case_id}/report.pdf")
+    assert pdf.status_code == 200
+    first = PdfReader(io.BytesIO(pdf.data)).pages[0].extract_text()
+    assert "Accession" in first and "ACC-2026-0042" in first
