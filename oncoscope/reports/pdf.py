@@ -629,20 +629,22 @@ def _document(buf: io.BytesIO, data: dict, furniture: _Furniture) -> BaseDocTemp
 
 
 def _story(data: dict) -> list[Flowable]:
-    """The body, top to bottom: title, patient and case, each image, the AI call, the review, the
-    model, the decision-support statement, and an appendix page about the diagnosis."""
+    """The body, top to bottom: title, patient and case, the physician's review and the AI's call for
+    the case (a reader finds the diagnosis on page 1, however many images follow), the differential,
+    each image, the model, the decision-support statement, and an appendix page about the diagnosis."""
     images = data.get("images") or []
     story = _title_block(data.get("case") or {}, data.get("review"))
     story += _patient_case_section(data.get("patient") or {}, data.get("case") or {})
-    story.append(_section("AI result per image"))
-    if not images:
-        story.append(_p("No images were analysed for this case.", "small"))
-    for i, img in enumerate(images, start=1):
-        story += _image_section(i, img or {})
+    story += _review_section(data.get("review"))
     story += _aggregate_section(data.get("aggregate") or {})
     story += _differential_section(data.get("differential"))
     story += _review_cells_section(data.get("review_cells"))
-    story += _review_section(data.get("review"))
+    if not images:
+        story += [_section("AI result per image"), _p("No images were analysed for this case.", "small")]
+    for i, img in enumerate(images, start=1):
+        block = _image_section(i, img or {})
+        # (the heading goes with the first image: keepWithNext does not hold before a KeepTogether)
+        story += [KeepTogether([_section("AI result per image"), *block])] if i == 1 else block
     story += _model_section(data.get("model") or {})
     story += _statement(data)
     story += _about_section(data.get("about"))

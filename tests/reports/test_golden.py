@@ -256,26 +256,28 @@ def _exports(g) -> dict[str, bytes]:
     return out
 
 
+# PDFs (and the FHIR bundles, which embed them) re-recorded 2026-12-05, on purpose: the review and the AI
+# call before the images, the accession, a queued image named "not yet analysed".
 GOLDEN = {
-    'a.pdf': '8eca41f5de35c6b22945365dc3e83aefdccbc8502191bd33d9da25ddff36a4ff',
-    'a.fhir.json': '1138bbfad023339196e8ce3f56306693a0ec06e6a1e3469c810fe968244471f3',
-    'a.fhir-as-built.json': '55ba4acc2b348d7d072ec5398641cecf8f02298f7f355ef0c8b141508564c8de',
-    'a.fhir-urn.json': '23e90d6ea311dc2beccd6fa03bdb1fdf10c95d91023e7b34a985c4e5b4eb5c52',
+    'a.pdf': '09963d9df6b4250feba5853a1ed8b11aacf98f7ce17bde0e92fa195e7732a5c8',
+    'a.fhir.json': '5d6b4398b72bb436c716a87aa5476474b0dc9e3471e0c3763c632ab28ab1a872',
+    'a.fhir-as-built.json': 'f75607dd2224ee255425bb9ed9d5d1cee89bb1a4ae394129c6dabb5636959a83',
+    'a.fhir-urn.json': '0abcc1424536d14996a41fecfab1863a5d632efc71c929f3b7cc6d04dab39139',
     'a.hl7': '8aa0486264fdaccfd0f6224fa763420d156e1e99fa59c10e0d12a714162f5830',
     'a.hl7-custom': '5cd296a31f961d3b31406fd24e6cea108856bdc496c917c3867235aaae6a48b4',
     'a.sr.dcm': '75c6aff3279115d3b26822eb914756d5d3944d47285d3e1eb930a504893d52c5',
     'a.sr-study.dcm': 'a26511e576112b1dbebb49d142c26b8660eaf779974e9c917c754c0595b7ad80',
-    'b.pdf': 'fa54864195915728af537c9beb8482a3ac6a0757604d51d1b28fb663679acd58',
-    'b.fhir.json': '62d6d95b43e4e80d01de340dc6cb739dd7cdd65971752e29cdd654e516b1bef2',
-    'b.fhir-as-built.json': 'f070a97b6d6b584aad3e67bbcd76e1fd5d0fbb8571dd9e640eeb06412bcbd324',
-    'b.fhir-urn.json': 'f219236fc19baa5f4992bd54c7d8603b4eb8f349e8a777dd569a865a6458757b',
+    'b.pdf': '7e7f1553f3df940c92c1bcd2a9f765bf3878e48e50b13f034ffccd9b6e9e0f9a',
+    'b.fhir.json': '0358c5afcd38c1c501ec4eb3c0da8b84dc7de53133dd580dddfef56ffa206b7e',
+    'b.fhir-as-built.json': '009fafe264b85a63520412ffb38bca70580170bb75738a0eb415192dba79df49',
+    'b.fhir-urn.json': '0770ba5f3c189d450157c75588cf47fd5fb662db3ff2b2d261e256ced36aff7f',
     'b.hl7': '8618460492686521ff9eb39fc276b623dd84cf22db6f1f4d8db1377644ddc76b',
     'b.hl7-custom': '81e0f1e920a55141ef8b00913c25c25751534612a1111d0faf6c3990f49a712b',
     'b.sr.dcm': 'bcf8b576c6b105b70c21cd5b798576abb246339640eb5a2cf773c9572c0cdf84',
     'b.sr-study.dcm': 'b12d81f4426f7728e58ffe269a51e34767604f8a4f5fb5f3c174848eb3b24fe2',
-    'c.pdf': '0e53a0b106b1f4193a613a649b31d2436df7c66d9854666e4bf90a1088960020',  # (a queued image: "not yet analysed", 2026-12-05)
-    'd.pdf': 'de548cb7c8f5816d5b9264f9628d7f1628a4efde3fa2a338651880d4b460ad9a',
-    'd.fhir.json': '91e224b571257d8e85c6efe7ea8adb5d6b35d3f11df1a7502abba4dc1eb3e53a',
+    'c.pdf': 'fc7b791db655ce554ab0b0a705bfa995cf3b95da9ebaf99043949c51fbf26ca5',
+    'd.pdf': '5575e154488908d8fa864021164d677bb1acda90b189133596d0f20b93f8a476',
+    'd.fhir.json': 'b27b09f475baf4322f2893a49891f6f177b158c77afc1ab8a57906eb6063d31f',
     'd.sr.dcm': 'ccb1f24a3d52c25aab9b07ad6426b7886861de0ec930af5f1db0249314cfbcef',
     'seg-png.dcm': '2fc79c639941b03dde8fd8a30e17b20735c1b2f626930327cf9811a4ec4d8cc7',
     'seg-rgb-half.dcm': '55cecc678d7ae9f10e5cfa9ab37c662cb40ac7fe7b39823d6b2d0da11b09339c',

@@ -150,6 +150,16 @@ def test_missing_images_and_fields_are_tolerated():
     assert "could not be decoded" in text
 
 
+def test_the_signed_diagnosis_is_on_the_first_page_however_many_images():
+    """An 80-slice MR study put the physician's review on page 41 of 43 (a new-user walk, 2026-12-05)."""
+    data = _data(n_images=12)
+    pages = [_flat(t) for t in _pages_text(render_case_report(data))]
+    assert len(pages) > 4
+    first = pages[0]
+    assert "Physician review" in first and data["review"]["final_diagnosis"] in first
+    assert "Aggregate AI call" in first and "AI result per image" not in first
+
+
 def test_many_images_paginate_with_correct_totals():
     pdf = render_case_report(_data(n_images=6))
     pages = _pages_text(pdf)
