@@ -421,7 +421,7 @@ def _review_section(review: dict | None) -> list[Flowable]:
     ])])]
     out.append(Spacer(1, 5))
     if _s(review.get("override_reason")).strip() or agrees is False:
-        label = "Reason for disagreeing with the AI" if agrees is False else "Reason for the diagnosis"
+        label = "Reason for overriding the AI result" if agrees is False else "Reason for the diagnosis"
         out += _field(label, review.get("override_reason"))
     if _s(review.get("uncertainty_note")).strip():
         out += _field("Uncertainty note", review.get("uncertainty_note"))

@@ -257,12 +257,13 @@ def _exports(g) -> dict[str, bytes]:
 
 
 # PDFs (and the FHIR bundles, which embed them) re-recorded 2026-12-05, on purpose: the review and the AI
-# call before the images, the accession, a queued image named "not yet analysed".
+# call before the images, the accession, a queued image named "not yet analysed", "reason for
+# overriding the AI result" as the form, SR and HL7 say it.
 GOLDEN = {
-    'a.pdf': '09963d9df6b4250feba5853a1ed8b11aacf98f7ce17bde0e92fa195e7732a5c8',
-    'a.fhir.json': '5d6b4398b72bb436c716a87aa5476474b0dc9e3471e0c3763c632ab28ab1a872',
-    'a.fhir-as-built.json': 'f75607dd2224ee255425bb9ed9d5d1cee89bb1a4ae394129c6dabb5636959a83',
-    'a.fhir-urn.json': '0abcc1424536d14996a41fecfab1863a5d632efc71c929f3b7cc6d04dab39139',
+    'a.pdf': '99d9228db5ec63e830e56c0fe6ad71e76c580e201361cd2f8a5cde65aae5a302',
+    'a.fhir.json': '655e1f3d53b6ff5486f5becc31cdc2d280b0b1c6bc449312d849cd5ea040cf90',
+    'a.fhir-as-built.json': 'd4a7375eaf0ba4886fa8066ed997987de075e4231b4c65effa6a0a914e32d020',
+    'a.fhir-urn.json': '17d4322cf433cd06728ffe76a03b66f54b77a0df38a1f195faa480f5bc71df8d',
     'a.hl7': '8aa0486264fdaccfd0f6224fa763420d156e1e99fa59c10e0d12a714162f5830',
     'a.hl7-custom': '5cd296a31f961d3b31406fd24e6cea108856bdc496c917c3867235aaae6a48b4',
     'a.sr.dcm': '75c6aff3279115d3b26822eb914756d5d3944d47285d3e1eb930a504893d52c5',

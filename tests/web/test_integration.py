@@ -148,6 +148,7 @@ def test_a_received_study_shows_its_accession_on_the_case_page(app, client_for):
     c = client_for("doc_a")
     page = c.get(f"/cases/{got.case_id}").data.decode()
     assert "Accession <strong>ACC-2026-0042</strong> · DICOM study" in page and study in page
+    assert "AI result so far" in page and "provisional" in page  # (its analysis is still queued)
     pdf = c.get(f"/cases/{got.case_id}/report.pdf")
     assert pdf.status_code == 200
     first = PdfReader(io.BytesIO(pdf.data)).pages[0].extract_text()
