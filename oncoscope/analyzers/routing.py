@@ -93,10 +93,14 @@ def defaults() -> list[Rule]:
 RADIOLOGY = frozenset({"CR", "CT", "DR", "DX", "MG", "MR", "NM", "PT", "RF", "RG", "US", "XA"})
 
 
-def can_read(analyzer_id: str, modality: str) -> bool:
-    """Whether an analyzer reads images of this modality at all (what a person may file a study under)."""
+def can_read(analyzer_id: str, modality: str, body_part: str = "") -> bool:
+    """Whether an analyzer reads images of this modality (and body part, when the study names one and the
+    analyzer's DICOM checks list theirs) at all: what a person may file a study under."""
     cfg = analyzer_config(analyzer_id)
-    modality = (modality or "").upper()
+    modality, body_part = (modality or "").upper(), (body_part or "").strip().upper()
+    parts = cfg.dicom_checks.body_parts
+    if body_part and parts and body_part not in parts:
+        return False  # (its analysis would refuse every image: a knee MR under a brain MR analyzer)
     if cfg.dicom_modalities:
         return modality in cfg.dicom_modalities
     return modality not in RADIOLOGY

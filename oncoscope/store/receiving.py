@@ -245,9 +245,10 @@ def file_study(s: Session, store: FileStore, user: User, study_uid: str, analyze
     or a new one; its images are analysed. Refused (CaseError) when the analyzer does not read the
     study's modality. The caller commits with ``cases.commit_upload``."""
     items = _study_items(s, user, study_uid)
-    if not routing.can_read(analyzer_id, items[0].modality):
+    if not routing.can_read(analyzer_id, items[0].modality, items[0].body_part):
+        part = f" {items[0].body_part.lower()}" if items[0].body_part else ""
         raise case_store.CaseError(f"{routing.analyzer_config(analyzer_id).name} does not read "
-                                   f"{items[0].modality or 'these'} images.")
+                                   f"{items[0].modality or 'these'}{part} images.")
     patient = s.get(Patient, items[0].patient_id) if items[0].patient_id else None
     if patient is None:
         raise case_store.CaseError("These images name no usable patient; they can only be dismissed.")

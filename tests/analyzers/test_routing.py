@@ -34,3 +34,10 @@ def test_the_default_table_comes_from_the_installed_analyzers():
     assert rules["bone-xray"].modalities >= {"CR", "DX"}
     assert "smear-all" not in rules  # names no DICOM modality: receives nothing unless a rule says so
     assert routing.table("") == routing.defaults() and routing.table("CR=bone-xray")[0].analyzer_id == "bone-xray"
+
+
+def test_a_study_is_offered_only_to_analyzers_that_read_its_modality_and_body_part():
+    assert routing.can_read("brain-mri", "MR", "BRAIN") and routing.can_read("brain-mri", "mr", "")
+    assert not routing.can_read("brain-mri", "MR", "KNEE")  # its analysis would refuse every slice
+    assert not routing.can_read("brain-mri", "CT", "HEAD")
+    assert routing.can_read("bone-xray", "CR", "KNEE")  # (no body part list: any)
