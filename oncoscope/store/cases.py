@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, exists, func, or_, select, update
@@ -541,8 +542,10 @@ def _image_call(an, usable: list, n_done: int, total: int) -> Aggregate:
     noun = f"image{'s' if total > 1 else ''}"
     text = (f"{positive} of {len(usable)} usable {noun} ({total} in all) positive for {term}; "
             f"the case follows the most suspicious image")
-    if disagree:
-        text += " (images disagree)"
+    if disagree:  # say on what: "positive" may hold for all while the suggested types differ
+        names = label_names(an) if an is not None else {}
+        counts = Counter(a.label for a in usable).most_common()
+        text += " (the images disagree: " + ", ".join(f"{n} {names.get(k, k)}" for k, n in counts) + ")"
     return Aggregate(_case_label(an, lead), status, dict(lead.probabilities or {}), len(usable), total, text + ".")
 
 
