@@ -153,3 +153,16 @@ def test_a_received_study_shows_its_accession_on_the_case_page(app, client_for):
     assert pdf.status_code == 200
     first = PdfReader(io.BytesIO(pdf.data)).pages[0].extract_text()
     assert "Accession" in first and "ACC-2026-0042" in first
+
+
+def test_a_study_of_many_slices_gets_an_index_to_find_them(app, client_for):
+    study = generate_uid()
+    for n in range(1, 14):
+        got = _receive(app, slice_(study, patient_id=MRN, name=NAME, n=n, PatientBirthDate="19800203"))
+        assert got.kind == "filed", got
+    page = client_for("doc_a").get(f"/cases/{got.case_id}").data.decode()
+    assert "13 slices at a glance" in page
+    index = page[page.index('id="images-index"'):page.index("</section>", page.index('id="images-index"'))]
+    ids = q(app, select(CaseImage.id).where(CaseImage.case_id == got.case_id).order_by(CaseImage.id))
+    assert [f'href="#image-{i}"' in index for (i,) in ids] == [True] * 13
+    assert 'loading="lazy"' in page  # (thirteen slices do not fetch every image at once)
