@@ -59,7 +59,7 @@ def test_an_unrouted_study_waits_in_the_inbox_until_a_person_files_it(app, clien
 
     # the CT: no analyzer reads it (refused even when posted by hand), an unknown one is named; dismissed
     r = c.post(f"/inbox/{ct}/file", data={"analyzer_id": "bone-xray"})
-    assert r.status_code == 302 and "does not read CT images" in " ".join(flashes(c.get("/inbox").data))
+    assert r.status_code == 302 and "does not read CT brain images" in " ".join(flashes(c.get("/inbox").data))
     r = c.post(f"/inbox/{ct}/file", data={"analyzer_id": "nope"})
     assert r.status_code == 302 and "no analyzer &#39;nope&#39;" in " ".join(flashes(c.get("/inbox").data))
     assert c.post(f"/inbox/{ct}/dismiss").status_code == 302
