@@ -17,11 +17,20 @@ from email.parser import BytesParser
 from email.policy import HTTP
 
 MAX_RESPONSE = 2 * 1024**3  # a series larger than this is refused, not read into memory
+MULTIPART_MARGIN = 64 * 1024  # an instance's multipart headers and boundaries, beyond its own size limit
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.0f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
 DICOM_JSON = "application/dicom+json"
 
 
 class DicomWebError(Exception):
     """The PACS could not be reached or refused; the message says which, for people."""
+
+
+class TooLarge(DicomWebError):
+    """An answer over the size it may have (refused before it was read whole)."""
 
 
 @dataclass
@@ -107,7 +116,7 @@ class Client:
 
     # ------------------------------------------------------------------ transport
     def _call(self, method: str, path: str, *, accept: str, body: bytes | None = None,
-              ctype: str | None = None) -> tuple[bytes, str]:
+              ctype: str | None = None, limit: int = MAX_RESPONSE) -> tuple[bytes, str]:
         req = urllib.request.Request(self.base + path, data=body, method=method)
         req.add_header("Accept", accept)
         if self.auth:
@@ -116,9 +125,12 @@ class Client:
             req.add_header("Content-Type", ctype)
         try:
             with self.opener.open(req, timeout=self.timeout) as r:
-                data = r.read(MAX_RESPONSE + 1)
-                if len(data) > MAX_RESPONSE:
-                    raise DicomWebError("The PACS answer is larger than 2 GB; retrieve fewer series at a time.")
+                data = r.read(limit + 1)
+                if len(data) > limit:
+                    raise TooLarge(f"The PACS answer is larger than {_size(limit)}; "
+                                   + ("retrieve fewer series at a time." if limit == MAX_RESPONSE else
+                                      "an image may have at most that here (ONCOSCOPE_MAX_UPLOAD_MB), so it "
+                                      "was not retrieved."))
                 return data, r.headers.get("Content-Type", "")
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
@@ -177,18 +189,22 @@ class Client:
         rows = self._json(f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}/instances?includefield=00080018")
         return [_value(r, "00080018") for r in rows if _value(r, "00080018")]
 
-    def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
-        """One instance as a Part-10 file."""
+    def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str, max_bytes: int | None = None) -> bytes:
+        """One instance as a Part-10 file; ``max_bytes``: refused (TooLarge) beyond it, before it is read whole."""
         data, ctype = self._call("GET", f"/studies/{_uid(study_uid)}/series/{_uid(series_uid)}/instances/"
                                         f"{_uid(sop_uid)}",
-                                 accept='multipart/related; type="application/dicom"; transfer-syntax=*')
+                                 accept='multipart/related; type="application/dicom"; transfer-syntax=*',
+                                 limit=MAX_RESPONSE if max_bytes is None else max_bytes + MULTIPART_MARGIN)
         if not data:
             raise DicomWebError(f"The PACS has no instance {sop_uid} in series {series_uid}.")
         return parse_multipart(data, ctype)[0]
 
-    def retrieve_series(self, study_uid: str, series_uid: str):
+    def retrieve_series(self, study_uid: str, series_uid: str, max_bytes: int | None = None,
+                        skipped: list[str] | None = None):
         """The series' instances as Part-10 files, one request each (a series of any size is held one
-        instance at a time); the whole series in one request when the PACS does not list its instances."""
+        instance at a time); the whole series in one request when the PACS does not list its instances.
+        An instance over ``max_bytes`` is not read: it is named in ``skipped`` and the rest still come
+        (without ``skipped``, TooLarge stops the series)."""
         sops = self.instances(study_uid, series_uid)
         listed = next((se.instance_count for se in self.series(study_uid) if se.series_uid == series_uid), None)
         if not sops or (listed is not None and len(sops) < listed):  # a PACS that pages or caps its lists
@@ -199,7 +215,14 @@ class Client:
             yield from parse_multipart(data, ctype)
             return
         for sop in sops:
-            yield self.retrieve_instance(study_uid, series_uid, sop)
+            try:
+                data = self.retrieve_instance(study_uid, series_uid, sop, max_bytes)
+            except TooLarge as exc:
+                if skipped is None:
+                    raise
+                skipped.append(f"Instance {sop}: {exc}")
+                continue
+            yield data
 
     # ------------------------------------------------------------------ STOW-RS
     def store(self, instances: list[bytes], study_uid: str | None = None) -> Stored:

@@ -40,16 +40,18 @@ def retrieve(settings, sessions, files, user, patient_mrn: str, study_uid: str, 
     rules = [routing.Rule(frozenset(), frozenset(), frozenset(), analyzer_id)]
     out = Retrieved()
     failures = []
+    max_bytes = settings.max_upload_mb * 1024 * 1024
     for series_uid in series_uids:
+        skipped: list[str] = []
         try:
-            for data in pacs.retrieve_series(study_uid, series_uid):  # one instance at a time, each filed
-                _file(out, receiving.receive(sessions, files, data, f"DICOMweb {pacs.host}", rules,
-                                             settings.max_upload_mb * 1024 * 1024, user=user,
-                                             expected_mrn=patient_mrn,
+            for data in pacs.retrieve_series(study_uid, series_uid, max_bytes, skipped):  # one at a time, filed
+                _file(out, receiving.receive(sessions, files, data, f"DICOMweb {pacs.host}", rules, max_bytes,
+                                             user=user, expected_mrn=patient_mrn,
                                              note=f"Retrieved from the PACS ({pacs.host}) by {user.name}."))
         except DicomWebError as exc:  # this series stops here; the others are still fetched
             failures.append(exc)
             out.refused.append(f"Series {series_uid}: {exc}")
+        out.refused.extend(skipped)
     if failures and not (out.filed or out.duplicates or out.inbox):
         raise failures[0]
     return out

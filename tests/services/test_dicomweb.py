@@ -25,6 +25,7 @@ STUDY = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "00100020": {"vr": "LO",
 
 class _Pacs(http.server.BaseHTTPRequestHandler):
     seen: list = []
+    big: str = ""  # an instance answered with 200 KB (a size limit's test)
 
     def do_GET(self):  # noqa: N802 - http.server's name
         type(self).seen.append((self.path, self.headers.get("Authorization"), self.headers.get("Accept")))
@@ -34,7 +35,8 @@ class _Pacs(http.server.BaseHTTPRequestHandler):
             return
         if "/instances/" in self.path:  # one instance (WADO-RS)
             sop = self.path.rsplit("/", 1)[1].encode()
-            body = b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + sop + b"\r\n--XyZ--\r\n"
+            payload = sop + (b"\0" * 200_000 if sop.decode() == type(self).big else b"")
+            body = b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + payload + b"\r\n--XyZ--\r\n"
             self.send_response(200)
             self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=XyZ')
         elif "/instances?" in self.path:  # the series' instances (QIDO-RS)
@@ -94,6 +96,21 @@ def test_bearer_over_verified_tls_and_the_answers_parsed(https_pacs):
     assert accept == "application/dicom+json"
     basic = dicomweb.Client(url, user="user", password="pw", ca_file=ca, timeout=5)
     assert basic.studies() and _Pacs.seen[-1][1] == "Basic dXNlcjpwdw=="
+
+
+def test_an_instance_over_the_size_limit_is_skipped_and_named_the_rest_still_come(https_pacs):
+    url, ca = https_pacs
+    pacs = dicomweb.Client(url, token="t0ken", ca_file=ca, timeout=5)
+    _Pacs.big = "1.1"
+    try:
+        skipped: list[str] = []
+        assert list(pacs.retrieve_series("1.2.3", "1.2.3.4", max_bytes=100_000, skipped=skipped)) == [b"1.2"]
+        assert len(skipped) == 1 and skipped[0].startswith("Instance 1.1: The PACS answer is larger than")
+        with pytest.raises(dicomweb.TooLarge):  # (no list to name it in: the series stops)
+            list(pacs.retrieve_series("1.2.3", "1.2.3.4", max_bytes=100_000))
+        assert len(list(pacs.retrieve_series("1.2.3", "1.2.3.4"))[0]) > 200_000  # no limit given: read
+    finally:
+        _Pacs.big = ""
 
 
 def test_an_unknown_certificate_and_a_non_uid_are_refused(https_pacs):
