@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..analyzers import routing
-from ..imaging.imageio import ImageLoadError, load_image
+from ..imaging.imageio import ImageLoadError
 from ..store import receiving
 from ..store.audit import AuditLog
 
@@ -100,8 +100,7 @@ class Thumbnails:
             if sha is None:
                 continue
             try:
-                if not self.files.exists(sha, "thumb"):
-                    self.files.put_thumbnail(sha, load_image(self.files.path(sha)).rgb)
+                self.files.ensure_thumbnail(sha)
             except ImageLoadError as exc:  # its analysis reports it
                 log.info("no thumbnail for received image %s: %s", sha[:12], exc)
             except Exception:  # noqa: BLE001 - the disk: the analysis or the page tries again

@@ -18,11 +18,11 @@ from email.policy import HTTP
 
 MAX_RESPONSE = 2 * 1024**3  # a series larger than this is refused, not read into memory
 MULTIPART_MARGIN = 64 * 1024  # an instance's multipart headers and boundaries, beyond its own size limit
+DICOM_JSON = "application/dicom+json"
 
 
 def _size(n: int) -> str:
     return f"{n / 1024**3:.0f} GB" if n >= 1024**3 else f"{n / 1024**2:.0f} MB"
-DICOM_JSON = "application/dicom+json"
 
 
 class DicomWebError(Exception):

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..imaging.imageio import load_image
+
 THUMB_SIDE = 256
 
 
@@ -69,6 +71,12 @@ class FileStore:
         img = Image.fromarray(rgb)
         img.thumbnail((THUMB_SIDE, THUMB_SIDE))
         return self.put_png(sha, "thumb", np.asarray(img))
+
+    def ensure_thumbnail(self, sha: str) -> None:
+        """The thumbnail of a stored image, decoded from its original when missing (an image received
+        over DICOM is filed from its header, without one). Raises ImageLoadError when it cannot be read."""
+        if not self.exists(sha, "thumb") and self.exists(sha):
+            self.put_thumbnail(sha, load_image(self.path(sha)).rgb)
 
     def discard(self, sha: str) -> None:
         """Remove everything stored for one image (an upload whose database commit failed)."""

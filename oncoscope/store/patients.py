@@ -203,17 +203,22 @@ class PatientConflict(PatientError):
     """A message names a known MRN with another name or birth date: filed nowhere, for a person to settle."""
 
 
+def _staff_named(emails: tuple[str, ...]):
+    """SQL condition: active staff accounts of these (lower-case) e-mail addresses (administrators see
+    every patient anyway)."""
+    return and_(func.lower(User.email).in_(emails), User.is_active.is_(True), User.role != "admin")
+
+
 def reader_ids(s: Session, emails: tuple[str, ...]) -> list[int]:
-    """The active staff accounts of these e-mail addresses (administrators see every patient anyway)."""
+    """The active staff accounts of these e-mail addresses."""
     if not emails:
         return []
-    return list(s.scalars(select(User.id).where(func.lower(User.email).in_(emails), User.is_active.is_(True),
-                                                User.role != "admin").order_by(User.id)))
+    return list(s.scalars(select(User.id).where(_staff_named(emails)).order_by(User.id)))
 
 
 def unmatched_readers(s: Session, emails: tuple[str, ...]) -> list[str]:
     """Those of ``emails`` that name no active staff account (a typo, a leaver, an administrator)."""
-    found = {e.lower() for e in s.scalars(select(User.email).where(User.id.in_(reader_ids(s, emails))))}
+    found = set(s.scalars(select(func.lower(User.email)).where(_staff_named(emails)))) if emails else set()
     return [e for e in emails if e not in found]
 
 

@@ -152,9 +152,9 @@ def image(case_id: int, image_id: int, kind: str):
         rgb = load_image(store.path(img.sha256)).rgb
         return Response(png_bytes(rgb), mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
     name = kind if kind == "thumb" else f"{kind}-{c.analyzer_id}"
-    if kind == "thumb" and not store.exists(img.sha256, name) and store.exists(img.sha256):
+    if kind == "thumb":
         try:  # received over DICOM, not yet analysed (its analysis says why if it cannot be read)
-            store.put_thumbnail(img.sha256, load_image(store.path(img.sha256)).rgb)
+            store.ensure_thumbnail(img.sha256)
         except ImageLoadError:
             abort(404)
     if not store.exists(img.sha256, name):

@@ -47,7 +47,8 @@ def inbox():
     studies = receiving.inbox(db(), me())
     audit.subject(studies=len(studies))
     choices = _analyzer_choices()
-    readers = {st.study_uid: [(k, n) for k, n in choices if routing.can_read(k, st.modality, st.body_part)] for st in studies}
+    readers = {st.study_uid: [(k, n) for k, n in choices if routing.can_read(k, st.modality, st.body_part)]
+               for st in studies}
     return render_template("integration/inbox.html", studies=studies, readers=readers, form=EmptyForm(),
                            title="DICOM inbox")
 
